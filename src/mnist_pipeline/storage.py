@@ -1,0 +1,109 @@
+"""The storage layout every stage shares, and the atomic writes between stages.
+
+One folder (a local directory, or the PVC mounted at /storage) holds everything:
+
+    data/MNIST/raw/*-ubyte                          MNIST, placed by `data`
+    checkpoints/<run_id>/{model.pth,train.log,metrics.json}
+    checkpoints/best_model.pth                      relative symlink to the best model.pth
+    models/<name>/config.pbtxt                      Triton model repository
+    models/<name>/<version>/{model.onnx,metadata.json}
+    inference/<timestamp>/...                       client results
+
+Whatever one stage writes and another reads appears whole or not at all: it is
+written to a temporary file in the same directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+DEFAULT_STORAGE = "storage"
+
+
+class UsageError(Exception):
+    """Bad input: a wrong file, a bad option, a foreign checkpoint. Exit code 2."""
+
+    exit_code = 2
+
+
+class PipelineFailure(Exception):
+    """The stage could not finish for a reason other than its input. Exit code 1."""
+
+    exit_code = 1
+
+
+def raw_data_dir(storage: Path) -> Path:
+    return storage / "data" / "MNIST" / "raw"
+
+
+def checkpoints_dir(storage: Path) -> Path:
+    return storage / "checkpoints"
+
+
+def run_dir(storage: Path, run_id: str) -> Path:
+    return checkpoints_dir(storage) / run_id
+
+
+def best_model_link(storage: Path) -> Path:
+    return checkpoints_dir(storage) / "best_model.pth"
+
+
+def models_dir(storage: Path) -> Path:
+    return storage / "models"
+
+
+def inference_dir(storage: Path) -> Path:
+    return storage / "inference"
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of `path`; on success fsync it and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a later stage running as another user
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort where the platform refuses)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)

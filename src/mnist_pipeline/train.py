@@ -1,0 +1,345 @@
+"""Train ResNet-18 on MNIST from storage, resumably, and write model.pth, train.log, metrics.json.
+
+The recipe, chosen by measurement on a 2-core CPU (see README): the whole training set
+as one in-memory tensor (no per-item transforms), channels-last, SGD with Nesterov
+momentum under a one-cycle learning rate (warm-up then cosine decay to ~0), light label
+smoothing. One epoch reaches ≥ 99% test accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_pipeline import data, model
+from mnist_pipeline.storage import (
+    PipelineFailure,
+    UsageError,
+    atomic_open,
+    atomic_write_json,
+    read_json,
+    run_dir,
+)
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("onecycle", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.05  # peak learning rate of the one-cycle schedule
+    optimizer: str = "sgd"
+    schedule: str = "onecycle"
+    warmup: float = 0.15  # fraction of all steps spent warming up
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+    limit_train: int = 0  # 0: all 60000 images
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.limit_train < 0:
+            raise UsageError(
+                "need epochs >= 1, batch size >= 2, lr > 0 and limit-train >= 0 (0 means all)"
+            )
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise UsageError(f"optimizer must be one of {OPTIMIZERS}, schedule one of {SCHEDULES}")
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """One-cycle: linear warm-up to cfg.lr, then cosine decay to 1% of it."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(cfg.warmup * total_steps))
+    if step < warmup:
+        return cfg.lr * (0.04 + 0.96 * step / warmup)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases: it only fights their scale.
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(net.parameters(), lr=cfg.lr)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a pod's limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def network_bytes() -> tuple[int, int]:
+    """Bytes received and sent so far by every non-loopback interface (from /proc/net/dev)."""
+    rx = tx = 0
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return 0, 0
+    for line in lines:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        fields = counters.split()
+        rx, tx = rx + int(fields[0]), tx + int(fields[8])
+    return rx, tx
+
+
+def default_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+class Progress:
+    """A live bar on a terminal; in a Job (no TTY), a plain line every `every_s` seconds."""
+
+    def __init__(self, total: int, every_s: float = 15.0) -> None:
+        self.total, self.every_s = total, every_s
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, step: int, text: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            filled = int(30 * step / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} {text}")
+            sys.stderr.flush()
+        elif now - self.last >= self.every_s or step == self.total:
+            log.info("step %d/%d %s", step, self.total, text)
+        if now - self.last >= self.every_s:
+            self.last = now
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+@torch.inference_mode()
+def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
+             ) -> tuple[float, float]:
+    """Mean loss and accuracy of `net` on (x, y)."""
+    net.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        logits = net(x[i : i + batch])
+        loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
+    net.train()
+    return loss_sum / len(x), correct / len(x)
+
+
+def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(data.normalize(images)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(labels.astype(np.int64)).to(device)
+
+
+def train(storage: Path, cfg: TrainConfig, run_id: str | None = None, device: str = "auto",
+          threads: int = 0, checkpoint_every: int = 200) -> dict[str, Any]:
+    """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete."""
+    cfg.validate()
+    run_id = run_id or default_run_id()
+    out = run_dir(storage, run_id)
+    metrics_path, state_path = out / "metrics.json", out / "resume.pth"
+    if metrics_path.is_file():
+        previous = read_json(metrics_path)
+        if previous.get("status") == "complete":
+            log.info("run %s is already complete (test accuracy %.4f); nothing to do",
+                     run_id, previous["test_accuracy"])
+            return dict(previous)
+    out.mkdir(parents=True, exist_ok=True)
+
+    file_log = logging.FileHandler(out / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("mnist_pipeline").addHandler(file_log)
+    metrics: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "hyperparameters": dataclasses.asdict(cfg),
+        "history": [], "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        return _train(storage, cfg, run_id, out, metrics, metrics_path, state_path,
+                      resolve_device(device), threads, checkpoint_every)
+    except BaseException as e:
+        # A kill leaves status "running" (and resume.pth); an error says what it was.
+        if not isinstance(e, KeyboardInterrupt | SystemExit):
+            metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
+            atomic_write_json(metrics_path, metrics)
+            log.error("training run %s failed: %s", run_id, e)
+        raise
+    finally:
+        logging.getLogger("mnist_pipeline").removeHandler(file_log)
+        file_log.close()
+
+
+def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dict[str, Any],
+           metrics_path: Path, state_path: Path, device: torch.device, threads: int,
+           checkpoint_every: int) -> dict[str, Any]:
+    if device.type == "cpu":
+        torch.set_num_threads(threads or available_cpus())
+    torch.manual_seed(cfg.seed)
+
+    train_images, train_labels = data.load(storage, "train")
+    test_images, test_labels = data.load(storage, "test")
+    if cfg.limit_train:
+        train_images, train_labels = train_images[: cfg.limit_train], train_labels[: cfg.limit_train]
+    x_train, y_train = to_tensors(train_images, train_labels, device, cfg.channels_last)
+    x_test, y_test = to_tensors(test_images, test_labels, device, cfg.channels_last)
+    n = len(x_train)
+    steps_per_epoch = n // cfg.batch_size if n > cfg.batch_size else 1
+    batch_size = min(cfg.batch_size, n)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    net = model.build().to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, net)
+    start_epoch, start_step, train_seconds = 0, 0, 0.0
+    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise UsageError(
+                f"run {run_id} was started with other settings ({state['config']}); "
+                "resume it with those, or start a new --run-id"
+            )
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        train_seconds, partial = state["train_seconds"], state["partial"]
+        metrics.update(history=state["history"], started_at=state["started_at"])
+        log.info("resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
+                 run_id, start_epoch + 1, start_step, steps_per_epoch, train_seconds)
+    else:
+        log.info("training run %s on %s: %d train images, %d test, %s", run_id,
+                 device, n, len(x_test), dataclasses.asdict(cfg))
+    if device.type == "cpu":
+        log.info("cpu threads: %d", torch.get_num_threads())
+    atomic_write_json(metrics_path, metrics)
+
+    def save_state(epoch: int, step_in_epoch: int) -> None:
+        state = {
+            "config": dataclasses.asdict(cfg), "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "train_seconds": train_seconds, "partial": partial, "history": metrics["history"],
+            "started_at": metrics["started_at"],
+        }
+        with atomic_open(state_path, "wb") as f:
+            torch.save(state, f)
+
+    rx0, tx0 = network_bytes()
+    net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        order = order.to(device)
+        progress = Progress(steps_per_epoch)
+        t0 = time.monotonic()
+        for step in range(start_step, steps_per_epoch):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + step, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            loss.backward()
+            optimizer.step()
+
+            partial["loss_sum"] += loss.item() * len(yb)
+            partial["correct"] += int((logits.argmax(1) == yb).sum().item())
+            partial["seen"] += len(yb)
+            progress.update(step + 1, f"epoch {epoch + 1}/{cfg.epochs} "
+                            f"loss {partial['loss_sum'] / partial['seen']:.4f} "
+                            f"acc {partial['correct'] / partial['seen']:.4f}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                    and step + 1 < steps_per_epoch:
+                train_seconds += time.monotonic() - t0
+                t0 = time.monotonic()
+                save_state(epoch, step + 1)
+        progress.close()
+        train_seconds += time.monotonic() - t0
+        epoch_seconds = train_seconds - sum(h["train_seconds"] for h in metrics["history"])
+
+        eval_t0 = time.monotonic()
+        test_loss, test_acc = evaluate(net, x_test, y_test)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": partial["loss_sum"] / max(1, partial["seen"]),
+            "train_accuracy": partial["correct"] / max(1, partial["seen"]),
+            "test_loss": test_loss, "test_accuracy": test_acc,
+            "train_seconds": round(epoch_seconds, 2),
+            "eval_seconds": round(time.monotonic() - eval_t0, 2),
+            "lr_end": optimizer.param_groups[0]["lr"],
+        }
+        metrics["history"].append(record)
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
+                 epoch + 1, cfg.epochs, record["train_loss"], record["train_accuracy"],
+                 test_loss, test_acc, epoch_seconds)
+        start_step, partial = 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}
+        save_state(epoch + 1, 0)
+        atomic_write_json(metrics_path, metrics)
+
+    if not math.isfinite(metrics["history"][-1]["train_loss"]):
+        raise PipelineFailure(f"training diverged (loss {metrics['history'][-1]['train_loss']})")
+    rx1, tx1 = network_bytes()
+    final_acc = metrics["history"][-1]["test_accuracy"]
+    payload = model.checkpoint_payload(
+        net, run_id=run_id, test_accuracy=final_acc, epochs=cfg.epochs,
+        normalize={"mean": data.MEAN, "std": data.STD},
+    )
+    with atomic_open(out / "model.pth", "wb") as f:
+        torch.save(payload, f)
+    metrics.update(
+        status="complete", test_accuracy=final_acc, train_seconds=round(train_seconds, 2),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        network_bytes={"received": rx1 - rx0, "sent": tx1 - tx0},
+        checkpoint="model.pth",
+    )
+    atomic_write_json(metrics_path, metrics)
+    state_path.unlink(missing_ok=True)
+    log.info("network during training (non-loopback interfaces): received %d B, sent %d B",
+             rx1 - rx0, tx1 - tx0)
+    log.info("final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
+             final_acc, cfg.epochs, train_seconds, out / "model.pth")
+    return metrics
