@@ -25,8 +25,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def storage_option(f: F) -> F:
     return click.option(
-        "--storage", envvar="STORAGE_ROOT", default=DEFAULT_STORAGE, show_default=True,
-        show_envvar=True, type=click.Path(file_okay=False, path_type=Path),
+        "--storage",
+        envvar="STORAGE_ROOT",
+        default=DEFAULT_STORAGE,
+        show_default=True,
+        show_envvar=True,
+        type=click.Path(file_okay=False, path_type=Path),
         help="Root of the shared storage (the PVC is mounted at /storage).",
     )(f)
 
@@ -80,9 +84,14 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @storage_option
-@click.option("--source", envvar="MNIST_SOURCE", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the four MNIST IDX files, .gz or raw. "
-                   "Default: the copy shipped with the project (data/mnist).")
+@click.option(
+    "--source",
+    envvar="MNIST_SOURCE",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder holding the four MNIST IDX files, .gz or raw. "
+    "Default: the copy shipped with the project (data/mnist).",
+)
 @stage
 def data(storage: Path, source: Path | None) -> None:
     """Place the four MNIST files, verified, at STORAGE/data/MNIST/raw.
@@ -99,32 +108,86 @@ def data(storage: Path, source: Path | None) -> None:
 @storage_option
 @click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1)
 @click.option("--batch-size", envvar="BATCH_SIZE", type=click.IntRange(min=2), default=128)
-@click.option("--lr", envvar="LR", type=click.FloatRange(min=0, min_open=True), default=0.05,
-              help="Peak learning rate.")
-@click.option("--optimizer", envvar="OPTIMIZER", type=click.Choice(["sgd", "adamw", "adam"]),
-              default="sgd")
-@click.option("--schedule", envvar="SCHEDULE", type=click.Choice(["onecycle", "constant"]),
-              default="onecycle", help="One-cycle warm-up + cosine decay, or a constant lr.")
-@click.option("--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0),
-              default=5e-4)
-@click.option("--label-smoothing", envvar="LABEL_SMOOTHING",
-              type=click.FloatRange(min=0, max=1, max_open=True), default=0.1)
+@click.option(
+    "--lr",
+    envvar="LR",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    help="Peak learning rate.",
+)
+@click.option(
+    "--optimizer", envvar="OPTIMIZER", type=click.Choice(["sgd", "adamw", "adam"]), default="sgd"
+)
+@click.option(
+    "--schedule",
+    envvar="SCHEDULE",
+    type=click.Choice(["onecycle", "constant"]),
+    default="onecycle",
+    help="One-cycle warm-up + cosine decay, or a constant lr.",
+)
+@click.option("--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4)
+@click.option(
+    "--label-smoothing",
+    envvar="LABEL_SMOOTHING",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=0.1,
+)
 @click.option("--seed", envvar="SEED", type=int, default=0)
-@click.option("--limit-train", envvar="LIMIT_TRAIN", type=click.IntRange(min=0), default=0,
-              help="Train on the first N images only (0: all 60000), for quick runs.")
-@click.option("--run-id", envvar="RUN_ID", default=None,
-              help="Name of the run folder. Re-running with the same id resumes it. "
-                   "Default: the UTC time.")
-@click.option("--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]),
-              default="auto")
-@click.option("--threads", envvar="THREADS", type=click.IntRange(min=0), default=0,
-              help="CPU threads (0: every CPU this process may use, cgroup limit included).")
-@click.option("--checkpoint-every", envvar="CHECKPOINT_EVERY", type=click.IntRange(min=0),
-              default=200, help="Also save a resumable checkpoint every N steps (0: epochs only).")
+@click.option(
+    "--limit-train",
+    envvar="LIMIT_TRAIN",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Train on the first N images only (0: all 60000), for quick runs.",
+)
+@click.option(
+    "--limit-test",
+    envvar="LIMIT_TEST",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Evaluate on the first N test images only (0: all 10000), for quick runs.",
+)
+@click.option(
+    "--run-id",
+    envvar="RUN_ID",
+    default=None,
+    help="Name of the run folder. Re-running with the same id resumes it. Default: the UTC time.",
+)
+@click.option(
+    "--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"
+)
+@click.option(
+    "--threads",
+    envvar="THREADS",
+    type=click.IntRange(min=0),
+    default=0,
+    help="CPU threads (0: every CPU this process may use, cgroup limit included).",
+)
+@click.option(
+    "--checkpoint-every",
+    envvar="CHECKPOINT_EVERY",
+    type=click.IntRange(min=0),
+    default=200,
+    help="Also save a resumable checkpoint every N steps (0: epochs only).",
+)
 @stage
-def train(storage: Path, epochs: int, batch_size: int, lr: float, optimizer: str, schedule: str,
-          weight_decay: float, label_smoothing: float, seed: int, limit_train: int,
-          run_id: str | None, device: str, threads: int, checkpoint_every: int) -> None:
+def train(
+    storage: Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    schedule: str,
+    weight_decay: float,
+    label_smoothing: float,
+    seed: int,
+    limit_train: int,
+    limit_test: int,
+    run_id: str | None,
+    device: str,
+    threads: int,
+    checkpoint_every: int,
+) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
@@ -133,12 +196,25 @@ def train(storage: Path, epochs: int, batch_size: int, lr: float, optimizer: str
     from mnist_pipeline import train as train_stage
 
     cfg = train_stage.TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        seed=seed,
         limit_train=limit_train,
+        limit_test=limit_test,
     )
-    train_stage.train(storage, cfg, run_id=run_id, device=device, threads=threads,
-                      checkpoint_every=checkpoint_every)
+    train_stage.train(
+        storage,
+        cfg,
+        run_id=run_id,
+        device=device,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+    )
 
 
 @cli.command()

@@ -1,0 +1,58 @@
+import torch
+
+from mnist_pipeline import model
+
+
+def torchvision_resnet18_keys() -> set[str]:
+    """The state_dict keys of torchvision.models.resnet18, spelled out from its structure."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = {"conv1.weight", "fc.weight", "fc.bias"} | {f"bn1.{k}" for k in bn}
+    for layer in range(1, 5):
+        for block in range(2):
+            p = f"layer{layer}.{block}"
+            keys |= {f"{p}.conv1.weight", f"{p}.conv2.weight"}
+            keys |= {f"{p}.bn1.{k}" for k in bn} | {f"{p}.bn2.{k}" for k in bn}
+        if layer > 1:
+            keys |= {f"layer{layer}.0.downsample.0.weight"}
+            keys |= {f"layer{layer}.0.downsample.1.{k}" for k in bn}
+    return keys
+
+
+def test_parameter_count_is_resnet18_with_one_channel_and_ten_classes() -> None:
+    net = model.build()
+    assert sum(p.numel() for p in net.parameters()) == 11_175_370
+
+
+def test_parameter_names_match_torchvision() -> None:
+    state = model.build().state_dict()
+    assert set(state) == torchvision_resnet18_keys()
+    assert state["conv1.weight"].shape == (64, 1, 7, 7)
+    assert state["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+    assert state["fc.weight"].shape == (10, 512)
+
+
+def test_output_shape_for_a_batch_of_digits() -> None:
+    net = model.build().eval()
+    with torch.no_grad():
+        assert net(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:
+    net = model.build().eval()
+    path = tmp_path / "model.pth"
+    torch.save(model.checkpoint_payload(net, test_accuracy=0.5), path)
+    rebuilt = model.from_checkpoint(torch.load(path, weights_only=True))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), net(x))
+
+
+def test_foreign_payload_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="not a resnet18 checkpoint"):
+        model.from_checkpoint({"state_dict": {}})
+    bad = model.checkpoint_payload(model.build())
+    bad["state_dict"] = {"fc.weight": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="weights do not fit"):
+        model.from_checkpoint(bad)

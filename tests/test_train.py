@@ -1,0 +1,133 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import cli
+from mnist_pipeline import model
+from mnist_pipeline.storage import run_dir
+
+QUICK = "--limit-train 1500 --limit-test 2000 --batch-size 50 --checkpoint-every 0".split()
+
+
+def test_short_training_run_end_to_end(storage: Path) -> None:
+    result = cli(
+        "train", "--storage", storage, "--run-id", "quick", "--epochs", "2", *QUICK, check=True
+    )
+    out = run_dir(storage, "quick")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pth", "train.log"]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["run_id"] == "quick"
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["hyperparameters"]["limit_train"] == 1500
+    assert metrics["hyperparameters"]["limit_test"] == 2000
+    assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
+    assert metrics["test_accuracy"] > 0.5  # 1500 images, 2 epochs: far above chance (0.1)
+    assert metrics["network_bytes"] == {
+        "received": metrics["network_bytes"]["received"],
+        "sent": metrics["network_bytes"]["sent"],
+    }
+
+    log = (out / "train.log").read_text()
+    assert "epoch 1/2: train loss" in log and "epoch 2/2: train loss" in log
+    assert "final test accuracy" in log and "network during training" in log
+    assert "final test accuracy" in result.stderr
+
+    payload = torch.load(out / "model.pth", weights_only=True)
+    assert payload["test_accuracy"] == metrics["test_accuracy"] and payload["run_id"] == "quick"
+    net = model.from_checkpoint(payload)
+    assert net(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_environment_variables_configure_training(storage: Path) -> None:
+    cli(
+        "train",
+        *QUICK,
+        check=True,
+        env={
+            "STORAGE_ROOT": str(storage),
+            "RUN_ID": "env",
+            "LR": "0.02",
+            "DEVICE": "cpu",
+            "THREADS": "1",
+        },
+    )
+    metrics = json.loads((run_dir(storage, "env") / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["lr"] == 0.02 and metrics["status"] == "complete"
+    assert "cpu threads: 1" in (run_dir(storage, "env") / "train.log").read_text()
+
+
+def test_completed_run_is_not_trained_again(storage: Path) -> None:
+    cli("train", "--storage", storage, "--run-id", "done", *QUICK, check=True)
+    before = (run_dir(storage, "done") / "model.pth").stat().st_mtime_ns
+    again = cli("train", "--storage", storage, "--run-id", "done", *QUICK, check=True)
+    assert "already complete" in again.stderr
+    assert (run_dir(storage, "done") / "model.pth").stat().st_mtime_ns == before
+
+
+def test_missing_data_is_a_clear_usage_error(tmp_path: Path) -> None:
+    result = cli("train", "--storage", tmp_path, *QUICK)
+    assert result.returncode == 2
+    assert "missing; run `mnist-pipeline data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_option_is_a_usage_error(storage: Path) -> None:
+    assert cli("train", "--storage", storage, "--epochs", "0").returncode == 2
+
+
+def _train_args(storage: Path, run_id: str) -> list[str]:
+    quick = "--epochs 2 --limit-train 1000 --limit-test 1000 --batch-size 50 --checkpoint-every 10"
+    return ["train", "--storage", str(storage), "--run-id", run_id, *quick.split()]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(storage: Path) -> None:
+    """SIGKILL mid-epoch (as an evicted pod), then the same command: it continues, and ends
+    where an uninterrupted run ends."""
+    out = run_dir(storage, "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *_train_args(storage, "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "resume.pth").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_metrics = json.loads((out / "metrics.json").read_text())
+    assert killed_metrics["status"] == "running" and not (out / "model.pth").exists()
+
+    resumed = cli(*_train_args(storage, "killed"), check=True)
+    assert "resuming run killed at epoch" in resumed.stderr
+    assert not (out / "resume.pth").exists()
+
+    cli(*_train_args(storage, "straight"), check=True)
+    a = torch.load(out / "model.pth", weights_only=True)["state_dict"]
+    b = torch.load(run_dir(storage, "straight") / "model.pth", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    assert "resuming" in (out / "train.log").read_text()
+
+
+def test_resume_with_other_settings_is_refused(storage: Path) -> None:
+    out = run_dir(storage, "changed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *_train_args(storage, "changed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "resume.pth").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    result = cli(*_train_args(storage, "changed"), "--lr", "0.3")
+    assert result.returncode == 2 and "started with other settings" in result.stderr
