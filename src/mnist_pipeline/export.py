@@ -9,9 +9,12 @@ version nor both win against the same champion.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,6 +141,23 @@ def load_candidate(path: Path, run_id: str | None) -> Candidate:
     return Candidate(path, run_id, float(accuracy), net, payload)
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's per-pass INFO lines and its warnings about torchvision ops
+    (not used here), which would bury the stage's own log; errors still show."""
+    loggers = {name: logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    try:
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+
+
 def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     """Export with a dynamic batch dimension, then optimise portably for inference.
 
@@ -150,15 +170,17 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     import onnxslim
 
     example = torch.zeros(2, 1, data.ROWS, data.COLS)
-    program = torch.onnx.export(
-        net.eval(), (example,), input_names=["input"], output_names=["output"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-        opset_version=opset, dynamo=True, external_data=False, optimize=False, verbose=False,
-    )
-    assert program is not None
-    nodes_exported = len(program.model_proto.graph.node)
-    program.optimize()
-    optimised = onnxslim.slim(program.model_proto)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            net.eval(), (example,), input_names=["input"], output_names=["output"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            opset_version=opset, dynamo=True, external_data=False, optimize=False,
+            verbose=False,
+        )
+        assert program is not None
+        nodes_exported = len(program.model_proto.graph.node)
+        program.optimize()
+        optimised = onnxslim.slim(program.model_proto)
     onnx.checker.check_model(optimised, full_check=True)
     log.info("ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
              opset, optimised.ir_version, nodes_exported, len(optimised.graph.node))
@@ -167,24 +189,20 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
 
 
 def check_parity(onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray,
-                 batch_size: int = 16, tolerance: float = PARITY_TOLERANCE) -> float:
+                 tolerance: float = PARITY_TOLERANCE) -> float:
     """Run onnxruntime and PyTorch on the same inputs; return the largest absolute difference.
 
-    Raises PipelineFailure if it exceeds `tolerance` or any prediction differs. Batches are
-    at most the served max batch size, the shapes Triton will actually send.
+    Raises PipelineFailure if it exceeds `tolerance` or any prediction differs.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-    onnx_out, torch_out = [], []
+    batch = np.ascontiguousarray(inputs, dtype=np.float32)
+    got = session.run(["output"], {"input": batch})[0]
     with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            batch = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
-            onnx_out.append(session.run(["output"], {"input": batch})[0])
-            torch_out.append(net(torch.from_numpy(batch)).numpy())
-    got, want = np.concatenate(onnx_out), np.concatenate(torch_out)
+        want = net(torch.from_numpy(batch)).numpy()
     if got.shape != want.shape:
         raise PipelineFailure(f"parity: ONNX output shape {got.shape} != PyTorch {want.shape}")
     max_diff = float(np.max(np.abs(got - want)))
@@ -264,8 +282,7 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
             exported = to_onnx(candidate.net)
             images, _ = data.load(storage, "test")
             max_diff = check_parity(exported.content, candidate.net,
-                                    data.normalize(images[:PARITY_SAMPLES]),
-                                    batch_size=cfg.max_batch_size)
+                                    data.normalize(images[:PARITY_SAMPLES]))
         except PipelineFailure as e:
             write_marker(storage, owner, "failed", cfg, str(e), None, candidate.accuracy,
                          champion_accuracy)
