@@ -28,8 +28,12 @@ NAME = repository.DEFAULT_MODEL_NAME
 
 
 def cli(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "mnist_pipeline", *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check is not None:
         assert result.returncode == check, result.stderr
     return result
@@ -66,24 +70,48 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     storage = tmp_path_factory.mktemp("trained") / "storage"
     cli("data", "--storage", storage)
     runs = {"r256": ("256", "1"), "r768": ("768", "2")}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage),
-         "--run-id", run_id, "--limit-train", limit, "--seed", seed, "--checkpoint-every", "0",
-         "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for run_id, (limit, seed) in runs.items()]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline",
+                "train",
+                "--storage",
+                str(storage),
+                "--run-id",
+                run_id,
+                "--limit-train",
+                limit,
+                "--seed",
+                seed,
+                "--checkpoint-every",
+                "0",
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id, (limit, seed) in runs.items()
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
-    accuracy = {run_id: json.loads((storage / "checkpoints" / run_id / "metrics.json")
-                                   .read_text())["test_accuracy"] for run_id in runs}
+    accuracy = {
+        run_id: json.loads((storage / "checkpoints" / run_id / "metrics.json").read_text())[
+            "test_accuracy"
+        ]
+        for run_id in runs
+    }
     low, high = sorted(runs, key=accuracy.__getitem__)
     assert accuracy[low] < accuracy[high], f"tiny runs happened to tie: {accuracy}"
     return {"storage": storage, "low": low, "high": high, "accuracy": accuracy}
 
 
 @pytest.fixture(scope="module")
-def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-              ) -> dict[str, Any]:
+def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One repository through its life: first export, repeat, better, worse."""
     storage = copy_storage(trained["storage"], tmp_path_factory.mktemp("published") / "s")
     low, high = trained["low"], trained["high"]
@@ -97,8 +125,9 @@ def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
     steps["repeat_unchanged"] = snapshot(models) == before
     steps["repeat_marker"] = marker(storage, low)
 
-    steps["margin"] = cli("export", "--storage", storage, "--run-id", high,
-                          "--min-improvement", "0.99")
+    steps["margin"] = cli(
+        "export", "--storage", storage, "--run-id", high, "--min-improvement", "0.99"
+    )
     steps["margin_unchanged"] = snapshot(models) == before
     # What a crashed export leaves behind; the next export must clear it.
     (models / NAME / ".staging-crashed").mkdir()
@@ -122,15 +151,18 @@ def test_first_export_publishes_version_1(published: dict[str, Any]) -> None:
     assert published["first_marker"]["champion_accuracy"] is None
 
 
-def test_exporting_the_same_checkpoint_twice_skips_the_second(published: dict[str, Any]
-                                                             ) -> None:
+def test_exporting_the_same_checkpoint_twice_skips_the_second(published: dict[str, Any]) -> None:
     acc = published["accuracy"][published["low"]]
     assert published["repeat_unchanged"]
     line = [ln for ln in published["repeat"].stderr.splitlines() if "not exported" in ln]
     assert len(line) == 1 and line[0].count(f"{acc:.4f}") == 2, published["repeat"].stderr
-    assert published["repeat_marker"] == {**published["repeat_marker"], "status": "skipped",
-                                          "version": 1, "accuracy": acc,
-                                          "champion_accuracy": acc}
+    assert published["repeat_marker"] == {
+        **published["repeat_marker"],
+        "status": "skipped",
+        "version": 1,
+        "accuracy": acc,
+        "champion_accuracy": acc,
+    }
 
 
 def test_min_improvement_holds_back_a_small_gain(published: dict[str, Any]) -> None:
@@ -145,8 +177,9 @@ def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> Non
     assert meta["accuracy"] == published["accuracy"][published["high"]]
     assert published["better_marker"]["status"] == "published"
     assert published["better_marker"]["version"] == 2
-    assert published["better_marker"]["champion_accuracy"] == \
-        published["accuracy"][published["low"]]
+    assert (
+        published["better_marker"]["champion_accuracy"] == published["accuracy"][published["low"]]
+    )
 
 
 def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any]) -> None:
@@ -162,13 +195,14 @@ def test_worse_model_is_skipped_and_changes_nothing(published: dict[str, Any]) -
     assert published["worse_marker"]["version"] == 2
 
 
-def test_best_model_link_is_relative_and_points_at_the_champion(published: dict[str, Any]
-                                                                ) -> None:
+def test_best_model_link_is_relative_and_points_at_the_champion(published: dict[str, Any]) -> None:
     link = published["storage"] / "checkpoints" / "best_model.pth"
     assert link.is_symlink()
     assert not os.path.isabs(os.readlink(link))
-    assert link.resolve() == (published["storage"] / "checkpoints" / published["high"]
-                              / "model.pth").resolve()
+    assert (
+        link.resolve()
+        == (published["storage"] / "checkpoints" / published["high"] / "model.pth").resolve()
+    )
 
 
 def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
@@ -179,8 +213,7 @@ def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
     assert datetime.fromisoformat(meta["export_date"]).tzinfo is not None
     assert meta["source_model"] == f"checkpoints/{published['high']}/model.pth"
     assert meta["run_id"] == published["high"]
-    assert meta["sha256"] == hashlib.sha256((version_dir / "model.onnx").read_bytes()
-                                            ).hexdigest()
+    assert meta["sha256"] == hashlib.sha256((version_dir / "model.onnx").read_bytes()).hexdigest()
     assert meta["opset"] == export.OPSET
     assert 0 <= meta["parity_max_abs_diff"] <= export.PARITY_TOLERANCE
     assert meta["parameters"] == 11_175_370  # ResNet-18, 1 input channel, 10 classes
@@ -189,7 +222,8 @@ def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
 
 
 def test_config_parses_with_tritons_proto_and_has_the_original_values(
-        published: dict[str, Any]) -> None:
+    published: dict[str, Any],
+) -> None:
     text = (published["storage"] / "models" / NAME / "config.pbtxt").read_text()
     config = repository.parse_config(text)
     assert config.name == NAME
@@ -206,11 +240,15 @@ def test_config_parses_with_tritons_proto_and_has_the_original_values(
 
 
 def test_config_options_override_each_value() -> None:
-    cfg = repository.TritonConfig(name="digits", max_batch_size=32, instance_count=4,
-                                  preferred_batch_sizes=(8, 16), pinned_memory=False)
+    cfg = repository.TritonConfig(
+        name="digits",
+        max_batch_size=32,
+        instance_count=4,
+        preferred_batch_sizes=(8, 16),
+        pinned_memory=False,
+    )
     config = repository.parse_config(repository.render_config(cfg))
-    assert (config.name, config.max_batch_size, config.instance_group[0].count) == \
-        ("digits", 32, 4)
+    assert (config.name, config.max_batch_size, config.instance_group[0].count) == ("digits", 32, 4)
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
     assert not config.HasField("optimization")
     with pytest.raises(ValueError, match="preferred batch sizes"):
@@ -225,8 +263,9 @@ def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
     assert opsets == {"ai.onnx": export.OPSET}  # standard ops only: no runtime-specific ones
     assert export.OPSET <= export.TRITON_MAX_OPSET
     assert model.ir_version <= export.TRITON_MAX_IR_VERSION
-    assert not any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in model.graph.initializer)  # one self-contained file
+    assert not any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )  # one self-contained file
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"BatchNormalization", "Identity"}  # folded / removed by optimisation
     (inp,), (out,) = model.graph.input, model.graph.output
@@ -234,8 +273,9 @@ def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
     out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
     assert inp.name == "input" and isinstance(in_dims[0], str) and in_dims[1:] == [1, 28, 28]
     assert out.name == "output" and isinstance(out_dims[0], str) and out_dims[1:] == [10]
-    assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == \
-        onnx.TensorProto.FLOAT
+    assert (
+        inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 16):
         x = np.zeros((batch, 1, 28, 28), np.float32)
@@ -244,10 +284,11 @@ def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
 
 def test_parity_check_catches_a_tampered_model(published: dict[str, Any]) -> None:
     storage = published["storage"]
-    candidate = export.load_candidate(storage / "checkpoints" / published["high"] / "model.pth",
-                                      None)
+    candidate = export.load_candidate(
+        storage / "checkpoints" / published["high"] / "model.pth", None
+    )
     images, _ = data.load(storage, "test")
-    inputs = data.normalize(images[:export.PARITY_SAMPLES])
+    inputs = data.normalize(images[: export.PARITY_SAMPLES])
     model = onnx.load(str(storage / "models" / NAME / "2" / "model.onnx"))
     assert export.check_parity(model.SerializeToString(), candidate.net, inputs) <= 1e-4
 
@@ -290,7 +331,8 @@ def test_failed_parity_publishes_nothing(published: dict[str, Any], tmp_path: Pa
 
 
 def test_corrupt_checkpoint_is_refused_and_repository_untouched(
-        published: dict[str, Any], tmp_path: Path) -> None:
+    published: dict[str, Any], tmp_path: Path
+) -> None:
     storage = copy_storage(published["storage"], tmp_path / "s")
     run = storage / "checkpoints" / "corrupt"
     shutil.copytree(storage / "checkpoints" / published["high"], run)
@@ -315,8 +357,9 @@ class RunsCode:
         return (os.system, (f"touch {self.witness}",))
 
 
-def test_malicious_pickle_is_refused_without_running_it(published: dict[str, Any],
-                                                       tmp_path: Path) -> None:
+def test_malicious_pickle_is_refused_without_running_it(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
     witness = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
     torch.save({"arch": "resnet18", "state_dict": RunsCode(witness)}, evil)
@@ -332,8 +375,15 @@ def test_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
     wrong_arch = tmp_path / "wrong_arch.pth"
     torch.save({"arch": "resnet50", "state_dict": {}}, wrong_arch)
     wrong_weights = tmp_path / "wrong_weights.pth"
-    torch.save({"arch": "resnet18", "in_channels": 1, "num_classes": 10,
-                "state_dict": {"fc.weight": torch.zeros(3, 3)}}, wrong_weights)
+    torch.save(
+        {
+            "arch": "resnet18",
+            "in_channels": 1,
+            "num_classes": 10,
+            "state_dict": {"fc.weight": torch.zeros(3, 3)},
+        },
+        wrong_weights,
+    )
     plain_tensor = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), plain_tensor)
     for path in (wrong_arch, wrong_weights, plain_tensor):
@@ -351,23 +401,39 @@ def test_no_completed_run_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_default_is_the_newest_completed_run(tmp_path: Path) -> None:
-    runs = {"old": ("complete", "2026-01-01T10:00:00+00:00"),
-            "new": ("complete", "2026-01-02T09:00:00+00:00"),
-            "newer_but_failed": ("failed", "2026-01-03T09:00:00+00:00")}
+    runs = {
+        "old": ("complete", "2026-01-01T10:00:00+00:00"),
+        "new": ("complete", "2026-01-02T09:00:00+00:00"),
+        "newer_but_failed": ("failed", "2026-01-03T09:00:00+00:00"),
+    }
     for run_id, (status, finished_at) in runs.items():
         (tmp_path / "checkpoints" / run_id).mkdir(parents=True)
         (tmp_path / "checkpoints" / run_id / "metrics.json").write_text(
-            json.dumps({"status": status, "finished_at": finished_at}))
+            json.dumps({"status": status, "finished_at": finished_at})
+        )
     assert export.newest_completed_run(tmp_path) == "new"
 
 
-def test_concurrent_exports_never_share_a_version(trained: dict[str, Any],
-                                                  tmp_path: Path) -> None:
+def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_path: Path) -> None:
     storage = copy_storage(trained["storage"], tmp_path / "s")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", "export", "--storage", str(storage),
-         "--run-id", run_id], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for run_id in (trained["low"], trained["high"])]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline",
+                "export",
+                "--storage",
+                str(storage),
+                "--run-id",
+                run_id,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id in (trained["low"], trained["high"])
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -379,8 +445,10 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any],
     assert published_versions in ([1], [1, 2])
     for version in published_versions:
         meta = json.loads((model_path / str(version) / "metadata.json").read_text())
-        assert meta["sha256"] == hashlib.sha256(
-            (model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
+        assert (
+            meta["sha256"]
+            == hashlib.sha256((model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
+        )
     # Whatever the order, the high-accuracy run ends up served.
     champion = repository.champion(model_path)
     assert champion is not None and champion.accuracy == trained["accuracy"][trained["high"]]

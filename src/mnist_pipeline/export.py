@@ -95,13 +95,16 @@ def newest_completed_run(storage: Path) -> str:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring %s: %s", metrics_path, e)
     if not finished:
-        raise UsageError(f"no completed training run in {checkpoints_dir(storage)}: "
-                         "train first, or name one with --run-id or --checkpoint")
+        raise UsageError(
+            f"no completed training run in {checkpoints_dir(storage)}: "
+            "train first, or name one with --run-id or --checkpoint"
+        )
     return max(finished)[1]
 
 
-def resolve_checkpoint(storage: Path, checkpoint: Path | None, run_id: str | None
-                       ) -> tuple[Path, str | None]:
+def resolve_checkpoint(
+    storage: Path, checkpoint: Path | None, run_id: str | None
+) -> tuple[Path, str | None]:
     """Which model.pth to export, and the training run it belongs to (if any)."""
     if checkpoint is not None and run_id is not None:
         raise UsageError("give --checkpoint or --run-id, not both")
@@ -172,9 +175,15 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     example = torch.zeros(2, 1, data.ROWS, data.COLS)
     with _quiet_exporter():
         program = torch.onnx.export(
-            net.eval(), (example,), input_names=["input"], output_names=["output"],
+            net.eval(),
+            (example,),
+            input_names=["input"],
+            output_names=["output"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-            opset_version=opset, dynamo=True, external_data=False, optimize=False,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=False,
             verbose=False,
         )
         assert program is not None
@@ -182,14 +191,25 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
         program.optimize()
         optimised = onnxslim.slim(program.model_proto)
     onnx.checker.check_model(optimised, full_check=True)
-    log.info("ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
-             opset, optimised.ir_version, nodes_exported, len(optimised.graph.node))
-    return OnnxExport(optimised.SerializeToString(), opset, optimised.ir_version,
-                      nodes_exported, len(optimised.graph.node))
+    log.info(
+        "ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
+        opset,
+        optimised.ir_version,
+        nodes_exported,
+        len(optimised.graph.node),
+    )
+    return OnnxExport(
+        optimised.SerializeToString(),
+        opset,
+        optimised.ir_version,
+        nodes_exported,
+        len(optimised.graph.node),
+    )
 
 
-def check_parity(onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray,
-                 tolerance: float = PARITY_TOLERANCE) -> float:
+def check_parity(
+    onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> float:
     """Run onnxruntime and PyTorch on the same inputs; return the largest absolute difference.
 
     Raises PipelineFailure if it exceeds `tolerance` or any prediction differs.
@@ -213,8 +233,11 @@ def check_parity(onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray,
             f"parity check failed on {len(inputs)} test images: max |ONNX - PyTorch| = "
             f"{max_diff:.3g} (tolerance {tolerance:g}), {mismatched} predictions differ"
         )
-    log.info("parity on %d MNIST test images: max abs diff %.3g, predictions identical",
-             len(inputs), max_diff)
+    log.info(
+        "parity on %d MNIST test images: max abs diff %.3g, predictions identical",
+        len(inputs),
+        max_diff,
+    )
     return max_diff
 
 
@@ -237,21 +260,40 @@ def relative_to_storage(storage: Path, path: Path) -> str:
         return str(path.resolve())
 
 
-def write_marker(storage: Path, run_id: str | None, status: str, cfg: repository.TritonConfig,
-                 reason: str, version: int | None = None, accuracy: float | None = None,
-                 champion_accuracy: float | None = None) -> None:
+def write_marker(
+    storage: Path,
+    run_id: str | None,
+    status: str,
+    cfg: repository.TritonConfig,
+    reason: str,
+    version: int | None = None,
+    accuracy: float | None = None,
+    champion_accuracy: float | None = None,
+) -> None:
     """checkpoints/<run_id>/export.json: what export decided about this training run."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
         return
-    atomic_write_json(run_dir(storage, run_id) / "export.json", {
-        "status": status, "model_name": cfg.name, "version": version, "accuracy": accuracy,
-        "champion_accuracy": champion_accuracy, "reason": reason,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    })
+    atomic_write_json(
+        run_dir(storage, run_id) / "export.json",
+        {
+            "status": status,
+            "model_name": cfg.name,
+            "version": version,
+            "accuracy": accuracy,
+            "champion_accuracy": champion_accuracy,
+            "reason": reason,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
 
 
-def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None = None,
-           run_id: str | None = None, min_improvement: float = 0.0) -> Outcome:
+def export(
+    storage: Path,
+    cfg: repository.TritonConfig,
+    checkpoint: Path | None = None,
+    run_id: str | None = None,
+    min_improvement: float = 0.0,
+) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure."""
     try:
         cfg.validate()
@@ -269,23 +311,36 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
         repository.clean_stale(storage, cfg.name)
         champion = repository.champion(repository.model_dir(storage, cfg.name))
         if champion is not None and not candidate.accuracy > champion.accuracy + min_improvement:
-            reason = (f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "
-                      f"version {champion.version}'s {champion.accuracy:.4f}"
-                      + (f" by more than {min_improvement:g}" if min_improvement else ""))
+            reason = (
+                f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "
+                f"version {champion.version}'s {champion.accuracy:.4f}"
+                + (f" by more than {min_improvement:g}" if min_improvement else "")
+            )
             log.info("not exported: %s", reason)
-            write_marker(storage, owner, "skipped", cfg, reason, champion.version,
-                         candidate.accuracy, champion.accuracy)
-            return Outcome("skipped", champion.version, candidate.accuracy, champion.accuracy,
-                           reason)
+            write_marker(
+                storage,
+                owner,
+                "skipped",
+                cfg,
+                reason,
+                champion.version,
+                candidate.accuracy,
+                champion.accuracy,
+            )
+            return Outcome(
+                "skipped", champion.version, candidate.accuracy, champion.accuracy, reason
+            )
         champion_accuracy = None if champion is None else champion.accuracy
         try:
             exported = to_onnx(candidate.net)
             images, _ = data.load(storage, "test")
-            max_diff = check_parity(exported.content, candidate.net,
-                                    data.normalize(images[:PARITY_SAMPLES]))
+            max_diff = check_parity(
+                exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
+            )
         except PipelineFailure as e:
-            write_marker(storage, owner, "failed", cfg, str(e), None, candidate.accuracy,
-                         champion_accuracy)
+            write_marker(
+                storage, owner, "failed", cfg, str(e), None, candidate.accuracy, champion_accuracy
+            )
             raise
 
         import onnxruntime
@@ -303,19 +358,31 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
             "parity_samples": PARITY_SAMPLES,
             "parameters": sum(p.numel() for p in candidate.net.parameters()),
             "onnxruntime_version": onnxruntime.__version__,
-            "onnx_nodes": {"exported": exported.nodes_exported,
-                           "optimised": exported.nodes_optimised},
+            "onnx_nodes": {
+                "exported": exported.nodes_exported,
+                "optimised": exported.nodes_optimised,
+            },
             "previous_accuracy": champion_accuracy,
         }
-        version = repository.publish(storage, cfg, {repository.MODEL_FILE: exported.content},
-                                     metadata)
+        version = repository.publish(
+            storage, cfg, {repository.MODEL_FILE: exported.content}, metadata
+        )
         update_best_link(storage, path)
 
-    reason = ("first export" if champion is None else
-              f"accuracy {candidate.accuracy:.4f} beats version {champion.version}'s "
-              f"{champion.accuracy:.4f}")
-    log.info("published %s version %d (%s) to %s", cfg.name, version, reason,
-             repository.model_dir(storage, cfg.name) / str(version))
-    write_marker(storage, owner, "published", cfg, reason, version, candidate.accuracy,
-                 champion_accuracy)
+    reason = (
+        "first export"
+        if champion is None
+        else f"accuracy {candidate.accuracy:.4f} beats version {champion.version}'s "
+        f"{champion.accuracy:.4f}"
+    )
+    log.info(
+        "published %s version %d (%s) to %s",
+        cfg.name,
+        version,
+        reason,
+        repository.model_dir(storage, cfg.name) / str(version),
+    )
+    write_marker(
+        storage, owner, "published", cfg, reason, version, candidate.accuracy, champion_accuracy
+    )
     return Outcome("published", version, candidate.accuracy, champion_accuracy, reason)

@@ -60,8 +60,11 @@ class TritonConfig:
     output_dims: tuple[int, ...] = (10,)
 
     def validate(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name) \
-                or self.name.startswith("."):
+        if (
+            not self.name
+            or not all(c.isalnum() or c in "_-." for c in self.name)
+            or self.name.startswith(".")
+        ):
             raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '-', '.'")
         if self.max_batch_size < 1:
             raise ValueError("max batch size must be at least 1")
@@ -69,8 +72,10 @@ class TritonConfig:
             raise ValueError("instance count must be at least 1")
         too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
-            raise ValueError(f"preferred batch sizes {too_big} are outside "
-                             f"1..max batch size {self.max_batch_size}")
+            raise ValueError(
+                f"preferred batch sizes {too_big} are outside "
+                f"1..max batch size {self.max_batch_size}"
+            )
 
 
 def render_config(cfg: TritonConfig) -> str:
@@ -136,8 +141,11 @@ def versions(model_path: Path) -> list[int]:
     """The version numbers Triton would load from a model folder, ascending."""
     if not model_path.is_dir():
         return []
-    return sorted(int(p.name) for p in model_path.iterdir()
-                  if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+    return sorted(
+        int(p.name)
+        for p in model_path.iterdir()
+        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    )
 
 
 @dataclass(frozen=True)
@@ -160,8 +168,9 @@ def champion(model_path: Path) -> Champion | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         # Never guess: overwriting the served model because its record is unreadable
         # could replace a better model with a worse one.
-        raise PipelineFailure(f"cannot read the served model's accuracy from {meta_path}: {e}"
-                              ) from e
+        raise PipelineFailure(
+            f"cannot read the served model's accuracy from {meta_path}: {e}"
+        ) from e
     return Champion(newest, accuracy, meta)
 
 
@@ -211,8 +220,9 @@ def _staging(parent: Path, prefix: str) -> Path:
     return path
 
 
-def publish(storage: Path, cfg: TritonConfig, files: dict[str, bytes],
-            metadata: dict[str, Any]) -> int:
+def publish(
+    storage: Path, cfg: TritonConfig, files: dict[str, bytes], metadata: dict[str, Any]
+) -> int:
     """Add a version holding `files` and metadata.json; return its number.
 
     Call while holding `locked(storage, cfg.name)`: the version number is chosen here.
