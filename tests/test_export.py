@@ -27,12 +27,15 @@ pytestmark = pytest.mark.slow
 NAME = repository.DEFAULT_MODEL_NAME
 
 
-def cli(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str | Path, check: int | None = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **(env or {})},
     )
     if check is not None:
         assert result.returncode == check, result.stderr
@@ -125,14 +128,15 @@ def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
     steps["repeat_unchanged"] = snapshot(models) == before
     steps["repeat_marker"] = marker(storage, low)
 
+    # Options also come from the environment, as the Helm chart sets them.
     steps["margin"] = cli(
-        "export", "--storage", storage, "--run-id", high, "--min-improvement", "0.99"
+        "export", "--storage", storage, "--run-id", high, env={"MIN_IMPROVEMENT": "0.99"}
     )
     steps["margin_unchanged"] = snapshot(models) == before
     # What a crashed export leaves behind; the next export must clear it.
     (models / NAME / ".staging-crashed").mkdir()
     (models / NAME / ".staging-crashed" / "model.onnx").write_bytes(b"partial")
-    (storage / ".export" / f".staging-{NAME}-crashed").mkdir()
+    (repository.work_dir(storage, NAME) / ".staging-crashed").mkdir()
     steps["better"] = cli("export", "--storage", storage, "--run-id", high)
     steps["better_marker"] = marker(storage, high)
 
@@ -185,7 +189,7 @@ def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> Non
 def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any]) -> None:
     storage = published["storage"]
     assert not list((storage / "models" / NAME).glob(".staging-*"))
-    assert not list((storage / ".export").glob(".staging-*"))
+    assert not list(repository.work_dir(storage, NAME).glob(".staging-*"))
 
 
 def test_worse_model_is_skipped_and_changes_nothing(published: dict[str, Any]) -> None:
@@ -237,6 +241,23 @@ def test_config_parses_with_tritons_proto_and_has_the_original_values(
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     assert config.optimization.input_pinned_memory.enable
     assert config.optimization.output_pinned_memory.enable
+
+
+def test_a_failed_publication_leaves_the_repository_as_it_was(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    cfg = repository.TritonConfig()
+    unwritable = {"model.onnx": b"onnx", "no-such-folder/extra": b""}
+    before = snapshot(storage / "models")
+    with repository.locked(storage, cfg.name), pytest.raises(FileNotFoundError):
+        repository.publish(storage, cfg, unwritable, {})
+    assert snapshot(storage / "models") == before
+
+    with repository.locked(storage, "fresh"), pytest.raises(FileNotFoundError):
+        repository.publish(storage, repository.TritonConfig(name="fresh"), unwritable, {})
+    assert not (storage / "models" / "fresh").exists()
+    assert not list(repository.work_dir(storage, "fresh").glob(".staging-*"))
 
 
 def test_config_options_override_each_value() -> None:

@@ -174,23 +174,34 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
 
     example = torch.zeros(2, 1, data.ROWS, data.COLS)
     with _quiet_exporter():
-        program = torch.onnx.export(
-            net.eval(),
-            (example,),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            optimize=False,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                net.eval(),
+                (example,),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                optimize=False,
+                verbose=False,
+            )
+        except Exception as e:  # the exporter raises many kinds; the stage reports one failure
+            raise PipelineFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
         assert program is not None
         nodes_exported = len(program.model_proto.graph.node)
         program.optimize()
         optimised = onnxslim.slim(program.model_proto)
     onnx.checker.check_model(optimised, full_check=True)
+    opsets = {o.domain or "ai.onnx": o.version for o in optimised.opset_import}
+    if opsets != {"ai.onnx": opset} or optimised.ir_version > TRITON_MAX_IR_VERSION:
+        # A newer torch/onnx could stamp a model the served onnxruntime refuses to load.
+        raise PipelineFailure(
+            f"exported model uses opsets {opsets}, IR version {optimised.ir_version}: the "
+            f"Triton image's onnxruntime {TRITON_ONNXRUNTIME_VERSION} needs standard ops at "
+            f"opset <= {TRITON_MAX_OPSET} and IR version <= {TRITON_MAX_IR_VERSION}"
+        )
     log.info(
         "ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
         opset,
@@ -337,7 +348,7 @@ def export(
             max_diff = check_parity(
                 exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
             )
-        except PipelineFailure as e:
+        except (PipelineFailure, UsageError) as e:
             write_marker(
                 storage, owner, "failed", cfg, str(e), None, candidate.accuracy, champion_accuracy
             )
