@@ -305,9 +305,7 @@ def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
 
 def test_parity_check_catches_a_tampered_model(published: dict[str, Any]) -> None:
     storage = published["storage"]
-    candidate = export.load_candidate(
-        storage / "checkpoints" / published["high"] / "model.pth", None
-    )
+    candidate = export.load_candidate(storage / "checkpoints" / published["high"] / "model.pth")
     images, _ = data.load(storage, "test")
     inputs = data.normalize(images[: export.PARITY_SAMPLES])
     model = onnx.load(str(storage / "models" / NAME / "2" / "model.onnx"))
@@ -409,7 +407,7 @@ def test_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), plain_tensor)
     for path in (wrong_arch, wrong_weights, plain_tensor):
         with pytest.raises(UsageError, match=str(path)):
-            export.load_candidate(path, None)
+            export.load_candidate(path)
 
 
 def test_no_completed_run_is_a_usage_error(tmp_path: Path) -> None:

@@ -38,16 +38,16 @@ from mnist_pipeline.storage import (
 log = logging.getLogger(__name__)
 
 # The chart serves with nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51), whose ONNX
-# Runtime backend is built with ONNX Runtime 1.19.2 (NVIDIA's frameworks support matrix for
-# 24.10; triton-inference-server/onnxruntime_backend PR #284 pins 1.19.2 for that release
-# train). ONNX Runtime 1.19 implements ONNX 1.16: opsets up to 21, IR version up to 10
-# (microsoft/onnxruntime docs/Versioning.md). A model stamped newer does not load there,
-# even though the onnxruntime installed here (newer) runs it fine.
+# Runtime backend is built with ONNX Runtime 1.19.2: the backend stayed on 1.19.2 through
+# that release (triton-inference-server/onnxruntime_backend PR #284, 2024-11-15, moved main
+# back to 1.19.2 after trying 1.20.0). ONNX Runtime 1.19 implements ONNX 1.16: opsets up to
+# 21, IR version up to 10 (microsoft/onnxruntime docs/Versioning.md). A model stamped newer
+# does not load there, even though the newer onnxruntime installed here runs it.
 TRITON_ONNXRUNTIME_VERSION = "1.19.2"
 TRITON_MAX_OPSET = 21
 TRITON_MAX_IR_VERSION = 10
-# 18 is the oldest opset torch's exporter writes natively (no version conversion step),
-# and well inside what that server runs.
+# torch's exporter builds at opset 18 (torchlib's own) and converts any other opset
+# afterwards; 18 also leaves a margin: onnxruntime runs it since 1.14.
 OPSET = 18
 
 PARITY_SAMPLES = 256
@@ -59,7 +59,6 @@ class Candidate:
     """A checkpoint to export, loaded and checked."""
 
     path: Path
-    run_id: str | None  # set when the checkpoint is a training run's, which gets export.json
     accuracy: float
     net: torch.nn.Module
     payload: dict[str, Any]
@@ -127,7 +126,7 @@ def resolve_checkpoint(
     return run_dir(storage, run_id) / "model.pth", run_id
 
 
-def load_candidate(path: Path, run_id: str | None) -> Candidate:
+def load_candidate(path: Path) -> Candidate:
     """Load a checkpoint safely: weights only, so a pickle can never run code here."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -141,7 +140,7 @@ def load_candidate(path: Path, run_id: str | None) -> Candidate:
     accuracy = payload.get("test_accuracy")
     if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
         raise UsageError(f"checkpoint {path} has no test accuracy in 0..1 (found {accuracy!r})")
-    return Candidate(path, run_id, float(accuracy), net, payload)
+    return Candidate(path, float(accuracy), net, payload)
 
 
 @contextlib.contextmanager
@@ -312,7 +311,7 @@ def export(
         raise UsageError(str(e)) from e
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
     try:
-        candidate = load_candidate(path, owner)
+        candidate = load_candidate(path)
     except UsageError as e:
         write_marker(storage, owner, "failed", cfg, str(e))
         raise
