@@ -187,8 +187,12 @@ def train(
     device: str = "auto",
     threads: int = 0,
     checkpoint_every: int = 200,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete."""
+    """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
+
+    Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
+    test accuracy is measured too (metrics["evals"], for accuracy-against-time curves)."""
     cfg.validate()
     run_id = run_id or default_run_id()
     out = run_dir(storage, run_id)
@@ -212,6 +216,7 @@ def train(
         "status": "running",
         "hyperparameters": dataclasses.asdict(cfg),
         "history": [],
+        "evals": [],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
@@ -226,6 +231,7 @@ def train(
             resolve_device(device),
             threads,
             checkpoint_every,
+            eval_every,
         )
     except BaseException as e:
         # A kill leaves status "running" (and resume.pth); an error says what it was.
@@ -250,6 +256,7 @@ def _train(
     device: torch.device,
     threads: int,
     checkpoint_every: int,
+    eval_every: int,
 ) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(threads or available_cpus())
@@ -290,7 +297,9 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         train_seconds, partial = state["train_seconds"], state["partial"]
-        metrics.update(history=state["history"], started_at=state["started_at"])
+        metrics.update(
+            history=state["history"], evals=state["evals"], started_at=state["started_at"]
+        )
         log.info(
             "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
             run_id,
@@ -322,10 +331,28 @@ def _train(
             "train_seconds": train_seconds,
             "partial": partial,
             "history": metrics["history"],
+            "evals": metrics["evals"],
             "started_at": metrics["started_at"],
         }
         with atomic_open(state_path, "wb") as f:
             torch.save(state, f)
+
+    def record_eval(global_step: int, accuracy: float) -> None:
+        metrics["evals"].append(
+            {
+                "step": global_step,
+                "epoch": round(global_step / steps_per_epoch, 3),
+                "train_seconds": round(train_seconds, 2),
+                "test_accuracy": accuracy,
+            }
+        )
+        log.info(
+            "step %d (epoch %.2f): test accuracy %.4f after %.1f s of training",
+            global_step,
+            global_step / steps_per_epoch,
+            accuracy,
+            train_seconds,
+        )
 
     rx0, tx0 = network_bytes()
     net.train()
@@ -360,8 +387,13 @@ def _train(
                 and step + 1 < steps_per_epoch
             ):
                 train_seconds += time.monotonic() - t0
-                t0 = time.monotonic()
                 save_state(epoch, step + 1)
+                t0 = time.monotonic()
+            global_step = epoch * steps_per_epoch + step + 1
+            if eval_every and global_step % eval_every == 0 and step + 1 < steps_per_epoch:
+                train_seconds += time.monotonic() - t0
+                record_eval(global_step, evaluate(net, x_test, y_test)[1])
+                t0 = time.monotonic()
         progress.close()
         train_seconds += time.monotonic() - t0
         epoch_seconds = train_seconds - sum(h["train_seconds"] for h in metrics["history"])
@@ -379,6 +411,8 @@ def _train(
             "lr_end": optimizer.param_groups[0]["lr"],
         }
         metrics["history"].append(record)
+        if eval_every:
+            record_eval((epoch + 1) * steps_per_epoch, test_acc)
         log.info(
             "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
             epoch + 1,
