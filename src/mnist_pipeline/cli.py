@@ -317,5 +317,62 @@ def summary(storage: Path, run_id: str, metrics: dict[str, Any], exported: str,
     ])
 
 
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected integers such as 2,4,8") from None
+    if any(s < 1 for s in sizes):
+        raise click.BadParameter(f"{value!r}: batch sizes must be at least 1")
+    return sizes
+
+
+@cli.command()
+@storage_option
+@click.option("--model-name", envvar="MODEL_NAME", default="resnet18_mnist",
+              help="Model name in the Triton repository (and in config.pbtxt).")
+@click.option("--checkpoint", envvar="CHECKPOINT", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Export this model.pth. Default: the newest completed training run's.")
+@click.option("--run-id", envvar="RUN_ID", default=None,
+              help="Export this training run's checkpoint (the chart passes its training Job's).")
+@click.option("--min-improvement", envvar="MIN_IMPROVEMENT", type=click.FloatRange(min=0),
+              default=0.0,
+              help="Publish only if test accuracy beats the published model's by more than this.")
+@click.option("--max-batch-size", envvar="MAX_BATCH_SIZE", type=click.IntRange(min=1),
+              default=16, help="config.pbtxt max_batch_size.")
+@click.option("--instance-count", envvar="INSTANCE_COUNT", type=click.IntRange(min=1),
+              default=2, help="config.pbtxt instance_group count (KIND_CPU).")
+@click.option("--preferred-batch-sizes", envvar="PREFERRED_BATCH_SIZES", default="2,4,8",
+              callback=_batch_sizes,
+              help="config.pbtxt dynamic_batching preferred_batch_size, comma-separated.")
+@click.option("--pinned-memory/--no-pinned-memory", envvar="PINNED_MEMORY", default=True,
+              help="config.pbtxt input/output pinned memory.")
+@stage
+def export(storage: Path, model_name: str, checkpoint: Path | None, run_id: str | None,
+           min_improvement: float, max_batch_size: int, instance_count: int,
+           preferred_batch_sizes: tuple[int, ...], pinned_memory: bool) -> None:
+    """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
+
+    \b
+    Publishes STORAGE/models/MODEL_NAME/VERSION/{model.onnx,metadata.json} and
+    STORAGE/models/MODEL_NAME/config.pbtxt only when the checkpoint's test accuracy beats
+    the newest published version's by more than --min-improvement (the first export
+    always publishes), and only after onnxruntime reproduces PyTorch's outputs on real
+    test images. A version appears whole or not at all; concurrent exports are
+    serialised. checkpoints/best_model.pth then points at the published checkpoint.
+    Not better: logged, exit 0, repository unchanged. A training run's outcome is also
+    written to checkpoints/RUN_ID/export.json.
+    """
+    from mnist_pipeline import export as export_stage
+    from mnist_pipeline.repository import TritonConfig
+
+    cfg = TritonConfig(name=model_name, max_batch_size=max_batch_size,
+                       instance_count=instance_count,
+                       preferred_batch_sizes=preferred_batch_sizes, pinned_memory=pinned_memory)
+    export_stage.export(storage, cfg, checkpoint=checkpoint, run_id=run_id,
+                        min_improvement=min_improvement)
+
+
 def main() -> None:
     cli(auto_envvar_prefix=None)
