@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from mnist_pipeline import repository
 from mnist_pipeline.storage import PipelineFailure, UsageError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
-ONNX_PLATFORM, ONNX_BACKEND = "onnxruntime_onnx", "onnxruntime"
+ONNX_BACKEND = "onnxruntime"
 MODEL_TEMPLATE = Path(__file__).with_name("triton_onnx_model.py")
 PR_SET_PDEATHSIG = 1
 
@@ -96,14 +97,11 @@ def available_cpus() -> int:
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
     """Parse config.pbtxt with Triton's own schema; a typo is an error naming the file."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    config = model_config_pb2.ModelConfig()
     try:
-        text_format.Parse(path.read_text(), config)
+        return repository.parse_config(path.read_text())
     except text_format.ParseError as e:
         raise UsageError(f"{path}: not a valid Triton model config: {e}") from e
-    return config
 
 
 def instance_count(config: model_config_pb2.ModelConfig) -> int:
@@ -118,57 +116,55 @@ def derive_repository(source: Path, dest: Path, cpus: int | None = None) -> list
     `parameters { intra_op_threads }` that shares the CPUs out between all instances of
     all models. Version folders get model.py and a symlink to the original model.onnx.
     """
+    from google.protobuf import text_format
+
     if not source.is_dir():
         raise UsageError(f"model repository {source} does not exist; run `mnist-pipeline export`")
     models = []
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         if model_dir.name.startswith("."):
-            continue  # a half-written export's staging folder, not a model
-        config_path = model_dir / "config.pbtxt"
+            continue  # an interrupted export's staging folder, which Triton ignores too
+        config_path = model_dir / repository.CONFIG_FILE
         if not config_path.is_file():
-            raise UsageError(f"{model_dir}: no config.pbtxt")
+            raise UsageError(f"{model_dir}: no {repository.CONFIG_FILE}")
         config = read_config(config_path)
-        if config.platform != ONNX_PLATFORM and config.backend != ONNX_BACKEND:
+        if config.platform != repository.PLATFORM and config.backend != ONNX_BACKEND:
             raise UsageError(
                 f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
-                f"local Triton serves only {ONNX_PLATFORM} models (through its python backend)"
+                f"local Triton serves only {repository.PLATFORM} models"
             )
         config.name = config.name or model_dir.name
-        versions = sorted(
-            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-            key=lambda p: int(p.name),
-        )
+        versions = repository.versions(model_dir)
         if not versions:
-            raise UsageError(f"{model_dir}: no version folders (1/, 2/, …) holding model.onnx")
+            raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
         models.append((model_dir, config, versions))
     if not models:
         raise UsageError(f"model repository {source} holds no model; run `mnist-pipeline export`")
-
-    from google.protobuf import text_format
 
     instances = sum(instance_count(config) for _, config, _ in models)
     threads = max(1, (cpus or available_cpus()) // instances)
     if dest.exists():
         shutil.rmtree(dest)
     for model_dir, config, versions in models:
-        onnx_name = config.default_model_filename or "model.onnx"
+        onnx_name = config.default_model_filename or repository.MODEL_FILE
         config.platform, config.backend, config.runtime = "", "python", ""
         config.ClearField("default_model_filename")
         config.parameters["intra_op_threads"].string_value = str(threads)
         out = dest / model_dir.name
         out.mkdir(parents=True)
-        (out / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
         for version in versions:
-            onnx = version / onnx_name
-            if not onnx.is_file():
-                raise UsageError(f"{version}: no {onnx_name}")
-            (out / version.name).mkdir()
-            shutil.copyfile(MODEL_TEMPLATE, out / version.name / "model.py")
-            (out / version.name / "model.onnx").symlink_to(onnx.resolve())
+            (out / str(version)).mkdir()
+            shutil.copyfile(MODEL_TEMPLATE, out / str(version) / "model.py")
+            onnx = model_dir / str(version) / onnx_name
+            # A version without its file fails to load, as with the onnxruntime backend,
+            # but only if the version policy selects it.
+            if onnx.is_file():
+                (out / str(version) / repository.MODEL_FILE).symlink_to(onnx.resolve())
         log.info(
             "model %s: versions %s, %d instance(s), %d onnxruntime thread(s) each",
             config.name,
-            ", ".join(v.name for v in versions),
+            ", ".join(map(str, versions)),
             instance_count(config),
             threads,
         )
@@ -264,8 +260,10 @@ class LocalTriton:
         grpc_port: int = DEFAULT_GRPC_PORT,
         metrics_port: int = DEFAULT_METRICS_PORT,
         log_verbose: int = 0,
+        ready_timeout: float = 120.0,
     ) -> None:
         self.model_repository = model_repository
+        self.ready_timeout = ready_timeout
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_verbose = log_verbose
@@ -347,9 +345,10 @@ class LocalTriton:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every model is loaded; raise PipelineFailure with Triton's log if not."""
         assert self.process is not None, "start() first"
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
@@ -414,8 +413,8 @@ class LocalTriton:
         self.stop()
 
 
-def serve_forever(server: LocalTriton, ready_timeout: float = 120.0) -> int:
-    """Run until SIGTERM/SIGINT (exit code 0) or until tritonserver dies (PipelineFailure)."""
+def serve_forever(server: LocalTriton) -> None:
+    """Run until SIGTERM/SIGINT, or until tritonserver dies (PipelineFailure)."""
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -425,7 +424,7 @@ def serve_forever(server: LocalTriton, ready_timeout: float = 120.0) -> int:
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
-        server.wait_ready(ready_timeout)
+        server.wait_ready()
         while not stop.wait(0.5):
             assert server.process is not None
             code = server.process.poll()
@@ -434,7 +433,6 @@ def serve_forever(server: LocalTriton, ready_timeout: float = 120.0) -> int:
                     f"tritonserver exited unexpectedly with code {code}. "
                     f"From {server.log_path}:\n{log_tail(server.log_path)}"
                 )
-        return 0
     finally:
         server.stop()
         for s, handler in previous.items():

@@ -24,6 +24,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
 
+        if not onnx_path.is_file():
+            raise pb_utils.TritonModelException(f"{onnx_path}: missing")
+
         options = ort.SessionOptions()
         # Triton runs one of these per instance: the threads are shared out between instances
         # (the derivation sets how many) so that concurrent batches do not oversubscribe cores.
