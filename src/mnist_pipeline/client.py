@@ -73,7 +73,7 @@ class ModelInfo:
     max_batch_size: int
 
 
-def _grpc() -> Any:
+def grpc_module() -> Any:
     try:
         import tritonclient.grpc as grpcclient
     except ImportError as e:
@@ -193,7 +193,7 @@ class Driver:
         self, cfg: InferConfig, info: ModelInfo, x: np.ndarray, labels: np.ndarray
     ) -> None:
         self.cfg, self.info, self.x, self.labels = cfg, info, x, labels
-        self.grpc = _grpc()
+        self.grpc = grpc_module()
         self.clients = [self.grpc.InferenceServerClient(cfg.url) for _ in range(cfg.concurrency)]
         self.lock = threading.Lock()
         self.latencies_ms: list[float] = []
@@ -343,7 +343,7 @@ def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
 
 
 def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
-    grpc = _grpc()
+    grpc = grpc_module()
     report: dict[str, Any] = {
         "status": "failed",
         "url": cfg.url,
