@@ -94,8 +94,8 @@ def served(
         grpc.close()
     driver = client.Driver(cfg, info, x, labels)
     try:
-        driver.drive(max(warmup, concurrency), first_request=0, record=False)
-        wall_s = driver.drive(requests, first_request=0, record=True)
+        driver.drive(max(warmup, concurrency), record=False)
+        wall_s = driver.drive(requests, record=True)
     finally:
         driver.close()
     if driver.errors:

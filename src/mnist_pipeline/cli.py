@@ -60,6 +60,11 @@ def stage(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM (a pod stopped, `kill`) unwind like Ctrl-C: servers stop, results are kept."""
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="mnist-pipeline")
 @click.option("-v", "--verbose", is_flag=True, envvar="VERBOSE", help="Debug logging.")
@@ -430,6 +435,7 @@ def infer(url: str, storage: Path, **options: Any) -> None:
     """
     from mnist_pipeline import client
 
+    unwind_on_sigterm()
     client.infer(storage, client.InferConfig(url=url, **options))
 
 
@@ -474,8 +480,7 @@ def run(
     from mnist_pipeline.serve import LocalTriton, check_port_free
     from mnist_pipeline.storage import models_dir
 
-    # Stopped by SIGTERM, unwind like Ctrl-C so that the server goes down with us.
-    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    unwind_on_sigterm()
     for port in (http_port, grpc_port, metrics_port):
         check_port_free(host, port)  # before minutes of training, not after
     place(storage)
