@@ -3,11 +3,13 @@
     PYTHONPATH=src python benchmarks/bench_serving.py --storage storage --out results.json
 
 Side by side in one run, each figure the median of --repeats rounds:
-  in-process onnxruntime   batch-1 latency p50/p99; batch-16 throughput
+  in-process onnxruntime   batch-1 latency p50/p99; batch-16 throughput (all cores,
+                           and one thread)
   Triton over gRPC         sequential batch-1 latency p50/p99; throughput with 8
                            single-image requests in flight (the dynamic batcher batches)
-Aims: served p50 within 1 ms of in-process batch-1 p50; concurrency-8 throughput at
-least half the in-process batch-16 throughput. Prints a table and writes JSON.
+Aims: served p50 within 1 ms of the best in-process batch-1 p50; concurrency-8
+throughput at least half the best in-process batch-16 throughput. Prints a table and
+writes JSON.
 Starts its own local Triton on free loopback ports unless --url names a running one.
 The functions are importable for a larger benchmark suite.
 """
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,64 +119,80 @@ def run_benchmark(
     requests: int = 500,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    sess = session(onnx_path)
-    results: dict[str, Any] = {
-        "inprocess_batch1": median_of(repeats, lambda: inprocess_latency(sess, x, requests)),
-        "inprocess_batch16": median_of(
-            repeats, lambda: inprocess_throughput(sess, x, max(1, requests // 16))
-        ),
-        "served_sequential": median_of(
-            repeats, lambda: served(url, MODEL, x, labels, requests, concurrency=1)
-        ),
-        "served_concurrency8": median_of(
-            repeats, lambda: served(url, MODEL, x, labels, requests, concurrency=8)
-        ),
-    }
-    p50_gap = results["served_sequential"]["p50_ms"] - results["inprocess_batch1"]["p50_ms"]
-    ratio = (
-        results["served_concurrency8"]["images_per_s"]
-        / results["inprocess_batch16"]["images_per_s"]
+    """Every row the median of `repeats` rounds; the aims against the best in-process row.
+
+    In-process runs twice: onnxruntime's default (all cores) and one thread, because on
+    a busy 2-core machine the default's spinning threads can be the slower of the two.
+    """
+    rows: list[dict[str, Any]] = []
+    for threads in sorted({available_cpus(), 1}, reverse=True):
+        sess = session(onnx_path, threads)
+        rows.append(
+            {
+                "label": f"in-process, {threads} thread(s), batch 1",
+                "kind": "inprocess_batch1",
+                **median_of(repeats, partial(inprocess_latency, sess, x, requests)),
+            }
+        )
+        rows.append(
+            {
+                "label": f"in-process, {threads} thread(s), batch 16",
+                "kind": "inprocess_batch16",
+                **median_of(repeats, partial(inprocess_throughput, sess, x, requests // 16 or 1)),
+            }
+        )
+    for concurrency in (1, 8):
+        rows.append(
+            {
+                "label": f"Triton gRPC, concurrency {concurrency}, batch 1",
+                "kind": f"served_concurrency{concurrency}",
+                **median_of(repeats, partial(served, url, MODEL, x, labels, requests, concurrency)),
+            }
+        )
+
+    def best(kind: str, key: str, pick: Callable[..., float]) -> float:
+        return pick(row[key] for row in rows if row["kind"] == kind)
+
+    p50_gap = best("served_concurrency1", "p50_ms", min) - best("inprocess_batch1", "p50_ms", min)
+    ratio = best("served_concurrency8", "images_per_s", max) / best(
+        "inprocess_batch16", "images_per_s", max
     )
-    results["aims"] = {
-        "served_p50_minus_inprocess_p50_ms": p50_gap,
-        "served_p50_within_1ms": p50_gap <= 1.0,
-        "concurrency8_over_batch16_throughput": ratio,
-        "throughput_at_least_half": ratio >= 0.5,
+    return {
+        "rows": rows,
+        "aims": {
+            "served_p50_minus_inprocess_p50_ms": p50_gap,
+            "served_p50_within_1ms": p50_gap <= 1.0,
+            "concurrency8_over_batch16_throughput": ratio,
+            "throughput_at_least_half": ratio >= 0.5,
+        },
+        "setup": {
+            "cpus": available_cpus(),
+            "requests": requests,
+            "repeats": repeats,
+            "onnxruntime": ort.__version__,
+            "model": str(onnx_path),
+        },
     }
-    results["setup"] = {
-        "cpus": available_cpus(),
-        "requests": requests,
-        "repeats": repeats,
-        "onnxruntime": ort.__version__,
-        "model": str(onnx_path),
-    }
-    return results
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [
-        ("in-process onnxruntime, batch 1", results["inprocess_batch1"]),
-        ("in-process onnxruntime, batch 16", results["inprocess_batch16"]),
-        ("Triton gRPC, sequential, batch 1", results["served_sequential"]),
-        ("Triton gRPC, concurrency 8, batch 1", results["served_concurrency8"]),
-    ]
-
-    def cell(row: dict[str, float], key: str, fmt: str) -> str:
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "-"
 
     lines = [f"{'':38} {'p50 ms':>8} {'p99 ms':>8} {'images/s':>9}"]
-    for name, row in rows:
+    for row in results["rows"]:
         lines.append(
-            f"{name:38} {cell(row, 'p50_ms', '.2f'):>8} {cell(row, 'p99_ms', '.2f'):>8} "
+            f"{row['label']:38} {cell(row, 'p50_ms', '.2f'):>8} {cell(row, 'p99_ms', '.2f'):>8} "
             f"{cell(row, 'images_per_s', '.0f'):>9}"
         )
     aims = results["aims"]
     lines.append(
-        f"served p50 - in-process p50: {aims['served_p50_minus_inprocess_p50_ms']:+.2f} "
-        f"ms (aim <= 1 ms: {'met' if aims['served_p50_within_1ms'] else 'missed'})"
+        f"served p50 - best in-process batch-1 p50: "
+        f"{aims['served_p50_minus_inprocess_p50_ms']:+.2f} ms "
+        f"(aim <= 1 ms: {'met' if aims['served_p50_within_1ms'] else 'missed'})"
     )
     lines.append(
-        f"concurrency-8 / batch-16 throughput: "
+        f"concurrency-8 / best in-process batch-16 throughput: "
         f"{aims['concurrency8_over_batch16_throughput']:.0%} "
         f"(aim >= 50%: {'met' if aims['throughput_at_least_half'] else 'missed'})"
     )
