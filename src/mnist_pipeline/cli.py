@@ -25,8 +25,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def storage_option(f: F) -> F:
     return click.option(
-        "--storage", envvar="STORAGE_ROOT", default=DEFAULT_STORAGE, show_default=True,
-        show_envvar=True, type=click.Path(file_okay=False, path_type=Path),
+        "--storage",
+        envvar="STORAGE_ROOT",
+        default=DEFAULT_STORAGE,
+        show_default=True,
+        show_envvar=True,
+        type=click.Path(file_okay=False, path_type=Path),
         help="Root of the shared storage (the PVC is mounted at /storage).",
     )(f)
 
@@ -80,9 +84,14 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @storage_option
-@click.option("--source", envvar="MNIST_SOURCE", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the four MNIST IDX files, .gz or raw. "
-                   "Default: the copy shipped with the project (data/mnist).")
+@click.option(
+    "--source",
+    envvar="MNIST_SOURCE",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder holding the four MNIST IDX files, .gz or raw. "
+    "Default: the copy shipped with the project (data/mnist).",
+)
 @stage
 def data(storage: Path, source: Path | None) -> None:
     """Place the four MNIST files, verified, at STORAGE/data/MNIST/raw.
@@ -99,32 +108,78 @@ def data(storage: Path, source: Path | None) -> None:
 @storage_option
 @click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1)
 @click.option("--batch-size", envvar="BATCH_SIZE", type=click.IntRange(min=2), default=128)
-@click.option("--lr", envvar="LR", type=click.FloatRange(min=0, min_open=True), default=0.05,
-              help="Peak learning rate.")
-@click.option("--optimizer", envvar="OPTIMIZER", type=click.Choice(["sgd", "adamw", "adam"]),
-              default="sgd")
-@click.option("--schedule", envvar="SCHEDULE", type=click.Choice(["onecycle", "constant"]),
-              default="onecycle", help="One-cycle warm-up + cosine decay, or a constant lr.")
-@click.option("--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0),
-              default=5e-4)
-@click.option("--label-smoothing", envvar="LABEL_SMOOTHING",
-              type=click.FloatRange(min=0, max=1, max_open=True), default=0.1)
+@click.option(
+    "--lr",
+    envvar="LR",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    help="Peak learning rate.",
+)
+@click.option(
+    "--optimizer", envvar="OPTIMIZER", type=click.Choice(["sgd", "adamw", "adam"]), default="sgd"
+)
+@click.option(
+    "--schedule",
+    envvar="SCHEDULE",
+    type=click.Choice(["onecycle", "constant"]),
+    default="onecycle",
+    help="One-cycle warm-up + cosine decay, or a constant lr.",
+)
+@click.option("--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4)
+@click.option(
+    "--label-smoothing",
+    envvar="LABEL_SMOOTHING",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=0.1,
+)
 @click.option("--seed", envvar="SEED", type=int, default=0)
-@click.option("--limit-train", envvar="LIMIT_TRAIN", type=click.IntRange(min=0), default=0,
-              help="Train on the first N images only (0: all 60000), for quick runs.")
-@click.option("--run-id", envvar="RUN_ID", default=None,
-              help="Name of the run folder. Re-running with the same id resumes it. "
-                   "Default: the UTC time.")
-@click.option("--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]),
-              default="auto")
-@click.option("--threads", envvar="THREADS", type=click.IntRange(min=0), default=0,
-              help="CPU threads (0: every CPU this process may use, cgroup limit included).")
-@click.option("--checkpoint-every", envvar="CHECKPOINT_EVERY", type=click.IntRange(min=0),
-              default=200, help="Also save a resumable checkpoint every N steps (0: epochs only).")
+@click.option(
+    "--limit-train",
+    envvar="LIMIT_TRAIN",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Train on the first N images only (0: all 60000), for quick runs.",
+)
+@click.option(
+    "--run-id",
+    envvar="RUN_ID",
+    default=None,
+    help="Name of the run folder. Re-running with the same id resumes it. Default: the UTC time.",
+)
+@click.option(
+    "--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"
+)
+@click.option(
+    "--threads",
+    envvar="THREADS",
+    type=click.IntRange(min=0),
+    default=0,
+    help="CPU threads (0: every CPU this process may use, cgroup limit included).",
+)
+@click.option(
+    "--checkpoint-every",
+    envvar="CHECKPOINT_EVERY",
+    type=click.IntRange(min=0),
+    default=200,
+    help="Also save a resumable checkpoint every N steps (0: epochs only).",
+)
 @stage
-def train(storage: Path, epochs: int, batch_size: int, lr: float, optimizer: str, schedule: str,
-          weight_decay: float, label_smoothing: float, seed: int, limit_train: int,
-          run_id: str | None, device: str, threads: int, checkpoint_every: int) -> None:
+def train(
+    storage: Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    schedule: str,
+    weight_decay: float,
+    label_smoothing: float,
+    seed: int,
+    limit_train: int,
+    run_id: str | None,
+    device: str,
+    threads: int,
+    checkpoint_every: int,
+) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
@@ -133,22 +188,434 @@ def train(storage: Path, epochs: int, batch_size: int, lr: float, optimizer: str
     from mnist_pipeline import train as train_stage
 
     cfg = train_stage.TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        seed=seed,
         limit_train=limit_train,
     )
-    train_stage.train(storage, cfg, run_id=run_id, device=device, threads=threads,
-                      checkpoint_every=checkpoint_every)
+    train_stage.train(
+        storage,
+        cfg,
+        run_id=run_id,
+        device=device,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def port_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        envvar=envvar,
+        type=click.IntRange(1, 65535),
+        default=default,
+        show_envvar=True,
+        help=f"Port of Triton's {what} endpoint.",
+    )
+
+
+def server_options(f: F) -> F:
+    from mnist_pipeline.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
+    for option in reversed(
+        [
+            click.option(
+                "--host",
+                envvar="TRITON_HOST",
+                default="127.0.0.1",
+                show_envvar=True,
+                help="Address the server binds to (0.0.0.0 to serve other machines).",
+            ),
+            port_option("--grpc-port", "GRPC_PORT", DEFAULT_GRPC_PORT, "gRPC"),
+            port_option("--http-port", "HTTP_PORT", DEFAULT_HTTP_PORT, "HTTP"),
+            port_option(
+                "--metrics-port", "METRICS_PORT", DEFAULT_METRICS_PORT, "Prometheus metrics"
+            ),
+            click.option(
+                "--ready-timeout",
+                envvar="READY_TIMEOUT",
+                type=click.FloatRange(min=1),
+                default=120.0,
+                show_envvar=True,
+                help="Seconds to wait for Triton to load the models.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
 
 
 @cli.command()
 @storage_option
-@click.pass_context
+@click.option(
+    "--model-repository",
+    envvar="MODEL_REPOSITORY",
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Triton model repository to serve. Default: STORAGE/models.",
+)
+@click.option(
+    "--workdir",
+    envvar="TRITON_WORKDIR",
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the derived repository and triton.log, kept afterwards. "
+    "Default: a temporary folder, removed on exit.",
+)
+@server_options
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["none"]),
+    default="none",
+    help="Accepted for command-line compatibility with tritonserver: the "
+    "repository is loaded once at start.",
+)
+@click.option(
+    "--log-verbose",
+    envvar="TRITON_LOG_VERBOSE",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Triton's own log verbosity.",
+)
 @stage
-def run(ctx: click.Context, storage: Path) -> None:
-    """Run every stage locally on STORAGE with the default settings."""
-    ctx.invoke(data, storage=storage)
-    ctx.invoke(train, storage=storage)
+def serve(
+    storage: Path,
+    model_repository: Path | None,
+    workdir: Path | None,
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    ready_timeout: float,
+    model_control_mode: str,
+    log_verbose: int,
+) -> None:
+    """Serve the model repository with a local Triton Inference Server until stopped.
+
+    Runs the real tritonserver from the nvidia-pytriton wheel. That build has only the
+    python backend, so each onnxruntime_onnx model is served through a derived
+    python-backend twin (same name, versions, tensors, batching and instances) that runs
+    the model.onnx with onnxruntime. In Kubernetes the official Triton image serves the
+    repository as it is. Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
+    """
+    from mnist_pipeline.serve import LocalTriton, serve_forever
+    from mnist_pipeline.storage import models_dir
+
+    server = LocalTriton(
+        model_repository or models_dir(storage),
+        workdir=workdir,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_verbose=log_verbose,
+        ready_timeout=ready_timeout,
+    )
+    serve_forever(server)
+
+
+def client_options(f: F) -> F:
+    from mnist_pipeline.client import InferConfig
+
+    d = InferConfig()
+    for option in reversed(
+        [
+            click.option(
+                "--model-name", envvar="MODEL_NAME", default=d.model_name, show_envvar=True
+            ),
+            click.option(
+                "--model-version",
+                envvar="MODEL_VERSION",
+                default=d.model_version,
+                show_envvar=True,
+                help="Version to ask for. Default: the server's choice.",
+            ),
+            click.option(
+                "--requests",
+                envvar="REQUESTS",
+                type=click.IntRange(min=1),
+                default=d.requests,
+                show_envvar=True,
+                help="Measured requests.",
+            ),
+            click.option(
+                "--concurrency",
+                envvar="CONCURRENCY",
+                type=click.IntRange(min=1),
+                default=d.concurrency,
+                show_envvar=True,
+                help="Requests in flight at once, each thread with its own gRPC "
+                "connection; above 1 Triton's dynamic batcher forms batches.",
+            ),
+            click.option(
+                "--images-per-request",
+                "--batch-size",
+                "images_per_request",
+                envvar="IMAGES_PER_REQUEST",
+                type=click.IntRange(min=1),
+                default=d.images_per_request,
+                show_envvar=True,
+                help="Images in each request, at most the model's max_batch_size.",
+            ),
+            click.option(
+                "--warmup",
+                envvar="WARMUP",
+                type=click.IntRange(min=0),
+                default=d.warmup,
+                show_envvar=True,
+                help="Unmeasured requests sent first.",
+            ),
+            click.option(
+                "--timeout",
+                envvar="TIMEOUT",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.timeout,
+                show_envvar=True,
+                help="Seconds to wait for the server and the model to be ready.",
+            ),
+            click.option(
+                "--request-timeout",
+                envvar="REQUEST_TIMEOUT",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.request_timeout,
+                show_envvar=True,
+                help="Seconds one request may take.",
+            ),
+            click.option(
+                "--max-seconds",
+                envvar="MAX_SECONDS",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.max_seconds,
+                show_envvar=True,
+                help="Seconds the whole measurement may take.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option(
+    "--url",
+    envvar="TRITON_URL",
+    default="localhost:8001",
+    show_envvar=True,
+    help="Triton's gRPC endpoint, HOST:PORT.",
+)
+@storage_option
+@client_options
+@stage
+def infer(url: str, storage: Path, **options: Any) -> None:
+    """Send real MNIST test images to Triton over gRPC; save predictions and latency.
+
+    Waits (with backoff, up to --timeout) for the server and the model, then sends
+    --requests requests of --images-per-request test images, normalised as in
+    training. Writes STORAGE/inference/<UTC time>/{samples.json, latency.json,
+    latency.png, inference.log}; on failure latency.json says why and keeps what
+    was measured.
+    """
+    from mnist_pipeline import client
+
+    client.infer(storage, client.InferConfig(url=url, **options))
+
+
+@cli.command()
+@storage_option
+@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1)
+@click.option(
+    "--limit-train",
+    envvar="LIMIT_TRAIN",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Train on the first N images only (0: all 60000), for quick runs.",
+)
+@server_options
+@client_options
+@stage
+def run(
+    storage: Path,
+    epochs: int,
+    limit_train: int,
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    ready_timeout: float,
+    **client_opts: Any,
+) -> None:
+    """Run every stage locally: data, train, export, serve, infer, then stop the server.
+
+    The README's `make run`: on the defaults it trains one epoch on all 60000 images
+    (about 100 s on 2 cores), publishes the model if it beats the served one, serves
+    STORAGE/models with a local Triton on loopback and measures it with the gRPC
+    client. Prints a summary: test accuracy, the exported version (or why not),
+    served accuracy and latency, and where the outputs are.
+    """
+    from mnist_pipeline import client
+    from mnist_pipeline import export as export_stage
+    from mnist_pipeline import train as train_stage
+    from mnist_pipeline.data import place
+    from mnist_pipeline.repository import TritonConfig
+    from mnist_pipeline.serve import LocalTriton
+    from mnist_pipeline.storage import models_dir
+
+    place(storage)
+    run_id = train_stage.default_run_id()
+    metrics = train_stage.train(
+        storage, train_stage.TrainConfig(epochs=epochs, limit_train=limit_train), run_id=run_id
+    )
+    outcome = export_stage.export(
+        storage, TritonConfig(name=client_opts["model_name"]), run_id=run_id
+    )
+    with LocalTriton(
+        models_dir(storage),
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        ready_timeout=ready_timeout,
+    ) as server:
+        report = client.infer(storage, client.InferConfig(url=server.grpc_url, **client_opts))
+
+    if outcome.status == "published":
+        exported = f"version {outcome.version} ({outcome.reason})"
+    else:
+        exported = f"skipped: not better ({outcome.reason})"
+    click.echo(summary(storage, run_id, metrics, exported, report))
+
+
+def summary(
+    storage: Path, run_id: str, metrics: dict[str, Any], exported: str, report: dict[str, Any]
+) -> str:
+    from mnist_pipeline.storage import models_dir, run_dir
+
+    return "\n".join(
+        [
+            "mnist-pipeline run: done",
+            f"  test accuracy    {metrics['test_accuracy']:.4f} (run {run_id})",
+            f"  export           {exported}",
+            f"  served           {report['model_name']} version {report['model_version_served']}, "
+            f"accuracy {report['accuracy']:.4f} on {report['images']} test images",
+            f"  latency          p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms "
+            f"({report['count']} requests, concurrency {report['concurrency']}, "
+            f"{report['throughput_images_per_s']:.0f} images/s)",
+            f"  checkpoint       {run_dir(storage, run_id)}",
+            f"  model repository {models_dir(storage)}",
+            f"  inference        {report['output_dir']}",
+        ]
+    )
+
+
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected integers such as 2,4,8") from None
+    if any(s < 1 for s in sizes):
+        raise click.BadParameter(f"{value!r}: batch sizes must be at least 1")
+    return sizes
+
+
+@cli.command()
+@storage_option
+@click.option(
+    "--model-name",
+    envvar="MODEL_NAME",
+    default="resnet18_mnist",
+    help="Model name in the Triton repository (and in config.pbtxt).",
+)
+@click.option(
+    "--checkpoint",
+    envvar="CHECKPOINT",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Export this model.pth. Default: the newest completed training run's.",
+)
+@click.option(
+    "--run-id",
+    envvar="RUN_ID",
+    default=None,
+    help="Export this training run's checkpoint (the chart passes its training Job's).",
+)
+@click.option(
+    "--min-improvement",
+    envvar="MIN_IMPROVEMENT",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Publish only if test accuracy beats the published model's by more than this.",
+)
+@click.option(
+    "--max-batch-size",
+    envvar="MAX_BATCH_SIZE",
+    type=click.IntRange(min=1),
+    default=16,
+    help="config.pbtxt max_batch_size.",
+)
+@click.option(
+    "--instance-count",
+    envvar="INSTANCE_COUNT",
+    type=click.IntRange(min=1),
+    default=2,
+    help="config.pbtxt instance_group count (KIND_CPU).",
+)
+@click.option(
+    "--preferred-batch-sizes",
+    envvar="PREFERRED_BATCH_SIZES",
+    default="2,4,8",
+    callback=_batch_sizes,
+    help="config.pbtxt dynamic_batching preferred_batch_size, comma-separated.",
+)
+@click.option(
+    "--pinned-memory/--no-pinned-memory",
+    envvar="PINNED_MEMORY",
+    default=True,
+    help="config.pbtxt input/output pinned memory.",
+)
+@stage
+def export(
+    storage: Path,
+    model_name: str,
+    checkpoint: Path | None,
+    run_id: str | None,
+    min_improvement: float,
+    max_batch_size: int,
+    instance_count: int,
+    preferred_batch_sizes: tuple[int, ...],
+    pinned_memory: bool,
+) -> None:
+    """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
+
+    \b
+    Publishes STORAGE/models/MODEL_NAME/VERSION/{model.onnx,metadata.json} and
+    STORAGE/models/MODEL_NAME/config.pbtxt only when the checkpoint's test accuracy beats
+    the newest published version's by more than --min-improvement (the first export
+    always publishes), and only after onnxruntime reproduces PyTorch's outputs on real
+    test images. A version appears whole or not at all; concurrent exports are
+    serialised. checkpoints/best_model.pth then points at the published checkpoint.
+    Not better: logged, exit 0, repository unchanged. A training run's outcome is also
+    written to checkpoints/RUN_ID/export.json.
+    """
+    from mnist_pipeline import export as export_stage
+    from mnist_pipeline.repository import TritonConfig
+
+    cfg = TritonConfig(
+        name=model_name,
+        max_batch_size=max_batch_size,
+        instance_count=instance_count,
+        preferred_batch_sizes=preferred_batch_sizes,
+        pinned_memory=pinned_memory,
+    )
+    export_stage.export(
+        storage, cfg, checkpoint=checkpoint, run_id=run_id, min_improvement=min_improvement
+    )
 
 
 def wait_options(f: F) -> F:

@@ -1,0 +1,249 @@
+"""The Triton model repository: layout, config.pbtxt, versions, and safe publication.
+
+    models/<name>/config.pbtxt
+    models/<name>/<version>/{model.onnx,metadata.json}
+
+Triton may be reading the repository at any moment, so nothing in it is ever half
+written. A new version is built in a folder whose name Triton ignores (it only
+loads all-digit folder names as versions) and renamed into place; the very first
+publication builds the whole model folder outside the repository and renames it in,
+because a model folder without a version would stop Triton from starting.
+Concurrent exports serialise on a lock file kept outside the repository, which
+Triton would otherwise scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline.storage import (
+    PipelineFailure,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    models_dir,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "resnet18_mnist"
+PLATFORM = "onnxruntime_onnx"
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.pbtxt"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """What config.pbtxt says; the defaults are the original deployment's values."""
+
+    name: str = DEFAULT_MODEL_NAME
+    max_batch_size: int = 16
+    instance_count: int = 2
+    instance_kind: str = "KIND_CPU"
+    preferred_batch_sizes: tuple[int, ...] = (2, 4, 8)
+    pinned_memory: bool = True
+    input_name: str = "input"
+    input_dims: tuple[int, ...] = (1, 28, 28)
+    output_name: str = "output"
+    output_dims: tuple[int, ...] = (10,)
+
+    def validate(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name) \
+                or self.name.startswith("."):
+            raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '-', '.'")
+        if self.max_batch_size < 1:
+            raise ValueError("max batch size must be at least 1")
+        if self.instance_count < 1:
+            raise ValueError("instance count must be at least 1")
+        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred batch sizes {too_big} are outside "
+                             f"1..max batch size {self.max_batch_size}")
+
+
+def render_config(cfg: TritonConfig) -> str:
+    """config.pbtxt in protobuf text format (dims exclude the batch dimension)."""
+    cfg.validate()
+
+    def dims(d: Sequence[int]) -> str:
+        return ", ".join(str(x) for x in d)
+
+    text = f"""name: "{cfg.name}"
+platform: "{PLATFORM}"
+max_batch_size: {cfg.max_batch_size}
+input [
+  {{
+    name: "{cfg.input_name}"
+    data_type: TYPE_FP32
+    dims: [ {dims(cfg.input_dims)} ]
+  }}
+]
+output [
+  {{
+    name: "{cfg.output_name}"
+    data_type: TYPE_FP32
+    dims: [ {dims(cfg.output_dims)} ]
+  }}
+]
+instance_group [
+  {{
+    count: {cfg.instance_count}
+    kind: {cfg.instance_kind}
+  }}
+]
+"""
+    if cfg.preferred_batch_sizes:
+        text += f"""dynamic_batching {{
+  preferred_batch_size: [ {dims(cfg.preferred_batch_sizes)} ]
+}}
+"""
+    else:
+        text += "dynamic_batching { }\n"
+    if cfg.pinned_memory:
+        text += """optimization {
+  input_pinned_memory { enable: true }
+  output_pinned_memory { enable: true }
+}
+"""
+    return text
+
+
+def parse_config(text: str) -> Any:
+    """Parse config.pbtxt with Triton's own ModelConfig message (from tritonclient)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def model_dir(storage: Path, name: str) -> Path:
+    return models_dir(storage) / name
+
+
+def versions(model_path: Path) -> list[int]:
+    """The version numbers Triton would load from a model folder, ascending."""
+    if not model_path.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_path.iterdir()
+                  if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    accuracy: float
+    metadata: dict[str, Any]
+
+
+def champion(model_path: Path) -> Champion | None:
+    """The newest published version and its accuracy: what a candidate has to beat."""
+    found = versions(model_path)
+    if not found:
+        return None
+    newest = found[-1]
+    meta_path = model_path / str(newest) / METADATA_FILE
+    try:
+        meta = read_json(meta_path)
+        accuracy = float(meta["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # Never guess: overwriting the served model because its record is unreadable
+        # could replace a better model with a worse one.
+        raise PipelineFailure(f"cannot read the served model's accuracy from {meta_path}: {e}"
+                              ) from e
+    return Champion(newest, accuracy, meta)
+
+
+def _work_dir(storage: Path) -> Path:
+    """Where locks and first-publication staging live: beside the repository, not in it."""
+    return storage / ".export"
+
+
+@contextlib.contextmanager
+def locked(storage: Path, name: str) -> Iterator[None]:
+    """Hold the model's exclusive export lock (released by the kernel if the process dies)."""
+    work = _work_dir(storage)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f"{name}.lock", "a") as lock_file:
+        log.debug("waiting for the export lock of %s", name)
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def clean_stale(storage: Path, name: str) -> None:
+    """Remove staging folders a crashed export left; call only while holding the lock."""
+    model_path = model_dir(storage, name)
+    stale = [p for p in model_path.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
+    stale += [p for p in _work_dir(storage).glob(f"{STAGING_PREFIX}{name}-*") if p.is_dir()]
+    for path in stale:
+        log.warning("removing %s, left by an interrupted export", path)
+        shutil.rmtree(path)
+
+
+def _fill_version(folder: Path, files: dict[str, bytes], metadata: dict[str, Any]) -> None:
+    for filename, content in files.items():
+        with open(folder / filename, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_json(folder / METADATA_FILE, metadata)
+    fsync_dir(folder)
+
+
+def _staging(parent: Path, prefix: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o755)  # mkdtemp's 0700 would hide the model from Triton running as another user
+    return path
+
+
+def publish(storage: Path, cfg: TritonConfig, files: dict[str, bytes],
+            metadata: dict[str, Any]) -> int:
+    """Add a version holding `files` and metadata.json; return its number.
+
+    Call while holding `locked(storage, cfg.name)`: the version number is chosen here.
+    """
+    model_path = model_dir(storage, cfg.name)
+    version = (versions(model_path) or [0])[-1] + 1
+    metadata = {**metadata, "version": version}
+    config_text = render_config(cfg)
+
+    if model_path.is_dir():
+        staging = _staging(model_path, STAGING_PREFIX)
+        try:
+            _fill_version(staging, files, metadata)
+            # The config goes first: options may change (batch sizes), the tensors never do,
+            # so the version being served keeps working with it.
+            atomic_write_text(model_path / CONFIG_FILE, config_text)
+            os.rename(staging, model_path / str(version))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(model_path)
+    else:
+        staging = _staging(_work_dir(storage), f"{STAGING_PREFIX}{cfg.name}-")
+        try:
+            (staging / str(version)).mkdir(mode=0o755)
+            _fill_version(staging / str(version), files, metadata)
+            atomic_write_text(staging / CONFIG_FILE, config_text)
+            models_dir(storage).mkdir(parents=True, exist_ok=True)
+            os.rename(staging, model_path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(models_dir(storage))
+    return version
