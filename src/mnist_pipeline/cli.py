@@ -621,19 +621,40 @@ def export(
 def wait_options(f: F) -> F:
     options = [
         storage_option,
-        click.option("--run-id", envvar="RUN_ID", required=True,
-                     help="The run to wait for (the chart gives each release revision its own)."),
-        click.option("--timeout", envvar="WAIT_TIMEOUT", type=click.FloatRange(min=0, min_open=True),
-                     default=21600, help="Give up (exit 1) after this many seconds."),
-        click.option("--interval", envvar="WAIT_INTERVAL",
-                     type=click.FloatRange(min=0, min_open=True), default=5,
-                     help="Seconds between looks."),
-        click.option("--job", envvar="WAIT_JOB", default=None,
-                     help="Kubernetes Job producing the artifact: its Failed condition fails "
-                          "the wait at once. Read only where the pod has a service account "
-                          "token; a deleted Job is ignored."),
-        click.option("--namespace", envvar="POD_NAMESPACE", default=None,
-                     help="Namespace of --job (default: the pod's own)."),
+        click.option(
+            "--run-id",
+            envvar="RUN_ID",
+            required=True,
+            help="The run to wait for (the chart gives each release revision its own).",
+        ),
+        click.option(
+            "--timeout",
+            envvar="WAIT_TIMEOUT",
+            type=click.FloatRange(min=0, min_open=True),
+            default=21600,
+            help="Give up (exit 1) after this many seconds.",
+        ),
+        click.option(
+            "--interval",
+            envvar="WAIT_INTERVAL",
+            type=click.FloatRange(min=0, min_open=True),
+            default=5,
+            help="Seconds between looks.",
+        ),
+        click.option(
+            "--job",
+            envvar="WAIT_JOB",
+            default=None,
+            help="Kubernetes Job producing the artifact: its Failed condition fails "
+            "the wait at once. Read only where the pod has a service account "
+            "token; a deleted Job is ignored.",
+        ),
+        click.option(
+            "--namespace",
+            envvar="POD_NAMESPACE",
+            default=None,
+            help="Namespace of --job (default: the pod's own).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -653,8 +674,14 @@ def wait() -> None:
 @wait.command("training")
 @wait_options
 @stage
-def wait_training(storage: Path, run_id: str, timeout: float, interval: float, job: str | None,
-                  namespace: str | None) -> None:
+def wait_training(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+) -> None:
     """Until checkpoints/RUN_ID/metrics.json says complete."""
     from mnist_pipeline import waits
 
@@ -666,8 +693,15 @@ def wait_training(storage: Path, run_id: str, timeout: float, interval: float, j
 @wait_options
 @click.option("--model-name", envvar="MODEL_NAME", default="resnet18_mnist")
 @stage
-def wait_export(storage: Path, run_id: str, timeout: float, interval: float, job: str | None,
-                namespace: str | None, model_name: str) -> None:
+def wait_export(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+    model_name: str,
+) -> None:
     """Until the export of RUN_ID is published or skipped and models/NAME is servable."""
     from mnist_pipeline import waits
 
@@ -678,11 +712,20 @@ def wait_export(storage: Path, run_id: str, timeout: float, interval: float, job
 @wait.command("serving")
 @wait_options
 @click.option("--model-name", envvar="MODEL_NAME", default="resnet18_mnist")
-@click.option("--url", envvar="TRITON_HTTP_URL", required=True,
-              help="Triton's HTTP endpoint, HOST:PORT.")
+@click.option(
+    "--url", envvar="TRITON_HTTP_URL", required=True, help="Triton's HTTP endpoint, HOST:PORT."
+)
 @stage
-def wait_serving(storage: Path, run_id: str, timeout: float, interval: float, job: str | None,
-                 namespace: str | None, model_name: str, url: str) -> None:
+def wait_serving(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+    model_name: str,
+    url: str,
+) -> None:
     """Until Triton at URL is ready and serves the model version RUN_ID exported."""
     from mnist_pipeline import waits
 

@@ -60,7 +60,8 @@ def servable_versions(storage: Path, model_name: str) -> list[int]:
     if not (model_dir / "config.pbtxt").is_file():
         return []
     return sorted(
-        int(d.name) for d in model_dir.iterdir()
+        int(d.name)
+        for d in model_dir.iterdir()
         if d.name.isdigit() and int(d.name) > 0 and (d / "model.onnx").is_file()
     )
 
@@ -74,16 +75,22 @@ class JobState:
 class KubeApi:
     """Just enough of the Kubernetes API to read one Job's status (get on batch/v1 jobs)."""
 
-    def __init__(self, base_url: str, namespace: str, token_file: Path | None = None,
-                 ca_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        namespace: str,
+        token_file: Path | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.base_url, self.namespace = base_url.rstrip("/"), namespace
         self.token_file = token_file
         self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self.warned = False
 
     @classmethod
-    def in_cluster(cls, namespace: str | None,
-                   sa_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeApi | None:
+    def in_cluster(
+        cls, namespace: str | None, sa_dir: Path = SERVICE_ACCOUNT_DIR
+    ) -> KubeApi | None:
         """The API as seen from a pod given a token; None where the pod has none."""
         host = os.environ.get("KUBERNETES_SERVICE_HOST")
         token = sa_dir / "token"
@@ -226,8 +233,9 @@ def export_check(storage: Path, run_id: str, model_name: str) -> Callable[[], st
                 f"export of run {run_id} was {status}, but {models_dir(storage) / model_name} "
                 "holds no servable version: Triton would have nothing to load"
             )
-        log.info("run %s: export %s; servable versions of %s: %s", run_id, status, model_name,
-                 versions)
+        log.info(
+            "run %s: export %s; servable versions of %s: %s", run_id, status, model_name, versions
+        )
         return None
 
     return check
@@ -241,8 +249,9 @@ def http_ready(url: str) -> bool:
         return False
 
 
-def serving_check(storage: Path, run_id: str, model_name: str,
-                  url: str) -> Callable[[], str | None]:
+def serving_check(
+    storage: Path, run_id: str, model_name: str, url: str
+) -> Callable[[], str | None]:
     """Triton ready and serving this run's model: the version it published, else any."""
     exported = export_check(storage, run_id, model_name)
     base = url if "://" in url else f"http://{url}"
@@ -264,8 +273,9 @@ def serving_check(storage: Path, run_id: str, model_name: str,
     return check
 
 
-def make_wait(what: str, timeout: float, interval: float, job: str | None,
-              namespace: str | None) -> Wait:
+def make_wait(
+    what: str, timeout: float, interval: float, job: str | None, namespace: str | None
+) -> Wait:
     if timeout <= 0 or interval <= 0:
         raise UsageError("--timeout and --interval must be positive")
     api = KubeApi.in_cluster(namespace) if job else None
