@@ -6,7 +6,7 @@ every release revision, so nothing left on the volume by an earlier release can 
     training  checkpoints/<run_id>/metrics.json has status "complete"
     export    checkpoints/<run_id>/export.json is "published" or "skipped", and
               models/<name>/ holds a servable version for Triton to load
-    serving   Triton answers ready over HTTP, with the version this run published
+    serving   Triton answers ready over HTTP, serving the version export chose
 
 A stage that fails writes "failed" into its artifact and the wait fails at once. A stage
 whose pods die without writing anything (OOM-killed until its Job's backoffLimit, an
@@ -62,7 +62,7 @@ def servable_versions(storage: Path, model_name: str) -> list[int]:
     return sorted(
         int(d.name)
         for d in model_dir.iterdir()
-        if d.name.isdigit() and int(d.name) > 0 and (d / "model.onnx").is_file()
+        if d.name.isdigit() and not d.name.startswith("0") and (d / "model.onnx").is_file()
     )
 
 
@@ -217,25 +217,20 @@ def export_check(storage: Path, run_id: str, model_name: str) -> Callable[[], st
             return f"waiting for {path} to appear" if waiting_for is None else waiting_for
         status = outcome.get("status")
         if status == "failed":
-            raise PipelineFailure(f"export of run {run_id} failed: {outcome.get('error', '?')}")
+            raise PipelineFailure(f"export of run {run_id} failed: {outcome.get('reason', '?')}")
         if status not in EXPORT_DONE:
             return f"export of run {run_id} is {status}"
         versions = servable_versions(storage, model_name)
         version = outcome.get("version")
-        if status == "published" and version not in versions:
-            # Published means on storage already: a missing version will not come later.
+        # Published: the new version; skipped: the better one already there. Either is on
+        # storage by now, so a missing one will not come later.
+        if version not in versions:
             raise PipelineFailure(
-                f"export of run {run_id} says it published version {version} of "
-                f"{model_name}, but {models_dir(storage) / model_name} holds {versions or 'none'}"
+                f"export of run {run_id} was {status} naming version {version} of "
+                f"{model_name}, but {models_dir(storage) / model_name} holds "
+                f"{versions or 'no servable version'}: Triton would not serve it"
             )
-        if not versions:
-            raise PipelineFailure(
-                f"export of run {run_id} was {status}, but {models_dir(storage) / model_name} "
-                "holds no servable version: Triton would have nothing to load"
-            )
-        log.info(
-            "run %s: export %s; servable versions of %s: %s", run_id, status, model_name, versions
-        )
+        log.debug("export %s; servable versions of %s: %s", status, model_name, versions)
         return None
 
     return check
@@ -252,7 +247,7 @@ def http_ready(url: str) -> bool:
 def serving_check(
     storage: Path, run_id: str, model_name: str, url: str
 ) -> Callable[[], str | None]:
-    """Triton ready and serving this run's model: the version it published, else any."""
+    """Triton ready and serving the version export chose for this run (new or kept)."""
     exported = export_check(storage, run_id, model_name)
     base = url if "://" in url else f"http://{url}"
     base = base.rstrip("/")
@@ -261,9 +256,7 @@ def serving_check(
         if (waiting_for := exported()) is not None:
             return waiting_for
         outcome = read_status(run_dir(storage, run_id) / "export.json") or {}
-        model_url = f"{base}/v2/models/{model_name}"
-        if outcome.get("status") == "published":
-            model_url += f"/versions/{outcome['version']}"
+        model_url = f"{base}/v2/models/{model_name}/versions/{outcome.get('version')}"
         if not http_ready(f"{base}/v2/health/ready"):
             return f"waiting for Triton at {base} to be ready"
         if not http_ready(f"{model_url}/ready"):
