@@ -104,7 +104,8 @@ class KubeApi:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if ":" in host:  # an IPv6 address
             host = f"[{host}]"
-        return cls(f"https://{host}:{port}", namespace, token, sa_dir / "ca.crt")
+        ca = sa_dir / "ca.crt"
+        return cls(f"https://{host}:{port}", namespace, token, ca if ca.is_file() else None)
 
     def job_state(self, name: str) -> JobState | None:
         """The Job's state, or None when the API cannot tell (then only artifacts count)."""
