@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -33,7 +33,9 @@ def wait_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
 
 
 def write_metrics(storage: Path, run_id: str, status: str, **extra: Any) -> None:
-    atomic_write_json(storage / "checkpoints" / run_id / "metrics.json", {"status": status, **extra})
+    atomic_write_json(
+        storage / "checkpoints" / run_id / "metrics.json", {"status": status, **extra}
+    )
 
 
 def write_export(storage: Path, run_id: str, status: str, version: int | None) -> None:
@@ -146,8 +148,8 @@ def test_bad_timeout_is_a_usage_error(tmp_path: Path) -> None:
 
 
 class FakeJobs(BaseHTTPRequestHandler):
-    jobs: dict[str, dict[str, Any]] = {}
-    seen_auth: list[str] = []
+    jobs: ClassVar[dict[str, dict[str, Any]]] = {}
+    seen_auth: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.seen_auth.append(self.headers.get("Authorization", ""))
