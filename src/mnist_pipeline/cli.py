@@ -528,12 +528,14 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @storage_option
 @click.option(
     "--model-name",
+    show_envvar=True,
     envvar="MODEL_NAME",
     default="resnet18_mnist",
     help="Model name in the Triton repository (and in config.pbtxt).",
 )
 @click.option(
     "--checkpoint",
+    show_envvar=True,
     envvar="CHECKPOINT",
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -541,12 +543,14 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--run-id",
+    show_envvar=True,
     envvar="RUN_ID",
     default=None,
     help="Export this training run's checkpoint (the chart passes its training Job's).",
 )
 @click.option(
     "--min-improvement",
+    show_envvar=True,
     envvar="MIN_IMPROVEMENT",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -554,6 +558,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--max-batch-size",
+    show_envvar=True,
     envvar="MAX_BATCH_SIZE",
     type=click.IntRange(min=1),
     default=16,
@@ -561,6 +566,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--instance-count",
+    show_envvar=True,
     envvar="INSTANCE_COUNT",
     type=click.IntRange(min=1),
     default=2,
@@ -568,6 +574,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--preferred-batch-sizes",
+    show_envvar=True,
     envvar="PREFERRED_BATCH_SIZES",
     default="2,4,8",
     callback=_batch_sizes,
@@ -575,6 +582,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--pinned-memory/--no-pinned-memory",
+    show_envvar=True,
     envvar="PINNED_MEMORY",
     default=True,
     help="config.pbtxt input/output pinned memory.",

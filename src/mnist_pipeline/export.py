@@ -9,9 +9,12 @@ version nor both win against the same champion.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,16 +38,16 @@ from mnist_pipeline.storage import (
 log = logging.getLogger(__name__)
 
 # The chart serves with nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51), whose ONNX
-# Runtime backend is built with ONNX Runtime 1.19.2 (NVIDIA's frameworks support matrix for
-# 24.10; triton-inference-server/onnxruntime_backend PR #284 pins 1.19.2 for that release
-# train). ONNX Runtime 1.19 implements ONNX 1.16: opsets up to 21, IR version up to 10
-# (microsoft/onnxruntime docs/Versioning.md). A model stamped newer does not load there,
-# even though the onnxruntime installed here (newer) runs it fine.
+# Runtime backend is built with ONNX Runtime 1.19.2: the backend stayed on 1.19.2 through
+# that release (triton-inference-server/onnxruntime_backend PR #284, 2024-11-15, moved main
+# back to 1.19.2 after trying 1.20.0). ONNX Runtime 1.19 implements ONNX 1.16: opsets up to
+# 21, IR version up to 10 (microsoft/onnxruntime docs/Versioning.md). A model stamped newer
+# does not load there, even though the newer onnxruntime installed here runs it.
 TRITON_ONNXRUNTIME_VERSION = "1.19.2"
 TRITON_MAX_OPSET = 21
 TRITON_MAX_IR_VERSION = 10
-# 18 is the oldest opset torch's exporter writes natively (no version conversion step),
-# and well inside what that server runs.
+# torch's exporter builds at opset 18 (torchlib's own) and converts any other opset
+# afterwards; 18 also leaves a margin: onnxruntime runs it since 1.14.
 OPSET = 18
 
 PARITY_SAMPLES = 256
@@ -56,7 +59,6 @@ class Candidate:
     """A checkpoint to export, loaded and checked."""
 
     path: Path
-    run_id: str | None  # set when the checkpoint is a training run's, which gets export.json
     accuracy: float
     net: torch.nn.Module
     payload: dict[str, Any]
@@ -92,13 +94,16 @@ def newest_completed_run(storage: Path) -> str:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring %s: %s", metrics_path, e)
     if not finished:
-        raise UsageError(f"no completed training run in {checkpoints_dir(storage)}: "
-                         "train first, or name one with --run-id or --checkpoint")
+        raise UsageError(
+            f"no completed training run in {checkpoints_dir(storage)}: "
+            "train first, or name one with --run-id or --checkpoint"
+        )
     return max(finished)[1]
 
 
-def resolve_checkpoint(storage: Path, checkpoint: Path | None, run_id: str | None
-                       ) -> tuple[Path, str | None]:
+def resolve_checkpoint(
+    storage: Path, checkpoint: Path | None, run_id: str | None
+) -> tuple[Path, str | None]:
     """Which model.pth to export, and the training run it belongs to (if any)."""
     if checkpoint is not None and run_id is not None:
         raise UsageError("give --checkpoint or --run-id, not both")
@@ -121,7 +126,7 @@ def resolve_checkpoint(storage: Path, checkpoint: Path | None, run_id: str | Non
     return run_dir(storage, run_id) / "model.pth", run_id
 
 
-def load_candidate(path: Path, run_id: str | None) -> Candidate:
+def load_candidate(path: Path) -> Candidate:
     """Load a checkpoint safely: weights only, so a pickle can never run code here."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,7 +140,24 @@ def load_candidate(path: Path, run_id: str | None) -> Candidate:
     accuracy = payload.get("test_accuracy")
     if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
         raise UsageError(f"checkpoint {path} has no test accuracy in 0..1 (found {accuracy!r})")
-    return Candidate(path, run_id, float(accuracy), net, payload)
+    return Candidate(path, float(accuracy), net, payload)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's per-pass INFO lines and its warnings about torchvision ops
+    (not used here), which would bury the stage's own log; errors still show."""
+    loggers = {name: logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    try:
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
 
 
 def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
@@ -150,41 +172,67 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     import onnxslim
 
     example = torch.zeros(2, 1, data.ROWS, data.COLS)
-    program = torch.onnx.export(
-        net.eval(), (example,), input_names=["input"], output_names=["output"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-        opset_version=opset, dynamo=True, external_data=False, optimize=False, verbose=False,
-    )
-    assert program is not None
-    nodes_exported = len(program.model_proto.graph.node)
-    program.optimize()
-    optimised = onnxslim.slim(program.model_proto)
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(
+                net.eval(),
+                (example,),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                optimize=False,
+                verbose=False,
+            )
+        except Exception as e:  # the exporter raises many kinds; the stage reports one failure
+            raise PipelineFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
+        assert program is not None
+        nodes_exported = len(program.model_proto.graph.node)
+        program.optimize()
+        optimised = onnxslim.slim(program.model_proto)
     onnx.checker.check_model(optimised, full_check=True)
-    log.info("ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
-             opset, optimised.ir_version, nodes_exported, len(optimised.graph.node))
-    return OnnxExport(optimised.SerializeToString(), opset, optimised.ir_version,
-                      nodes_exported, len(optimised.graph.node))
+    opsets = {o.domain or "ai.onnx": o.version for o in optimised.opset_import}
+    if opsets != {"ai.onnx": opset} or optimised.ir_version > TRITON_MAX_IR_VERSION:
+        # A newer torch/onnx could stamp a model the served onnxruntime refuses to load.
+        raise PipelineFailure(
+            f"exported model uses opsets {opsets}, IR version {optimised.ir_version}: the "
+            f"Triton image's onnxruntime {TRITON_ONNXRUNTIME_VERSION} needs standard ops at "
+            f"opset <= {TRITON_MAX_OPSET} and IR version <= {TRITON_MAX_IR_VERSION}"
+        )
+    log.info(
+        "ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
+        opset,
+        optimised.ir_version,
+        nodes_exported,
+        len(optimised.graph.node),
+    )
+    return OnnxExport(
+        optimised.SerializeToString(),
+        opset,
+        optimised.ir_version,
+        nodes_exported,
+        len(optimised.graph.node),
+    )
 
 
-def check_parity(onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray,
-                 batch_size: int = 16, tolerance: float = PARITY_TOLERANCE) -> float:
+def check_parity(
+    onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> float:
     """Run onnxruntime and PyTorch on the same inputs; return the largest absolute difference.
 
-    Raises PipelineFailure if it exceeds `tolerance` or any prediction differs. Batches are
-    at most the served max batch size, the shapes Triton will actually send.
+    Raises PipelineFailure if it exceeds `tolerance` or any prediction differs.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-    onnx_out, torch_out = [], []
+    batch = np.ascontiguousarray(inputs, dtype=np.float32)
+    got = session.run(["output"], {"input": batch})[0]
     with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            batch = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
-            onnx_out.append(session.run(["output"], {"input": batch})[0])
-            torch_out.append(net(torch.from_numpy(batch)).numpy())
-    got, want = np.concatenate(onnx_out), np.concatenate(torch_out)
+        want = net(torch.from_numpy(batch)).numpy()
     if got.shape != want.shape:
         raise PipelineFailure(f"parity: ONNX output shape {got.shape} != PyTorch {want.shape}")
     max_diff = float(np.max(np.abs(got - want)))
@@ -195,8 +243,11 @@ def check_parity(onnx_model: bytes, net: torch.nn.Module, inputs: np.ndarray,
             f"parity check failed on {len(inputs)} test images: max |ONNX - PyTorch| = "
             f"{max_diff:.3g} (tolerance {tolerance:g}), {mismatched} predictions differ"
         )
-    log.info("parity on %d MNIST test images: max abs diff %.3g, predictions identical",
-             len(inputs), max_diff)
+    log.info(
+        "parity on %d MNIST test images: max abs diff %.3g, predictions identical",
+        len(inputs),
+        max_diff,
+    )
     return max_diff
 
 
@@ -219,21 +270,40 @@ def relative_to_storage(storage: Path, path: Path) -> str:
         return str(path.resolve())
 
 
-def write_marker(storage: Path, run_id: str | None, status: str, cfg: repository.TritonConfig,
-                 reason: str, version: int | None = None, accuracy: float | None = None,
-                 champion_accuracy: float | None = None) -> None:
+def write_marker(
+    storage: Path,
+    run_id: str | None,
+    status: str,
+    cfg: repository.TritonConfig,
+    reason: str,
+    version: int | None = None,
+    accuracy: float | None = None,
+    champion_accuracy: float | None = None,
+) -> None:
     """checkpoints/<run_id>/export.json: what export decided about this training run."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
         return
-    atomic_write_json(run_dir(storage, run_id) / "export.json", {
-        "status": status, "model_name": cfg.name, "version": version, "accuracy": accuracy,
-        "champion_accuracy": champion_accuracy, "reason": reason,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    })
+    atomic_write_json(
+        run_dir(storage, run_id) / "export.json",
+        {
+            "status": status,
+            "model_name": cfg.name,
+            "version": version,
+            "accuracy": accuracy,
+            "champion_accuracy": champion_accuracy,
+            "reason": reason,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
 
 
-def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None = None,
-           run_id: str | None = None, min_improvement: float = 0.0) -> Outcome:
+def export(
+    storage: Path,
+    cfg: repository.TritonConfig,
+    checkpoint: Path | None = None,
+    run_id: str | None = None,
+    min_improvement: float = 0.0,
+) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure."""
     try:
         cfg.validate()
@@ -241,7 +311,7 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
         raise UsageError(str(e)) from e
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
     try:
-        candidate = load_candidate(path, owner)
+        candidate = load_candidate(path)
     except UsageError as e:
         write_marker(storage, owner, "failed", cfg, str(e))
         raise
@@ -251,24 +321,36 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
         repository.clean_stale(storage, cfg.name)
         champion = repository.champion(repository.model_dir(storage, cfg.name))
         if champion is not None and not candidate.accuracy > champion.accuracy + min_improvement:
-            reason = (f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "
-                      f"version {champion.version}'s {champion.accuracy:.4f}"
-                      + (f" by more than {min_improvement:g}" if min_improvement else ""))
+            reason = (
+                f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "
+                f"version {champion.version}'s {champion.accuracy:.4f}"
+                + (f" by more than {min_improvement:g}" if min_improvement else "")
+            )
             log.info("not exported: %s", reason)
-            write_marker(storage, owner, "skipped", cfg, reason, champion.version,
-                         candidate.accuracy, champion.accuracy)
-            return Outcome("skipped", champion.version, candidate.accuracy, champion.accuracy,
-                           reason)
+            write_marker(
+                storage,
+                owner,
+                "skipped",
+                cfg,
+                reason,
+                champion.version,
+                candidate.accuracy,
+                champion.accuracy,
+            )
+            return Outcome(
+                "skipped", champion.version, candidate.accuracy, champion.accuracy, reason
+            )
         champion_accuracy = None if champion is None else champion.accuracy
         try:
             exported = to_onnx(candidate.net)
             images, _ = data.load(storage, "test")
-            max_diff = check_parity(exported.content, candidate.net,
-                                    data.normalize(images[:PARITY_SAMPLES]),
-                                    batch_size=cfg.max_batch_size)
-        except PipelineFailure as e:
-            write_marker(storage, owner, "failed", cfg, str(e), None, candidate.accuracy,
-                         champion_accuracy)
+            max_diff = check_parity(
+                exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
+            )
+        except (PipelineFailure, UsageError) as e:
+            write_marker(
+                storage, owner, "failed", cfg, str(e), None, candidate.accuracy, champion_accuracy
+            )
             raise
 
         import onnxruntime
@@ -286,19 +368,31 @@ def export(storage: Path, cfg: repository.TritonConfig, checkpoint: Path | None 
             "parity_samples": PARITY_SAMPLES,
             "parameters": sum(p.numel() for p in candidate.net.parameters()),
             "onnxruntime_version": onnxruntime.__version__,
-            "onnx_nodes": {"exported": exported.nodes_exported,
-                           "optimised": exported.nodes_optimised},
+            "onnx_nodes": {
+                "exported": exported.nodes_exported,
+                "optimised": exported.nodes_optimised,
+            },
             "previous_accuracy": champion_accuracy,
         }
-        version = repository.publish(storage, cfg, {repository.MODEL_FILE: exported.content},
-                                     metadata)
+        version = repository.publish(
+            storage, cfg, {repository.MODEL_FILE: exported.content}, metadata
+        )
         update_best_link(storage, path)
 
-    reason = ("first export" if champion is None else
-              f"accuracy {candidate.accuracy:.4f} beats version {champion.version}'s "
-              f"{champion.accuracy:.4f}")
-    log.info("published %s version %d (%s) to %s", cfg.name, version, reason,
-             repository.model_dir(storage, cfg.name) / str(version))
-    write_marker(storage, owner, "published", cfg, reason, version, candidate.accuracy,
-                 champion_accuracy)
+    reason = (
+        "first export"
+        if champion is None
+        else f"accuracy {candidate.accuracy:.4f} beats version {champion.version}'s "
+        f"{champion.accuracy:.4f}"
+    )
+    log.info(
+        "published %s version %d (%s) to %s",
+        cfg.name,
+        version,
+        reason,
+        repository.model_dir(storage, cfg.name) / str(version),
+    )
+    write_marker(
+        storage, owner, "published", cfg, reason, version, candidate.accuracy, champion_accuracy
+    )
     return Outcome("published", version, candidate.accuracy, champion_accuracy, reason)

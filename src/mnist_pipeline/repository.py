@@ -8,8 +8,9 @@ written. A new version is built in a folder whose name Triton ignores (it only
 loads all-digit folder names as versions) and renamed into place; the very first
 publication builds the whole model folder outside the repository and renames it in,
 because a model folder without a version would stop Triton from starting.
-Concurrent exports serialise on a lock file kept outside the repository, which
-Triton would otherwise scan.
+Concurrent exports serialise on a lock file. The lock and that first staging folder
+live in STORAGE/.export/<name>/, outside the repository, where Triton would take any
+folder for a model.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ class TritonConfig:
     output_dims: tuple[int, ...] = (10,)
 
     def validate(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name) \
-                or self.name.startswith("."):
+        if (
+            not self.name
+            or not all(c.isalnum() or c in "_-." for c in self.name)
+            or self.name.startswith(".")
+        ):
             raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '-', '.'")
         if self.max_batch_size < 1:
             raise ValueError("max batch size must be at least 1")
@@ -69,8 +73,10 @@ class TritonConfig:
             raise ValueError("instance count must be at least 1")
         too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
-            raise ValueError(f"preferred batch sizes {too_big} are outside "
-                             f"1..max batch size {self.max_batch_size}")
+            raise ValueError(
+                f"preferred batch sizes {too_big} are outside "
+                f"1..max batch size {self.max_batch_size}"
+            )
 
 
 def render_config(cfg: TritonConfig) -> str:
@@ -136,8 +142,11 @@ def versions(model_path: Path) -> list[int]:
     """The version numbers Triton would load from a model folder, ascending."""
     if not model_path.is_dir():
         return []
-    return sorted(int(p.name) for p in model_path.iterdir()
-                  if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+    return sorted(
+        int(p.name)
+        for p in model_path.iterdir()
+        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    )
 
 
 @dataclass(frozen=True)
@@ -160,22 +169,25 @@ def champion(model_path: Path) -> Champion | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         # Never guess: overwriting the served model because its record is unreadable
         # could replace a better model with a worse one.
-        raise PipelineFailure(f"cannot read the served model's accuracy from {meta_path}: {e}"
-                              ) from e
+        raise PipelineFailure(
+            f"cannot read the served model's accuracy from {meta_path}: {e}"
+        ) from e
     return Champion(newest, accuracy, meta)
 
 
-def _work_dir(storage: Path) -> Path:
-    """Where locks and first-publication staging live: beside the repository, not in it."""
-    return storage / ".export"
+def work_dir(storage: Path, name: str) -> Path:
+    """Where a model's lock and first-publication staging live: beside the repository,
+    not in it, since Triton treats every folder in the repository as a model."""
+    return storage / ".export" / name
 
 
 @contextlib.contextmanager
 def locked(storage: Path, name: str) -> Iterator[None]:
     """Hold the model's exclusive export lock (released by the kernel if the process dies)."""
-    work = _work_dir(storage)
+    work = work_dir(storage, name)
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / f"{name}.lock", "a") as lock_file:
+    # Opened for writing: on NFS volumes flock is emulated with POSIX locks, which need it.
+    with open(work / "lock", "a") as lock_file:
         log.debug("waiting for the export lock of %s", name)
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
@@ -188,7 +200,7 @@ def clean_stale(storage: Path, name: str) -> None:
     """Remove staging folders a crashed export left; call only while holding the lock."""
     model_path = model_dir(storage, name)
     stale = [p for p in model_path.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    stale += [p for p in _work_dir(storage).glob(f"{STAGING_PREFIX}{name}-*") if p.is_dir()]
+    stale += [p for p in work_dir(storage, name).glob(f"{STAGING_PREFIX}*") if p.is_dir()]
     for path in stale:
         log.warning("removing %s, left by an interrupted export", path)
         shutil.rmtree(path)
@@ -211,8 +223,9 @@ def _staging(parent: Path, prefix: str) -> Path:
     return path
 
 
-def publish(storage: Path, cfg: TritonConfig, files: dict[str, bytes],
-            metadata: dict[str, Any]) -> int:
+def publish(
+    storage: Path, cfg: TritonConfig, files: dict[str, bytes], metadata: dict[str, Any]
+) -> int:
     """Add a version holding `files` and metadata.json; return its number.
 
     Call while holding `locked(storage, cfg.name)`: the version number is chosen here.
@@ -235,7 +248,7 @@ def publish(storage: Path, cfg: TritonConfig, files: dict[str, bytes],
             raise
         fsync_dir(model_path)
     else:
-        staging = _staging(_work_dir(storage), f"{STAGING_PREFIX}{cfg.name}-")
+        staging = _staging(work_dir(storage, cfg.name), STAGING_PREFIX)
         try:
             (staging / str(version)).mkdir(mode=0o755)
             _fill_version(staging / str(version), files, metadata)

@@ -1,0 +1,473 @@
+"""The export stage against real parts: MNIST from data/mnist, checkpoints from real training
+runs (tiny), torch's exporter, onnxruntime, and Triton's own model-config protobuf."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from mnist_pipeline import data, export, repository
+from mnist_pipeline.storage import PipelineFailure, UsageError
+
+pytestmark = pytest.mark.slow
+
+NAME = repository.DEFAULT_MODEL_NAME
+
+
+def cli(
+    *args: str | Path, check: int | None = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Every path under root with its content hash (or link target): any change shows."""
+    if not root.exists():
+        return {}
+    state: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            state[key] = ("link", os.readlink(path))
+        elif path.is_file():
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[key] = "dir"
+    return state
+
+
+def copy_storage(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest, symlinks=True)
+    return dest
+
+
+def marker(storage: Path, run_id: str) -> dict[str, Any]:
+    return json.loads((storage / "checkpoints" / run_id / "export.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """MNIST placed once and two tiny training runs of different accuracy, trained at once."""
+    storage = tmp_path_factory.mktemp("trained") / "storage"
+    cli("data", "--storage", storage)
+    runs = {"r256": ("256", "1"), "r768": ("768", "2")}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline",
+                "train",
+                "--storage",
+                str(storage),
+                "--run-id",
+                run_id,
+                "--limit-train",
+                limit,
+                "--seed",
+                seed,
+                "--checkpoint-every",
+                "0",
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id, (limit, seed) in runs.items()
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    accuracy = {
+        run_id: json.loads((storage / "checkpoints" / run_id / "metrics.json").read_text())[
+            "test_accuracy"
+        ]
+        for run_id in runs
+    }
+    low, high = sorted(runs, key=accuracy.__getitem__)
+    assert accuracy[low] < accuracy[high], f"tiny runs happened to tie: {accuracy}"
+    return {"storage": storage, "low": low, "high": high, "accuracy": accuracy}
+
+
+@pytest.fixture(scope="module")
+def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One repository through its life: first export, repeat, better, worse."""
+    storage = copy_storage(trained["storage"], tmp_path_factory.mktemp("published") / "s")
+    low, high = trained["low"], trained["high"]
+    models = storage / "models"
+    steps: dict[str, Any] = {}
+
+    steps["first"] = cli("export", "--storage", storage, "--run-id", low)
+    steps["first_marker"] = marker(storage, low)
+    before = snapshot(models)
+    steps["repeat"] = cli("export", "--storage", storage, "--run-id", low)
+    steps["repeat_unchanged"] = snapshot(models) == before
+    steps["repeat_marker"] = marker(storage, low)
+
+    # Options also come from the environment, as the Helm chart sets them.
+    steps["margin"] = cli(
+        "export", "--storage", storage, "--run-id", high, env={"MIN_IMPROVEMENT": "0.99"}
+    )
+    steps["margin_unchanged"] = snapshot(models) == before
+    # What a crashed export leaves behind; the next export must clear it.
+    (models / NAME / ".staging-crashed").mkdir()
+    (models / NAME / ".staging-crashed" / "model.onnx").write_bytes(b"partial")
+    (repository.work_dir(storage, NAME) / ".staging-crashed").mkdir()
+    steps["better"] = cli("export", "--storage", storage, "--run-id", high)
+    steps["better_marker"] = marker(storage, high)
+
+    before = snapshot(models)
+    steps["worse"] = cli("export", "--storage", storage, "--run-id", low)
+    steps["worse_unchanged"] = snapshot(models) == before
+    steps["worse_marker"] = marker(storage, low)
+    return {**trained, **steps, "storage": storage}
+
+
+def test_first_export_publishes_version_1(published: dict[str, Any]) -> None:
+    model_path = published["storage"] / "models" / NAME
+    assert (model_path / "1" / "model.onnx").is_file()
+    assert published["first_marker"]["status"] == "published"
+    assert published["first_marker"]["version"] == 1
+    assert published["first_marker"]["champion_accuracy"] is None
+
+
+def test_exporting_the_same_checkpoint_twice_skips_the_second(published: dict[str, Any]) -> None:
+    acc = published["accuracy"][published["low"]]
+    assert published["repeat_unchanged"]
+    line = [ln for ln in published["repeat"].stderr.splitlines() if "not exported" in ln]
+    assert len(line) == 1 and line[0].count(f"{acc:.4f}") == 2, published["repeat"].stderr
+    assert published["repeat_marker"] == {
+        **published["repeat_marker"],
+        "status": "skipped",
+        "version": 1,
+        "accuracy": acc,
+        "champion_accuracy": acc,
+    }
+
+
+def test_min_improvement_holds_back_a_small_gain(published: dict[str, Any]) -> None:
+    assert published["margin_unchanged"]
+    assert "by more than 0.99" in published["margin"].stderr
+
+
+def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> None:
+    model_path = published["storage"] / "models" / NAME
+    assert repository.versions(model_path) == [1, 2]
+    meta = json.loads((model_path / "2" / "metadata.json").read_text())
+    assert meta["accuracy"] == published["accuracy"][published["high"]]
+    assert published["better_marker"]["status"] == "published"
+    assert published["better_marker"]["version"] == 2
+    assert (
+        published["better_marker"]["champion_accuracy"] == published["accuracy"][published["low"]]
+    )
+
+
+def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any]) -> None:
+    storage = published["storage"]
+    assert not list((storage / "models" / NAME).glob(".staging-*"))
+    assert not list(repository.work_dir(storage, NAME).glob(".staging-*"))
+
+
+def test_worse_model_is_skipped_and_changes_nothing(published: dict[str, Any]) -> None:
+    assert published["worse"].returncode == 0
+    assert published["worse_unchanged"]
+    assert published["worse_marker"]["status"] == "skipped"
+    assert published["worse_marker"]["version"] == 2
+
+
+def test_best_model_link_is_relative_and_points_at_the_champion(published: dict[str, Any]) -> None:
+    link = published["storage"] / "checkpoints" / "best_model.pth"
+    assert link.is_symlink()
+    assert not os.path.isabs(os.readlink(link))
+    assert (
+        link.resolve()
+        == (published["storage"] / "checkpoints" / published["high"] / "model.pth").resolve()
+    )
+
+
+def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
+    from datetime import datetime
+
+    version_dir = published["storage"] / "models" / NAME / "2"
+    meta = json.loads((version_dir / "metadata.json").read_text())
+    assert datetime.fromisoformat(meta["export_date"]).tzinfo is not None
+    assert meta["source_model"] == f"checkpoints/{published['high']}/model.pth"
+    assert meta["run_id"] == published["high"]
+    assert meta["sha256"] == hashlib.sha256((version_dir / "model.onnx").read_bytes()).hexdigest()
+    assert meta["opset"] == export.OPSET
+    assert 0 <= meta["parity_max_abs_diff"] <= export.PARITY_TOLERANCE
+    assert meta["parameters"] == 11_175_370  # ResNet-18, 1 input channel, 10 classes
+    assert meta["onnxruntime_version"] == ort.__version__
+    assert meta["version"] == 2
+
+
+def test_config_parses_with_tritons_proto_and_has_the_original_values(
+    published: dict[str, Any],
+) -> None:
+    text = (published["storage"] / "models" / NAME / "config.pbtxt").read_text()
+    config = repository.parse_config(text)
+    assert config.name == NAME
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    (inp,), (out,) = config.input, config.output
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("input", 11, [1, 28, 28])  # TYPE_FP32
+    assert (out.name, out.data_type, list(out.dims)) == ("output", 11, [10])
+    (group,) = config.instance_group
+    assert (group.count, group.kind) == (2, 2)  # KIND_CPU
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert config.optimization.input_pinned_memory.enable
+    assert config.optimization.output_pinned_memory.enable
+
+
+def test_a_failed_publication_leaves_the_repository_as_it_was(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    cfg = repository.TritonConfig()
+    unwritable = {"model.onnx": b"onnx", "no-such-folder/extra": b""}
+    before = snapshot(storage / "models")
+    with repository.locked(storage, cfg.name), pytest.raises(FileNotFoundError):
+        repository.publish(storage, cfg, unwritable, {})
+    assert snapshot(storage / "models") == before
+
+    with repository.locked(storage, "fresh"), pytest.raises(FileNotFoundError):
+        repository.publish(storage, repository.TritonConfig(name="fresh"), unwritable, {})
+    assert not (storage / "models" / "fresh").exists()
+    assert not list(repository.work_dir(storage, "fresh").glob(".staging-*"))
+
+
+def test_config_options_override_each_value() -> None:
+    cfg = repository.TritonConfig(
+        name="digits",
+        max_batch_size=32,
+        instance_count=4,
+        preferred_batch_sizes=(8, 16),
+        pinned_memory=False,
+    )
+    config = repository.parse_config(repository.render_config(cfg))
+    assert (config.name, config.max_batch_size, config.instance_group[0].count) == ("digits", 32, 4)
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    assert not config.HasField("optimization")
+    with pytest.raises(ValueError, match="preferred batch sizes"):
+        repository.render_config(repository.TritonConfig(preferred_batch_sizes=(32,)))
+
+
+def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
+    path = published["storage"] / "models" / NAME / "2" / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    assert opsets == {"ai.onnx": export.OPSET}  # standard ops only: no runtime-specific ones
+    assert export.OPSET <= export.TRITON_MAX_OPSET
+    assert model.ir_version <= export.TRITON_MAX_IR_VERSION
+    assert not any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )  # one self-contained file
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"BatchNormalization", "Identity"}  # folded / removed by optimisation
+    (inp,), (out,) = model.graph.input, model.graph.output
+    in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert inp.name == "input" and isinstance(in_dims[0], str) and in_dims[1:] == [1, 28, 28]
+    assert out.name == "output" and isinstance(out_dims[0], str) and out_dims[1:] == [10]
+    assert (
+        inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 16):
+        x = np.zeros((batch, 1, 28, 28), np.float32)
+        assert session.run(["output"], {"input": x})[0].shape == (batch, 10)
+
+
+def test_parity_check_catches_a_tampered_model(published: dict[str, Any]) -> None:
+    storage = published["storage"]
+    candidate = export.load_candidate(storage / "checkpoints" / published["high"] / "model.pth")
+    images, _ = data.load(storage, "test")
+    inputs = data.normalize(images[: export.PARITY_SAMPLES])
+    model = onnx.load(str(storage / "models" / NAME / "2" / "model.onnx"))
+    assert export.check_parity(model.SerializeToString(), candidate.net, inputs) <= 1e-4
+
+    bias = next(t for t in model.graph.initializer if len(t.dims) == 1 and t.dims[0] == 10)
+    tampered = numpy_helper.to_array(bias).copy()
+    tampered[3] += 1e-3  # small enough to keep most predictions, far beyond the tolerance
+    bias.CopyFrom(numpy_helper.from_array(tampered, bias.name))
+    with pytest.raises(PipelineFailure, match="parity check failed"):
+        export.check_parity(model.SerializeToString(), candidate.net, inputs)
+
+    tampered[3] = np.nan
+    bias.CopyFrom(numpy_helper.from_array(tampered, bias.name))
+    with pytest.raises(PipelineFailure, match="parity check failed"):
+        export.check_parity(model.SerializeToString(), candidate.net, inputs)
+
+
+def test_failed_parity_publishes_nothing(published: dict[str, Any], tmp_path: Path) -> None:
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    source = storage / "checkpoints" / published["high"]
+    run = storage / "checkpoints" / "huge"
+    run.mkdir()
+    # Logits around 1e7, where float32 rounding alone separates the two runtimes by far
+    # more than 1e-4: a real model that onnxruntime cannot serve faithfully.
+    payload = torch.load(source / "model.pth", weights_only=True)
+    payload["state_dict"]["fc.weight"] *= 1e6
+    payload["state_dict"]["fc.bias"] *= 1e6
+    payload["test_accuracy"] = 0.999
+    torch.save(payload, run / "model.pth")
+    metrics = json.loads((source / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "run_id": "huge"}))
+    before = snapshot(storage / "models")
+    link_before = os.readlink(storage / "checkpoints" / "best_model.pth")
+
+    result = cli("export", "--storage", storage, "--run-id", "huge", check=1)
+    assert "parity check failed" in result.stderr
+    assert snapshot(storage / "models") == before
+    assert os.readlink(storage / "checkpoints" / "best_model.pth") == link_before
+    assert marker(storage, "huge")["status"] == "failed"
+    assert "parity" in marker(storage, "huge")["reason"]
+
+
+def test_corrupt_checkpoint_is_refused_and_repository_untouched(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    run = storage / "checkpoints" / "corrupt"
+    shutil.copytree(storage / "checkpoints" / published["high"], run)
+    (run / "model.pth").unlink()
+    (run / "model.pth").write_bytes(os.urandom(4096))
+    before = snapshot(storage / "models")
+
+    result = cli("export", "--storage", storage, "--run-id", "corrupt", check=2)
+    assert "cannot load checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(storage / "models") == before
+    assert marker(storage, "corrupt")["status"] == "failed"
+
+
+class RunsCode:
+    """What a hostile checkpoint holds: unpickling it would run a command."""
+
+    def __init__(self, witness: Path) -> None:
+        self.witness = witness
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.witness}",))
+
+
+def test_malicious_pickle_is_refused_without_running_it(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    witness = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"arch": "resnet18", "state_dict": RunsCode(witness)}, evil)
+    before = snapshot(published["storage"] / "models")
+
+    result = cli("export", "--storage", published["storage"], "--checkpoint", evil, check=2)
+    assert "weights only" in result.stderr
+    assert not witness.exists()
+    assert snapshot(published["storage"] / "models") == before
+
+
+def test_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    wrong_arch = tmp_path / "wrong_arch.pth"
+    torch.save({"arch": "resnet50", "state_dict": {}}, wrong_arch)
+    wrong_weights = tmp_path / "wrong_weights.pth"
+    torch.save(
+        {
+            "arch": "resnet18",
+            "in_channels": 1,
+            "num_classes": 10,
+            "state_dict": {"fc.weight": torch.zeros(3, 3)},
+        },
+        wrong_weights,
+    )
+    plain_tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), plain_tensor)
+    for path in (wrong_arch, wrong_weights, plain_tensor):
+        with pytest.raises(UsageError, match=str(path)):
+            export.load_candidate(path)
+
+
+def test_no_completed_run_is_a_usage_error(tmp_path: Path) -> None:
+    running = tmp_path / "checkpoints" / "busy"
+    running.mkdir(parents=True)
+    (running / "metrics.json").write_text(json.dumps({"status": "running"}))
+    result = cli("export", "--storage", tmp_path, check=2)
+    assert "no completed training run" in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_default_is_the_newest_completed_run(tmp_path: Path) -> None:
+    runs = {
+        "old": ("complete", "2026-01-01T10:00:00+00:00"),
+        "new": ("complete", "2026-01-02T09:00:00+00:00"),
+        "newer_but_failed": ("failed", "2026-01-03T09:00:00+00:00"),
+    }
+    for run_id, (status, finished_at) in runs.items():
+        (tmp_path / "checkpoints" / run_id).mkdir(parents=True)
+        (tmp_path / "checkpoints" / run_id / "metrics.json").write_text(
+            json.dumps({"status": status, "finished_at": finished_at})
+        )
+    assert export.newest_completed_run(tmp_path) == "new"
+
+
+def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_path: Path) -> None:
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline",
+                "export",
+                "--storage",
+                str(storage),
+                "--run-id",
+                run_id,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id in (trained["low"], trained["high"])
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+    outcomes = [marker(storage, run_id) for run_id in (trained["low"], trained["high"])]
+    published_versions = sorted(o["version"] for o in outcomes if o["status"] == "published")
+    model_path = storage / "models" / NAME
+    assert repository.versions(model_path) == published_versions
+    assert published_versions in ([1], [1, 2])
+    for version in published_versions:
+        meta = json.loads((model_path / str(version) / "metadata.json").read_text())
+        assert (
+            meta["sha256"]
+            == hashlib.sha256((model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
+        )
+    # Whatever the order, the high-accuracy run ends up served.
+    champion = repository.champion(model_path)
+    assert champion is not None and champion.accuracy == trained["accuracy"][trained["high"]]
