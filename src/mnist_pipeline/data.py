@@ -49,19 +49,27 @@ class IdxFile:
 
 FILES = {
     ("train", "images"): IdxFile(
-        "train-images-idx3-ubyte", IMAGE_MAGIC, 60000,
+        "train-images-idx3-ubyte",
+        IMAGE_MAGIC,
+        60000,
         "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     ),
     ("train", "labels"): IdxFile(
-        "train-labels-idx1-ubyte", LABEL_MAGIC, 60000,
+        "train-labels-idx1-ubyte",
+        LABEL_MAGIC,
+        60000,
         "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     ),
     ("test", "images"): IdxFile(
-        "t10k-images-idx3-ubyte", IMAGE_MAGIC, 10000,
+        "t10k-images-idx3-ubyte",
+        IMAGE_MAGIC,
+        10000,
         "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     ),
     ("test", "labels"): IdxFile(
-        "t10k-labels-idx1-ubyte", LABEL_MAGIC, 10000,
+        "t10k-labels-idx1-ubyte",
+        LABEL_MAGIC,
+        10000,
         "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     ),
 }
@@ -180,7 +188,9 @@ def load(storage: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         spec = FILES[(split, kind)]
         path = raw_data_dir(storage) / spec.name
         if not path.is_file():
-            raise UsageError(f"{path}: missing; run `mnist-pipeline data --storage {storage}` first")
+            raise UsageError(
+                f"{path}: missing; run `mnist-pipeline data --storage {storage}` first"
+            )
         content = path.read_bytes()
         validate(content, spec, path)
         arrays.append(np.frombuffer(content, np.uint8, offset=spec.header_size))

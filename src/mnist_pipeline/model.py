@@ -84,8 +84,11 @@ def checkpoint_payload(model: nn.Module, **info: Any) -> dict[str, Any]:
 def from_checkpoint(payload: dict[str, Any]) -> ResNet18:
     """Rebuild the model from a model.pth payload; raises ValueError if it is not ours."""
     if not isinstance(payload, dict) or payload.get("arch") != ARCH or "state_dict" not in payload:
-        raise ValueError(f"not a {ARCH} checkpoint of this project (keys: {sorted(payload)[:8]})"
-                         if isinstance(payload, dict) else "not a checkpoint dictionary")
+        raise ValueError(
+            f"not a {ARCH} checkpoint of this project (keys: {sorted(payload)[:8]})"
+            if isinstance(payload, dict)
+            else "not a checkpoint dictionary"
+        )
     model = build(int(payload["in_channels"]), int(payload["num_classes"]))
     try:
         model.load_state_dict(payload["state_dict"])

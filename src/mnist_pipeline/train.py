@@ -78,8 +78,10 @@ def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and biases: it only fights their scale.
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     if cfg.optimizer == "adamw":
@@ -154,8 +156,9 @@ class Progress:
 
 
 @torch.inference_mode()
-def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
-             ) -> tuple[float, float]:
+def evaluate(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
+) -> tuple[float, float]:
     """Mean loss and accuracy of `net` on (x, y)."""
     net.eval()
     loss_sum, correct = 0.0, 0
@@ -167,16 +170,23 @@ def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
     return loss_sum / len(x), correct / len(x)
 
 
-def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(
+    images: np.ndarray, labels: np.ndarray, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(data.normalize(images)).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
-def train(storage: Path, cfg: TrainConfig, run_id: str | None = None, device: str = "auto",
-          threads: int = 0, checkpoint_every: int = 200) -> dict[str, Any]:
+def train(
+    storage: Path,
+    cfg: TrainConfig,
+    run_id: str | None = None,
+    device: str = "auto",
+    threads: int = 0,
+    checkpoint_every: int = 200,
+) -> dict[str, Any]:
     """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete."""
     cfg.validate()
     run_id = run_id or default_run_id()
@@ -185,8 +195,11 @@ def train(storage: Path, cfg: TrainConfig, run_id: str | None = None, device: st
     if metrics_path.is_file():
         previous = read_json(metrics_path)
         if previous.get("status") == "complete":
-            log.info("run %s is already complete (test accuracy %.4f); nothing to do",
-                     run_id, previous["test_accuracy"])
+            log.info(
+                "run %s is already complete (test accuracy %.4f); nothing to do",
+                run_id,
+                previous["test_accuracy"],
+            )
             return dict(previous)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -194,12 +207,25 @@ def train(storage: Path, cfg: TrainConfig, run_id: str | None = None, device: st
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("mnist_pipeline").addHandler(file_log)
     metrics: dict[str, Any] = {
-        "run_id": run_id, "status": "running", "hyperparameters": dataclasses.asdict(cfg),
-        "history": [], "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "status": "running",
+        "hyperparameters": dataclasses.asdict(cfg),
+        "history": [],
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
-        return _train(storage, cfg, run_id, out, metrics, metrics_path, state_path,
-                      resolve_device(device), threads, checkpoint_every)
+        return _train(
+            storage,
+            cfg,
+            run_id,
+            out,
+            metrics,
+            metrics_path,
+            state_path,
+            resolve_device(device),
+            threads,
+            checkpoint_every,
+        )
     except BaseException as e:
         # A kill leaves status "running" (and resume.pth); an error says what it was.
         if not isinstance(e, KeyboardInterrupt | SystemExit):
@@ -212,9 +238,18 @@ def train(storage: Path, cfg: TrainConfig, run_id: str | None = None, device: st
         file_log.close()
 
 
-def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dict[str, Any],
-           metrics_path: Path, state_path: Path, device: torch.device, threads: int,
-           checkpoint_every: int) -> dict[str, Any]:
+def _train(
+    storage: Path,
+    cfg: TrainConfig,
+    run_id: str,
+    out: Path,
+    metrics: dict[str, Any],
+    metrics_path: Path,
+    state_path: Path,
+    device: torch.device,
+    threads: int,
+    checkpoint_every: int,
+) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(threads or available_cpus())
     torch.manual_seed(cfg.seed)
@@ -222,7 +257,10 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
     train_images, train_labels = data.load(storage, "train")
     test_images, test_labels = data.load(storage, "test")
     if cfg.limit_train:
-        train_images, train_labels = train_images[: cfg.limit_train], train_labels[: cfg.limit_train]
+        train_images, train_labels = (
+            train_images[: cfg.limit_train],
+            train_labels[: cfg.limit_train],
+        )
     x_train, y_train = to_tensors(train_images, train_labels, device, cfg.channels_last)
     x_test, y_test = to_tensors(test_images, test_labels, device, cfg.channels_last)
     n = len(x_train)
@@ -232,7 +270,7 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
 
     net = model.build().to(device)
     if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = make_optimizer(cfg, net)
     start_epoch, start_step, train_seconds = 0, 0, 0.0
     partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}
@@ -249,20 +287,37 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         train_seconds, partial = state["train_seconds"], state["partial"]
         metrics.update(history=state["history"], started_at=state["started_at"])
-        log.info("resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
-                 run_id, start_epoch + 1, start_step, steps_per_epoch, train_seconds)
+        log.info(
+            "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
+            run_id,
+            start_epoch + 1,
+            start_step,
+            steps_per_epoch,
+            train_seconds,
+        )
     else:
-        log.info("training run %s on %s: %d train images, %d test, %s", run_id,
-                 device, n, len(x_test), dataclasses.asdict(cfg))
+        log.info(
+            "training run %s on %s: %d train images, %d test, %s",
+            run_id,
+            device,
+            n,
+            len(x_test),
+            dataclasses.asdict(cfg),
+        )
     if device.type == "cpu":
         log.info("cpu threads: %d", torch.get_num_threads())
     atomic_write_json(metrics_path, metrics)
 
     def save_state(epoch: int, step_in_epoch: int) -> None:
         state = {
-            "config": dataclasses.asdict(cfg), "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "train_seconds": train_seconds, "partial": partial, "history": metrics["history"],
+            "config": dataclasses.asdict(cfg),
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "train_seconds": train_seconds,
+            "partial": partial,
+            "history": metrics["history"],
             "started_at": metrics["started_at"],
         }
         with atomic_open(state_path, "wb") as f:
@@ -289,11 +344,17 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
             partial["loss_sum"] += loss.item() * len(yb)
             partial["correct"] += int((logits.argmax(1) == yb).sum().item())
             partial["seen"] += len(yb)
-            progress.update(step + 1, f"epoch {epoch + 1}/{cfg.epochs} "
-                            f"loss {partial['loss_sum'] / partial['seen']:.4f} "
-                            f"acc {partial['correct'] / partial['seen']:.4f}")
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 \
-                    and step + 1 < steps_per_epoch:
+            progress.update(
+                step + 1,
+                f"epoch {epoch + 1}/{cfg.epochs} "
+                f"loss {partial['loss_sum'] / partial['seen']:.4f} "
+                f"acc {partial['correct'] / partial['seen']:.4f}",
+            )
+            if (
+                checkpoint_every
+                and (step + 1) % checkpoint_every == 0
+                and step + 1 < steps_per_epoch
+            ):
                 train_seconds += time.monotonic() - t0
                 t0 = time.monotonic()
                 save_state(epoch, step + 1)
@@ -307,15 +368,23 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
             "epoch": epoch + 1,
             "train_loss": partial["loss_sum"] / max(1, partial["seen"]),
             "train_accuracy": partial["correct"] / max(1, partial["seen"]),
-            "test_loss": test_loss, "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
             "train_seconds": round(epoch_seconds, 2),
             "eval_seconds": round(time.monotonic() - eval_t0, 2),
             "lr_end": optimizer.param_groups[0]["lr"],
         }
         metrics["history"].append(record)
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
-                 epoch + 1, cfg.epochs, record["train_loss"], record["train_accuracy"],
-                 test_loss, test_acc, epoch_seconds)
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
+            epoch + 1,
+            cfg.epochs,
+            record["train_loss"],
+            record["train_accuracy"],
+            test_loss,
+            test_acc,
+            epoch_seconds,
+        )
         start_step, partial = 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}
         save_state(epoch + 1, 0)
         atomic_write_json(metrics_path, metrics)
@@ -325,21 +394,34 @@ def _train(storage: Path, cfg: TrainConfig, run_id: str, out: Path, metrics: dic
     rx1, tx1 = network_bytes()
     final_acc = metrics["history"][-1]["test_accuracy"]
     payload = model.checkpoint_payload(
-        net, run_id=run_id, test_accuracy=final_acc, epochs=cfg.epochs,
+        net,
+        run_id=run_id,
+        test_accuracy=final_acc,
+        epochs=cfg.epochs,
         normalize={"mean": data.MEAN, "std": data.STD},
     )
     with atomic_open(out / "model.pth", "wb") as f:
         torch.save(payload, f)
     metrics.update(
-        status="complete", test_accuracy=final_acc, train_seconds=round(train_seconds, 2),
+        status="complete",
+        test_accuracy=final_acc,
+        train_seconds=round(train_seconds, 2),
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         network_bytes={"received": rx1 - rx0, "sent": tx1 - tx0},
         checkpoint="model.pth",
     )
     atomic_write_json(metrics_path, metrics)
     state_path.unlink(missing_ok=True)
-    log.info("network during training (non-loopback interfaces): received %d B, sent %d B",
-             rx1 - rx0, tx1 - tx0)
-    log.info("final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
-             final_acc, cfg.epochs, train_seconds, out / "model.pth")
+    log.info(
+        "network during training (non-loopback interfaces): received %d B, sent %d B",
+        rx1 - rx0,
+        tx1 - tx0,
+    )
+    log.info(
+        "final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
+        final_acc,
+        cfg.epochs,
+        train_seconds,
+        out / "model.pth",
+    )
     return metrics
