@@ -24,8 +24,8 @@ run: $(BIN)/.installed
 	$(BIN)/mnist-pipeline run --storage $(STORAGE)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
 $(CHECKOV_VENV)/bin/checkov:
