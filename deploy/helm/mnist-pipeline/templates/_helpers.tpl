@@ -154,7 +154,6 @@ automountServiceAccountToken: false
 {{- end }}
 
 {{- define "mnist-pipeline.apiTokenVolume" -}}
-{{- if .Values.waits.kubernetesApi }}
 - name: api-token
   projected:
     sources:
@@ -171,15 +170,6 @@ automountServiceAccountToken: false
             - path: namespace
               fieldRef:
                 fieldPath: metadata.namespace
-{{- end }}
-{{- end }}
-
-{{- define "mnist-pipeline.apiTokenMount" -}}
-{{- if .Values.waits.kubernetesApi }}
-- name: api-token
-  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
-  readOnly: true
-{{- end }}
 {{- end }}
 
 {{- define "mnist-pipeline.storageVolumes" -}}
@@ -220,5 +210,9 @@ automountServiceAccountToken: false
       readOnly: true
     - name: tmp
       mountPath: /tmp
-    {{- include "mnist-pipeline.apiTokenMount" $ctx | nindent 4 }}
+    {{- if $ctx.Values.waits.kubernetesApi }}
+    - name: api-token
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+    {{- end }}
 {{- end }}
