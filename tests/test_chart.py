@@ -352,6 +352,12 @@ def test_names_follow_release_and_namespace() -> None:
             assert obj["metadata"]["name"].startswith(f"{release}-mnist-pipeline")
             assert obj["metadata"]["namespace"] == namespace
             assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == release
+    # The longest release name Helm allows still gives valid names (Job names carry the
+    # revision and must stay within 63 characters, the job-name label's limit).
+    longest = "r" * 53
+    for obj in render(release=longest, revision=99999)[0]:
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        assert obj["metadata"]["name"].startswith("r" * 48)
     # The chart's own sources name no release, namespace or Service.
     for template in (CHART / "templates").rglob("*"):
         if template.is_file():

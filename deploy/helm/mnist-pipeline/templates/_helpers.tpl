@@ -5,17 +5,18 @@
 
 {{/*
 Resource name prefix: <release>-<chart>, or <release> alone when it already contains the
-chart name. 50 characters at most, so "<prefix>-export-r<revision>" stays a valid Job name.
+chart name. 48 characters at most, so "<prefix>-client-r<revision>" stays a valid Job name
+(63 characters) up to revision 99999.
 */}}
 {{- define "mnist-pipeline.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- .Release.Name | trunc 48 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
