@@ -632,12 +632,14 @@ def wait_options(f: F) -> F:
         click.option(
             "--run-id",
             envvar="RUN_ID",
+            show_envvar=True,
             required=True,
             help="The run to wait for (the chart gives each release revision its own).",
         ),
         click.option(
             "--timeout",
             envvar="WAIT_TIMEOUT",
+            show_envvar=True,
             type=click.FloatRange(min=0, min_open=True),
             default=21600,
             help="Give up (exit 1) after this many seconds.",
@@ -645,6 +647,7 @@ def wait_options(f: F) -> F:
         click.option(
             "--interval",
             envvar="WAIT_INTERVAL",
+            show_envvar=True,
             type=click.FloatRange(min=0, min_open=True),
             default=5,
             help="Seconds between looks.",
@@ -652,6 +655,7 @@ def wait_options(f: F) -> F:
         click.option(
             "--job",
             envvar="WAIT_JOB",
+            show_envvar=True,
             default=None,
             help="Kubernetes Job producing the artifact: its Failed condition fails "
             "the wait at once. Read only where the pod has a service account "
@@ -660,6 +664,7 @@ def wait_options(f: F) -> F:
         click.option(
             "--namespace",
             envvar="POD_NAMESPACE",
+            show_envvar=True,
             default=None,
             help="Namespace of --job (default: the pod's own).",
         ),
@@ -699,7 +704,7 @@ def wait_training(
 
 @wait.command("export")
 @wait_options
-@click.option("--model-name", envvar="MODEL_NAME", default="resnet18_mnist")
+@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
 @stage
 def wait_export(
     storage: Path,
@@ -719,9 +724,13 @@ def wait_export(
 
 @wait.command("serving")
 @wait_options
-@click.option("--model-name", envvar="MODEL_NAME", default="resnet18_mnist")
+@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
 @click.option(
-    "--url", envvar="TRITON_HTTP_URL", required=True, help="Triton's HTTP endpoint, HOST:PORT."
+    "--url",
+    envvar="TRITON_HTTP_URL",
+    show_envvar=True,
+    required=True,
+    help="Triton's HTTP endpoint, HOST:PORT.",
 )
 @stage
 def wait_serving(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.storage import PipelineFailure, UsageError, models_dir, run_dir
+from mnist_pipeline.storage import PipelineFailure, models_dir, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,5 @@ def serving_check(
 def make_wait(
     what: str, timeout: float, interval: float, job: str | None, namespace: str | None
 ) -> Wait:
-    if timeout <= 0 or interval <= 0:
-        raise UsageError("--timeout and --interval must be positive")
     api = KubeApi.in_cluster(namespace) if job else None
     return Wait(what, timeout=timeout, interval=interval, api=api, job=job)
