@@ -3,7 +3,9 @@
 Each container's command, args and env are taken from the rendered manifests, /storage is
 rewritten to a temporary folder and the Service address to local ports, and they run in
 the chart's order. The waits (initContainers) are started FIRST, before what they wait
-for, and must hold until their stage is done, then let it through. The tritonserver
+for, and must hold until their stage is done, then let it through. Then the same for an
+upgrade (revision 2, more training data) on the same volume: its waits ignore revision 1's
+artifacts, export publishes version 2 because it is better, and the new Triton serves it. The tritonserver
 container is mapped onto the local launcher (`mnist-pipeline serve`: the real Triton
 binary from the nvidia-pytriton wheel), with its own arguments and the rendered ports.
 """
@@ -48,10 +50,10 @@ def free_ports(n: int) -> list[int]:
 
 
 class Rehearsal:
-    def __init__(self, tmp_path: Path, objects: list[dict[str, Any]]) -> None:
-        self.storage = tmp_path / "storage"
-        self.logs = tmp_path / "logs"
-        self.logs.mkdir()
+    def __init__(self, storage: Path, logs: Path, objects: list[dict[str, Any]]) -> None:
+        self.storage = storage
+        self.logs = logs
+        self.logs.mkdir(parents=True)
         triton = pod_spec(find(objects, "Deployment", "triton"))["containers"][0]
         service = find(objects, "Service", "triton")
         local = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
@@ -64,7 +66,7 @@ class Rehearsal:
         }
         self.env = {
             "PATH": os.environ["PATH"],
-            "HOME": str(tmp_path),
+            "HOME": str(logs),
             "PYTHONPATH": str(REPO / "src"),
         }
 
@@ -115,17 +117,19 @@ def read(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def test_the_charts_command_lines_run_the_pipeline_in_order(tmp_path: Path) -> None:
-    objects, _ = render(VALUES, release="rehearsal", namespace="ml")
-    r = Rehearsal(tmp_path, objects)
+def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """One release revision, in the chart's order; return its export outcome."""
     train = pod_spec(find(objects, "Job", "train"))
     export = pod_spec(find(objects, "Job", "export"))
     triton = pod_spec(find(objects, "Deployment", "triton"))
     client = pod_spec(find(objects, "Job", "client"))
     (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
     run_id = find(objects, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
+    inference = r.storage / "inference"
+    results_before = set(inference.iterdir()) if inference.is_dir() else set()
 
-    # Every wait starts now, before anything it waits for exists.
+    # Every wait starts now, before anything it waits for exists (whatever an earlier
+    # revision left on the volume).
     (wait_training,) = export["initContainers"]
     (wait_export,) = triton["initContainers"]
     (wait_serving,) = client["initContainers"]
@@ -137,6 +141,7 @@ def test_the_charts_command_lines_run_the_pipeline_in_order(tmp_path: Path) -> N
     server = None
     try:
         for container in containers(train):  # seed-data, then train
+            assert waits["wait-for-training"].poll() is None, "export started before training"
             r.run(container, f"train-{container['name']}")
         assert read(r.storage / "checkpoints" / run_id / "metrics.json")["status"] == "complete"
         assert wait_exit(waits["wait-for-training"], 30) == 0, r.log("wait-for-training")
@@ -145,7 +150,6 @@ def test_the_charts_command_lines_run_the_pipeline_in_order(tmp_path: Path) -> N
         (export_container,) = export["containers"]
         r.run(export_container, "export")
         outcome = read(r.storage / "checkpoints" / run_id / "export.json")
-        assert outcome["status"] == "published", outcome
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
 
@@ -155,15 +159,15 @@ def test_the_charts_command_lines_run_the_pipeline_in_order(tmp_path: Path) -> N
 
         (infer,) = client["containers"]
         r.run(infer, "client")
-        (result,) = (r.storage / "inference").iterdir()
+        (result,) = set(inference.iterdir()) - results_before
         latency = read(result / "latency.json")
         assert latency["count"] == VALUES["client"]["requests"]
         assert len(read_samples(result)) == 10
-        assert latency["model_version_served"] in (outcome["version"], str(outcome["version"]))
+        assert latency["model_version_served"] == str(outcome["version"])
 
         # `helm test`: the hook Pod's command line against the same Service.
         r.run(helm_test["spec"]["containers"][0], "helm-test")
-        assert len(list((r.storage / "inference").iterdir())) == 2
+        assert len(set(inference.iterdir()) - results_before) == 2
     finally:
         for process in waits.values():
             if process.poll() is None:
@@ -175,6 +179,28 @@ def test_the_charts_command_lines_run_the_pipeline_in_order(tmp_path: Path) -> N
             except subprocess.TimeoutExpired:
                 server.kill()
     assert server.returncode == 0, r.log("tritonserver")
+    return outcome
+
+
+def test_install_then_upgrade_run_from_the_charts_command_lines(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    install, _ = render(VALUES, release="rehearsal", namespace="ml")
+    first = rehearse(Rehearsal(storage, tmp_path / "r1", install), install)
+    assert first["status"] == "published" and first["version"] == 1, first
+
+    # helm upgrade with more training data: a new run, trained, exported as version 2 since
+    # it is better, and the new Triton serves it.
+    more_data = {
+        **VALUES,
+        "training": {**VALUES["training"], "extraEnv": [{"name": "LIMIT_TRAIN", "value": "1536"}]},
+    }
+    upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
+    second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade), upgrade)
+    assert second["status"] == "published" and second["version"] == 2, second
+    assert sorted(p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()) == sorted(
+        find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
+        for o in (install, upgrade)
+    )
 
 
 def read_samples(folder: Path) -> list[Any]:
@@ -186,7 +212,7 @@ def test_a_second_revision_waits_for_its_own_run_not_the_first(tmp_path: Path) -
     """An upgrade's waits ignore the complete artifacts of the revision before it."""
     first, _ = render(VALUES, release="rehearsal", namespace="ml")
     second, _ = render(VALUES, release="rehearsal", namespace="ml", revision=2)
-    r = Rehearsal(tmp_path, first)
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first)
     first_run = find(first, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     done = r.storage / "checkpoints" / first_run
     done.mkdir(parents=True)
