@@ -2,12 +2,14 @@
 
 Each container's command, args and env are taken from the rendered manifests, /storage is
 rewritten to a temporary folder and the Service address to local ports, and they run in
-the chart's order. The waits (initContainers) are started FIRST, before what they wait
-for, and must hold until their stage is done, then let it through. Then the same for an
-upgrade (revision 2, more training data) on the same volume: its waits ignore revision 1's
-artifacts, export publishes version 2 because it is better, and the new Triton serves it. The tritonserver
-container is mapped onto the local launcher (`mnist-pipeline serve`: the real Triton
-binary from the nvidia-pytriton wheel), with its own arguments and the rendered ports.
+the chart's order. The tritonserver container is mapped onto the local launcher
+(`mnist-pipeline serve`: the real Triton binary from the nvidia-pytriton wheel), with its
+own arguments and the rendered ports. The waits (initContainers) are started FIRST, before
+what they wait for, and must hold until their stage is done, then let it through.
+
+Then the same for an upgrade (revision 2, more training data) on the same volume: its
+waits ignore revision 1's artifacts, export publishes version 2 because it is better, and
+the new Triton serves it.
 """
 
 from __future__ import annotations
