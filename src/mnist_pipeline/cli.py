@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,11 @@ def stage(f: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM (a pod stopped, `kill`) unwind like Ctrl-C: servers stop, results are kept."""
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -282,6 +288,7 @@ def server_options(f: F) -> F:
     envvar="TRITON_LOG_VERBOSE",
     type=click.IntRange(min=0),
     default=0,
+    show_envvar=True,
     help="Triton's own log verbosity.",
 )
 @stage
@@ -328,7 +335,11 @@ def client_options(f: F) -> F:
     for option in reversed(
         [
             click.option(
-                "--model-name", envvar="MODEL_NAME", default=d.model_name, show_envvar=True
+                "--model-name",
+                envvar="MODEL_NAME",
+                default=d.model_name,
+                show_envvar=True,
+                help="Model to query (and, for run, to export).",
             ),
             click.option(
                 "--model-version",
@@ -424,17 +435,19 @@ def infer(url: str, storage: Path, **options: Any) -> None:
     """
     from mnist_pipeline import client
 
+    unwind_on_sigterm()
     client.infer(storage, client.InferConfig(url=url, **options))
 
 
 @cli.command()
 @storage_option
-@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1)
+@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1, show_envvar=True)
 @click.option(
     "--limit-train",
     envvar="LIMIT_TRAIN",
     type=click.IntRange(min=0),
     default=0,
+    show_envvar=True,
     help="Train on the first N images only (0: all 60000), for quick runs.",
 )
 @server_options
@@ -464,9 +477,12 @@ def run(
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
     from mnist_pipeline.repository import TritonConfig
-    from mnist_pipeline.serve import LocalTriton
+    from mnist_pipeline.serve import LocalTriton, check_port_free
     from mnist_pipeline.storage import models_dir
 
+    unwind_on_sigterm()
+    for port in (http_port, grpc_port, metrics_port):
+        check_port_free(host, port)  # before minutes of training, not after
     place(storage)
     run_id = train_stage.default_run_id()
     metrics = train_stage.train(

@@ -73,7 +73,7 @@ class ModelInfo:
     max_batch_size: int
 
 
-def _grpc() -> Any:
+def grpc_module() -> Any:
     try:
         import tritonclient.grpc as grpcclient
     except ImportError as e:
@@ -135,9 +135,14 @@ def _missing_model_message(client: Any, cfg: InferConfig, call_timeout: float) -
 
 
 def read_model_info(client: Any, cfg: InferConfig) -> ModelInfo:
-    config = client.get_model_config(
-        cfg.model_name, cfg.model_version, as_json=True, client_timeout=cfg.request_timeout
-    )["config"]
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        config = client.get_model_config(
+            cfg.model_name, cfg.model_version, as_json=True, client_timeout=cfg.request_timeout
+        )["config"]
+    except InferenceServerException as e:
+        raise PipelineFailure(f"cannot read the config of model {cfg.model_name}: {e}") from e
     if len(config.get("input", [])) != 1 or not config.get("output"):
         raise PipelineFailure(
             f"model {cfg.model_name}: expected one input and an output, config has "
@@ -193,7 +198,10 @@ class Driver:
         self, cfg: InferConfig, info: ModelInfo, x: np.ndarray, labels: np.ndarray
     ) -> None:
         self.cfg, self.info, self.x, self.labels = cfg, info, x, labels
-        self.grpc = _grpc()
+        self.grpc = grpc_module()
+        from tritonclient.utils import triton_to_np_dtype
+
+        self.dtype = triton_to_np_dtype(info.input_datatype)
         self.clients = [self.grpc.InferenceServerClient(cfg.url) for _ in range(cfg.concurrency)]
         self.lock = threading.Lock()
         self.latencies_ms: list[float] = []
@@ -202,6 +210,8 @@ class Driver:
         self.served_versions: set[str] = set()
         self.outputs: dict[int, np.ndarray] = {}  # test index → logits, for the samples
         self.next_request = 0
+        self.stop = threading.Event()
+        self.started = time.perf_counter()
 
     def close(self) -> None:
         for client in self.clients:
@@ -213,9 +223,8 @@ class Driver:
         return np.arange(request * b, request * b + b) % len(self.x)
 
     def _send(self, client: Any, idx: np.ndarray) -> tuple[float, np.ndarray, str]:
-        batch = self.x[idx].reshape(
-            ((len(idx),) if self.info.max_batch_size > 0 else ()) + self.info.input_dims
-        )
+        shape = ((len(idx),) if self.info.max_batch_size > 0 else ()) + self.info.input_dims
+        batch = self.x[idx].reshape(shape).astype(self.dtype, copy=False)
         tensor = self.grpc.InferInput(
             self.info.input_name, list(batch.shape), self.info.input_datatype
         )
@@ -233,12 +242,11 @@ class Driver:
         logits = result.as_numpy(self.info.output_name).reshape(len(idx), -1)
         return elapsed_ms, logits, result.get_response().model_version
 
-    def drive(self, count: int, first_request: int, record: bool) -> float:
-        """Send `count` requests; return the wall time. Stops at the first error."""
-        stop = threading.Event()
+    def drive(self, count: int, record: bool) -> float:
+        """Send requests 0 … count-1; return the wall time. Stops at the first error."""
+        stop = self.stop = threading.Event()
         deadline = time.monotonic() + self.cfg.max_seconds
-        self.next_request = first_request
-        end = first_request + count
+        self.next_request, end = 0, count
 
         def worker(client: Any) -> None:
             while not stop.is_set():
@@ -260,12 +268,12 @@ class Driver:
                     self._record(idx, elapsed_ms, logits, version)
 
         threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in self.clients]
-        t0 = time.perf_counter()
+        self.started = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return time.perf_counter() - t0
+        return time.perf_counter() - self.started
 
     def _fail(self, reason: str, stop: threading.Event) -> None:
         with self.lock:
@@ -343,7 +351,7 @@ def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
 
 
 def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
-    grpc = _grpc()
+    grpc = grpc_module()
     report: dict[str, Any] = {
         "status": "failed",
         "url": cfg.url,
@@ -387,13 +395,19 @@ def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> di
         raise UsageError(problem)
 
     driver = Driver(cfg, info, x, labels)
+    wall_s = 0.0
     try:
         warmup = cfg.warmup and max(cfg.warmup, cfg.concurrency)  # every connection warmed
         if warmup:
-            driver.drive(warmup, first_request=0, record=False)
-        wall_s = 0.0
+            driver.drive(warmup, record=False)
         if not driver.errors:
-            wall_s = driver.drive(cfg.requests, first_request=0, record=True)
+            wall_s = driver.drive(cfg.requests, record=True)
+    except BaseException as e:  # Ctrl-C or SIGTERM: keep what was measured
+        driver.stop.set()
+        wall_s = time.perf_counter() - driver.started
+        kind = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e))
+        finish(kind or f"{type(e).__name__}: {e}", driver, wall_s)
+        raise
     finally:
         driver.close()
     if driver.errors:

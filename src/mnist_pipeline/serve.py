@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import importlib.util
 import logging
 import math
@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -207,16 +208,19 @@ def server_env(dist: TritonDist) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
     """In the child before exec: its own process group, and SIGTERM when the parent dies."""
     os.setpgid(0, 0)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def check_port_free(host: str, port: int) -> None:
     # Without this, a server already on the port would answer our readiness probe.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do, so that connections of a server just stopped do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -333,8 +337,11 @@ class LocalTriton:
                 stderr=subprocess.STDOUT,
                 env=server_env(dist),
                 cwd=self.workdir,
-                # preexec_fn is unsafe only with threads holding locks; none do here.
-                preexec_fn=_die_with_parent,
+                # preexec_fn only makes two system calls: safe even with threads running.
+                # libc is looked up here, in the parent: lookups are not fork-safe.
+                preexec_fn=functools.partial(
+                    _die_with_parent, ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+                ),
             )
 
     def is_ready(self) -> bool:
@@ -396,8 +403,8 @@ class LocalTriton:
             self.workdir = None
 
     def __enter__(self) -> LocalTriton:
-        self.start()
         try:
+            self.start()
             self.wait_ready()
         except BaseException:
             self.stop()
