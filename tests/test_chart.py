@@ -394,3 +394,18 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     service = find(default, "Service", "triton")
     assert c["args"][0] == "infer"
     assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
+
+
+def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
+    archive = Path(helm_python.package(str(CHART), destination=tmp_path))
+    assert archive.name == "mnist-pipeline-0.1.0.tgz"
+    with helm_python.Chart.load(str(archive)) as chart:
+        files = chart.render({}, name="demo", namespace="ml")
+    kinds = sorted(
+        doc["kind"]
+        for path, text in files.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    )
+    assert kinds == sorted(o["kind"] for o in render()[0])
