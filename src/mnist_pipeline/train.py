@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mnist_pipeline.storage import (
     UsageError,
     atomic_open,
     atomic_write_json,
+    available_cpus,
     read_json,
     run_dir,
 )
@@ -88,18 +88,6 @@ def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(net.parameters(), lr=cfg.lr)
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a pod's limit)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
 
 
 def resolve_device(name: str) -> torch.device:
