@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common import load_average
 from mnist_pipeline.train import TrainConfig, train
 
@@ -37,9 +39,9 @@ def run_recipe(
     training images; the figures: images/s, final accuracy, time to each target."""
     eval_every = max(1, eval_images // cfg.batch_size)
     load_before = load_average()
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     metrics = train(storage, cfg, run_id=name, checkpoint_every=0, eval_every=eval_every)
-    wall_s = time.monotonic() - t0
+    wall_s, cpu_s = time.monotonic() - t0, time.process_time() - cpu0
     images = cfg.epochs * epoch_images(cfg)
     return {
         "name": name,
@@ -48,6 +50,11 @@ def run_recipe(
         "train_images_seen": images,
         "train_seconds": metrics["train_seconds"],
         "wall_seconds": round(wall_s, 2),
+        # CPU seconds this process got per wall second, out of `threads`: below the thread
+        # count, other processes were using the cores.
+        "cpu_seconds": round(cpu_s, 2),
+        "threads": torch.get_num_threads(),
+        "cpu_share": cpu_s / wall_s / torch.get_num_threads(),
         "images_per_s": images / metrics["train_seconds"],
         "test_accuracy": metrics["test_accuracy"],
         "test_images": cfg.limit_test or 10000,

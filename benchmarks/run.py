@@ -72,7 +72,7 @@ def settings(args: argparse.Namespace) -> Settings:
         args.limit_test,
         6400,
         args.stretch,
-        args.requests or 400,
+        args.requests or 1000,
         args.repeats or 3,
     )
 
