@@ -155,10 +155,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _load(section: dict[str, Any]) -> str:
-    def fmt(load: list[float]) -> str:
-        return " / ".join(f"{x:.2f}" for x in load)
+def _fmt_load(load: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in load)
 
+
+def _load(section: dict[str, Any]) -> str:
+    fmt = _fmt_load
     before, after = section["load_average_before"], section["load_average_after"]
     return f"Load average (1/5/15 min): {fmt(before)} before, {fmt(after)} after"
 
@@ -352,7 +354,8 @@ def machine_table(results: dict[str, Any]) -> str:
         ["torch threads (training)", str(m["torch_threads"])],
         [
             "load average (1/5/15 min)",
-            f"{m['load_average_start']} at start, {m['load_average_end']} at end",
+            f"{_fmt_load(m['load_average_start'])} at start, "
+            f"{_fmt_load(m['load_average_end'])} at end",
         ],
         [
             "Python / torch / onnxruntime / numpy",
@@ -377,7 +380,7 @@ section, and the absolute figures move with it.
 ## Machine
 
 {machine}
-
+{notes}
 ## Targets
 
 {targets}
@@ -396,6 +399,8 @@ implementation's (Adam lr 1e-3 constant, batch 64, no smoothing, no decay).
 {training}
 
 ![Test accuracy against training time](benchmarks/{accuracy_png})
+
+{training_analysis}
 
 ## Export
 
@@ -438,6 +443,22 @@ Triton's statistics at concurrency 1, mean milliseconds per request.
 {breakdown}
 
 {analysis}
+
+**Profile.** `benchmarks/profile_serving.py` records py-spy stacks of the client and of
+both python-backend stubs during sequential serving (run once by hand on 2026-11-24
+under a similar load; not part of every run). In the stubs, of the samples with Python
+on the stack, 91–93% are inside onnxruntime's `Session.run`, and the model's own Python
+glue (gathering the batch's tensors, `np.concatenate`, building the responses) is 5–7%;
+55–60% of all samples have no Python frame at all: the stub waiting on Triton's
+shared-memory message queue for the next request. In the client, 72% of samples are
+inside grpc's blocking unary call (waiting for the answer) and about a quarter in the
+client's own Python (building `InferInput`, decoding `as_numpy`, bookkeeping). So the
+served overhead is not Python work in the backend but the hops themselves: client →
+gRPC → Triton → shared memory → stub → back, each waking a thread on a 2-core machine
+that other processes also want, plus each instance running onnxruntime on
+{instance_threads} thread(s) where the in-process run may use all cores. The real
+deployment's onnxruntime backend runs the session inside the Triton process and
+removes the stub hop.
 """
 
 
@@ -449,6 +470,7 @@ def markdown(results: dict[str, Any]) -> str:
         repeats=serving["repeats"],
         requests=serving["requests"],
         machine=machine_table(results),
+        notes="".join(f"\n- {note}\n" for note in results.get("notes", [])),
         targets=targets_table(results),
         eval_images=results["settings"]["eval_images"],
         training_load="; ".join(
@@ -456,6 +478,7 @@ def markdown(results: dict[str, Any]) -> str:
             for run in results["training"]["runs"]
         ),
         training=training_table(results),
+        training_analysis=training_analysis(results),
         accuracy_png=PLOTS["accuracy"],
         export_threads=results["export"]["threads"],
         export_load=_load(results["export"]),
@@ -470,6 +493,23 @@ def markdown(results: dict[str, Any]) -> str:
         throughput_png=PLOTS["throughput"],
         breakdown=breakdown_table(results),
         analysis=analysis_text(results),
+    )
+
+
+def training_analysis(results: dict[str, Any]) -> str:
+    """What limited training speed: the CPU the process actually got."""
+    default = next(r for r in results["training"]["runs"] if r["name"] == "default")
+    if default["cpu_share"] <= 0:
+        return ""
+    whole = default["images_per_s"] / default["cpu_share"]
+    return (
+        f"**What limits training here.** The default run got {default['cpu_share']:.0%} "
+        f"of its {default['threads']} threads' CPU time (the rest went to other processes "
+        f"on this shared machine; load averages above). Its {default['images_per_s']:.0f} "
+        f"images/s would be about {whole:.0f} images/s with the cores to itself "
+        f"(images/s ÷ CPU share, assuming speed scales with CPU time), i.e. one epoch of "
+        f"{default['train_images_seen']} images in about "
+        f"{default['train_images_seen'] / whole:.0f} s: an estimate, not a measurement."
     )
 
 
