@@ -509,7 +509,10 @@ def training_analysis(results: dict[str, Any]) -> str:
         f"images/s would be about {whole:.0f} images/s with the cores to itself "
         f"(images/s ÷ CPU share, assuming speed scales with CPU time), i.e. one epoch of "
         f"{default['train_images_seen']} images in about "
-        f"{default['train_images_seen'] / whole:.0f} s: an estimate, not a measurement."
+        f"{default['train_images_seen'] / whole:.0f} s: an estimate, not a measurement, "
+        "and likely below the idle speed: torch's threads meet at every operator, so a "
+        "thread that loses its core stalls the other, and a loaded run's speed falls "
+        "faster than its CPU share."
     )
 
 
