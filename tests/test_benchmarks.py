@@ -58,6 +58,7 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
     assert runs["original"]["config"]["batch_size"] == 64
     for run in runs.values():
         assert number(run["images_per_s"]) and number(run["train_seconds"])
+        assert 0 < run["cpu_share"] <= 1.5  # CPU time per wall second per thread
         assert 0 <= run["test_accuracy"] <= 1
         assert len(run["evals"]) >= 2
         seconds = [e["train_seconds"] for e in run["evals"]]
