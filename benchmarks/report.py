@@ -104,7 +104,7 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center right" if ax is left else "upper left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.01, 0.88 if ax is left else 0.99))
     left.set_title("Throughput vs concurrency", fontsize=10)
     right.set_title("p99 latency vs concurrency", fontsize=10)
     fig.suptitle(_subtitle(results), fontsize=9)
