@@ -28,6 +28,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
+# The benchmark suite (several minutes): docs/BENCHMARKS.md, docs/benchmarks/*.png and
+# results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
+BENCH_ARGS ?= --out docs
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,16 +28,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mnist_pipeline import client, data
+from common import free_ports, median_of, percentiles
+from mnist_pipeline import client, data, repository
 from mnist_pipeline.serve import LocalTriton, available_cpus
 from mnist_pipeline.storage import models_dir
 
 MODEL = "resnet18_mnist"
-
-
-def percentiles(latencies_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(latencies_ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
 def session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -50,10 +44,10 @@ def session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def inprocess_latency(
+def inprocess_latencies(
     sess: ort.InferenceSession, x: np.ndarray, requests: int, warmup: int = 20
-) -> dict[str, float]:
-    """Batch-1 latency of session.run, image after image."""
+) -> list[float]:
+    """Batch-1 latencies (ms) of session.run, image after image."""
     latencies = []
     for i in range(warmup + requests):
         image = x[i % len(x)][None]
@@ -61,7 +55,13 @@ def inprocess_latency(
         sess.run(["output"], {"input": image})
         if i >= warmup:
             latencies.append((time.perf_counter() - t0) * 1000)
-    return percentiles(latencies)
+    return latencies
+
+
+def inprocess_latency(
+    sess: ort.InferenceSession, x: np.ndarray, requests: int, warmup: int = 20
+) -> dict[str, float]:
+    return percentiles(inprocess_latencies(sess, x, requests, warmup))
 
 
 def inprocess_throughput(
@@ -76,7 +76,7 @@ def inprocess_throughput(
     return {"images_per_s": batches * batch_size / (time.perf_counter() - t0)}
 
 
-def served(
+def served_latencies(
     url: str,
     model: str,
     x: np.ndarray,
@@ -84,8 +84,9 @@ def served(
     requests: int,
     concurrency: int,
     warmup: int = 20,
-) -> dict[str, float]:
-    """Batch-1 requests over gRPC at `concurrency`, through the pipeline's own client."""
+) -> tuple[list[float], float]:
+    """Batch-1 requests over gRPC at `concurrency`, through the pipeline's own client:
+    the latencies (ms) and the images/s."""
     cfg = client.InferConfig(
         url=url, model_name=model, requests=requests, concurrency=concurrency, warmup=warmup
     )
@@ -103,12 +104,83 @@ def served(
         driver.close()
     if driver.errors:
         raise RuntimeError(driver.errors[0])
-    return {**percentiles(driver.latencies_ms), "images_per_s": driver.images / wall_s}
+    return driver.latencies_ms, driver.images / wall_s
 
 
-def median_of(repeats: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
-    rounds = [measure() for _ in range(repeats)]
-    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+def served(
+    url: str,
+    model: str,
+    x: np.ndarray,
+    labels: np.ndarray,
+    requests: int,
+    concurrency: int,
+    warmup: int = 20,
+) -> dict[str, float]:
+    latencies, images_per_s = served_latencies(url, model, x, labels, requests, concurrency, warmup)
+    return {**percentiles(latencies), "images_per_s": images_per_s}
+
+
+def inference_statistics(url: str, model: str) -> dict[str, Any]:
+    """Triton's cumulative statistics for `model`: per executed batch size, how many
+    executions; per request, total nanoseconds of queueing, input, inference, output."""
+    grpc = client.grpc_module().InferenceServerClient(url)
+    try:
+        stats = grpc.get_inference_statistics(model, as_json=True)
+    finally:
+        grpc.close()
+    batches: dict[int, int] = {}
+    requests = 0
+    ns = dict.fromkeys(("success", "queue", "compute_input", "compute_infer", "compute_output"), 0)
+    for version in stats.get("model_stats", []):
+        for b in version.get("batch_stats", []):
+            size = int(b["batch_size"])
+            batches[size] = batches.get(size, 0) + int(b["compute_infer"]["count"])
+        inference = version.get("inference_stats", {})
+        requests += int(inference.get("success", {}).get("count", 0))
+        for key in ns:
+            ns[key] += int(inference.get(key, {}).get("ns", 0))
+    return {"batches": batches, "requests": requests, "ns": ns}
+
+
+def statistics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the server did between two inference_statistics snapshots: executions by
+    batch size, and the mean milliseconds per request of each phase."""
+    batches = {
+        size: count - before["batches"].get(size, 0)
+        for size, count in sorted(after["batches"].items())
+        if count - before["batches"].get(size, 0) > 0
+    }
+    requests = after["requests"] - before["requests"]
+    mean_ms = {
+        f"{key}_ms": (after["ns"][key] - before["ns"][key]) / max(1, requests) / 1e6
+        for key in after["ns"]
+    }
+    executions = sum(batches.values())
+    return {
+        "executed_batch_sizes": {str(k): v for k, v in batches.items()},
+        "requests": requests,
+        "executions": executions,
+        "mean_batch_size": requests / executions if executions else 0.0,
+        "server_mean_per_request": mean_ms,
+    }
+
+
+def without_dynamic_batching(source: Path, dest: Path) -> Path:
+    """A copy of the model repository `source` whose configs drop dynamic_batching
+    (each request then runs alone); the ONNX files are linked, not copied."""
+    from google.protobuf import text_format
+
+    for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
+        config = repository.parse_config((model_dir / repository.CONFIG_FILE).read_text())
+        config.ClearField("dynamic_batching")
+        out = dest / model_dir.name
+        out.mkdir(parents=True)
+        (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
+        for version in repository.versions(model_dir):
+            (out / str(version)).mkdir()
+            for f in (model_dir / str(version)).iterdir():
+                (out / str(version) / f.name).symlink_to(f.resolve())
+    return dest
 
 
 def run_benchmark(
@@ -197,16 +269,6 @@ def table(results: dict[str, Any]) -> str:
         f"(aim >= 50%: {'met' if aims['throughput_at_least_half'] else 'missed'})"
     )
     return "\n".join(lines)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,17 +160,8 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(levels[name])
 
 
-def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
-    """Export with a dynamic batch dimension, then optimise portably for inference.
-
-    torch's ONNX optimiser folds BatchNorm into the preceding Conv, folds constants and
-    drops identities; onnxslim then removes whatever dead or redundant nodes remain.
-    Both rewrite the graph in standard ONNX ops only, unlike onnxruntime's ORT_ENABLE_ALL,
-    whose saved models carry layouts specific to the exporting machine's CPU.
-    """
-    import onnx
-    import onnxslim
-
+def torch_export(net: torch.nn.Module, opset: int = OPSET) -> Any:
+    """torch.onnx.export's program with a dynamic batch dimension, not yet optimised."""
     example = torch.zeros(2, 1, data.ROWS, data.COLS)
     with _quiet_exporter():
         try:
@@ -188,8 +179,24 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
             )
         except Exception as e:  # the exporter raises many kinds; the stage reports one failure
             raise PipelineFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
-        assert program is not None
-        nodes_exported = len(program.model_proto.graph.node)
+    assert program is not None
+    return program
+
+
+def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
+    """Export with a dynamic batch dimension, then optimise portably for inference.
+
+    torch's ONNX optimiser folds BatchNorm into the preceding Conv, folds constants and
+    drops identities; onnxslim then removes whatever dead or redundant nodes remain.
+    Both rewrite the graph in standard ONNX ops only, unlike onnxruntime's ORT_ENABLE_ALL,
+    whose saved models carry layouts specific to the exporting machine's CPU.
+    """
+    import onnx
+    import onnxslim
+
+    program = torch_export(net, opset)
+    nodes_exported = len(program.model_proto.graph.node)
+    with _quiet_exporter():
         program.optimize()
         optimised = onnxslim.slim(program.model_proto)
     onnx.checker.check_model(optimised, full_check=True)

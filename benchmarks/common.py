@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark suite: percentiles, medians of repeats, ports, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(latencies_ms)
+    return {f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)}
+
+
+def median_of(repeats: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Each key's median over `repeats` rounds of `measure`."""
+    rounds = [measure() for _ in range(repeats)]
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def free_ports(n: int) -> list[int]:
+    """n loopback ports nobody listens on now."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages: how busy the (shared) machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (Triton's version is added once a server answers)."""
+    import onnxruntime
+    import torch
+
+    from mnist_pipeline.serve import available_cpus
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": available_cpus(),
+        "torch_threads": available_cpus(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "load_average_start": load_average(),
+    }

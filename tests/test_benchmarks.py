@@ -1,0 +1,112 @@
+"""The benchmark suite runs end to end in quick mode and writes well-formed outputs.
+
+Timings are never asserted: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=out,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    results = json.loads((out / "benchmarks" / "results.json").read_text())
+    assert results["mode"] == "quick"
+    machine = results["machine"]
+    for key in ("cpu_model", "torch", "onnxruntime", "tritonserver", "date"):
+        assert isinstance(machine[key], str) and machine[key]
+    assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+
+    runs = {run["name"]: run for run in results["training"]["runs"]}
+    assert set(runs) == {"default", "original"}
+    assert runs["original"]["config"]["optimizer"] == "adam"
+    assert runs["original"]["config"]["batch_size"] == 64
+    for run in runs.values():
+        assert number(run["images_per_s"]) and number(run["train_seconds"])
+        assert 0 < run["cpu_share"] <= 1.5  # CPU time per wall second per thread
+        assert 0 <= run["test_accuracy"] <= 1
+        assert len(run["evals"]) >= 2
+        seconds = [e["train_seconds"] for e in run["evals"]]
+        assert seconds == sorted(seconds)
+        assert set(run["time_to_accuracy_s"]) == {"0.99", "0.995"}
+
+    unoptimised, optimised = results["export"]["rows"]
+    assert optimised["nodes"] < unoptimised["nodes"]
+    for row in (unoptimised, optimised):
+        for key in ("bytes", "p50_ms", "p99_ms", "images_per_s"):
+            assert number(row[key]), key
+
+    serving = results["serving"]
+    assert {r["threads"] for r in serving["inprocess"]} >= {1}
+    for row in serving["inprocess"]:
+        assert number(row["p50_ms"]) and number(row["batch16_images_per_s"])
+        assert len(row["latencies_ms"]) == results["settings"]["requests"]
+    assert set(serving["servers"]) == {"batching_on", "batching_off"}
+    assert serving["servers"]["batching_on"]["dynamic_batching"] is not None
+    assert serving["servers"]["batching_off"]["dynamic_batching"] is None
+    for server in serving["servers"].values():
+        assert [c["concurrency"] for c in server["concurrency"]] == [1, 2, 4, 8, 16]
+        for level in server["concurrency"]:
+            assert number(level["images_per_s"]) and number(level["p99_ms"])
+            executed = {int(k): v for k, v in level["executed_batch_sizes"].items()}
+            # Triton's own count: every request ran, in batches no larger than max_batch_size.
+            assert sum(size * n for size, n in executed.items()) == level["requests"]
+            assert all(1 <= size <= 16 for size in executed)
+    off = serving["servers"]["batching_off"]["concurrency"]
+    assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
+    assert len(results["targets"]) >= 3
+    assert all(isinstance(t["met"], bool) for t in results["targets"])
+
+
+@pytest.mark.slow
+def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    doc = (out / "BENCHMARKS.md").read_text()
+    for name in ("serving-latency.png", "serving-throughput.png", "training-accuracy.png"):
+        png = out / "benchmarks" / name
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert png.stat().st_size > 10_000
+        assert f"](benchmarks/{name})" in doc
+    for heading in ("## Machine", "## Targets", "## Training", "## Export", "## Serving"):
+        assert heading in doc
+    table_rows = [line for line in doc.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| default |") for line in table_rows)
+    assert any(line.startswith("| original |") for line in table_rows)
+    assert any(line.startswith("| 8 |") for line in table_rows)
+    assert "{" not in doc  # every template field filled
+    assert "met" in stdout
