@@ -1,4 +1,9 @@
-"""Shared fixtures: real MNIST placed once per session, fresh storage folders per test."""
+"""Shared fixtures: real MNIST placed once per session, fresh storage folders per test;
+for the serving tests, one real pipeline run and one real local Triton.
+
+Training and server starts are what cost time on 2 cores, so they happen once per
+session; every server started here is stopped by a finaliser, also when a test fails.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mnist_pipeline import data
+from mnist_pipeline.serve import LocalTriton
+from serving_helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_SOURCE = REPO / "data" / "mnist"
@@ -49,3 +58,87 @@ def storage(tmp_path: Path, mnist_storage: Path) -> Path:
     root = tmp_path / "storage"
     shutil.copytree(mnist_storage / "data", root / "data")
     return root
+
+
+MODEL = "resnet18_mnist"
+# Trains in seconds and still scores well above 80% on the test set.
+LIMIT_TRAIN = "5000"
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    storage: Path
+    result: subprocess.CompletedProcess[str]
+    grpc_port: int
+    inference: Path  # the folder its client wrote
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """`mnist-pipeline run` end to end on a small training subset, on free ports."""
+    storage = tmp_path_factory.mktemp("pipeline") / "storage"
+    http, grpc, metrics = free_ports(3)
+    env = {
+        **os.environ,
+        "HTTP_PORT": str(http),
+        "GRPC_PORT": str(grpc),
+        "METRICS_PORT": str(metrics),
+    }
+    result = cli(
+        "run",
+        "--storage",
+        str(storage),
+        "--limit-train",
+        LIMIT_TRAIN,
+        "--requests",
+        "100",
+        "--concurrency",
+        "2",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (inference,) = list((storage / "inference").iterdir())
+    return PipelineRun(storage, result, grpc, inference)
+
+
+@pytest.fixture(scope="session")
+def onnx_path(pipeline: PipelineRun) -> Path:
+    return pipeline.storage / "models" / MODEL / "1" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def test_repository(
+    tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun, onnx_path: Path
+) -> Path:
+    """The exported model, plus `broken_flat`: the same ONNX behind a config that
+    declares a flat [784] input, so that every request fails inside the model."""
+    repo = tmp_path_factory.mktemp("repository")
+    shutil.copytree(pipeline.storage / "models" / MODEL, repo / MODEL, symlinks=True)
+    broken = repo / "broken_flat"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").symlink_to(onnx_path)
+    config = (repo / MODEL / "config.pbtxt").read_text()
+    (broken / "config.pbtxt").write_text(
+        config.replace(f'name: "{MODEL}"', 'name: "broken_flat"')
+        .replace("dims: [ 1, 28, 28 ]", "dims: [ 784 ]")
+        .replace("count: 2", "count: 1")
+    )
+    assert 'name: "broken_flat"' in (broken / "config.pbtxt").read_text()
+    assert "dims: [ 784 ]" in (broken / "config.pbtxt").read_text()
+    return repo
+
+
+@pytest.fixture(scope="session")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, test_repository: Path
+) -> Iterator[LocalTriton]:
+    http, grpc, metrics = free_ports(3)
+    server = LocalTriton(
+        test_repository,
+        workdir=tmp_path_factory.mktemp("triton"),
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+    )
+    with server:
+        yield server

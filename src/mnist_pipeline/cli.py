@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,11 @@ def stage(f: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM (a pod stopped, `kill`) unwind like Ctrl-C: servers stop, results are kept."""
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -217,14 +223,320 @@ def train(
     )
 
 
+def port_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        envvar=envvar,
+        type=click.IntRange(1, 65535),
+        default=default,
+        show_envvar=True,
+        help=f"Port of Triton's {what} endpoint.",
+    )
+
+
+def server_options(f: F) -> F:
+    from mnist_pipeline.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
+    for option in reversed(
+        [
+            click.option(
+                "--host",
+                envvar="TRITON_HOST",
+                default="127.0.0.1",
+                show_envvar=True,
+                help="Address the server binds to (0.0.0.0 to serve other machines).",
+            ),
+            port_option("--grpc-port", "GRPC_PORT", DEFAULT_GRPC_PORT, "gRPC"),
+            port_option("--http-port", "HTTP_PORT", DEFAULT_HTTP_PORT, "HTTP"),
+            port_option(
+                "--metrics-port", "METRICS_PORT", DEFAULT_METRICS_PORT, "Prometheus metrics"
+            ),
+            click.option(
+                "--ready-timeout",
+                envvar="READY_TIMEOUT",
+                type=click.FloatRange(min=1),
+                default=120.0,
+                show_envvar=True,
+                help="Seconds to wait for Triton to load the models.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @storage_option
-@click.pass_context
+@click.option(
+    "--model-repository",
+    envvar="MODEL_REPOSITORY",
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Triton model repository to serve. Default: STORAGE/models.",
+)
+@click.option(
+    "--workdir",
+    envvar="TRITON_WORKDIR",
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the derived repository and triton.log, kept afterwards. "
+    "Default: a temporary folder, removed on exit.",
+)
+@server_options
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["none"]),
+    default="none",
+    help="Accepted for command-line compatibility with tritonserver: the "
+    "repository is loaded once at start.",
+)
+@click.option(
+    "--log-verbose",
+    envvar="TRITON_LOG_VERBOSE",
+    type=click.IntRange(min=0),
+    default=0,
+    show_envvar=True,
+    help="Triton's own log verbosity.",
+)
 @stage
-def run(ctx: click.Context, storage: Path) -> None:
-    """Run every stage locally on STORAGE with the default settings."""
-    ctx.invoke(data, storage=storage)
-    ctx.invoke(train, storage=storage)
+def serve(
+    storage: Path,
+    model_repository: Path | None,
+    workdir: Path | None,
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    ready_timeout: float,
+    model_control_mode: str,
+    log_verbose: int,
+) -> None:
+    """Serve the model repository with a local Triton Inference Server until stopped.
+
+    Runs the real tritonserver from the nvidia-pytriton wheel. That build has only the
+    python backend, so each onnxruntime_onnx model is served through a derived
+    python-backend twin (same name, versions, tensors, batching and instances) that runs
+    the model.onnx with onnxruntime. In Kubernetes the official Triton image serves the
+    repository as it is. Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
+    """
+    from mnist_pipeline.serve import LocalTriton, serve_forever
+    from mnist_pipeline.storage import models_dir
+
+    server = LocalTriton(
+        model_repository or models_dir(storage),
+        workdir=workdir,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_verbose=log_verbose,
+        ready_timeout=ready_timeout,
+    )
+    serve_forever(server)
+
+
+def client_options(f: F) -> F:
+    from mnist_pipeline.client import InferConfig
+
+    d = InferConfig()
+    for option in reversed(
+        [
+            click.option(
+                "--model-name",
+                envvar="MODEL_NAME",
+                default=d.model_name,
+                show_envvar=True,
+                help="Model to query (and, for run, to export).",
+            ),
+            click.option(
+                "--model-version",
+                envvar="MODEL_VERSION",
+                default=d.model_version,
+                show_envvar=True,
+                help="Version to ask for. Default: the server's choice.",
+            ),
+            click.option(
+                "--requests",
+                envvar="REQUESTS",
+                type=click.IntRange(min=1),
+                default=d.requests,
+                show_envvar=True,
+                help="Measured requests.",
+            ),
+            click.option(
+                "--concurrency",
+                envvar="CONCURRENCY",
+                type=click.IntRange(min=1),
+                default=d.concurrency,
+                show_envvar=True,
+                help="Requests in flight at once, each thread with its own gRPC "
+                "connection; above 1 Triton's dynamic batcher forms batches.",
+            ),
+            click.option(
+                "--images-per-request",
+                "--batch-size",
+                "images_per_request",
+                envvar="IMAGES_PER_REQUEST",
+                type=click.IntRange(min=1),
+                default=d.images_per_request,
+                show_envvar=True,
+                help="Images in each request, at most the model's max_batch_size.",
+            ),
+            click.option(
+                "--warmup",
+                envvar="WARMUP",
+                type=click.IntRange(min=0),
+                default=d.warmup,
+                show_envvar=True,
+                help="Unmeasured requests sent first.",
+            ),
+            click.option(
+                "--timeout",
+                envvar="TIMEOUT",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.timeout,
+                show_envvar=True,
+                help="Seconds to wait for the server and the model to be ready.",
+            ),
+            click.option(
+                "--request-timeout",
+                envvar="REQUEST_TIMEOUT",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.request_timeout,
+                show_envvar=True,
+                help="Seconds one request may take.",
+            ),
+            click.option(
+                "--max-seconds",
+                envvar="MAX_SECONDS",
+                type=click.FloatRange(min=0, min_open=True),
+                default=d.max_seconds,
+                show_envvar=True,
+                help="Seconds the whole measurement may take.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option(
+    "--url",
+    envvar="TRITON_URL",
+    default="localhost:8001",
+    show_envvar=True,
+    help="Triton's gRPC endpoint, HOST:PORT.",
+)
+@storage_option
+@client_options
+@stage
+def infer(url: str, storage: Path, **options: Any) -> None:
+    """Send real MNIST test images to Triton over gRPC; save predictions and latency.
+
+    Waits (with backoff, up to --timeout) for the server and the model, then sends
+    --requests requests of --images-per-request test images, normalised as in
+    training. Writes STORAGE/inference/<UTC time>/{samples.json, latency.json,
+    latency.png, inference.log}; on failure latency.json says why and keeps what
+    was measured.
+    """
+    from mnist_pipeline import client
+
+    unwind_on_sigterm()
+    client.infer(storage, client.InferConfig(url=url, **options))
+
+
+@cli.command()
+@storage_option
+@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1, show_envvar=True)
+@click.option(
+    "--limit-train",
+    envvar="LIMIT_TRAIN",
+    type=click.IntRange(min=0),
+    default=0,
+    show_envvar=True,
+    help="Train on the first N images only (0: all 60000), for quick runs.",
+)
+@server_options
+@client_options
+@stage
+def run(
+    storage: Path,
+    epochs: int,
+    limit_train: int,
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    ready_timeout: float,
+    **client_opts: Any,
+) -> None:
+    """Run every stage locally: data, train, export, serve, infer, then stop the server.
+
+    The README's `make run`: on the defaults it trains one epoch on all 60000 images
+    (about 100 s on 2 cores), publishes the model if it beats the served one, serves
+    STORAGE/models with a local Triton on loopback and measures it with the gRPC
+    client. Prints a summary: test accuracy, the exported version (or why not),
+    served accuracy and latency, and where the outputs are.
+    """
+    from mnist_pipeline import client
+    from mnist_pipeline import export as export_stage
+    from mnist_pipeline import train as train_stage
+    from mnist_pipeline.data import place
+    from mnist_pipeline.repository import TritonConfig
+    from mnist_pipeline.serve import LocalTriton, check_port_free
+    from mnist_pipeline.storage import models_dir
+
+    unwind_on_sigterm()
+    for port in (http_port, grpc_port, metrics_port):
+        check_port_free(host, port)  # before minutes of training, not after
+    place(storage)
+    run_id = train_stage.default_run_id()
+    metrics = train_stage.train(
+        storage, train_stage.TrainConfig(epochs=epochs, limit_train=limit_train), run_id=run_id
+    )
+    outcome = export_stage.export(
+        storage, TritonConfig(name=client_opts["model_name"]), run_id=run_id
+    )
+    with LocalTriton(
+        models_dir(storage),
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        ready_timeout=ready_timeout,
+    ) as server:
+        report = client.infer(storage, client.InferConfig(url=server.grpc_url, **client_opts))
+
+    if outcome.status == "published":
+        exported = f"version {outcome.version} ({outcome.reason})"
+    else:
+        exported = f"skipped: not better ({outcome.reason})"
+    click.echo(summary(storage, run_id, metrics, exported, report))
+
+
+def summary(
+    storage: Path, run_id: str, metrics: dict[str, Any], exported: str, report: dict[str, Any]
+) -> str:
+    from mnist_pipeline.storage import models_dir, run_dir
+
+    return "\n".join(
+        [
+            "mnist-pipeline run: done",
+            f"  test accuracy    {metrics['test_accuracy']:.4f} (run {run_id})",
+            f"  export           {exported}",
+            f"  served           {report['model_name']} version {report['model_version_served']}, "
+            f"accuracy {report['accuracy']:.4f} on {report['images']} test images",
+            f"  latency          p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms "
+            f"({report['count']} requests, concurrency {report['concurrency']}, "
+            f"{report['throughput_images_per_s']:.0f} images/s)",
+            f"  checkpoint       {run_dir(storage, run_id)}",
+            f"  model repository {models_dir(storage)}",
+            f"  inference        {report['output_dir']}",
+        ]
+    )
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

@@ -1,0 +1,480 @@
+"""gRPC client: send real MNIST test images to Triton, keep 10 predictions, measure latency.
+
+numpy, tritonclient and matplotlib only (no torch): the client image installs just these
+and the package's data/storage/client modules. Images are normalised by data.normalize,
+exactly as in training, so the accuracy measured here is the served model's accuracy.
+
+Writes STORAGE/inference/<UTC timestamp>/:
+  samples.json   10 predictions: test index, true label, predicted label, probabilities
+  latency.json   latency percentiles, throughput, accuracy, what was served; status
+  latency.png    latency histogram and CDF
+  inference.log  this run's log
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_pipeline import data
+from mnist_pipeline.storage import (
+    PipelineFailure,
+    UsageError,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    inference_dir,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_MODEL = "resnet18_mnist"
+SAMPLES = 10
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    url: str = DEFAULT_URL
+    model_name: str = DEFAULT_MODEL
+    model_version: str = ""  # "": the server's choice (the latest under the default policy)
+    requests: int = 1000
+    concurrency: int = 1
+    images_per_request: int = 1
+    warmup: int = 20
+    timeout: float = 60.0  # waiting for the server and the model to be ready
+    request_timeout: float = 30.0  # one request
+    max_seconds: float = 600.0  # the whole measurement: a slow server cannot hold the client
+
+    def validate(self) -> None:
+        if self.requests < 1 or self.concurrency < 1 or self.images_per_request < 1:
+            raise UsageError("requests, concurrency and images per request must be >= 1")
+        if self.warmup < 0 or min(self.timeout, self.request_timeout, self.max_seconds) <= 0:
+            raise UsageError("warm-up must be >= 0 and every timeout > 0")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str  # as asked; the version that answered is in each response
+    input_name: str
+    input_datatype: str
+    input_dims: tuple[int, ...]
+    output_name: str
+    max_batch_size: int
+
+
+def grpc_module() -> Any:
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError as e:
+        raise UsageError(
+            "tritonclient is not installed: pip install 'mnist-pipeline[client]'"
+        ) from e
+    return grpcclient
+
+
+def wait_until_ready(client: Any, cfg: InferConfig) -> None:
+    """Poll server live, server ready, model ready with exponential backoff, within cfg.timeout.
+
+    A missing model fails at once, naming what the server has: with model-control-mode
+    none a ready server will not load it later.
+    """
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + cfg.timeout
+    delay, attempt, last = 0.1, 0, "no answer yet"
+    while True:
+        attempt += 1
+        call_timeout = max(0.1, min(5.0, deadline - time.monotonic()))
+        try:
+            if not client.is_server_live(client_timeout=call_timeout):
+                last = "server not live"
+            elif not client.is_server_ready(client_timeout=call_timeout):
+                last = "server live but not ready (loading models?)"
+            elif client.is_model_ready(
+                cfg.model_name, cfg.model_version, client_timeout=call_timeout
+            ):
+                log.info("server and model %s ready at %s", cfg.model_name, cfg.url)
+                return
+            else:
+                raise PipelineFailure(_missing_model_message(client, cfg, call_timeout))
+        except InferenceServerException as e:
+            last = str(e).splitlines()[0]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PipelineFailure(
+                f"Triton at {cfg.url} not ready after {cfg.timeout:.0f} s "
+                f"({attempt} attempts); last: {last}"
+            )
+        log.debug("waiting for Triton at %s: %s; retry in %.1f s", cfg.url, last, delay)
+        time.sleep(min(delay, remaining))
+        delay = min(5.0, delay * 2)
+
+
+def _missing_model_message(client: Any, cfg: InferConfig, call_timeout: float) -> str:
+    index = client.get_model_repository_index(as_json=True, client_timeout=call_timeout)
+    available = [
+        f"{m['name']}:{m.get('version', '?')} ({m.get('state', 'unknown')})"
+        for m in index.get("models", [])
+    ]
+    wanted = cfg.model_name + (f" version {cfg.model_version}" if cfg.model_version else "")
+    return (
+        f"model {wanted} is not ready on Triton at {cfg.url}; "
+        f"available: {', '.join(available) or 'no models'}"
+    )
+
+
+def read_model_info(client: Any, cfg: InferConfig) -> ModelInfo:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        config = client.get_model_config(
+            cfg.model_name, cfg.model_version, as_json=True, client_timeout=cfg.request_timeout
+        )["config"]
+    except InferenceServerException as e:
+        raise PipelineFailure(f"cannot read the config of model {cfg.model_name}: {e}") from e
+    if len(config.get("input", [])) != 1 or not config.get("output"):
+        raise PipelineFailure(
+            f"model {cfg.model_name}: expected one input and an output, config has "
+            f"{[t['name'] for t in config.get('input', [])]} → "
+            f"{[t['name'] for t in config.get('output', [])]}"
+        )
+    tensor = config["input"][0]
+    dims = tuple(int(d) for d in tensor["dims"])
+    # -1 (variable) dims take MNIST's own size in that position.
+    mnist_shape = (1, data.ROWS, data.COLS)[-len(dims) :] if len(dims) <= 3 else ()
+    dims = tuple(m if d == -1 else d for d, m in zip(dims, mnist_shape, strict=False))
+    if math.prod(dims) != data.ROWS * data.COLS or any(d < 1 for d in dims):
+        raise PipelineFailure(
+            f"model {cfg.model_name}: input {tensor['name']} has dims {list(dims)}, "
+            f"which do not hold a {data.ROWS}x{data.COLS} image"
+        )
+    return ModelInfo(
+        name=config["name"],
+        version=cfg.model_version,
+        input_name=tensor["name"],
+        input_datatype=tensor["data_type"].removeprefix("TYPE_"),
+        input_dims=dims,
+        output_name=config["output"][0]["name"],
+        max_batch_size=int(config.get("max_batch_size", 0)),
+    )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+def percentile_summary(latencies_ms: list[float]) -> dict[str, float]:
+    if not latencies_ms:
+        return {}
+    a = np.asarray(latencies_ms)
+    return {
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "min_ms": float(a.min()),
+        "max_ms": float(a.max()),
+    }
+
+
+class Driver:
+    """Sends requests from `concurrency` threads, each with its own gRPC connection."""
+
+    def __init__(
+        self, cfg: InferConfig, info: ModelInfo, x: np.ndarray, labels: np.ndarray
+    ) -> None:
+        self.cfg, self.info, self.x, self.labels = cfg, info, x, labels
+        self.grpc = grpc_module()
+        from tritonclient.utils import triton_to_np_dtype
+
+        self.dtype = triton_to_np_dtype(info.input_datatype)
+        self.clients = [self.grpc.InferenceServerClient(cfg.url) for _ in range(cfg.concurrency)]
+        self.lock = threading.Lock()
+        self.latencies_ms: list[float] = []
+        self.correct = self.images = 0
+        self.errors: list[str] = []
+        self.served_versions: set[str] = set()
+        self.outputs: dict[int, np.ndarray] = {}  # test index → logits, for the samples
+        self.next_request = 0
+        self.stop = threading.Event()
+        self.started = time.perf_counter()
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def indices(self, request: int) -> np.ndarray:
+        """Request k carries the test images k*b … k*b+b-1, wrapping around the test set."""
+        b = self.cfg.images_per_request
+        return np.arange(request * b, request * b + b) % len(self.x)
+
+    def _send(self, client: Any, idx: np.ndarray) -> tuple[float, np.ndarray, str]:
+        shape = ((len(idx),) if self.info.max_batch_size > 0 else ()) + self.info.input_dims
+        batch = self.x[idx].reshape(shape).astype(self.dtype, copy=False)
+        tensor = self.grpc.InferInput(
+            self.info.input_name, list(batch.shape), self.info.input_datatype
+        )
+        tensor.set_data_from_numpy(batch)
+        output = self.grpc.InferRequestedOutput(self.info.output_name)
+        t0 = time.perf_counter()
+        result = client.infer(
+            self.info.name,
+            [tensor],
+            model_version=self.cfg.model_version,
+            outputs=[output],
+            client_timeout=self.cfg.request_timeout,
+        )
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        logits = result.as_numpy(self.info.output_name).reshape(len(idx), -1)
+        return elapsed_ms, logits, result.get_response().model_version
+
+    def drive(self, count: int, record: bool) -> float:
+        """Send requests 0 … count-1; return the wall time. Stops at the first error."""
+        stop = self.stop = threading.Event()
+        deadline = time.monotonic() + self.cfg.max_seconds
+        self.next_request, end = 0, count
+
+        def worker(client: Any) -> None:
+            while not stop.is_set():
+                with self.lock:
+                    request = self.next_request
+                    if request >= end:
+                        return
+                    self.next_request += 1
+                if time.monotonic() > deadline:
+                    self._fail(f"time limit of {self.cfg.max_seconds:.0f} s reached", stop)
+                    return
+                idx = self.indices(request)
+                try:
+                    elapsed_ms, logits, version = self._send(client, idx)
+                except Exception as e:
+                    self._fail(f"request {request}: {str(e).splitlines()[0]}", stop)
+                    return
+                if record:
+                    self._record(idx, elapsed_ms, logits, version)
+
+        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in self.clients]
+        self.started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - self.started
+
+    def _fail(self, reason: str, stop: threading.Event) -> None:
+        with self.lock:
+            self.errors.append(reason)
+        stop.set()
+        log.error("%s", reason)
+
+    def _record(self, idx: np.ndarray, elapsed_ms: float, logits: np.ndarray, version: str) -> None:
+        predicted = logits.argmax(axis=1)
+        with self.lock:
+            self.latencies_ms.append(elapsed_ms)
+            self.images += len(idx)
+            self.correct += int((predicted == self.labels[idx]).sum())
+            self.served_versions.add(version)
+            for i, row in zip(idx.tolist(), logits, strict=True):
+                if i < SAMPLES:  # requests start at test image 0: the same samples every run
+                    self.outputs[i] = row
+
+
+def new_output_dir(storage: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    root = inference_dir(storage)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise PipelineFailure(f"could not create a new folder under {root}")
+
+
+def plot_latency(latencies_ms: list[float], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.sort(np.asarray(latencies_ms))
+    fig, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 4))
+    hist.hist(a, bins=min(50, max(10, len(a) // 10)), color="tab:blue")
+    hist.set_xlabel("latency (ms)")
+    hist.set_ylabel("requests")
+    cdf.plot(a, np.arange(1, len(a) + 1) / len(a), color="tab:blue")
+    for q, style in ((50, "--"), (99, ":")):
+        cdf.axvline(float(np.percentile(a, q)), color="tab:red", linestyle=style, label=f"p{q}")
+    cdf.set_xlabel("latency (ms)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
+    """Run the client; return latency.json's content. Raises PipelineFailure when it failed,
+    after writing what was measured so far."""
+    cfg.validate()
+    images, labels = data.load(storage, "test")
+    x = data.normalize(images)
+    out = new_output_dir(storage)
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("mnist_pipeline").addHandler(handler)
+    try:
+        log.info("inference run %s against %s: %s", out.name, cfg.url, asdict(cfg))
+        return _infer(cfg, x, labels, out)
+    finally:
+        logging.getLogger("mnist_pipeline").removeHandler(handler)
+        atomic_write_text(out / "inference.log", buffer.getvalue())
+
+
+def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
+    grpc = grpc_module()
+    report: dict[str, Any] = {
+        "status": "failed",
+        "url": cfg.url,
+        "model_name": cfg.model_name,
+        "model_version_requested": cfg.model_version,
+        "concurrency": cfg.concurrency,
+        "images_per_request": cfg.images_per_request,
+        "requests_planned": cfg.requests,
+        "output_dir": str(out),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+    def finish(
+        reason: str | None = None, driver: Driver | None = None, wall_s: float = 0.0
+    ) -> dict[str, Any]:
+        if driver is not None:
+            report.update(_measurements(driver, wall_s, labels))
+            if driver.outputs:
+                atomic_write_json(out / "samples.json", _samples(driver.outputs, labels))
+            if driver.latencies_ms:
+                plot_latency(driver.latencies_ms, _title(report), out / "latency.png")
+        if reason:
+            report["reason"] = reason
+        else:
+            report["status"] = "complete"
+        report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write_json(out / "latency.json", report)
+        return report
+
+    client = grpc.InferenceServerClient(cfg.url)
+    try:
+        wait_until_ready(client, cfg)
+        info = read_model_info(client, cfg)
+    except PipelineFailure as e:
+        finish(str(e))
+        raise
+    finally:
+        client.close()
+    if problem := batch_size_problem(info, cfg.images_per_request):
+        finish(problem)
+        raise UsageError(problem)
+
+    driver = Driver(cfg, info, x, labels)
+    wall_s = 0.0
+    try:
+        warmup = cfg.warmup and max(cfg.warmup, cfg.concurrency)  # every connection warmed
+        if warmup:
+            driver.drive(warmup, record=False)
+        if not driver.errors:
+            wall_s = driver.drive(cfg.requests, record=True)
+    except BaseException as e:  # Ctrl-C or SIGTERM: keep what was measured
+        driver.stop.set()
+        wall_s = time.perf_counter() - driver.started
+        kind = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e))
+        finish(kind or f"{type(e).__name__}: {e}", driver, wall_s)
+        raise
+    finally:
+        driver.close()
+    if driver.errors:
+        report = finish(
+            f"{len(driver.errors)} request(s) failed: {driver.errors[0]}", driver, wall_s
+        )
+        raise PipelineFailure(f"inference failed: {report['reason']} (results in {out})")
+    report = finish(None, driver, wall_s)
+    log.info(
+        "%d requests x %d image(s) at concurrency %d: p50 %.2f ms, p99 %.2f ms, "
+        "%.0f images/s, accuracy %.4f; results in %s",
+        report["count"],
+        cfg.images_per_request,
+        cfg.concurrency,
+        report["p50_ms"],
+        report["p99_ms"],
+        report["throughput_images_per_s"],
+        report["accuracy"],
+        out,
+    )
+    return report
+
+
+def batch_size_problem(info: ModelInfo, images_per_request: int) -> str | None:
+    if info.max_batch_size == 0 and images_per_request != 1:
+        return f"model {info.name} does not batch: images per request must be 1"
+    if info.max_batch_size and images_per_request > info.max_batch_size:
+        return (
+            f"{images_per_request} images per request exceed the max_batch_size "
+            f"{info.max_batch_size} of model {info.name}"
+        )
+    return None
+
+
+def _measurements(driver: Driver, wall_s: float, labels: np.ndarray) -> dict[str, Any]:
+    count = len(driver.latencies_ms)
+    return {
+        "model_version_served": ",".join(sorted(driver.served_versions)),
+        "count": count,
+        "errors": len(driver.errors),
+        **percentile_summary(driver.latencies_ms),
+        "wall_seconds": wall_s,
+        "throughput_images_per_s": driver.images / wall_s if wall_s else 0.0,
+        "throughput_requests_per_s": count / wall_s if wall_s else 0.0,
+        "images": driver.images,
+        "accuracy": driver.correct / driver.images if driver.images else None,
+    }
+
+
+def _samples(outputs: dict[int, np.ndarray], labels: np.ndarray) -> list[dict[str, Any]]:
+    samples = []
+    for index in sorted(outputs):
+        probabilities = softmax(outputs[index].astype(np.float64))
+        samples.append(
+            {
+                "test_index": index,
+                "true_label": int(labels[index]),
+                "predicted_label": int(probabilities.argmax()),
+                "probabilities": [round(float(p), 6) for p in probabilities],
+            }
+        )
+    return samples
+
+
+def _title(report: dict[str, Any]) -> str:
+    return (
+        f"{report['model_name']} v{report.get('model_version_served') or '?'}: "
+        f"{report.get('count', 0)} requests, concurrency {report['concurrency']}, "
+        f"{report['images_per_request']} image(s)/request"
+    )

@@ -1,0 +1,446 @@
+"""Serve the Triton model repository with a real, local Triton Inference Server.
+
+In Kubernetes the official Triton image serves the unmodified repository
+(`/storage/models`) with its native onnxruntime backend. On a laptop there is no such
+image: the `tritonserver` binary that ships in the nvidia-pytriton wheel has only the
+python backend. So, locally, a working folder gets a *derived* repository in which every
+`onnxruntime_onnx` model becomes a python-backend model with the same name, versions,
+inputs, outputs, max_batch_size, instance_group and dynamic_batching, whose `model.py`
+(mnist_pipeline/triton_onnx_model.py) runs that version's model.onnx, linked not copied,
+with onnxruntime, a whole dynamic batch per session.run. The server is the real Triton:
+the same gRPC/HTTP APIs, model-control-mode none, health endpoints, dynamic batcher and
+instance scheduling, so the client and the config semantics are exercised as deployed.
+
+`LocalTriton` is the reusable piece (used by `serve`, `run`, the tests and benchmarks):
+it derives the repository, starts tritonserver in its own process group (killed with it
+if this process dies), waits until it is ready, and stops it and its Python stubs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from mnist_pipeline import repository
+from mnist_pipeline.storage import PipelineFailure, UsageError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
+ONNX_BACKEND = "onnxruntime"
+MODEL_TEMPLATE = Path(__file__).with_name("triton_onnx_model.py")
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    """The pieces of the Triton build inside the installed nvidia-pytriton wheel."""
+
+    binary: Path
+    python_backend: Path  # libtriton_python.so, triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for the running Python
+    libs: Path  # the shared libraries the wheel bundles
+
+
+def locate_triton() -> TritonDist:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise UsageError("nvidia-pytriton is not installed: pip install 'mnist-pipeline[serve]'")
+    package = Path(spec.origin).parent
+    root = package / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dist = TritonDist(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        libs=package.parent / "nvidia_pytriton.libs",
+    )
+    for path in (dist.binary, dist.python_backend / "libtriton_python.so", dist.stub):
+        if not path.exists():
+            raise UsageError(f"{path}: missing from the nvidia-pytriton wheel (Python {version}?)")
+    return dist
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
+
+
+def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    """Parse config.pbtxt with Triton's own schema; a typo is an error naming the file."""
+    from google.protobuf import text_format
+
+    try:
+        return repository.parse_config(path.read_text())
+    except text_format.ParseError as e:
+        raise UsageError(f"{path}: not a valid Triton model config: {e}") from e
+
+
+def instance_count(config: model_config_pb2.ModelConfig) -> int:
+    # Triton gives a model without instance_group one instance per device: one on CPU.
+    return sum(max(1, group.count) for group in config.instance_group) or 1
+
+
+def derive_repository(source: Path, dest: Path, cpus: int | None = None) -> list[str]:
+    """Write into `dest` the python-backend twin of the repository `source`; return model names.
+
+    Each onnxruntime model keeps its config but for platform/backend, and gets a
+    `parameters { intra_op_threads }` that shares the CPUs out between all instances of
+    all models. Version folders get model.py and a symlink to the original model.onnx.
+    """
+    from google.protobuf import text_format
+
+    if not source.is_dir():
+        raise UsageError(f"model repository {source} does not exist; run `mnist-pipeline export`")
+    models = []
+    for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        if model_dir.name.startswith("."):
+            continue  # an interrupted export's staging folder, which Triton ignores too
+        config_path = model_dir / repository.CONFIG_FILE
+        if not config_path.is_file():
+            raise UsageError(f"{model_dir}: no {repository.CONFIG_FILE}")
+        config = read_config(config_path)
+        if config.platform != repository.PLATFORM and config.backend != ONNX_BACKEND:
+            raise UsageError(
+                f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
+                f"local Triton serves only {repository.PLATFORM} models"
+            )
+        config.name = config.name or model_dir.name
+        versions = repository.versions(model_dir)
+        if not versions:
+            raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
+        models.append((model_dir, config, versions))
+    if not models:
+        raise UsageError(f"model repository {source} holds no model; run `mnist-pipeline export`")
+
+    instances = sum(instance_count(config) for _, config, _ in models)
+    threads = max(1, (cpus or available_cpus()) // instances)
+    if dest.exists():
+        shutil.rmtree(dest)
+    for model_dir, config, versions in models:
+        onnx_name = config.default_model_filename or repository.MODEL_FILE
+        config.platform, config.backend, config.runtime = "", "python", ""
+        config.ClearField("default_model_filename")
+        config.parameters["intra_op_threads"].string_value = str(threads)
+        out = dest / model_dir.name
+        out.mkdir(parents=True)
+        (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
+        for version in versions:
+            (out / str(version)).mkdir()
+            shutil.copyfile(MODEL_TEMPLATE, out / str(version) / "model.py")
+            onnx = model_dir / str(version) / onnx_name
+            # A version without its file fails to load, as with the onnxruntime backend,
+            # but only if the version policy selects it.
+            if onnx.is_file():
+                (out / str(version) / repository.MODEL_FILE).symlink_to(onnx.resolve())
+        log.info(
+            "model %s: versions %s, %d instance(s), %d onnxruntime thread(s) each",
+            config.name,
+            ", ".join(map(str, versions)),
+            instance_count(config),
+            threads,
+        )
+    return [config.name for _, config, _ in models]
+
+
+def build_backends(dist: TritonDist, dest: Path) -> Path:
+    """A backend directory whose python/ holds the backend and the stub for this Python.
+
+    Triton looks for the stub only next to libtriton_python.so, and the wheel keeps one
+    stub per Python version elsewhere: links put the right one in place.
+    """
+    python = dest / "python"
+    if dest.exists():
+        shutil.rmtree(dest)
+    python.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (python / name).symlink_to(dist.python_backend / name)
+    (python / "triton_python_backend_stub").symlink_to(dist.stub)
+    return dest
+
+
+def server_env(dist: TritonDist) -> dict[str, str]:
+    """Environment for tritonserver and the Python stubs it starts.
+
+    The stub links libpython dynamically: this interpreter's LIBDIR goes first, or the
+    system's libpython may load under this interpreter's standard library and models
+    fail to load.
+    """
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (libdir, str(dist.libs), env.get("LD_LIBRARY_PATH")) if p
+    )
+    # The stub's embedded Python ignores PYTHONPATH/PYTHONHOME; it finds its prefix, and so
+    # this venv's site-packages (onnxruntime, numpy), from the first python3 on PATH.
+    env["PATH"] = os.pathsep.join(
+        p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
+    )
+    return env
+
+
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
+    """In the child before exec: its own process group, and SIGTERM when the parent dies."""
+    os.setpgid(0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def check_port_free(host: str, port: int) -> None:
+    # Without this, a server already on the port would answer our readiness probe.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do, so that connections of a server just stopped do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"port {port} on {host} is not available ({e.strerror})") from e
+
+
+# Printed at every start on a machine without a GPU; not the reason anything failed.
+HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "GPU metrics")
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """What explains a failure: Triton's error lines if any, else the end of its log,
+    without the option tables that fill it."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} unreadable)"
+    errors = [
+        line
+        for line in text
+        if ((line.startswith("E") and line[1:5].isdigit()) or line.startswith("error:"))
+        and not any(h in line for h in HARMLESS)
+    ]
+    chosen = errors or [line for line in text if not line.startswith(("|", "+"))]
+    return "\n".join(chosen[-lines:]) or "(empty log)"
+
+
+class LocalTriton:
+    """A tritonserver process serving a derived copy of `model_repository`.
+
+    with LocalTriton(storage / "models", grpc_port=8001) as server:
+        ... server.grpc_url ...
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        workdir: Path | None = None,
+        host: str = "127.0.0.1",
+        http_port: int = DEFAULT_HTTP_PORT,
+        grpc_port: int = DEFAULT_GRPC_PORT,
+        metrics_port: int = DEFAULT_METRICS_PORT,
+        log_verbose: int = 0,
+        ready_timeout: float = 120.0,
+    ) -> None:
+        self.model_repository = model_repository
+        self.ready_timeout = ready_timeout
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.log_verbose = log_verbose
+        self._own_workdir = workdir is None
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.models: list[str] = []
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "triton.log"
+
+    def start(self) -> None:
+        if self.process is not None:
+            raise RuntimeError("this LocalTriton is already started")
+        dist = locate_triton()
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            check_port_free(self.host, port)
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mnist-triton-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        repository = self.workdir / "repository"
+        self.models = derive_repository(self.model_repository, repository)
+        backends = build_backends(dist, self.workdir / "backends")
+        cmd = [
+            str(dist.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--exit-timeout-secs=10",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            f"--log-verbose={self.log_verbose}",
+            # Shared-memory names unique to this server: several may run on one machine.
+            f"--backend-config=python,shm-region-prefix-name=mnist{os.getpid()}x{id(self)}",
+        ]
+        log.info("starting tritonserver (log: %s)", self.log_path)
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=server_env(dist),
+                cwd=self.workdir,
+                # preexec_fn only makes two system calls: safe even with threads running.
+                # libc is looked up here, in the parent: lookups are not fork-safe.
+                preexec_fn=functools.partial(
+                    _die_with_parent, ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+                ),
+            )
+
+    def is_ready(self) -> bool:
+        try:
+            url = f"http://{self.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every model is loaded; raise PipelineFailure with Triton's log if not."""
+        assert self.process is not None, "start() first"
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise PipelineFailure(
+                    f"tritonserver exited with code {code} before it was ready. "
+                    f"From {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if self.is_ready():
+                log.info(
+                    "Triton ready: gRPC %s, HTTP %s, metrics %s; models %s",
+                    self.grpc_url,
+                    self.http_url,
+                    self.metrics_url,
+                    ", ".join(self.models),
+                )
+                return
+            if time.monotonic() > deadline:
+                raise PipelineFailure(
+                    f"tritonserver not ready after {timeout:.0f} s. "
+                    f"From {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the server's process group (server and stubs), SIGKILL what outlives it."""
+        process, self.process = self.process, None
+        if process is not None:
+            pgid = process.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout)
+            # Stubs still shutting down after the server exited go too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            process.wait()
+            log.info("tritonserver stopped (exit code %s)", process.returncode)
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def __enter__(self) -> LocalTriton:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve_forever(server: LocalTriton) -> None:
+    """Run until SIGTERM/SIGINT, or until tritonserver dies (PipelineFailure)."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s; stopping Triton", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        server.wait_ready()
+        while not stop.wait(0.5):
+            assert server.process is not None
+            code = server.process.poll()
+            if code is not None:
+                raise PipelineFailure(
+                    f"tritonserver exited unexpectedly with code {code}. "
+                    f"From {server.log_path}:\n{log_tail(server.log_path)}"
+                )
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,151 @@
+"""`mnist-pipeline infer` against the real local Triton, and its failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import numpy as np
+import pytest
+
+from conftest import MODEL, PipelineRun
+from mnist_pipeline import data
+from mnist_pipeline.serve import LocalTriton
+from serving_helpers import cli, free_ports
+
+pytestmark = pytest.mark.slow
+
+
+def infer(pipeline: PipelineRun, url: str, *args: str) -> tuple[CompletedProcess[str], Path]:
+    """Run the client; return its result and the inference folder it created."""
+    root = pipeline.storage / "inference"
+    before = set(root.iterdir())
+    result = cli("infer", "--storage", str(pipeline.storage), "--url", url, *args, timeout=300)
+    created = set(root.iterdir()) - before
+    assert len(created) == 1, (created, result.stderr)
+    return result, created.pop()
+
+
+def test_infer_measures_real_predictions(served: LocalTriton, pipeline: PipelineRun) -> None:
+    result, out = infer(pipeline, served.grpc_url, "--requests", "60", "--concurrency", "2")
+    assert result.returncode == 0, result.stderr
+    _, labels = data.load(pipeline.storage, "test")
+
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["test_index"] for s in samples] == list(range(10))
+    for s in samples:
+        assert s["true_label"] == labels[s["test_index"]]
+        assert len(s["probabilities"]) == 10
+        assert sum(s["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        assert s["predicted_label"] == int(np.argmax(s["probabilities"]))
+    assert sum(s["predicted_label"] == s["true_label"] for s in samples) >= 7
+
+    latency = json.loads((out / "latency.json").read_text())
+    assert latency["status"] == "complete"
+    assert (latency["count"], latency["errors"], latency["images"]) == (60, 0, 60)
+    assert 0 < latency["min_ms"] <= latency["p50_ms"] <= latency["p90_ms"] <= latency["p95_ms"]
+    assert latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["accuracy"] > 0.8  # real images, normalised as in training: not chance
+    assert latency["throughput_images_per_s"] > 0 and latency["concurrency"] == 2
+    assert (latency["model_name"], latency["model_version_served"]) == (MODEL, "1")
+
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "p50" in (out / "inference.log").read_text()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_concurrent_batched_requests(served: LocalTriton, pipeline: PipelineRun) -> None:
+    result, out = infer(
+        pipeline,
+        served.grpc_url,
+        "--requests",
+        "40",
+        "--concurrency",
+        "4",
+        "--images-per-request",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    latency = json.loads((out / "latency.json").read_text())
+    assert (latency["count"], latency["images"], latency["images_per_request"]) == (40, 320, 8)
+    assert latency["accuracy"] > 0.8
+
+
+def test_the_client_runs_without_torch(served: LocalTriton, pipeline: PipelineRun) -> None:
+    """The client image has no torch: block it and run `infer` all the same."""
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        "sys.argv = ['mnist-pipeline'] + sys.argv[1:]; "
+        "runpy.run_module('mnist_pipeline', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "infer",
+            "--storage",
+            str(pipeline.storage),
+            "--url",
+            served.grpc_url,
+            "--requests",
+            "5",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_more_images_than_max_batch_size_is_a_usage_error(
+    served: LocalTriton,
+    pipeline: PipelineRun,
+) -> None:
+    result, out = infer(pipeline, served.grpc_url, "--images-per-request", "17")
+    assert result.returncode == 2
+    assert "exceed the max_batch_size 16" in result.stderr
+    assert json.loads((out / "latency.json").read_text())["status"] == "failed"
+
+
+def test_wrong_model_name_lists_what_is_served(served: LocalTriton, pipeline: PipelineRun) -> None:
+    t0 = time.monotonic()
+    result, out = infer(
+        pipeline, served.grpc_url, "--model-name", "no_such_model", "--timeout", "60"
+    )
+    assert result.returncode == 1
+    assert time.monotonic() - t0 < 30  # a ready server will not load it later: no waiting
+    assert "model no_such_model is not ready" in result.stderr
+    assert f"{MODEL}:1 (READY)" in result.stderr
+    report = json.loads((out / "latency.json").read_text())
+    assert report["status"] == "failed" and "no_such_model" in report["reason"]
+
+
+def test_unreachable_server_fails_within_the_bound(pipeline: PipelineRun) -> None:
+    (port,) = free_ports(1)
+    t0 = time.monotonic()
+    result, out = infer(pipeline, f"127.0.0.1:{port}", "--timeout", "3")
+    assert result.returncode == 1
+    assert time.monotonic() - t0 < 30
+    assert f"Triton at 127.0.0.1:{port} not ready after 3 s" in result.stderr
+    assert json.loads((out / "latency.json").read_text())["status"] == "failed"
+
+
+def test_failing_requests_keep_what_was_measured(
+    served: LocalTriton, pipeline: PipelineRun
+) -> None:
+    result, out = infer(
+        pipeline, served.grpc_url, "--model-name", "broken_flat", "--warmup", "0", "--requests", "5"
+    )
+    assert result.returncode == 1
+    assert "request" in result.stderr and "onnxruntime" in result.stderr
+    report = json.loads((out / "latency.json").read_text())
+    assert report["status"] == "failed" and report["errors"] >= 1
+    assert "onnxruntime" in report["reason"]
+    assert (out / "inference.log").is_file()
