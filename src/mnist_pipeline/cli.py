@@ -651,5 +651,129 @@ def export(
     )
 
 
+def wait_options(f: F) -> F:
+    options = [
+        storage_option,
+        click.option(
+            "--run-id",
+            envvar="RUN_ID",
+            show_envvar=True,
+            required=True,
+            help="The run to wait for (the chart gives each release revision its own).",
+        ),
+        click.option(
+            "--timeout",
+            envvar="WAIT_TIMEOUT",
+            show_envvar=True,
+            type=click.FloatRange(min=0, min_open=True),
+            default=21600,
+            help="Give up (exit 1) after this many seconds.",
+        ),
+        click.option(
+            "--interval",
+            envvar="WAIT_INTERVAL",
+            show_envvar=True,
+            type=click.FloatRange(min=0, min_open=True),
+            default=5,
+            help="Seconds between looks.",
+        ),
+        click.option(
+            "--job",
+            envvar="WAIT_JOB",
+            show_envvar=True,
+            default=None,
+            help="Kubernetes Job producing the artifact: its Failed condition fails "
+            "the wait at once. Read only where the pod has a service account "
+            "token; a deleted Job is ignored.",
+        ),
+        click.option(
+            "--namespace",
+            envvar="POD_NAMESPACE",
+            show_envvar=True,
+            default=None,
+            help="Namespace of --job (default: the pod's own).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.group()
+def wait() -> None:
+    """Block until an earlier stage of a run is done; exit 1 at once if it failed.
+
+    The Helm chart's initContainers use these to enforce the order
+    training → export → Triton → client. Artifacts on storage decide; the Kubernetes
+    API (--job) only adds failures an artifact cannot report (a pod killed for memory).
+    """
+
+
+@wait.command("training")
+@wait_options
+@stage
+def wait_training(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+) -> None:
+    """Until checkpoints/RUN_ID/metrics.json says complete."""
+    from mnist_pipeline import waits
+
+    w = waits.make_wait(f"training run {run_id}", timeout, interval, job, namespace)
+    w.run(waits.training_check(storage, run_id))
+
+
+@wait.command("export")
+@wait_options
+@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
+@stage
+def wait_export(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+    model_name: str,
+) -> None:
+    """Until the export of RUN_ID is published or skipped and models/NAME is servable."""
+    from mnist_pipeline import waits
+
+    w = waits.make_wait(f"export of run {run_id}", timeout, interval, job, namespace)
+    w.run(waits.export_check(storage, run_id, model_name))
+
+
+@wait.command("serving")
+@wait_options
+@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
+@click.option(
+    "--url",
+    envvar="TRITON_HTTP_URL",
+    show_envvar=True,
+    required=True,
+    help="Triton's HTTP endpoint, HOST:PORT.",
+)
+@stage
+def wait_serving(
+    storage: Path,
+    run_id: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+    model_name: str,
+    url: str,
+) -> None:
+    """Until Triton at URL is ready and serves the model version RUN_ID exported."""
+    from mnist_pipeline import waits
+
+    w = waits.make_wait(f"Triton serving run {run_id}", timeout, interval, job, namespace)
+    w.run(waits.serving_check(storage, run_id, model_name, url))
+
+
 def main() -> None:
     cli(auto_envvar_prefix=None)

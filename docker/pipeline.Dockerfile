@@ -1,0 +1,38 @@
+# The pipeline image: `mnist-pipeline` data, train, export and wait (the chart's initContainers),
+# with verified MNIST baked in to seed the volume. Build from the repository root:
+#   docker build -f docker/pipeline.Dockerfile -t mnist-pipeline/pipeline:0.1.0 .
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from PyTorch's CPU index: the PyPI wheel of torch==2.13.0 pulls CUDA (GBs).
+# The package's `train` and `export` extras then find the pin already satisfied.
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir "/src[train,export]"
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="mnist-pipeline" \
+      org.opencontainers.image.description="mnist-pipeline: data, train, export and the chart's waits" \
+      org.opencontainers.image.source="https://github.com/mnist-pipeline/mnist-pipeline" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/venv /opt/venv
+# Verified MNIST: `mnist-pipeline data` seeds the volume from here, never from the network.
+COPY data/mnist /opt/mnist
+# HOME and caches under /tmp: the chart mounts the root filesystem read-only, /tmp writable.
+ENV PATH=/opt/venv/bin:$PATH \
+    MNIST_SOURCE=/opt/mnist \
+    STORAGE_ROOT=/storage \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["mnist-pipeline"]
+CMD ["--help"]

@@ -1,0 +1,274 @@
+"""Waits that order the stages on Kubernetes: the Helm chart's initContainers run them.
+
+Each wait watches an ARTIFACT on the shared storage, keyed by the run id the chart gives
+every release revision, so nothing left on the volume by an earlier release can satisfy it:
+
+    training  checkpoints/<run_id>/metrics.json has status "complete"
+    export    checkpoints/<run_id>/export.json is "published" or "skipped", and
+              models/<name>/ holds a servable version for Triton to load
+    serving   Triton answers ready over HTTP, serving the version export chose
+
+A stage that fails writes "failed" into its artifact and the wait fails at once. A stage
+whose pods die without writing anything (OOM-killed until its Job's backoffLimit, an
+activeDeadlineSeconds) is seen through the Kubernetes API when the pod has a service
+account token: the Job's Failed condition fails the wait too. A Job that no longer exists
+(deleted by ttlSecondsAfterFinished, long before a Triton pod restarts) is no answer, so
+the wait falls back to the artifacts. Every wait gives up after --timeout seconds.
+
+Standard library only: the lean client image (no torch) runs these too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline.storage import PipelineFailure, models_dir, run_dir
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+EXPORT_DONE = ("published", "skipped")
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The JSON artifact at `path`, or None while it does not exist (or is being replaced)."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        # Writers rename whole files into place; a torn read means a foreign writer. Retry.
+        log.warning("%s is not valid JSON yet; will look again", path)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def servable_versions(storage: Path, model_name: str) -> list[int]:
+    """Versions under models/<name>/ that Triton can load: a config and a model file."""
+    model_dir = models_dir(storage) / model_name
+    if not (model_dir / "config.pbtxt").is_file():
+        return []
+    return sorted(
+        int(d.name)
+        for d in model_dir.iterdir()
+        if d.name.isdigit() and not d.name.startswith("0") and (d / "model.onnx").is_file()
+    )
+
+
+@dataclass(frozen=True)
+class JobState:
+    phase: str  # "active", "complete", "failed" or "absent" (deleted, or never created)
+    detail: str = ""
+
+
+class KubeApi:
+    """Just enough of the Kubernetes API to read one Job's status (get on batch/v1 jobs)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        namespace: str,
+        token_file: Path | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.base_url, self.namespace = base_url.rstrip("/"), namespace
+        self.token_file = token_file
+        self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self.warned = False
+
+    @classmethod
+    def in_cluster(
+        cls, namespace: str | None, sa_dir: Path = SERVICE_ACCOUNT_DIR
+    ) -> KubeApi | None:
+        """The API as seen from a pod given a token; None where the pod has none."""
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        token = sa_dir / "token"
+        if not host or not token.is_file():
+            return None
+        if not namespace:
+            ns_file = sa_dir / "namespace"
+            namespace = ns_file.read_text().strip() if ns_file.is_file() else None
+        if not namespace:
+            return None
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        ca = sa_dir / "ca.crt"
+        return cls(f"https://{host}:{port}", namespace, token, ca if ca.is_file() else None)
+
+    def job_state(self, name: str) -> JobState | None:
+        """The Job's state, or None when the API cannot tell (then only artifacts count)."""
+        url = f"{self.base_url}/apis/batch/v1/namespaces/{self.namespace}/jobs/{name}"
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        if self.token_file:
+            # Re-read every time: the kubelet rotates projected tokens.
+            request.add_header("Authorization", f"Bearer {self.token_file.read_text().strip()}")
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=self.context) as response:
+                job = json.load(response)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return JobState("absent")
+            self._warn(f"reading Job {name}: HTTP {e.code} {e.reason}")
+            return None
+        except (OSError, ValueError) as e:
+            self._warn(f"reading Job {name}: {e}")
+            return None
+        for condition in job.get("status", {}).get("conditions") or []:
+            if condition.get("status") != "True":
+                continue
+            detail = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+            if condition.get("type") in ("Failed", "FailureTarget"):
+                return JobState("failed", detail)
+            if condition.get("type") == "Complete":
+                return JobState("complete", detail)
+        return JobState("active")
+
+    def _warn(self, message: str) -> None:
+        if not self.warned:
+            log.warning("%s; relying on the artifacts on storage alone", message)
+            self.warned = True
+
+
+@dataclass
+class Wait:
+    """Poll `check` until it says done, fails, or time runs out."""
+
+    what: str
+    timeout: float
+    interval: float = 5.0
+    api: KubeApi | None = None
+    job: str | None = None
+    report_every: float = 60.0
+
+    def run(self, check: Callable[[], str | None]) -> None:
+        """`check` returns None when done, else a line saying what it still waits for;
+        it raises PipelineFailure when what it waits for has failed."""
+        start = time.monotonic()
+        last_report = -self.report_every
+        if self.job and self.api is None:
+            log.info("no Kubernetes API token in this pod: watching storage only")
+        while True:
+            waiting_for = check()
+            if waiting_for is None:
+                log.info("%s: ready after %.0f s", self.what, time.monotonic() - start)
+                return
+            job = self.api.job_state(self.job) if self.api and self.job else None
+            if job is not None and job.phase == "failed":
+                raise PipelineFailure(f"{self.what}: Job {self.job} failed ({job.detail})")
+            if job is not None and job.phase == "complete":
+                # The Job writes its artifact before it completes: look once more, then stop.
+                if (waiting_for := check()) is None:
+                    log.info("%s: ready", self.what)
+                    return
+                raise PipelineFailure(
+                    f"{self.what}: Job {self.job} completed but {waiting_for}; "
+                    "does it write to the same volume?"
+                )
+            elapsed = time.monotonic() - start
+            if elapsed >= self.timeout:
+                raise PipelineFailure(
+                    f"{self.what}: gave up after {self.timeout:.0f} s, still {waiting_for}"
+                )
+            if elapsed - last_report >= self.report_every:
+                suffix = f" (Job {self.job}: {job.phase})" if job else ""
+                log.info("%s: %s%s", self.what, waiting_for, suffix)
+                last_report = elapsed
+            time.sleep(min(self.interval, max(0.0, self.timeout - elapsed)))
+
+
+def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
+    path = run_dir(storage, run_id) / "metrics.json"
+
+    def check() -> str | None:
+        metrics = read_status(path)
+        if metrics is None:
+            return f"waiting for {path} to appear"
+        status = metrics.get("status")
+        if status == "complete":
+            return None
+        if status == "failed":
+            raise PipelineFailure(f"training run {run_id} failed: {metrics.get('error', '?')}")
+        epochs = len(metrics.get("history") or [])
+        return f"training run {run_id} is {status} ({epochs} epoch(s) done)"
+
+    return check
+
+
+def export_check(storage: Path, run_id: str, model_name: str) -> Callable[[], str | None]:
+    path = run_dir(storage, run_id) / "export.json"
+    trained = training_check(storage, run_id)
+
+    def check() -> str | None:
+        outcome = read_status(path)
+        if outcome is None:
+            # A failed training run means no export will come: say so now, not at the timeout.
+            waiting_for = trained()
+            return f"waiting for {path} to appear" if waiting_for is None else waiting_for
+        status = outcome.get("status")
+        if status == "failed":
+            raise PipelineFailure(f"export of run {run_id} failed: {outcome.get('reason', '?')}")
+        if status not in EXPORT_DONE:
+            return f"export of run {run_id} is {status}"
+        versions = servable_versions(storage, model_name)
+        version = outcome.get("version")
+        # Published: the new version; skipped: the better one already there. Either is on
+        # storage by now, so a missing one will not come later.
+        if version not in versions:
+            raise PipelineFailure(
+                f"export of run {run_id} was {status} naming version {version} of "
+                f"{model_name}, but {models_dir(storage) / model_name} holds "
+                f"{versions or 'no servable version'}: Triton would not serve it"
+            )
+        log.debug("export %s; servable versions of %s: %s", status, model_name, versions)
+        return None
+
+    return check
+
+
+def http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def serving_check(
+    storage: Path, run_id: str, model_name: str, url: str
+) -> Callable[[], str | None]:
+    """Triton ready and serving the version export chose for this run (new or kept)."""
+    exported = export_check(storage, run_id, model_name)
+    base = url if "://" in url else f"http://{url}"
+    base = base.rstrip("/")
+
+    def check() -> str | None:
+        if (waiting_for := exported()) is not None:
+            return waiting_for
+        outcome = read_status(run_dir(storage, run_id) / "export.json") or {}
+        model_url = f"{base}/v2/models/{model_name}/versions/{outcome.get('version')}"
+        if not http_ready(f"{base}/v2/health/ready"):
+            return f"waiting for Triton at {base} to be ready"
+        if not http_ready(f"{model_url}/ready"):
+            return f"waiting for Triton to serve {model_url}"
+        return None
+
+    return check
+
+
+def make_wait(
+    what: str, timeout: float, interval: float, job: str | None, namespace: str | None
+) -> Wait:
+    api = KubeApi.in_cluster(namespace) if job else None
+    return Wait(what, timeout=timeout, interval=interval, api=api, job=job)

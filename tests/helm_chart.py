@@ -1,0 +1,89 @@
+"""Render the Helm chart offline (helm-python-sdk, the Helm v4 library) for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "deploy" / "helm" / "mnist-pipeline"
+KUBE_VERSION = "1.30.0"
+
+
+def lint(values: dict[str, Any] | None = None, namespace: str = "ml") -> dict[str, Any]:
+    return helm_python.lint(
+        str(CHART), values or {}, strict=True, kube_version=f"v{KUBE_VERSION}", namespace=namespace
+    )
+
+
+def install_manifest(
+    values: dict[str, Any] | None = None, release: str = "demo", namespace: str = "ml"
+) -> str:
+    """What `helm install --dry-run=client` would apply, in Helm's install order."""
+    with helm_python.Config(storage_driver="memory", namespace=namespace) as config:
+        rendered = config.install(str(CHART), release, values or {}, dry_run="client")
+    return str(rendered["manifest"])
+
+
+def render(
+    values: dict[str, Any] | None = None,
+    release: str = "demo",
+    namespace: str = "ml",
+    revision: int = 1,
+) -> tuple[list[dict[str, Any]], str]:
+    """Every object the chart renders, hooks (helm test) included, and the NOTES."""
+    with helm_python.Chart.load(str(CHART)) as chart:
+        files = chart.render(
+            values or {},
+            name=release,
+            namespace=namespace,
+            revision=revision,
+            is_install=revision == 1,
+            is_upgrade=revision > 1,
+        )
+    objects: list[dict[str, Any]] = []
+    notes = ""
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects, notes
+
+
+def find(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (
+            component is None
+            or o["metadata"]["labels"].get("app.kubernetes.io/component") == component
+        )
+    ]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "Pod":
+        return dict(obj["spec"])
+    return dict(obj["spec"]["template"]["spec"])
+
+
+def workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] in ("Job", "Deployment", "Pod")]
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def arg(container: dict[str, Any], name: str) -> str:
+    """The value of --name=value in a container's args."""
+    values = [a.split("=", 1)[1] for a in container["args"] if a.startswith(f"--{name}=")]
+    assert len(values) == 1, f"{container['name']}: --{name} given {len(values)} times"
+    return values[0]

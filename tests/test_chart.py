@@ -1,0 +1,411 @@
+"""The Helm chart: strict lint, render, Kubernetes 1.30 schemas, checkov, and its structure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from helm_chart import (
+    CHART,
+    KUBE_VERSION,
+    REPO,
+    arg,
+    containers,
+    find,
+    install_manifest,
+    lint,
+    pod_spec,
+    render,
+    workloads,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "existing-claim": {"persistence": {"existingClaim": "shared-mnist"}},
+    "replicas": {"triton": {"replicas": 3}, "persistence": {"accessModes": ["ReadWriteMany"]}},
+    "epochs": {"training": {"epochs": 5, "batchSize": 256, "lr": 0.1}},
+    "no-api-no-client": {
+        "waits": {"kubernetesApi": False},
+        "client": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+    },
+    "digests": {
+        "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
+        "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+    },
+}
+RELEASES = [("demo", "ml"), ("prod-mnist-pipeline", "team-b")]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_strict_lint_is_clean(scenario: str) -> None:
+    result = lint(SCENARIOS[scenario])
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] > 1] == []
+
+
+@pytest.mark.parametrize(("release", "namespace"), RELEASES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_object_is_valid_kubernetes_1_30(scenario: str, release: str, namespace: str) -> None:
+    manifest = install_manifest(SCENARIOS[scenario], release, namespace)
+    objects, _ = render(SCENARIOS[scenario], release, namespace)
+    installed = [d for d in yaml.safe_load_all(manifest) if d]
+    assert len(installed) == len(objects) - 1  # all but the helm test hook
+    for obj in objects:
+        # strict: unknown fields are errors; an unknown kind raises SchemaNotFoundError.
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        assert obj["metadata"]["namespace"] == namespace
+
+
+def test_install_order_puts_the_claim_before_the_workloads() -> None:
+    kinds = [d["kind"] for d in yaml.safe_load_all(install_manifest()) if d]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("Deployment")
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("Job")
+
+
+# checkov --------------------------------------------------------------------------------
+
+SKIPS_FILE = REPO / "deploy" / "helm" / "checkov-skips.yaml"
+
+
+def checkov_binary() -> str:
+    path = Path(os.environ.get("CHECKOV", REPO / ".venv-checkov" / "bin" / "checkov"))
+    if not path.is_file():
+        pytest.fail(f"checkov not found at {path}: run `make test` (it installs it) or set CHECKOV")
+    return str(path)
+
+
+def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
+    skips = yaml.safe_load(SKIPS_FILE.read_text())
+    for skip in skips:
+        assert set(skip) <= {"check", "kind", "reason"}, skip
+        assert re.fullmatch(r"CKV2?_K8S_\d+", skip["check"]), skip
+        assert skip["reason"].strip() and "\n" not in skip["reason"].strip(), skip
+    for scenario in ("default", "digests", "no-api-no-client", "existing-claim"):
+        objects, _ = render(SCENARIOS[scenario])
+        (tmp_path / f"{scenario}.yaml").write_text(yaml.safe_dump_all(objects))
+    result = subprocess.run(
+        [
+            checkov_binary(),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--compact",
+            "--quiet",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    reports = json.loads(result.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [f for r in reports for f in r["results"]["failed_checks"]]
+    assert sum(r["summary"]["passed"] for r in reports) > 100, "checkov scanned nothing"
+
+    def skip_for(finding: dict[str, Any]) -> dict[str, Any] | None:
+        for skip in skips:
+            kind = skip.get("kind")
+            if skip["check"] == finding["check_id"] and (
+                kind is None or finding["resource"].startswith(f"{kind}.")
+            ):
+                return dict(skip)
+        return None
+
+    unexpected = sorted(
+        {f"{f['check_id']} {f['check_name']} ({f['resource']})" for f in failed if not skip_for(f)}
+    )
+    assert unexpected == []
+    used = [skip_for(f) for f in failed]
+    assert [s for s in skips if s not in used] == [], "skips that no longer apply"
+    # Images pinned by digest satisfy CKV_K8S_43.
+    assert not [f for f in failed if f["check_id"] == "CKV_K8S_43" and "digests" in f["file_path"]]
+
+
+# values.schema.json ----------------------------------------------------------------------
+
+BAD_VALUES = {
+    "negative epochs": {"training": {"epochs": -1}},
+    "zero epochs": {"training": {"epochs": 0}},
+    "epochs as text": {"training": {"epochs": "ten"}},
+    "batch of one": {"training": {"batchSize": 1}},
+    "zero lr": {"training": {"lr": 0}},
+    "negative replicas": {"triton": {"replicas": -1}},
+    "port out of range": {"triton": {"ports": {"http": 70000}}},
+    "latest tag": {"images": {"pipeline": {"tag": "latest"}}},
+    "bad pull policy": {"images": {"client": {"pullPolicy": "Sometimes"}}},
+    "unknown key": {"trainning": {"epochs": 3}},
+    "zero timeout": {"waits": {"timeoutSeconds": 0}},
+    "bad size": {"persistence": {"size": "lots"}},
+    "bad env name": {"training": {"extraEnv": [{"name": "LIMIT TRAIN", "value": "1"}]}},
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_schema_rejects_bad_values(case: str) -> None:
+    assert lint(BAD_VALUES[case])["errors"] != []
+    with pytest.raises(helm_python.HelmError):
+        install_manifest(BAD_VALUES[case])
+
+
+# Structure ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict[str, Any]]:
+    return render()[0]
+
+
+def run_id_of(objects: list[dict[str, Any]]) -> str:
+    ids = {
+        o["metadata"]["annotations"]["mnist-pipeline/run-id"]
+        for o in workloads(objects)
+        if o["kind"] != "Pod"
+    }
+    assert len(ids) == 1, ids
+    return ids.pop()
+
+
+def test_the_service_selects_the_triton_pods_and_nothing_else(
+    default: list[dict[str, Any]],
+) -> None:
+    service = find(default, "Service", "triton")
+    selector = service["spec"]["selector"]
+    for obj in workloads(default):
+        labels = (obj["metadata"] if obj["kind"] == "Pod" else obj["spec"]["template"]["metadata"])[
+            "labels"
+        ]
+        selected = selector.items() <= labels.items()
+        assert selected == (obj["kind"] == "Deployment"), obj["metadata"]["name"]
+    deployment = find(default, "Deployment", "triton")
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= selector.items()
+    ports = {p["name"]: p for p in pod_spec(deployment)["containers"][0]["ports"]}
+    assert (
+        {p["targetPort"] for p in service["spec"]["ports"]}
+        == set(ports)
+        == {"http", "grpc", "metrics"}
+    )
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+def test_each_wait_targets_this_revisions_run_and_the_right_job(
+    default: list[dict[str, Any]],
+) -> None:
+    run_id = run_id_of(default)
+    train = find(default, "Job", "train")
+    export = find(default, "Job", "export")
+    client = find(default, "Job", "client")
+    triton = find(default, "Deployment", "triton")
+    service = find(default, "Service", "triton")
+
+    train_spec = pod_spec(train)
+    assert [c["name"] for c in train_spec["initContainers"]] == ["seed-data"]
+    assert train_spec["initContainers"][0]["args"][0] == "data"
+    assert arg(train_spec["containers"][0], "run-id") == run_id
+
+    (wait,) = pod_spec(export)["initContainers"]
+    assert wait["args"][:2] == ["wait", "training"]
+    assert arg(wait, "run-id") == run_id and arg(wait, "job") == train["metadata"]["name"]
+    assert arg(pod_spec(export)["containers"][0], "run-id") == run_id
+
+    (wait,) = pod_spec(triton)["initContainers"]
+    assert wait["args"][:2] == ["wait", "export"]
+    assert arg(wait, "run-id") == run_id and arg(wait, "job") == export["metadata"]["name"]
+    assert arg(wait, "model-name") == "resnet18_mnist"
+
+    (wait,) = pod_spec(client)["initContainers"]
+    host = f"{service['metadata']['name']}.ml.svc"
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert wait["args"][:2] == ["wait", "serving"]
+    assert arg(wait, "run-id") == run_id and arg(wait, "url") == f"{host}:{ports['http']}"
+    (infer,) = pod_spec(client)["containers"]
+    assert infer["args"][0] == "infer" and arg(infer, "url") == f"{host}:{ports['grpc']}"
+
+    for obj in workloads(default):
+        for c in containers(pod_spec(obj)):
+            timeouts = [a for a in c["args"] if a.startswith("--timeout=")]
+            assert not c["name"].startswith("wait-") or timeouts == ["--timeout=21600"]
+
+
+def test_run_ids_and_job_names_follow_revision_and_install(default: list[dict[str, Any]]) -> None:
+    first = run_id_of(default)
+    assert first.endswith("-r1")
+    upgraded = render({"training": {"epochs": 3}}, revision=2)[0]
+    second = run_id_of(upgraded)
+    assert second.endswith("-r2")
+    assert find(upgraded, "Job", "train")["metadata"]["name"] == "demo-mnist-pipeline-train-r2"
+    train = pod_spec(find(upgraded, "Job", "train"))["containers"][0]
+    assert {"name": "EPOCHS", "value": "3"} in train["env"]
+    # A reinstall under the same name (revision 1 again) gets a run id of its own.
+    time.sleep(1.1)
+    assert run_id_of(render()[0]) != first
+    # Within one render every object agrees, NOTES included.
+    objects, notes = render()
+    assert run_id_of(objects) in notes
+
+
+def test_claims_and_mounts_match() -> None:
+    for values, claim in [
+        ({}, "demo-mnist-pipeline-storage"),
+        (SCENARIOS["existing-claim"], "shared-mnist"),
+    ]:
+        objects, _ = render(values)
+        pvcs = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+        if values:
+            assert pvcs == []
+        else:
+            (pvc,) = pvcs
+            assert pvc["metadata"]["name"] == claim
+            assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        for obj in workloads(objects):
+            spec = pod_spec(obj)
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == claim
+            for c in containers(spec):
+                mounts = {m["name"]: m for m in c["volumeMounts"]}
+                assert set(mounts) <= set(volumes)
+                assert mounts["storage"]["mountPath"] == "/storage"
+                assert mounts["tmp"]["mountPath"] == "/tmp"
+    triton = pod_spec(find(render()[0], "Deployment", "triton"))["containers"][0]
+    assert {m["name"]: m for m in triton["volumeMounts"]}["storage"]["readOnly"] is True
+
+
+def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]]) -> None:
+    for obj in workloads(default):
+        spec = pod_spec(obj)
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in containers(spec):
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), (c["name"], kind)
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["runAsNonRoot"] is True
+            # The API token goes to the waits only.
+            has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
+            assert has_token == c["name"].startswith("wait-"), c["name"]
+    triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
+    assert triton["command"] == ["tritonserver"]
+    assert "--model-repository=/storage/models" in triton["args"]
+    assert "--model-control-mode=none" in triton["args"]
+    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    for component in ("train", "export", "client"):
+        job = find(default, "Job", component)["spec"]
+        assert job["backoffLimit"] >= 1 and job["ttlSecondsAfterFinished"] > 0
+        assert job["podFailurePolicy"]["rules"]
+
+
+def test_rbac_is_least_privilege_and_off_the_default_account(
+    default: list[dict[str, Any]],
+) -> None:
+    (role,) = [o for o in default if o["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch"]}
+    ]
+    (binding,) = [o for o in default if o["kind"] == "RoleBinding"]
+    (account,) = [o for o in default if o["kind"] == "ServiceAccount"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ml"}
+    ]
+    assert account["metadata"]["name"] != "default"
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    for obj in workloads(default):
+        uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
+        assert pod_spec(obj).get("serviceAccountName") == (
+            account["metadata"]["name"] if uses_api else None
+        )
+    objects, _ = render(SCENARIOS["no-api-no-client"])
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
+    for obj in workloads(objects):
+        assert "serviceAccountName" not in pod_spec(obj)
+
+
+def test_names_follow_release_and_namespace() -> None:
+    a, _ = render(release="alpha", namespace="ns-one")
+    b, _ = render(release="beta", namespace="ns-two")
+    cases = [(a, "alpha", "ns-one", "beta", "ns-two"), (b, "beta", "ns-two", "alpha", "ns-one")]
+    for objects, release, namespace, other_release, other_namespace in cases:
+        text = yaml.safe_dump_all(objects)
+        assert other_release not in text and other_namespace not in text
+        for obj in objects:
+            assert obj["metadata"]["name"].startswith(f"{release}-mnist-pipeline")
+            assert obj["metadata"]["namespace"] == namespace
+            assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == release
+    # The longest release name Helm allows still gives valid names (Job names carry the
+    # revision and must stay within 63 characters, the job-name label's limit).
+    longest = "r" * 53
+    for obj in render(release=longest, revision=99999)[0]:
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        assert obj["metadata"]["name"].startswith("r" * 48)
+    # The chart's own sources name no release, namespace or Service.
+    for template in (CHART / "templates").rglob("*"):
+        if template.is_file():
+            source = template.read_text()
+            assert "demo" not in source and ".svc.cluster.local" not in source, template
+
+
+def test_values_reach_the_manifests() -> None:
+    objects, _ = render(
+        {
+            "triton": {"replicas": 3},
+            "training": {"epochs": 4, "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+            "images": {
+                "pipeline": {
+                    "repository": "reg.example/ml/pipeline",
+                    "tag": "1.2.3",
+                    "pullPolicy": "Always",
+                }
+            },
+        }
+    )
+    assert find(objects, "Deployment", "triton")["spec"]["replicas"] == 3
+    train = pod_spec(find(objects, "Job", "train"))["containers"][0]
+    assert {"name": "EPOCHS", "value": "4"} in train["env"]
+    assert {"name": "LIMIT_TRAIN", "value": "512"} in train["env"]
+    assert train["image"] == "reg.example/ml/pipeline:1.2.3"
+    assert train["imagePullPolicy"] == "Always"
+
+
+def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[str, Any]]) -> None:
+    (pod,) = [o for o in default if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    service = find(default, "Service", "triton")
+    assert c["args"][0] == "infer"
+    assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
+
+
+def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
+    archive = Path(helm_python.package(str(CHART), destination=tmp_path))
+    assert archive.name == "mnist-pipeline-0.1.0.tgz"
+    with helm_python.Chart.load(str(archive)) as chart:
+        files = chart.render({}, name="demo", namespace="ml")
+    kinds = sorted(
+        doc["kind"]
+        for path, text in files.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    )
+    assert kinds == sorted(o["kind"] for o in render()[0])

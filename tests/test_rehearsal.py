@@ -1,0 +1,226 @@
+"""Rehearse the chart: its own command lines, run locally, drive the whole pipeline.
+
+Each container's command, args and env are taken from the rendered manifests, /storage is
+rewritten to a temporary folder and the Service address to local ports, and they run in
+the chart's order. The tritonserver container is mapped onto the local launcher
+(`mnist-pipeline serve`: the real Triton binary from the nvidia-pytriton wheel), with its
+own arguments and the rendered ports. The waits (initContainers) are started FIRST, before
+what they wait for, and must hold until their stage is done, then let it through.
+
+Then the same for an upgrade (revision 2, more training data) on the same volume: its
+waits ignore revision 1's artifacts, export publishes version 2 because it is better, and
+the new Triton serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helm_chart import REPO, containers, find, pod_spec, render
+
+pytestmark = pytest.mark.slow
+
+VALUES = {
+    "training": {
+        "epochs": 1,
+        "batchSize": 64,
+        "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}],
+    },
+    "client": {"requests": 20, "concurrency": 2},
+    "tests": {"requests": 5},
+    "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
+}
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Rehearsal:
+    def __init__(self, storage: Path, logs: Path, objects: list[dict[str, Any]]) -> None:
+        self.storage = storage
+        self.logs = logs
+        self.logs.mkdir(parents=True)
+        triton = pod_spec(find(objects, "Deployment", "triton"))["containers"][0]
+        service = find(objects, "Service", "triton")
+        local = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
+        self.local_port = {p["containerPort"]: local[p["name"]] for p in triton["ports"]}
+        host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+        # The Service's address → the port the local Triton listens on for that target.
+        self.addresses = {
+            f"{host}:{p['port']}": f"127.0.0.1:{local[p['targetPort']]}"
+            for p in service["spec"]["ports"]
+        }
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(logs),
+            "PYTHONPATH": str(REPO / "src"),
+        }
+
+    def rewrite(self, value: str) -> str:
+        for address, here in self.addresses.items():
+            value = value.replace(address, here)
+        return value.replace("=/storage", f"={self.storage}").replace(
+            "/storage/", f"{self.storage}/"
+        )
+
+    def argv_env(self, container: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        env = dict(self.env)
+        for var in container.get("env", []):
+            env[var["name"]] = self.rewrite(var["value"])
+        if container["command"] == ["tritonserver"]:
+            args = []
+            for a in container["args"]:
+                flag, _, value = a.partition("=")
+                if flag.endswith("-port"):
+                    value = str(self.local_port[int(value)])
+                args.append(f"{flag}={self.rewrite(value)}")
+            return [sys.executable, "-m", "mnist_pipeline", "serve", *args], env
+        assert container["command"] == ["mnist-pipeline"], container["command"]
+        args = [self.rewrite(a) for a in container["args"]]
+        return [sys.executable, "-m", "mnist_pipeline", *args], env
+
+    def start(self, container: dict[str, Any], tag: str) -> subprocess.Popen[bytes]:
+        argv, env = self.argv_env(container)
+        log = open(self.logs / f"{tag}.log", "wb")  # noqa: SIM115 (closed with the test)
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def run(self, container: dict[str, Any], tag: str, timeout: float = 600) -> None:
+        process = self.start(container, tag)
+        assert process.wait(timeout) == 0, self.log(tag)
+
+    def log(self, tag: str) -> str:
+        return f"{tag} failed:\n" + (self.logs / f"{tag}.log").read_text()[-4000:]
+
+
+def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def read(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """One release revision, in the chart's order; return its export outcome."""
+    train = pod_spec(find(objects, "Job", "train"))
+    export = pod_spec(find(objects, "Job", "export"))
+    triton = pod_spec(find(objects, "Deployment", "triton"))
+    client = pod_spec(find(objects, "Job", "client"))
+    (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
+    run_id = find(objects, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
+    inference = r.storage / "inference"
+    results_before = set(inference.iterdir()) if inference.is_dir() else set()
+
+    # Every wait starts now, before anything it waits for exists (whatever an earlier
+    # revision left on the volume).
+    (wait_training,) = export["initContainers"]
+    (wait_export,) = triton["initContainers"]
+    (wait_serving,) = client["initContainers"]
+    waits = {
+        "wait-for-training": r.start(wait_training, "wait-for-training"),
+        "wait-for-export": r.start(wait_export, "wait-for-export"),
+        "wait-for-serving": r.start(wait_serving, "wait-for-serving"),
+    }
+    server = None
+    try:
+        for container in containers(train):  # seed-data, then train
+            assert waits["wait-for-training"].poll() is None, "export started before training"
+            r.run(container, f"train-{container['name']}")
+        assert read(r.storage / "checkpoints" / run_id / "metrics.json")["status"] == "complete"
+        assert wait_exit(waits["wait-for-training"], 30) == 0, r.log("wait-for-training")
+        assert waits["wait-for-export"].poll() is None, "Triton's wait let it start before export"
+
+        (export_container,) = export["containers"]
+        r.run(export_container, "export")
+        outcome = read(r.storage / "checkpoints" / run_id / "export.json")
+        assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
+        assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
+
+        (tritonserver,) = triton["containers"]
+        server = r.start(tritonserver, "tritonserver")
+        assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
+
+        (infer,) = client["containers"]
+        r.run(infer, "client")
+        (result,) = set(inference.iterdir()) - results_before
+        latency = read(result / "latency.json")
+        assert latency["count"] == VALUES["client"]["requests"]
+        assert len(read_samples(result)) == 10
+        assert latency["model_version_served"] == str(outcome["version"])
+
+        # `helm test`: the hook Pod's command line against the same Service.
+        r.run(helm_test["spec"]["containers"][0], "helm-test")
+        assert len(set(inference.iterdir()) - results_before) == 2
+    finally:
+        for process in waits.values():
+            if process.poll() is None:
+                process.kill()
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    assert server.returncode == 0, r.log("tritonserver")
+    return outcome
+
+
+def test_install_then_upgrade_run_from_the_charts_command_lines(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    install, _ = render(VALUES, release="rehearsal", namespace="ml")
+    first = rehearse(Rehearsal(storage, tmp_path / "r1", install), install)
+    assert first["status"] == "published" and first["version"] == 1, first
+
+    # helm upgrade with more training data: a new run, trained, exported as version 2 since
+    # it is better, and the new Triton serves it.
+    more_data = {
+        **VALUES,
+        "training": {**VALUES["training"], "extraEnv": [{"name": "LIMIT_TRAIN", "value": "1536"}]},
+    }
+    upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
+    second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade), upgrade)
+    assert second["status"] == "published" and second["version"] == 2, second
+    assert sorted(p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()) == sorted(
+        find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
+        for o in (install, upgrade)
+    )
+
+
+def read_samples(folder: Path) -> list[Any]:
+    samples = json.loads((folder / "samples.json").read_text())
+    return list(samples["samples"] if isinstance(samples, dict) else samples)
+
+
+def test_a_second_revision_waits_for_its_own_run_not_the_first(tmp_path: Path) -> None:
+    """An upgrade's waits ignore the complete artifacts of the revision before it."""
+    first, _ = render(VALUES, release="rehearsal", namespace="ml")
+    second, _ = render(VALUES, release="rehearsal", namespace="ml", revision=2)
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first)
+    first_run = find(first, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
+    done = r.storage / "checkpoints" / first_run
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text('{"status": "complete"}')
+    (wait,) = pod_spec(find(second, "Job", "export"))["initContainers"]
+    wait = {**wait, "args": [*wait["args"], "--timeout=2"]}  # the last --timeout wins
+    process = r.start(wait, "wait")
+    assert process.wait(60) == 1
+    assert "gave up after 2 s" in (r.logs / "wait.log").read_text()

@@ -1,0 +1,229 @@
+"""`mnist-pipeline wait`: the chart's ordering, on artifacts and (optionally) Job status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from mnist_pipeline import waits
+from mnist_pipeline.storage import PipelineFailure, atomic_write_json
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "20261124-101010-abcd-r1"
+
+
+def wait_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", "wait", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def write_metrics(storage: Path, run_id: str, status: str, **extra: Any) -> None:
+    atomic_write_json(
+        storage / "checkpoints" / run_id / "metrics.json", {"status": status, **extra}
+    )
+
+
+def write_export(storage: Path, run_id: str, status: str, version: int | None) -> None:
+    atomic_write_json(
+        storage / "checkpoints" / run_id / "export.json",
+        {"status": status, "version": version, "reason": f"test says {status}"},
+    )
+
+
+def publish_version(storage: Path, version: int, name: str = "resnet18_mnist") -> None:
+    model = storage / "models" / name
+    (model / str(version)).mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text(f'name: "{name}"\n')
+    (model / str(version) / "model.onnx").write_bytes(b"onnx")
+
+
+def test_training_complete_passes(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=10")
+    assert r.returncode == 0, r.stderr
+
+
+def test_training_failed_fails_at_once(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "failed", error="RuntimeError: boom")
+    start = time.monotonic()
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    assert r.returncode == 1
+    assert time.monotonic() - start < 20
+    assert "boom" in r.stderr
+
+
+def test_an_earlier_runs_artifacts_never_satisfy_the_wait(tmp_path: Path) -> None:
+    # Same volume, an earlier install's run (same revision number, other install token).
+    earlier = "20251001-090000-wxyz-r1"
+    write_metrics(tmp_path, earlier, "complete")
+    write_export(tmp_path, earlier, "published", 1)
+    publish_version(tmp_path, 1)
+    r = wait_cli(
+        "export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=1.5", "--interval=0.2"
+    )
+    assert r.returncode == 1
+    assert "gave up after" in r.stderr and RUN in r.stderr
+
+
+def test_training_wait_sees_the_artifact_appear(tmp_path: Path) -> None:
+    timer = threading.Timer(1.0, write_metrics, (tmp_path, RUN, "complete"))
+    timer.start()
+    try:
+        r = wait_cli(
+            "training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=20", "--interval=0.2"
+        )
+    finally:
+        timer.cancel()
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("status", ["published", "skipped"])
+def test_export_done_with_a_servable_version_passes(tmp_path: Path, status: str) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, status, 2)
+    publish_version(tmp_path, 1)
+    publish_version(tmp_path, 2)
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=10")
+    assert r.returncode == 0, r.stderr
+
+
+def test_export_failed_fails(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "failed", None)
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    assert r.returncode == 1 and "test says failed" in r.stderr
+
+
+def test_export_wait_fails_at_once_when_training_failed(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "failed", error="diverged")
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    assert r.returncode == 1 and "diverged" in r.stderr
+
+
+def test_export_naming_a_version_that_is_not_there_fails(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "published", 3)
+    publish_version(tmp_path, 1)
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    assert r.returncode == 1 and "would not serve it" in r.stderr
+
+
+def test_serving_wait_times_out_without_triton(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "published", 1)
+    publish_version(tmp_path, 1)
+    r = wait_cli(
+        "serving",
+        f"--storage={tmp_path}",
+        f"--run-id={RUN}",
+        "--url=127.0.0.1:9",
+        "--timeout=1",
+        "--interval=0.2",
+    )
+    assert r.returncode == 1 and "waiting for Triton" in r.stderr
+
+
+def test_bad_timeout_is_a_usage_error(tmp_path: Path) -> None:
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=-1")
+    assert r.returncode == 2
+
+
+# The Kubernetes API: a stand-in API server answering GET on one namespace's Jobs, as the
+# real one does (no cluster can run here).
+
+
+class FakeJobs(BaseHTTPRequestHandler):
+    jobs: ClassVar[dict[str, dict[str, Any]]] = {}
+    seen_auth: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.seen_auth.append(self.headers.get("Authorization", ""))
+        prefix = "/apis/batch/v1/namespaces/ml/jobs/"
+        name = self.path.removeprefix(prefix)
+        job = self.jobs.get(name) if self.path.startswith(prefix) else None
+        body = json.dumps(job or {"kind": "Status", "code": 404}).encode()
+        self.send_response(200 if job else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[waits.KubeApi]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJobs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    FakeJobs.jobs, FakeJobs.seen_auth = {}, []
+    yield waits.KubeApi(f"http://127.0.0.1:{server.server_port}", "ml", token_file=token)
+    server.shutdown()
+
+
+def job(condition: str | None, reason: str = "") -> dict[str, Any]:
+    conditions = [{"type": condition, "status": "True", "reason": reason}] if condition else []
+    return {"kind": "Job", "status": {"conditions": conditions}}
+
+
+def test_a_failed_job_fails_the_wait_although_its_artifact_says_running(
+    tmp_path: Path, api: waits.KubeApi
+) -> None:
+    # OOM-killed until backoffLimit: the pod never got to write "failed".
+    write_metrics(tmp_path, RUN, "running")
+    FakeJobs.jobs["demo-train-r1"] = job("Failed", "BackoffLimitExceeded")
+    w = waits.Wait("training", timeout=30, interval=0.1, api=api, job="demo-train-r1")
+    with pytest.raises(PipelineFailure, match="BackoffLimitExceeded"):
+        w.run(waits.training_check(tmp_path, RUN))
+    assert FakeJobs.seen_auth[-1] == "Bearer secret-token"
+
+
+def test_a_deleted_job_leaves_the_artifacts_to_decide(tmp_path: Path, api: waits.KubeApi) -> None:
+    # ttlSecondsAfterFinished removed the Job long ago; the run's artifacts remain.
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "published", 1)
+    publish_version(tmp_path, 1)
+    w = waits.Wait("export", timeout=5, interval=0.1, api=api, job="demo-export-r1")
+    w.run(waits.export_check(tmp_path, RUN, "resnet18_mnist"))
+    assert waits.KubeApi.job_state(api, "demo-export-r1") == waits.JobState("absent")
+
+
+def test_a_complete_job_without_its_artifact_fails(tmp_path: Path, api: waits.KubeApi) -> None:
+    FakeJobs.jobs["demo-train-r1"] = job("Complete")
+    w = waits.Wait("training", timeout=30, interval=0.1, api=api, job="demo-train-r1")
+    with pytest.raises(PipelineFailure, match="same volume"):
+        w.run(waits.training_check(tmp_path, RUN))
+
+
+def test_an_active_job_keeps_the_wait_going(tmp_path: Path, api: waits.KubeApi) -> None:
+    FakeJobs.jobs["demo-train-r1"] = job(None)
+    threading.Timer(0.5, write_metrics, (tmp_path, RUN, "complete")).start()
+    w = waits.Wait("training", timeout=20, interval=0.1, api=api, job="demo-train-r1")
+    w.run(waits.training_check(tmp_path, RUN))
+
+
+def test_in_cluster_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert waits.KubeApi.in_cluster(None, sa_dir=tmp_path) is None
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "namespace").write_text("team-b\n")
+    found = waits.KubeApi.in_cluster(None, sa_dir=tmp_path)
+    assert found is not None
+    assert found.namespace == "team-b" and found.base_url == "https://10.0.0.1:443"
