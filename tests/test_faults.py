@@ -451,7 +451,8 @@ def test_server_killed_mid_run_fails_clearly_and_keeps_measurements(
                 client.wait()
     assert client.returncode == 1, err[-3000:]
     assert time.monotonic() - killed < 30  # retried within its bound, then gave up
-    assert "inference failed" in err and "request" in err
+    assert "server unavailable" in err and "retrying for up to 3 s" in err
+    assert "inference failed" in err and "server unavailable for 3 s" in err
     assert "Traceback" not in err
     (out,) = (storage / "inference").iterdir()
     report = json.loads((out / "latency.json").read_text())
@@ -459,6 +460,45 @@ def test_server_killed_mid_run_fails_clearly_and_keeps_measurements(
     assert report["p50_ms"] > 0 and report["accuracy"] is not None
     assert len(json.loads((out / "samples.json").read_text())) == 10
     assert (out / "inference.log").is_file()
+
+
+def test_server_restarted_mid_run_lets_the_client_finish(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
+    """A Triton pod restarted under the client: requests are retried until it is back."""
+    storage = copy_storage(base, tmp_path / "s")
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
+    first = LocalTriton(storage / "models", workdir=tmp_path / "t1", **ports)
+    second = LocalTriton(storage / "models", workdir=tmp_path / "t2", **ports)
+    client = None
+    try:
+        with first:
+            client = subprocess.Popen(
+                [sys.executable, "-m", "mnist_pipeline", "infer", "--storage", str(storage),
+                 "--url", first.grpc_url, "--timeout", "120", "--requests", "2000",
+                 "--warmup", "0"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            deadline = time.monotonic() + 60
+            while served_count(first) < 20:
+                assert client.poll() is None, client.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "the client sent nothing"
+                time.sleep(0.1)
+            assert first.process is not None
+            os.kill(first.process.pid, signal.SIGKILL)
+        with second:
+            _, err = client.communicate(timeout=300)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        first.stop()
+        second.stop()
+    assert client.returncode == 0, err[-3000:]
+    assert "server unavailable" in err and "retrying" in err
+    (out,) = (storage / "inference").iterdir()
+    report = json.loads((out / "latency.json").read_text())
+    assert report["status"] == "complete" and report["count"] == 2000 and report["errors"] == 0
 
 
 # 6. Hostile requests ------------------------------------------------------------------------

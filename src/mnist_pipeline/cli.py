@@ -406,7 +406,8 @@ def client_options(f: F) -> F:
                 type=click.FloatRange(min=0, min_open=True),
                 default=d.timeout,
                 show_envvar=True,
-                help="Seconds to wait for the server and the model to be ready.",
+                help="Seconds to wait for the server and the model to be ready, and to "
+                "retry a request while the server is unreachable.",
             ),
             click.option(
                 "--request-timeout",
