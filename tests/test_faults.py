@@ -198,19 +198,20 @@ def triton(repo: Path, workdir: Path) -> Iterator[LocalTriton]:
 
 # 1. Training killed while writing a checkpoint ---------------------------------------------
 
-TRAIN_KILL = "--epochs 1 --checkpoint-every 5".split()
+# 10 steps: resume.pth after steps 3, 6 and 9 and at the epoch's end, then model.pth.
+SHORT = "--epochs 1 --checkpoint-every 3 --limit-train 500 --limit-test 500 --batch-size 50"
+TRAIN_KILL = SHORT.split()
 
 
 @pytest.mark.parametrize(
     ("save_call", "file", "epoch", "step"),
-    # 20 steps: resume.pth after steps 5, 10 and 15 and at the epoch's end, then model.pth.
-    [(2, "resume.pth", 0, 5), (5, "model.pth", 1, 0)],
+    [(2, "resume.pth", 0, 3), (5, "model.pth", 1, 0)],
     ids=["resume.pth", "model.pth"],
 )
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(
     storage: Path, save_call: int, file: str, epoch: int, step: int
 ) -> None:
-    args = ["train", "--storage", storage, "--run-id", "k", *TRAIN_KILL, *TINY]
+    args = ["train", "--storage", storage, "--run-id", "k", *TRAIN_KILL]
     killed_at("torch", "save", "half", save_call, *args)
     out = run_dir(storage, "k")
     assert temp_files(out, file), "the half-written file should be there, under a temp name"
@@ -225,7 +226,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(
     no_traceback(refused)
 
     resumed = cli(*args, check=True)
-    assert f"resuming run k at epoch {epoch + 1}, step {step}/20" in resumed.stderr
+    assert f"resuming run k at epoch {epoch + 1}, step {step}/10" in resumed.stderr
     assert "left by an interrupted checkpoint write" in resumed.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pth", "train.log"]
     model.from_checkpoint(torch.load(out / "model.pth", weights_only=True))
@@ -361,7 +362,7 @@ def test_train_refuses_a_damaged_resume_checkpoint(
         torch.save({"weights": torch.zeros(3)}, state)
     content = state.read_bytes()
 
-    args = ["train", "--storage", storage, "--run-id", "r", *TINY]
+    args = ["train", "--storage", storage, "--run-id", "r", *TRAIN_KILL]
     result = cli(*args)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{state}: cannot resume run r from it" in result.stderr
@@ -673,7 +674,7 @@ def test_checkpoint_write_on_a_full_volume_keeps_the_previous_checkpoint(
     (storage / "data").symlink_to(mnist_storage / "data")  # only checkpoints on the volume
     out = run_dir(storage, "full")
     out.mkdir(parents=True)
-    args = ["train", "--storage", storage, "--run-id", "full", *TRAIN_KILL, *TINY]
+    args = ["train", "--storage", storage, "--run-id", "full", *TRAIN_KILL]
     # Room for one resume.pth (~90 MB) and the logs, not for a second beside it.
     fill(volume, leave=130 << 20)
     result = cli(*args)
@@ -681,14 +682,14 @@ def test_checkpoint_write_on_a_full_volume_keeps_the_previous_checkpoint(
     assert f"No space left on device: {out / 'resume.pth'}" in result.stderr
     no_traceback(result)
     state = torch.load(out / "resume.pth", weights_only=True)
-    assert (state["epoch"], state["step_in_epoch"]) == (0, 5)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 3)
     assert_no_temp_files(storage)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "No space left" in metrics["error"]
 
     (volume / "ballast").unlink()  # space freed: the run goes on from where it stopped
     resumed = cli(*args, check=True)
-    assert "resuming run full at epoch 1, step 5/20" in resumed.stderr
+    assert "resuming run full at epoch 1, step 3/10" in resumed.stderr
     model.from_checkpoint(torch.load(out / "model.pth", weights_only=True))
 
 
