@@ -1,8 +1,9 @@
-"""Shared fixtures: real MNIST placed once per session, fresh storage folders per test;
-for the serving tests, one real pipeline run and one real local Triton.
+"""Shared fixtures.
 
-Training and server starts are what cost time on 2 cores, so they happen once per
-session; every server started here is stopped by a finaliser, also when a test fails.
+MNIST is placed once per session and copied into a fresh storage folder per test. The
+serving tests share one real pipeline run and one real local Triton: training and server
+starts are what cost time on 2 cores. Every server started here is stopped by a finaliser,
+also when a test fails.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -68,7 +70,7 @@ LIMIT_TRAIN = "5000"
 @dataclass(frozen=True)
 class PipelineRun:
     storage: Path
-    result: subprocess.CompletedProcess[str]
+    result: CompletedProcess[str]
     grpc_port: int
     inference: Path  # the folder its client wrote
 

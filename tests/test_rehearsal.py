@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 
 from helm_chart import REPO, containers, find, pod_spec, render
+from serving_helpers import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,6 @@ VALUES = {
     "tests": {"requests": 5},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
 }
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Rehearsal:

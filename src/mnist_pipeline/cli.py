@@ -184,6 +184,13 @@ def data(storage: Path, source: Path | None) -> None:
     default=200,
     help="Also save a resumable checkpoint every N steps (0: epochs only).",
 )
+@click.option(
+    "--eval-every",
+    envvar="EVAL_EVERY",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also measure test accuracy every N steps (0: at epoch ends only).",
+)
 @stage
 def train(
     storage: Path,
@@ -201,6 +208,7 @@ def train(
     device: str,
     threads: int,
     checkpoint_every: int,
+    eval_every: int,
 ) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
@@ -228,6 +236,7 @@ def train(
         device=device,
         threads=threads,
         checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
     )
 
 

@@ -23,7 +23,6 @@ import ctypes
 import functools
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import signal
@@ -43,7 +42,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from mnist_pipeline import repository
-from mnist_pipeline.storage import PipelineFailure, UsageError
+from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -83,16 +82,6 @@ def locate_triton() -> TritonDist:
         if not path.exists():
             raise UsageError(f"{path}: missing from the nvidia-pytriton wheel (Python {version}?)")
     return dist
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota."""
-    cpus = len(os.sched_getaffinity(0))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    return cpus
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,17 @@ class PipelineFailure(Exception):
     """The stage could not finish for a reason other than its input. Exit code 1."""
 
     exit_code = 1
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a pod's
+    CPU limit), so that a container does not start a thread per core of the node."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
 
 
 def raw_data_dir(storage: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mnist_pipeline.storage import (
     UsageError,
     atomic_open,
     atomic_write_json,
+    available_cpus,
     read_json,
     run_dir,
     temp_files,
@@ -89,18 +89,6 @@ def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(net.parameters(), lr=cfg.lr)
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a pod's limit)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,8 +239,12 @@ def train(
     device: str = "auto",
     threads: int = 0,
     checkpoint_every: int = 200,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete."""
+    """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
+
+    Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
+    test accuracy is measured too (metrics["evals"], for accuracy-against-time curves)."""
     cfg.validate()
     run_id = run_id or default_run_id()
     out = run_dir(storage, run_id)
@@ -277,6 +269,7 @@ def train(
         "status": "running",
         "hyperparameters": dataclasses.asdict(cfg),
         "history": [],
+        "evals": [],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
@@ -291,6 +284,7 @@ def train(
             resolve_device(device),
             threads,
             checkpoint_every,
+            eval_every,
         )
     except BaseException as e:
         # A kill leaves status "running" (and resume.pth); an error says what it was.
@@ -318,6 +312,7 @@ def _train(
     device: torch.device,
     threads: int,
     checkpoint_every: int,
+    eval_every: int,
 ) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(threads or available_cpus())
@@ -361,7 +356,9 @@ def _train(
             raise unusable_resume_state(state_path, run_id, str(e).splitlines()[0]) from e
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         train_seconds, partial = state["train_seconds"], state["partial"]
-        metrics.update(history=state["history"], started_at=state["started_at"])
+        metrics.update(
+            history=state["history"], evals=state["evals"], started_at=state["started_at"]
+        )
         log.info(
             "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
             run_id,
@@ -393,9 +390,27 @@ def _train(
             "train_seconds": train_seconds,
             "partial": partial,
             "history": metrics["history"],
+            "evals": metrics["evals"],
             "started_at": metrics["started_at"],
         }
         save_checkpoint(state, state_path)
+
+    def record_eval(global_step: int, accuracy: float) -> None:
+        metrics["evals"].append(
+            {
+                "step": global_step,
+                "epoch": round(global_step / steps_per_epoch, 3),
+                "train_seconds": round(train_seconds, 2),
+                "test_accuracy": accuracy,
+            }
+        )
+        log.info(
+            "step %d (epoch %.2f): test accuracy %.4f after %.1f s of training",
+            global_step,
+            global_step / steps_per_epoch,
+            accuracy,
+            train_seconds,
+        )
 
     rx0, tx0 = network_bytes()
     net.train()
@@ -430,8 +445,13 @@ def _train(
                 and step + 1 < steps_per_epoch
             ):
                 train_seconds += time.monotonic() - t0
-                t0 = time.monotonic()
                 save_state(epoch, step + 1)
+                t0 = time.monotonic()
+            global_step = epoch * steps_per_epoch + step + 1
+            if eval_every and global_step % eval_every == 0 and step + 1 < steps_per_epoch:
+                train_seconds += time.monotonic() - t0
+                record_eval(global_step, evaluate(net, x_test, y_test)[1])
+                t0 = time.monotonic()
         progress.close()
         train_seconds += time.monotonic() - t0
         epoch_seconds = train_seconds - sum(h["train_seconds"] for h in metrics["history"])
@@ -449,6 +469,8 @@ def _train(
             "lr_end": optimizer.param_groups[0]["lr"],
         }
         metrics["history"].append(record)
+        if eval_every:
+            record_eval((epoch + 1) * steps_per_epoch, test_acc)
         log.info(
             "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
             epoch + 1,

@@ -1,0 +1,54 @@
+"""The README's command lines are real: each `mnist-pipeline ...` example parses with the
+CLI's own options, and each `make` target it names exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from mnist_pipeline.cli import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def shell_lines() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split("#")[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+def pipeline_examples() -> list[list[str]]:
+    examples = []
+    for line in shell_lines():
+        words = shlex.split(line)
+        while words and "=" in words[0]:  # VAR=value prefixes
+            words = words[1:]
+        if words and Path(words[0]).name == "mnist-pipeline":
+            examples.append(words[1:])
+    return examples
+
+
+def test_readme_has_examples_of_every_stage() -> None:
+    used = {words[0] for words in pipeline_examples() if words}
+    assert {"data", "train", "export", "serve", "infer", "run"} <= used
+
+
+@pytest.mark.parametrize("args", pipeline_examples(), ids=" ".join)
+def test_readme_example_parses(args: list[str]) -> None:
+    if args == ["--help"]:
+        return
+    command = cli.get_command(click.Context(cli), args[0])
+    assert command is not None, f"no command {args[0]!r}"
+    # Parsing checks every option name and value type without running the stage.
+    command.make_context(args[0], args[1:])
+
+
+def test_readme_make_targets_exist() -> None:
+    makefile = (README.parent / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    named = {line.split()[1] for line in shell_lines() if line.startswith("make ")}
+    assert named and named <= targets, named - targets
