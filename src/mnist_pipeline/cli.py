@@ -54,10 +54,18 @@ def stage(f: F) -> F:
             sys.exit(130)
         except OSError as e:
             # Storage read-only, full or missing: say which file and why, not a traceback.
-            log.error("%s", e)
+            log.error("%s", describe_os_error(e))
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device: /storage/checkpoints/x/resume.pth' rather than Python's
+    "[Errno 28] No space left on device: '/storage/…'"."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
 
 
 def unwind_on_sigterm() -> None:
@@ -407,7 +415,8 @@ def client_options(f: F) -> F:
                 type=click.FloatRange(min=0, min_open=True),
                 default=d.timeout,
                 show_envvar=True,
-                help="Seconds to wait for the server and the model to be ready.",
+                help="Seconds to wait for the server and the model to be ready, and to "
+                "retry a request while the server is unreachable.",
             ),
             click.option(
                 "--request-timeout",

@@ -51,7 +51,7 @@ class InferConfig:
     concurrency: int = 1
     images_per_request: int = 1
     warmup: int = 20
-    timeout: float = 60.0  # waiting for the server and the model to be ready
+    timeout: float = 60.0  # waiting for the server to be ready, or to come back mid-run
     request_timeout: float = 30.0  # one request
     max_seconds: float = 600.0  # the whole measurement: a slow server cannot hold the client
 
@@ -242,6 +242,36 @@ class Driver:
         logits = result.as_numpy(self.info.output_name).reshape(len(idx), -1)
         return elapsed_ms, logits, result.get_response().model_version
 
+    def _send_retrying(
+        self, client: Any, request: int, idx: np.ndarray
+    ) -> tuple[float, np.ndarray, str]:
+        """Send one request; while the server is unreachable (a Triton pod restarting, a
+        dropped connection) retry it with backoff for up to cfg.timeout seconds. Only the
+        attempt that is answered is timed; any other error fails at once."""
+        deadline, delay = None, 0.1
+        while True:
+            try:
+                return self._send(client, idx)
+            except Exception as e:
+                if not is_unavailable(e) or self.stop.is_set():
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.cfg.timeout
+                    log.warning(
+                        "request %d: server unavailable (%s); retrying for up to %.0f s",
+                        request,
+                        str(e).splitlines()[0],
+                        self.cfg.timeout,
+                    )
+                if now >= deadline:
+                    raise PipelineFailure(
+                        f"server unavailable for {self.cfg.timeout:.0f} s "
+                        f"(last: {str(e).splitlines()[0]})"
+                    ) from e
+                time.sleep(min(delay, deadline - now))
+                delay = min(2.0, delay * 2)
+
     def drive(self, count: int, record: bool) -> float:
         """Send requests 0 … count-1; return the wall time. Stops at the first error."""
         stop = self.stop = threading.Event()
@@ -260,7 +290,7 @@ class Driver:
                     return
                 idx = self.indices(request)
                 try:
-                    elapsed_ms, logits, version = self._send(client, idx)
+                    elapsed_ms, logits, version = self._send_retrying(client, request, idx)
                 except Exception as e:
                     self._fail(f"request {request}: {str(e).splitlines()[0]}", stop)
                     return
@@ -291,6 +321,13 @@ class Driver:
             for i, row in zip(idx.tolist(), logits, strict=True):
                 if i < SAMPLES:  # requests start at test image 0: the same samples every run
                     self.outputs[i] = row
+
+
+def is_unavailable(e: Exception) -> bool:
+    """gRPC UNAVAILABLE: nothing answered (refused, reset, no route), so the request can be
+    sent again; errors the server returned are final."""
+    status = getattr(e, "status", None)
+    return callable(status) and status() == "StatusCode.UNAVAILABLE"
 
 
 def new_output_dir(storage: Path) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.storage import UsageError, fsync_dir, raw_data_dir
+from mnist_pipeline.storage import UsageError, fsync_dir, naming, raw_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def place(storage: Path, source: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".staging-"))
     try:
         for spec, content in contents:
-            with open(staging / spec.name, "wb") as f:
+            with naming(dest / spec.name), open(staging / spec.name, "wb") as f:
                 f.write(content)
                 f.flush()
                 os.fsync(f.fileno())

@@ -270,6 +270,25 @@ def update_best_link(storage: Path, checkpoint: Path) -> None:
     fsync_dir(link.parent)
 
 
+def repair_best_link(storage: Path, champion: repository.Champion) -> None:
+    """Point best_model.pth at the served version's checkpoint if it does not: an export
+    killed between publishing a version and moving the link leaves it on the one before."""
+    source = champion.metadata.get("source_model")
+    if not isinstance(source, str):
+        return
+    checkpoint = Path(source) if Path(source).is_absolute() else storage / source
+    link = best_model_link(storage)
+    if not checkpoint.is_file() or (link.is_symlink() and link.resolve() == checkpoint.resolve()):
+        return
+    log.warning(
+        "%s did not point at %s, the checkpoint of the served version %d: repaired",
+        link,
+        checkpoint,
+        champion.version,
+    )
+    update_best_link(storage, checkpoint)
+
+
 def relative_to_storage(storage: Path, path: Path) -> str:
     try:
         return path.resolve().relative_to(storage.resolve()).as_posix()
@@ -327,6 +346,8 @@ def export(
     with repository.locked(storage, cfg.name):
         repository.clean_stale(storage, cfg.name)
         champion = repository.champion(repository.model_dir(storage, cfg.name))
+        if champion is not None:
+            repair_best_link(storage, champion)
         if champion is not None and not candidate.accuracy > champion.accuracy + min_improvement:
             reason = (
                 f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "

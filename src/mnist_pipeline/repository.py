@@ -32,6 +32,7 @@ from mnist_pipeline.storage import (
     atomic_write_text,
     fsync_dir,
     models_dir,
+    naming,
     read_json,
 )
 
@@ -208,7 +209,7 @@ def clean_stale(storage: Path, name: str) -> None:
 
 def _fill_version(folder: Path, files: dict[str, bytes], metadata: dict[str, Any]) -> None:
     for filename, content in files.items():
-        with open(folder / filename, "wb") as f:
+        with naming(folder / filename), open(folder / filename, "wb") as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())

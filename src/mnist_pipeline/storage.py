@@ -75,21 +75,45 @@ def inference_dir(storage: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of `path`; on success fsync it and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a later stage running as another user
+def naming(path: Path) -> Iterator[None]:
+    """Let an OSError that names no file (ENOSPC from write(), EIO from fsync()) name `path`,
+    so that the stage's one-line error says which file could not be written."""
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def temp_files(directory: Path, name: str) -> list[Path]:
+    """The temporary siblings atomic_open makes for `directory/name`: a process killed while
+    writing leaves its own behind, never under the real name."""
+    return sorted(directory.glob(f".{name}.*.tmp"))
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of `path`; on success fsync it and rename it over `path`.
+
+    On any failure (a full or read-only volume included) the temporary file is removed
+    and `path` keeps its previous content; the error names `path`.
+    """
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        # mkstemp's 0600 would hide it from a later stage running as another user.
+        os.chmod(tmp, 0o644)
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     fsync_dir(path.parent)
 
 

@@ -32,6 +32,7 @@ from mnist_pipeline.storage import (
     available_cpus,
     read_json,
     run_dir,
+    temp_files,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,69 @@ def to_tensors(
     return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
+RESUME_KEYS = frozenset(
+    {
+        "config",
+        "model",
+        "optimizer",
+        "epoch",
+        "step_in_epoch",
+        "train_seconds",
+        "partial",
+        "history",
+        "started_at",
+    }
+)
+
+
+def unusable_resume_state(path: Path, run_id: str, why: str) -> UsageError:
+    return UsageError(
+        f"{path}: cannot resume run {run_id} from it ({why}); delete it to train this run "
+        "from the start, or pick a new --run-id"
+    )
+
+
+def load_resume_state(path: Path, run_id: str, device: torch.device) -> dict[str, Any]:
+    """resume.pth, loaded weights-only; a damaged or foreign file is bad input, not a crash.
+
+    Checkpoints are written atomically, so a damaged one was damaged after the fact (disk,
+    copy, a hand edit): resuming from it is never right, and the user decides what to do.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # whatever the bytes are, the file is unusable
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise unusable_resume_state(path, run_id, f"weights only load: {first_line}") from e
+    if not isinstance(state, dict) or not state.keys() >= RESUME_KEYS:
+        raise unusable_resume_state(path, run_id, "not a resume checkpoint of this project")
+    return state
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """torch.save through atomic_open: `path` is the old file or the new one, never half.
+
+    torch's zip writer reports a failed write (ENOSPC, EIO) as a RuntimeError about file
+    positions; the OSError behind it, naming `path`, is what the user needs to read.
+    """
+    with atomic_open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:
+                raise OSError(cause.errno, cause.strerror, str(path)) from e
+            raise
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Drop the temporary files a killed run left while writing a checkpoint: they are
+    never read (only complete files are renamed into place) but hold up to ~90 MB each."""
+    for name in ("resume.pth", "model.pth", "metrics.json"):
+        for tmp in temp_files(out, name):
+            log.warning("removing %s, left by an interrupted checkpoint write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def train(
     storage: Path,
     cfg: TrainConfig,
@@ -195,6 +259,7 @@ def train(
             )
             return dict(previous)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
 
     file_log = logging.FileHandler(out / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -225,7 +290,10 @@ def train(
         # A kill leaves status "running" (and resume.pth); an error says what it was.
         if not isinstance(e, KeyboardInterrupt | SystemExit):
             metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
-            atomic_write_json(metrics_path, metrics)
+            try:
+                atomic_write_json(metrics_path, metrics)
+            except OSError as record_error:  # a full volume: the original error matters more
+                log.warning("could not record the failure in %s: %s", metrics_path, record_error)
             log.error("training run %s failed: %s", run_id, e)
         raise
     finally:
@@ -275,14 +343,17 @@ def _train(
     partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}
 
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_resume_state(state_path, run_id, device)
         if state["config"] != dataclasses.asdict(cfg):
             raise UsageError(
                 f"run {run_id} was started with other settings ({state['config']}); "
                 "resume it with those, or start a new --run-id"
             )
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise unusable_resume_state(state_path, run_id, str(e).splitlines()[0]) from e
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         train_seconds, partial = state["train_seconds"], state["partial"]
         metrics.update(
@@ -322,8 +393,7 @@ def _train(
             "evals": metrics["evals"],
             "started_at": metrics["started_at"],
         }
-        with atomic_open(state_path, "wb") as f:
-            torch.save(state, f)
+        save_checkpoint(state, state_path)
 
     def record_eval(global_step: int, accuracy: float) -> None:
         metrics["evals"].append(
@@ -426,8 +496,7 @@ def _train(
         epochs=cfg.epochs,
         normalize={"mean": data.MEAN, "std": data.STD},
     )
-    with atomic_open(out / "model.pth", "wb") as f:
-        torch.save(payload, f)
+    save_checkpoint(payload, out / "model.pth")
     metrics.update(
         status="complete",
         test_accuracy=final_acc,
