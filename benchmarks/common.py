@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import statistics
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -12,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mnist_pipeline.serve import free_ports
+
+__all__ = ["free_ports", "load_average", "machine", "median_of", "percentiles"]
 
 
 def percentiles(latencies_ms: list[float]) -> dict[str, float]:
@@ -23,18 +26,6 @@ def median_of(repeats: int, measure: Callable[[], dict[str, float]]) -> dict[str
     """Each key's median over `repeats` rounds of `measure`."""
     rounds = [measure() for _ in range(repeats)]
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-
-
-def free_ports(n: int) -> list[int]:
-    """n loopback ports nobody listens on now."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def load_average() -> list[float]:

@@ -1,12 +1,17 @@
-"""Helpers shared by the serving tests: the CLI, free ports, Triton processes in /proc."""
+"""Helpers shared by the tests: the CLI, free ports, Triton processes in /proc, tree snapshots."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from mnist_pipeline.serve import free_ports
+
+__all__ = ["cli", "free_ports", "pid_alive", "snapshot", "triton_processes"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +26,6 @@ def cli(
         timeout=timeout,
         env=env,
     )
-
-
-def free_ports(n: int) -> list[int]:
-    """n loopback ports nobody listens on now (other test runs share this machine)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def triton_processes(marker: str) -> list[tuple[int, str]]:
@@ -59,3 +52,19 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Every path under root with its content hash (or link target): any change shows."""
+    if not root.exists():
+        return {}
+    state: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            state[key] = ("link", os.readlink(path))
+        elif path.is_file():
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[key] = "dir"
+    return state

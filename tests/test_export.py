@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from mnist_pipeline import data, export, repository
 from mnist_pipeline.storage import PipelineFailure, UsageError
+from serving_helpers import snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -40,22 +41,6 @@ def cli(
     if check is not None:
         assert result.returncode == check, result.stderr
     return result
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every path under root with its content hash (or link target): any change shows."""
-    if not root.exists():
-        return {}
-    state: dict[str, Any] = {}
-    for path in sorted(root.rglob("*")):
-        key = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            state[key] = ("link", os.readlink(path))
-        elif path.is_file():
-            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            state[key] = "dir"
-    return state
 
 
 def copy_storage(source: Path, dest: Path) -> Path:

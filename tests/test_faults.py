@@ -37,7 +37,7 @@ from conftest import cli
 from mnist_pipeline import data, model, repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.storage import raw_data_dir, run_dir, temp_files
-from serving_helpers import free_ports, triton_processes
+from serving_helpers import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -96,20 +96,6 @@ def killed_at(
 
 def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every path under root with its content hash (or link target): any change shows."""
-    state: dict[str, Any] = {}
-    for path in sorted(root.rglob("*")) if root.exists() else []:
-        key = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            state[key] = ("link", os.readlink(path))
-        elif path.is_file():
-            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            state[key] = "dir"
-    return state
 
 
 def visible_versions_are_complete(storage: Path) -> list[int]:
