@@ -11,7 +11,14 @@ DOCKER   ?= docker
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench images push-images clean
+# Triton's onnxruntime backend, built from source (scripts/build_triton_backend.sh; skipped
+# when its pins are unchanged). TRITON_SOURCES=DIR builds from the archives in DIR, checked
+# against DIR/SHA256SUMS (CI: ../shared/vendor); unset, the sources come from GitHub.
+BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
+# perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
+PERF_VENV ?= .venv-perf
+
+.PHONY: run test lint bench backend images push-images clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +27,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: $(BIN)/.installed
-	$(BIN)/mnist-pipeline run --storage $(STORAGE)
+backend: $(BIN)/.installed
+	PYTHON=$(BIN)/python scripts/build_triton_backend.sh $(BACKEND_DIR)
+
+run: backend
+	TRITON_BACKEND_DIR=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
@@ -31,16 +41,23 @@ lint: $(BIN)/.installed
 # The benchmark suite (several minutes): docs/BENCHMARKS.md, docs/benchmarks/*.png and
 # results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
 BENCH_ARGS ?= --out docs
-bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+bench: backend $(PERF_VENV)/bin/perf_analyzer
+	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(PERF_VENV)/bin/perf_analyzer \
+	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# Needs libb64.so.0d at load (Debian: libb64-0d); libcudart comes from the wheel below.
+$(PERF_VENV)/bin/perf_analyzer:
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
+	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12
 
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
-test: lint $(CHECKOV_VENV)/bin/checkov
-	$(BIN)/pytest
+test: lint backend $(CHECKOV_VENV)/bin/checkov
+	TRITON_BACKEND_DIR=$(BACKEND_DIR) $(BIN)/pytest
 
 images:
 	$(DOCKER) build -f docker/pipeline.Dockerfile -t $(REGISTRY)/pipeline:$(TAG) .
@@ -51,4 +68,4 @@ push-images: images
 	$(DOCKER) push $(REGISTRY)/client:$(TAG)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache

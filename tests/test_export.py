@@ -226,6 +226,9 @@ def test_config_parses_with_tritons_proto_and_has_the_original_values(
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     assert config.optimization.input_pinned_memory.enable
     assert config.optimization.output_pinned_memory.enable
+    # 2 server CPUs shared by 2 instances: one ONNX Runtime thread each.
+    threads = {k: v.string_value for k, v in config.parameters.items()}
+    assert threads == {"intra_op_thread_count": "1", "inter_op_thread_count": "1"}
 
 
 def test_a_failed_publication_leaves_the_repository_as_it_was(
@@ -259,6 +262,25 @@ def test_config_options_override_each_value() -> None:
     assert not config.HasField("optimization")
     with pytest.raises(ValueError, match="preferred batch sizes"):
         repository.render_config(repository.TritonConfig(preferred_batch_sizes=(32,)))
+
+
+@pytest.mark.parametrize(
+    ("server_cpus", "instances", "threads"), [(2, 2, 1), (8, 2, 4), (7, 2, 3), (2, 4, 1), (1, 1, 1)]
+)
+def test_onnxruntime_threads_share_the_server_cpus_between_instances(
+    server_cpus: int, instances: int, threads: int
+) -> None:
+    cfg = repository.TritonConfig(server_cpus=server_cpus, instance_count=instances)
+    config = repository.parse_config(repository.render_config(cfg))
+    assert config.parameters["intra_op_thread_count"].string_value == str(threads)
+    assert config.parameters["inter_op_thread_count"].string_value == "1"
+
+
+def test_server_cpus_comes_from_the_environment(tmp_path: Path) -> None:
+    result = cli("export", "--help")
+    assert "--server-cpus" in result.stdout and "SERVER_CPUS" in result.stdout
+    refused = cli("export", "--storage", tmp_path, check=2, env={"SERVER_CPUS": "0"})
+    assert "server-cpus" in refused.stderr
 
 
 def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:

@@ -282,7 +282,21 @@ def server_options(f: F) -> F:
     return f
 
 
-@cli.command()
+def backend_option(f: F) -> F:
+    from mnist_pipeline.serve import DEFAULT_BACKEND_DIR
+
+    return click.option(
+        "--backend-directory",
+        envvar="TRITON_BACKEND_DIR",
+        show_envvar=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_BACKEND_DIR,
+        help="Triton backends folder holding onnxruntime/libtriton_onnxruntime.so "
+        "(built by `make backend`).",
+    )(f)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
 @storage_option
 @click.option(
     "--model-repository",
@@ -298,17 +312,10 @@ def server_options(f: F) -> F:
     show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the derived repository and triton.log, kept afterwards. "
-    "Default: a temporary folder, removed on exit.",
+    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on exit.",
 )
 @server_options
-@click.option(
-    "--model-control-mode",
-    type=click.Choice(["none"]),
-    default="none",
-    help="Accepted for command-line compatibility with tritonserver: the "
-    "repository is loaded once at start.",
-)
+@backend_option
 @click.option(
     "--log-verbose",
     envvar="TRITON_LOG_VERBOSE",
@@ -317,6 +324,7 @@ def server_options(f: F) -> F:
     show_envvar=True,
     help="Triton's own log verbosity.",
 )
+@click.argument("triton_args", nargs=-1, type=click.UNPROCESSED)
 @stage
 def serve(
     storage: Path,
@@ -327,16 +335,18 @@ def serve(
     http_port: int,
     metrics_port: int,
     ready_timeout: float,
-    model_control_mode: str,
+    backend_directory: Path,
     log_verbose: int,
+    triton_args: tuple[str, ...],
 ) -> None:
     """Serve the model repository with a local Triton Inference Server until stopped.
 
-    Runs the real tritonserver from the nvidia-pytriton wheel. That build has only the
-    python backend, so each onnxruntime_onnx model is served through a derived
-    python-backend twin (same name, versions, tensors, batching and instances) that runs
-    the model.onnx with onnxruntime. In Kubernetes the official Triton image serves the
-    repository as it is. Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
+    \b
+    Runs the tritonserver 2.51 bundled in the nvidia-pytriton wheel with Triton's own
+    onnxruntime backend (r24.10, ONNX Runtime 1.19.2, as in the tritonserver:24.10-py3
+    image), on the repository as it is. Other options (TRITON_ARGS, e.g.
+    --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
+    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
     """
     from mnist_pipeline.serve import LocalTriton, serve_forever
     from mnist_pipeline.storage import models_dir
@@ -350,6 +360,8 @@ def serve(
         metrics_port=metrics_port,
         log_verbose=log_verbose,
         ready_timeout=ready_timeout,
+        backend_dir=backend_directory,
+        extra_args=triton_args,
     )
     serve_forever(server)
 
@@ -478,6 +490,7 @@ def infer(url: str, storage: Path, **options: Any) -> None:
     help="Train on the first N images only (0: all 60000), for quick runs.",
 )
 @server_options
+@backend_option
 @client_options
 @stage
 def run(
@@ -489,6 +502,7 @@ def run(
     http_port: int,
     metrics_port: int,
     ready_timeout: float,
+    backend_directory: Path,
     **client_opts: Any,
 ) -> None:
     """Run every stage locally: data, train, export, serve, infer, then stop the server.
@@ -504,10 +518,11 @@ def run(
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
     from mnist_pipeline.repository import TritonConfig
-    from mnist_pipeline.serve import LocalTriton, check_port_free
+    from mnist_pipeline.serve import LocalTriton, check_backend, check_port_free
     from mnist_pipeline.storage import models_dir
 
     unwind_on_sigterm()
+    check_backend(backend_directory)  # before minutes of training, not after
     for port in (http_port, grpc_port, metrics_port):
         check_port_free(host, port)  # before minutes of training, not after
     place(storage)
@@ -525,6 +540,7 @@ def run(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         ready_timeout=ready_timeout,
+        backend_dir=backend_directory,
     ) as server:
         report = client.infer(storage, client.InferConfig(url=server.grpc_url, **client_opts))
 
@@ -616,6 +632,15 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="config.pbtxt instance_group count (KIND_CPU).",
 )
 @click.option(
+    "--server-cpus",
+    show_envvar=True,
+    envvar="SERVER_CPUS",
+    type=click.IntRange(min=1),
+    default=2,
+    help="CPUs the Triton server gets: config.pbtxt parameters give each instance "
+    "max(1, SERVER_CPUS // INSTANCE_COUNT) ONNX Runtime threads (inter-op 1).",
+)
+@click.option(
     "--preferred-batch-sizes",
     show_envvar=True,
     envvar="PREFERRED_BATCH_SIZES",
@@ -639,6 +664,7 @@ def export(
     min_improvement: float,
     max_batch_size: int,
     instance_count: int,
+    server_cpus: int,
     preferred_batch_sizes: tuple[int, ...],
     pinned_memory: bool,
 ) -> None:
@@ -661,6 +687,7 @@ def export(
         name=model_name,
         max_batch_size=max_batch_size,
         instance_count=instance_count,
+        server_cpus=server_cpus,
         preferred_batch_sizes=preferred_batch_sizes,
         pinned_memory=pinned_memory,
     )

@@ -60,6 +60,13 @@ class TritonConfig:
     input_dims: tuple[int, ...] = (1, 28, 28)
     output_name: str = "output"
     output_dims: tuple[int, ...] = (10,)
+    # The CPUs the server gets (the chart's Triton CPU limit): shared out between the
+    # instances as ONNX Runtime threads, so that concurrent batches do not oversubscribe.
+    server_cpus: int = 2
+
+    @property
+    def intra_op_threads(self) -> int:
+        return max(1, self.server_cpus // self.instance_count)
 
     def validate(self) -> None:
         if (
@@ -72,6 +79,8 @@ class TritonConfig:
             raise ValueError("max batch size must be at least 1")
         if self.instance_count < 1:
             raise ValueError("instance count must be at least 1")
+        if self.server_cpus < 1:
+            raise ValueError("server CPUs must be at least 1")
         too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
             raise ValueError(
@@ -123,6 +132,17 @@ instance_group [
   input_pinned_memory { enable: true }
   output_pinned_memory { enable: true }
 }
+"""
+    # Read by Triton's onnxruntime backend; without them every instance starts one thread
+    # per core of the node.
+    text += f"""parameters {{
+  key: "intra_op_thread_count"
+  value {{ string_value: "{cfg.intra_op_threads}" }}
+}}
+parameters {{
+  key: "inter_op_thread_count"
+  value {{ string_value: "1" }}
+}}
 """
     return text
 

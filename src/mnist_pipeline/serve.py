@@ -1,19 +1,14 @@
 """Serve the Triton model repository with a real, local Triton Inference Server.
 
-In Kubernetes the official Triton image serves the unmodified repository
-(`/storage/models`) with its native onnxruntime backend. On a laptop there is no such
-image: the `tritonserver` binary that ships in the nvidia-pytriton wheel has only the
-python backend. So, locally, a working folder gets a *derived* repository in which every
-`onnxruntime_onnx` model becomes a python-backend model with the same name, versions,
-inputs, outputs, max_batch_size, instance_group and dynamic_batching, whose `model.py`
-(mnist_pipeline/triton_onnx_model.py) runs that version's model.onnx, linked not copied,
-with onnxruntime, a whole dynamic batch per session.run. The server is the real Triton:
-the same gRPC/HTTP APIs, model-control-mode none, health endpoints, dynamic batcher and
-instance scheduling, so the client and the config semantics are exercised as deployed.
+Locally as in Kubernetes: the `tritonserver` 2.51 binary bundled in the nvidia-pytriton
+wheel serves the repository as it is (`platform: "onnxruntime_onnx"`) with Triton's own
+ONNX Runtime backend (release r24.10, the one of the chart's tritonserver:24.10-py3
+image), built CPU-only by scripts/build_triton_backend.sh into `BACKEND_DIR/onnxruntime/`
+against that image's ONNX Runtime 1.19.2.
 
 `LocalTriton` is the reusable piece (used by `serve`, `run`, the tests and benchmarks):
-it derives the repository, starts tritonserver in its own process group (killed with it
-if this process dies), waits until it is ready, and stops it and its Python stubs.
+it starts tritonserver in its own process group (killed with it if this process dies),
+waits until it is ready, and stops it.
 """
 
 from __future__ import annotations
@@ -29,20 +24,18 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from mnist_pipeline import repository
-from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
+from mnist_pipeline.storage import PipelineFailure, UsageError
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -51,37 +44,29 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
 ONNX_BACKEND = "onnxruntime"
-MODEL_TEMPLATE = Path(__file__).with_name("triton_onnx_model.py")
+BACKEND_LIBRARY = "libtriton_onnxruntime.so"
+# Where `make backend` builds it: beside the virtual environment that runs the pipeline.
+DEFAULT_BACKEND_DIR = Path(sys.prefix) / "triton-backends"
+BUILD_REMEDY = "build it with `make backend` (scripts/build_triton_backend.sh DIR)"
 PR_SET_PDEATHSIG = 1
 
 
-@dataclass(frozen=True)
-class TritonDist:
-    """The pieces of the Triton build inside the installed nvidia-pytriton wheel."""
-
-    binary: Path
-    python_backend: Path  # libtriton_python.so, triton_python_backend_utils.py
-    stub: Path  # triton_python_backend_stub built for the running Python
-    libs: Path  # the shared libraries the wheel bundles
-
-
-def locate_triton() -> TritonDist:
+def locate_tritonserver() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or spec.origin is None:
         raise UsageError("nvidia-pytriton is not installed: pip install 'mnist-pipeline[serve]'")
-    package = Path(spec.origin).parent
-    root = package / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    dist = TritonDist(
-        binary=root / "bin" / "tritonserver",
-        python_backend=root / "backends" / "python",
-        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
-        libs=package.parent / "nvidia_pytriton.libs",
-    )
-    for path in (dist.binary, dist.python_backend / "libtriton_python.so", dist.stub):
-        if not path.exists():
-            raise UsageError(f"{path}: missing from the nvidia-pytriton wheel (Python {version}?)")
-    return dist
+    binary = Path(spec.origin).parent / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise UsageError(f"{binary}: missing from the nvidia-pytriton wheel")
+    return binary
+
+
+def check_backend(backend_dir: Path) -> Path:
+    """The backend directory, once it holds the built onnxruntime backend; exit 2 if not."""
+    library = backend_dir / ONNX_BACKEND / BACKEND_LIBRARY
+    if not library.is_file():
+        raise UsageError(f"no Triton onnxruntime backend at {library}: {BUILD_REMEDY}")
+    return backend_dir
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -94,23 +79,12 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
         raise UsageError(f"{path}: not a valid Triton model config: {e}") from e
 
 
-def instance_count(config: model_config_pb2.ModelConfig) -> int:
-    # Triton gives a model without instance_group one instance per device: one on CPU.
-    return sum(max(1, group.count) for group in config.instance_group) or 1
-
-
-def derive_repository(source: Path, dest: Path, cpus: int | None = None) -> list[str]:
-    """Write into `dest` the python-backend twin of the repository `source`; return model names.
-
-    Each onnxruntime model keeps its config but for platform/backend, and gets a
-    `parameters { intra_op_threads }` that shares the CPUs out between all instances of
-    all models. Version folders get model.py and a symlink to the original model.onnx.
-    """
-    from google.protobuf import text_format
-
+def check_repository(source: Path) -> list[str]:
+    """The names of the models Triton will load from `source`; UsageError (exit 2) for
+    what cannot be served, before a server is started."""
     if not source.is_dir():
         raise UsageError(f"model repository {source} does not exist; run `mnist-pipeline export`")
-    models = []
+    names = []
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         if model_dir.name.startswith("."):
             continue  # an interrupted export's staging folder, which Triton ignores too
@@ -123,78 +97,12 @@ def derive_repository(source: Path, dest: Path, cpus: int | None = None) -> list
                 f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
                 f"local Triton serves only {repository.PLATFORM} models"
             )
-        config.name = config.name or model_dir.name
-        versions = repository.versions(model_dir)
-        if not versions:
+        if not repository.versions(model_dir):
             raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
-        models.append((model_dir, config, versions))
-    if not models:
+        names.append(config.name or model_dir.name)
+    if not names:
         raise UsageError(f"model repository {source} holds no model; run `mnist-pipeline export`")
-
-    instances = sum(instance_count(config) for _, config, _ in models)
-    threads = max(1, (cpus or available_cpus()) // instances)
-    if dest.exists():
-        shutil.rmtree(dest)
-    for model_dir, config, versions in models:
-        onnx_name = config.default_model_filename or repository.MODEL_FILE
-        config.platform, config.backend, config.runtime = "", "python", ""
-        config.ClearField("default_model_filename")
-        config.parameters["intra_op_threads"].string_value = str(threads)
-        out = dest / model_dir.name
-        out.mkdir(parents=True)
-        (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
-        for version in versions:
-            (out / str(version)).mkdir()
-            shutil.copyfile(MODEL_TEMPLATE, out / str(version) / "model.py")
-            onnx = model_dir / str(version) / onnx_name
-            # A version without its file fails to load, as with the onnxruntime backend,
-            # but only if the version policy selects it.
-            if onnx.is_file():
-                (out / str(version) / repository.MODEL_FILE).symlink_to(onnx.resolve())
-        log.info(
-            "model %s: versions %s, %d instance(s), %d onnxruntime thread(s) each",
-            config.name,
-            ", ".join(map(str, versions)),
-            instance_count(config),
-            threads,
-        )
-    return [config.name for _, config, _ in models]
-
-
-def build_backends(dist: TritonDist, dest: Path) -> Path:
-    """A backend directory whose python/ holds the backend and the stub for this Python.
-
-    Triton looks for the stub only next to libtriton_python.so, and the wheel keeps one
-    stub per Python version elsewhere: links put the right one in place.
-    """
-    python = dest / "python"
-    if dest.exists():
-        shutil.rmtree(dest)
-    python.mkdir(parents=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        (python / name).symlink_to(dist.python_backend / name)
-    (python / "triton_python_backend_stub").symlink_to(dist.stub)
-    return dest
-
-
-def server_env(dist: TritonDist) -> dict[str, str]:
-    """Environment for tritonserver and the Python stubs it starts.
-
-    The stub links libpython dynamically: this interpreter's LIBDIR goes first, or the
-    system's libpython may load under this interpreter's standard library and models
-    fail to load.
-    """
-    env = dict(os.environ)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (libdir, str(dist.libs), env.get("LD_LIBRARY_PATH")) if p
-    )
-    # The stub's embedded Python ignores PYTHONPATH/PYTHONHOME; it finds its prefix, and so
-    # this venv's site-packages (onnxruntime, numpy), from the first python3 on PATH.
-    env["PATH"] = os.pathsep.join(
-        p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
-    )
-    return env
+    return names
 
 
 def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
@@ -250,7 +158,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 class LocalTriton:
-    """A tritonserver process serving a derived copy of `model_repository`.
+    """A tritonserver process serving `model_repository` with the onnxruntime backend.
 
     with LocalTriton(storage / "models", grpc_port=8001) as server:
         ... server.grpc_url ...
@@ -266,8 +174,13 @@ class LocalTriton:
         metrics_port: int = DEFAULT_METRICS_PORT,
         log_verbose: int = 0,
         ready_timeout: float = 120.0,
+        backend_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.model_repository = model_repository
+        self.backend_dir = backend_dir or DEFAULT_BACKEND_DIR
+        # Passed to tritonserver untouched, after ours: for a repeated flag the last wins.
+        self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -301,19 +214,18 @@ class LocalTriton:
     def start(self) -> None:
         if self.process is not None:
             raise RuntimeError("this LocalTriton is already started")
-        dist = locate_triton()
+        binary = locate_tritonserver()
+        backends = check_backend(self.backend_dir)
+        self.models = check_repository(self.model_repository)
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             check_port_free(self.host, port)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="mnist-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        repository = self.workdir / "repository"
-        self.models = derive_repository(self.model_repository, repository)
-        backends = build_backends(dist, self.workdir / "backends")
         cmd = [
-            str(dist.binary),
-            f"--model-repository={repository}",
-            f"--backend-directory={backends}",
+            str(binary),
+            f"--model-repository={self.model_repository.resolve()}",
+            f"--backend-directory={backends.resolve()}",
             "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -326,8 +238,7 @@ class LocalTriton:
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             f"--log-verbose={self.log_verbose}",
-            # Shared-memory names unique to this server: several may run on one machine.
-            f"--backend-config=python,shm-region-prefix-name=mnist{os.getpid()}x{id(self)}",
+            *self.extra_args,
         ]
         log.info("starting tritonserver (log: %s)", self.log_path)
         with open(self.log_path, "wb") as log_file:
@@ -336,7 +247,6 @@ class LocalTriton:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=server_env(dist),
                 cwd=self.workdir,
                 # preexec_fn only makes two system calls: safe even with threads running.
                 # libc is looked up here, in the parent: lookups are not fork-safe.
@@ -384,7 +294,7 @@ class LocalTriton:
             delay = min(1.0, delay * 1.5)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the server's process group (server and stubs), SIGKILL what outlives it."""
+        """SIGTERM the server's process group, SIGKILL what outlives it."""
         process, self.process = self.process, None
         if process is not None:
             pgid = process.pid
@@ -394,7 +304,7 @@ class LocalTriton:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout)
-            # Stubs still shutting down after the server exited go too.
+            # Anything it started that is still shutting down goes too.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             process.wait()
