@@ -108,25 +108,49 @@ def onnx_path(pipeline: PipelineRun) -> Path:
     return pipeline.storage / "models" / MODEL / "1" / "model.onnx"
 
 
+def failing_onnx_model() -> bytes:
+    """An ONNX model that loads, matches its config, and fails every request inside
+    ONNX Runtime: a Gather at an index past the end of each 784-pixel image."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
+    index = numpy_helper.from_array(np.array([784], np.int64), "past_the_end")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["logits"]),
+            helper.make_node("Gather", ["input", "past_the_end"], ["pixel"], axis=1),
+            helper.make_node("Add", ["logits", "pixel"], ["output"]),
+        ],
+        "failing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 784])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
+        [weights, index],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
 @pytest.fixture(scope="session")
-def test_repository(
-    tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun, onnx_path: Path
-) -> Path:
-    """The exported model, plus `broken_flat`: the same ONNX behind a config that
-    declares a flat [784] input, so that every request fails inside the model."""
+def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun) -> Path:
+    """The exported model, plus `failing`: a model whose every request fails inside
+    ONNX Runtime, behind a config of the same form with a flat [784] input."""
     repo = tmp_path_factory.mktemp("repository")
     shutil.copytree(pipeline.storage / "models" / MODEL, repo / MODEL, symlinks=True)
-    broken = repo / "broken_flat"
-    (broken / "1").mkdir(parents=True)
-    (broken / "1" / "model.onnx").symlink_to(onnx_path)
+    failing = repo / "failing"
+    (failing / "1").mkdir(parents=True)
+    (failing / "1" / "model.onnx").write_bytes(failing_onnx_model())
     config = (repo / MODEL / "config.pbtxt").read_text()
-    (broken / "config.pbtxt").write_text(
-        config.replace(f'name: "{MODEL}"', 'name: "broken_flat"')
+    (failing / "config.pbtxt").write_text(
+        config.replace(f'name: "{MODEL}"', 'name: "failing"')
         .replace("dims: [ 1, 28, 28 ]", "dims: [ 784 ]")
         .replace("count: 2", "count: 1")
     )
-    assert 'name: "broken_flat"' in (broken / "config.pbtxt").read_text()
-    assert "dims: [ 784 ]" in (broken / "config.pbtxt").read_text()
+    assert 'name: "failing"' in (failing / "config.pbtxt").read_text()
+    assert "dims: [ 784 ]" in (failing / "config.pbtxt").read_text()
     return repo
 
 

@@ -29,7 +29,7 @@ def cli(
 
 
 def triton_processes(marker: str) -> list[tuple[int, str]]:
-    """tritonserver and Python stub processes whose command line mentions `marker`
+    """tritonserver processes whose command line or working folder mentions `marker`
     (a working folder or repository path unique to one server)."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -37,11 +37,10 @@ def triton_processes(marker: str) -> list[tuple[int, str]]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if marker in cmdline and (
-            "tritonserver" in cmdline or "triton_python_backend_stub" in cmdline
-        ):
+        if "tritonserver" in cmdline.split(" ", 1)[0] and (marker in cmdline or marker in cwd):
             found.append((int(entry.name), cmdline))
     return found
 

@@ -141,7 +141,7 @@ def test_failing_requests_keep_what_was_measured(
     served: LocalTriton, pipeline: PipelineRun
 ) -> None:
     result, out = infer(
-        pipeline, served.grpc_url, "--model-name", "broken_flat", "--warmup", "0", "--requests", "5"
+        pipeline, served.grpc_url, "--model-name", "failing", "--warmup", "0", "--requests", "5"
     )
     assert result.returncode == 1
     assert "request" in result.stderr and "onnxruntime" in result.stderr

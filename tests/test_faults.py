@@ -265,7 +265,9 @@ def test_first_export_killed_while_publishing_leaves_no_model_folder(
               "--storage", storage, "--run-id", "base")  # fmt: skip
     # A model folder without a version would stop Triton from starting: none appears.
     assert not repository.model_dir(storage, NAME).exists()
-    refused = cli("serve", "--storage", storage)
+    http, grpc, metrics = free_ports(3)  # whatever listens on Triton's default ports
+    ports = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    refused = cli("serve", "--storage", storage, *ports)
     assert refused.returncode == 2 and "run `mnist-pipeline export`" in refused.stderr
     no_traceback(refused)
 

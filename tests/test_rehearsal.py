@@ -2,10 +2,12 @@
 
 Each container's command, args and env are taken from the rendered manifests, /storage is
 rewritten to a temporary folder and the Service address to local ports, and they run in
-the chart's order. The tritonserver container is mapped onto the local launcher
-(`mnist-pipeline serve`: the real Triton binary from the nvidia-pytriton wheel), with its
-own arguments and the rendered ports. The waits (initContainers) are started FIRST, before
-what they wait for, and must hold until their stage is done, then let it through.
+the chart's order. The tritonserver container runs the real `tritonserver` 2.51 (from the
+nvidia-pytriton wheel) with its rendered command line, paths and ports remapped, plus
+`--backend-directory` pointing at the locally built onnxruntime backend (the image has
+its own): a flag tritonserver rejects fails the rehearsal. The waits (initContainers) are
+started FIRST, before what they wait for, and must hold until their stage is done, then
+let it through.
 
 Then the same for an upgrade (revision 2, more training data) on the same volume: its
 waits ignore revision 1's artifacts, export publishes version 2 because it is better, and
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from helm_chart import REPO, containers, find, pod_spec, render
+from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
 from serving_helpers import free_ports
 
 pytestmark = pytest.mark.slow
@@ -38,6 +41,8 @@ VALUES = {
     "client": {"requests": 20, "concurrency": 2},
     "tests": {"requests": 5},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
+    # A valid tritonserver flag that no wrapper knows: it must reach the server untouched.
+    "triton": {"extraArgs": ["--pinned-memory-pool-byte-size=0"]},
 }
 
 
@@ -80,7 +85,8 @@ class Rehearsal:
                 if flag.endswith("-port"):
                     value = str(self.local_port[int(value)])
                 args.append(f"{flag}={self.rewrite(value)}")
-            return [sys.executable, "-m", "mnist_pipeline", "serve", *args], env
+            backends = check_backend(DEFAULT_BACKEND_DIR)
+            return [str(locate_tritonserver()), *args, f"--backend-directory={backends}"], env
         assert container["command"] == ["mnist-pipeline"], container["command"]
         args = [self.rewrite(a) for a in container["args"]]
         return [sys.executable, "-m", "mnist_pipeline", *args], env
@@ -214,3 +220,13 @@ def test_a_second_revision_waits_for_its_own_run_not_the_first(tmp_path: Path) -
     process = r.start(wait, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()
+
+
+def test_a_flag_tritonserver_rejects_fails_the_rehearsal(tmp_path: Path) -> None:
+    """The chart's Triton arguments reach the real tritonserver: a bad one fails there."""
+    objects, _ = render({**VALUES, "triton": {"extraArgs": ["--host=0.0.0.0"]}})
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects)
+    (tritonserver,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
+    process = r.start(tritonserver, "tritonserver")
+    assert wait_exit(process, 60) not in (0, None), r.log("tritonserver")
+    assert "--host-policy option format" in (r.logs / "tritonserver.log").read_text()

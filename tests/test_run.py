@@ -29,5 +29,5 @@ def test_run_goes_from_data_to_measured_serving(pipeline: PipelineRun) -> None:
     assert latency["status"] == "complete" and latency["count"] == 100
     assert latency["accuracy"] > 0.8
     assert f"p50 {latency['p50_ms']:.2f} ms" in stdout
-    # The server it started is gone, stubs included.
+    # The server it started is gone.
     assert triton_processes(f"--grpc-port={pipeline.grpc_port}") == []

@@ -1,4 +1,4 @@
-"""The local Triton: repository derivation, real serving, and clean process lifecycle."""
+"""The local Triton with its onnxruntime backend: real serving and a clean process lifecycle."""
 
 from __future__ import annotations
 
@@ -19,36 +19,11 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MODEL, PipelineRun
 from mnist_pipeline import data
-from mnist_pipeline.serve import LocalTriton, derive_repository, read_config
+from mnist_pipeline.serve import LocalTriton, check_repository
 from mnist_pipeline.storage import UsageError
 from serving_helpers import cli, free_ports, pid_alive, triton_processes
 
 pytestmark = pytest.mark.slow
-
-
-def test_derived_repository_keeps_the_config(pipeline: PipelineRun, tmp_path: Path) -> None:
-    source = pipeline.storage / "models"
-    assert derive_repository(source, tmp_path / "repo", cpus=2) == [MODEL]
-
-    original = read_config(source / MODEL / "config.pbtxt")
-    derived = read_config(tmp_path / "repo" / MODEL / "config.pbtxt")
-    assert (derived.platform, derived.backend) == ("", "python")
-    assert derived.parameters["intra_op_threads"].string_value == "1"  # 2 CPUs, 2 instances
-    for field in (
-        "name",
-        "max_batch_size",
-        "input",
-        "output",
-        "instance_group",
-        "dynamic_batching",
-        "optimization",
-        "version_policy",
-    ):
-        assert getattr(derived, field) == getattr(original, field), field
-    version = tmp_path / "repo" / MODEL / "1"
-    assert (version / "model.onnx").is_symlink()
-    assert (version / "model.onnx").resolve() == (source / MODEL / "1" / "model.onnx").resolve()
-    assert "TritonPythonModel" in (version / "model.py").read_text()
 
 
 @pytest.mark.parametrize(
@@ -59,7 +34,7 @@ def test_derived_repository_keeps_the_config(pipeline: PipelineRun, tmp_path: Pa
         (None, "holds no model"),
     ],
 )
-def test_derivation_refuses_what_it_cannot_serve(
+def test_repository_check_refuses_what_it_cannot_serve(
     tmp_path: Path, config: str | None, message: str
 ) -> None:
     source = tmp_path / "models"
@@ -68,27 +43,84 @@ def test_derivation_refuses_what_it_cannot_serve(
         (source / "m" / "1").mkdir(parents=True)
         (source / "m" / "config.pbtxt").write_text(config)
     with pytest.raises(UsageError, match=message):
-        derive_repository(source, tmp_path / "out")
+        check_repository(source)
 
 
-def test_served_model_answers_like_onnxruntime(
+def test_served_by_the_onnxruntime_backend_like_onnxruntime_on_every_test_image(
     served: LocalTriton, pipeline: PipelineRun, onnx_path: Path
 ) -> None:
     images, _ = data.load(pipeline.storage, "test")
-    x = data.normalize(images[:16])
+    x = data.normalize(images)
     client = grpcclient.InferenceServerClient(served.grpc_url)
     try:
-        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        served_logits = client.infer(MODEL, [tensor], client_timeout=30).as_numpy("output")
         config = client.get_model_config(MODEL, as_json=True)["config"]
+        served_logits = []
+        for batch in np.array_split(x, len(x) // 16):
+            tensor = grpcclient.InferInput("input", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch)
+            result = client.infer(MODEL, [tensor], client_timeout=30)
+            served_logits.append(result.as_numpy("output"))
     finally:
         client.close()
-    expected = ort.InferenceSession(str(onnx_path)).run(["output"], {"input": x})[0]
-    np.testing.assert_allclose(served_logits, expected, atol=1e-4)
+    assert config["backend"] == "onnxruntime" and config["platform"] == "onnxruntime_onnx"
     assert config["max_batch_size"] == 16
     assert config["dynamic_batching"]["preferred_batch_size"] == [2, 4, 8]
     assert config["instance_group"][0]["count"] == 2
+    threads = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert threads == {"intra_op_thread_count": "1", "inter_op_thread_count": "1"}
+
+    served_all = np.concatenate(served_logits)
+    expected = ort.InferenceSession(str(onnx_path)).run(["output"], {"input": x})[0]
+    assert served_all.shape == expected.shape == (10_000, 10)
+    assert np.abs(served_all - expected).max() <= 1e-5
+    assert (served_all.argmax(1) == expected.argmax(1)).all()
+
+
+def _serve_args(repo: Path, workdir: Path, *extra: str) -> list[str]:
+    http, grpc, metrics = free_ports(3)
+    return [
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--workdir",
+        str(workdir),
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        "--ready-timeout=60",
+        *extra,
+    ]
+
+
+def test_missing_backend_is_a_usage_error_naming_the_remedy(
+    pipeline: PipelineRun, tmp_path: Path
+) -> None:
+    args = _serve_args(pipeline.storage / "models", tmp_path / "work")
+    result = cli(*args, env={**os.environ, "TRITON_BACKEND_DIR": str(tmp_path / "none")})
+    assert result.returncode == 2, result.stderr
+    assert "no Triton onnxruntime backend" in result.stderr and "make backend" in result.stderr
+
+
+def test_config_dims_that_do_not_match_the_model_are_refused_naming_both(
+    pipeline: PipelineRun, tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(pipeline.storage / "models", repo)
+    config = repo / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 1, 28, 28 ]", "dims: [ 1, 28, 29 ]"))
+    result = cli(*_serve_args(repo, tmp_path / "work"), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Triton ready" not in result.stderr
+    assert "[-1,1,28,28]" in result.stderr and "[-1,1,28,29]" in result.stderr
+    assert _wait_gone(str(tmp_path / "work"), timeout=30) == []
+
+
+def test_a_flag_tritonserver_rejects_fails_serve(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """Extra arguments reach tritonserver untouched, so its own parser judges them."""
+    args = _serve_args(pipeline.storage / "models", tmp_path / "work", "--no-such-flag=1")
+    result = cli(*args, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "no-such-flag" in result.stderr and "Triton ready" not in result.stderr
 
 
 def _ready(http_port: int) -> bool:
@@ -123,6 +155,7 @@ def serve_cli(
             str(grpc),
             "--metrics-port",
             str(metrics),
+            "--pinned-memory-pool-byte-size=0",  # a tritonserver flag, passed through
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -154,9 +187,8 @@ def test_serve_stops_with_every_process_on_sigterm(
     serve_cli: tuple[subprocess.Popen[str], Path, int],
 ) -> None:
     process, workdir, _ = serve_cli
-    running = triton_processes(str(workdir))
-    assert any("triton_python_backend_stub" in cmd for _, cmd in running), running
-    assert any("bin/tritonserver" in cmd for _, cmd in running), running
+    (running,) = [cmd for _, cmd in triton_processes(str(workdir))]
+    assert "bin/tritonserver" in running and "--pinned-memory-pool-byte-size=0" in running
 
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)

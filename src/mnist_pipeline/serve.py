@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
 ONNX_BACKEND = "onnxruntime"
 BACKEND_LIBRARY = "libtriton_onnxruntime.so"
-# Where `make backend` builds it: beside the virtual environment that runs the pipeline.
-DEFAULT_BACKEND_DIR = Path(sys.prefix) / "triton-backends"
+# Where `make backend` builds it: in the virtual environment that runs the pipeline.
+DEFAULT_BACKEND_DIR = Path(
+    os.environ.get("TRITON_BACKEND_DIR") or Path(sys.prefix) / "triton-backends"
+)
 BUILD_REMEDY = "build it with `make backend` (scripts/build_triton_backend.sh DIR)"
 PR_SET_PDEATHSIG = 1
 
@@ -147,6 +149,16 @@ def log_tail(path: Path, lines: int = 20) -> str:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return f"({path} unreadable)"
+    if any(line.startswith("Usage: tritonserver") for line in text):
+        # A command line it rejected: its complaint, without the usage text around it.
+        text = [
+            line
+            for line in text
+            if line.strip()
+            and not line[0].isspace()
+            and not line.endswith(":")
+            and not line.startswith("Usage:")
+        ]
     errors = [
         line
         for line in text
