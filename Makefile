@@ -42,22 +42,23 @@ lint: $(BIN)/.installed
 # results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
 BENCH_ARGS ?= --out docs
 bench: backend $(PERF_VENV)/bin/perf_analyzer
-	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(PERF_VENV)/bin/perf_analyzer \
+	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Needs libb64.so.0d at load (Debian: libb64-0d); libcudart comes from the wheel below.
 $(PERF_VENV)/bin/perf_analyzer:
 	$(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
-	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12
+	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12==12.9.79
 
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
-test: lint backend $(CHECKOV_VENV)/bin/checkov
-	TRITON_BACKEND_DIR=$(BACKEND_DIR) $(BIN)/pytest
+test: lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
+	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+	    $(BIN)/pytest
 
 images:
 	$(DOCKER) build -f docker/pipeline.Dockerfile -t $(REGISTRY)/pipeline:$(TAG) .

@@ -12,7 +12,7 @@ import onnx
 from bench_serving import inprocess_latency, inprocess_throughput, session
 from common import load_average, median_of
 from mnist_pipeline.export import load_candidate, torch_export
-from mnist_pipeline.serve import available_cpus
+from mnist_pipeline.storage import available_cpus
 
 
 def compare(

@@ -1,37 +1,27 @@
-"""Serving overhead: the exported model in-process with onnxruntime vs served by Triton.
+"""Serving measurements for the suite (benchmarks/run.py): the exported model in-process
+with onnxruntime, and served by Triton over gRPC, measured two ways: the pipeline's own
+client (mnist_pipeline.client) and NVIDIA's perf_analyzer, with Triton's statistics.
 
-    PYTHONPATH=src python benchmarks/bench_serving.py --storage storage --out results.json
-
-Side by side in one run, each figure the median of --repeats rounds:
-  in-process onnxruntime   batch-1 latency p50/p99; batch-16 throughput (all cores,
-                           and one thread)
-  Triton over gRPC         sequential batch-1 latency p50/p99; throughput with 8
-                           single-image requests in flight (the dynamic batcher batches)
-Aims: served p50 within 1 ms of the best in-process batch-1 p50; concurrency-8
-throughput at least half the best in-process batch-16 throughput. Prints a table and
-writes JSON.
-Starts its own local Triton on free loopback ports unless --url names a running one.
-The functions are importable for a larger benchmark suite.
+perf_analyzer ships in the tritonclient 2.51.0 wheel (`make bench` installs it into
+.venv-perf; PERF_ANALYZER names the binary). At load it needs libb64.so.0d (Debian
+libb64-0d) and libcudart.so.12, taken from the nvidia-cuda-runtime-cu12 wheel beside it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import csv
+import os
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from common import free_ports, median_of, percentiles
-from mnist_pipeline import client, data, repository
-from mnist_pipeline.serve import LocalTriton, available_cpus
-from mnist_pipeline.storage import models_dir
+from common import percentiles
+from mnist_pipeline import client, repository
 
 MODEL = "resnet18_mnist"
 
@@ -183,137 +173,61 @@ def without_dynamic_batching(source: Path, dest: Path) -> Path:
     return dest
 
 
-def run_benchmark(
-    onnx_path: Path,
-    url: str,
-    x: np.ndarray,
-    labels: np.ndarray,
-    requests: int = 500,
-    repeats: int = 3,
-) -> dict[str, Any]:
-    """Every row the median of `repeats` rounds; the aims against the best in-process row.
+def perf_analyzer_binary() -> Path:
+    default = Path(__file__).resolve().parents[1] / ".venv-perf" / "bin" / "perf_analyzer"
+    binary = Path(os.environ.get("PERF_ANALYZER") or default)
+    if not binary.is_file():
+        raise SystemExit(f"no perf_analyzer at {binary}: make .venv-perf/bin/perf_analyzer")
+    return binary
 
-    In-process runs twice: onnxruntime's default (all cores) and one thread, because on
-    a busy 2-core machine the default's spinning threads can be the slower of the two.
+
+# perf_analyzer's CSV columns (microseconds) → our keys (milliseconds).
+PERF_COLUMNS = {
+    "p50 latency": "p50_ms",
+    "p90 latency": "p90_ms",
+    "p95 latency": "p95_ms",
+    "p99 latency": "p99_ms",
+    "Client Send": "client_send_ms",
+    "Network+Server Send/Recv": "network_ms",
+    "Server Queue": "server_queue_ms",
+    "Server Compute Input": "server_compute_input_ms",
+    "Server Compute Infer": "server_compute_infer_ms",
+    "Server Compute Output": "server_compute_output_ms",
+    "Client Recv": "client_recv_ms",
+}
+
+
+def perf_analyzer(url: str, model: str, concurrency: int, window_ms: int) -> dict[str, Any]:
+    """One perf_analyzer measurement: batch 1 over gRPC at `concurrency`, until stable.
+
+    The stability and trial settings let it finish on a busy 2-core machine, where its
+    default (10% over 3 windows) may never be reached at high concurrency.
     """
-    rows: list[dict[str, Any]] = []
-    for threads in sorted({available_cpus(), 1}, reverse=True):
-        sess = session(onnx_path, threads)
-        rows.append(
-            {
-                "label": f"in-process, {threads} thread(s), batch 1",
-                "kind": "inprocess_batch1",
-                **median_of(repeats, partial(inprocess_latency, sess, x, requests)),
-            }
-        )
-        rows.append(
-            {
-                "label": f"in-process, {threads} thread(s), batch 16",
-                "kind": "inprocess_batch16",
-                **median_of(repeats, partial(inprocess_throughput, sess, x, requests // 16 or 1)),
-            }
-        )
-    for concurrency in (1, 8):
-        rows.append(
-            {
-                "label": f"Triton gRPC, concurrency {concurrency}, batch 1",
-                "kind": f"served_concurrency{concurrency}",
-                **median_of(repeats, partial(served, url, MODEL, x, labels, requests, concurrency)),
-            }
-        )
-
-    def best(kind: str, key: str, pick: Callable[..., float]) -> float:
-        return pick(row[key] for row in rows if row["kind"] == kind)
-
-    p50_gap = best("served_concurrency1", "p50_ms", min) - best("inprocess_batch1", "p50_ms", min)
-    ratio = best("served_concurrency8", "images_per_s", max) / best(
-        "inprocess_batch16", "images_per_s", max
-    )
-    return {
-        "rows": rows,
-        "aims": {
-            "served_p50_minus_inprocess_p50_ms": p50_gap,
-            "served_p50_within_1ms": p50_gap <= 1.0,
-            "concurrency8_over_batch16_throughput": ratio,
-            "throughput_at_least_half": ratio >= 0.5,
-        },
-        "setup": {
-            "cpus": available_cpus(),
-            "requests": requests,
-            "repeats": repeats,
-            "onnxruntime": ort.__version__,
-            "model": str(onnx_path),
-        },
+    binary = perf_analyzer_binary()
+    libs = sorted(binary.parent.parent.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [*map(str, libs), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
+        ),
     }
-
-
-def table(results: dict[str, Any]) -> str:
-    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-        return format(row[key], fmt) if key in row else "-"
-
-    lines = [f"{'':38} {'p50 ms':>8} {'p99 ms':>8} {'images/s':>9}"]
-    for row in results["rows"]:
-        lines.append(
-            f"{row['label']:38} {cell(row, 'p50_ms', '.2f'):>8} {cell(row, 'p99_ms', '.2f'):>8} "
-            f"{cell(row, 'images_per_s', '.0f'):>9}"
-        )
-    aims = results["aims"]
-    lines.append(
-        f"served p50 - best in-process batch-1 p50: "
-        f"{aims['served_p50_minus_inprocess_p50_ms']:+.2f} ms "
-        f"(aim <= 1 ms: {'met' if aims['served_p50_within_1ms'] else 'missed'})"
-    )
-    lines.append(
-        f"concurrency-8 / best in-process batch-16 throughput: "
-        f"{aims['concurrency8_over_batch16_throughput']:.0%} "
-        f"(aim >= 50%: {'met' if aims['throughput_at_least_half'] else 'missed'})"
-    )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--storage",
-        type=Path,
-        default=Path("storage"),
-        help="storage with MNIST and an exported model (after `make run`)",
-    )
-    parser.add_argument("--url", default=None, help="a running Triton's gRPC HOST:PORT")
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-
-    model_dir = models_dir(args.storage) / MODEL
-    versions = sorted(
-        (p for p in model_dir.glob("[0-9]*") if p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    if not versions:
-        print(f"no exported model under {model_dir}: run `make run` first", file=sys.stderr)
-        return 2
-    onnx_path = versions[-1] / "model.onnx"  # the one Triton serves under the default policy
-    images, labels = data.load(args.storage, "test")
-    x = data.normalize(images)
-
-    if args.url:
-        results = run_benchmark(onnx_path, args.url, x, labels, args.requests, args.repeats)
-    else:
-        http, grpc, metrics = free_ports(3)
-        with LocalTriton(
-            models_dir(args.storage), http_port=http, grpc_port=grpc, metrics_port=metrics
-        ) as server:
-            results = run_benchmark(
-                onnx_path, server.grpc_url, x, labels, args.requests, args.repeats
-            )
-    print(table(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "perf.csv"
+        command = [
+            str(binary),
+            *("-m", model, "-u", url, "-i", "grpc", "-b", "1"),
+            *("--concurrency-range", f"{concurrency}:{concurrency}"),
+            *("--measurement-interval", str(window_ms)),
+            *("--stability-percentage", "50", "--max-trials", "12"),
+            *("-f", str(out)),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"perf_analyzer failed:\n{result.stdout[-2000:]}{result.stderr}")
+        (row,) = list(csv.DictReader(out.open()))
+    figures: dict[str, Any] = {
+        "concurrency": concurrency,
+        "images_per_s": float(row["Inferences/Second"]),
+    }
+    figures.update({key: float(row[column]) / 1000 for column, key in PERF_COLUMNS.items()})
+    return figures

@@ -48,7 +48,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from mnist_pipeline.serve import available_cpus
+    from mnist_pipeline.storage import available_cpus
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
