@@ -11,9 +11,11 @@
 # Sources: with TRITON_SOURCES=DIR, the archives in DIR (layout and SHA256SUMS as in
 # ../shared/vendor), checked; otherwise fetched from GitHub at the pinned commits. The
 # GitHub path needs a connected machine and has not been exercised on the offline CI.
-# Needs: g++, cmake (system or `pip install cmake`), rapidjson and googletest sources
-# (Debian: rapidjson-dev googletest). PYTHON (default .venv/bin/python) is the venv with
-# nvidia-pytriton installed; its pip downloads the onnxruntime wheel.
+# Needs: g++; cmake (the system's, else installed from PyPI into PYTHON's venv); rapidjson
+# headers (Debian: rapidjson-dev); googletest sources, which Triton's `common` configures
+# but never compiles (Debian: googletest; else CMake fetches them from GitHub). PYTHON
+# (default .venv/bin/python) is the venv with nvidia-pytriton; its pip downloads the
+# onnxruntime wheel.
 set -euo pipefail
 
 DEST=$(realpath -m "${1:-.venv/triton-backends}")
@@ -40,12 +42,21 @@ if [[ -f $OUT/.pins && "$(cat "$OUT/.pins")" == "$PINS" && -f $OUT/libtriton_onn
 fi
 
 command -v g++ >/dev/null || die "no C++ compiler: install g++ (Debian: apt-get install g++)"
-CMAKE=$(command -v cmake || true)
-[[ -n $CMAKE ]] || CMAKE=$(dirname "$PYTHON")/cmake
-[[ -x $CMAKE ]] || die "no cmake: install it (apt-get install cmake, or $(dirname "$PYTHON")/pip install cmake)"
-[[ -f /usr/include/rapidjson/rapidjson.h ]] || die "no rapidjson headers: apt-get install rapidjson-dev"
-[[ -f $GTEST_SRC/CMakeLists.txt ]] || die "no googletest sources in $GTEST_SRC: apt-get install googletest (or set GTEST_SRC)"
 "$PYTHON" -c 'import pytriton' 2>/dev/null || die "$PYTHON has no nvidia-pytriton: make .venv/bin/.installed"
+CMAKE=$(command -v cmake || true)
+if [[ -z $CMAKE ]]; then
+    CMAKE=$(dirname "$PYTHON")/cmake
+    [[ -x $CMAKE ]] || "$PYTHON" -m pip install --quiet cmake || die "no cmake: apt-get install cmake"
+fi
+[[ -f /usr/include/rapidjson/rapidjson.h ]] || die "no rapidjson headers: apt-get install rapidjson-dev"
+# With local sources nothing may be fetched: a missing piece fails the configure step.
+FETCH_ARGS=()
+[[ -z ${TRITON_SOURCES:-} ]] || FETCH_ARGS=(-DFETCHCONTENT_FULLY_DISCONNECTED=ON)
+if [[ -f $GTEST_SRC/CMakeLists.txt ]]; then
+    FETCH_ARGS+=(-DFETCHCONTENT_SOURCE_DIR_GOOGLETEST="$GTEST_SRC")
+elif [[ -n ${TRITON_SOURCES:-} ]]; then
+    die "no googletest sources in $GTEST_SRC: apt-get install googletest (or set GTEST_SRC)"
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/triton-backend-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -92,11 +103,10 @@ echo "Triton onnxruntime backend: building (about a minute on 2 cores)"
     -DTRITON_ENABLE_GPU=OFF -DTRITON_CORE_HEADERS_ONLY=ON \
     -DTRITON_ONNXRUNTIME_INCLUDE_PATHS="$WORK/include" \
     -DTRITON_ONNXRUNTIME_LIB_PATHS="$WORK/ort/lib" \
-    -DFETCHCONTENT_FULLY_DISCONNECTED=ON \
     -DFETCHCONTENT_SOURCE_DIR_REPO-COMMON="$WORK/src/common" \
     -DFETCHCONTENT_SOURCE_DIR_REPO-CORE="$WORK/src/core" \
     -DFETCHCONTENT_SOURCE_DIR_REPO-BACKEND="$WORK/src/backend" \
-    -DFETCHCONTENT_SOURCE_DIR_GOOGLETEST="$GTEST_SRC" \
+    "${FETCH_ARGS[@]}" \
     >"$WORK/cmake.log" 2>&1 || { tail -30 "$WORK/cmake.log" >&2; die "cmake configure failed"; }
 "$CMAKE" --build "$WORK/build" --target triton-onnxruntime-backend -j "$(nproc)" \
     >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log" >&2; die "build failed"; }

@@ -87,6 +87,14 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
             # Triton's own count: every request ran, in batches no larger than max_batch_size.
             assert sum(size * n for size, n in executed.items()) == level["requests"]
             assert all(1 <= size <= 16 for size in executed)
+    on = serving["servers"]["batching_on"]
+    assert on["backend"] == "onnxruntime"
+    perf = on["perf_analyzer"]
+    assert [p["concurrency"] for p in perf] == [1, 2, 4, 8, 16]
+    for level in perf:
+        for key in ("images_per_s", "p50_ms", "p99_ms", "server_compute_infer_ms"):
+            assert number(level[key]), key
+        assert level["p50_ms"] <= level["p99_ms"]
     off = serving["servers"]["batching_off"]["concurrency"]
     assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
     assert len(results["targets"]) >= 3
@@ -108,6 +116,7 @@ def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> Non
     assert any(line.startswith("| default |") for line in table_rows)
     assert any(line.startswith("| original |") for line in table_rows)
     assert any(line.startswith("| 8 |") for line in table_rows)
+    assert "### perf_analyzer" in doc
     assert "{" not in doc  # every template field filled
     # One verdict line per target, whatever the verdict (quick mode's tiny runs miss them).
     verdicts = [line for line in stdout.splitlines() if line.startswith(("met ", "NOT MET "))]
