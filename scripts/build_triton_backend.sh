@@ -9,8 +9,9 @@
 # and skips the build when DEST/onnxruntime/.pins matches the pins below.
 #
 # Sources: with TRITON_SOURCES=DIR, the archives in DIR (layout and SHA256SUMS as in
-# ../shared/vendor), checked; otherwise fetched from GitHub at the pinned commits. The
-# GitHub path needs a connected machine and has not been exercised on the offline CI.
+# ../shared/vendor), checked against DIR/SHA256SUMS; otherwise fetched with git from GitHub
+# at the pinned commits. The GitHub path needs a connected machine: it could not be
+# exercised where this was written (registries only), unlike the TRITON_SOURCES path.
 # Needs: g++; cmake (the system's, else installed from PyPI into PYTHON's venv); rapidjson
 # headers (Debian: rapidjson-dev); googletest sources, which Triton's `common` configures
 # but never compiles (Debian: googletest; else CMake fetches them from GitHub). PYTHON
@@ -72,12 +73,16 @@ if [[ -n ${TRITON_SOURCES:-} ]]; then
     done
     cp "$TRITON_SOURCES/onnxruntime-1.19.0/include/onnxruntime_c_api.h" "$WORK/include/"
 else
+    # Fetched by commit id: git checks the content against it.
     for repo in "${!COMMITS[@]}"; do
-        curl -fsSL "https://github.com/triton-inference-server/$repo/archive/${COMMITS[$repo]}.tar.gz" \
-            | tar -xz -C "$WORK/src"
-        mv "$WORK/src/$repo-${COMMITS[$repo]}" "$WORK/src/$repo"
+        git -C "$WORK/src" init --quiet "$repo"
+        git -C "$WORK/src/$repo" fetch --quiet --depth 1 \
+            "https://github.com/triton-inference-server/$repo" "${COMMITS[$repo]}" \
+            || die "cannot fetch $repo at ${COMMITS[$repo]} from GitHub (offline? set TRITON_SOURCES)"
+        git -C "$WORK/src/$repo" checkout --quiet FETCH_HEAD
     done
-    curl -fsSL -o "$WORK/include/onnxruntime_c_api.h" "$ORT_HEADER_URL"
+    curl -fsSL -o "$WORK/include/onnxruntime_c_api.h" "$ORT_HEADER_URL" \
+        || die "cannot fetch onnxruntime_c_api.h (offline? set TRITON_SOURCES)"
 fi
 echo "$ORT_HEADER_SHA256  $WORK/include/onnxruntime_c_api.h" | sha256sum --quiet -c \
     || die "onnxruntime_c_api.h does not match its pinned checksum"

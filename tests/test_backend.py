@@ -1,0 +1,54 @@
+"""The onnxruntime backend build (scripts/build_triton_backend.sh): skipped when up to date,
+and sources that fail their checksums are refused before anything is built."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mnist_pipeline.serve import BACKEND_LIBRARY, DEFAULT_BACKEND_DIR, check_backend
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "build_triton_backend.sh"
+
+
+def build(dest: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+    )
+
+
+def test_the_built_backend_is_complete_and_not_rebuilt() -> None:
+    backend = check_backend(DEFAULT_BACKEND_DIR) / "onnxruntime"
+    names = {p.name for p in backend.iterdir()}
+    assert {BACKEND_LIBRARY, "libonnxruntime.so", "libonnxruntime.so.1"} <= names
+    assert "libonnxruntime.so.1.19.2" in names  # the runtime of tritonserver:24.10-py3
+    assert (backend / "libtritonserver.so").resolve().is_file()
+    before = (backend / BACKEND_LIBRARY).stat().st_mtime_ns
+
+    again = build(DEFAULT_BACKEND_DIR)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stdout
+    assert (backend / BACKEND_LIBRARY).stat().st_mtime_ns == before
+
+
+def test_sources_that_fail_their_checksums_are_refused(tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    (sources / "triton-r24.10").mkdir(parents=True)
+    archive = sources / "triton-r24.10" / "core.tar.gz"
+    archive.write_bytes(b"not the pinned archive")
+    wrong = hashlib.sha256(b"the pinned archive").hexdigest()
+    (sources / "SHA256SUMS").write_text(f"{wrong}  triton-r24.10/core.tar.gz\n")
+
+    result = build(tmp_path / "backends", TRITON_SOURCES=str(sources))
+    assert result.returncode == 2
+    assert "do not match its SHA256SUMS" in result.stderr
+    assert not (tmp_path / "backends" / "onnxruntime").exists()
