@@ -155,14 +155,15 @@ def statistics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
     }
 
 
-def without_dynamic_batching(source: Path, dest: Path) -> Path:
-    """A copy of the model repository `source` whose configs drop dynamic_batching
-    (each request then runs alone); the ONNX files are linked, not copied."""
+def config_variant(source: Path, dest: Path, clear: str) -> Path:
+    """A copy of the model repository `source` whose configs drop the field `clear`
+    (dynamic_batching: each request runs alone; parameters: ONNX Runtime's default
+    threads); the ONNX files are linked, not copied."""
     from google.protobuf import text_format
 
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
         config = repository.parse_config((model_dir / repository.CONFIG_FILE).read_text())
-        config.ClearField("dynamic_batching")
+        config.ClearField(clear)
         out = dest / model_dir.name
         out.mkdir(parents=True)
         (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))

@@ -338,6 +338,25 @@ def perf_table(results: dict[str, Any]) -> str:
     )
 
 
+def threads_table(results: dict[str, Any]) -> str:
+    rows = [
+        [
+            t["threads"],
+            str(t["round"]),
+            str(t["concurrency"]),
+            f"{t['p50_ms']:.2f}",
+            f"{t['p99_ms']:.2f}",
+            f"{t['images_per_s']:.0f}",
+            f"{t['server_compute_infer_ms']:.2f}",
+        ]
+        for t in results["serving"]["threads_tried"]
+    ]
+    return _table(
+        ["ONNX Runtime threads", "round", "in flight", "p50 ms", "p99 ms", "images/s", "infer ms"],
+        rows,
+    )
+
+
 def _batches(level: dict[str, Any]) -> str:
     sizes = level["executed_batch_sizes"]
     listed = ", ".join(f"{k}×{v}" for k, v in sizes.items())
@@ -512,6 +531,15 @@ Triton's statistics at concurrency 1 of the pipeline's client, mean ms per reque
 {breakdown}
 
 {analysis}
+
+### What was tried: ONNX Runtime's threads
+
+perf_analyzer with the exported `parameters` (intra-op threads = server CPUs ÷
+instances, inter-op 1) and with a copy of the repository without them, where each
+instance starts ONNX Runtime's default pool of one thread per core; alternated, in the
+same run.
+
+{threads}
 """
 
 
@@ -557,6 +585,7 @@ def markdown(results: dict[str, Any]) -> str:
         throughput_png=PLOTS["throughput"],
         breakdown=breakdown_table(results),
         analysis=analysis_text(results),
+        threads=threads_table(results),
     )
 
 

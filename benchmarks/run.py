@@ -169,8 +169,8 @@ def bench_serving_section(
         )
     repositories = {
         "batching_on": storage / "models",
-        "batching_off": bench_serving.without_dynamic_batching(
-            storage / "models", storage / "models-no-batching"
+        "batching_off": bench_serving.config_variant(
+            storage / "models", storage / "models-no-batching", "dynamic_batching"
         ),
     }
     servers: dict[str, Any] = {}
@@ -197,12 +197,37 @@ def bench_serving_section(
     return {
         "inprocess": inprocess,
         "servers": servers,
+        "threads_tried": threads_tried(storage, s),
         "triton_version": triton_version,
         "requests": s.requests,
         "repeats": s.repeats,
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
+
+
+def threads_tried(storage: Path, s: Settings) -> list[dict[str, Any]]:
+    """perf_analyzer at concurrency 1 and 8, alternately with the exported thread
+    parameters and without them (ONNX Runtime's default: a thread per core per instance)."""
+    repositories = {
+        "exported parameters": storage / "models",
+        "no parameters (ONNX Runtime default)": bench_serving.config_variant(
+            storage / "models", storage / "models-default-threads", "parameters"
+        ),
+    }
+    window_ms = 500 if s.quick else 2000
+    rows = []
+    for round_ in range(1 if s.quick else 2):
+        for name, repo in repositories.items():
+            print(f"serving: threads tried, {name} …", file=sys.stderr, flush=True)
+            http, grpc, metrics = free_ports(3)
+            with LocalTriton(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
+                for concurrency in (1, 8):
+                    figures = bench_serving.perf_analyzer(
+                        server.grpc_url, MODEL, concurrency, window_ms
+                    )
+                    rows.append({"threads": name, "round": round_ + 1, **figures})
+    return rows
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,7 +305,7 @@ def keep_earlier_sections(results: dict[str, Any], out: Path) -> None:
         return
     previous = read_json(earlier)
     results["training"], results["export"] = previous.get("training"), previous.get("export")
-    m = previous["machine"]
+    m = results["training_machine"] = previous.get("training_machine", previous["machine"])
     results["notes"] = [
         f"Training and export were measured on {m['date']} on {m['cpu_model']} "
         f"({m['cpus_available']} CPUs, load {report.fmt_load(m['load_average_start'])} at "

@@ -95,6 +95,8 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
         for key in ("images_per_s", "p50_ms", "p99_ms", "server_compute_infer_ms"):
             assert number(level[key]), key
         assert level["p50_ms"] <= level["p99_ms"]
+    tried = {(t["threads"], t["concurrency"]) for t in serving["threads_tried"]}
+    assert len(tried) == 4 and {c for _, c in tried} == {1, 8}
     off = serving["servers"]["batching_off"]["concurrency"]
     assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
     assert len(results["targets"]) >= 3
