@@ -155,9 +155,9 @@ def resolve_checkpoint(
     if status == "running":
         epochs = len(metrics.get("history") or [])
         raise UsageError(
-            f"training run {run_id} did not finish ({epochs} epoch(s) done): resume it by "
-            f"running the same `mnist-pipeline train --run-id {run_id}` command (same "
-            "settings) again, then export"
+            f"training run {run_id} is not complete (interrupted after {epochs} epoch(s)): "
+            f"resume it by running the same `mnist-pipeline train --run-id {run_id}` command "
+            "(same settings) again, then export"
         )
     if status != "complete":
         error = f": {metrics['error']}" if metrics.get("error") else ""
