@@ -47,9 +47,35 @@ def test_rerun_with_valid_data_in_place_does_nothing(tmp_path: Path) -> None:
     cli("data", "--storage", tmp_path, check=True)
     raw = raw_data_dir(tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
-    result = cli("data", "--storage", tmp_path, "--source", tmp_path / "nowhere", check=True)
+    result = cli("data", "--storage", tmp_path, check=True)
     assert "already in place" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == before
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_named_source_must_exist_even_with_data_in_place(tmp_path: Path, how: str) -> None:
+    cli("data", "--storage", tmp_path, check=True)
+    nowhere = tmp_path / "nowhere"
+    if how == "option":
+        result = cli("data", "--storage", tmp_path, "--source", nowhere)
+    else:
+        result = cli("data", "--storage", tmp_path, env={"MNIST_SOURCE": str(nowhere)})
+    assert result.returncode == 2
+    assert f"MNIST source {nowhere} does not exist" in result.stderr
+
+
+def test_only_the_damaged_file_is_rewritten_and_named(tmp_path: Path) -> None:
+    cli("data", "--storage", tmp_path, check=True)
+    raw = raw_data_dir(tmp_path)
+    _damage(raw / TEST_IMAGES, "corrupt")
+    before = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
+    result = cli("data", "--storage", tmp_path, check=True)
+    after = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
+    changed = sorted(name for name in after if after[name] != before.get(name))
+    assert changed == [TEST_IMAGES]
+    assert f"replaced damaged {TEST_IMAGES} with a verified copy" in result.stderr
+    assert "1 of 4 file(s) written" in result.stderr
+    data.load(tmp_path, "test")
 
 
 def test_raw_uncompressed_source_works(tmp_path: Path, raw_source: Path) -> None:
@@ -119,7 +145,7 @@ def test_a_bad_file_does_not_replace_good_data_in_place(tmp_path: Path, raw_sour
     cli("data", "--storage", storage, check=True)
     victim = raw_data_dir(storage) / TEST_IMAGES
     _damage(victim, "corrupt")  # storage now needs repair, so data reads the source again
-    _damage(raw_source / TRAIN_LABELS, "label")
+    _damage(raw_source / TEST_IMAGES, "corrupt")
     assert cli("data", "--storage", storage, "--source", raw_source).returncode == 2
     good = cli("data", "--storage", storage, "--source", MNIST_SOURCE, check=True)
     assert "placed MNIST" in good.stderr

@@ -20,6 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from mnist_pipeline import data, export, repository
+from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.storage import PipelineFailure, UsageError
 from serving_helpers import snapshot
 
@@ -141,17 +142,25 @@ def test_first_export_publishes_version_1(published: dict[str, Any]) -> None:
 
 
 def test_exporting_the_same_checkpoint_twice_skips_the_second(published: dict[str, Any]) -> None:
-    acc = published["accuracy"][published["low"]]
     assert published["repeat_unchanged"]
     line = [ln for ln in published["repeat"].stderr.splitlines() if "not exported" in ln]
-    assert len(line) == 1 and line[0].count(f"{acc:.4f}") == 2, published["repeat"].stderr
-    assert published["repeat_marker"] == {
-        **published["repeat_marker"],
-        "status": "skipped",
-        "version": 1,
-        "accuracy": acc,
-        "champion_accuracy": acc,
+    assert len(line) == 1 and "identical to the published version 1" in line[0]
+    # The publication record survives the later skip; the skip is in the history.
+    first, repeat = published["first_marker"], published["repeat_marker"]
+    assert {k: v for k, v in repeat.items() if k != "history"} == {
+        k: v for k, v in first.items() if k != "history"
     }
+    assert [a["status"] for a in repeat["history"]] == ["published", "skipped"]
+    assert repeat["history"][-1]["version"] == 1
+    assert "identical" in repeat["history"][-1]["reason"]
+
+
+def test_a_later_skip_never_erases_the_publication_record(published: dict[str, Any]) -> None:
+    """low was published as version 1, then skipped twice (repeat, and after high won)."""
+    record = published["worse_marker"]
+    assert record["status"] == "published" and record["version"] == 1
+    assert [a["status"] for a in record["history"]] == ["published", "skipped", "skipped"]
+    assert record["history"][-1]["version"] == 2
 
 
 def test_min_improvement_holds_back_a_small_gain(published: dict[str, Any]) -> None:
@@ -163,12 +172,13 @@ def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> Non
     model_path = published["storage"] / "models" / NAME
     assert repository.versions(model_path) == [1, 2]
     meta = json.loads((model_path / "2" / "metadata.json").read_text())
-    assert meta["accuracy"] == published["accuracy"][published["high"]]
+    # Measured by export on the ONNX model; training measured the same 10000 images.
+    assert meta["accuracy"] == pytest.approx(published["accuracy"][published["high"]], abs=2e-3)
+    assert meta["training_reported_accuracy"] == published["accuracy"][published["high"]]
     assert published["better_marker"]["status"] == "published"
     assert published["better_marker"]["version"] == 2
-    assert (
-        published["better_marker"]["champion_accuracy"] == published["accuracy"][published["low"]]
-    )
+    v1 = json.loads((model_path / "1" / "metadata.json").read_text())
+    assert published["better_marker"]["champion_accuracy"] == v1["accuracy"]
 
 
 def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any]) -> None:
@@ -180,8 +190,7 @@ def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any
 def test_worse_model_is_skipped_and_changes_nothing(published: dict[str, Any]) -> None:
     assert published["worse"].returncode == 0
     assert published["worse_unchanged"]
-    assert published["worse_marker"]["status"] == "skipped"
-    assert published["worse_marker"]["version"] == 2
+    assert published["worse_marker"]["history"][-1]["status"] == "skipped"
 
 
 def test_best_model_link_is_relative_and_points_at_the_champion(published: dict[str, Any]) -> None:
@@ -208,6 +217,12 @@ def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
     assert meta["parameters"] == 11_175_370  # ResNet-18, 1 input channel, 10 classes
     assert meta["onnxruntime_version"] == ort.__version__
     assert meta["version"] == 2
+    assert meta["evaluation"]["images"] == 10_000
+    assert meta["evaluation"]["correct"] == round(meta["accuracy"] * 10_000)
+    assert meta["evaluation"]["source"].startswith(export.EVAL_SOURCE)
+    assert meta["evaluation"]["test_set_sha256"] == data.FILES[("test", "images")].sha256
+    net = export.load_candidate(published["storage"] / meta["source_model"]).net
+    assert meta["weights_sha256"] == model_weights_sha256(net)
 
 
 def test_config_parses_with_tritons_proto_and_has_the_original_values(
@@ -370,7 +385,8 @@ def test_corrupt_checkpoint_is_refused_and_repository_untouched(
     assert "cannot load checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(storage / "models") == before
-    assert marker(storage, "corrupt")["status"] == "failed"
+    # The copied folder carries high's publication record; this attempt is the last one.
+    assert marker(storage, "corrupt")["history"][-1]["status"] == "failed"
 
 
 class RunsCode:
@@ -392,7 +408,8 @@ def test_malicious_pickle_is_refused_without_running_it(
     before = snapshot(published["storage"] / "models")
 
     result = cli("export", "--storage", published["storage"], "--checkpoint", evil, check=2)
-    assert "weights only" in result.stderr
+    assert "not a weights-only PyTorch checkpoint" in result.stderr
+    assert "weights_only=False" not in result.stderr  # torch's advice to load it unsafely
     assert not witness.exists()
     assert snapshot(published["storage"] / "models") == before
 
@@ -477,4 +494,105 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
         )
     # Whatever the order, the high-accuracy run ends up served.
     champion = repository.champion(model_path)
-    assert champion is not None and champion.accuracy == trained["accuracy"][trained["high"]]
+    assert champion is not None and champion.metadata["run_id"] == trained["high"]
+
+
+def shifted_copy(storage: Path, source_run: str, run_id: str, reported: float) -> Path:
+    """A run whose model differs from `source_run`'s in weights but predicts exactly the
+    same (every class bias moved by one constant), with a training-reported accuracy of
+    `reported`, as a run evaluated on a small --limit-test subset can report."""
+    source = storage / "checkpoints" / source_run
+    run = storage / "checkpoints" / run_id
+    run.mkdir()
+    payload = torch.load(source / "model.pth", weights_only=True)
+    payload["state_dict"]["fc.bias"] += 0.5
+    payload["test_accuracy"] = reported
+    payload["run_id"] = run_id
+    torch.save(payload, run / "model.pth")
+    metrics = json.loads((source / "metrics.json").read_text())
+    (run / "metrics.json").write_text(
+        json.dumps({**metrics, "run_id": run_id, "test_accuracy": reported})
+    )
+    return run
+
+
+def test_gate_compares_accuracy_measured_on_the_full_test_set(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 13.1: a run reporting 0.99 on a 100-image subset must not beat a champion
+    whose predictions it shares: export measures both on all 10000 images."""
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    cli("export", "--storage", storage, "--run-id", trained["low"])
+    shifted_copy(storage, trained["low"], "subset", reported=0.99)
+    before = snapshot(storage / "models")
+
+    result = cli("export", "--storage", storage, "--run-id", "subset")
+    assert snapshot(storage / "models") == before
+    outcome = marker(storage, "subset")
+    assert outcome["status"] == "skipped", result.stderr
+    assert outcome["accuracy"] == outcome["champion_accuracy"] != 0.99
+    assert "both on all 10000 test images" in outcome["reason"]
+
+
+def test_a_champion_without_a_measurement_record_is_measured_again(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """A version published before export measured for itself holds whatever its training
+    run reported; the gate measures its model.onnx instead of trusting that figure."""
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    cli("export", "--storage", storage, "--run-id", trained["low"])
+    meta_path = storage / "models" / NAME / "1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    measured = meta["accuracy"]
+    for key in ("evaluation", "weights_sha256"):
+        del meta[key]
+    meta["accuracy"] = 0.05  # as if reported on a tiny, unlucky subset
+    meta_path.write_text(json.dumps(meta))
+    shifted_copy(storage, trained["low"], "same-predictions", reported=0.5)
+
+    result = cli("export", "--storage", storage, "--run-id", "same-predictions")
+    assert "measured again on all 10000 test images" in result.stderr
+    outcome = marker(storage, "same-predictions")
+    assert outcome["status"] == "skipped"
+    assert outcome["champion_accuracy"] == measured
+
+
+def test_the_same_weights_are_never_published_twice(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """The same model under another run id, claiming a higher accuracy: still the same model."""
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    cli("export", "--storage", storage, "--run-id", trained["low"])
+    payload = torch.load(storage / "checkpoints" / trained["low"] / "model.pth", weights_only=True)
+    payload["test_accuracy"] = 0.999
+    copy = tmp_path / "copy.pth"
+    torch.save(payload, copy)
+    before = snapshot(storage / "models")
+
+    result = cli("export", "--storage", storage, "--checkpoint", copy)
+    assert "identical to the published version 1" in result.stderr
+    assert snapshot(storage / "models") == before
+
+
+def test_export_names_a_missing_or_unfinished_run(trained: dict[str, Any], tmp_path: Path) -> None:
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    low = trained["low"]
+    result = cli("export", "--storage", storage, "--run-id", low[:-1] + "x", check=2)
+    assert f"training run {low[:-1]}x does not exist" in result.stderr
+    assert f"nearest: {low}" in result.stderr
+    assert "Errno" not in result.stderr
+
+    metrics_path = storage / "checkpoints" / low / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.write_text(json.dumps({**metrics, "status": "running"}))
+    result = cli("export", "--storage", storage, "--run-id", low, check=2)
+    assert f"resume it by running the same `mnist-pipeline train --run-id {low}`" in result.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    log = trained["storage"] / "checkpoints" / trained["low"] / "train.log"
+    result = cli("export", "--storage", tmp_path, "--checkpoint", log, check=2)
+    assert f"cannot load checkpoint {log}: not a weights-only PyTorch checkpoint" in result.stderr
+    assert "weights_only" not in result.stderr

@@ -52,3 +52,16 @@ def test_readme_make_targets_exist() -> None:
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
     named = {line.split()[1] for line in shell_lines() if line.startswith("make ")}
     assert named and named <= targets, named - targets
+
+
+def test_quick_start_is_two_commands_and_says_how_to_reach_the_cli() -> None:
+    text = README.read_text()
+    quick = text.split("## Quick start", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    assert [line.split()[:2] for line in quick.strip().splitlines()] == [
+        ["make", "run"],
+        ["make", "test"],
+    ]
+    # Examples call `mnist-pipeline`, which a fresh clone only has inside the venv.
+    assert "source .venv/bin/activate" in text and "`.venv/bin/mnist-pipeline`" in text
+    makefile = (README.parent / "Makefile").read_text()
+    assert "VENV   ?= .venv" in makefile

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from conftest import cli
 from mnist_pipeline import model
 from mnist_pipeline.storage import run_dir
+from mnist_pipeline.train import TrainConfig, default_run_id
 
 QUICK = "--limit-train 1500 --limit-test 2000 --batch-size 50 --checkpoint-every 0".split()
 
@@ -123,3 +125,45 @@ def test_resume_with_other_settings_is_refused(storage: Path) -> None:
     _kill_after_first_checkpoint(storage, "changed")
     result = cli(*_train_args(storage, "changed"), "--lr", "0.3")
     assert result.returncode == 2 and "started with other settings" in result.stderr
+
+
+def test_the_default_run_id_is_a_function_of_the_settings(storage: Path) -> None:
+    """Issue 13.4: repeating a command without --run-id resumes its interrupted run, then
+    reuses the completed one, instead of training the same model anew under a new id."""
+    args = [a for a in _train_args(storage, "x") if a not in ("--run-id", "x")]
+    cfg = TrainConfig(epochs=2, limit_train=1000, limit_test=1000, batch_size=50)
+    run_id = default_run_id(cfg)
+    assert run_id.startswith("cfg-") and run_id == default_run_id(TrainConfig(**asdict(cfg)))
+    assert default_run_id(TrainConfig(**{**asdict(cfg), "seed": 1})) != run_id
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir(storage, run_id) / "resume.pth").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    resumed = cli(*args, check=True)
+    assert f"resuming run {run_id} at epoch" in resumed.stderr
+    again = cli(*args, check=True)
+    assert f"run {run_id} is already complete" in again.stderr
+    assert [p.name for p in (storage / "checkpoints").iterdir()] == [run_id]
+
+
+def test_a_failure_is_printed_once_and_kept_in_train_log(storage: Path) -> None:
+    """Issue 13.13: the error line appears once on the terminal, and in train.log."""
+    out = run_dir(storage, "damaged")
+    out.mkdir(parents=True)
+    (out / "resume.pth").write_bytes(b"not a checkpoint")
+    result = cli("train", "--storage", storage, "--run-id", "damaged", *QUICK)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if "cannot resume run damaged" in ln]
+    assert len(lines) == 1, result.stderr
+    assert "cannot resume run damaged" in (out / "train.log").read_text()
+    assert "weights_only=False" not in result.stderr

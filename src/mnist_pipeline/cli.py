@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -16,12 +17,81 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from mnist_pipeline import __version__
 from mnist_pipeline.storage import DEFAULT_STORAGE, PipelineFailure, UsageError
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
+    """Make a bad value that came from the environment name its variable first, not the
+    option the user never typed: "Invalid value for EPOCHS='0' (the variable of '--epochs')"."""
+    param = e.param
+    if not isinstance(param, click.Option) or param.name is None:
+        return
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return
+    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+    var = next((n for n in names if n in os.environ), names[0] if names else None)
+    if var is not None:
+        flags = " / ".join(repr(o) for o in param.opts)
+        e.param_hint = f"{var}={os.environ.get(var, '')!r} (the variable of {flags})"
+
+
+def show_envvars(params: list[click.Parameter]) -> None:
+    for param in params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+
+
+class EnvCommand(click.Command):
+    """Every option's variable shown in --help; an invalid value from a variable names it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        show_envvars(self.params)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            env_error_hint(ctx, e)
+            raise
+
+
+class EnvGroup(click.Group):
+    command_class = EnvCommand
+    group_class = type  # subgroups (wait) behave the same
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        show_envvars(self.params)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            env_error_hint(ctx, e)
+            raise
+
+
+def _name(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback applying storage's one rule for names that become paths."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from mnist_pipeline.storage import validate_name
+
+        if value is None:
+            return None
+        try:
+            return validate_name(value, what)
+        except UsageError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+
+    return check
 
 
 def storage_option(f: F) -> F:
@@ -73,7 +143,10 @@ def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=EnvGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(__version__, prog_name="mnist-pipeline")
 @click.option("-v", "--verbose", is_flag=True, envvar="VERBOSE", help="Debug logging.")
 def cli(verbose: bool) -> None:
@@ -118,126 +191,230 @@ def data(storage: Path, source: Path | None) -> None:
     data_stage.place(storage, source)
 
 
+# Options that become TrainConfig fields (the run id is derived from these).
+TRAIN_CONFIG = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "schedule",
+    "weight_decay",
+    "label_smoothing",
+    "seed",
+    "limit_train",
+    "limit_test",
+)
+
+
+def train_options(f: F) -> F:
+    """Training's options, shared by `train` and `run` so both honour the same variables."""
+    options = [
+        click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1),
+        click.option(
+            "--batch-size",
+            envvar="BATCH_SIZE",
+            type=click.IntRange(min=2),
+            default=128,
+            help="Training images per step.",
+        ),
+        click.option(
+            "--lr",
+            envvar="LR",
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.05,
+            help="Peak learning rate.",
+        ),
+        click.option(
+            "--optimizer",
+            envvar="OPTIMIZER",
+            type=click.Choice(["sgd", "adamw", "adam"]),
+            default="sgd",
+        ),
+        click.option(
+            "--schedule",
+            envvar="SCHEDULE",
+            type=click.Choice(["onecycle", "constant"]),
+            default="onecycle",
+            help="One-cycle warm-up + cosine decay, or a constant lr.",
+        ),
+        click.option(
+            "--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4
+        ),
+        click.option(
+            "--label-smoothing",
+            envvar="LABEL_SMOOTHING",
+            type=click.FloatRange(min=0, max=1, max_open=True),
+            default=0.1,
+        ),
+        click.option(
+            "--seed",
+            envvar="SEED",
+            type=int,
+            default=0,
+            help="Random seed; another seed is another run id, so a new model.",
+        ),
+        click.option(
+            "--limit-train",
+            envvar="LIMIT_TRAIN",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Train on the first N images only (0: all 60000), for quick runs.",
+        ),
+        click.option(
+            "--limit-test",
+            envvar="LIMIT_TEST",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Evaluate training on the first N test images only (0: all 10000). "
+            "Export always measures on all 10000.",
+        ),
+        click.option(
+            "--run-id",
+            envvar="RUN_ID",
+            default=None,
+            callback=_name("run id"),
+            help="Name of the run folder; the same id resumes an interrupted run and "
+            "reuses a completed one. Default: derived from the training settings "
+            "(cfg-<hash>), so repeating a command resumes or reuses its run; pass "
+            "another --run-id or --seed to train anew.",
+        ),
+        click.option(
+            "--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"
+        ),
+        click.option(
+            "--threads",
+            envvar="THREADS",
+            type=click.IntRange(min=0),
+            default=0,
+            help="CPU threads (0: every CPU this process may use, cgroup limit included).",
+        ),
+        click.option(
+            "--checkpoint-every",
+            envvar="CHECKPOINT_EVERY",
+            type=click.IntRange(min=0),
+            default=200,
+            help="Also save a resumable checkpoint every N steps (0: epochs only).",
+        ),
+        click.option(
+            "--eval-every",
+            envvar="EVAL_EVERY",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Also measure test accuracy every N steps (0: at epoch ends only).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @storage_option
-@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1)
-@click.option("--batch-size", envvar="BATCH_SIZE", type=click.IntRange(min=2), default=128)
-@click.option(
-    "--lr",
-    envvar="LR",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
-    help="Peak learning rate.",
-)
-@click.option(
-    "--optimizer", envvar="OPTIMIZER", type=click.Choice(["sgd", "adamw", "adam"]), default="sgd"
-)
-@click.option(
-    "--schedule",
-    envvar="SCHEDULE",
-    type=click.Choice(["onecycle", "constant"]),
-    default="onecycle",
-    help="One-cycle warm-up + cosine decay, or a constant lr.",
-)
-@click.option("--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4)
-@click.option(
-    "--label-smoothing",
-    envvar="LABEL_SMOOTHING",
-    type=click.FloatRange(min=0, max=1, max_open=True),
-    default=0.1,
-)
-@click.option("--seed", envvar="SEED", type=int, default=0)
-@click.option(
-    "--limit-train",
-    envvar="LIMIT_TRAIN",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Train on the first N images only (0: all 60000), for quick runs.",
-)
-@click.option(
-    "--limit-test",
-    envvar="LIMIT_TEST",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Evaluate on the first N test images only (0: all 10000), for quick runs.",
-)
-@click.option(
-    "--run-id",
-    envvar="RUN_ID",
-    default=None,
-    help="Name of the run folder. Re-running with the same id resumes it. Default: the UTC time.",
-)
-@click.option(
-    "--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"
-)
-@click.option(
-    "--threads",
-    envvar="THREADS",
-    type=click.IntRange(min=0),
-    default=0,
-    help="CPU threads (0: every CPU this process may use, cgroup limit included).",
-)
-@click.option(
-    "--checkpoint-every",
-    envvar="CHECKPOINT_EVERY",
-    type=click.IntRange(min=0),
-    default=200,
-    help="Also save a resumable checkpoint every N steps (0: epochs only).",
-)
-@click.option(
-    "--eval-every",
-    envvar="EVAL_EVERY",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Also measure test accuracy every N steps (0: at epoch ends only).",
-)
+@train_options
 @stage
 def train(
     storage: Path,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    optimizer: str,
-    schedule: str,
-    weight_decay: float,
-    label_smoothing: float,
-    seed: int,
-    limit_train: int,
-    limit_test: int,
     run_id: str | None,
     device: str,
     threads: int,
     checkpoint_every: int,
     eval_every: int,
+    **config: Any,
 ) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
-    started again with the same --run-id, it continues from its last checkpoint.
+    started again with the same run id, it continues from its last checkpoint; a
+    completed run is not trained again.
     """
     from mnist_pipeline import train as train_stage
 
-    cfg = train_stage.TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        schedule=schedule,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
-        seed=seed,
-        limit_train=limit_train,
-        limit_test=limit_test,
-    )
     train_stage.train(
         storage,
-        cfg,
+        train_stage.TrainConfig(**config),
         run_id=run_id,
         device=device,
         threads=threads,
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
     )
+
+
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected integers such as 2,4,8") from None
+    if any(s < 1 for s in sizes):
+        raise click.BadParameter(f"{value!r}: batch sizes must be at least 1")
+    return sizes
+
+
+# Options that shape the published model (config.pbtxt), shared by `export` and `run`.
+EXPORT_OPTIONS = (
+    "max_batch_size",
+    "instance_count",
+    "server_cpus",
+    "preferred_batch_sizes",
+    "pinned_memory",
+)
+
+
+def export_options(f: F) -> F:
+    options = [
+        click.option(
+            "--min-improvement",
+            envvar="MIN_IMPROVEMENT",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Publish only if the test accuracy beats the published model's by more "
+            "than this (both measured on all 10000 test images).",
+        ),
+        click.option(
+            "--max-batch-size",
+            envvar="MAX_BATCH_SIZE",
+            type=click.IntRange(min=1),
+            default=16,
+            help="config.pbtxt max_batch_size.",
+        ),
+        click.option(
+            "--instance-count",
+            envvar="INSTANCE_COUNT",
+            type=click.IntRange(min=1),
+            default=2,
+            help="config.pbtxt instance_group count (KIND_CPU).",
+        ),
+        click.option(
+            "--server-cpus",
+            envvar="SERVER_CPUS",
+            type=click.IntRange(min=1),
+            default=2,
+            help="CPUs the Triton server gets: config.pbtxt parameters give each instance "
+            "max(1, SERVER_CPUS // INSTANCE_COUNT) ONNX Runtime threads (inter-op 1).",
+        ),
+        click.option(
+            "--preferred-batch-sizes",
+            envvar="PREFERRED_BATCH_SIZES",
+            default="2,4,8",
+            callback=_batch_sizes,
+            help="config.pbtxt dynamic_batching preferred_batch_size, comma-separated.",
+        ),
+        click.option(
+            "--pinned-memory/--no-pinned-memory",
+            envvar="PINNED_MEMORY",
+            default=True,
+            help="config.pbtxt input/output pinned memory.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def triton_config(model_name: str, **options: Any) -> Any:
+    from mnist_pipeline.repository import TritonConfig
+
+    return TritonConfig(name=model_name, **options)
 
 
 def port_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
@@ -377,6 +554,7 @@ def client_options(f: F) -> F:
                 envvar="MODEL_NAME",
                 default=d.model_name,
                 show_envvar=True,
+                callback=_name("model name"),
                 help="Model to query (and, for run, to export).",
             ),
             click.option(
@@ -405,8 +583,6 @@ def client_options(f: F) -> F:
             ),
             click.option(
                 "--images-per-request",
-                "--batch-size",
-                "images_per_request",
                 envvar="IMAGES_PER_REQUEST",
                 type=click.IntRange(min=1),
                 default=d.images_per_request,
@@ -452,13 +628,23 @@ def client_options(f: F) -> F:
     return f
 
 
+def _grpc_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from mnist_pipeline.client import parse_grpc_url
+
+    try:
+        return parse_grpc_url(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 @cli.command()
 @click.option(
     "--url",
     envvar="TRITON_URL",
     default="localhost:8001",
     show_envvar=True,
-    help="Triton's gRPC endpoint, HOST:PORT.",
+    callback=_grpc_url,
+    help="Triton's gRPC endpoint, HOST:PORT (no scheme; 8001 is gRPC, 8000 is HTTP).",
 )
 @storage_option
 @client_options
@@ -480,59 +666,67 @@ def infer(url: str, storage: Path, **options: Any) -> None:
 
 @cli.command()
 @storage_option
-@click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1, show_envvar=True)
-@click.option(
-    "--limit-train",
-    envvar="LIMIT_TRAIN",
-    type=click.IntRange(min=0),
-    default=0,
-    show_envvar=True,
-    help="Train on the first N images only (0: all 60000), for quick runs.",
-)
+@train_options
+@export_options
 @server_options
 @backend_option
 @client_options
 @stage
 def run(
     storage: Path,
-    epochs: int,
-    limit_train: int,
+    run_id: str | None,
+    device: str,
+    threads: int,
+    checkpoint_every: int,
+    eval_every: int,
     host: str,
     grpc_port: int,
     http_port: int,
     metrics_port: int,
     ready_timeout: float,
     backend_directory: Path,
-    **client_opts: Any,
+    **opts: Any,
 ) -> None:
     """Run every stage locally: data, train, export, serve, infer, then stop the server.
 
     The README's `make run`: on the defaults it trains one epoch on all 60000 images
-    (about 100 s on 2 cores), publishes the model if it beats the served one, serves
-    STORAGE/models with a local Triton on loopback and measures it with the gRPC
-    client. Prints a summary: test accuracy, the exported version (or why not),
-    served accuracy and latency, and where the outputs are.
+    (1 to 8 minutes on 2 cores, depending on the CPU: see the README), publishes the
+    model if it beats the served one, serves STORAGE/models with a local Triton on
+    loopback and measures it with the gRPC client. Prints a summary: test accuracy,
+    the exported version (or why not), served accuracy and latency, and where the
+    outputs are.
+
+    The run id defaults to one derived from the training settings: run again, it
+    resumes an interrupted run or reuses the completed one instead of retraining.
+    Give --run-id (or another --seed) to train a new model.
     """
     from mnist_pipeline import client
     from mnist_pipeline import export as export_stage
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
-    from mnist_pipeline.repository import TritonConfig
     from mnist_pipeline.serve import LocalTriton, check_backend, check_port_free
     from mnist_pipeline.storage import models_dir
 
+    config = train_stage.TrainConfig(**{k: opts.pop(k) for k in TRAIN_CONFIG})
+    triton = triton_config(opts["model_name"], **{k: opts.pop(k) for k in EXPORT_OPTIONS})
+    min_improvement = opts.pop("min_improvement")
     unwind_on_sigterm()
     check_backend(backend_directory)  # before minutes of training, not after
     for port in (http_port, grpc_port, metrics_port):
         check_port_free(host, port)  # before minutes of training, not after
     place(storage)
-    run_id = train_stage.default_run_id()
+    run_id = run_id or train_stage.default_run_id(config)
+    log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
     metrics = train_stage.train(
-        storage, train_stage.TrainConfig(epochs=epochs, limit_train=limit_train), run_id=run_id
+        storage,
+        config,
+        run_id=run_id,
+        device=device,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
     )
-    outcome = export_stage.export(
-        storage, TritonConfig(name=client_opts["model_name"]), run_id=run_id
-    )
+    outcome = export_stage.export(storage, triton, run_id=run_id, min_improvement=min_improvement)
     with LocalTriton(
         models_dir(storage),
         host=host,
@@ -542,12 +736,12 @@ def run(
         ready_timeout=ready_timeout,
         backend_dir=backend_directory,
     ) as server:
-        report = client.infer(storage, client.InferConfig(url=server.grpc_url, **client_opts))
+        report = client.infer(storage, client.InferConfig(url=server.grpc_url, **opts))
 
     if outcome.status == "published":
         exported = f"version {outcome.version} ({outcome.reason})"
     else:
-        exported = f"skipped: not better ({outcome.reason})"
+        exported = f"skipped: {outcome.reason}"
     click.echo(summary(storage, run_id, metrics, exported, report))
 
 
@@ -573,28 +767,17 @@ def summary(
     )
 
 
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected integers such as 2,4,8") from None
-    if any(s < 1 for s in sizes):
-        raise click.BadParameter(f"{value!r}: batch sizes must be at least 1")
-    return sizes
-
-
 @cli.command()
 @storage_option
 @click.option(
     "--model-name",
-    show_envvar=True,
     envvar="MODEL_NAME",
     default="resnet18_mnist",
+    callback=_name("model name"),
     help="Model name in the Triton repository (and in config.pbtxt).",
 )
 @click.option(
     "--checkpoint",
-    show_envvar=True,
     envvar="CHECKPOINT",
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -602,59 +785,12 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option(
     "--run-id",
-    show_envvar=True,
     envvar="RUN_ID",
     default=None,
+    callback=_name("run id"),
     help="Export this training run's checkpoint (the chart passes its training Job's).",
 )
-@click.option(
-    "--min-improvement",
-    show_envvar=True,
-    envvar="MIN_IMPROVEMENT",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    help="Publish only if test accuracy beats the published model's by more than this.",
-)
-@click.option(
-    "--max-batch-size",
-    show_envvar=True,
-    envvar="MAX_BATCH_SIZE",
-    type=click.IntRange(min=1),
-    default=16,
-    help="config.pbtxt max_batch_size.",
-)
-@click.option(
-    "--instance-count",
-    show_envvar=True,
-    envvar="INSTANCE_COUNT",
-    type=click.IntRange(min=1),
-    default=2,
-    help="config.pbtxt instance_group count (KIND_CPU).",
-)
-@click.option(
-    "--server-cpus",
-    show_envvar=True,
-    envvar="SERVER_CPUS",
-    type=click.IntRange(min=1),
-    default=2,
-    help="CPUs the Triton server gets: config.pbtxt parameters give each instance "
-    "max(1, SERVER_CPUS // INSTANCE_COUNT) ONNX Runtime threads (inter-op 1).",
-)
-@click.option(
-    "--preferred-batch-sizes",
-    show_envvar=True,
-    envvar="PREFERRED_BATCH_SIZES",
-    default="2,4,8",
-    callback=_batch_sizes,
-    help="config.pbtxt dynamic_batching preferred_batch_size, comma-separated.",
-)
-@click.option(
-    "--pinned-memory/--no-pinned-memory",
-    show_envvar=True,
-    envvar="PINNED_MEMORY",
-    default=True,
-    help="config.pbtxt input/output pinned memory.",
-)
+@export_options
 @stage
 def export(
     storage: Path,
@@ -662,37 +798,30 @@ def export(
     checkpoint: Path | None,
     run_id: str | None,
     min_improvement: float,
-    max_batch_size: int,
-    instance_count: int,
-    server_cpus: int,
-    preferred_batch_sizes: tuple[int, ...],
-    pinned_memory: bool,
+    **options: Any,
 ) -> None:
     """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
 
     \b
     Publishes STORAGE/models/MODEL_NAME/VERSION/{model.onnx,metadata.json} and
-    STORAGE/models/MODEL_NAME/config.pbtxt only when the checkpoint's test accuracy beats
-    the newest published version's by more than --min-improvement (the first export
-    always publishes), and only after onnxruntime reproduces PyTorch's outputs on real
-    test images. A version appears whole or not at all; concurrent exports are
+    STORAGE/models/MODEL_NAME/config.pbtxt only when the exported model's accuracy,
+    measured here with onnxruntime on all 10000 MNIST test images, beats the newest
+    published version's (measured the same way) by more than --min-improvement (the
+    first export always publishes), and only after onnxruntime reproduces PyTorch's
+    outputs on real test images. A model identical to a published version is never
+    published again. A version appears whole or not at all; concurrent exports are
     serialised. checkpoints/best_model.pth then points at the published checkpoint.
     Not better: logged, exit 0, repository unchanged. A training run's outcome is also
-    written to checkpoints/RUN_ID/export.json.
+    written to checkpoints/RUN_ID/export.json, with every attempt in its history.
     """
     from mnist_pipeline import export as export_stage
-    from mnist_pipeline.repository import TritonConfig
 
-    cfg = TritonConfig(
-        name=model_name,
-        max_batch_size=max_batch_size,
-        instance_count=instance_count,
-        server_cpus=server_cpus,
-        preferred_batch_sizes=preferred_batch_sizes,
-        pinned_memory=pinned_memory,
-    )
     export_stage.export(
-        storage, cfg, checkpoint=checkpoint, run_id=run_id, min_improvement=min_improvement
+        storage,
+        triton_config(model_name, **options),
+        checkpoint=checkpoint,
+        run_id=run_id,
+        min_improvement=min_improvement,
     )
 
 
@@ -704,6 +833,7 @@ def wait_options(f: F) -> F:
             envvar="RUN_ID",
             show_envvar=True,
             required=True,
+            callback=_name("run id"),
             help="The run to wait for (the chart gives each release revision its own).",
         ),
         click.option(
@@ -774,7 +904,13 @@ def wait_training(
 
 @wait.command("export")
 @wait_options
-@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
+@click.option(
+    "--model-name",
+    envvar="MODEL_NAME",
+    show_envvar=True,
+    default="resnet18_mnist",
+    callback=_name("model name"),
+)
 @stage
 def wait_export(
     storage: Path,
@@ -794,7 +930,13 @@ def wait_export(
 
 @wait.command("serving")
 @wait_options
-@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
+@click.option(
+    "--model-name",
+    envvar="MODEL_NAME",
+    show_envvar=True,
+    default="resnet18_mnist",
+    callback=_name("model name"),
+)
 @click.option(
     "--url",
     envvar="TRITON_HTTP_URL",

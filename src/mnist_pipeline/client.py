@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import socket
 import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ from mnist_pipeline.storage import (
     atomic_write_json,
     atomic_write_text,
     inference_dir,
+    log_error_to,
 )
 
 log = logging.getLogger(__name__)
@@ -56,10 +59,46 @@ class InferConfig:
     max_seconds: float = 600.0  # the whole measurement: a slow server cannot hold the client
 
     def validate(self) -> None:
+        parse_grpc_url(self.url)
         if self.requests < 1 or self.concurrency < 1 or self.images_per_request < 1:
             raise UsageError("requests, concurrency and images per request must be >= 1")
         if self.warmup < 0 or min(self.timeout, self.request_timeout, self.max_seconds) <= 0:
             raise UsageError("warm-up must be >= 0 and every timeout > 0")
+
+
+def parse_grpc_url(url: str) -> str:
+    """Check a gRPC endpoint is HOST:PORT and return it; raise UsageError saying what form
+    is expected. gRPC takes no scheme, and without a port it silently dials 443."""
+    expected = "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001"
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise UsageError(
+            f"URL {url!r}: {expected}, without a scheme ({scheme}:// is not part of it)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(f"//{url}")
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"URL {url!r}: {expected} ({e})") from None
+    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
+        raise UsageError(f"URL {url!r}: {expected}")
+    if port is None:
+        raise UsageError(f"URL {url!r} has no port: {expected} (8001 by default)")
+    if port == 0:
+        raise UsageError(f"URL {url!r}: port 0 is not a port; {expected}")
+    return url
+
+
+def answers_http(url: str, timeout: float = 2.0) -> bool:
+    """Whether HOST:PORT speaks plain HTTP/1 (Triton's HTTP port), which the gRPC client
+    only reports as a closed socket."""
+    parts = urllib.parse.urlsplit(f"//{url}")
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.0\r\nHost: triton\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +149,11 @@ def wait_until_ready(client: Any, cfg: InferConfig) -> None:
                 raise PipelineFailure(_missing_model_message(client, cfg, call_timeout))
         except InferenceServerException as e:
             last = str(e).splitlines()[0]
+            if attempt == 1 and answers_http(cfg.url):
+                raise UsageError(
+                    f"{cfg.url} answers HTTP, not gRPC: that is Triton's HTTP port; give "
+                    "its gRPC port (8001 by default)"
+                ) from e
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise PipelineFailure(
@@ -382,6 +426,10 @@ def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
     try:
         log.info("inference run %s against %s: %s", out.name, cfg.url, asdict(cfg))
         return _infer(cfg, x, labels, out)
+    except BaseException as e:
+        why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e), str(e))
+        log_error_to(handler, log, "inference failed: %s", why)
+        raise
     finally:
         logging.getLogger("mnist_pipeline").removeHandler(handler)
         atomic_write_text(out / "inference.log", buffer.getvalue())
@@ -422,7 +470,7 @@ def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> di
     try:
         wait_until_ready(client, cfg)
         info = read_model_info(client, cfg)
-    except PipelineFailure as e:
+    except (PipelineFailure, UsageError) as e:
         finish(str(e))
         raise
     finally:

@@ -76,9 +76,7 @@ FILES = {
 
 
 def default_source() -> Path | None:
-    """The MNIST copy shipped with the project: $MNIST_SOURCE, else the checkout's data/mnist."""
-    if env := os.environ.get("MNIST_SOURCE"):
-        return Path(env)
+    """The MNIST copy shipped with the project (the checkout's data/mnist), if present."""
     shipped = Path(__file__).resolve().parents[2] / "data" / "mnist"
     return shipped if shipped.is_dir() else None
 
@@ -129,34 +127,35 @@ def _read_source(source: Path, spec: IdxFile) -> tuple[bytes, Path]:
     raise UsageError(f"{spec.name}: missing from {source} (looked for {raw.name} and {gz.name})")
 
 
-def _already_placed(dest: Path) -> bool:
-    for spec in FILES.values():
-        path = dest / spec.name
-        if not path.is_file() or path.stat().st_size != spec.size:
-            return False
-        if hashlib.sha256(path.read_bytes()).hexdigest() != spec.sha256:
-            return False
-    return True
+def _placed_ok(path: Path, spec: IdxFile) -> bool:
+    if not path.is_file() or path.stat().st_size != spec.size:
+        return False
+    return hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256
 
 
 def place(storage: Path, source: Path | None = None) -> Path:
     """Put the four verified IDX files under storage/data/MNIST/raw; return that folder.
 
-    All four are verified before any is renamed into place, so a bad source leaves
-    storage as it was. Valid files already in place are left untouched.
+    A source the user names (--source, MNIST_SOURCE) must exist, even when nothing needs
+    copying. Only missing or damaged files are written, each named in the log; the ones
+    needed are all verified before any is renamed into place, so a bad source leaves
+    storage as it was.
     """
     dest = raw_data_dir(storage)
-    if _already_placed(dest):
+    named = source or (Path(env) if (env := os.environ.get("MNIST_SOURCE")) else None)
+    if named is not None and not named.is_dir():
+        what = "does not exist" if not named.exists() else "is not a directory"
+        raise UsageError(f"MNIST source {named} {what}")
+    needed = [spec for spec in FILES.values() if not _placed_ok(dest / spec.name, spec)]
+    if not needed:
         log.info("MNIST already in place and verified at %s", dest)
         return dest
-    source = source or default_source()
+    source = named or default_source()
     if source is None:
         raise UsageError("no MNIST source: pass --source DIR or set MNIST_SOURCE")
-    if not source.is_dir():
-        raise UsageError(f"MNIST source {source} is not a directory")
 
     contents = []
-    for spec in FILES.values():
+    for spec in needed:
         content, origin = _read_source(source, spec)
         validate(content, spec, origin)
         contents.append((spec, content))
@@ -170,11 +169,14 @@ def place(storage: Path, source: Path | None = None) -> Path:
                 f.flush()
                 os.fsync(f.fileno())
         for spec, _ in contents:
+            damaged = (dest / spec.name).exists()
             os.replace(staging / spec.name, dest / spec.name)
+            if damaged:
+                log.warning("replaced damaged %s with a verified copy from %s", spec.name, source)
         fsync_dir(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("placed MNIST (60000 train, 10000 test) from %s into %s", source, dest)
+    log.info("placed MNIST: %d of 4 file(s) written, all verified in %s", len(needed), dest)
     return dest
 
 

@@ -1,15 +1,21 @@
 """Export a trained checkpoint to ONNX and publish it to the Triton repository if it is better.
 
-    load checkpoint -> gate (champion/challenger) -> ONNX -> optimise -> parity -> publish
+    load checkpoint -> ONNX -> optimise -> parity -> measure -> gate (champion) -> publish
 
-The gate compares the candidate's test accuracy with that of the newest published
-version, under the model's export lock, so two exports at once neither take the same
-version nor both win against the same champion.
+The gate compares like with like: the accuracy of the very model.onnx about to be
+published, measured here with onnxruntime on all 10 000 MNIST test images, against the
+published version's, measured the same way (its metadata says how; an older version
+without that record is measured again). The accuracy a training run reported may come
+from a subset (--limit-test) and never decides. A model identical to a published
+version (same weights or same ONNX bytes) is never published again. All of it happens
+under the model's export lock, so two exports at once neither take the same version nor
+both win against the same champion.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import logging
 import os
@@ -52,6 +58,8 @@ OPSET = 18
 
 PARITY_SAMPLES = 256
 PARITY_TOLERANCE = 1e-4
+EVAL_BATCH = 500
+EVAL_SOURCE = "onnxruntime, CPU, on the published model.onnx"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,26 @@ class OnnxExport:
     ir_version: int
     nodes_exported: int
     nodes_optimised: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model's accuracy was measured: what metadata.json records and the gate compares."""
+
+    accuracy: float
+    correct: int
+    images: int
+    source: str
+    test_set_sha256: str
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "correct": self.correct,
+            "split": "MNIST test (t10k)",
+            "test_set_sha256": self.test_set_sha256,
+            "source": self.source,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,14 +144,37 @@ def resolve_checkpoint(
     if run_id is None:
         run_id = newest_completed_run(storage)
         log.info("newest completed training run: %s", run_id)
+    if not run_dir(storage, run_id).is_dir():
+        raise UsageError(missing_run_message(storage, run_id))
     metrics_path = run_dir(storage, run_id) / "metrics.json"
     try:
-        status = read_json(metrics_path).get("status")
+        metrics = read_json(metrics_path)
+        status = metrics.get("status")
     except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"training run {run_id}: cannot read {metrics_path}: {e}") from e
+    if status == "running":
+        epochs = len(metrics.get("history") or [])
+        raise UsageError(
+            f"training run {run_id} is not complete (interrupted after {epochs} epoch(s)): "
+            f"resume it by running the same `mnist-pipeline train --run-id {run_id}` command "
+            "(same settings) again, then export"
+        )
     if status != "complete":
-        raise UsageError(f"training run {run_id} is not complete (status {status!r})")
+        error = f": {metrics['error']}" if metrics.get("error") else ""
+        raise UsageError(f"training run {run_id} is not complete (status {status!r}{error})")
     return run_dir(storage, run_id) / "model.pth", run_id
+
+
+def missing_run_message(storage: Path, run_id: str) -> str:
+    root = checkpoints_dir(storage)
+    runs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not runs:
+        return f"training run {run_id} does not exist: {checkpoints_dir(storage)} holds no runs"
+    nearest = difflib.get_close_matches(run_id, runs, n=3, cutoff=0.0)
+    return (
+        f"training run {run_id} does not exist in {checkpoints_dir(storage)}; "
+        f"nearest: {', '.join(nearest)}"
+    )
 
 
 def load_candidate(path: Path) -> Candidate:
@@ -131,8 +182,7 @@ def load_candidate(path: Path) -> Candidate:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever the bytes are, a checkpoint that does not load is bad input
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load checkpoint {path} (weights only): {first_line}") from e
+        raise UsageError(f"cannot load checkpoint {path}: {model.load_error(e)}") from e
     try:
         net = model.from_checkpoint(payload)
     except ValueError as e:
@@ -296,6 +346,73 @@ def relative_to_storage(storage: Path, path: Path) -> str:
         return str(path.resolve())
 
 
+def measure_accuracy(onnx_model: bytes, images: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """Accuracy of `onnx_model` on the whole MNIST test set (data.load has verified it
+    against MNIST's checksums), with onnxruntime in batches: the figure the gate compares
+    and metadata.json records."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+    correct = 0
+    for i in range(0, len(images), EVAL_BATCH):
+        batch = data.normalize(images[i : i + EVAL_BATCH])
+        logits = session.run(["output"], {"input": batch})[0]
+        correct += int((logits.argmax(1) == labels[i : i + EVAL_BATCH]).sum())
+    return Evaluation(
+        accuracy=correct / len(images),
+        correct=correct,
+        images=len(images),
+        source=f"{EVAL_SOURCE}, onnxruntime {ort.__version__}",
+        test_set_sha256=data.FILES[("test", "images")].sha256,
+    )
+
+
+def champion_accuracy(
+    model_path: Path, champion: repository.Champion, images: np.ndarray, labels: np.ndarray
+) -> float:
+    """The served version's accuracy measured as the candidate's is: from its metadata when
+    that says so, else measured now on its model.onnx (versions published before the
+    gate measured for itself recorded whatever their training run reported)."""
+    measured = champion.metadata.get("evaluation") or {}
+    if measured.get("images") == len(labels) and str(measured.get("source", "")).startswith(
+        EVAL_SOURCE
+    ):
+        return champion.accuracy
+    onnx_path = model_path / str(champion.version) / repository.MODEL_FILE
+    try:
+        content = onnx_path.read_bytes()
+    except OSError as e:
+        raise PipelineFailure(f"cannot read the served model {onnx_path}: {e}") from e
+    evaluation = measure_accuracy(content, images, labels)
+    log.info(
+        "published version %d recorded accuracy %.4f without saying how; measured again on "
+        "all %d test images: %.4f",
+        champion.version,
+        champion.accuracy,
+        evaluation.images,
+        evaluation.accuracy,
+    )
+    return evaluation.accuracy
+
+
+def identical_version(model_path: Path, weights: str, onnx_sha256: str | None) -> int | None:
+    """A published version holding the same model (same weights or same ONNX bytes)."""
+    for version in repository.versions(model_path):
+        try:
+            meta = read_json(model_path / str(version) / repository.METADATA_FILE)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict):
+            continue
+        if meta.get("weights_sha256") == weights or (
+            onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
+        ):
+            return version
+    return None
+
+
 def write_marker(
     storage: Path,
     run_id: str | None,
@@ -306,21 +423,36 @@ def write_marker(
     accuracy: float | None = None,
     champion_accuracy: float | None = None,
 ) -> None:
-    """checkpoints/<run_id>/export.json: what export decided about this training run."""
+    """checkpoints/<run_id>/export.json: what export decided about this training run.
+
+    Its top-level fields are the run's standing outcome: once a run is published, a later
+    attempt (skipped, failed) never erases that record; every attempt is kept in order
+    under "history"."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
         return
-    atomic_write_json(
-        run_dir(storage, run_id) / "export.json",
-        {
-            "status": status,
-            "model_name": cfg.name,
-            "version": version,
-            "accuracy": accuracy,
-            "champion_accuracy": champion_accuracy,
-            "reason": reason,
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    )
+    path = run_dir(storage, run_id) / "export.json"
+    attempt = {
+        "status": status,
+        "model_name": cfg.name,
+        "version": version,
+        "accuracy": accuracy,
+        "champion_accuracy": champion_accuracy,
+        "reason": reason,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        previous = read_json(path)
+    except (OSError, ValueError):
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    history = previous.get("history")
+    if not isinstance(history, list):  # a record from before histories: its one attempt
+        history = [{k: v for k, v in previous.items() if k != "history"}] if previous else []
+    history.append(attempt)
+    published = previous.get("status") == "published" and status != "published"
+    standing = {k: v for k, v in previous.items() if k != "history"} if published else attempt
+    atomic_write_json(path, {**standing, "history": history})
 
 
 def export(
@@ -341,18 +473,51 @@ def export(
     except UsageError as e:
         write_marker(storage, owner, "failed", cfg, str(e))
         raise
-    log.info("candidate %s: test accuracy %.4f", path, candidate.accuracy)
+    weights = model.weights_sha256(candidate.net)
+    log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
 
+    model_path = repository.model_dir(storage, cfg.name)
     with repository.locked(storage, cfg.name):
         repository.clean_stale(storage, cfg.name)
-        champion = repository.champion(repository.model_dir(storage, cfg.name))
+        champion = repository.champion(model_path)
         if champion is not None:
             repair_best_link(storage, champion)
-        if champion is not None and not candidate.accuracy > champion.accuracy + min_improvement:
+        # The cheap check first: the same weights need no export to be recognised.
+        same = identical_version(model_path, weights, None)
+        if same is not None:
+            return skip_identical(storage, owner, cfg, same, champion)
+        try:
+            exported = to_onnx(candidate.net)
+            images, labels = data.load(storage, "test")
+            max_diff = check_parity(
+                exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
+            )
+            evaluation = measure_accuracy(exported.content, images, labels)
+        except (PipelineFailure, UsageError) as e:
+            write_marker(storage, owner, "failed", cfg, str(e), None, None, None)
+            raise
+        onnx_sha256 = hashlib.sha256(exported.content).hexdigest()
+        log.info(
+            "exported model: accuracy %.4f on all %d MNIST test images (%s)",
+            evaluation.accuracy,
+            evaluation.images,
+            evaluation.source,
+        )
+        same = identical_version(model_path, weights, onnx_sha256)
+        if same is not None:
+            return skip_identical(storage, owner, cfg, same, champion)
+
+        best = None if champion is None else champion_accuracy(model_path, champion, images, labels)
+        if (
+            champion is not None
+            and best is not None
+            and not evaluation.accuracy > best + min_improvement
+        ):
             reason = (
-                f"candidate accuracy {candidate.accuracy:.4f} does not beat the published "
-                f"version {champion.version}'s {champion.accuracy:.4f}"
+                f"not better: accuracy {evaluation.accuracy:.4f} does not beat the "
+                f"published version {champion.version}'s {best:.4f}"
                 + (f" by more than {min_improvement:g}" if min_improvement else "")
+                + f" (both on all {evaluation.images} test images)"
             )
             log.info("not exported: %s", reason)
             write_marker(
@@ -362,34 +527,23 @@ def export(
                 cfg,
                 reason,
                 champion.version,
-                candidate.accuracy,
-                champion.accuracy,
+                evaluation.accuracy,
+                best,
             )
-            return Outcome(
-                "skipped", champion.version, candidate.accuracy, champion.accuracy, reason
-            )
-        champion_accuracy = None if champion is None else champion.accuracy
-        try:
-            exported = to_onnx(candidate.net)
-            images, _ = data.load(storage, "test")
-            max_diff = check_parity(
-                exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
-            )
-        except (PipelineFailure, UsageError) as e:
-            write_marker(
-                storage, owner, "failed", cfg, str(e), None, candidate.accuracy, champion_accuracy
-            )
-            raise
+            return Outcome("skipped", champion.version, evaluation.accuracy, best, reason)
 
         import onnxruntime
 
         metadata = {
             "model_name": cfg.name,
             "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "accuracy": candidate.accuracy,
+            "accuracy": evaluation.accuracy,
+            "evaluation": evaluation.record(),
+            "training_reported_accuracy": candidate.accuracy,
             "source_model": relative_to_storage(storage, path),
             "run_id": candidate.payload.get("run_id", owner),
-            "sha256": hashlib.sha256(exported.content).hexdigest(),
+            "sha256": onnx_sha256,
+            "weights_sha256": weights,
             "opset": exported.opset,
             "ir_version": exported.ir_version,
             "parity_max_abs_diff": max_diff,
@@ -400,7 +554,7 @@ def export(
                 "exported": exported.nodes_exported,
                 "optimised": exported.nodes_optimised,
             },
-            "previous_accuracy": champion_accuracy,
+            "previous_accuracy": best,
         }
         version = repository.publish(
             storage, cfg, {repository.MODEL_FILE: exported.content}, metadata
@@ -410,17 +564,33 @@ def export(
     reason = (
         "first export"
         if champion is None
-        else f"accuracy {candidate.accuracy:.4f} beats version {champion.version}'s "
-        f"{champion.accuracy:.4f}"
+        else f"accuracy {evaluation.accuracy:.4f} beats version {champion.version}'s "
+        f"{best:.4f} (both on all {evaluation.images} test images)"
     )
     log.info(
         "published %s version %d (%s) to %s",
         cfg.name,
         version,
         reason,
-        repository.model_dir(storage, cfg.name) / str(version),
+        model_path / str(version),
     )
-    write_marker(
-        storage, owner, "published", cfg, reason, version, candidate.accuracy, champion_accuracy
-    )
-    return Outcome("published", version, candidate.accuracy, champion_accuracy, reason)
+    write_marker(storage, owner, "published", cfg, reason, version, evaluation.accuracy, best)
+    return Outcome("published", version, evaluation.accuracy, best, reason)
+
+
+def skip_identical(
+    storage: Path,
+    owner: str | None,
+    cfg: repository.TritonConfig,
+    same: int,
+    champion: repository.Champion | None,
+) -> Outcome:
+    """Never publish a model twice: it would only add a version serving the same thing."""
+    meta = read_json(repository.model_dir(storage, cfg.name) / str(same) / repository.METADATA_FILE)
+    accuracy = float(meta["accuracy"])
+    reason = f"identical to the published version {same} (same model), not published again"
+    log.info("not exported: %s", reason)
+    champion_acc = None if champion is None else champion.accuracy
+    version = None if champion is None else champion.version
+    write_marker(storage, owner, "skipped", cfg, reason, version, accuracy, champion_acc)
+    return Outcome("skipped", version, accuracy, champion_acc, reason)

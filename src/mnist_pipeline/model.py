@@ -8,6 +8,7 @@ next to CPU torch.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -95,3 +96,30 @@ def from_checkpoint(payload: dict[str, Any]) -> ResNet18:
     except RuntimeError as e:
         raise ValueError(f"weights do not fit {ARCH}: {str(e).splitlines()[0]}") from e
     return model.eval()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A digest of the weights alone (names, shapes, values), independent of how the file
+    holding them was written: two checkpoints of the same model give the same digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_error(e: Exception) -> str:
+    """Why a weights-only torch.load failed, in one line and without torch's advice to
+    retry with weights_only=False: that would run whatever code the file carries."""
+    text = str(e).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        # torch's explanation ends with the reason after "WeightsUnpickler error:".
+        reason = text.rpartition("WeightsUnpickler error:")[2].strip().splitlines()
+        detail = reason[0] if reason and "WeightsUnpickler error:" in text else ""
+        return (
+            "not a weights-only PyTorch checkpoint"
+            + (f" ({detail})" if detail else "")
+            + "; it is refused, never loaded unsafely"
+        )
+    return text.splitlines()[0] if text else type(e).__name__

@@ -28,12 +28,14 @@ from typing import Any
 
 from mnist_pipeline.storage import (
     PipelineFailure,
+    UsageError,
     atomic_write_json,
     atomic_write_text,
     fsync_dir,
     models_dir,
     naming,
     read_json,
+    validate_name,
 )
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,10 @@ class TritonConfig:
         return max(1, self.server_cpus // self.instance_count)
 
     def validate(self) -> None:
-        if (
-            not self.name
-            or not all(c.isalnum() or c in "_-." for c in self.name)
-            or self.name.startswith(".")
-        ):
-            raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '-', '.'")
+        try:
+            validate_name(self.name, "model name")
+        except UsageError as e:
+            raise ValueError(str(e)) from None
         if self.max_batch_size < 1:
             raise ValueError("max batch size must be at least 1")
         if self.instance_count < 1:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_STORAGE = "storage"
+
+# One rule for every name that becomes a path under storage (run ids, model names): it
+# can never be `.`, `..`, contain a separator, look like an option, or exceed a file name.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+NAME_RULE = "1-64 characters: letters, digits, '_', '-' and '.', not starting with '.' or '-'"
 
 
 class UsageError(Exception):
@@ -37,6 +44,13 @@ class PipelineFailure(Exception):
     """The stage could not finish for a reason other than its input. Exit code 1."""
 
     exit_code = 1
+
+
+def validate_name(name: str, what: str = "run id") -> str:
+    """Return `name` if it follows NAME_RULE; otherwise raise UsageError naming the rule."""
+    if not re.fullmatch(NAME_PATTERN, name, re.ASCII):
+        raise UsageError(f"{what} {name!r} is not allowed: use {NAME_RULE}")
+    return name
 
 
 def available_cpus() -> int:
@@ -59,7 +73,7 @@ def checkpoints_dir(storage: Path) -> Path:
 
 
 def run_dir(storage: Path, run_id: str) -> Path:
-    return checkpoints_dir(storage) / run_id
+    return checkpoints_dir(storage) / validate_name(run_id)
 
 
 def best_model_link(storage: Path) -> Path:
@@ -138,6 +152,12 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def log_error_to(handler: logging.Handler, logger: logging.Logger, msg: str, *args: Any) -> None:
+    """Write an error into one stage's own log file only: the command line prints the
+    error once, on exit, and the terminal should not show it twice."""
+    handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, args, None))
 
 
 def read_json(path: Path) -> Any:

@@ -9,6 +9,8 @@ smoothing. One epoch reaches ≥ 99% test accuracy.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -30,6 +32,7 @@ from mnist_pipeline.storage import (
     atomic_open,
     atomic_write_json,
     available_cpus,
+    log_error_to,
     read_json,
     run_dir,
     temp_files,
@@ -117,8 +120,26 @@ def network_bytes() -> tuple[int, int]:
     return rx, tx
 
 
-def default_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+def default_run_id(cfg: TrainConfig) -> str:
+    """A run id that is a function of the settings: training is deterministic for given
+    settings, so the same command resumes its interrupted run or reuses its completed one
+    instead of training the identical model again under a new id."""
+    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    return "cfg-" + hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
+def run_state(storage: Path, run_id: str) -> str:
+    """What training `run_id` will do, in words, for the user to read before it starts."""
+    out = run_dir(storage, run_id)
+    try:
+        status = read_json(out / "metrics.json").get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "complete":
+        return "completed before: reusing it, not training again"
+    if (out / "resume.pth").is_file():
+        return "interrupted before: resuming it from its last checkpoint"
+    return "new: training it"
 
 
 class Progress:
@@ -200,8 +221,7 @@ def load_resume_state(path: Path, run_id: str, device: torch.device) -> dict[str
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # whatever the bytes are, the file is unusable
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise unusable_resume_state(path, run_id, f"weights only load: {first_line}") from e
+        raise unusable_resume_state(path, run_id, model.load_error(e)) from e
     if not isinstance(state, dict) or not state.keys() >= RESUME_KEYS:
         raise unusable_resume_state(path, run_id, "not a resume checkpoint of this project")
     return state
@@ -246,7 +266,7 @@ def train(
     Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
     test accuracy is measured too (metrics["evals"], for accuracy-against-time curves)."""
     cfg.validate()
-    run_id = run_id or default_run_id()
+    run_id = run_id or default_run_id(cfg)
     out = run_dir(storage, run_id)
     metrics_path, state_path = out / "metrics.json", out / "resume.pth"
     if metrics_path.is_file():
@@ -294,7 +314,7 @@ def train(
                 atomic_write_json(metrics_path, metrics)
             except OSError as record_error:  # a full volume: the original error matters more
                 log.warning("could not record the failure in %s: %s", metrics_path, record_error)
-            log.error("training run %s failed: %s", run_id, e)
+            log_error_to(file_log, log, "training run %s failed: %s", run_id, e)
         raise
     finally:
         logging.getLogger("mnist_pipeline").removeHandler(file_log)

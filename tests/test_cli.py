@@ -1,0 +1,122 @@
+"""The command line's contract: one naming rule for everything that becomes a path, every
+option settable (and shown) as an environment variable, the same variables honoured by
+every subcommand, and errors from a variable that name it. Real child processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from conftest import cli
+from mnist_pipeline.cli import cli as group
+from mnist_pipeline.storage import UsageError, validate_name
+
+# Every way a name escaped checkpoints/ or broke a path before (issue 13.2).
+BAD_NAMES = ["..", ".", "../escape", "a/b", "a b", "a\tb", "a\\b", "-x", ".hidden", "é", "x" * 65]
+
+
+def test_the_name_rule() -> None:
+    for good in ("a", "20261124-130819", "cfg-0123abcd", "run_1.2", "A-b_c.d", "x" * 64):
+        assert validate_name(good) == good
+    for bad in [*BAD_NAMES, ""]:
+        with pytest.raises(UsageError, match="not allowed: use 1-64 characters"):
+            validate_name(bad)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_run_ids_are_refused_everywhere_before_touching_storage(
+    tmp_path: Path, name: str
+) -> None:
+    storage = tmp_path / "storage"
+    commands = [
+        ["train", "--run-id", name],
+        ["export", "--run-id", name],
+        ["run", "--run-id", name],
+        ["wait", "training", "--run-id", name, "--timeout", "1"],
+        ["wait", "export", "--run-id", name, "--timeout", "1"],
+    ]
+    for args in commands:
+        result = cli(args[0], *args[1:], "--storage", storage)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "run id" in result.stderr and "not allowed" in result.stderr, result.stderr
+    # From the environment too, and the error names the variable.
+    result = cli("train", "--storage", storage, env={"RUN_ID": name})
+    assert result.returncode == 2 and "RUN_ID=" in result.stderr
+    assert not storage.exists() and not (tmp_path / "escape").exists()
+
+
+def test_bad_model_names_are_refused(tmp_path: Path) -> None:
+    for args in (["export"], ["wait", "export", "--run-id", "r"], ["infer"]):
+        result = cli(*args, "--model-name", "../models", "--storage", tmp_path / "s")
+        assert result.returncode == 2 and "model name '../models' is not allowed" in result.stderr
+
+
+def commands(command: click.Command = group, path: str = "") -> list[tuple[str, click.Command]]:
+    if isinstance(command, click.Group):
+        return [
+            found
+            for name, sub in command.commands.items()
+            for found in commands(sub, f"{path} {name}".strip())
+        ]
+    return [(path, command)]
+
+
+def envvars(command: click.Command) -> dict[str, str]:
+    return {
+        p.name: p.envvar
+        for p in command.params
+        if isinstance(p, click.Option) and p.name and isinstance(p.envvar, str)
+    }
+
+
+@pytest.mark.parametrize("path,command", commands(), ids=[p for p, _ in commands()])
+def test_every_option_has_a_variable_shown_in_help(path: str, command: click.Command) -> None:
+    options = [p for p in command.params if isinstance(p, click.Option) and p.name != "help"]
+    assert all(p.envvar and p.show_envvar for p in options), [
+        p.name for p in options if not (p.envvar and p.show_envvar)
+    ]
+    help_text = cli(*path.split(), "--help").stdout
+    for option in options:
+        assert f"env var: {option.envvar}" in " ".join(help_text.split()), option.name
+
+
+def test_group_options_have_variables_too() -> None:
+    verbose = next(p for p in group.params if p.name == "verbose")
+    assert isinstance(verbose, click.Option) and verbose.envvar == "VERBOSE" and verbose.show_envvar
+
+
+def test_run_honours_every_variable_of_the_stages_it_runs() -> None:
+    by_path = dict(commands())
+    run = envvars(by_path["run"])
+    for stage in ("train", "export", "infer", "serve"):
+        shared = set(envvars(by_path[stage])) & set(run)
+        for name in shared:
+            assert run[name] == envvars(by_path[stage])[name], (stage, name)
+    for name in ("RUN_ID", "LR", "LIMIT_TEST", "SEED", "MIN_IMPROVEMENT", "MAX_BATCH_SIZE"):
+        assert name in run.values(), name
+    missing = set(envvars(by_path["train"]).values()) - set(run.values())
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "args,env,flag",
+    [
+        (["train"], {"EPOCHS": "0"}, "'--epochs'"),
+        (["train"], {"DEVICE": "gpu0"}, "'--device'"),
+        (["train"], {"VERBOSE": "maybe"}, "'--verbose'"),
+        (["run"], {"LR": "-1"}, "'--lr'"),
+        (["run"], {"LIMIT_TEST": "many"}, "'--limit-test'"),
+        (["infer"], {"TRITON_URL": "localhost"}, "'--url'"),
+        (["export"], {"MAX_BATCH_SIZE": "0"}, "'--max-batch-size'"),
+    ],
+)
+def test_an_error_from_a_variable_names_it(
+    tmp_path: Path, args: list[str], env: dict[str, str], flag: str
+) -> None:
+    result = cli(*args, "--storage", tmp_path / "s", env=env)
+    ((var, value),) = env.items()
+    assert result.returncode == 2, result.stderr
+    assert f"{var}={value!r} (the variable of" in result.stderr and flag in result.stderr
+    assert not (tmp_path / "s").exists()
