@@ -175,7 +175,8 @@ def data(storage: Path, source: Path | None) -> None:
     envvar="THREADS",
     type=click.IntRange(min=0),
     default=0,
-    help="CPU threads (0: every CPU this process may use, cgroup limit included).",
+    help="CPU threads per process (0: every CPU this process may use, cgroup limit "
+    "included, shared among the processes training on this machine).",
 )
 @click.option(
     "--checkpoint-every",
@@ -190,6 +191,23 @@ def data(storage: Path, source: Path | None) -> None:
     type=click.IntRange(min=0),
     default=0,
     help="Also measure test accuracy every N steps (0: at epoch ends only).",
+)
+@click.option(
+    "--nproc-per-node",
+    envvar="NPROC_PER_NODE",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=1,
+    help="Train as N data-parallel processes on this machine (through torchrun). "
+    "Ignored under torchrun, which sets the world itself.",
+)
+@click.option(
+    "--sync-bn",
+    envvar="SYNC_BN",
+    show_envvar=True,
+    is_flag=True,
+    help="With several processes, BatchNorm statistics over all of them (CUDA only); "
+    "default: each process its own.",
 )
 @stage
 def train(
@@ -209,12 +227,21 @@ def train(
     threads: int,
     checkpoint_every: int,
     eval_every: int,
+    nproc_per_node: int,
+    sync_bn: bool,
 ) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
     started again with the same --run-id, it continues from its last checkpoint.
+
+    \b
+    Data-parallel (PyTorch DDP; --batch-size stays the global batch):
+      mnist-pipeline train --nproc-per-node 2 ...          on this machine
+      torchrun --nnodes N --nproc-per-node 1 --node-rank I \\
+        --master-addr HOST --master-port 29500 -m mnist_pipeline train ...
     """
+    from mnist_pipeline import distributed
     from mnist_pipeline import train as train_stage
 
     cfg = train_stage.TrainConfig(
@@ -228,7 +255,13 @@ def train(
         seed=seed,
         limit_train=limit_train,
         limit_test=limit_test,
+        sync_bn=sync_bn,
     )
+    if nproc_per_node > 1 and not distributed.launched_by_torchrun():
+        cfg.validate()  # bad input exits 2 here, not as a failed rank
+        train_stage.check_batch(cfg, nproc_per_node)
+        distributed.launch(nproc_per_node, sys.argv[1:])
+        return
     train_stage.train(
         storage,
         cfg,
