@@ -770,6 +770,9 @@ class Run:
         log.info(
             "network during training, %s: received %d B, sent %d B", NETWORK_SCOPE, received, sent
         )
+        if not self.world.writer:
+            log.info("done; rank 0 wrote %s", self.out / "model.pth")
+            return metrics
         log.info(
             "final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
             final_acc,
