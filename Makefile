@@ -11,7 +11,7 @@ DOCKER   ?= docker
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench images push-images clean
+.PHONY: run test lint bench bench-distributed images push-images clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: $(BIN)/.installed
 BENCH_ARGS ?= --out docs
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# 1 process x 2 threads against 2 DDP ranks x 1 thread, and the multi-node scaling model
+# (docs/DISTRIBUTED.md): writes docs/benchmarks/distributed.json.
+bench-distributed: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_distributed.py
 
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)

@@ -1,7 +1,7 @@
 """Data-parallel training on one machine, and a model of what more machines would give.
 
-    PYTHONPATH=src python benchmarks/bench_distributed.py            # ~12800 images per config
-    PYTHONPATH=src python benchmarks/bench_distributed.py --quick    # smoke test
+    make bench-distributed     # = python benchmarks/bench_distributed.py: 12 800 images per config
+    python benchmarks/bench_distributed.py --quick --out /tmp/bench   # smoke test
 
 Measures images/s of the same recipe as 1 process × 2 threads and as 2 ranks × 1 thread
 (torchrun, gloo) on the same 2 cores: the same silicon, so the ratio is DDP's overhead on
@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1024 images")
     parser.add_argument("--limit-train", type=int, default=12800, help="images per config")
-    parser.add_argument("--out", type=Path, default=None, help="folder for distributed.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for distributed.json (default: docs/benchmarks; with --quick, a temp folder)",
+    )
     args = parser.parse_args(argv)
     images = 1024 if args.quick else args.limit_train
     batch = 128
@@ -131,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         "compute_seconds_per_step": round(step_seconds, 4),
         "model": scaling_model(step_seconds, batch, gradient_bytes),
     }
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-distributed-out-"))
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-distributed-out-"))
+        if args.quick
+        else Path("docs/benchmarks")
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "distributed.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]

@@ -168,3 +168,25 @@ def test_distributed_settings_that_cannot_work_are_usage_errors(
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (storage / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_prints_figures(tmp_path: Path) -> None:
+    """The scaling benchmark runs end to end; its figures are printed, never asserted."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "distributed.json").read_text())
+    assert results["two_ranks_1_thread"]["world_size"] == 2
+    assert results["one_process_2_threads"]["world_size"] == 1
+    assert results["parameters"] == 11_175_370
+    assert results["allreduce_bytes_per_step"] == 4 * 11_175_370
+    assert {(r["network_gbps"], r["nodes"]) for r in results["model"]} == {
+        (gbps, nodes) for gbps in (10, 25, 100) for nodes in (1, 2, 4, 8, 16)
+    }
+    assert "2 ranks / 1 process:" in result.stdout and "| 100 Gb/s | 16 |" in result.stdout
