@@ -55,7 +55,7 @@ def test_two_ranks_train_one_model_like_one_process(storage: Path) -> None:
     digest = parameters_digest(payload["state_dict"])
     for rank, output in enumerate(outputs):
         # Each rank checked its parameters and buffers against the others' at the end.
-        assert f"rank {rank}: parameters sha256 {digest}, identical on all 2 rank(s)" in output
+        assert f"rank {rank}: parameters sha256 {digest}, identical on all 2 ranks" in output
     # Rank 0 alone wrote the model and the log.
     assert "rank 0: final test accuracy" in outputs[0]
     assert "final test accuracy" not in outputs[1] and "rank 0 wrote" in outputs[1]
@@ -190,3 +190,26 @@ def test_benchmark_quick_run_prints_figures(tmp_path: Path) -> None:
         (gbps, nodes) for gbps in (10, 25, 100) for nodes in (1, 2, 4, 8, 16)
     }
     assert "2 ranks / 1 process:" in result.stdout and "| 100 Gb/s | 16 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_run_interrupted_alone_resumes_on_two_ranks(storage: Path) -> None:
+    """The saved state counts global steps, so another world size can pick it up."""
+    args = ["train", "--storage", str(storage), "--run-id", "grow", "--checkpoint-every", "2"]
+    args += ["--limit-train", "1024", "--limit-test", "500", "--batch-size", "64"]
+    alone = subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args, "--threads", "1"])
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir(storage, "grow") / "resume.pth").exists():
+            assert alone.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        alone.kill()
+        alone.wait()
+
+    resumed = cli(*args, "--nproc-per-node", "2", check=True)
+    assert re.search(
+        r"rank 1: resuming run grow at epoch 1, step \d+/16 .* world size 2", resumed.stderr
+    )
+    metrics = json.loads((run_dir(storage, "grow") / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["world_size"] == 2

@@ -742,7 +742,8 @@ class Run:
         digests = distributed.gather(parameters_digest(self.net.state_dict()), self.world)
         if len(set(digests)) != 1:
             raise PipelineFailure(f"the ranks ended with different models: {digests}")
-        log.info("parameters sha256 %s, identical on all %d rank(s)", digests[0], self.world.size)
+        if self.world.distributed:
+            log.info("parameters sha256 %s, identical on all %d ranks", digests[0], len(digests))
         final_acc = history[-1]["test_accuracy"]
         metrics.update(
             status="complete",
