@@ -54,6 +54,11 @@ def train(storage: Path, run_id: str, args: list[str]) -> dict[str, Any]:
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
+
+
 def ring_allreduce_seconds(nodes: int, gradient_bytes: int, gbps: float) -> float:
     """A ring all-reduce sends and receives 2 (N-1)/N of the buffer on each node's link."""
     return 2 * (nodes - 1) / nodes * gradient_bytes * 8 / (gbps * 1e9)
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1024 images")
     parser.add_argument("--limit-train", type=int, default=12800, help="images per config")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (the median is kept)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -106,30 +112,41 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for distributed.json (default: docs/benchmarks; with --quick, a temp folder)",
     )
     args = parser.parse_args(argv)
+    measured_on = machine()
     images = 1024 if args.quick else args.limit_train
+    repeats = 1 if args.quick else args.repeats
     batch = 128
     recipe = ["--limit-train", str(images), "--limit-test", "1000", "--batch-size", str(batch)]
+    configs = {
+        "one_process_2_threads": [*recipe, "--threads", "2"],
+        "two_ranks_1_thread": [*recipe, "--nproc-per-node", "2"],
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     env_threads = os.environ.pop("OMP_NUM_THREADS", None)  # each config sets its own
     try:
         with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
             storage = Path(tmp)
             data.place(storage)
-            print("1 process x 2 threads …", file=sys.stderr, flush=True)
-            one = train(storage, "one", [*recipe, "--threads", "2"])
-            print("2 ranks x 1 thread (torchrun, gloo) …", file=sys.stderr, flush=True)
-            two = train(storage, "two", [*recipe, "--nproc-per-node", "2"])
+            for i in range(repeats):
+                # Alternate the order: on a shared machine the load drifts between runs.
+                for name in sorted(configs, reverse=bool(i % 2)):
+                    print(f"round {i + 1}: {name} …", file=sys.stderr, flush=True)
+                    rounds[name].append(train(storage, f"{name}-{i}", configs[name]))
     finally:
         if env_threads is not None:
             os.environ["OMP_NUM_THREADS"] = env_threads
+    one, two = (median_run(rounds[name]) for name in configs)
     parameters = sum(p.numel() for p in model.build().parameters())
     gradient_bytes = parameters * 4
     step_seconds = batch / one["images_per_s"]
     results = {
-        "machine": machine(),
+        "machine": {**measured_on, "load_average_end": load_average()},
         "images": images,
         "batch": batch,
+        "repeats": repeats,
         "one_process_2_threads": one,
         "two_ranks_1_thread": two,
+        "rounds": rounds,
         "ratio_two_ranks_to_one_process": round(two["images_per_s"] / one["images_per_s"], 3),
         "parameters": parameters,
         "allreduce_bytes_per_step": gradient_bytes,
@@ -144,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "distributed.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
-    print(f"machine: {m['cpu_model']}, {m['cpus_available']} CPUs, load {m['load_average_start']}")
+    print(
+        f"machine: {m['cpu_model']}, {m['cpus_available']} CPUs, load average "
+        f"{m['load_average_start']} at start, {m['load_average_end']} at end"
+    )
     for name in ("one_process_2_threads", "two_ranks_1_thread"):
         r = results[name]
         print(
