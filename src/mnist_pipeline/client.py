@@ -7,7 +7,7 @@ exactly as in training, so the accuracy measured here is the served model's accu
 Writes STORAGE/inference/<UTC timestamp>/:
   samples.json   10 predictions: test index, true label, predicted label, probabilities
   latency.json   latency percentiles, throughput, accuracy, what was served; status
-  latency.png    latency histogram and CDF
+  latency.png    latency histogram and CDF, with p50, p99 and throughput on the plot
   inference.log  this run's log
 """
 
