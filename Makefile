@@ -18,7 +18,7 @@ BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
 
-.PHONY: run test lint bench backend images push-images clean
+.PHONY: run test lint bench bench-distributed backend images push-images clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ $(PERF_VENV)/bin/perf_analyzer:
 	$(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
 	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12==12.9.79
+
+# 1 process x 2 threads against 2 DDP ranks x 1 thread, and the multi-node scaling model
+# (docs/DISTRIBUTED.md): writes docs/benchmarks/distributed.json.
+bench-distributed: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_distributed.py
 
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)

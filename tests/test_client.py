@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import MODEL, PipelineRun
-from mnist_pipeline import data
+from mnist_pipeline import client, data
 from mnist_pipeline.serve import LocalTriton
 from serving_helpers import cli, free_ports
 
@@ -191,3 +191,13 @@ def test_a_failed_infer_writes_its_reason_to_inference_log(pipeline: PipelineRun
     assert f"inference failed: Triton at 127.0.0.1:{port} not ready after 2 s" in log
     # The terminal shows it once (the command's own error line).
     assert result.stderr.count("not ready after 2 s") == 1
+
+
+def test_latency_plot_shows_p50_p99_and_throughput() -> None:
+    latencies = [1.0] * 50 + [2.0] * 49 + [9.0]
+    fig = client.latency_figure(latencies, "title", images_per_s=612.4)
+    legend = fig.axes[1].get_legend()
+    labels = [text.get_text() for text in legend.get_texts()]
+    p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
+    assert labels == [f"p50 {p50:.2f} ms", f"p99 {p99:.2f} ms"]
+    assert legend.get_title().get_text() == "612 images/s"

@@ -1,4 +1,5 @@
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -32,11 +33,19 @@ def test_short_training_run_end_to_end(storage: Path) -> None:
     assert metrics["test_accuracy"] > 0.5  # 1500 images, 2 epochs: far above chance (0.1)
     assert set(metrics["network_bytes"]) == {"received", "sent"}
     assert all(isinstance(v, int) and v >= 0 for v in metrics["network_bytes"].values())
+    # Linux counts bytes per interface, not per process: the record says so.
+    assert "every process" in metrics["network_bytes_scope"]
 
     log = (out / "train.log").read_text()
     assert "epoch 1/2: train loss" in log and "epoch 2/2: train loss" in log
     assert "final test accuracy" in log and "network during training" in log
+    assert f"network during training, {metrics['network_bytes_scope']}" in log
     assert "final test accuracy" in result.stderr
+    # Without a terminal, progress lines; the last one of the run always appears.
+    progress = (
+        r"step 60/60 epoch 2/2 loss [\d.]+ acc [\d.]+ \| \d+:\d\d elapsed, \d+ images/s, ETA 0:00"
+    )
+    assert re.search(progress, result.stderr), result.stderr[-2000:]
 
     payload = torch.load(out / "model.pth", weights_only=True)
     assert payload["test_accuracy"] == metrics["test_accuracy"] and payload["run_id"] == "quick"
@@ -68,6 +77,20 @@ def test_completed_run_is_not_trained_again(storage: Path) -> None:
     again = cli("train", "--storage", storage, "--run-id", "done", *QUICK, check=True)
     assert "already complete" in again.stderr
     assert (run_dir(storage, "done") / "model.pth").stat().st_mtime_ns == before
+
+    changed = cli(
+        "train", "--storage", storage, "--run-id", "done", *QUICK, "--lr", "0.2", "--epochs", "2"
+    )
+    assert changed.returncode == 2, changed.stderr
+    assert "already complete with other settings" in changed.stderr
+    assert "epochs 1 -> 2" in changed.stderr and "lr 0.05 -> 0.2" in changed.stderr
+    assert (run_dir(storage, "done") / "model.pth").stat().st_mtime_ns == before
+
+
+def test_too_few_images_for_batchnorm_is_a_usage_error(storage: Path) -> None:
+    result = cli("train", "--storage", storage, "--limit-train", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--limit-train 2 or more" in result.stderr
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path: Path) -> None:

@@ -311,6 +311,21 @@ def train_options(f: F) -> F:
 @cli.command()
 @storage_option
 @train_options
+@click.option(
+    "--nproc-per-node",
+    envvar="NPROC_PER_NODE",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Train as N data-parallel processes on this machine (through torchrun). "
+    "Ignored under torchrun, which sets the world itself.",
+)
+@click.option(
+    "--sync-bn",
+    envvar="SYNC_BN",
+    is_flag=True,
+    help="With several processes, BatchNorm statistics over all of them (CUDA only); "
+    "default: each process its own.",
+)
 @stage
 def train(
     storage: Path,
@@ -319,6 +334,8 @@ def train(
     threads: int,
     checkpoint_every: int,
     eval_every: int,
+    nproc_per_node: int,
+    sync_bn: bool,
     **config: Any,
 ) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
@@ -326,12 +343,25 @@ def train(
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
     started again with the same run id, it continues from its last checkpoint; a
     completed run is not trained again.
+
+    \b
+    Data-parallel (PyTorch DDP; --batch-size stays the global batch):
+      mnist-pipeline train --nproc-per-node 2 ...          on this machine
+      torchrun --nnodes N --nproc-per-node 1 --node-rank I \\
+        --master-addr HOST --master-port 29500 -m mnist_pipeline train ...
     """
+    from mnist_pipeline import distributed
     from mnist_pipeline import train as train_stage
 
+    cfg = train_stage.TrainConfig(**config, sync_bn=sync_bn)
+    if nproc_per_node > 1 and not distributed.launched_by_torchrun():
+        cfg.validate()  # bad input exits 2 here, not as a failed rank
+        train_stage.check_batch(cfg, nproc_per_node)
+        distributed.launch(nproc_per_node, sys.argv[1:])
+        return
     train_stage.train(
         storage,
-        train_stage.TrainConfig(**config),
+        cfg,
         run_id=run_id,
         device=device,
         threads=threads,

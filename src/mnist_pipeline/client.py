@@ -7,7 +7,7 @@ exactly as in training, so the accuracy measured here is the served model's accu
 Writes STORAGE/inference/<UTC timestamp>/:
   samples.json   10 predictions: test index, true label, predicted label, probabilities
   latency.json   latency percentiles, throughput, accuracy, what was served; status
-  latency.png    latency histogram and CDF
+  latency.png    latency histogram and CDF, with p50, p99 and throughput on the plot
   inference.log  this run's log
 """
 
@@ -388,7 +388,8 @@ def new_output_dir(storage: Path) -> Path:
     raise PipelineFailure(f"could not create a new folder under {root}")
 
 
-def plot_latency(latencies_ms: list[float], title: str, path: Path) -> None:
+def latency_figure(latencies_ms: list[float], title: str, images_per_s: float) -> Any:
+    """Histogram and CDF of the latencies, with p50, p99 and the throughput on the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,12 +402,20 @@ def plot_latency(latencies_ms: list[float], title: str, path: Path) -> None:
     hist.set_ylabel("requests")
     cdf.plot(a, np.arange(1, len(a) + 1) / len(a), color="tab:blue")
     for q, style in ((50, "--"), (99, ":")):
-        cdf.axvline(float(np.percentile(a, q)), color="tab:red", linestyle=style, label=f"p{q}")
+        value = float(np.percentile(a, q))
+        cdf.axvline(value, color="tab:red", linestyle=style, label=f"p{q} {value:.2f} ms")
     cdf.set_xlabel("latency (ms)")
     cdf.set_ylabel("fraction of requests")
-    cdf.legend()
+    cdf.legend(title=f"{images_per_s:.0f} images/s", loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_latency(latencies_ms: list[float], title: str, images_per_s: float, path: Path) -> None:
+    fig = latency_figure(latencies_ms, title, images_per_s)
+    import matplotlib.pyplot as plt  # after latency_figure chose the Agg backend
+
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
@@ -457,7 +466,12 @@ def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> di
             if driver.outputs:
                 atomic_write_json(out / "samples.json", _samples(driver.outputs, labels))
             if driver.latencies_ms:
-                plot_latency(driver.latencies_ms, _title(report), out / "latency.png")
+                plot_latency(
+                    driver.latencies_ms,
+                    _title(report),
+                    report["throughput_images_per_s"],
+                    out / "latency.png",
+                )
         if reason:
             report["reason"] = reason
         else:

@@ -8,6 +8,7 @@ smoothing. One epoch reaches ≥ 99% test accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import data, model
+from mnist_pipeline import data, distributed, model
+from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
@@ -58,12 +61,18 @@ class TrainConfig:
     limit_train: int = 0  # 0: all 60000 images
     limit_test: int = 0  # 0: all 10000 images; quick runs evaluate on fewer
     channels_last: bool = True
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (DDP on CUDA only)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise UsageError("need epochs >= 1, batch size >= 2 and lr > 0")
         if self.limit_train < 0 or self.limit_test < 0:
             raise UsageError("limits must be >= 0 (0 means the whole split)")
+        if self.limit_train == 1:
+            raise UsageError(
+                "--limit-train 1 is too small: BatchNorm needs at least 2 images per step; "
+                "use --limit-train 2 or more (0: all 60000)"
+            )
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
             raise UsageError(f"optimizer must be one of {OPTIMIZERS}, schedule one of {SCHEDULES}")
 
@@ -94,18 +103,29 @@ def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = ONE_PROCESS) -> torch.device:
+    """The device of this rank: with CUDA, the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA device")
     if name not in ("cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device(name)
+    if name == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+NETWORK_SCOPE = (
+    "non-loopback interfaces of this network namespace, every process in it "
+    "(the machine, or the pod in Kubernetes)"
+)
 
 
 def network_bytes() -> tuple[int, int]:
-    """Bytes received and sent so far by every non-loopback interface (from /proc/net/dev)."""
+    """Bytes received and sent so far through the interfaces NETWORK_SCOPE names (from
+    /proc/net/dev): Linux keeps no per-process count, so other processes' traffic is in it."""
     rx = tx = 0
     try:
         lines = Path("/proc/net/dev").read_text().splitlines()[2:]
@@ -142,22 +162,45 @@ def run_state(storage: Path, run_id: str) -> str:
     return "new: training it"
 
 
-class Progress:
-    """A live bar on a terminal; in a Job (no TTY), a plain line every `every_s` seconds."""
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return (
+        f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+        if minutes >= 60
+        else f"{minutes}:{secs:02d}"
+    )
 
-    def __init__(self, total: int, every_s: float = 15.0) -> None:
-        self.total, self.every_s = total, every_s
+
+class Progress:
+    """A live bar on a terminal; in a Job (no TTY), a plain line every `every_s` seconds.
+    Both show elapsed time, speed and the ETA of the whole run (steps are global)."""
+
+    def __init__(
+        self, total: int, images_per_step: int, start: int = 0, every_s: float = 15.0
+    ) -> None:
+        self.total, self.images_per_step, self.start = total, images_per_step, start
+        self.every_s = every_s
         self.tty = sys.stderr.isatty()
-        self.last = 0.0
+        self.t0 = self.last = time.monotonic()
+
+    def timing(self, step: int, now: float) -> str:
+        elapsed = now - self.t0
+        steps_per_s = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = clock((self.total - step) / steps_per_s) if steps_per_s else "?"
+        return (
+            f"{clock(elapsed)} elapsed, {steps_per_s * self.images_per_step:.0f} images/s, "
+            f"ETA {eta}"
+        )
 
     def update(self, step: int, text: str) -> None:
         now = time.monotonic()
         if self.tty:
             filled = int(30 * step / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} {text}")
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
+            sys.stderr.write(f"\r{bar} {text} {self.timing(step, now)}")
             sys.stderr.flush()
         elif now - self.last >= self.every_s or step == self.total:
-            log.info("step %d/%d %s", step, self.total, text)
+            log.info("step %d/%d %s | %s", step, self.total, text, self.timing(step, now))
         if now - self.last >= self.every_s:
             self.last = now
 
@@ -168,17 +211,22 @@ class Progress:
 
 @torch.inference_mode()
 def evaluate(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, world: World = ONE_PROCESS, batch: int = 1000
 ) -> tuple[float, float]:
-    """Mean loss and accuracy of `net` on (x, y)."""
+    """Mean loss and accuracy of `net` on (x, y); each rank measures its share."""
+    sync_buffers(net, world)
+    lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
     net.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        logits = net(x[i : i + batch])
-        loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, images
+    for i in range(lo, hi, batch):
+        xb, yb = x[i : min(i + batch, hi)], y[i : min(i + batch, hi)]
+        logits = net(xb)
+        sums[0] += F.cross_entropy(logits, yb, reduction="sum").item()
+        sums[1] += (logits.argmax(1) == yb).sum().item()
+        sums[2] += len(yb)
     net.train()
-    return loss_sum / len(x), correct / len(x)
+    loss_sum, correct, count = all_sum(sums, world).tolist()
+    return loss_sum / count, correct / count
 
 
 def to_tensors(
@@ -252,6 +300,57 @@ def remove_stale_temp_files(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def check_batch(cfg: TrainConfig, world_size: int) -> None:
+    """--batch-size is the global batch: each rank takes an equal share of at least 2
+    images, since BatchNorm cannot normalise over a single one."""
+    if cfg.batch_size % world_size:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
+            f"{world_size} ranks; use a multiple of {world_size}"
+        )
+    images = min(cfg.batch_size, cfg.limit_train or data.FILES["train", "images"].count)
+    if images // world_size < 2:
+        raise UsageError(
+            f"with {world_size} ranks each step needs at least {2 * world_size} images "
+            "(2 per rank, for BatchNorm): raise --limit-train / --batch-size"
+        )
+    if cfg.sync_bn and world_size > 1 and not torch.cuda.is_available():
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm only runs on GPUs")
+
+
+def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
+    """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with
+    (a setting the run predates counts as its default)."""
+    defaults, now = dataclasses.asdict(TrainConfig()), dataclasses.asdict(cfg)
+    return ", ".join(
+        f"{key} {before.get(key, defaults[key])!r} -> {value!r}"
+        for key, value in now.items()
+        if before.get(key, defaults[key]) != value
+    )
+
+
+def completed_run(metrics_path: Path, cfg: TrainConfig, run_id: str) -> dict[str, Any] | None:
+    """The metrics of run `run_id` if it is complete with these settings; other settings on
+    a complete run are refused rather than silently ignored."""
+    if not metrics_path.is_file():
+        return None
+    previous: dict[str, Any] = read_json(metrics_path)
+    if previous.get("status") != "complete":
+        return None
+    changed = differing_settings(previous.get("hyperparameters", {}), cfg)
+    if changed:
+        raise UsageError(
+            f"run {run_id} is already complete with other settings ({changed}); "
+            "pick a new --run-id to train with these"
+        )
+    log.info(
+        "run %s is already complete (test accuracy %.4f); nothing to do",
+        run_id,
+        previous["test_accuracy"],
+    )
+    return previous
+
+
 def train(
     storage: Path,
     cfg: TrainConfig,
@@ -264,26 +363,79 @@ def train(
     """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
 
     Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
-    test accuracy is measured too (metrics["evals"], for accuracy-against-time curves)."""
+    test accuracy is measured too (metrics["evals"], for accuracy-against-time curves).
+    Under torchrun every rank calls this with the same arguments; rank 0 writes."""
     cfg.validate()
-    run_id = run_id or default_run_id(cfg)
-    out = run_dir(storage, run_id)
-    metrics_path, state_path = out / "metrics.json", out / "resume.pth"
-    if metrics_path.is_file():
-        previous = read_json(metrics_path)
-        if previous.get("status") == "complete":
-            log.info(
-                "run %s is already complete (test accuracy %.4f); nothing to do",
-                run_id,
-                previous["test_accuracy"],
+    world = distributed.from_environment()
+    check_batch(cfg, world.size)
+    dev = resolve_device(device, world)
+    distributed.start(world, dev)
+    try:
+        run_id = run_id or default_run_id(cfg)
+        out = run_dir(storage, run_id)
+        previous = completed_run(out / "metrics.json", cfg, run_id)
+        if previous is not None:
+            return previous
+        with run_logging(out, world):
+            return _train_recording_failure(
+                storage, cfg, run_id, out, dev, world, threads, checkpoint_every, eval_every
             )
-            return dict(previous)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
+    finally:
+        distributed.stop(world)
 
-    file_log = logging.FileHandler(out / "train.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("mnist_pipeline").addHandler(file_log)
+
+class RankPrefix(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"rank {rank}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+@contextlib.contextmanager
+def run_logging(out: Path, world: World) -> Iterator[None]:
+    """Rank 0 alone writes train.log; on the terminal (or a pod's log) each rank's
+    lines say which rank wrote them."""
+    out.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = []
+    if world.writer:
+        remove_stale_temp_files(out)
+        file_log = logging.FileHandler(out / "train.log")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("mnist_pipeline").addHandler(file_log)
+        handlers.append(file_log)
+    prefix = RankPrefix(world.rank)
+    console = logging.getLogger().handlers if world.distributed else []
+    for handler in console:
+        handler.addFilter(prefix)
+    try:
+        yield
+    except Exception as e:
+        if world.writer:  # the command line prints the error once, on exit
+            log_error_to(handlers[0], log, "training run %s failed: %s", out.name, e)
+        raise
+    finally:
+        for handler in console:
+            handler.removeFilter(prefix)
+        for handler in handlers:
+            logging.getLogger("mnist_pipeline").removeHandler(handler)
+            handler.close()
+
+
+def _train_recording_failure(
+    storage: Path,
+    cfg: TrainConfig,
+    run_id: str,
+    out: Path,
+    device: torch.device,
+    world: World,
+    threads: int,
+    checkpoint_every: int,
+    eval_every: int,
+) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "run_id": run_id,
         "status": "running",
@@ -291,53 +443,33 @@ def train(
         "history": [],
         "evals": [],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "world_size": world.size,
     }
     try:
-        return _train(
-            storage,
-            cfg,
-            run_id,
-            out,
-            metrics,
-            metrics_path,
-            state_path,
-            resolve_device(device),
-            threads,
-            checkpoint_every,
-            eval_every,
-        )
+        run = Run(storage, cfg, run_id, out, metrics, device, world, checkpoint_every)
+        return run.train(threads, eval_every)
     except BaseException as e:
         # A kill leaves status "running" (and resume.pth); an error says what it was.
         if not isinstance(e, KeyboardInterrupt | SystemExit):
-            metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
-            try:
-                atomic_write_json(metrics_path, metrics)
-            except OSError as record_error:  # a full volume: the original error matters more
-                log.warning("could not record the failure in %s: %s", metrics_path, record_error)
-            log_error_to(file_log, log, "training run %s failed: %s", run_id, e)
+            if world.writer:
+                metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
+                try:
+                    atomic_write_json(out / "metrics.json", metrics)
+                except OSError as record_error:  # a full volume: the original error matters
+                    log.warning("could not record the failure in metrics.json: %s", record_error)
         raise
-    finally:
-        logging.getLogger("mnist_pipeline").removeHandler(file_log)
-        file_log.close()
 
 
-def _train(
-    storage: Path,
-    cfg: TrainConfig,
-    run_id: str,
-    out: Path,
-    metrics: dict[str, Any],
-    metrics_path: Path,
-    state_path: Path,
-    device: torch.device,
-    threads: int,
-    checkpoint_every: int,
-    eval_every: int,
-) -> dict[str, Any]:
-    if device.type == "cpu":
-        torch.set_num_threads(threads or available_cpus())
-    torch.manual_seed(cfg.seed)
+@dataclass(frozen=True)
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
 
+
+def load_data(storage: Path, cfg: TrainConfig, device: torch.device) -> Data:
+    """The (limited) splits as in-memory tensors; every rank holds all of them."""
     train_images, train_labels = data.load(storage, "train")
     test_images, test_labels = data.load(storage, "test")
     if cfg.limit_train:
@@ -349,194 +481,326 @@ def _train(
         test_images, test_labels = test_images[: cfg.limit_test], test_labels[: cfg.limit_test]
     x_train, y_train = to_tensors(train_images, train_labels, device, cfg.channels_last)
     x_test, y_test = to_tensors(test_images, test_labels, device, cfg.channels_last)
-    n = len(x_train)
-    steps_per_epoch = n // cfg.batch_size if n > cfg.batch_size else 1
-    batch_size = min(cfg.batch_size, n)
-    total_steps = steps_per_epoch * cfg.epochs
+    return Data(x_train, y_train, x_test, y_test)
 
-    net = model.build().to(device)
-    if cfg.channels_last:
-        # Module.to accepts memory_format at run time; torch's stubs do not declare it.
-        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = make_optimizer(cfg, net)
-    start_epoch, start_step, train_seconds = 0, 0, 0.0
-    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}
 
-    if state_path.is_file():
-        state = load_resume_state(state_path, run_id, device)
-        if state["config"] != dataclasses.asdict(cfg):
+@dataclass(frozen=True)
+class Plan:
+    """How each epoch's permutation is cut: global batches of `batch` images (whole ones
+    only), each rank taking its own consecutive `local` images of every batch."""
+
+    images: int
+    batch: int
+    local: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, images: int, world: World) -> Plan:
+        steps = images // cfg.batch_size if images > cfg.batch_size else 1
+        local = min(cfg.batch_size, images) // world.size
+        return cls(images, local * world.size, local, steps, steps * cfg.epochs)
+
+    def shard(self, order: torch.Tensor, step: int, world: World) -> torch.Tensor:
+        start = step * self.batch + world.rank * self.local
+        return order[start : start + self.local]
+
+
+def epoch_order(cfg: TrainConfig, images: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The epoch's permutation: a function of seed and epoch alone, so every rank (and a
+    resumed run) cuts the same one."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    return torch.randperm(images, generator=generator).to(device)
+
+
+def new_partial() -> dict[str, Any]:
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0}
+
+
+@dataclass
+class Loop:
+    """Where training stands, in global steps: what resume.pth saves besides the weights."""
+
+    epoch: int = 0
+    step: int = 0  # steps done in this epoch
+    train_seconds: float = 0.0
+    partial: dict[str, Any] = dataclasses.field(default_factory=new_partial)  # all ranks
+
+
+def parameters_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every parameter and buffer: equal digests, identical models."""
+    digest = hashlib.sha256()
+    for key, value in state_dict.items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Run:
+    """One training run on one rank: data, model, resume, steps, epoch ends, checkpoints."""
+
+    def __init__(
+        self,
+        storage: Path,
+        cfg: TrainConfig,
+        run_id: str,
+        out: Path,
+        metrics: dict[str, Any],
+        device: torch.device,
+        world: World,
+        checkpoint_every: int,
+    ) -> None:
+        self.storage, self.cfg, self.run_id, self.out = storage, cfg, run_id, out
+        self.metrics, self.device, self.world = metrics, device, world
+        self.checkpoint_every = checkpoint_every
+        self.metrics_path, self.state_path = out / "metrics.json", out / "resume.pth"
+        self.loop = Loop()
+
+    def train(self, threads: int, eval_every: int) -> dict[str, Any]:
+        self.setup(threads)
+        progress = Progress(self.plan.total_steps, self.plan.batch, start=self.global_step)
+        rx0, tx0 = network_bytes()
+        while self.loop.epoch < self.cfg.epochs:
+            order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
+            while self.loop.step < self.plan.steps_per_epoch:
+                self.step(order)
+                progress.update(self.global_step, self.progress_text())
+                if self.loop.step == self.plan.steps_per_epoch:
+                    break  # the epoch end checkpoints and evaluates
+                if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
+                    self.save_state()
+                if eval_every and self.global_step % eval_every == 0:
+                    self.record_eval(
+                        evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
+                    )
+            self.end_epoch(record_eval=bool(eval_every))
+        progress.close()
+        rx1, tx1 = network_bytes()
+        return self.finish(received=rx1 - rx0, sent=tx1 - tx0)
+
+    @property
+    def global_step(self) -> int:
+        return self.loop.epoch * self.plan.steps_per_epoch + self.loop.step
+
+    def setup(self, threads: int) -> None:
+        """Threads, data, model and optimizer; the saved state if the run was interrupted."""
+        cfg, world = self.cfg, self.world
+        if self.device.type == "cpu":
+            # Ranks on one machine share its CPUs.
+            torch.set_num_threads(threads or max(1, available_cpus() // world.local_size))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.data = load_data(self.storage, cfg, self.device)
+        self.plan = Plan.of(cfg, len(self.data.x_train), world)
+        self.net = model.build().to(self.device)
+        if cfg.channels_last:
+            # Module.to accepts memory_format at run time; torch's stubs do not declare it.
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.optimizer = make_optimizer(cfg, self.net)
+        if self.state_path.is_file():
+            self.resume()
+        else:
+            log.info(
+                "training run %s on %s, world size %d: %d train images (%d per rank and "
+                "step), %d test, %s",
+                self.run_id,
+                self.device,
+                world.size,
+                self.plan.images,
+                self.plan.local,
+                len(self.data.x_test),
+                dataclasses.asdict(cfg),
+            )
+        if self.device.type == "cpu":
+            log.info("cpu threads: %d", torch.get_num_threads())
+        if world.writer:
+            atomic_write_json(self.metrics_path, self.metrics)
+        # Wrapped after loading the state: DDP starts from rank 0's weights.
+        self.ddp = distributed.wrap(self.net, world, self.device, cfg.sync_bn)
+
+    def resume(self) -> None:
+        """Continue from resume.pth. Its state is global (steps of the global batch), so a
+        run may resume at another world size."""
+        state = load_resume_state(self.state_path, self.run_id, self.device)
+        if state["config"] != dataclasses.asdict(self.cfg):
             raise UsageError(
-                f"run {run_id} was started with other settings ({state['config']}); "
+                f"run {self.run_id} was started with other settings "
+                f"({differing_settings(state['config'], self.cfg)}); "
                 "resume it with those, or start a new --run-id"
             )
         try:
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise unusable_resume_state(state_path, run_id, str(e).splitlines()[0]) from e
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        train_seconds, partial = state["train_seconds"], state["partial"]
-        metrics.update(
+            raise unusable_resume_state(self.state_path, self.run_id, str(e).splitlines()[0]) from e
+        self.loop = Loop(
+            state["epoch"], state["step_in_epoch"], state["train_seconds"], state["partial"]
+        )
+        self.metrics.update(
             history=state["history"], evals=state["evals"], started_at=state["started_at"]
         )
         log.info(
-            "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far)",
-            run_id,
-            start_epoch + 1,
-            start_step,
-            steps_per_epoch,
-            train_seconds,
+            "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far), world size %d",
+            self.run_id,
+            self.loop.epoch + 1,
+            self.loop.step,
+            self.plan.steps_per_epoch,
+            self.loop.train_seconds,
+            self.world.size,
         )
-    else:
-        log.info(
-            "training run %s on %s: %d train images, %d test, %s",
-            run_id,
-            device,
-            n,
-            len(x_test),
-            dataclasses.asdict(cfg),
+
+    def step(self, order: torch.Tensor) -> None:
+        """One optimizer step on this rank's share of the global batch; DDP averages the
+        gradients, and the loss and accuracy tallies are summed over the ranks."""
+        t0 = time.monotonic()
+        idx = self.plan.shard(order, self.loop.step, self.world)
+        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, self.global_step, self.plan.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.ddp(xb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+
+        correct = (logits.argmax(1) == yb).sum().item()
+        tally = torch.tensor([loss.item() * len(yb), correct, len(yb)], dtype=torch.float64)
+        loss_sum, correct, seen = all_sum(tally.to(self.device), self.world).tolist()
+        partial = self.loop.partial
+        partial["loss_sum"] += loss_sum
+        partial["correct"] += int(correct)
+        partial["seen"] += int(seen)
+        self.loop.step += 1
+        self.loop.train_seconds += time.monotonic() - t0
+
+    def progress_text(self) -> str:
+        partial = self.loop.partial
+        return (
+            f"epoch {self.loop.epoch + 1}/{self.cfg.epochs} "
+            f"loss {partial['loss_sum'] / partial['seen']:.4f} "
+            f"acc {partial['correct'] / partial['seen']:.4f}"
         )
-    if device.type == "cpu":
-        log.info("cpu threads: %d", torch.get_num_threads())
-    atomic_write_json(metrics_path, metrics)
 
-    def save_state(epoch: int, step_in_epoch: int) -> None:
-        state = {
-            "config": dataclasses.asdict(cfg),
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "train_seconds": train_seconds,
-            "partial": partial,
-            "history": metrics["history"],
-            "evals": metrics["evals"],
-            "started_at": metrics["started_at"],
-        }
-        save_checkpoint(state, state_path)
-
-    def record_eval(global_step: int, accuracy: float) -> None:
-        metrics["evals"].append(
+    def record_eval(self, accuracy: float) -> None:
+        epoch = self.global_step / self.plan.steps_per_epoch
+        self.metrics["evals"].append(
             {
-                "step": global_step,
-                "epoch": round(global_step / steps_per_epoch, 3),
-                "train_seconds": round(train_seconds, 2),
+                "step": self.global_step,
+                "epoch": round(epoch, 3),
+                "train_seconds": round(self.loop.train_seconds, 2),
                 "test_accuracy": accuracy,
             }
         )
         log.info(
             "step %d (epoch %.2f): test accuracy %.4f after %.1f s of training",
-            global_step,
-            global_step / steps_per_epoch,
+            self.global_step,
+            epoch,
             accuracy,
-            train_seconds,
+            self.loop.train_seconds,
         )
 
-    rx0, tx0 = network_bytes()
-    net.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        order = order.to(device)
-        progress = Progress(steps_per_epoch)
-        t0 = time.monotonic()
-        for step in range(start_step, steps_per_epoch):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            loss.backward()
-            optimizer.step()
-
-            partial["loss_sum"] += loss.item() * len(yb)
-            partial["correct"] += int((logits.argmax(1) == yb).sum().item())
-            partial["seen"] += len(yb)
-            progress.update(
-                step + 1,
-                f"epoch {epoch + 1}/{cfg.epochs} "
-                f"loss {partial['loss_sum'] / partial['seen']:.4f} "
-                f"acc {partial['correct'] / partial['seen']:.4f}",
-            )
-            if (
-                checkpoint_every
-                and (step + 1) % checkpoint_every == 0
-                and step + 1 < steps_per_epoch
-            ):
-                train_seconds += time.monotonic() - t0
-                save_state(epoch, step + 1)
-                t0 = time.monotonic()
-            global_step = epoch * steps_per_epoch + step + 1
-            if eval_every and global_step % eval_every == 0 and step + 1 < steps_per_epoch:
-                train_seconds += time.monotonic() - t0
-                record_eval(global_step, evaluate(net, x_test, y_test)[1])
-                t0 = time.monotonic()
-        progress.close()
-        train_seconds += time.monotonic() - t0
-        epoch_seconds = train_seconds - sum(h["train_seconds"] for h in metrics["history"])
-
+    def end_epoch(self, record_eval: bool) -> None:
+        """Test accuracy, the epoch's record (with every rank's speed), a checkpoint."""
+        loop, history = self.loop, self.metrics["history"]
+        epoch_seconds = loop.train_seconds - sum(h["train_seconds"] for h in history)
         eval_t0 = time.monotonic()
-        test_loss, test_acc = evaluate(net, x_test, y_test)
+        test_loss, test_acc = evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
+        epoch_images = self.plan.steps_per_epoch * self.plan.local
+        rank_rates = distributed.gather(round(epoch_images / epoch_seconds, 1), self.world)
         record = {
-            "epoch": epoch + 1,
-            "train_loss": partial["loss_sum"] / max(1, partial["seen"]),
-            "train_accuracy": partial["correct"] / max(1, partial["seen"]),
+            "epoch": loop.epoch + 1,
+            "train_loss": loop.partial["loss_sum"] / max(1, loop.partial["seen"]),
+            "train_accuracy": loop.partial["correct"] / max(1, loop.partial["seen"]),
             "test_loss": test_loss,
             "test_accuracy": test_acc,
             "train_seconds": round(epoch_seconds, 2),
             "eval_seconds": round(time.monotonic() - eval_t0, 2),
-            "lr_end": optimizer.param_groups[0]["lr"],
+            "lr_end": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": round(epoch_images * self.world.size / epoch_seconds, 1),
+            "rank_images_per_s": rank_rates,
         }
-        metrics["history"].append(record)
-        if eval_every:
-            record_eval((epoch + 1) * steps_per_epoch, test_acc)
+        history.append(record)
+        if record_eval:
+            self.record_eval(test_acc)
         log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s",
-            epoch + 1,
-            cfg.epochs,
+            "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s, "
+            "%.0f images/s (per rank: %s)",
+            loop.epoch + 1,
+            self.cfg.epochs,
             record["train_loss"],
             record["train_accuracy"],
             test_loss,
             test_acc,
             epoch_seconds,
+            record["images_per_s"],
+            ", ".join(f"{rate:.0f}" for rate in rank_rates),
         )
-        start_step, partial = 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}
-        save_state(epoch + 1, 0)
-        atomic_write_json(metrics_path, metrics)
+        self.loop = Loop(loop.epoch + 1, 0, loop.train_seconds)
+        self.save_state()
+        if self.world.writer:
+            atomic_write_json(self.metrics_path, self.metrics)
 
-    if not math.isfinite(metrics["history"][-1]["train_loss"]):
-        raise PipelineFailure(f"training diverged (loss {metrics['history'][-1]['train_loss']})")
-    rx1, tx1 = network_bytes()
-    final_acc = metrics["history"][-1]["test_accuracy"]
-    payload = model.checkpoint_payload(
-        net,
-        run_id=run_id,
-        test_accuracy=final_acc,
-        epochs=cfg.epochs,
-        normalize={"mean": data.MEAN, "std": data.STD},
-    )
-    save_checkpoint(payload, out / "model.pth")
-    metrics.update(
-        status="complete",
-        test_accuracy=final_acc,
-        train_seconds=round(train_seconds, 2),
-        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        network_bytes={"received": rx1 - rx0, "sent": tx1 - tx0},
-        checkpoint="model.pth",
-    )
-    atomic_write_json(metrics_path, metrics)
-    state_path.unlink(missing_ok=True)
-    log.info(
-        "network during training (non-loopback interfaces): received %d B, sent %d B",
-        rx1 - rx0,
-        tx1 - tx0,
-    )
-    log.info(
-        "final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
-        final_acc,
-        cfg.epochs,
-        train_seconds,
-        out / "model.pth",
-    )
-    return metrics
+    def save_state(self) -> None:
+        if not self.world.writer:
+            return
+        state = {
+            "config": dataclasses.asdict(self.cfg),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.loop.epoch,
+            "step_in_epoch": self.loop.step,
+            "train_seconds": self.loop.train_seconds,
+            "partial": self.loop.partial,
+            "history": self.metrics["history"],
+            "evals": self.metrics["evals"],
+            "started_at": self.metrics["started_at"],
+        }
+        save_checkpoint(state, self.state_path)
+
+    def finish(self, received: int, sent: int) -> dict[str, Any]:
+        """Check that all ranks hold one model; rank 0 writes model.pth and the metrics."""
+        metrics, history = self.metrics, self.metrics["history"]
+        if not math.isfinite(history[-1]["train_loss"]):
+            raise PipelineFailure(f"training diverged (loss {history[-1]['train_loss']})")
+        digests = distributed.gather(parameters_digest(self.net.state_dict()), self.world)
+        if len(set(digests)) != 1:
+            raise PipelineFailure(f"the ranks ended with different models: {digests}")
+        if self.world.distributed:
+            log.info("parameters sha256 %s, identical on all %d ranks", digests[0], len(digests))
+        final_acc = history[-1]["test_accuracy"]
+        metrics.update(
+            status="complete",
+            test_accuracy=final_acc,
+            train_seconds=round(self.loop.train_seconds, 2),
+            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            network_bytes={"received": received, "sent": sent},
+            network_bytes_scope=NETWORK_SCOPE,
+            parameters_sha256=digests[0],
+            checkpoint="model.pth",
+        )
+        if self.world.writer:
+            payload = model.checkpoint_payload(
+                self.net,
+                run_id=self.run_id,
+                test_accuracy=final_acc,
+                epochs=self.cfg.epochs,
+                normalize={"mean": data.MEAN, "std": data.STD},
+            )
+            save_checkpoint(payload, self.out / "model.pth")
+            atomic_write_json(self.metrics_path, metrics)
+            self.state_path.unlink(missing_ok=True)
+        # No rank reports success before model.pth is in place.
+        distributed.barrier(self.world)
+        log.info(
+            "network during training, %s: received %d B, sent %d B", NETWORK_SCOPE, received, sent
+        )
+        if not self.world.writer:
+            log.info("done; rank 0 wrote %s", self.out / "model.pth")
+            return metrics
+        log.info(
+            "final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
+            final_acc,
+            self.cfg.epochs,
+            self.loop.train_seconds,
+            self.out / "model.pth",
+        )
+        return metrics

@@ -1,0 +1,183 @@
+"""Data-parallel training on one machine, and a model of what more machines would give.
+
+    make bench-distributed     # = python benchmarks/bench_distributed.py: 12 800 images per config
+    python benchmarks/bench_distributed.py --quick --out /tmp/bench   # smoke test
+
+Measures images/s of the same recipe as 1 process × 2 threads and as 2 ranks × 1 thread
+(torchrun, gloo) on the same 2 cores: the same silicon, so the ratio is DDP's overhead on
+one machine, not a speed-up. From the one-process compute time per step and the bytes
+DDP all-reduces per step (every gradient, fp32), it then models the step time at 2-16
+nodes on 10/25/100 Gb/s networks. Writes OUT/distributed.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import load_average, machine
+from mnist_pipeline import data, model
+
+NODES = (1, 2, 4, 8, 16)
+NETWORKS_GBPS = (10, 25, 100)
+
+
+def train(storage: Path, run_id: str, args: list[str]) -> dict[str, Any]:
+    command = [sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)]
+    load_before = load_average()
+    t0 = time.monotonic()
+    subprocess.run(
+        [*command, "--run-id", run_id, "--checkpoint-every", "0", *args],
+        check=True,
+        capture_output=True,
+    )
+    wall = time.monotonic() - t0
+    metrics = json.loads((storage / "checkpoints" / run_id / "metrics.json").read_text())
+    last = metrics["history"][-1]
+    return {
+        "run": run_id,
+        "world_size": metrics["world_size"],
+        "images_per_s": last["images_per_s"],
+        "rank_images_per_s": last["rank_images_per_s"],
+        "train_seconds": metrics["train_seconds"],
+        "wall_seconds": round(wall, 1),
+        "test_accuracy": metrics["test_accuracy"],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
+
+
+def ring_allreduce_seconds(nodes: int, gradient_bytes: int, gbps: float) -> float:
+    """A ring all-reduce sends and receives 2 (N-1)/N of the buffer on each node's link."""
+    return 2 * (nodes - 1) / nodes * gradient_bytes * 8 / (gbps * 1e9)
+
+
+def scaling_model(step_seconds: float, batch: int, gradient_bytes: int) -> list[dict[str, Any]]:
+    """Global batch fixed (the recipe is unchanged): each of N nodes computes batch/N images
+    (time ∝ images, at this machine's speed), then the gradients cross the network. No
+    overlap of the two assumed (DDP does overlap buckets with backward: an upper bound)."""
+    rows = []
+    for gbps in NETWORKS_GBPS:
+        for nodes in NODES:
+            compute = step_seconds / nodes
+            network = ring_allreduce_seconds(nodes, gradient_bytes, gbps)
+            step = compute + network
+            rows.append(
+                {
+                    "network_gbps": gbps,
+                    "nodes": nodes,
+                    "compute_ms": round(compute * 1000, 1),
+                    "allreduce_ms": round(network * 1000, 1),
+                    "images_per_s": round(batch / step),
+                    "speedup": round(step_seconds / step, 2),
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| network | nodes | compute ms/step | all-reduce ms/step | images/s | speed-up |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['network_gbps']} Gb/s | {r['nodes']} | {r['compute_ms']} | "
+            f"{r['allreduce_ms']} | {r['images_per_s']} | {r['speedup']}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1024 images")
+    parser.add_argument("--limit-train", type=int, default=12800, help="images per config")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (the median is kept)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for distributed.json (default: docs/benchmarks; with --quick, a temp folder)",
+    )
+    args = parser.parse_args(argv)
+    measured_on = machine()
+    images = 1024 if args.quick else args.limit_train
+    repeats = 1 if args.quick else args.repeats
+    batch = 128
+    recipe = ["--limit-train", str(images), "--limit-test", "1000", "--batch-size", str(batch)]
+    configs = {
+        "one_process_2_threads": [*recipe, "--threads", "2"],
+        "two_ranks_1_thread": [*recipe, "--nproc-per-node", "2"],
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    env_threads = os.environ.pop("OMP_NUM_THREADS", None)  # each config sets its own
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
+            storage = Path(tmp)
+            data.place(storage)
+            for i in range(repeats):
+                # Alternate the order: on a shared machine the load drifts between runs.
+                for name in sorted(configs, reverse=bool(i % 2)):
+                    print(f"round {i + 1}: {name} …", file=sys.stderr, flush=True)
+                    rounds[name].append(train(storage, f"{name}-{i}", configs[name]))
+    finally:
+        if env_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    one, two = (median_run(rounds[name]) for name in configs)
+    parameters = sum(p.numel() for p in model.build().parameters())
+    gradient_bytes = parameters * 4
+    step_seconds = batch / one["images_per_s"]
+    results = {
+        "machine": {**measured_on, "load_average_end": load_average()},
+        "images": images,
+        "batch": batch,
+        "repeats": repeats,
+        "one_process_2_threads": one,
+        "two_ranks_1_thread": two,
+        "rounds": rounds,
+        "ratio_two_ranks_to_one_process": round(two["images_per_s"] / one["images_per_s"], 3),
+        "parameters": parameters,
+        "allreduce_bytes_per_step": gradient_bytes,
+        "compute_seconds_per_step": round(step_seconds, 4),
+        "model": scaling_model(step_seconds, batch, gradient_bytes),
+    }
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-distributed-out-"))
+        if args.quick
+        else Path("docs/benchmarks")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distributed.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(
+        f"machine: {m['cpu_model']}, {m['cpus_available']} CPUs, load average "
+        f"{m['load_average_start']} at start, {m['load_average_end']} at end"
+    )
+    for name in ("one_process_2_threads", "two_ranks_1_thread"):
+        r = results[name]
+        print(
+            f"{name}: {r['images_per_s']:.0f} images/s (per rank {r['rank_images_per_s']}), "
+            f"test accuracy {r['test_accuracy']:.4f}, load {r['load_average_after']}"
+        )
+    print(f"2 ranks / 1 process: {results['ratio_two_ranks_to_one_process']:.2f}")
+    print(f"all-reduced per step: {gradient_bytes / 1e6:.1f} MB ({parameters:,} fp32 gradients)")
+    print(f"compute per step of {batch} images here: {step_seconds * 1000:.0f} ms")
+    print(table(results["model"]))
+    print(f"wrote {out / 'distributed.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
