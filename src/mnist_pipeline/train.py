@@ -448,15 +448,13 @@ def _train_recording_failure(
     try:
         run = Run(storage, cfg, run_id, out, metrics, device, world, checkpoint_every)
         return run.train(threads, eval_every)
-    except BaseException as e:
-        # A kill leaves status "running" (and resume.pth); an error says what it was.
-        if not isinstance(e, KeyboardInterrupt | SystemExit):
-            if world.writer:
-                metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
-                try:
-                    atomic_write_json(out / "metrics.json", metrics)
-                except OSError as record_error:  # a full volume: the original error matters
-                    log.warning("could not record the failure in metrics.json: %s", record_error)
+    except Exception as e:  # a kill leaves status "running" (and resume.pth)
+        if world.writer:
+            metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
+            try:
+                atomic_write_json(out / "metrics.json", metrics)
+            except OSError as record_error:  # a full volume: the original error matters
+                log.warning("could not record the failure in metrics.json: %s", record_error)
         raise
 
 
