@@ -149,3 +149,43 @@ def test_failing_requests_keep_what_was_measured(
     assert report["status"] == "failed" and report["errors"] >= 1
     assert "onnxruntime" in report["reason"]
     assert (out / "inference.log").is_file()
+
+
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("localhost", "has no port"),
+        ("http://localhost:8001", "without a scheme (http:// is not part of it)"),
+        ("grpc://localhost:8001", "without a scheme"),
+        ("localhost:99999", "expected HOST:PORT"),
+        ("localhost:8001/v2", "expected HOST:PORT"),
+    ],
+)
+def test_a_malformed_url_is_refused_up_front(tmp_path: Path, url: str, message: str) -> None:
+    t0 = time.monotonic()
+    result = cli("infer", "--storage", str(tmp_path), "--url", url, "--timeout", "60")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001" in result.stderr
+    assert time.monotonic() - t0 < 30  # not after waiting out --timeout
+    assert not (tmp_path / "inference").exists()
+
+
+def test_the_http_port_is_named_as_the_wrong_protocol(
+    served: LocalTriton, pipeline: PipelineRun
+) -> None:
+    t0 = time.monotonic()
+    result, out = infer(pipeline, served.http_url, "--timeout", "60")
+    assert result.returncode == 2
+    assert f"{served.http_url} answers HTTP, not gRPC" in result.stderr
+    assert time.monotonic() - t0 < 30
+    assert "answers HTTP, not gRPC" in (out / "inference.log").read_text()
+
+
+def test_a_failed_infer_writes_its_reason_to_inference_log(pipeline: PipelineRun) -> None:
+    (port,) = free_ports(1)
+    result, out = infer(pipeline, f"127.0.0.1:{port}", "--timeout", "2")
+    assert result.returncode == 1
+    log = (out / "inference.log").read_text()
+    assert f"inference failed: Triton at 127.0.0.1:{port} not ready after 2 s" in log
+    # The terminal shows it once (the command's own error line).
+    assert result.stderr.count("not ready after 2 s") == 1

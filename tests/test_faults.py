@@ -120,27 +120,37 @@ def visible_versions_are_complete(storage: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory, mnist_storage: Path) -> dict[str, Any]:
     """A storage with one tiny completed run ("base") published as version 1, and a second
-    checkpoint ("better": the same weights, recorded 0.001 more accurate) not yet exported,
-    so that exporting it publishes version 2. Tests copy it before changing anything."""
+    one ("better") not yet exported, so that exporting it publishes version 2. Export
+    measures accuracy itself on all 10000 test images and never republishes the same
+    weights, so "base" is "better" with one class silenced (its logit lowered by 50): a
+    different model, measurably worse. Tests copy it before changing anything."""
     storage = tmp_path_factory.mktemp("base") / "storage"
     shutil.copytree(mnist_storage / "data", storage / "data")
-    cli("train", "--storage", storage, "--run-id", "base", "--epochs", "2", *TINY, check=True)
-    cli("export", "--storage", storage, "--run-id", "base", check=True)
-    better = run_dir(storage, "better")
-    better.mkdir()
-    payload = torch.load(run_dir(storage, "base") / "model.pth", weights_only=True)
-    payload.update(run_id="better", test_accuracy=min(1.0, payload["test_accuracy"] + 0.001))
-    torch.save(payload, better / "model.pth")
-    metrics = json.loads((run_dir(storage, "base") / "metrics.json").read_text())
-    metrics.update(run_id="better", test_accuracy=payload["test_accuracy"])
-    (better / "metrics.json").write_text(json.dumps(metrics))
-
-    # Test images the model classifies right, for "a correct request gets a correct answer".
+    cli("train", "--storage", storage, "--run-id", "better", "--epochs", "2", *TINY, check=True)
+    payload = torch.load(run_dir(storage, "better") / "model.pth", weights_only=True)
     images, labels = data.load(storage, "test")
-    x = data.normalize(images[:200])
     with torch.no_grad():
-        predicted = model.from_checkpoint(payload)(torch.from_numpy(x)).argmax(1).numpy()
-    right = np.flatnonzero(predicted == labels[:200])[:4]
+        logits = model.from_checkpoint(payload)(torch.from_numpy(data.normalize(images)))
+    predicted = logits.argmax(1).numpy()
+    silenced = int(np.bincount(predicted[predicted == labels], minlength=10).argmax())
+    worse = {**payload, "run_id": "base", "state_dict": dict(payload["state_dict"])}
+    worse["state_dict"]["fc.bias"] = payload["state_dict"]["fc.bias"].clone()
+    worse["state_dict"]["fc.bias"][silenced] -= 50.0
+    run_dir(storage, "base").mkdir()
+    torch.save(worse, run_dir(storage, "base") / "model.pth")
+    metrics = json.loads((run_dir(storage, "better") / "metrics.json").read_text())
+    (run_dir(storage, "base") / "metrics.json").write_text(
+        json.dumps({**metrics, "run_id": "base"})
+    )
+    cli("export", "--storage", storage, "--run-id", "base", check=True)
+    with torch.no_grad():
+        kept = model.from_checkpoint(worse)(torch.from_numpy(data.normalize(images))).argmax(1)
+    assert (kept.numpy() == labels).mean() < (predicted == labels).mean()
+
+    # Test images both models classify right, for "a correct request gets a correct answer".
+    x = data.normalize(images[:200])
+    both = (predicted[:200] == labels[:200]) & (kept.numpy()[:200] == labels[:200])
+    right = np.flatnonzero(both)[:4]
     assert len(right) == 4, "the tiny model should get a few of 200 digits right"
     return {"storage": storage, "x": x[right], "labels": labels[right].astype(int)}
 

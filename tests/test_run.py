@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, PipelineRun
-from serving_helpers import triton_processes
+from conftest import LIMIT_TRAIN, MODEL, PipelineRun, cli
+from mnist_pipeline.train import TrainConfig, default_run_id
+from serving_helpers import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -31,3 +35,28 @@ def test_run_goes_from_data_to_measured_serving(pipeline: PipelineRun) -> None:
     assert f"p50 {latency['p50_ms']:.2f} ms" in stdout
     # The server it started is gone, stubs included.
     assert triton_processes(f"--grpc-port={pipeline.grpc_port}") == []
+
+
+def test_a_second_run_reuses_the_completed_run_and_says_so(
+    pipeline: PipelineRun, tmp_path: Path
+) -> None:
+    """Issue 13.4: the default run id is a function of the settings, so `make run` twice
+    trains once; the identical model is not exported again."""
+    run_id = default_run_id(TrainConfig(limit_train=int(LIMIT_TRAIN)))
+    assert [p.name for p in (pipeline.storage / "checkpoints").iterdir() if p.is_dir()] == [run_id]
+    storage = tmp_path / "storage"
+    shutil.copytree(pipeline.storage, storage, symlinks=True)
+    model_before = snapshot(storage / "checkpoints" / run_id)
+    http, grpc, metrics = free_ports(3)
+    ports = {"HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics)}
+    result = cli(
+        "run", "--storage", storage, "--limit-train", LIMIT_TRAIN, "--requests", "20",
+        env={**os.environ, **ports},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run {run_id}: completed before: reusing it, not training again" in result.stderr
+    assert "export           skipped: identical to the published version 1" in result.stdout
+    after = snapshot(storage / "checkpoints" / run_id)
+    del after["export.json"], model_before["export.json"]  # the skip is recorded, nothing else
+    assert after == model_before
+    assert [p.name for p in (storage / "models" / MODEL).iterdir() if p.is_dir()] == ["1"]

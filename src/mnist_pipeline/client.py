@@ -35,6 +35,7 @@ from mnist_pipeline.storage import (
     atomic_write_json,
     atomic_write_text,
     inference_dir,
+    log_error_to,
 )
 
 log = logging.getLogger(__name__)
@@ -426,13 +427,8 @@ def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
         log.info("inference run %s against %s: %s", out.name, cfg.url, asdict(cfg))
         return _infer(cfg, x, labels, out)
     except BaseException as e:
-        # Into inference.log only: the command line prints the error once, on exit.
         why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e), str(e))
-        handler.handle(
-            log.makeRecord(
-                log.name, logging.ERROR, __file__, 0, "inference failed: %s", (why,), None
-            )
-        )
+        log_error_to(handler, log, "inference failed: %s", why)
         raise
     finally:
         logging.getLogger("mnist_pipeline").removeHandler(handler)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -151,6 +152,12 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def log_error_to(handler: logging.Handler, logger: logging.Logger, msg: str, *args: Any) -> None:
+    """Write an error into one stage's own log file only: the command line prints the
+    error once, on exit, and the terminal should not show it twice."""
+    handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, args, None))
 
 
 def read_json(path: Path) -> Any:

@@ -32,6 +32,7 @@ from mnist_pipeline.storage import (
     atomic_open,
     atomic_write_json,
     available_cpus,
+    log_error_to,
     read_json,
     run_dir,
     temp_files,
@@ -313,18 +314,7 @@ def train(
                 atomic_write_json(metrics_path, metrics)
             except OSError as record_error:  # a full volume: the original error matters more
                 log.warning("could not record the failure in %s: %s", metrics_path, record_error)
-            # Into train.log only: the command line prints the error once, on exit.
-            file_log.handle(
-                log.makeRecord(
-                    log.name,
-                    logging.ERROR,
-                    __file__,
-                    0,
-                    "training run %s failed: %s",
-                    (run_id, e),
-                    None,
-                )
-            )
+            log_error_to(file_log, log, "training run %s failed: %s", run_id, e)
         raise
     finally:
         logging.getLogger("mnist_pipeline").removeHandler(file_log)
