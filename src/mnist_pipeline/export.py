@@ -346,12 +346,12 @@ def relative_to_storage(storage: Path, path: Path) -> str:
         return str(path.resolve())
 
 
-def measure_accuracy(onnx_model: bytes, storage: Path) -> Evaluation:
-    """Accuracy of `onnx_model` on all 10 000 MNIST test images, with onnxruntime in
-    batches: the figure the gate compares and metadata.json records."""
+def measure_accuracy(onnx_model: bytes, images: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """Accuracy of `onnx_model` on the whole MNIST test set (data.load has verified it
+    against MNIST's checksums), with onnxruntime in batches: the figure the gate compares
+    and metadata.json records."""
     import onnxruntime as ort
 
-    images, labels = data.load(storage, "test")  # verified against MNIST's checksums
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
@@ -369,21 +369,23 @@ def measure_accuracy(onnx_model: bytes, storage: Path) -> Evaluation:
     )
 
 
-def champion_accuracy(storage: Path, model_path: Path, champion: repository.Champion) -> float:
+def champion_accuracy(
+    model_path: Path, champion: repository.Champion, images: np.ndarray, labels: np.ndarray
+) -> float:
     """The served version's accuracy measured as the candidate's is: from its metadata when
     that says so, else measured now on its model.onnx (versions published before the
     gate measured for itself recorded whatever their training run reported)."""
     measured = champion.metadata.get("evaluation") or {}
-    if measured.get("images") == len(data.load(storage, "test")[1]) and str(
-        measured.get("source", "")
-    ).startswith(EVAL_SOURCE):
+    if measured.get("images") == len(labels) and str(measured.get("source", "")).startswith(
+        EVAL_SOURCE
+    ):
         return champion.accuracy
     onnx_path = model_path / str(champion.version) / repository.MODEL_FILE
     try:
         content = onnx_path.read_bytes()
     except OSError as e:
         raise PipelineFailure(f"cannot read the served model {onnx_path}: {e}") from e
-    evaluation = measure_accuracy(content, storage)
+    evaluation = measure_accuracy(content, images, labels)
     log.info(
         "published version %d recorded accuracy %.4f without saying how; measured again on "
         "all %d test images: %.4f",
@@ -486,11 +488,11 @@ def export(
             return skip_identical(storage, owner, cfg, same, champion)
         try:
             exported = to_onnx(candidate.net)
-            images, _ = data.load(storage, "test")
+            images, labels = data.load(storage, "test")
             max_diff = check_parity(
                 exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
             )
-            evaluation = measure_accuracy(exported.content, storage)
+            evaluation = measure_accuracy(exported.content, images, labels)
         except (PipelineFailure, UsageError) as e:
             write_marker(storage, owner, "failed", cfg, str(e), None, None, None)
             raise
@@ -505,7 +507,7 @@ def export(
         if same is not None:
             return skip_identical(storage, owner, cfg, same, champion)
 
-        best = None if champion is None else champion_accuracy(storage, model_path, champion)
+        best = None if champion is None else champion_accuracy(model_path, champion, images, labels)
         if (
             champion is not None
             and best is not None
