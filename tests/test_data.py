@@ -73,7 +73,7 @@ def test_only_the_damaged_file_is_rewritten_and_named(tmp_path: Path) -> None:
     after = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
     changed = sorted(name for name in after if after[name] != before.get(name))
     assert changed == [TEST_IMAGES]
-    assert f"placed {TEST_IMAGES} (damaged before)" in result.stderr
+    assert f"replaced damaged {TEST_IMAGES} with a verified copy" in result.stderr
     assert "1 of 4 file(s) written" in result.stderr
     data.load(tmp_path, "test")
 

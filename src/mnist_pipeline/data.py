@@ -169,9 +169,10 @@ def place(storage: Path, source: Path | None = None) -> Path:
                 f.flush()
                 os.fsync(f.fileno())
         for spec, _ in contents:
-            state = "damaged" if (dest / spec.name).exists() else "missing"
+            damaged = (dest / spec.name).exists()
             os.replace(staging / spec.name, dest / spec.name)
-            log.info("placed %s (%s before) from %s", spec.name, state, source)
+            if damaged:
+                log.warning("replaced damaged %s with a verified copy from %s", spec.name, source)
         fsync_dir(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
