@@ -426,6 +426,7 @@ def test_default_is_the_newest_completed_run(tmp_path: Path) -> None:
         "old": ("complete", "2026-01-01T10:00:00+00:00"),
         "new": ("complete", "2026-01-02T09:00:00+00:00"),
         "newer_but_failed": ("failed", "2026-01-03T09:00:00+00:00"),
+        "newest but no run id": ("complete", "2026-01-04T09:00:00+00:00"),
     }
     for run_id, (status, finished_at) in runs.items():
         (tmp_path / "checkpoints" / run_id).mkdir(parents=True)

@@ -39,6 +39,7 @@ from mnist_pipeline.storage import (
     fsync_dir,
     read_json,
     run_dir,
+    validate_name,
 )
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,12 @@ def newest_completed_run(storage: Path) -> str:
     finished: list[tuple[datetime, str]] = []
     for metrics_path in checkpoints_dir(storage).glob("*/metrics.json"):
         try:
+            validate_name(metrics_path.parent.name)  # a folder no run id could name
             metrics = read_json(metrics_path)
             if metrics.get("status") == "complete":
                 when = datetime.fromisoformat(metrics["finished_at"])
                 finished.append((when, metrics_path.parent.name))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UsageError) as e:
             log.warning("ignoring %s: %s", metrics_path, e)
     if not finished:
         raise UsageError(
