@@ -242,21 +242,27 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
             assert not c["name"].startswith("wait-") or timeouts == ["--timeout=21600"]
 
 
-def test_run_ids_and_job_names_follow_revision_and_install(default: list[dict[str, Any]]) -> None:
-    first = run_id_of(default)
-    assert first.endswith("-r1")
-    upgraded = render({"training": {"epochs": 3}}, revision=2)[0]
-    second = run_id_of(upgraded)
-    assert second.endswith("-r2")
-    assert find(upgraded, "Job", "train")["metadata"]["name"] == "demo-mnist-pipeline-train-r2"
+def test_run_ids_follow_the_install_and_the_training_settings(
+    default: list[dict[str, Any]],
+) -> None:
+    pinned = {"run": {"id": "demo"}}
+    first = run_id_of(render(pinned)[0])
+    assert re.fullmatch(r"demo-[0-9a-f]{8}", first)
+    upgraded = render({**pinned, "training": {"epochs": 3}}, revision=2)[0]
+    assert run_id_of(upgraded) != first
+    assert re.fullmatch(r"demo-mnist-pipeline-train-[0-9a-f]{7}", job_name(upgraded, "train"))
     train = pod_spec(find(upgraded, "Job", "train"))["containers"][0]
     assert {"name": "EPOCHS", "value": "3"} in train["env"]
-    # A reinstall under the same name (revision 1 again) gets a run id of its own.
+    # A reinstall under the same name, without a pinned run, gets a run id of its own.
     time.sleep(1.1)
-    assert run_id_of(render()[0]) != first
+    assert run_id_of(render()[0]) != run_id_of(default)
     # Within one render every object agrees, NOTES included.
     objects, notes = render()
     assert run_id_of(objects) in notes
+
+
+def job_name(objects: list[dict[str, Any]], stage: str) -> str:
+    return str(find(objects, "Job", stage)["metadata"]["name"])
 
 
 def test_claims_and_mounts_match() -> None:
@@ -303,7 +309,7 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
             assert has_token == c["name"].startswith("wait-"), c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
-    assert triton["command"] == ["tritonserver"]
+    assert "command" not in triton and triton["args"][0] == "tritonserver"
     assert "--model-repository=/storage/models" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
     assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -319,26 +325,38 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
 def test_rbac_is_least_privilege_and_off_the_default_account(
     default: list[dict[str, Any]],
 ) -> None:
+    # The waits GET this run's two Jobs by name, nothing else.
     (role,) = [o for o in default if o["kind"] == "Role"]
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch"]}
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["get"],
+            "resourceNames": [job_name(default, "train"), job_name(default, "export")],
+        }
     ]
     (binding,) = [o for o in default if o["kind"] == "RoleBinding"]
-    (account,) = [o for o in default if o["kind"] == "ServiceAccount"]
+    accounts = {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["name"]
+        for o in default
+        if o["kind"] == "ServiceAccount"
+    }
+    assert accounts == {
+        c: f"demo-mnist-pipeline-{c}" for c in ("training", "export", "triton", "client")
+    }
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ml"}
+        {"kind": "ServiceAccount", "name": accounts[c], "namespace": "ml"}
+        for c in ("export", "triton", "client")
     ]
-    assert account["metadata"]["name"] != "default"
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     for obj in workloads(default):
         uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
-        assert pod_spec(obj).get("serviceAccountName") == (
-            account["metadata"]["name"] if uses_api else None
+        bound = pod_spec(obj).get("serviceAccountName") in accounts.values() and (
+            pod_spec(obj)["serviceAccountName"] != accounts["training"]
         )
+        assert bound == uses_api, obj["metadata"]["name"]
     objects, _ = render(SCENARIOS["no-api-no-client"])
-    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
-    for obj in workloads(objects):
-        assert "serviceAccountName" not in pod_spec(obj)
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
 
 
 def test_names_follow_release_and_namespace() -> None:
@@ -352,12 +370,14 @@ def test_names_follow_release_and_namespace() -> None:
             assert obj["metadata"]["name"].startswith(f"{release}-mnist-pipeline")
             assert obj["metadata"]["namespace"] == namespace
             assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == release
-    # The longest release name Helm allows still gives valid names (Job names carry the
-    # revision and must stay within 63 characters, the job-name label's limit).
+    # The longest release name Helm allows still gives valid names (Job names carry a hash
+    # and must stay within 63 characters, the job-name label's limit, with room for a
+    # worker pod's "-<index>").
     longest = "r" * 53
     for obj in render(release=longest, revision=99999)[0]:
-        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
-        assert obj["metadata"]["name"].startswith("r" * 48)
+        name = obj["metadata"]["name"]
+        assert len(name) <= (59 if obj["kind"] == "Job" else 63), name
+        assert name.startswith("r" * (44 if obj["kind"] == "Job" else 48))
     # The chart's own sources name no release, namespace or Service.
     for template in (CHART / "templates").rglob("*"):
         if template.is_file():
@@ -369,6 +389,7 @@ def test_values_reach_the_manifests() -> None:
     objects, _ = render(
         {
             "triton": {"replicas": 3},
+            "persistence": {"accessModes": ["ReadWriteMany"]},
             "training": {"epochs": 4, "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
             "images": {
                 "pipeline": {

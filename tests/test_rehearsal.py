@@ -7,9 +7,9 @@ the chart's order. The tritonserver container is mapped onto the local launcher
 own arguments and the rendered ports. The waits (initContainers) are started FIRST, before
 what they wait for, and must hold until their stage is done, then let it through.
 
-Then the same for an upgrade (revision 2, more training data) on the same volume: its
-waits ignore revision 1's artifacts, export publishes version 2 because it is better, and
-the new Triton serves it.
+Then the same for an upgrade (revision 2, more training data: a new run id) on the same
+volume: its waits ignore the first run's artifacts, export publishes version 2 because it
+is better, and the new Triton serves it.
 """
 
 from __future__ import annotations
@@ -73,10 +73,14 @@ class Rehearsal:
         env = dict(self.env)
         for var in container.get("env", []):
             env[var["name"]] = self.rewrite(var["value"])
-        if container["command"] == ["tritonserver"]:
+        if container["name"] == "tritonserver":
+            # The image's entrypoint runs args; the stand-in takes the flags it knows.
+            assert container["args"][0] == "tritonserver" and "command" not in container
             args = []
-            for a in container["args"]:
+            for a in container["args"][1:]:
                 flag, _, value = a.partition("=")
+                if flag == "--pinned-memory-pool-byte-size":
+                    continue
                 if flag.endswith("-port"):
                     value = str(self.local_port[int(value)])
                 args.append(f"{flag}={self.rewrite(value)}")
@@ -200,10 +204,12 @@ def read_samples(folder: Path) -> list[Any]:
     return list(samples["samples"] if isinstance(samples, dict) else samples)
 
 
-def test_a_second_revision_waits_for_its_own_run_not_the_first(tmp_path: Path) -> None:
-    """An upgrade's waits ignore the complete artifacts of the revision before it."""
-    first, _ = render(VALUES, release="rehearsal", namespace="ml")
-    second, _ = render(VALUES, release="rehearsal", namespace="ml", revision=2)
+def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> None:
+    """An upgrade that changes training ignores the complete artifacts of the run before."""
+    pinned = {**VALUES, "run": {"id": "rehearsal"}}
+    first, _ = render(pinned, release="rehearsal", namespace="ml")
+    more_epochs = {**pinned, "training": {**VALUES["training"], "epochs": 2}}
+    second, _ = render(more_epochs, release="rehearsal", namespace="ml", revision=2)
     r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first)
     first_run = find(first, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     done = r.storage / "checkpoints" / first_run
