@@ -613,7 +613,15 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     envvar="INSTANCE_COUNT",
     type=click.IntRange(min=1),
     default=2,
-    help="config.pbtxt instance_group count (KIND_CPU).",
+    help="config.pbtxt instance_group count.",
+)
+@click.option(
+    "--instance-kind",
+    show_envvar=True,
+    envvar="INSTANCE_KIND",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    help="config.pbtxt instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU).",
 )
 @click.option(
     "--preferred-batch-sizes",
@@ -639,6 +647,7 @@ def export(
     min_improvement: float,
     max_batch_size: int,
     instance_count: int,
+    instance_kind: str,
     preferred_batch_sizes: tuple[int, ...],
     pinned_memory: bool,
 ) -> None:
@@ -655,12 +664,13 @@ def export(
     written to checkpoints/RUN_ID/export.json.
     """
     from mnist_pipeline import export as export_stage
-    from mnist_pipeline.repository import TritonConfig
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
 
     cfg = TritonConfig(
         name=model_name,
         max_batch_size=max_batch_size,
         instance_count=instance_count,
+        instance_kind=INSTANCE_KINDS[instance_kind],
         preferred_batch_sizes=preferred_batch_sizes,
         pinned_memory=pinned_memory,
     )
