@@ -413,8 +413,13 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     service = find(default, "Service", "triton")
-    assert c["args"][0] == "infer"
+    assert c["command"] == ["python3", "-c"] and "mnist_pipeline" in c["args"][0]
     assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
+    # It checks this run's version and an accuracy floor; the volume is read-only to it.
+    assert arg(c, "run-id") == run_id_of(default)
+    assert float(arg(c, "min-accuracy")) == 0.9
+    (storage,) = [m for m in c["volumeMounts"] if m["name"] == "storage"]
+    assert storage["readOnly"] is True
 
 
 def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ VALUES = {
         "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}],
     },
     "client": {"requests": 20, "concurrency": 2},
-    "tests": {"requests": 5},
+    "tests": {"requests": 5, "minAccuracy": 0.2},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
 }
 
@@ -85,6 +85,9 @@ class Rehearsal:
                     value = str(self.local_port[int(value)])
                 args.append(f"{flag}={self.rewrite(value)}")
             return [sys.executable, "-m", "mnist_pipeline", "serve", *args], env
+        if container["command"] == ["python3", "-c"]:  # the helm test's script
+            script, *args = container["args"]
+            return [sys.executable, "-c", script, *map(self.rewrite, args)], env
         assert container["command"] == ["mnist-pipeline"], container["command"]
         args = [self.rewrite(a) for a in container["args"]]
         return [sys.executable, "-m", "mnist_pipeline", *args], env
@@ -161,9 +164,18 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         assert len(read_samples(result)) == 10
         assert latency["model_version_served"] == str(outcome["version"])
 
-        # `helm test`: the hook Pod's command line against the same Service.
-        r.run(helm_test["spec"]["containers"][0], "helm-test")
-        assert len(set(inference.iterdir()) - results_before) == 2
+        # `helm test`: the hook Pod's command line against the same Service. It checks the
+        # served version and the accuracy floor, and writes nothing to the volume.
+        (test_container,) = helm_test["spec"]["containers"]
+        r.run(test_container, "helm-test")
+        assert (
+            f"served version {outcome['version']} (expected {outcome['version']})"
+            in (r.logs / "helm-test.log").read_text()
+        )
+        impossible = {**test_container, "args": [*test_container["args"], "--min-accuracy=1.01"]}
+        assert r.start(impossible, "helm-test-floor").wait(300) == 1
+        assert "below tests.minAccuracy" in (r.logs / "helm-test-floor.log").read_text()
+        assert len(set(inference.iterdir()) - results_before) == 1
     finally:
         for process in waits.values():
             if process.poll() is None:
