@@ -44,6 +44,27 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
         "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
     },
+    # Most of what a real cluster may need at once (issues 11 and 12).
+    "cluster": {
+        "run": {"id": "prod"},
+        "persistence": {"accessModes": ["ReadWriteMany"], "subPath": "mnist"},
+        "training": {"workers": 2, "priorityClassName": "batch"},
+        "triton": {
+            "servedVersion": "run",
+            "autoscaling": {"enabled": True},
+            "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+            "ingress": {
+                "enabled": True,
+                "hosts": [
+                    {"host": "mnist.example", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                ],
+            },
+        },
+        "networkPolicy": {
+            "tritonIngressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+            "egress": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}},
+        },
+    },
 }
 RELEASES = [("demo", "ml"), ("prod-mnist-pipeline", "team-b")]
 
@@ -92,7 +113,7 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
         assert set(skip) <= {"check", "kind", "reason"}, skip
         assert re.fullmatch(r"CKV2?_K8S_\d+", skip["check"]), skip
         assert skip["reason"].strip() and "\n" not in skip["reason"].strip(), skip
-    for scenario in ("default", "digests", "no-api-no-client", "existing-claim"):
+    for scenario in ("default", "digests", "no-api-no-client", "existing-claim", "cluster"):
         objects, _ = render(SCENARIOS[scenario])
         (tmp_path / f"{scenario}.yaml").write_text(yaml.safe_dump_all(objects))
     result = subprocess.run(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import helm_python
@@ -17,6 +19,7 @@ import yaml
 
 from helm_chart import KUBE_VERSION, arg, containers, find, install_manifest, lint, pod_spec, render
 from helm_chart import workloads as all_workloads
+from mnist_pipeline import repository
 
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
 PINNED = {"run": {"id": "prod"}}
@@ -571,3 +574,54 @@ def test_service_monitor_and_the_scrapers_namespace() -> None:
         "kubernetes.io/metadata.name": "monitoring"
     }
     assert scrape["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+
+
+# 5. Rollback: pin the served version ---------------------------------------------------------
+
+
+def pin_container(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = pod_spec(find(render(values)[0], "Deployment", "triton"))
+    (pin,) = [c for c in spec["initContainers"] if c["name"] == "pin-version"]
+    return pin, spec["containers"][0]
+
+
+def run_pin(pin: dict[str, Any], storage: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    script, *args = pin["args"]
+    args = [a.replace("=/storage", f"={storage}").replace("=/pinned", f"={out}") for a in args]
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    model = storage / "models" / "resnet18_mnist"
+    for version in (1, 2, 3):
+        (model / str(version)).mkdir(parents=True)
+        (model / str(version) / "model.onnx").write_bytes(b"onnx")
+    (model / "config.pbtxt").write_text(repository.render_config(repository.TritonConfig()))
+    pin, triton = pin_container({"triton": {"servedVersion": 2}})
+    assert "--model-repository=/pinned" in triton["args"]
+    assert run_pin(pin, storage, tmp_path / "a").returncode == 0
+    served = tmp_path / "a" / "resnet18_mnist"
+    config = repository.parse_config((served / "config.pbtxt").read_text())
+    assert list(config.version_policy.specific.versions) == [2]  # Triton's own schema
+    assert (served / "2").resolve() == (model / "2").resolve()
+    assert sorted(p.name for p in served.iterdir()) == ["2", "config.pbtxt"]
+
+    # "run": the version this run's export chose (what `helm rollback` restores).
+    pin, _ = pin_container({"run": {"id": "old"}, "triton": {"servedVersion": "run"}})
+    run_dir = storage / "checkpoints" / arg(pin, "run-id")
+    run_dir.mkdir(parents=True)
+    (run_dir / "export.json").write_text('{"status": "skipped", "version": 1}')
+    assert run_pin(pin, storage, tmp_path / "b").returncode == 0
+    config = repository.parse_config((tmp_path / "b/resnet18_mnist/config.pbtxt").read_text())
+    assert list(config.version_policy.specific.versions) == [1]
+
+    missing, _ = pin_container({"triton": {"servedVersion": 9}})
+    result = run_pin(missing, storage, tmp_path / "c")
+    assert result.returncode == 1 and "version 9 of resnet18_mnist is not in" in result.stderr
+    # Without a pin: the newest version, as before.
+    (triton,) = pod_spec(find(render()[0], "Deployment", "triton"))["containers"]
+    assert "--model-repository=/storage/models" in triton["args"]
+    assert "run" in refused({"serveOnly": True, "triton": {"servedVersion": "run"}})

@@ -366,9 +366,38 @@ automountServiceAccountToken: false
 {{- fail (printf "%s.activeDeadlineSeconds (%d) counts the wait for the stages before it, up to waits.timeoutSeconds (%d): set it above that, or null" $stage (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.serveOnly (eq (toString .Values.triton.servedVersion) "run") }}
+{{- fail "triton.servedVersion \"run\" needs a run: with serveOnly, pin a version number" }}
+{{- end }}
 {{- $np := .Values.networkPolicy }}
 {{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
 {{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
 {{- fail "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
 {{- end }}
+{{- end }}
+
+{{/*
+Pin the served version (triton.servedVersion): a model repository in an emptyDir holding
+config.pbtxt plus `version_policy { specific { versions: [N] } }` and a link to version N
+on the volume. The volume's repository stays as export wrote it; Triton serves N alone.
+"run" pins the version this run's export chose, so `helm rollback` serves that run's.
+*/}}
+{{- define "mnist-pipeline.pinScript" -}}
+import argparse, json, pathlib, sys
+p = argparse.ArgumentParser()
+for a in ("--storage", "--out", "--model-name", "--version", "--run-id"):
+    p.add_argument(a, default="")
+o = p.parse_args()
+storage, model = pathlib.Path(o.storage), pathlib.Path(o.storage) / "models" / o.model_name
+version = o.version
+if version == "run":
+    version = str(json.loads((storage / "checkpoints" / o.run_id / "export.json").read_text())["version"])
+if not (model / version / "model.onnx").is_file():
+    sys.exit(f"triton.servedVersion: version {version} of {o.model_name} is not in {model}")
+out = pathlib.Path(o.out) / o.model_name
+out.mkdir(parents=True, exist_ok=True)
+config = (model / "config.pbtxt").read_text()
+(out / "config.pbtxt").write_text(config + "version_policy { specific { versions: [ " + version + " ] } }\n")
+(out / version).symlink_to(model / version)
+print(f"serving {o.model_name} version {version} alone")
 {{- end }}
