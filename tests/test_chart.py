@@ -249,7 +249,7 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     assert arg(wait, "run-id") == run_id and arg(wait, "job") == export["metadata"]["name"]
     assert arg(wait, "model-name") == "resnet18_mnist"
 
-    (wait,) = pod_spec(client)["initContainers"]
+    wait, _prune = pod_spec(client)["initContainers"]
     host = f"{service['metadata']['name']}.ml.svc"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     assert wait["args"][:2] == ["wait", "serving"]

@@ -625,3 +625,27 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     (triton,) = pod_spec(find(render()[0], "Deployment", "triton"))["containers"]
     assert "--model-repository=/storage/models" in triton["args"]
     assert "run" in refused({"serveOnly": True, "triton": {"servedVersion": "run"}})
+
+
+# 17. Retention ---------------------------------------------------------------------------------
+
+
+def test_the_client_job_prunes_within_the_retention_values() -> None:
+    values = {
+        "retention": {"runs": 2, "versions": 4, "inference": 9},
+        "triton": {"servedVersion": 3},
+    }
+    objects, _ = render(values)
+    wait, prune = pod_spec(find(objects, "Job", "client"))["initContainers"]
+    assert wait["name"] == "wait-for-serving"
+    assert prune["args"][0] == "prune" and arg(prune, "run-id") == run_id(objects)
+    assert [arg(prune, k) for k in ("keep-runs", "keep-versions", "keep-inference")] == [
+        "2",
+        "4",
+        "9",
+    ]
+    assert arg(prune, "keep-version") == "3"  # the pinned version survives
+    (storage,) = [m for m in prune["volumeMounts"] if m["name"] == "storage"]
+    assert not storage.get("readOnly")
+    off, _ = render({"retention": {"enabled": False}})
+    assert len(pod_spec(find(off, "Job", "client"))["initContainers"]) == 1

@@ -131,7 +131,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     # revision left on the volume).
     (wait_training,) = export["initContainers"]
     (wait_export,) = triton["initContainers"]
-    (wait_serving,) = client["initContainers"]
+    wait_serving, prune = client["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, "wait-for-training"),
         "wait-for-export": r.start(wait_export, "wait-for-export"),
@@ -156,6 +156,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         server = r.start(tritonserver, "tritonserver")
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
 
+        r.run(prune, "prune")  # retention, before the client's results arrive
         (infer,) = client["containers"]
         r.run(infer, "client")
         (result,) = set(inference.iterdir()) - results_before

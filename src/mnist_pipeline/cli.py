@@ -803,5 +803,55 @@ def wait_serving(
     w.run(waits.serving_check(storage, run_id, model_name, url))
 
 
+def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        envvar=envvar,
+        show_envvar=True,
+        type=click.IntRange(min=0),
+        default=default,
+        help=f"Keep the newest {what} (0: all).",
+    )
+
+
+@cli.command()
+@storage_option
+@click.option("--model-name", envvar="MODEL_NAME", show_envvar=True, default="resnet18_mnist")
+@click.option(
+    "--run-id", envvar="RUN_ID", show_envvar=True, default=None, help="The current run: kept."
+)
+@_keep_option("--keep-runs", "KEEP_RUNS", 5, "N run folders under checkpoints/")
+@_keep_option("--keep-versions", "KEEP_VERSIONS", 3, "N model versions")
+@_keep_option("--keep-inference", "KEEP_INFERENCE", 20, "N inference result folders")
+@click.option(
+    "--keep-version",
+    envvar="KEEP_VERSION",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="A version kept whatever the limits (e.g. a pinned served version); repeatable.",
+)
+@stage
+def prune(
+    storage: Path,
+    model_name: str,
+    run_id: str | None,
+    keep_runs: int,
+    keep_versions: int,
+    keep_inference: int,
+    keep_version: tuple[int, ...],
+) -> None:
+    """Delete old runs, model versions and inference results beyond the limits.
+
+    Never deletes the newest version (Triton serves it), a --keep-version, the run
+    checkpoints/best_model.pth points at, --run-id, the versions those two published, or
+    a run still marked running. The chart runs it before its client Job.
+    """
+    from mnist_pipeline import retention
+
+    limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
+    retention.prune(storage, model_name, limits, run_id=run_id, keep_versions=keep_version)
+
+
 def main() -> None:
     cli(auto_envvar_prefix=None)
