@@ -491,9 +491,7 @@ def test_multi_worker_training_is_an_indexed_job_with_a_headless_service() -> No
     assert arg(train, "master-port") == "29500"
     assert train["args"][-5:-2] == ["-m", "mnist_pipeline", "train"]
     (job_name,) = [e for e in train["env"] if e["name"] == "JOB_NAME"]
-    assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.labels['batch.kubernetes.io/job-name']"
-    )
+    assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == ("metadata.labels['job-name']")
     # A peer's death makes the others exit 1: that is retried (all resume), not final.
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"containerName": "train", "operator": "In", "values": [2]} in [
