@@ -9,9 +9,9 @@ its own): a flag tritonserver rejects fails the rehearsal. The waits (initContai
 started FIRST, before what they wait for, and must hold until their stage is done, then
 let it through.
 
-Then the same for an upgrade (revision 2, more training data) on the same volume: its
-waits ignore revision 1's artifacts, export publishes version 2 because it is better, and
-the new Triton serves it.
+Then the same for an upgrade (revision 2, more training data: a new run id) on the same
+volume: its waits ignore the first run's artifacts, export publishes version 2 because it
+is better, and the new Triton serves it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ VALUES = {
         "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}],
     },
     "client": {"requests": 20, "concurrency": 2},
-    "tests": {"requests": 5},
+    "tests": {"requests": 5, "minAccuracy": 0.2},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
     # A valid tritonserver flag that no wrapper knows: it must reach the server untouched.
     "triton": {"extraArgs": ["--pinned-memory-pool-byte-size=0"]},
@@ -78,15 +78,20 @@ class Rehearsal:
         env = dict(self.env)
         for var in container.get("env", []):
             env[var["name"]] = self.rewrite(var["value"])
-        if container["command"] == ["tritonserver"]:
+        if container["name"] == "tritonserver":
+            # The image's entrypoint runs args: the real tritonserver, as rendered.
+            assert container["args"][0] == "tritonserver" and "command" not in container
             args = []
-            for a in container["args"]:
+            for a in container["args"][1:]:
                 flag, _, value = a.partition("=")
                 if flag.endswith("-port"):
                     value = str(self.local_port[int(value)])
                 args.append(f"{flag}={self.rewrite(value)}")
             backends = check_backend(DEFAULT_BACKEND_DIR)
             return [str(locate_tritonserver()), *args, f"--backend-directory={backends}"], env
+        if container["command"] == ["python3", "-c"]:  # the helm test's script
+            script, *args = container["args"]
+            return [sys.executable, "-c", script, *map(self.rewrite, args)], env
         assert container["command"] == ["mnist-pipeline"], container["command"]
         args = [self.rewrite(a) for a in container["args"]]
         return [sys.executable, "-m", "mnist_pipeline", *args], env
@@ -130,7 +135,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     # revision left on the volume).
     (wait_training,) = export["initContainers"]
     (wait_export,) = triton["initContainers"]
-    (wait_serving,) = client["initContainers"]
+    wait_serving, prune = client["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, "wait-for-training"),
         "wait-for-export": r.start(wait_export, "wait-for-export"),
@@ -155,6 +160,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         server = r.start(tritonserver, "tritonserver")
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
 
+        r.run(prune, "prune")  # retention, before the client's results arrive
         (infer,) = client["containers"]
         r.run(infer, "client")
         (result,) = set(inference.iterdir()) - results_before
@@ -163,9 +169,18 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         assert len(read_samples(result)) == 10
         assert latency["model_version_served"] == str(outcome["version"])
 
-        # `helm test`: the hook Pod's command line against the same Service.
-        r.run(helm_test["spec"]["containers"][0], "helm-test")
-        assert len(set(inference.iterdir()) - results_before) == 2
+        # `helm test`: the hook Pod's command line against the same Service. It checks the
+        # served version and the accuracy floor, and writes nothing to the volume.
+        (test_container,) = helm_test["spec"]["containers"]
+        r.run(test_container, "helm-test")
+        assert (
+            f"served version {outcome['version']} (expected {outcome['version']})"
+            in (r.logs / "helm-test.log").read_text()
+        )
+        impossible = {**test_container, "args": [*test_container["args"], "--min-accuracy=1.01"]}
+        assert r.start(impossible, "helm-test-floor").wait(300) == 1
+        assert "below tests.minAccuracy" in (r.logs / "helm-test-floor.log").read_text()
+        assert len(set(inference.iterdir()) - results_before) == 1
     finally:
         for process in waits.values():
             if process.poll() is None:
@@ -206,10 +221,12 @@ def read_samples(folder: Path) -> list[Any]:
     return list(samples["samples"] if isinstance(samples, dict) else samples)
 
 
-def test_a_second_revision_waits_for_its_own_run_not_the_first(tmp_path: Path) -> None:
-    """An upgrade's waits ignore the complete artifacts of the revision before it."""
-    first, _ = render(VALUES, release="rehearsal", namespace="ml")
-    second, _ = render(VALUES, release="rehearsal", namespace="ml", revision=2)
+def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> None:
+    """An upgrade that changes training ignores the complete artifacts of the run before."""
+    pinned = {**VALUES, "run": {"id": "rehearsal"}}
+    first, _ = render(pinned, release="rehearsal", namespace="ml")
+    more_epochs = {**pinned, "training": {**VALUES["training"], "epochs": 2}}
+    second, _ = render(more_epochs, release="rehearsal", namespace="ml", revision=2)
     r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first)
     first_run = find(first, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     done = r.storage / "checkpoints" / first_run
