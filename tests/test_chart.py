@@ -44,6 +44,27 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
         "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
     },
+    # Most of what a real cluster may need at once (issues 11 and 12).
+    "cluster": {
+        "run": {"id": "prod"},
+        "persistence": {"accessModes": ["ReadWriteMany"], "subPath": "mnist"},
+        "training": {"workers": 2, "priorityClassName": "batch"},
+        "triton": {
+            "servedVersion": "run",
+            "autoscaling": {"enabled": True},
+            "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+            "ingress": {
+                "enabled": True,
+                "hosts": [
+                    {"host": "mnist.example", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                ],
+            },
+        },
+        "networkPolicy": {
+            "tritonIngressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+            "egress": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}},
+        },
+    },
 }
 RELEASES = [("demo", "ml"), ("prod-mnist-pipeline", "team-b")]
 
@@ -92,7 +113,7 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
         assert set(skip) <= {"check", "kind", "reason"}, skip
         assert re.fullmatch(r"CKV2?_K8S_\d+", skip["check"]), skip
         assert skip["reason"].strip() and "\n" not in skip["reason"].strip(), skip
-    for scenario in ("default", "digests", "no-api-no-client", "existing-claim"):
+    for scenario in ("default", "digests", "no-api-no-client", "existing-claim", "cluster"):
         objects, _ = render(SCENARIOS[scenario])
         (tmp_path / f"{scenario}.yaml").write_text(yaml.safe_dump_all(objects))
     result = subprocess.run(
@@ -228,7 +249,7 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     assert arg(wait, "run-id") == run_id and arg(wait, "job") == export["metadata"]["name"]
     assert arg(wait, "model-name") == "resnet18_mnist"
 
-    (wait,) = pod_spec(client)["initContainers"]
+    wait, _prune = pod_spec(client)["initContainers"]
     host = f"{service['metadata']['name']}.ml.svc"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     assert wait["args"][:2] == ["wait", "serving"]
@@ -242,21 +263,27 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
             assert not c["name"].startswith("wait-") or timeouts == ["--timeout=21600"]
 
 
-def test_run_ids_and_job_names_follow_revision_and_install(default: list[dict[str, Any]]) -> None:
-    first = run_id_of(default)
-    assert first.endswith("-r1")
-    upgraded = render({"training": {"epochs": 3}}, revision=2)[0]
-    second = run_id_of(upgraded)
-    assert second.endswith("-r2")
-    assert find(upgraded, "Job", "train")["metadata"]["name"] == "demo-mnist-pipeline-train-r2"
+def test_run_ids_follow_the_install_and_the_training_settings(
+    default: list[dict[str, Any]],
+) -> None:
+    pinned = {"run": {"id": "demo"}}
+    first = run_id_of(render(pinned)[0])
+    assert re.fullmatch(r"demo-[0-9a-f]{8}", first)
+    upgraded = render({**pinned, "training": {"epochs": 3}}, revision=2)[0]
+    assert run_id_of(upgraded) != first
+    assert re.fullmatch(r"demo-mnist-pipeline-train-[0-9a-f]{7}", job_name(upgraded, "train"))
     train = pod_spec(find(upgraded, "Job", "train"))["containers"][0]
     assert {"name": "EPOCHS", "value": "3"} in train["env"]
-    # A reinstall under the same name (revision 1 again) gets a run id of its own.
+    # A reinstall under the same name, without a pinned run, gets a run id of its own.
     time.sleep(1.1)
-    assert run_id_of(render()[0]) != first
+    assert run_id_of(render()[0]) != run_id_of(default)
     # Within one render every object agrees, NOTES included.
     objects, notes = render()
     assert run_id_of(objects) in notes
+
+
+def job_name(objects: list[dict[str, Any]], stage: str) -> str:
+    return str(find(objects, "Job", stage)["metadata"]["name"])
 
 
 def test_claims_and_mounts_match() -> None:
@@ -303,7 +330,7 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
             assert has_token == c["name"].startswith("wait-"), c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
-    assert triton["command"] == ["tritonserver"]
+    assert "command" not in triton and triton["args"][0] == "tritonserver"
     assert "--model-repository=/storage/models" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
     assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -319,26 +346,38 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
 def test_rbac_is_least_privilege_and_off_the_default_account(
     default: list[dict[str, Any]],
 ) -> None:
+    # The waits GET this run's two Jobs by name, nothing else.
     (role,) = [o for o in default if o["kind"] == "Role"]
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch"]}
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["get"],
+            "resourceNames": [job_name(default, "train"), job_name(default, "export")],
+        }
     ]
     (binding,) = [o for o in default if o["kind"] == "RoleBinding"]
-    (account,) = [o for o in default if o["kind"] == "ServiceAccount"]
+    accounts = {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["name"]
+        for o in default
+        if o["kind"] == "ServiceAccount"
+    }
+    assert accounts == {
+        c: f"demo-mnist-pipeline-{c}" for c in ("training", "export", "triton", "client")
+    }
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ml"}
+        {"kind": "ServiceAccount", "name": accounts[c], "namespace": "ml"}
+        for c in ("export", "triton", "client")
     ]
-    assert account["metadata"]["name"] != "default"
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     for obj in workloads(default):
         uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
-        assert pod_spec(obj).get("serviceAccountName") == (
-            account["metadata"]["name"] if uses_api else None
+        bound = pod_spec(obj).get("serviceAccountName") in accounts.values() and (
+            pod_spec(obj)["serviceAccountName"] != accounts["training"]
         )
+        assert bound == uses_api, obj["metadata"]["name"]
     objects, _ = render(SCENARIOS["no-api-no-client"])
-    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
-    for obj in workloads(objects):
-        assert "serviceAccountName" not in pod_spec(obj)
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
 
 
 def test_names_follow_release_and_namespace() -> None:
@@ -352,12 +391,14 @@ def test_names_follow_release_and_namespace() -> None:
             assert obj["metadata"]["name"].startswith(f"{release}-mnist-pipeline")
             assert obj["metadata"]["namespace"] == namespace
             assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == release
-    # The longest release name Helm allows still gives valid names (Job names carry the
-    # revision and must stay within 63 characters, the job-name label's limit).
+    # The longest release name Helm allows still gives valid names (Job names carry a hash
+    # and must stay within 63 characters, the job-name label's limit, with room for a
+    # worker pod's "-<index>").
     longest = "r" * 53
     for obj in render(release=longest, revision=99999)[0]:
-        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
-        assert obj["metadata"]["name"].startswith("r" * 48)
+        name = obj["metadata"]["name"]
+        assert len(name) <= (59 if obj["kind"] == "Job" else 63), name
+        assert name.startswith("r" * (44 if obj["kind"] == "Job" else 48))
     # The chart's own sources name no release, namespace or Service.
     for template in (CHART / "templates").rglob("*"):
         if template.is_file():
@@ -369,6 +410,7 @@ def test_values_reach_the_manifests() -> None:
     objects, _ = render(
         {
             "triton": {"replicas": 3},
+            "persistence": {"accessModes": ["ReadWriteMany"]},
             "training": {"epochs": 4, "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
             "images": {
                 "pipeline": {
@@ -392,8 +434,13 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     service = find(default, "Service", "triton")
-    assert c["args"][0] == "infer"
+    assert c["command"] == ["python3", "-c"] and "mnist_pipeline" in c["args"][0]
     assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
+    # It checks this run's version and an accuracy floor; the volume is read-only to it.
+    assert arg(c, "run-id") == run_id_of(default)
+    assert float(arg(c, "min-accuracy")) == 0.9
+    (storage,) = [m for m in c["volumeMounts"] if m["name"] == "storage"]
+    assert storage["readOnly"] is True
 
 
 def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:

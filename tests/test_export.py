@@ -298,6 +298,21 @@ def test_server_cpus_comes_from_the_environment(tmp_path: Path) -> None:
     assert "server-cpus" in refused.stderr
 
 
+def test_instance_kind_gpu_writes_kind_gpu_groups(tmp_path: Path) -> None:
+    cfg = repository.TritonConfig(instance_kind=repository.INSTANCE_KINDS["gpu"])
+    (group,) = repository.parse_config(repository.render_config(cfg)).instance_group
+    assert group.kind == 1  # KIND_GPU
+    with pytest.raises(ValueError, match="instance kind"):
+        repository.render_config(repository.TritonConfig(instance_kind="KIND_TPU"))
+    result = cli("export", "--help")
+    assert "INSTANCE_KIND" in result.stdout
+    result = cli("export", "--storage", "/nonexistent", check=2, env={"INSTANCE_KIND": "tpu"})
+    assert "instance-kind" in result.stderr or "INSTANCE_KIND" in result.stderr
+    # A valid kind gets through to the stage (which finds no run to export).
+    result = cli("export", "--storage", tmp_path, "--instance-kind", "gpu", check=2)
+    assert "Traceback" not in result.stderr
+
+
 def test_onnx_model_fits_the_triton_image(published: dict[str, Any]) -> None:
     path = published["storage"] / "models" / NAME / "2" / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)

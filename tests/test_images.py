@@ -137,6 +137,22 @@ def test_client_commands_run_without_torch(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    # The chart's retention step (client image) prunes there too.
+    for i in range(3):
+        (tmp_path / "inference" / f"2026112{i}T000000Z").mkdir(parents=True)
+    code = block + (
+        f"sys.argv = ['mnist-pipeline', 'prune', '--storage={tmp_path}', '--keep-inference=1']; "
+        "from mnist_pipeline.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "inference").iterdir()] == ["20261122T000000Z"]
 
 
 def test_dockerignore_sends_only_what_the_images_copy() -> None:

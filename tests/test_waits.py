@@ -227,3 +227,19 @@ def test_in_cluster_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     found = waits.KubeApi.in_cluster(None, sa_dir=tmp_path)
     assert found is not None
     assert found.namespace == "team-b" and found.base_url == "https://10.0.0.1:443"
+
+
+def test_an_unreachable_api_is_named_at_every_progress_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A default-deny egress policy drops the API: every progress line says so."""
+    from mnist_pipeline.serve import free_ports
+
+    (closed,) = free_ports(1)
+    api = waits.KubeApi(f"http://127.0.0.1:{closed}", "ml")
+    w = waits.Wait("training", timeout=1, interval=0.2, api=api, job="j", report_every=0)
+    with caplog.at_level("INFO"), pytest.raises(PipelineFailure, match="gave up"):
+        w.run(waits.training_check(tmp_path, RUN))
+    progress = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(progress) >= 2
+    assert all("Kubernetes API unreachable" in line for line in progress), progress

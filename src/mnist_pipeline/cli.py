@@ -384,6 +384,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 EXPORT_OPTIONS = (
     "max_batch_size",
     "instance_count",
+    "instance_kind",
     "server_cpus",
     "preferred_batch_sizes",
     "pinned_memory",
@@ -412,7 +413,14 @@ def export_options(f: F) -> F:
             envvar="INSTANCE_COUNT",
             type=click.IntRange(min=1),
             default=2,
-            help="config.pbtxt instance_group count (KIND_CPU).",
+            help="config.pbtxt instance_group count.",
+        ),
+        click.option(
+            "--instance-kind",
+            envvar="INSTANCE_KIND",
+            type=click.Choice(["cpu", "gpu"]),
+            default="cpu",
+            help="config.pbtxt instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU).",
         ),
         click.option(
             "--server-cpus",
@@ -442,9 +450,10 @@ def export_options(f: F) -> F:
 
 
 def triton_config(model_name: str, **options: Any) -> Any:
-    from mnist_pipeline.repository import TritonConfig
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
 
-    return TritonConfig(name=model_name, **options)
+    kind = INSTANCE_KINDS[options.pop("instance_kind")]
+    return TritonConfig(name=model_name, instance_kind=kind, **options)
 
 
 def port_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
@@ -990,6 +999,60 @@ def wait_serving(
 
     w = waits.make_wait(f"Triton serving run {run_id}", timeout, interval, job, namespace)
     w.run(waits.serving_check(storage, run_id, model_name, url))
+
+
+def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        envvar=envvar,
+        type=click.IntRange(min=0),
+        default=default,
+        help=f"Keep the newest {what} (0: all).",
+    )
+
+
+@cli.command()
+@storage_option
+@click.option(
+    "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
+)
+@click.option(
+    "--run-id",
+    envvar="RUN_ID",
+    default=None,
+    callback=_name("run id"),
+    help="The current run: kept.",
+)
+@_keep_option("--keep-runs", "KEEP_RUNS", 5, "N run folders under checkpoints/")
+@_keep_option("--keep-versions", "KEEP_VERSIONS", 3, "N model versions")
+@_keep_option("--keep-inference", "KEEP_INFERENCE", 20, "N inference result folders")
+@click.option(
+    "--keep-version",
+    envvar="KEEP_VERSION",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="A version kept whatever the limits (e.g. a pinned served version); repeatable.",
+)
+@stage
+def prune(
+    storage: Path,
+    model_name: str,
+    run_id: str | None,
+    keep_runs: int,
+    keep_versions: int,
+    keep_inference: int,
+    keep_version: tuple[int, ...],
+) -> None:
+    """Delete old runs, model versions and inference results beyond the limits.
+
+    Never deletes the newest version (Triton serves it), a --keep-version, the run
+    checkpoints/best_model.pth points at, --run-id, the versions those two published, or
+    a run still marked running. The chart runs it before its client Job.
+    """
+    from mnist_pipeline import retention
+
+    limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
+    retention.prune(storage, model_name, limits, run_id=run_id, keep_versions=keep_version)
 
 
 def main() -> None:

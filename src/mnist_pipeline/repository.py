@@ -46,6 +46,8 @@ MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.pbtxt"
 STAGING_PREFIX = ".staging-"
+# export --instance-kind → config.pbtxt instance_group kind.
+INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class TritonConfig:
             raise ValueError("instance count must be at least 1")
         if self.server_cpus < 1:
             raise ValueError("server CPUs must be at least 1")
+        if self.instance_kind not in INSTANCE_KINDS.values():
+            raise ValueError(f"instance kind {self.instance_kind!r}: one of {INSTANCE_KINDS}")
         too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
             raise ValueError(

@@ -86,6 +86,9 @@ class KubeApi:
         self.token_file = token_file
         self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self.warned = False
+        # Why the last request failed; None once it answers. Progress lines repeat it: under
+        # a default-deny egress policy the API is unreachable and fail-fast is lost.
+        self.error: str | None = None
 
     @classmethod
     def in_cluster(
@@ -119,12 +122,14 @@ class KubeApi:
                 job = json.load(response)
         except urllib.error.HTTPError as e:
             if e.code == 404:
+                self.error = None
                 return JobState("absent")
             self._warn(f"reading Job {name}: HTTP {e.code} {e.reason}")
             return None
         except (OSError, ValueError) as e:
             self._warn(f"reading Job {name}: {e}")
             return None
+        self.error = None
         for condition in job.get("status", {}).get("conditions") or []:
             if condition.get("status") != "True":
                 continue
@@ -136,6 +141,7 @@ class KubeApi:
         return JobState("active")
 
     def _warn(self, message: str) -> None:
+        self.error = message
         if not self.warned:
             log.warning("%s; relying on the artifacts on storage alone", message)
             self.warned = True
@@ -183,6 +189,11 @@ class Wait:
                 )
             if elapsed - last_report >= self.report_every:
                 suffix = f" (Job {self.job}: {job.phase})" if job else ""
+                if self.api and self.api.error:
+                    suffix = (
+                        f" (Kubernetes API unreachable, {self.api.error}: a failed Job is "
+                        "noticed only through its artifact; see networkPolicy.egress)"
+                    )
                 log.info("%s: %s%s", self.what, waiting_for, suffix)
                 last_report = elapsed
             time.sleep(min(self.interval, max(0.0, self.timeout - elapsed)))

@@ -61,10 +61,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{- define "mnist-pipeline.serviceAccountName" -}}
-{{- printf "%s-waits" (include "mnist-pipeline.fullname" .) }}
-{{- end }}
-
 {{- define "mnist-pipeline.tritonName" -}}
 {{- printf "%s-triton" (include "mnist-pipeline.fullname" .) }}
 {{- end }}
@@ -74,32 +70,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc" (include "mnist-pipeline.tritonName" .) .Release.Namespace }}
 {{- end }}
 
-{{/* Job names carry the revision: a Job's pod template is immutable, so each upgrade
-creates new Jobs (and Helm deletes the previous revision's). */}}
+{{/*
+Job name: <fullname>-<stage>-<hash of the Job's rendered spec>. A Job's pod template is
+immutable, so a Job whose spec changes needs a new name, and one whose spec does not
+change must keep its name (an upgrade then leaves it alone, and a Job re-created after its
+TTL finds its run done). 44 + 8 + 7 characters stay within a label's 63, with room for
+the "-<index>" of a multi-worker training pod's hostname.
+Pass (dict "ctx" $ "stage" "train"); the stage's spec is the template
+"mnist-pipeline.<stage>.spec".
+*/}}
 {{- define "mnist-pipeline.jobName" -}}
-{{- printf "%s-%s-r%d" (include "mnist-pipeline.fullname" .ctx) .stage (int .ctx.Release.Revision) }}
+{{- $spec := include (printf "mnist-pipeline.%s.spec" .stage) .ctx }}
+{{- printf "%s-%s-%s" (include "mnist-pipeline.fullname" .ctx | trunc 44 | trimSuffix "-") .stage ($spec | sha256sum | trunc 7) }}
 {{- end }}
 
 {{/*
-Install token: made once per install, kept across upgrades.
+Install token: made once per install, kept across upgrades, unless run.id pins it.
 
 It is read back (lookup) from the run ConfigMap of the running release; a fresh install
 finds none and makes a new one from the time and a random suffix. Why not derive it from
 the values or the release name: a reinstall under the same name, onto the same kept
-volume, restarts revisions at 1, and its run ids must not meet the artifacts the earlier
-install left there; only something made at install time tells the two apart. Where lookup
-cannot reach a cluster (helm template, --dry-run=client) every render gets a new token,
-which changes nothing but the names of the folders that run would write.
+volume, must not meet the artifacts the earlier install left there; only something made
+at install time tells the two apart. Where lookup cannot reach a cluster (helm template,
+GitOps tools) every render would get a new token: run.id pins it instead, so renders are
+reproducible byte for byte.
 
 It is computed once per render and kept in .Values, because every include of a random
 value would otherwise give a different one.
 */}}
 {{- define "mnist-pipeline.installToken" -}}
 {{- if not (hasKey .Values "__installToken") }}
+{{- $token := .Values.run.id }}
+{{- if not $token }}
 {{- $existing := lookup "v1" "ConfigMap" .Release.Namespace (printf "%s-run" (include "mnist-pipeline.fullname" .)) }}
-{{- $token := "" }}
 {{- if and $existing $existing.data }}
 {{- $token = get $existing.data "installToken" }}
+{{- end }}
 {{- end }}
 {{- if not $token }}
 {{- $token = printf "%s-%s" (now | date "20060102-150405") (randAlphaNum 4 | lower) }}
@@ -109,10 +115,53 @@ value would otherwise give a different one.
 {{- get .Values "__installToken" }}
 {{- end }}
 
-{{/* Run id of this release revision: checkpoints/<run id>/ holds what its stages write,
-and every wait of this revision looks only there. */}}
+{{/*
+What training and export consume: the run id changes when, and only when, one of these
+does. Serving settings (replicas, probes, Service, client) are not in it, so changing them
+leaves the run, its Jobs and the model alone. Triton's CPU limit and instance count are in
+it because export writes them into config.pbtxt.
+*/}}
+{{- define "mnist-pipeline.runInputs" -}}
+{{- $t := .Values.training }}
+{{- toJson (dict
+  "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm")
+  "export" (pick .Values.export "extraEnv")
+  "model" .Values.model.name
+  "pipelineImage" (include "mnist-pipeline.image" .Values.images.pipeline)
+  "serverCpus" (include "mnist-pipeline.serverCpus" .)
+  "instanceCount" .Values.triton.instanceCount
+  "instanceKind" (include "mnist-pipeline.instanceKind" .)) }}
+{{- end }}
+
+{{/* Run id: <install token or run.id>-<hash of the run's inputs>; at most 64 characters
+(the project's run-id rule), so the token part is cut to 55. checkpoints/<run id>/ holds
+what its stages write, and every wait looks only there. */}}
 {{- define "mnist-pipeline.runId" -}}
-{{- printf "%s-r%d" (include "mnist-pipeline.installToken" .) (int .Release.Revision) }}
+{{- $token := include "mnist-pipeline.installToken" . | trunc 55 | trimSuffix "-" | trimSuffix "." }}
+{{- printf "%s-%s" $token (include "mnist-pipeline.runInputs" . | sha256sum | trunc 8) }}
+{{- end }}
+
+{{/* CPUs Triton gets: its CPU limit (else request) rounded down, at least 1. export
+writes ONNX Runtime's thread counts from it (SERVER_CPUS). */}}
+{{- define "mnist-pipeline.serverCpus" -}}
+{{- $r := .Values.triton.resources }}
+{{- $cpu := toString (or (dig "limits" "cpu" "" $r) (dig "requests" "cpu" "1" $r)) }}
+{{- $n := 1 }}
+{{- if hasSuffix "m" $cpu }}
+{{- $n = div (trimSuffix "m" $cpu | int) 1000 }}
+{{- else }}
+{{- $n = $cpu | float64 | floor | int }}
+{{- end }}
+{{- max 1 $n }}
+{{- end }}
+
+{{- define "mnist-pipeline.instanceKind" -}}
+{{- if gt (int .Values.triton.gpus) 0 }}gpu{{ else }}cpu{{ end }}
+{{- end }}
+
+{{/* "true" when every pod must share one node: the claim is ReadWriteOnce. */}}
+{{- define "mnist-pipeline.singleNode" -}}
+{{- if not (has "ReadWriteMany" .Values.persistence.accessModes) }}true{{ end }}
 {{- end }}
 
 {{- define "mnist-pipeline.image" -}}
@@ -123,34 +172,82 @@ and every wait of this revision looks only there. */}}
 {{- end }}
 {{- end }}
 
-{{/* Pod-level settings every pod shares. */}}
+{{/*
+Pod-level settings: pass (dict "ctx" $ "values" <component values>). Component
+nodeSelector entries win over the global ones, tolerations add up, a component affinity
+replaces the global one. With a ReadWriteOnce claim every pod of the release requires a
+node that runs another pod of the release: they all land on one node, where the volume
+is attached (the first pod matches its own term, so it schedules anywhere).
+*/}}
 {{- define "mnist-pipeline.podSpecCommon" -}}
-{{- with .Values.imagePullSecrets }}
+{{- $ctx := .ctx }}
+{{- $c := .values }}
+{{- with $ctx.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with $c.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
-{{- with .Values.nodeSelector }}
+  {{- toYaml $ctx.Values.podSecurityContext | nindent 2 }}
+{{- with merge (deepCopy (default (dict) $c.nodeSelector)) $ctx.Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with concat $ctx.Values.tolerations (default (list) $c.tolerations) }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.affinity }}
+{{- $affinity := deepCopy (default $ctx.Values.affinity $c.affinity) }}
+{{- if include "mnist-pipeline.singleNode" $ctx }}
+{{- $term := dict "labelSelector" (dict "matchLabels" (include "mnist-pipeline.selectorLabels" $ctx | fromYaml)) "topologyKey" "kubernetes.io/hostname" }}
+{{- $podAffinity := default (dict) $affinity.podAffinity }}
+{{- $required := default (list) $podAffinity.requiredDuringSchedulingIgnoredDuringExecution }}
+{{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" (append $required $term) }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- with $affinity }}
 affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.topologySpreadConstraints }}
+topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
-{{/* Pods whose waits read the Kubernetes API run under the chart's ServiceAccount, but
-no token is automounted: the projected volume below goes to the wait container only. */}}
-{{- define "mnist-pipeline.serviceAccount" -}}
-{{- if .Values.waits.kubernetesApi }}
-serviceAccountName: {{ include "mnist-pipeline.serviceAccountName" . }}
+{{/* Pod labels and annotations: pass (dict "ctx" $ "values" <component values>
+"component" <label>). */}}
+{{- define "mnist-pipeline.podMetadata" -}}
+labels:
+  {{- include "mnist-pipeline.componentLabels" (dict "ctx" .ctx "component" .component) | nindent 2 }}
+  {{- with .values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  mnist-pipeline/run-id: {{ include "mnist-pipeline.runId" .ctx | quote }}
+  {{- with .values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}
+
+{{/* The ServiceAccount of a component: pass (dict "ctx" $ "component" "export"). */}}
+{{- define "mnist-pipeline.componentServiceAccountName" -}}
+{{- $sa := (get .ctx.Values .component).serviceAccount }}
+{{- if $sa.name }}
+{{- $sa.name }}
+{{- else if $sa.create }}
+{{- printf "%s-%s" (include "mnist-pipeline.fullname" .ctx) .component }}
+{{- else }}
+{{- "default" }}
+{{- end }}
+{{- end }}
+
+{{/* The component's ServiceAccount; no token is automounted: the projected volume
+below goes to the wait container only. Pass (dict "ctx" $ "component" "export"). */}}
+{{- define "mnist-pipeline.serviceAccount" -}}
+serviceAccountName: {{ include "mnist-pipeline.componentServiceAccountName" . }}
 automountServiceAccountToken: false
 {{- end }}
 
@@ -173,13 +270,33 @@ automountServiceAccountToken: false
                 fieldPath: metadata.namespace
 {{- end }}
 
+{{/* Volumes every pod has, plus the component's extraVolumes: pass (dict "ctx" $
+"values" <component values>). */}}
 {{- define "mnist-pipeline.storageVolumes" -}}
 - name: storage
   persistentVolumeClaim:
-    claimName: {{ include "mnist-pipeline.claimName" . }}
+    claimName: {{ include "mnist-pipeline.claimName" .ctx }}
 - name: tmp
   emptyDir:
     sizeLimit: 1Gi
+{{- with .values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The volume at /storage (persistence.subPath of it) and /tmp: pass (dict "ctx" $
+"readOnly" true|false). */}}
+{{- define "mnist-pipeline.storageMounts" -}}
+- name: storage
+  mountPath: /storage
+  {{- with .ctx.Values.persistence.subPath }}
+  subPath: {{ . | quote }}
+  {{- end }}
+  {{- if .readOnly }}
+  readOnly: true
+  {{- end }}
+- name: tmp
+  mountPath: /tmp
 {{- end }}
 
 {{/* A wait initContainer: pass (dict "ctx" $ "image" $.Values.images.pipeline "target"
@@ -206,14 +323,81 @@ automountServiceAccountToken: false
   resources:
     {{- toYaml $ctx.Values.waits.resources | nindent 4 }}
   volumeMounts:
-    - name: storage
-      mountPath: /storage
-      readOnly: true
-    - name: tmp
-      mountPath: /tmp
+    {{- include "mnist-pipeline.storageMounts" (dict "ctx" $ctx "readOnly" true) | nindent 4 }}
     {{- if $ctx.Values.waits.kubernetesApi }}
     - name: api-token
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount
       readOnly: true
     {{- end }}
+{{- end }}
+
+{{/* The headless Service of multi-worker training. */}}
+{{- define "mnist-pipeline.workersService" -}}
+{{- printf "%s-workers" (include "mnist-pipeline.fullname" .) }}
+{{- end }}
+
+{{/* A container's resources, with `gpus` NVIDIA GPUs added to its limits: pass (dict
+"resources" <values> "gpus" <count>). */}}
+{{- define "mnist-pipeline.resources" -}}
+{{- $r := deepCopy .resources }}
+{{- if gt (int .gpus) 0 }}
+{{- $_ := set $r "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $r.limits)) }}
+{{- end }}
+{{- toYaml $r }}
+{{- end }}
+
+{{/* Settings Kubernetes would accept but that cannot work: refuse them with the reason. */}}
+{{- define "mnist-pipeline.validate" -}}
+{{- $name := include "mnist-pipeline.tritonName" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "release name %q gives the Service name %q, which Kubernetes refuses (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter): choose another release name or set fullnameOverride" .Release.Name $name) }}
+{{- end }}
+{{- if include "mnist-pipeline.singleNode" . }}
+{{- if or (gt (int .Values.triton.replicas) 1) .Values.triton.autoscaling.enabled }}
+{{- fail "persistence.accessModes is ReadWriteOnce: the volume attaches to one node, so more than one Triton replica (or autoscaling) cannot spread; use ReadWriteMany with an RWX storage class (persistence.storageClass), or triton.replicas: 1" }}
+{{- end }}
+{{- if gt (int .Values.training.workers) 1 }}
+{{- fail "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}
+{{- end }}
+{{- end }}
+{{- range $stage := list "export" "client" }}
+{{- $deadline := (get $.Values $stage).activeDeadlineSeconds }}
+{{- if and $deadline (lt (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
+{{- fail (printf "%s.activeDeadlineSeconds (%d) counts the wait for the stages before it, up to waits.timeoutSeconds (%d): set it above that, or null" $stage (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.serveOnly (eq (toString .Values.triton.servedVersion) "run") }}
+{{- fail "triton.servedVersion \"run\" needs a run: with serveOnly, pin a version number" }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
+{{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
+{{- fail "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pin the served version (triton.servedVersion): a model repository in an emptyDir holding
+config.pbtxt plus `version_policy { specific { versions: [N] } }` and a link to version N
+on the volume. The volume's repository stays as export wrote it; Triton serves N alone.
+"run" pins the version this run's export chose, so `helm rollback` serves that run's.
+*/}}
+{{- define "mnist-pipeline.pinScript" -}}
+import argparse, json, pathlib, sys
+p = argparse.ArgumentParser()
+for a in ("--storage", "--out", "--model-name", "--version", "--run-id"):
+    p.add_argument(a, default="")
+o = p.parse_args()
+storage, model = pathlib.Path(o.storage), pathlib.Path(o.storage) / "models" / o.model_name
+version = o.version
+if version == "run":
+    version = str(json.loads((storage / "checkpoints" / o.run_id / "export.json").read_text())["version"])
+if not (model / version / "model.onnx").is_file():
+    sys.exit(f"triton.servedVersion: version {version} of {o.model_name} is not in {model}")
+out = pathlib.Path(o.out) / o.model_name
+out.mkdir(parents=True, exist_ok=True)
+config = (model / "config.pbtxt").read_text()
+(out / "config.pbtxt").write_text(config + "version_policy { specific { versions: [ " + version + " ] } }\n")
+(out / version).symlink_to(model / version)
+print(f"serving {o.model_name} version {version} alone")
 {{- end }}

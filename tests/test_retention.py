@@ -1,0 +1,89 @@
+"""`mnist-pipeline prune`: bounded runs, versions and inference folders on the volume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "resnet18_mnist"
+
+
+def make_storage(root: Path) -> Path:
+    checkpoints = root / "checkpoints"
+    for i, run in enumerate(["run-a", "run-b", "run-c", "run-d", "run-e", "run-f"]):
+        folder = checkpoints / run
+        folder.mkdir(parents=True)
+        status = "running" if run == "run-c" else "complete"
+        (folder / "metrics.json").write_text(json.dumps({"status": status}))
+        (folder / "model.pth").write_bytes(b"weights")
+        os.utime(folder, (1_000_000 + i, 1_000_000 + i))  # run-a oldest, run-f newest
+    (checkpoints / "best_model.pth").symlink_to("run-b/model.pth")
+    for version in range(1, 7):
+        folder = root / "models" / MODEL / str(version)
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"onnx")
+        run = "run-b" if version == 2 else f"other-{version}"
+        (folder / "metadata.json").write_text(json.dumps({"run_id": run}))
+    (root / "models" / MODEL / "config.pbtxt").write_text('name: "resnet18_mnist"\n')
+    for i in range(6):
+        (root / "inference" / f"20261124T10000{i}Z").mkdir(parents=True)
+    return root
+
+
+def prune(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", "prune", f"--storage={storage}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
+    storage = make_storage(tmp_path / "s")
+    result = prune(
+        storage,
+        "--keep-runs=2",
+        "--keep-versions=2",
+        "--keep-inference=3",
+        "--keep-version=1",
+        "--run-id=run-a",
+    )
+    assert result.returncode == 0, result.stderr
+    # Runs: the two newest, plus the current (a), best_model's (b) and a running one (c).
+    assert names(storage / "checkpoints") == [
+        "best_model.pth",
+        "run-a",
+        "run-b",
+        "run-c",
+        "run-e",
+        "run-f",
+    ]
+    assert (storage / "checkpoints" / "best_model.pth").resolve().is_file()
+    # Versions: the two newest (6 serves), 1 asked to be kept, 2 published by the best run.
+    assert names(storage / "models" / MODEL) == ["1", "2", "5", "6", "config.pbtxt"]
+    assert names(storage / "inference") == [f"20261124T10000{i}Z" for i in (3, 4, 5)]
+    assert "removed" in result.stderr
+
+
+def test_defaults_keep_a_small_volume_whole(tmp_path: Path) -> None:
+    storage = make_storage(tmp_path / "s")
+    before = sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
+    assert prune(storage, "--keep-versions=0", "--keep-runs=0").returncode == 0
+    assert sorted(str(p.relative_to(storage)) for p in storage.rglob("*")) == before
+    assert prune(storage, "--keep-runs=-1").returncode == 2
+
+
+def test_the_current_runs_version_is_kept(tmp_path: Path) -> None:
+    storage = make_storage(tmp_path / "s")
+    assert prune(storage, "--keep-versions=1", "--run-id=other-3").returncode == 0
+    assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
