@@ -203,6 +203,7 @@ TRAIN_CONFIG = (
     "seed",
     "limit_train",
     "limit_test",
+    "sync_bn",
 )
 
 
@@ -302,30 +303,61 @@ def train_options(f: F) -> F:
             default=0,
             help="Also measure test accuracy every N steps (0: at epoch ends only).",
         ),
+        click.option(
+            "--nproc-per-node",
+            envvar="NPROC_PER_NODE",
+            type=click.IntRange(min=1),
+            default=1,
+            help="Train as N data-parallel processes on this machine (through torchrun). "
+            "Ignored under torchrun, which sets the world itself.",
+        ),
+        click.option(
+            "--sync-bn",
+            envvar="SYNC_BN",
+            is_flag=True,
+            help="With several processes, BatchNorm statistics over all of them (CUDA only); "
+            "default: each process its own.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
+def train_locally(
+    storage: Path, cfg: Any, run_id: str | None, nproc_per_node: int, **how: Any
+) -> dict[str, Any]:
+    """Train in this process, or as NPROC_PER_NODE DDP ranks started through torchrun."""
+    from mnist_pipeline import distributed
+    from mnist_pipeline import train as train_stage
+    from mnist_pipeline.storage import read_json, run_dir
+
+    if nproc_per_node == 1 or distributed.launched_by_torchrun():
+        return train_stage.train(storage, cfg, run_id=run_id, **how)
+    cfg.validate()  # bad input exits 2 here, not as a failed rank
+    train_stage.check_batch(cfg, nproc_per_node)
+    run_id = run_id or train_stage.default_run_id(cfg)
+    distributed.launch(nproc_per_node, train_argv(storage, cfg, run_id, **how))
+    metrics: dict[str, Any] = read_json(run_dir(storage, run_id) / "metrics.json")
+    return metrics
+
+
+def train_argv(storage: Path, cfg: Any, run_id: str, **how: Any) -> list[str]:
+    """`train`'s command line for these settings: what each rank runs."""
+    argv = ["train", f"--storage={storage}", f"--run-id={run_id}"]
+    settings = {name: getattr(cfg, name) for name in TRAIN_CONFIG}
+    for name, value in {**settings, **how}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
 @cli.command()
 @storage_option
 @train_options
-@click.option(
-    "--nproc-per-node",
-    envvar="NPROC_PER_NODE",
-    type=click.IntRange(min=1),
-    default=1,
-    help="Train as N data-parallel processes on this machine (through torchrun). "
-    "Ignored under torchrun, which sets the world itself.",
-)
-@click.option(
-    "--sync-bn",
-    envvar="SYNC_BN",
-    is_flag=True,
-    help="With several processes, BatchNorm statistics over all of them (CUDA only); "
-    "default: each process its own.",
-)
 @stage
 def train(
     storage: Path,
@@ -335,7 +367,6 @@ def train(
     checkpoint_every: int,
     eval_every: int,
     nproc_per_node: int,
-    sync_bn: bool,
     **config: Any,
 ) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
@@ -350,19 +381,13 @@ def train(
       torchrun --nnodes N --nproc-per-node 1 --node-rank I \\
         --master-addr HOST --master-port 29500 -m mnist_pipeline train ...
     """
-    from mnist_pipeline import distributed
     from mnist_pipeline import train as train_stage
 
-    cfg = train_stage.TrainConfig(**config, sync_bn=sync_bn)
-    if nproc_per_node > 1 and not distributed.launched_by_torchrun():
-        cfg.validate()  # bad input exits 2 here, not as a failed rank
-        train_stage.check_batch(cfg, nproc_per_node)
-        distributed.launch(nproc_per_node, sys.argv[1:])
-        return
-    train_stage.train(
+    train_locally(
         storage,
-        cfg,
-        run_id=run_id,
+        train_stage.TrainConfig(**config),
+        run_id,
+        nproc_per_node,
         device=device,
         threads=threads,
         checkpoint_every=checkpoint_every,
@@ -718,6 +743,7 @@ def run(
     threads: int,
     checkpoint_every: int,
     eval_every: int,
+    nproc_per_node: int,
     host: str,
     grpc_port: int,
     http_port: int,
@@ -756,10 +782,11 @@ def run(
     place(storage)
     run_id = run_id or train_stage.default_run_id(config)
     log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
-    metrics = train_stage.train(
+    metrics = train_locally(
         storage,
         config,
-        run_id=run_id,
+        run_id,
+        nproc_per_node,
         device=device,
         threads=threads,
         checkpoint_every=checkpoint_every,
