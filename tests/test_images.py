@@ -103,54 +103,41 @@ def test_client_image_installs_only_the_client_extra() -> None:
         assert re.search(r"==\d", dep), f"{dep}: pin exactly"
 
 
-def test_client_commands_run_without_torch(tmp_path: Path) -> None:
-    """What the client image runs (infer, wait) must not import torch."""
+def run_without_torch(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`mnist-pipeline ARGV` where importing torch, onnx or pytriton fails, as in the
+    client image."""
     heavy = ("torch", "onnx", "onnxruntime", "onnxscript", "pytriton")
-    block = f"import sys; sys.modules.update(dict.fromkeys({heavy!r})); "
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({heavy!r})); "
+        f"sys.argv = ['mnist-pipeline', *{list(argv)!r}]; "
+        "from mnist_pipeline.cli import main; main()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+
+
+def test_client_commands_run_without_torch(tmp_path: Path) -> None:
+    """What the client image runs (infer, wait, prune) must not import torch."""
     for command in (["infer", "--help"], ["wait", "serving", "--help"], ["data", "--help"]):
-        code = (
-            block
-            + f"sys.argv = ['mnist-pipeline', *{command!r}]; "
-            + ("from mnist_pipeline.cli import main; main()")
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-            timeout=60,
-        )
+        result = run_without_torch(*command)
         assert result.returncode == 0, (command, result.stderr[-2000:])
     # And the wait really works there: a complete run passes.
     run = tmp_path / "checkpoints" / "r1"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text('{"status": "complete"}')
-    code = block + (
-        f"sys.argv = ['mnist-pipeline', 'wait', 'training', '--storage={tmp_path}', "
-        "'--run-id=r1', '--timeout=5']; from mnist_pipeline.cli import main; main()"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-        timeout=60,
+    result = run_without_torch(
+        "wait", "training", f"--storage={tmp_path}", "--run-id=r1", "--timeout=5"
     )
     assert result.returncode == 0, result.stderr
     # The chart's retention step (client image) prunes there too.
     for i in range(3):
         (tmp_path / "inference" / f"2026112{i}T000000Z").mkdir(parents=True)
-    code = block + (
-        f"sys.argv = ['mnist-pipeline', 'prune', '--storage={tmp_path}', '--keep-inference=1']; "
-        "from mnist_pipeline.cli import main; main()"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
+    result = run_without_torch("prune", f"--storage={tmp_path}", "--keep-inference=1")
     assert result.returncode == 0, result.stderr
     assert [p.name for p in (tmp_path / "inference").iterdir()] == ["20261122T000000Z"]
 

@@ -108,10 +108,11 @@ def _train_args(storage: Path, run_id: str) -> list[str]:
     return ["train", "--storage", str(storage), "--run-id", run_id, *quick.split()]
 
 
-def _kill_after_first_checkpoint(storage: Path, run_id: str) -> None:
-    """Start training run `run_id` and SIGKILL it mid-epoch, after a step checkpoint."""
+def _kill_after_first_checkpoint(storage: Path, run_id: str, args: list[str] | None = None) -> None:
+    """Start training run `run_id` (by `args`, default its own train arguments) and SIGKILL
+    it mid-epoch, after a step checkpoint."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", *_train_args(storage, run_id)],
+        [sys.executable, "-m", "mnist_pipeline", *(args or _train_args(storage, run_id))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -159,18 +160,7 @@ def test_the_default_run_id_is_a_function_of_the_settings(storage: Path) -> None
     assert run_id.startswith("cfg-") and run_id == default_run_id(TrainConfig(**asdict(cfg)))
     assert default_run_id(TrainConfig(**{**asdict(cfg), "seed": 1})) != run_id
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not (run_dir(storage, run_id) / "resume.pth").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_first_checkpoint(storage, run_id, args)
 
     resumed = cli(*args, check=True)
     assert f"resuming run {run_id} at epoch" in resumed.stderr
