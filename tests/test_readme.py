@@ -56,7 +56,10 @@ def test_readme_make_targets_exist() -> None:
 
 def test_quick_start_is_two_commands_and_says_how_to_reach_the_cli() -> None:
     text = README.read_text()
-    quick = text.split("## Quick start", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    section = re.split(r"\n#{2,3} ", text.split("## Quick start", 1)[1], maxsplit=1)[0]
+    # One block, and no other command to copy before the next heading (apt-get lines were).
+    assert section.count("```sh\n") == 1 and "sudo apt-get" not in section, section
+    quick = section.split("```sh\n", 1)[1].split("```", 1)[0]
     assert [line.split()[:2] for line in quick.strip().splitlines()] == [
         ["make", "run"],
         ["make", "test"],
