@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -76,6 +77,18 @@ class EnvGroup(click.Group):
         except click.BadParameter as e:
             env_error_hint(ctx, e)
             raise
+
+
+class FiniteFloatRange(click.FloatRange):
+    """Every float option's type: a range that also refuses nan and inf. NaN passes every
+    bound (all its comparisons are false), and no setting here means anything infinite:
+    LR=nan trained to a NaN model and wrote NaN into metrics.json."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def _name(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
@@ -221,7 +234,7 @@ def train_options(f: F) -> F:
         click.option(
             "--lr",
             envvar="LR",
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=0.05,
             help="Peak learning rate.",
         ),
@@ -239,12 +252,12 @@ def train_options(f: F) -> F:
             help="One-cycle warm-up + cosine decay, or a constant lr.",
         ),
         click.option(
-            "--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4
+            "--weight-decay", envvar="WEIGHT_DECAY", type=FiniteFloatRange(min=0), default=5e-4
         ),
         click.option(
             "--label-smoothing",
             envvar="LABEL_SMOOTHING",
-            type=click.FloatRange(min=0, max=1, max_open=True),
+            type=FiniteFloatRange(min=0, max=1, max_open=True),
             default=0.1,
         ),
         click.option(
@@ -421,7 +434,7 @@ def export_options(f: F) -> F:
         click.option(
             "--min-improvement",
             envvar="MIN_IMPROVEMENT",
-            type=click.FloatRange(min=0),
+            type=FiniteFloatRange(min=0),
             default=0.0,
             help="Publish only if the test accuracy beats the published model's by more "
             "than this (both measured on all 10000 test images).",
@@ -512,7 +525,7 @@ def server_options(f: F) -> F:
             click.option(
                 "--ready-timeout",
                 envvar="READY_TIMEOUT",
-                type=click.FloatRange(min=1),
+                type=FiniteFloatRange(min=1),
                 default=120.0,
                 show_envvar=True,
                 help="Seconds to wait for Triton to load the models.",
@@ -553,7 +566,8 @@ def backend_option(f: F) -> F:
     show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on exit.",
+    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on "
+    "exit unless Triton failed (the error then names the log it kept).",
 )
 @server_options
 @backend_option
@@ -626,7 +640,8 @@ def client_options(f: F) -> F:
                 envvar="MODEL_VERSION",
                 default=d.model_version,
                 show_envvar=True,
-                help="Version to ask for. Default: the server's choice.",
+                callback=_model_version,
+                help="Version to ask for (1, 2, ...). Default: the server's choice.",
             ),
             click.option(
                 "--requests",
@@ -664,7 +679,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--timeout",
                 envvar="TIMEOUT",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.timeout,
                 show_envvar=True,
                 help="Seconds to wait for the server and the model to be ready, and to "
@@ -673,7 +688,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--request-timeout",
                 envvar="REQUEST_TIMEOUT",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.request_timeout,
                 show_envvar=True,
                 help="Seconds one request may take.",
@@ -681,7 +696,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--max-seconds",
                 envvar="MAX_SECONDS",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.max_seconds,
                 show_envvar=True,
                 help="Seconds the whole measurement may take.",
@@ -690,6 +705,15 @@ def client_options(f: F) -> F:
     ):
         f = option(f)
     return f
+
+
+def _model_version(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from mnist_pipeline.client import parse_model_version
+
+    try:
+        return parse_model_version(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def _grpc_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -906,7 +930,7 @@ def wait_options(f: F) -> F:
             "--timeout",
             envvar="WAIT_TIMEOUT",
             show_envvar=True,
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=21600,
             help="Give up (exit 1) after this many seconds.",
         ),
@@ -914,7 +938,7 @@ def wait_options(f: F) -> F:
             "--interval",
             envvar="WAIT_INTERVAL",
             show_envvar=True,
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=5,
             help="Seconds between looks.",
         ),

@@ -68,6 +68,11 @@ class TrainConfig:
     sync_bn: bool = False  # BatchNorm statistics over all ranks (DDP on CUDA only)
 
     def validate(self) -> None:
+        floats = {"lr": self.lr, "weight decay": self.weight_decay}
+        floats.update({"label smoothing": self.label_smoothing, "warmup": self.warmup})
+        for what, value in floats.items():
+            if not math.isfinite(value):
+                raise UsageError(f"{what} must be a finite number, not {value}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise UsageError("need epochs >= 1, batch size >= 2 and lr > 0")
         if self.limit_train < 0 or self.limit_test < 0:
