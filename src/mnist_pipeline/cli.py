@@ -2,7 +2,8 @@
 
 Every option can also be set through the environment variable shown in --help, so
 Kubernetes manifests configure the stages the way the original Jobs did.
-Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad input or usage.
+Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad input or usage,
+130 interrupted by Ctrl-C and 143 stopped by SIGTERM (128 + the signal, as shells report them).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def stage(f: F) -> F:
         except PipelineFailure as e:
             log.error("%s", e)
             sys.exit(1)
-        except KeyboardInterrupt:
-            log.error("interrupted")
+        except KeyboardInterrupt as e:  # Ctrl-C: the shell's code for SIGINT, documented
+            log.error("%s", e or "interrupted")
             sys.exit(130)
         except OSError as e:
             # Storage read-only, full or missing: say which file and why, not a traceback.

@@ -154,7 +154,7 @@ def resolve_checkpoint(
         status = metrics.get("status")
     except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"training run {run_id}: cannot read {metrics_path}: {e}") from e
-    if status == "running":
+    if status in ("running", "interrupted"):
         epochs = len(metrics.get("history") or [])
         raise UsageError(
             f"training run {run_id} is not complete (interrupted after {epochs} epoch(s)): "

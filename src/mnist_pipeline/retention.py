@@ -4,8 +4,8 @@ A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leave
 89 MB resume.pth and model.pth, every publication a version. What is never deleted,
 whatever the limits: the newest version (Triton serves it), any version asked to be
 kept (a pinned servedVersion), the run that checkpoints/best_model.pth points at, the
-current run, the versions those two published, and runs still marked "running" (they may
-resume).
+current run, the versions those two published, and runs still marked "running" or
+"interrupted" (they may resume).
 
 Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
 then removes it, so a reader never sees half a folder. Standard library only: the lean
@@ -97,7 +97,7 @@ def prune(
     runs = [d for d in runs if not d.name.startswith(".")]
     if limits.runs:
         for run in runs[: -limits.runs]:
-            if run.name in (run_id, best) or _status(run) == "running":
+            if run.name in (run_id, best) or _status(run) in ("running", "interrupted"):
                 continue
             _remove(run)
             deleted.append(run)

@@ -457,14 +457,39 @@ def _train_recording_failure(
     try:
         run = Run(storage, cfg, run_id, out, metrics, device, world, checkpoint_every)
         return run.train(threads, eval_every)
-    except Exception as e:  # a kill leaves status "running" (and resume.pth)
+    except KeyboardInterrupt:  # Ctrl-C; a kill leaves status "running" (and resume.pth)
         if world.writer:
-            metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
-            try:
-                atomic_write_json(out / "metrics.json", metrics)
-            except OSError as record_error:  # a full volume: the original error matters
-                log.warning("could not record the failure in metrics.json: %s", record_error)
+            record_outcome(out, {**metrics, "status": "interrupted"})
+        raise TrainingInterrupted(interrupted_message(out)) from None
+    except Exception as e:
+        if world.writer:
+            record_outcome(
+                out, {**metrics, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            )
         raise
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, saying what to do next (the command line exits 130)."""
+
+
+def interrupted_message(out: Path) -> str:
+    if (out / "resume.pth").is_file():
+        return (
+            f"training run {out.name} interrupted: run the same command again to resume it "
+            "from its last checkpoint"
+        )
+    return (
+        f"training run {out.name} interrupted before its first checkpoint: the same command "
+        "starts it again"
+    )
+
+
+def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
+    try:
+        atomic_write_json(out / "metrics.json", metrics)
+    except OSError as record_error:  # a full volume: the original error matters
+        log.warning("could not record the outcome in metrics.json: %s", record_error)
 
 
 @dataclass(frozen=True)
@@ -567,23 +592,28 @@ class Run:
         self.setup(threads)
         progress = Progress(self.plan.total_steps, self.plan.batch, start=self.global_step)
         rx0, tx0 = network_bytes()
-        while self.loop.epoch < self.cfg.epochs:
-            order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
-            while self.loop.step < self.plan.steps_per_epoch:
-                self.step(order)
-                progress.update(self.global_step, self.progress_text())
-                if self.loop.step == self.plan.steps_per_epoch:
-                    break  # the epoch end checkpoints and evaluates
-                if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
-                    self.save_state()
-                if eval_every and self.global_step % eval_every == 0:
-                    self.record_eval(
-                        evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
-                    )
-            self.end_epoch(record_eval=bool(eval_every))
-        progress.close()
+        try:
+            while self.loop.epoch < self.cfg.epochs:
+                self.epoch(progress, eval_every)
+        finally:  # ends the bar's line, so that an error is printed on a line of its own
+            progress.close()
         rx1, tx1 = network_bytes()
         return self.finish(received=rx1 - rx0, sent=tx1 - tx0)
+
+    def epoch(self, progress: Progress, eval_every: int) -> None:
+        order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
+        while self.loop.step < self.plan.steps_per_epoch:
+            self.step(order)
+            progress.update(self.global_step, self.progress_text())
+            if self.loop.step == self.plan.steps_per_epoch:
+                break  # the epoch end checkpoints and evaluates
+            if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
+                self.save_state()
+            if eval_every and self.global_step % eval_every == 0:
+                self.record_eval(
+                    evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
+                )
+        self.end_epoch(record_eval=bool(eval_every))
 
     @property
     def global_step(self) -> int:
