@@ -174,3 +174,28 @@ def test_a_model_version_triton_cannot_have_is_refused_up_front(
     result = cli("run", "--storage", tmp_path / "s", "--model-version", version)
     assert result.returncode == 2 and "expected a version number" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_epochs_are_bounded(tmp_path: Path) -> None:
+    """Issue 19.6: 10**23 epochs ran, with an ETA of 8e20 hours."""
+    from mnist_pipeline.train import TrainConfig
+
+    result = cli("train", "--storage", tmp_path / "s", "--epochs", "9" * 23)
+    assert result.returncode == 2 and "1<=x<=1000" in result.stderr, result.stderr
+    result = cli("run", "--storage", tmp_path / "s", env={"EPOCHS": "1001"})
+    assert result.returncode == 2 and "EPOCHS='1001'" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UsageError, match="at most 1000"):
+        TrainConfig(epochs=1001).validate()
+
+
+def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() -> None:
+    """Issue 19.6: --limit-train 10000000 trains on all 60000 images, so it is the run of
+    --limit-train 0, not a new one training the same model again."""
+    from mnist_pipeline.train import TrainConfig, default_run_id
+
+    whole = TrainConfig(limit_train=10_000_000, limit_test=10_000)
+    assert (whole.limit_train, whole.limit_test) == (0, 0)
+    assert default_run_id(whole) == default_run_id(TrainConfig())
+    assert TrainConfig(limit_train=59_999).limit_train == 59_999
+    assert default_run_id(TrainConfig(limit_train=60_000)) == default_run_id(TrainConfig())

@@ -95,10 +95,11 @@ def test_too_few_images_for_batchnorm_is_a_usage_error(storage: Path) -> None:
     assert "--limit-train 2 or more" in result.stderr
 
 
-def test_missing_data_is_a_clear_usage_error(tmp_path: Path) -> None:
+def test_missing_data_is_a_clear_usage_error_that_leaves_no_run_folder(tmp_path: Path) -> None:
     result = cli("train", "--storage", tmp_path, *QUICK)
     assert result.returncode == 2
     assert "missing; run `mnist-pipeline data" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # issue 19.6: a cfg-* folder per attempt
 
 
 def test_bad_option_is_a_usage_error(storage: Path) -> None:

@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from mnist_pipeline import __version__
-from mnist_pipeline.storage import DEFAULT_STORAGE, PipelineFailure, UsageError
+from mnist_pipeline.storage import DEFAULT_STORAGE, MAX_EPOCHS, PipelineFailure, UsageError
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -224,7 +224,9 @@ TRAIN_CONFIG = (
 def train_options(f: F) -> F:
     """Training's options, shared by `train` and `run` so both honour the same variables."""
     options = [
-        click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1),
+        click.option(
+            "--epochs", envvar="EPOCHS", type=click.IntRange(min=1, max=MAX_EPOCHS), default=1
+        ),
         click.option(
             "--batch-size",
             envvar="BATCH_SIZE",
@@ -273,14 +275,16 @@ def train_options(f: F) -> F:
             envvar="LIMIT_TRAIN",
             type=click.IntRange(min=0),
             default=0,
-            help="Train on the first N images only (0: all 60000), for quick runs.",
+            help="Train on the first N images only (0, or 60000 and more: all 60000), "
+            "for quick runs.",
         ),
         click.option(
             "--limit-test",
             envvar="LIMIT_TEST",
             type=click.IntRange(min=0),
             default=0,
-            help="Evaluate training on the first N test images only (0: all 10000). "
+            help="Evaluate training on the first N test images only (0, or 10000 and "
+            "more: all 10000). "
             "Export always measures on all 10000.",
         ),
         click.option(

@@ -34,6 +34,7 @@ from torch import nn
 from mnist_pipeline import data, distributed, model
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.storage import (
+    MAX_EPOCHS,
     PipelineFailure,
     UsageError,
     atomic_open,
@@ -67,6 +68,19 @@ class TrainConfig:
     channels_last: bool = True
     sync_bn: bool = False  # BatchNorm statistics over all ranks (DDP on CUDA only)
 
+    def __post_init__(self) -> None:
+        # A limit covering a whole split is the whole split: the same model, so the same
+        # run id as 0; said, not silently applied.
+        for name, split in (("limit_train", "train"), ("limit_test", "test")):
+            total = data.FILES[split, "images"].count
+            limit = getattr(self, name)
+            if limit >= total:
+                flag = "--" + name.replace("_", "-")
+                log.info(
+                    "%s %d covers all %d %s images: using all (as 0)", flag, limit, total, split
+                )
+                object.__setattr__(self, name, 0)
+
     def validate(self) -> None:
         floats = {"lr": self.lr, "weight decay": self.weight_decay}
         floats.update({"label smoothing": self.label_smoothing, "warmup": self.warmup})
@@ -75,6 +89,8 @@ class TrainConfig:
                 raise UsageError(f"{what} must be a finite number, not {value}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise UsageError("need epochs >= 1, batch size >= 2 and lr > 0")
+        if self.epochs > MAX_EPOCHS:
+            raise UsageError(f"epochs {self.epochs}: at most {MAX_EPOCHS}")
         if self.limit_train < 0 or self.limit_test < 0:
             raise UsageError("limits must be >= 0 (0 means the whole split)")
         if self.limit_train == 1:
@@ -385,6 +401,7 @@ def train(
         previous = completed_run(out / "metrics.json", cfg, run_id)
         if previous is not None:
             return previous
+        data.check_present(storage)  # before the run folder exists
         with run_logging(out, world):
             return _train_recording_failure(
                 storage, cfg, run_id, out, dev, world, threads, checkpoint_every, eval_every
