@@ -174,6 +174,8 @@ def cli(verbose: bool) -> None:
       mnist-pipeline serve    run Triton locally on the repository
       mnist-pipeline infer    gRPC client: predictions and latency
       mnist-pipeline run      all of the above, locally
+      mnist-pipeline wait     until a run's training, export or serving is done (Kubernetes)
+      mnist-pipeline prune    delete old runs, model versions and inference results
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
