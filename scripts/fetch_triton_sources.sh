@@ -20,6 +20,7 @@ die() { echo "fetch_triton_sources: $*" >&2; exit "${2:-1}"; }
 source "$(dirname "$0")/triton_pins.sh"
 
 # Built beside DEST and renamed: DEST appears complete or not at all.
+mkdir -p "$(dirname "$DEST")"
 WORK=$(mktemp -d "$(dirname "$DEST")/.triton-sources.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 for archive in $(source_archives); do
@@ -35,6 +36,7 @@ mkdir -p "$WORK/out/$(dirname "$ORT_HEADER_PATH")"
 curl -fsSL -o "$WORK/out/$ORT_HEADER_PATH" "$ORT_HEADER_URL" || die "cannot fetch $ORT_HEADER_URL"
 echo "$ORT_HEADER_SHA256  $WORK/out/$ORT_HEADER_PATH" | sha256sum --quiet -c \
     || die "$ORT_HEADER_URL does not match its pinned checksum"
-(cd "$WORK/out" && find . -type f -printf '%P\n' | sort | xargs sha256sum >SHA256SUMS)
+(cd "$WORK/out" && find . -type f ! -name SHA256SUMS -printf '%P\n' | sort | xargs sha256sum \
+    >SHA256SUMS)
 mv "$WORK/out" "$DEST"
 echo "TRITON_SOURCES folder ready: $DEST (carry it over whole; SHA256SUMS checks it there)"
