@@ -25,6 +25,7 @@ TEST_DEBS ?= libb64-0d
 .PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images clean
 
 $(BIN)/.installed: pyproject.toml
+	@echo "Installing mnist-pipeline into $(VENV) (torch CPU, onnxruntime, tritonserver: 1-3 minutes, about 2 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 resolves to the CPU build; an unpinned torch would pull CUDA.
@@ -57,6 +58,7 @@ bench: backend $(PERF_VENV)/bin/perf_analyzer
 
 # Needs libb64.so.0d at load (TEST_DEBS); libcudart comes from the wheel below.
 $(PERF_VENV)/bin/perf_analyzer:
+	@echo "Installing perf_analyzer into $(PERF_VENV) (tritonclient 2.51: a minute or two)"
 	$(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
 	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12==12.9.79
@@ -67,6 +69,7 @@ bench-distributed: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_distributed.py
 
 $(CHECKOV_VENV)/bin/checkov:
+	@echo "Installing checkov into $(CHECKOV_VENV) (290 MB: a minute or two)"
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
