@@ -13,14 +13,19 @@ CHECKOV_VERSION := 3.3.30
 
 # Triton's onnxruntime backend, built from source (scripts/build_triton_backend.sh; skipped
 # when its pins are unchanged). TRITON_SOURCES=DIR builds from the archives in DIR, checked
-# against DIR/SHA256SUMS (CI: ../shared/vendor); unset, the sources come from GitHub.
+# against DIR/SHA256SUMS (CI: ../shared/vendor; make triton-sources assembles one); unset,
+# the sources come from GitHub.
 BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
+# What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d). test-deps
+# installs the missing ones as root or with passwordless sudo, else stops with the command.
+TEST_DEBS ?= libb64-0d
 
-.PHONY: run test lint bench bench-distributed backend images push-images clean
+.PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images clean
 
 $(BIN)/.installed: pyproject.toml
+	@echo "Installing mnist-pipeline into $(VENV) (torch CPU, onnxruntime, tritonserver: 1-3 minutes, about 2 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 resolves to the CPU build; an unpinned torch would pull CUDA.
@@ -29,6 +34,12 @@ $(BIN)/.installed: pyproject.toml
 
 backend: $(BIN)/.installed
 	PYTHON=$(BIN)/python scripts/build_triton_backend.sh $(BACKEND_DIR)
+
+# On a machine with GitHub: the backend's pinned sources as a TRITON_SOURCES folder to carry
+# to an offline one (make triton-sources SOURCES_DIR=/media/usb/triton-sources).
+SOURCES_DIR ?= triton-sources
+triton-sources:
+	scripts/fetch_triton_sources.sh $(SOURCES_DIR)
 
 run: backend
 	TRITON_BACKEND_DIR=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
@@ -45,8 +56,9 @@ bench: backend $(PERF_VENV)/bin/perf_analyzer
 	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
-# Needs libb64.so.0d at load (Debian: libb64-0d); libcudart comes from the wheel below.
+# Needs libb64.so.0d at load (TEST_DEBS); libcudart comes from the wheel below.
 $(PERF_VENV)/bin/perf_analyzer:
+	@echo "Installing perf_analyzer into $(PERF_VENV) (tritonclient 2.51: a minute or two)"
 	$(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
 	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12==12.9.79
@@ -57,11 +69,15 @@ bench-distributed: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_distributed.py
 
 $(CHECKOV_VENV)/bin/checkov:
+	@echo "Installing checkov into $(CHECKOV_VENV) (290 MB: a minute or two)"
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
-test: lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
+test-deps:
+	@scripts/install_debs.sh $(TEST_DEBS)
+
+test: test-deps lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
 	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/pytest
 

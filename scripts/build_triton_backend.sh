@@ -9,33 +9,27 @@
 # and skips the build when DEST/onnxruntime/.pins matches the pins below.
 #
 # Sources: with TRITON_SOURCES=DIR, the archives in DIR (layout and SHA256SUMS as in
-# ../shared/vendor), checked against DIR/SHA256SUMS; otherwise fetched with git from GitHub
-# at the pinned commits. The GitHub path needs a connected machine: it could not be
-# exercised where this was written (registries only), unlike the TRITON_SOURCES path.
-# Needs: g++; cmake (the system's, else installed from PyPI into PYTHON's venv); rapidjson
-# headers (Debian: rapidjson-dev); googletest sources, which Triton's `common` configures
-# but never compiles (Debian: googletest; else CMake fetches them from GitHub). PYTHON
-# (default .venv/bin/python) is the venv with nvidia-pytriton; its pip downloads the
-# onnxruntime wheel.
+# ../shared/vendor; scripts/fetch_triton_sources.sh assembles one), checked against
+# DIR/SHA256SUMS; otherwise fetched with git from GitHub at the pinned commits. The GitHub
+# path needs a connected machine: it could not be exercised where this was written
+# (registries only), unlike the TRITON_SOURCES path.
+# Needs only g++ from the system: cmake is the system's, else installed from PyPI into
+# PYTHON's venv; RapidJSON and GoogleTest are built from their pinned sources, never taken
+# from the system (rapidjson-dev, googletest), so the result does not depend on what is
+# installed. PYTHON (default .venv/bin/python) is the venv with nvidia-pytriton; its pip
+# downloads the onnxruntime wheel.
 set -euo pipefail
 
 DEST=$(realpath -m "${1:-.venv/triton-backends}")
 PYTHON=${PYTHON:-.venv/bin/python}
 ORT_VERSION=1.19.2
-ORT_HEADER_URL=https://raw.githubusercontent.com/microsoft/onnxruntime/v1.19.0/include/onnxruntime/core/session/onnxruntime_c_api.h
-ORT_HEADER_SHA256=bfdb387ef6f576ccbeb18c63e19fe5854aa0c278a3838027e9f764419e61475e
-declare -A COMMITS=(
-    [onnxruntime_backend]=17e5cb23a6fbeb37282eb7079dd0b580cd79530d
-    [backend]=ac03a5d97403dec841ad46d0439e93db12c9268f
-    [core]=bfec7c61dc0939433f64f14e89b1973073eac8ba
-    [common]=578491fc3944f77d16a6a38e3d7691c485c47ba0
-)
-GTEST_SRC=${GTEST_SRC:-/usr/src/googletest}
+# The commits, the header and their checksums: scripts/triton_pins.sh.
+source "$(dirname "$0")/triton_pins.sh"
 
 die() { echo "build_triton_backend: $*" >&2; exit 2; }
 
 OUT=$DEST/onnxruntime
-PINS="triton r24.10 ${COMMITS[*]} onnxruntime $ORT_VERSION header $ORT_HEADER_SHA256 gpu OFF"
+PINS="triton r24.10 ${COMMITS[*]} rapidjson $RAPIDJSON_COMMIT googletest $GTEST_COMMIT onnxruntime $ORT_VERSION header $ORT_HEADER_SHA256 gpu OFF"
 if [[ -f $OUT/.pins && "$(cat "$OUT/.pins")" == "$PINS" && -f $OUT/libtriton_onnxruntime.so
       && -e $OUT/libtritonserver.so ]]; then
     echo "Triton onnxruntime backend up to date: $OUT"
@@ -49,16 +43,6 @@ if [[ -z $CMAKE ]]; then
     CMAKE=$(dirname "$PYTHON")/cmake
     [[ -x $CMAKE ]] || "$PYTHON" -m pip install --quiet cmake || die "no cmake: apt-get install cmake"
 fi
-[[ -f /usr/include/rapidjson/rapidjson.h ]] || die "no rapidjson headers: apt-get install rapidjson-dev"
-# With local sources nothing may be fetched: a missing piece fails the configure step.
-FETCH_ARGS=()
-[[ -z ${TRITON_SOURCES:-} ]] || FETCH_ARGS=(-DFETCHCONTENT_FULLY_DISCONNECTED=ON)
-if [[ -f $GTEST_SRC/CMakeLists.txt ]]; then
-    FETCH_ARGS+=(-DFETCHCONTENT_SOURCE_DIR_GOOGLETEST="$GTEST_SRC")
-elif [[ -n ${TRITON_SOURCES:-} ]]; then
-    die "no googletest sources in $GTEST_SRC: apt-get install googletest (or set GTEST_SRC)"
-fi
-
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/triton-backend-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/src" "$WORK/include" "$WORK/ort"
@@ -68,18 +52,18 @@ if [[ -n ${TRITON_SOURCES:-} ]]; then
     [[ -f $TRITON_SOURCES/SHA256SUMS ]] || die "TRITON_SOURCES=$TRITON_SOURCES has no SHA256SUMS"
     (cd "$TRITON_SOURCES" && sha256sum --quiet -c SHA256SUMS) \
         || die "archives in $TRITON_SOURCES do not match its SHA256SUMS"
-    for repo in "${!COMMITS[@]}"; do
-        tar -xzf "$TRITON_SOURCES/triton-r24.10/$repo.tar.gz" -C "$WORK/src"
+    for archive in $(source_archives); do
+        # Only checksummed files are used: an archive missing from SHA256SUMS is refused.
+        grep -q "  $archive.tar.gz\$" "$TRITON_SOURCES/SHA256SUMS" \
+            || die "$TRITON_SOURCES/SHA256SUMS does not list $archive.tar.gz"
+        tar -xzf "$TRITON_SOURCES/$archive.tar.gz" -C "$WORK/src"
     done
-    cp "$TRITON_SOURCES/onnxruntime-1.19.0/include/onnxruntime_c_api.h" "$WORK/include/"
+    cp "$TRITON_SOURCES/$ORT_HEADER_PATH" "$WORK/include/"
 else
-    # Fetched by commit id: git checks the content against it.
-    for repo in "${!COMMITS[@]}"; do
-        git -C "$WORK/src" init --quiet "$repo"
-        git -C "$WORK/src/$repo" fetch --quiet --depth 1 \
-            "https://github.com/triton-inference-server/$repo" "${COMMITS[$repo]}" \
-            || die "cannot fetch $repo at ${COMMITS[$repo]} from GitHub (offline? set TRITON_SOURCES)"
-        git -C "$WORK/src/$repo" checkout --quiet FETCH_HEAD
+    for archive in $(source_archives); do
+        read -r url commit <<<"$(source_url "$archive")"
+        fetch_git "$WORK/src/$(basename "$archive")" "$url" "$commit" \
+            || die "cannot fetch $url at $commit (offline? set TRITON_SOURCES: see the README)"
     done
     curl -fsSL -o "$WORK/include/onnxruntime_c_api.h" "$ORT_HEADER_URL" \
         || die "cannot fetch onnxruntime_c_api.h (offline? set TRITON_SOURCES)"
@@ -103,15 +87,29 @@ EOF
 ln -s "libonnxruntime.so.$ORT_VERSION" "$WORK/ort/lib/libonnxruntime.so.1"
 ln -s "libonnxruntime.so.$ORT_VERSION" "$WORK/ort/lib/libonnxruntime.so"
 
-echo "Triton onnxruntime backend: building (about a minute on 2 cores)"
+echo "Triton onnxruntime backend: installing RapidJSON headers (seconds)"
+"$CMAKE" -S "$WORK/src/rapidjson" -B "$WORK/rapidjson-build" -DRAPIDJSON_BUILD_DOC=OFF \
+    -DRAPIDJSON_BUILD_EXAMPLES=OFF -DRAPIDJSON_BUILD_TESTS=OFF \
+    -DCMAKE_INSTALL_PREFIX="$WORK/rapidjson" >"$WORK/rapidjson.log" 2>&1 \
+    && "$CMAKE" --install "$WORK/rapidjson-build" >>"$WORK/rapidjson.log" 2>&1 \
+    || { tail -30 "$WORK/rapidjson.log" >&2; die "RapidJSON install failed"; }
+
+echo "Triton onnxruntime backend: building (about 1.5 minutes on 2 cores)"
+# RapidJSON's config sets RapidJSON_INCLUDE_DIRS, `common` reads RAPIDJSON_INCLUDE_DIRS (the
+# spelling of the 1.1.0 config distributions ship): without the second, the build fails at
+# rapidjson/document.h. Fully disconnected: every source is already here, nothing may be
+# fetched behind our back, and nothing comes from the system's packages.
 "$CMAKE" -S "$WORK/src/onnxruntime_backend" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
     -DTRITON_ENABLE_GPU=OFF -DTRITON_CORE_HEADERS_ONLY=ON \
     -DTRITON_ONNXRUNTIME_INCLUDE_PATHS="$WORK/include" \
     -DTRITON_ONNXRUNTIME_LIB_PATHS="$WORK/ort/lib" \
+    -DFETCHCONTENT_FULLY_DISCONNECTED=ON \
     -DFETCHCONTENT_SOURCE_DIR_REPO-COMMON="$WORK/src/common" \
     -DFETCHCONTENT_SOURCE_DIR_REPO-CORE="$WORK/src/core" \
     -DFETCHCONTENT_SOURCE_DIR_REPO-BACKEND="$WORK/src/backend" \
-    "${FETCH_ARGS[@]}" \
+    -DFETCHCONTENT_SOURCE_DIR_GOOGLETEST="$WORK/src/googletest" \
+    -DRapidJSON_DIR="$WORK/rapidjson/lib/cmake/RapidJSON" \
+    -DRAPIDJSON_INCLUDE_DIRS="$WORK/rapidjson/include" \
     >"$WORK/cmake.log" 2>&1 || { tail -30 "$WORK/cmake.log" >&2; die "cmake configure failed"; }
 "$CMAKE" --build "$WORK/build" --target triton-onnxruntime-backend -j "$(nproc)" \
     >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log" >&2; die "build failed"; }

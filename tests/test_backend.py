@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mnist_pipeline.serve import BACKEND_LIBRARY, DEFAULT_BACKEND_DIR, check_backend
 
@@ -52,3 +55,63 @@ def test_sources_that_fail_their_checksums_are_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "do not match its SHA256SUMS" in result.stderr
     assert not (tmp_path / "backends" / "onnxruntime").exists()
+
+
+def test_sources_missing_from_sha256sums_are_refused(tmp_path: Path) -> None:
+    """Every archive used must be checksummed: a SHA256SUMS without RapidJSON's line (an
+    older TRITON_SOURCES folder) is refused by name, before anything is built."""
+    vendor = Path(os.environ.get("TRITON_SOURCES", REPO.parent / "shared" / "vendor"))
+    if not (vendor / "SHA256SUMS").is_file():
+        pytest.skip(f"no TRITON_SOURCES folder at {vendor}")
+    sources = tmp_path / "sources"
+    shutil.copytree(vendor, sources)
+    sums = sources / "SHA256SUMS"
+    sums.chmod(0o644)
+    lines = sums.read_text().splitlines(keepends=True)
+    sums.write_text("".join(line for line in lines if "rapidjson" not in line))
+
+    result = build(tmp_path / "backends", TRITON_SOURCES=str(sources))
+    assert result.returncode == 2
+    assert "SHA256SUMS does not list rapidjson-24b5e7a8/rapidjson.tar.gz" in result.stderr
+    assert not (tmp_path / "backends" / "onnxruntime").exists()
+
+
+def make_test_deps(debs: str) -> subprocess.CompletedProcess[str]:
+    """`make test-deps` as a user without root or sudo: as nobody when the tests run as root."""
+    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    make = ["make", "-s", "-C", str(REPO), "test-deps", f"TEST_DEBS={debs}"]
+    return subprocess.run(
+        [*(unprivileged if os.geteuid() == 0 else []), *make],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_make_test_depends_on_test_deps_first() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    test_rule = next(line for line in makefile.splitlines() if line.startswith("test:"))
+    assert test_rule.split()[1] == "test-deps"
+    assert "TEST_DEBS ?= libb64-0d" in makefile
+
+
+def test_test_deps_without_root_stops_at_once_with_the_command() -> None:
+    if (
+        os.geteuid() != 0
+        and shutil.which("sudo")
+        and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+    ):
+        pytest.skip("passwordless sudo: test-deps would install")
+    result = make_test_deps("dpkg mnist-pipeline-no-such-deb")
+    assert result.returncode != 0
+    assert (
+        "sudo apt-get update && sudo apt-get install -y --no-install-recommends "
+        "mnist-pipeline-no-such-deb\n" in result.stderr
+    ), result.stderr
+    assert "Installing" not in result.stdout  # nothing attempted
+
+
+def test_test_deps_with_everything_installed_does_nothing() -> None:
+    result = make_test_deps("dpkg")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == result.stderr == ""

@@ -120,3 +120,82 @@ def test_an_error_from_a_variable_names_it(
     assert result.returncode == 2, result.stderr
     assert f"{var}={value!r} (the variable of" in result.stderr and flag in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def float_options() -> list[tuple[str, click.Option]]:
+    return [
+        (f"{path} {p.name}", p)
+        for path, command in commands()
+        for p in command.params
+        if isinstance(p, click.Option) and isinstance(p.type, click.types.FloatParamType)
+    ]
+
+
+@pytest.mark.parametrize("name,option", float_options(), ids=[n for n, _ in float_options()])
+def test_every_float_option_refuses_nan_and_infinity(name: str, option: click.Option) -> None:
+    for bad in ("nan", "NaN", "inf", "-inf", "Infinity", "1e999"):
+        with pytest.raises(click.BadParameter, match="is not a finite number"):
+            option.type.convert(bad, option, None)
+
+
+def test_non_finite_settings_exit_2_naming_their_variable(tmp_path: Path) -> None:
+    storage = tmp_path / "s"
+    for args, env, flag in [
+        (["train"], {"LR": "nan"}, "'--lr'"),
+        (["run"], {"WEIGHT_DECAY": "inf"}, "'--weight-decay'"),
+        (["infer"], {"TIMEOUT": "nan"}, "'--timeout'"),
+        (["export"], {"MIN_IMPROVEMENT": "inf"}, "'--min-improvement'"),
+    ]:
+        result = cli(*args, "--storage", storage, env=env)
+        ((var, value),) = env.items()
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"{var}={value!r} (the variable of {flag}" in result.stderr, result.stderr
+        assert "is not a finite number" in result.stderr
+    assert not storage.exists()
+
+
+def test_training_settings_refuse_non_finite_numbers_from_python_too() -> None:
+    from mnist_pipeline.train import TrainConfig
+
+    for bad in ({"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": float("nan")}):
+        with pytest.raises(UsageError, match="must be a finite number"):
+            TrainConfig(**bad).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", ["abc", "0", "-1", "1.5", "01", "9" * 20])
+def test_a_model_version_triton_cannot_have_is_refused_up_front(
+    tmp_path: Path, version: str
+) -> None:
+    # Nothing listens at the URL: a version let through would fail there instead (exit 1).
+    result = cli("infer", "--url", "localhost:1", "--timeout", "1", env={"MODEL_VERSION": version})
+    assert result.returncode == 2, result.stderr
+    assert f"MODEL_VERSION={version!r}" in result.stderr
+    assert "expected a version number such as 1" in result.stderr
+    result = cli("run", "--storage", tmp_path / "s", "--model-version", version)
+    assert result.returncode == 2 and "expected a version number" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_epochs_are_bounded(tmp_path: Path) -> None:
+    """Issue 19.6: 10**23 epochs ran, with an ETA of 8e20 hours."""
+    from mnist_pipeline.train import TrainConfig
+
+    result = cli("train", "--storage", tmp_path / "s", "--epochs", "9" * 23)
+    assert result.returncode == 2 and "1<=x<=1000" in result.stderr, result.stderr
+    result = cli("run", "--storage", tmp_path / "s", env={"EPOCHS": "1001"})
+    assert result.returncode == 2 and "EPOCHS='1001'" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UsageError, match="at most 1000"):
+        TrainConfig(epochs=1001).validate()
+
+
+def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() -> None:
+    """Issue 19.6: --limit-train 10000000 trains on all 60000 images, so it is the run of
+    --limit-train 0, not a new one training the same model again."""
+    from mnist_pipeline.train import TrainConfig, default_run_id
+
+    whole = TrainConfig(limit_train=10_000_000, limit_test=10_000)
+    assert (whole.limit_train, whole.limit_test) == (0, 0)
+    assert default_run_id(whole) == default_run_id(TrainConfig())
+    assert TrainConfig(limit_train=59_999).limit_train == 59_999
+    assert default_run_id(TrainConfig(limit_train=60_000)) == default_run_id(TrainConfig())

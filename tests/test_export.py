@@ -3,12 +3,14 @@ runs (tiny), torch's exporter, onnxruntime, and Triton's own model-config protob
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -511,6 +513,37 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
     # Whatever the order, the high-accuracy run ends up served.
     champion = repository.champion(model_path)
     assert champion is not None and champion.metadata["run_id"] == trained["high"]
+
+
+def test_the_publication_is_recorded_while_the_export_lock_is_held(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """A second export of the same run waits on the lock, then skips as identical and
+    extends export.json: the publication must already be in it by then, or the two
+    read-modify-writes race and the record that was to stay says "skipped"."""
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    run_id = trained["low"]
+    lock_path = repository.work_dir(storage, NAME) / "lock"
+    lock_path.parent.mkdir(parents=True)
+    args = ["export", f"--storage={storage}", f"--run-id={run_id}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    record: dict[str, Any] | None = None
+    with open(lock_path, "a") as lock:
+        # Take the lock the moment the export lets go of it, as a waiting export would.
+        while proc.poll() is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if repository.versions(storage / "models" / NAME):
+                record = marker(storage, run_id)
+                break
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            time.sleep(0.01)  # let the export take it first
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert record is not None and record["status"] == "published", record
 
 
 def shifted_copy(storage: Path, source_run: str, run_id: str, reported: float) -> Path:

@@ -87,3 +87,20 @@ def test_the_current_runs_version_is_kept(tmp_path: Path) -> None:
     storage = make_storage(tmp_path / "s")
     assert prune(storage, "--keep-versions=1", "--run-id=other-3").returncode == 0
     assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
+
+
+def test_prune_on_a_missing_storage_is_a_usage_error(tmp_path: Path) -> None:
+    """Issue 19.6: a mistyped --storage must not report a clean volume (exit 0)."""
+    result = prune(tmp_path / "nowhere")
+    assert result.returncode == 2, result.stderr
+    assert f"storage {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_prune_says_what_it_keeps_in_words(tmp_path: Path) -> None:
+    result = prune(make_storage(tmp_path / "s"), "--keep-runs=0")
+    assert result.returncode == 0, result.stderr
+    assert "keeping all runs, the newest 3 versions, the newest 20 inference folders" in (
+        result.stderr
+    )
+    assert "Limits(" not in result.stderr

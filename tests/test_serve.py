@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,26 @@ def test_failed_start_reports_tritons_error(pipeline: PipelineRun, tmp_path: Pat
     assert f"failed to load '{MODEL}'" in result.stderr
     assert "triton.log" in result.stderr
     assert _wait_gone(str(workdir), timeout=30) == []
+
+
+def test_a_failed_start_keeps_the_log_its_error_names(
+    pipeline: PipelineRun, tmp_path: Path
+) -> None:
+    """Without --workdir, Triton's log lives in a temporary folder: when the error points at
+    it, it must still be there to read."""
+    repo = tmp_path / "models"
+    (repo / MODEL / "1").mkdir(parents=True)
+    shutil.copy(pipeline.storage / "models" / MODEL / "config.pbtxt", repo / MODEL)
+    (repo / MODEL / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    args = _serve_args(repo, tmp_path / "unused")
+    del args[3:5]  # no --workdir
+    result = cli(*args, env={**os.environ, "TMPDIR": str(temp)}, timeout=120)
+    assert result.returncode == 1, result.stderr
+    (log_path,) = re.findall(r"From (\S+/triton\.log) \(kept\):", result.stderr)
+    assert Path(log_path).parent.parent == temp
+    assert f"failed to load '{MODEL}'" in Path(log_path).read_text()
 
 
 def test_port_in_use_is_a_usage_error(served: LocalTriton, pipeline: PipelineRun) -> None:

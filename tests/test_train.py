@@ -1,8 +1,10 @@
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 from conftest import cli
 from mnist_pipeline import model
 from mnist_pipeline.storage import run_dir
-from mnist_pipeline.train import TrainConfig, default_run_id
+from mnist_pipeline.train import TrainConfig, default_run_id, run_state
 
 QUICK = "--limit-train 1500 --limit-test 2000 --batch-size 50 --checkpoint-every 0".split()
 
@@ -93,10 +95,11 @@ def test_too_few_images_for_batchnorm_is_a_usage_error(storage: Path) -> None:
     assert "--limit-train 2 or more" in result.stderr
 
 
-def test_missing_data_is_a_clear_usage_error(tmp_path: Path) -> None:
+def test_missing_data_is_a_clear_usage_error_that_leaves_no_run_folder(tmp_path: Path) -> None:
     result = cli("train", "--storage", tmp_path, *QUICK)
     assert result.returncode == 2
     assert "missing; run `mnist-pipeline data" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # issue 19.6: a cfg-* folder per attempt
 
 
 def test_bad_option_is_a_usage_error(storage: Path) -> None:
@@ -180,3 +183,47 @@ def test_a_failure_is_printed_once_and_kept_in_train_log(storage: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "cannot resume run damaged" in (out / "train.log").read_text()
     assert "weights_only=False" not in result.stderr
+
+
+def test_ctrl_c_on_a_terminal_records_the_interruption_and_says_how_to_resume(
+    storage: Path,
+) -> None:
+    """Issue 19.4: Ctrl-C mid-run on a terminal (a real pseudo-terminal, so the progress bar
+    is drawn): exit 130 as documented, the error on a line of its own with the way to
+    resume, and metrics.json saying "interrupted", not "running"."""
+    out = run_dir(storage, "ctrl-c")
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *_train_args(storage, "ctrl-c")],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(controller, chunks))
+    reader.start()  # a full terminal buffer would block the bar's writes
+    while not (out / "resume.pth").exists():
+        assert proc.poll() is None, b"".join(chunks).decode(errors="replace")[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    reader.join(timeout=60)
+    lines = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n").split("\n")
+    (error,) = [line for line in lines if "interrupted" in line]
+    assert "images/s" not in error and "\r" not in error, error  # not glued to the bar
+    assert "run the same command again to resume it from its last checkpoint" in error
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+    assert run_state(storage, "ctrl-c").startswith("interrupted before: resuming it")
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)

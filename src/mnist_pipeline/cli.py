@@ -2,13 +2,15 @@
 
 Every option can also be set through the environment variable shown in --help, so
 Kubernetes manifests configure the stages the way the original Jobs did.
-Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad input or usage.
+Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad input or usage,
+130 interrupted by Ctrl-C and 143 stopped by SIGTERM (128 + the signal, as shells report them).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from mnist_pipeline import __version__
-from mnist_pipeline.storage import DEFAULT_STORAGE, PipelineFailure, UsageError
+from mnist_pipeline.storage import DEFAULT_STORAGE, MAX_EPOCHS, PipelineFailure, UsageError
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,6 +80,18 @@ class EnvGroup(click.Group):
             raise
 
 
+class FiniteFloatRange(click.FloatRange):
+    """Every float option's type: a range that also refuses nan and inf. NaN passes every
+    bound (all its comparisons are false), and no setting here means anything infinite:
+    LR=nan trained to a NaN model and wrote NaN into metrics.json."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 def _name(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     """A click callback applying storage's one rule for names that become paths."""
 
@@ -119,8 +133,8 @@ def stage(f: F) -> F:
         except PipelineFailure as e:
             log.error("%s", e)
             sys.exit(1)
-        except KeyboardInterrupt:
-            log.error("interrupted")
+        except KeyboardInterrupt as e:  # Ctrl-C: the shell's code for SIGINT, documented
+            log.error("%s", e or "interrupted")
             sys.exit(130)
         except OSError as e:
             # Storage read-only, full or missing: say which file and why, not a traceback.
@@ -160,6 +174,8 @@ def cli(verbose: bool) -> None:
       mnist-pipeline serve    run Triton locally on the repository
       mnist-pipeline infer    gRPC client: predictions and latency
       mnist-pipeline run      all of the above, locally
+      mnist-pipeline wait     until a run's training, export or serving is done (Kubernetes)
+      mnist-pipeline prune    delete old runs, model versions and inference results
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -210,7 +226,9 @@ TRAIN_CONFIG = (
 def train_options(f: F) -> F:
     """Training's options, shared by `train` and `run` so both honour the same variables."""
     options = [
-        click.option("--epochs", envvar="EPOCHS", type=click.IntRange(min=1), default=1),
+        click.option(
+            "--epochs", envvar="EPOCHS", type=click.IntRange(min=1, max=MAX_EPOCHS), default=1
+        ),
         click.option(
             "--batch-size",
             envvar="BATCH_SIZE",
@@ -221,7 +239,7 @@ def train_options(f: F) -> F:
         click.option(
             "--lr",
             envvar="LR",
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=0.05,
             help="Peak learning rate.",
         ),
@@ -239,12 +257,12 @@ def train_options(f: F) -> F:
             help="One-cycle warm-up + cosine decay, or a constant lr.",
         ),
         click.option(
-            "--weight-decay", envvar="WEIGHT_DECAY", type=click.FloatRange(min=0), default=5e-4
+            "--weight-decay", envvar="WEIGHT_DECAY", type=FiniteFloatRange(min=0), default=5e-4
         ),
         click.option(
             "--label-smoothing",
             envvar="LABEL_SMOOTHING",
-            type=click.FloatRange(min=0, max=1, max_open=True),
+            type=FiniteFloatRange(min=0, max=1, max_open=True),
             default=0.1,
         ),
         click.option(
@@ -259,14 +277,16 @@ def train_options(f: F) -> F:
             envvar="LIMIT_TRAIN",
             type=click.IntRange(min=0),
             default=0,
-            help="Train on the first N images only (0: all 60000), for quick runs.",
+            help="Train on the first N images only (0, or 60000 and more: all 60000), "
+            "for quick runs.",
         ),
         click.option(
             "--limit-test",
             envvar="LIMIT_TEST",
             type=click.IntRange(min=0),
             default=0,
-            help="Evaluate training on the first N test images only (0: all 10000). "
+            help="Evaluate training on the first N test images only (0, or 10000 and "
+            "more: all 10000). "
             "Export always measures on all 10000.",
         ),
         click.option(
@@ -421,7 +441,7 @@ def export_options(f: F) -> F:
         click.option(
             "--min-improvement",
             envvar="MIN_IMPROVEMENT",
-            type=click.FloatRange(min=0),
+            type=FiniteFloatRange(min=0),
             default=0.0,
             help="Publish only if the test accuracy beats the published model's by more "
             "than this (both measured on all 10000 test images).",
@@ -512,7 +532,7 @@ def server_options(f: F) -> F:
             click.option(
                 "--ready-timeout",
                 envvar="READY_TIMEOUT",
-                type=click.FloatRange(min=1),
+                type=FiniteFloatRange(min=1),
                 default=120.0,
                 show_envvar=True,
                 help="Seconds to wait for Triton to load the models.",
@@ -553,7 +573,8 @@ def backend_option(f: F) -> F:
     show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on exit.",
+    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on "
+    "exit unless Triton failed (the error then names the log it kept).",
 )
 @server_options
 @backend_option
@@ -626,7 +647,8 @@ def client_options(f: F) -> F:
                 envvar="MODEL_VERSION",
                 default=d.model_version,
                 show_envvar=True,
-                help="Version to ask for. Default: the server's choice.",
+                callback=_model_version,
+                help="Version to ask for (1, 2, ...). Default: the server's choice.",
             ),
             click.option(
                 "--requests",
@@ -664,7 +686,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--timeout",
                 envvar="TIMEOUT",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.timeout,
                 show_envvar=True,
                 help="Seconds to wait for the server and the model to be ready, and to "
@@ -673,7 +695,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--request-timeout",
                 envvar="REQUEST_TIMEOUT",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.request_timeout,
                 show_envvar=True,
                 help="Seconds one request may take.",
@@ -681,7 +703,7 @@ def client_options(f: F) -> F:
             click.option(
                 "--max-seconds",
                 envvar="MAX_SECONDS",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloatRange(min=0, min_open=True),
                 default=d.max_seconds,
                 show_envvar=True,
                 help="Seconds the whole measurement may take.",
@@ -690,6 +712,15 @@ def client_options(f: F) -> F:
     ):
         f = option(f)
     return f
+
+
+def _model_version(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from mnist_pipeline.client import parse_model_version
+
+    try:
+        return parse_model_version(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def _grpc_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -906,7 +937,7 @@ def wait_options(f: F) -> F:
             "--timeout",
             envvar="WAIT_TIMEOUT",
             show_envvar=True,
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=21600,
             help="Give up (exit 1) after this many seconds.",
         ),
@@ -914,7 +945,7 @@ def wait_options(f: F) -> F:
             "--interval",
             envvar="WAIT_INTERVAL",
             show_envvar=True,
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=5,
             help="Seconds between looks.",
         ),

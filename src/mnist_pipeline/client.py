@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -60,10 +61,25 @@ class InferConfig:
 
     def validate(self) -> None:
         parse_grpc_url(self.url)
+        parse_model_version(self.model_version)
         if self.requests < 1 or self.concurrency < 1 or self.images_per_request < 1:
             raise UsageError("requests, concurrency and images per request must be >= 1")
         if self.warmup < 0 or min(self.timeout, self.request_timeout, self.max_seconds) <= 0:
             raise UsageError("warm-up must be >= 0 and every timeout > 0")
+
+
+def parse_model_version(version: str) -> str:
+    """Check a model version is empty (the server's choice) or one Triton can have, a
+    positive 64-bit integer; anything else would only show up after --timeout, as a model
+    that is "not ready"."""
+    if version and not (
+        re.fullmatch(r"[0-9]+", version) and 1 <= int(version) < 2**63 and version[0] != "0"
+    ):
+        raise UsageError(
+            f"model version {version!r}: expected a version number such as 1 "
+            "(Triton numbers versions 1, 2, ...), or nothing for the server's choice"
+        )
+    return version
 
 
 def parse_grpc_url(url: str) -> str:

@@ -180,19 +180,29 @@ def place(storage: Path, source: Path | None = None) -> Path:
     return dest
 
 
-def load(storage: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one split from storage: uint8 images (N, 28, 28) and uint8 labels (N,).
-
-    Never downloads: a missing file is an error that says to run `mnist-pipeline data`.
-    """
-    arrays = []
-    for kind in ("images", "labels"):
-        spec = FILES[(split, kind)]
+def check_present(storage: Path, splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Raise the error load() would, before anything is written: a training run refused for
+    missing data leaves no run folder behind."""
+    for (split, _), spec in FILES.items():
+        if split not in splits:
+            continue
         path = raw_data_dir(storage) / spec.name
         if not path.is_file():
             raise UsageError(
                 f"{path}: missing; run `mnist-pipeline data --storage {storage}` first"
             )
+
+
+def load(storage: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split from storage: uint8 images (N, 28, 28) and uint8 labels (N,).
+
+    Never downloads: a missing file is an error that says to run `mnist-pipeline data`.
+    """
+    check_present(storage, (split,))
+    arrays = []
+    for kind in ("images", "labels"):
+        spec = FILES[(split, kind)]
+        path = raw_data_dir(storage) / spec.name
         content = path.read_bytes()
         validate(content, spec, path)
         arrays.append(np.frombuffer(content, np.uint8, offset=spec.header_size))

@@ -154,7 +154,7 @@ def resolve_checkpoint(
         status = metrics.get("status")
     except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"training run {run_id}: cannot read {metrics_path}: {e}") from e
-    if status == "running":
+    if status in ("running", "interrupted"):
         epochs = len(metrics.get("history") or [])
         raise UsageError(
             f"training run {run_id} is not complete (interrupted after {epochs} epoch(s)): "
@@ -426,6 +426,7 @@ def write_marker(
     champion_accuracy: float | None = None,
 ) -> None:
     """checkpoints/<run_id>/export.json: what export decided about this training run.
+    Call only while holding the model's export lock (a read-modify-write).
 
     Its top-level fields are the run's standing outcome: once a run is published, a later
     attempt (skipped, failed) never erases that record; every attempt is kept in order
@@ -473,7 +474,8 @@ def export(
     try:
         candidate = load_candidate(path)
     except UsageError as e:
-        write_marker(storage, owner, "failed", cfg, str(e))
+        with repository.locked(storage, cfg.name):  # export.json is only written under it
+            write_marker(storage, owner, "failed", cfg, str(e))
         raise
     weights = model.weights_sha256(candidate.net)
     log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
@@ -562,21 +564,22 @@ def export(
             storage, cfg, {repository.MODEL_FILE: exported.content}, metadata
         )
         update_best_link(storage, path)
-
-    reason = (
-        "first export"
-        if champion is None
-        else f"accuracy {evaluation.accuracy:.4f} beats version {champion.version}'s "
-        f"{best:.4f} (both on all {evaluation.images} test images)"
-    )
-    log.info(
-        "published %s version %d (%s) to %s",
-        cfg.name,
-        version,
-        reason,
-        model_path / str(version),
-    )
-    write_marker(storage, owner, "published", cfg, reason, version, evaluation.accuracy, best)
+        reason = (
+            "first export"
+            if champion is None
+            else f"accuracy {evaluation.accuracy:.4f} beats version {champion.version}'s "
+            f"{best:.4f} (both on all {evaluation.images} test images)"
+        )
+        log.info(
+            "published %s version %d (%s) to %s",
+            cfg.name,
+            version,
+            reason,
+            model_path / str(version),
+        )
+        # Still under the lock: export.json is read, extended and rewritten, and a
+        # concurrent export of the same run must see the publication, not overwrite it.
+        write_marker(storage, owner, "published", cfg, reason, version, evaluation.accuracy, best)
     return Outcome("published", version, evaluation.accuracy, best, reason)
 
 

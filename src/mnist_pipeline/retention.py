@@ -4,8 +4,8 @@ A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leave
 89 MB resume.pth and model.pth, every publication a version. What is never deleted,
 whatever the limits: the newest version (Triton serves it), any version asked to be
 kept (a pinned servedVersion), the run that checkpoints/best_model.pth points at, the
-current run, the versions those two published, and runs still marked "running" (they may
-resume).
+current run, the versions those two published, and runs still marked "running" or
+"interrupted" (they may resume).
 
 Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
 then removes it, so a reader never sees half a folder. Standard library only: the lean
@@ -20,7 +20,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline.storage import best_model_link, checkpoints_dir, inference_dir, models_dir
+from mnist_pipeline.storage import (
+    UsageError,
+    best_model_link,
+    checkpoints_dir,
+    inference_dir,
+    models_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,18 @@ class Limits:
     runs: int = 5
     versions: int = 3
     inference: int = 20
+
+    def __str__(self) -> str:
+        def keep(n: int, what: str) -> str:
+            return f"all {what}" if n == 0 else f"the newest {n} {what}"
+
+        return ", ".join(
+            [
+                keep(self.runs, "runs"),
+                keep(self.versions, "versions"),
+                keep(self.inference, "inference folders"),
+            ]
+        )
 
 
 def _status(run: Path) -> str:
@@ -73,6 +91,8 @@ def prune(
     keep_versions: tuple[int, ...] = (),
 ) -> list[Path]:
     """Delete what is beyond the limits; return what was deleted."""
+    if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
+        raise UsageError(f"storage {storage} does not exist: check --storage (STORAGE_ROOT)")
     deleted: list[Path] = []
     best = _best_run(storage)
 
@@ -97,7 +117,7 @@ def prune(
     runs = [d for d in runs if not d.name.startswith(".")]
     if limits.runs:
         for run in runs[: -limits.runs]:
-            if run.name in (run_id, best) or _status(run) == "running":
+            if run.name in (run_id, best) or _status(run) in ("running", "interrupted"):
                 continue
             _remove(run)
             deleted.append(run)
@@ -110,5 +130,5 @@ def prune(
         for folder in folders[: -limits.inference]:
             _remove(folder)
             deleted.append(folder)
-    log.info("retention: removed %d folder(s); limits %s", len(deleted), limits)
+    log.info("retention: removed %d folder(s), keeping %s", len(deleted), limits)
     return deleted

@@ -198,6 +198,7 @@ class LocalTriton:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_verbose = log_verbose
         self._own_workdir = workdir is None
+        self._failed = False  # a temporary workdir is kept then: the error names its log
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.models: list[str] = []
@@ -222,6 +223,13 @@ class LocalTriton:
     def log_path(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "triton.log"
+
+    def failure(self, what: str) -> PipelineFailure:
+        """`what` happened: the error, with Triton's own explanation and where its whole
+        log is; a temporary workdir then outlives stop(), so that path stays readable."""
+        self._failed = True
+        kept = " (kept)" if self._own_workdir else ""
+        return PipelineFailure(f"{what}. From {self.log_path}{kept}:\n{log_tail(self.log_path)}")
 
     def start(self) -> None:
         if self.process is not None:
@@ -284,10 +292,7 @@ class LocalTriton:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise PipelineFailure(
-                    f"tritonserver exited with code {code} before it was ready. "
-                    f"From {self.log_path}:\n{log_tail(self.log_path)}"
-                )
+                raise self.failure(f"tritonserver exited with code {code} before it was ready")
             if self.is_ready():
                 log.info(
                     "Triton ready: gRPC %s, HTTP %s, metrics %s; models %s",
@@ -298,10 +303,7 @@ class LocalTriton:
                 )
                 return
             if time.monotonic() > deadline:
-                raise PipelineFailure(
-                    f"tritonserver not ready after {timeout:.0f} s. "
-                    f"From {self.log_path}:\n{log_tail(self.log_path)}"
-                )
+                raise self.failure(f"tritonserver not ready after {timeout:.0f} s")
             time.sleep(delay)
             delay = min(1.0, delay * 1.5)
 
@@ -321,7 +323,7 @@ class LocalTriton:
                 os.killpg(pgid, signal.SIGKILL)
             process.wait()
             log.info("tritonserver stopped (exit code %s)", process.returncode)
-        if self._own_workdir and self.workdir is not None:
+        if self._own_workdir and self.workdir is not None and not self._failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
@@ -359,10 +361,7 @@ def serve_forever(server: LocalTriton) -> None:
             assert server.process is not None
             code = server.process.poll()
             if code is not None:
-                raise PipelineFailure(
-                    f"tritonserver exited unexpectedly with code {code}. "
-                    f"From {server.log_path}:\n{log_tail(server.log_path)}"
-                )
+                raise server.failure(f"tritonserver exited unexpectedly with code {code}")
     finally:
         server.stop()
         for s, handler in previous.items():

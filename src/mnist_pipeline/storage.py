@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_STORAGE = "storage"
+# ResNet-18 reaches 99.5% on MNIST in 3 epochs: far more is a typo (an ETA of 8e20 h), not
+# a plan; 1000 epochs are days on a 2-core machine.
+MAX_EPOCHS = 1000
 
 # One rule for every name that becomes a path under storage (run ids, model names): it
 # can never be `.`, `..`, contain a separator, look like an option, or exceed a file name.

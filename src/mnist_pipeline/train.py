@@ -34,6 +34,7 @@ from torch import nn
 from mnist_pipeline import data, distributed, model
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.storage import (
+    MAX_EPOCHS,
     PipelineFailure,
     UsageError,
     atomic_open,
@@ -67,9 +68,29 @@ class TrainConfig:
     channels_last: bool = True
     sync_bn: bool = False  # BatchNorm statistics over all ranks (DDP on CUDA only)
 
+    def __post_init__(self) -> None:
+        # A limit covering a whole split is the whole split: the same model, so the same
+        # run id as 0; said, not silently applied.
+        for name, split in (("limit_train", "train"), ("limit_test", "test")):
+            total = data.FILES[split, "images"].count
+            limit = getattr(self, name)
+            if limit >= total:
+                flag = "--" + name.replace("_", "-")
+                log.info(
+                    "%s %d covers all %d %s images: using all (as 0)", flag, limit, total, split
+                )
+                object.__setattr__(self, name, 0)
+
     def validate(self) -> None:
+        floats = {"lr": self.lr, "weight decay": self.weight_decay}
+        floats.update({"label smoothing": self.label_smoothing, "warmup": self.warmup})
+        for what, value in floats.items():
+            if not math.isfinite(value):
+                raise UsageError(f"{what} must be a finite number, not {value}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise UsageError("need epochs >= 1, batch size >= 2 and lr > 0")
+        if self.epochs > MAX_EPOCHS:
+            raise UsageError(f"epochs {self.epochs}: at most {MAX_EPOCHS}")
         if self.limit_train < 0 or self.limit_test < 0:
             raise UsageError("limits must be >= 0 (0 means the whole split)")
         if self.limit_train == 1:
@@ -380,6 +401,7 @@ def train(
         previous = completed_run(out / "metrics.json", cfg, run_id)
         if previous is not None:
             return previous
+        data.check_present(storage)  # before the run folder exists
         with run_logging(out, world):
             return _train_recording_failure(
                 storage, cfg, run_id, out, dev, world, threads, checkpoint_every, eval_every
@@ -452,14 +474,39 @@ def _train_recording_failure(
     try:
         run = Run(storage, cfg, run_id, out, metrics, device, world, checkpoint_every)
         return run.train(threads, eval_every)
-    except Exception as e:  # a kill leaves status "running" (and resume.pth)
+    except KeyboardInterrupt:  # Ctrl-C; a kill leaves status "running" (and resume.pth)
         if world.writer:
-            metrics.update(status="failed", error=f"{type(e).__name__}: {e}")
-            try:
-                atomic_write_json(out / "metrics.json", metrics)
-            except OSError as record_error:  # a full volume: the original error matters
-                log.warning("could not record the failure in metrics.json: %s", record_error)
+            record_outcome(out, {**metrics, "status": "interrupted"})
+        raise TrainingInterrupted(interrupted_message(out)) from None
+    except Exception as e:
+        if world.writer:
+            record_outcome(
+                out, {**metrics, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            )
         raise
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, saying what to do next (the command line exits 130)."""
+
+
+def interrupted_message(out: Path) -> str:
+    if (out / "resume.pth").is_file():
+        return (
+            f"training run {out.name} interrupted: run the same command again to resume it "
+            "from its last checkpoint"
+        )
+    return (
+        f"training run {out.name} interrupted before its first checkpoint: the same command "
+        "starts it again"
+    )
+
+
+def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
+    try:
+        atomic_write_json(out / "metrics.json", metrics)
+    except OSError as record_error:  # a full volume: the original error matters
+        log.warning("could not record the outcome in metrics.json: %s", record_error)
 
 
 @dataclass(frozen=True)
@@ -562,23 +609,28 @@ class Run:
         self.setup(threads)
         progress = Progress(self.plan.total_steps, self.plan.batch, start=self.global_step)
         rx0, tx0 = network_bytes()
-        while self.loop.epoch < self.cfg.epochs:
-            order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
-            while self.loop.step < self.plan.steps_per_epoch:
-                self.step(order)
-                progress.update(self.global_step, self.progress_text())
-                if self.loop.step == self.plan.steps_per_epoch:
-                    break  # the epoch end checkpoints and evaluates
-                if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
-                    self.save_state()
-                if eval_every and self.global_step % eval_every == 0:
-                    self.record_eval(
-                        evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
-                    )
-            self.end_epoch(record_eval=bool(eval_every))
-        progress.close()
+        try:
+            while self.loop.epoch < self.cfg.epochs:
+                self.epoch(progress, eval_every)
+        finally:  # ends the bar's line, so that an error is printed on a line of its own
+            progress.close()
         rx1, tx1 = network_bytes()
         return self.finish(received=rx1 - rx0, sent=tx1 - tx0)
+
+    def epoch(self, progress: Progress, eval_every: int) -> None:
+        order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
+        while self.loop.step < self.plan.steps_per_epoch:
+            self.step(order)
+            progress.update(self.global_step, self.progress_text())
+            if self.loop.step == self.plan.steps_per_epoch:
+                break  # the epoch end checkpoints and evaluates
+            if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
+                self.save_state()
+            if eval_every and self.global_step % eval_every == 0:
+                self.record_eval(
+                    evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
+                )
+        self.end_epoch(record_eval=bool(eval_every))
 
     @property
     def global_step(self) -> int:
