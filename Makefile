@@ -18,9 +18,10 @@ CHECKOV_VERSION := 3.3.30
 BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
-# What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d). test-deps
+# What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d) and
+# prometheus (with promtool: the tests start their own on free ports). test-deps
 # installs the missing ones as root or with passwordless sudo, else stops with the command.
-TEST_DEBS ?= libb64-0d
+TEST_DEBS ?= libb64-0d prometheus
 
 .PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images clean
 

@@ -1,6 +1,7 @@
 """Serving measurements for the suite (benchmarks/run.py): the exported model in-process
 with onnxruntime, and served by Triton over gRPC, measured two ways: the pipeline's own
-client (mnist_pipeline.client) and NVIDIA's perf_analyzer, with Triton's statistics.
+client (mnist_pipeline.client) and NVIDIA's perf_analyzer, with Triton's statistics, and
+the chart's Grafana dashboard drawn from a local Prometheus scraping Triton meanwhile.
 
 perf_analyzer ships in the tritonclient 2.51.0 wheel (`make bench` installs it into
 .venv-perf; PERF_ANALYZER names the binary). At load it needs libb64.so.0d (Debian
@@ -21,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from common import percentiles
-from mnist_pipeline import client, repository
+from mnist_pipeline import client, monitoring, repository
 
 MODEL = "resnet18_mnist"
 
@@ -232,3 +233,50 @@ def perf_analyzer(url: str, model: str, concurrency: int, window_ms: int) -> dic
     }
     figures.update({key: float(row[column]) / 1000 for column, key in PERF_COLUMNS.items()})
     return figures
+
+
+# What the chart's Triton runs with: latency summaries for the dashboard's p50/p99.
+METRICS_ARGS = ("--metrics-config=summary_latencies=true",)
+NAMESPACE = "bench"
+
+
+def scrape_config(metrics_port: int, interval_s: int) -> dict[str, Any]:
+    """Triton's metrics port as the chart's ServiceMonitor scrapes it, with the target's
+    namespace and pod as labels (the dashboard selects on them)."""
+    return {
+        "job_name": "triton",
+        "scrape_interval": f"{interval_s}s",
+        "metrics_path": "/metrics",
+        "static_configs": [
+            {
+                "targets": [f"127.0.0.1:{metrics_port}"],
+                "labels": {"namespace": NAMESPACE, "pod": "triton"},
+            }
+        ],
+    }
+
+
+def dashboard_over(
+    prometheus: monitoring.LocalPrometheus, start: float, end: float, step_s: int
+) -> dict[str, Any]:
+    """Every panel of the chart's Grafana dashboard, queried as Grafana would over
+    [start, end]: per target, each series' legend and its (seconds from start, value)."""
+    variables = {"namespace": NAMESPACE, "pod": ".*", "__rate_interval": f"{4 * step_s}s"}
+    panels = []
+    for panel in monitoring.dashboard_panels():
+        series = []
+        for legend, expr in panel.targets:
+            for s in prometheus.query_range(monitoring.expand(expr, variables), start, end, step_s):
+                label = legend
+                for key, value in s["metric"].items():
+                    label = label.replace("{{" + key + "}}", value)
+                series.append(
+                    {
+                        "legend": label,
+                        "t": [round(float(t) - start, 1) for t, _ in s["values"]],
+                        # NaN (a summary without samples) as null: results.json stays JSON.
+                        "v": [float(v) if v.lower() != "nan" else None for _, v in s["values"]],
+                    }
+                )
+        panels.append({"title": panel.title, "unit": panel.unit, "series": series})
+    return {"seconds": round(end - start, 1), "step_s": step_s, "panels": panels}

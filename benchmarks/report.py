@@ -17,6 +17,7 @@ PLOTS = {
     "latency": "serving-latency.png",
     "throughput": "serving-throughput.png",
     "accuracy": "training-accuracy.png",
+    "dashboard": "serving-dashboard.png",
 }
 RESULTS = "results.json"
 
@@ -30,6 +31,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     plot_throughput(results, folder / PLOTS["throughput"])
     if results["training"] is not None:
         plot_accuracy(results, folder / PLOTS["accuracy"])
+    if "dashboard" in results["serving"]["servers"]["batching_on"]:
+        plot_dashboard(results, folder / PLOTS["dashboard"])
     tmp = out / ".BENCHMARKS.md.tmp"
     tmp.write_text(markdown(results))
     tmp.replace(out / "BENCHMARKS.md")
@@ -63,6 +66,35 @@ def plot_latency(results: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_dashboard(results: dict[str, Any], path: Path) -> None:
+    """The chart's Grafana dashboard as Grafana would draw it over perf_analyzer's sweep:
+    the same panels, the same queries, against a local Prometheus."""
+    dashboard = results["serving"]["servers"]["batching_on"]["dashboard"]
+    panels = dashboard["panels"]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 2.8 * rows), sharex=True, squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for s in panel["series"]:
+            v = [float("nan") if x is None else x for x in s["v"]]
+            ax.plot(s["t"], v, linewidth=1.2, label=s["legend"])
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_ylabel(panel["unit"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if panel["series"]:
+            ax.legend(fontsize=6, loc="upper left")
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds into the perf_analyzer sweep (concurrency 1, 2, 4, 8, 16)")
+    fig.suptitle(
+        f"Grafana dashboard of the chart, from Prometheus\n{_subtitle(results)}", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -508,7 +540,7 @@ Client-side latency and, from Triton's statistics, where a request's time goes (
 ms per request); batch sizes executed are Triton's own count during that level.
 
 {perf}
-
+{dashboard}
 ### Sequential latency, the pipeline's client
 
 {sequential}
@@ -579,6 +611,7 @@ def markdown(results: dict[str, Any]) -> str:
         instance_threads=on["intra_op_threads"],
         serving_load=_load(serving),
         perf=perf_table(results),
+        dashboard=dashboard_text(results),
         sequential=sequential_table(results),
         latency_png=PLOTS["latency"],
         concurrency=concurrency_table(results),
@@ -587,6 +620,22 @@ def markdown(results: dict[str, Any]) -> str:
         analysis=analysis_text(results),
         threads=threads_table(results),
     )
+
+
+def dashboard_text(results: dict[str, Any]) -> str:
+    on = results["serving"]["servers"]["batching_on"]
+    if "dashboard" not in on:
+        return ""
+    d = on["dashboard"]
+    return f"""
+During the sweep ({d["seconds"]:.0f} s) a local Prometheus scraped Triton's metrics
+each second; below, every panel of the chart's Grafana dashboard
+(deploy/helm/mnist-pipeline/dashboards/triton.json), its queries evaluated every
+{d["step_s"]} s over the sweep as Grafana would (`$__rate_interval` = {4 * d["step_s"]} s).
+The CPU panel is the machine's utilisation as Triton reads it, shared with the client.
+
+![The dashboard over the sweep](benchmarks/{PLOTS["dashboard"]})
+"""
 
 
 def training_analysis(results: dict[str, Any]) -> str:

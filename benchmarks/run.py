@@ -15,7 +15,8 @@ a document generated from the JSON (benchmarks/report.py). Every timing is the m
             over gRPC: NVIDIA's perf_analyzer at concurrency 1-16, and the pipeline's own
             client with the repository's dynamic batching and without it: sequential
             latency, throughput and p99 at each concurrency, the batch sizes Triton
-            executed
+            executed; meanwhile a local Prometheus scrapes Triton, and the chart's Grafana
+            dashboard is drawn from it over perf_analyzer's sweep
 
 --only serving re-measures the serving section alone (a small model is trained for it:
 serving speed does not depend on the weights) and keeps the training and export sections
@@ -41,7 +42,7 @@ import bench_serving
 import bench_training
 import report
 from common import free_ports, load_average, machine, median_of, percentiles
-from mnist_pipeline import client, data, repository
+from mnist_pipeline import client, data, monitoring, repository
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.storage import read_json
@@ -125,6 +126,21 @@ def measure_server(url: str, x: np.ndarray, labels: np.ndarray, s: Settings) -> 
     return {"sequential": sequential, "latencies_ms": latencies, "concurrency": levels}
 
 
+def watched_perf_sweep(server: LocalTriton, s: Settings) -> tuple[list[dict[str, Any]], Any]:
+    """perf_sweep while a local Prometheus scrapes Triton each second: the sweep's
+    figures, and the dashboard's panels over the sweep."""
+    (port,) = free_ports(1)
+    config = bench_serving.scrape_config(server.metrics_port, 1)
+    with monitoring.LocalPrometheus(None, port, [config]) as prometheus:
+        while not monitoring.values(prometheus.query("count_over_time(up[10s]) >= 2")):
+            time.sleep(0.5)
+        start = time.time()
+        levels = perf_sweep(server.grpc_url, s)
+        time.sleep(3)  # the last scrapes of the sweep
+        dashboard = bench_serving.dashboard_over(prometheus, start, time.time(), 2)
+    return levels, dashboard
+
+
 def perf_sweep(url: str, s: Settings) -> list[dict[str, Any]]:
     window_ms = 500 if s.quick else 3000
     levels = []
@@ -178,7 +194,13 @@ def bench_serving_section(
     for name, repo in repositories.items():
         print(f"serving: Triton, {name.replace('_', ' ')} …", file=sys.stderr, flush=True)
         http, grpc, metrics = free_ports(3)
-        with LocalTriton(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
+        with LocalTriton(
+            repo,
+            http_port=http,
+            grpc_port=grpc,
+            metrics_port=metrics,
+            extra_args=bench_serving.METRICS_ARGS,
+        ) as server:
             grpc_client = client.grpc_module().InferenceServerClient(server.grpc_url)
             try:
                 triton_version = grpc_client.get_server_metadata(as_json=True)["version"]
@@ -193,7 +215,8 @@ def bench_serving_section(
                 **measure_server(server.grpc_url, x, labels, s),
             }
             if name == "batching_on":
-                servers[name]["perf_analyzer"] = perf_sweep(server.grpc_url, s)
+                perf, servers[name]["dashboard"] = watched_perf_sweep(server, s)
+                servers[name]["perf_analyzer"] = perf
     return {
         "inprocess": inprocess,
         "servers": servers,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mnist_pipeline.monitoring import dashboard_panels
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -95,6 +97,11 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
         for key in ("images_per_s", "p50_ms", "p99_ms", "server_compute_infer_ms"):
             assert number(level[key]), key
         assert level["p50_ms"] <= level["p99_ms"]
+    # The chart's dashboard over the sweep: every panel drew something from Prometheus.
+    panels = on["dashboard"]["panels"]
+    assert [p["title"] for p in panels] == [p.title for p in dashboard_panels()]
+    for panel in panels:
+        assert any(number(v) for s in panel["series"] for v in s["v"]), panel["title"]
     tried = {(t["threads"], t["concurrency"]) for t in serving["threads_tried"]}
     assert len(tried) == 4 and {c for _, c in tried} == {1, 8}
     off = serving["servers"]["batching_off"]["concurrency"]
@@ -107,7 +114,12 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
 def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     doc = (out / "BENCHMARKS.md").read_text()
-    for name in ("serving-latency.png", "serving-throughput.png", "training-accuracy.png"):
+    for name in (
+        "serving-latency.png",
+        "serving-throughput.png",
+        "training-accuracy.png",
+        "serving-dashboard.png",
+    ):
         png = out / "benchmarks" / name
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         assert png.stat().st_size > 10_000

@@ -44,6 +44,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
         "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
     },
+    # Scaling on queue time, its adapter rule and the dashboard: no CRD needed (issue 18).
+    "monitoring": {
+        "persistence": {"accessModes": ["ReadWriteMany"]},
+        "triton": {
+            "autoscaling": {"enabled": True, "queueTime": {"enabled": True}},
+            "queueTimeMetric": {"adapterRule": {"enabled": True}},
+            "dashboard": {"enabled": True},
+        },
+    },
     # Most of what a real cluster may need at once (issues 11 and 12).
     "cluster": {
         "run": {"id": "prod"},

@@ -554,7 +554,12 @@ def test_a_pdb_guards_more_than_one_replica() -> None:
 
 
 def test_service_monitor_and_the_scrapers_namespace() -> None:
-    objects, _ = render({"triton": {"serviceMonitor": {"enabled": True}}})
+    objects, _ = render(
+        {
+            "apiVersions": ["monitoring.coreos.com/v1"],
+            "triton": {"serviceMonitor": {"enabled": True}},
+        }
+    )
     (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
     # A CRD: no Kubernetes schema to validate against; its shape is asserted here.
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

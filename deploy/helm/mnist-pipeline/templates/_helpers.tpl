@@ -369,6 +369,11 @@ automountServiceAccountToken: false
 {{- if and .Values.serveOnly (eq (toString .Values.triton.servedVersion) "run") }}
 {{- fail "triton.servedVersion \"run\" needs a run: with serveOnly, pin a version number" }}
 {{- end }}
+{{- with .Values.triton.autoscaling }}
+{{- if and .enabled (not (or .cpu.enabled .queueTime.enabled .extraMetrics)) }}
+{{- fail "triton.autoscaling is on without a metric: enable autoscaling.cpu or autoscaling.queueTime, or give extraMetrics" }}
+{{- end }}
+{{- end }}
 {{- $np := .Values.networkPolicy }}
 {{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
 {{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
@@ -400,4 +405,15 @@ config = (model / "config.pbtxt").read_text()
 (out / "config.pbtxt").write_text(config + "version_policy { specific { versions: [ " + version + " ] } }\n")
 (out / version).symlink_to(model / version)
 print(f"serving {o.model_name} version {version} alone")
+{{- end }}
+
+{{/* Refuse a Prometheus Operator object the cluster has no CRD for: the install would
+fail on it anyway, with a less helpful message. Pass (dict "ctx" $ "kind" "ServiceMonitor"
+"value" "triton.serviceMonitor.enabled"). */}}
+{{- define "mnist-pipeline.requireMonitoringCRD" -}}
+{{- $gv := "monitoring.coreos.com/v1" }}
+{{- $ctx := .ctx }}
+{{- if not (or ($ctx.Capabilities.APIVersions.Has (printf "%s/%s" $gv .kind)) (has $gv $ctx.Values.apiVersions) (has (printf "%s/%s" $gv .kind) $ctx.Values.apiVersions)) }}
+{{- fail (printf "%s renders a %s (%s), but the cluster does not serve that API: install the Prometheus Operator (its CRDs, e.g. kube-prometheus-stack) first, or set %s=false. Rendering without a cluster (helm template, GitOps): pass --api-versions %s/%s, or list %s in apiVersions" .value .kind $gv .value $gv .kind $gv) }}
+{{- end }}
 {{- end }}
