@@ -7,6 +7,10 @@ STORAGE ?= storage
 REGISTRY ?= mnist-pipeline
 TAG      ?= 0.1.0
 DOCKER   ?= docker
+IMAGES   := pipeline client triton
+# Extra `docker build` options for every image, e.g. --build-arg PYTHON_IMAGE=... (each
+# Dockerfile's ARGs say what they change; an argument an image does not declare is ignored).
+BUILD_ARGS ?=
 # checkov (~290 MB) lives in its own environment: its pins clash with the project's.
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
@@ -18,7 +22,7 @@ BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
 
-.PHONY: run test lint bench bench-distributed backend images push-images clean
+.PHONY: run test lint bench bench-distributed backend images push-images clean $(addprefix image-,$(IMAGES))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,13 +69,13 @@ test: lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
 	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/pytest
 
-images:
-	$(DOCKER) build -f docker/pipeline.Dockerfile -t $(REGISTRY)/pipeline:$(TAG) .
-	$(DOCKER) build -f docker/client.Dockerfile -t $(REGISTRY)/client:$(TAG) .
+images: $(addprefix image-,$(IMAGES))
+
+$(addprefix image-,$(IMAGES)): image-%:
+	$(DOCKER) build $(BUILD_ARGS) -f docker/$*.Dockerfile -t $(REGISTRY)/$*:$(TAG) .
 
 push-images: images
-	$(DOCKER) push $(REGISTRY)/pipeline:$(TAG)
-	$(DOCKER) push $(REGISTRY)/client:$(TAG)
+	for image in $(IMAGES); do $(DOCKER) push $(REGISTRY)/$$image:$(TAG) || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache
