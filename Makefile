@@ -22,7 +22,7 @@ BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
 
-.PHONY: run test lint bench bench-distributed backend images push-images clean $(addprefix image-,$(IMAGES))
+.PHONY: run test lint bench bench-distributed backend images push-images container-check clean $(addprefix image-,$(IMAGES))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ $(addprefix image-,$(IMAGES)): image-%:
 
 push-images: images
 	for image in $(IMAGES); do $(DOCKER) push $(REGISTRY)/$$image:$(TAG) || exit 1; done
+
+# The images built and run in a real container engine, and the chart's rehearsal in them
+# (tests/test_containers.py, the [container] cases of tests/test_rehearsal.py): as root;
+# installs docker.io and mmdebstrap when missing. CI runs them within `make test` (CI=true).
+# TRITON_SOURCES=DIR: the Triton image's sources from DIR instead of GitHub.
+container-check: $(BIN)/.installed
+	$(BIN)/pytest -k container tests/test_containers.py tests/test_rehearsal.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache
