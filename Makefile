@@ -7,6 +7,10 @@ STORAGE ?= storage
 REGISTRY ?= mnist-pipeline
 TAG      ?= 0.1.0
 DOCKER   ?= docker
+IMAGES   := pipeline client triton
+# Extra `docker build` options for every image, e.g. --build-arg PYTHON_IMAGE=... (each
+# Dockerfile's ARGs say what they change; an argument an image does not declare is ignored).
+BUILD_ARGS ?=
 # checkov (~290 MB) lives in its own environment: its pins clash with the project's.
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
@@ -22,8 +26,11 @@ PERF_VENV ?= .venv-perf
 # prometheus (with promtool: the tests start their own on free ports). test-deps
 # installs the missing ones as root or with passwordless sudo, else stops with the command.
 TEST_DEBS ?= libb64-0d prometheus
+# The container checks' engine and base-image tool: installed the same way where it can be;
+# without root they cannot run anyway, and test-deps says so instead of stopping.
+CONTAINER_DEBS ?= docker.io mmdebstrap
 
-.PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images clean
+.PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images container-check clean $(addprefix image-,$(IMAGES))
 
 $(BIN)/.installed: pyproject.toml
 	@echo "Installing mnist-pipeline into $(VENV) (torch CPU, onnxruntime, tritonserver: 1-3 minutes, about 2 GB)"
@@ -77,18 +84,26 @@ $(CHECKOV_VENV)/bin/checkov:
 
 test-deps:
 	@scripts/install_debs.sh $(TEST_DEBS)
+	@scripts/install_debs.sh --optional "the container checks will not run" $(CONTAINER_DEBS)
 
 test: test-deps lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
 	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/pytest
 
-images:
-	$(DOCKER) build -f docker/pipeline.Dockerfile -t $(REGISTRY)/pipeline:$(TAG) .
-	$(DOCKER) build -f docker/client.Dockerfile -t $(REGISTRY)/client:$(TAG) .
+images: $(addprefix image-,$(IMAGES))
+
+$(addprefix image-,$(IMAGES)): image-%:
+	$(DOCKER) build $(BUILD_ARGS) -f docker/$*.Dockerfile -t $(REGISTRY)/$*:$(TAG) .
 
 push-images: images
-	$(DOCKER) push $(REGISTRY)/pipeline:$(TAG)
-	$(DOCKER) push $(REGISTRY)/client:$(TAG)
+	for image in $(IMAGES); do $(DOCKER) push $(REGISTRY)/$$image:$(TAG) || exit 1; done
+
+# The images built and run in a real container engine, and the chart's rehearsal in them
+# (tests/test_containers.py, the [container] cases of tests/test_rehearsal.py): as root;
+# installs CONTAINER_DEBS when missing. CI runs them within `make test` (CI=true).
+# TRITON_SOURCES=DIR: the Triton image's sources from DIR instead of GitHub.
+container-check: test-deps $(BIN)/.installed
+	$(BIN)/pytest -k container tests/test_containers.py tests/test_rehearsal.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache

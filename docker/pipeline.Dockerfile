@@ -8,9 +8,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from PyTorch's CPU index: the PyPI wheel of torch==2.13.0 pulls CUDA (GBs).
-# The package's `train` and `export` extras then find the pin already satisfied.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# torch first, its CPU build pinned (+cpu): the PyPI wheel of torch==2.13.0 pulls CUDA (GBs).
+# The package's `train` and `export` extras then find the pin already satisfied. Where
+# PyTorch's index is unreachable: TORCH_INDEX_URL=https://pypi.org/simple (torch's
+# dependencies) and TORCH_FIND_LINKS=<a folder or URL holding the torch wheel>.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=""
+RUN PIP_FIND_LINKS="${TORCH_FIND_LINKS}" \
+    pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==2.13.0+cpu"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src

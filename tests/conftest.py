@@ -8,6 +8,7 @@ also when a test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
+from container_engine import HOW_TO_RUN, Engine, EngineUnavailable
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton
 from serving_helpers import free_ports
@@ -44,6 +46,26 @@ def cli(
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """dockerd running, the three images built (once per session). In CI an engine that
+    cannot start fails every container check; elsewhere they are skipped, saying so."""
+    engine = Engine()
+    try:
+        engine.start()
+    except EngineUnavailable as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the container checks must run in CI: {error}")
+        pytest.skip(f"container checks did NOT run ({error}); {HOW_TO_RUN}")
+    try:
+        seconds = engine.build_images(tmp_path_factory.mktemp("image-builds"))
+        # What the builds cost, for the record (README, "Container images").
+        (engine.folder / "last-build.json").write_text(json.dumps(seconds, indent=1))
+        yield engine
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(scope="session")

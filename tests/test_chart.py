@@ -339,10 +339,10 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
             assert has_token == c["name"].startswith("wait-"), c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
-    assert "command" not in triton and triton["args"][0] == "tritonserver"
+    assert triton["command"] == ["tritonserver"]
     assert "--model-repository=/storage/models" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
-    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["image"] == "mnist-pipeline/triton:0.1.0"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"

@@ -338,7 +338,7 @@ def test_release_names_the_api_server_would_refuse_fail_with_the_reason(release:
     install_manifest({"fullnameOverride": "mnist"}, release=release)
 
 
-# 14. Triton's entrypoint, env and flags ------------------------------------------------------
+# 14. Triton's command, env and flags ------------------------------------------------------
 
 
 def tritonserver_help() -> str:
@@ -350,11 +350,11 @@ def tritonserver_help() -> str:
     return result.stdout + result.stderr
 
 
-def test_triton_runs_through_the_image_entrypoint_with_valid_flags() -> None:
+def test_triton_runs_tritonserver_from_path_with_valid_flags() -> None:
     objects, _ = render({"triton": {"extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}]}})
     spec = pod_spec(find(objects, "Deployment", "triton"))
     (triton,) = spec["containers"]
-    assert "command" not in triton and triton["args"][0] == "tritonserver"
+    assert triton["command"] == ["tritonserver"]
     assert "--pinned-memory-pool-byte-size=0" in triton["args"]
     assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": "1"}]
     (wait,) = spec["initContainers"]
@@ -362,7 +362,7 @@ def test_triton_runs_through_the_image_entrypoint_with_valid_flags() -> None:
     # Every flag is one the real tritonserver 2.51 (the nvidia-pytriton wheel) knows.
     known = tritonserver_help()
     assert "--pinned-memory-pool-byte-size" in known
-    for a in triton["args"][1:]:
+    for a in triton["args"]:
         assert f"{a.split('=')[0]} <" in known, a
 
 

@@ -1,7 +1,8 @@
-"""The container images: hadolint, pins, non-root users, and the lean client.
+"""The container images as text: hadolint, pins, non-root users, and the lean client.
 
-No container engine runs here, so the Dockerfiles are checked as text and by hadolint,
-and the client image's promise (no torch) by importing its commands with torch blocked.
+Checked without a container engine (every machine runs these): the Dockerfiles by hadolint
+and as text, the client image's promise (no torch) by importing its commands with torch
+blocked. Building and running them: test_containers.py and the rehearsal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
     "pipeline": REPO / "docker" / "pipeline.Dockerfile",
     "client": REPO / "docker" / "client.Dockerfile",
+    "triton": REPO / "docker" / "triton.Dockerfile",
 }
+ENTRYPOINTS = {"pipeline": "mnist-pipeline", "client": "mnist-pipeline", "triton": "tritonserver"}
 
 
 def hadolint() -> str:
@@ -73,7 +76,7 @@ def test_pinned_multi_stage_non_root(image: str) -> None:
     assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit(), "numeric non-root user"
     # The final stage installs nothing: no package manager, hence no compiler.
     assert not [a for k, a in final if k == "RUN"]
-    assert [a for k, a in final if k == "ENTRYPOINT"] == ['["mnist-pipeline"]']
+    assert [a for k, a in final if k == "ENTRYPOINT"] == [f'["{ENTRYPOINTS[image]}"]']
     for k, a in steps:
         if k == "RUN" and "pip install" in a:
             assert "--no-cache-dir" in a
@@ -82,7 +85,10 @@ def test_pinned_multi_stage_non_root(image: str) -> None:
 def test_pipeline_image_has_cpu_torch_and_bakes_mnist() -> None:
     steps = instructions(DOCKERFILES["pipeline"])
     runs = " ".join(a for k, a in steps if k == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in runs
+    args = " ".join(a for k, a in steps if k == "ARG")
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    # +cpu: no index or wheel folder can make pip pick the CUDA build.
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==2.13.0+cpu"' in runs
     assert '"/src[train,export]"' in runs
     final = final_stage(DOCKERFILES["pipeline"])
     assert ("COPY", "data/mnist /opt/mnist") in final
@@ -149,10 +155,25 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!src/", "!data/mnist/"} <= set(lines)
+    assert {
+        "!pyproject.toml",
+        "!README.md",
+        "!src/",
+        "!data/mnist/",
+        "!scripts/build_triton_backend.sh",
+    } <= set(lines)
 
 
-def test_make_images_builds_both_with_registry_and_tag() -> None:
+def test_triton_image_builds_the_backend_and_serves_from_its_own_folder() -> None:
+    steps = instructions(DOCKERFILES["triton"])
+    runs = " ".join(a for k, a in steps if k == "RUN")
+    assert "nvidia-pytriton==0.7.0" in runs and "build_triton_backend.sh" in runs
+    final = final_stage(DOCKERFILES["triton"])
+    # tritonserver's default --backend-directory is /opt/tritonserver/backends.
+    assert ("COPY", "--from=build /stage /opt/tritonserver") in final
+
+
+def test_make_images_builds_all_three_with_registry_and_tag() -> None:
     result = subprocess.run(
         ["make", "-n", "images", "REGISTRY=registry.example/ml", "TAG=9.9.9"],
         cwd=REPO,
@@ -160,14 +181,12 @@ def test_make_images_builds_both_with_registry_and_tag() -> None:
         text=True,
         check=True,
     )
-    assert (
-        "docker build -f docker/pipeline.Dockerfile -t registry.example/ml/pipeline:9.9.9 ."
-        in result.stdout
-    )
-    assert (
-        "docker build -f docker/client.Dockerfile -t registry.example/ml/client:9.9.9 ."
-        in result.stdout
-    )
+    commands = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    for name in DOCKERFILES:
+        assert (
+            f"docker build -f docker/{name}.Dockerfile -t registry.example/ml/{name}:9.9.9 ."
+            in commands
+        )
 
 
 def test_chart_defaults_name_the_images_make_builds() -> None:
@@ -177,7 +196,7 @@ def test_chart_defaults_name_the_images_make_builds() -> None:
     registry = re.search(r"^REGISTRY \?= (\S+)", makefile, re.M)
     tag = re.search(r"^TAG\s+\?= (\S+)", makefile, re.M)
     assert registry and tag
-    for name in ("pipeline", "client"):
+    for name in DOCKERFILES:
         assert values["images"][name]["repository"] == f"{registry[1]}/{name}"
         assert values["images"][name]["tag"] == tag[1] == chart["appVersion"]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

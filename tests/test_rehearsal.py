@@ -1,11 +1,22 @@
-"""Rehearse the chart: its own command lines, run locally, drive the whole pipeline.
+"""Rehearse the chart: its own command lines drive the whole pipeline, in two ways.
 
-Each container's command, args and env are taken from the rendered manifests, /storage is
-rewritten to a temporary folder and the Service address to local ports, and they run in
-the chart's order. The tritonserver container runs the real `tritonserver` 2.51 (from the
-nvidia-pytriton wheel) with its rendered command line, paths and ports remapped, plus
-`--backend-directory` pointing at the locally built onnxruntime backend (the image has
-its own): a flag tritonserver rejects fails the rehearsal. The waits (initContainers) are
+Each container's command, args and env are taken from the rendered manifests, the Service
+address is rewritten to local ports, and they run in the chart's order, either
+
+- as host processes (`host`): /storage is rewritten to a temporary folder; the
+  tritonserver container runs the real `tritonserver` 2.51 (from the nvidia-pytriton
+  wheel) with `--backend-directory` pointing at the locally built onnxruntime backend; or
+- in the built images (`container`, a real dockerd: container_engine.py), as the kubelet
+  would run them: the rendered image, command (else the image's entrypoint), args, env,
+  user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
+  escalation, CPU and memory limits, the claim as one folder mounted where the pod mounts
+  it (writable to fsGroup), each pod's emptyDirs its own. Containers share the host's
+  network (never a bridge): every address is 127.0.0.1. A wrong user, entrypoint, missing
+  writable path or missing file in an image fails it. What only a cluster gives is left
+  out: the service account token (the waits then read storage alone), scheduling,
+  volume drivers, admission.
+
+A flag tritonserver rejects fails the rehearsal. The waits (initContainers) are
 started FIRST, before what they wait for, and must hold until their stage is done, then
 let it through.
 
@@ -32,11 +43,14 @@ from typing import Any
 
 import pytest
 
+from container_engine import Container, Engine, cpus, memory
 from helm_chart import REPO, containers, find, pod_spec, render
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
 from serving_helpers import free_ports
 
 pytestmark = pytest.mark.slow
+
+Running = subprocess.Popen[bytes] | Container
 
 # Every trained model here must clear the helm test's floor by a wide margin on any CPU:
 # 8 steps (512 images) scored 0.098 on an AMD EPYC where a Xeon had passed, so each
@@ -57,11 +71,23 @@ VALUES: dict[str, Any] = {
 }
 
 
+@pytest.fixture(params=["host", "container"])
+def engine(request: pytest.FixtureRequest) -> Engine | None:
+    """How each pod runs: None, as host processes; else in the built images."""
+    if request.param == "host":
+        return None
+    return request.getfixturevalue("container_engine")
+
+
 class Rehearsal:
-    def __init__(self, storage: Path, logs: Path, objects: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, storage: Path, logs: Path, objects: list[dict[str, Any]], engine: Engine | None
+    ) -> None:
         self.storage = storage
         self.logs = logs
         self.logs.mkdir(parents=True)
+        self.engine = engine
+        self.empty_dirs: dict[tuple[int, str], Path] = {}
         triton = pod_spec(find(objects, "Deployment", "triton"))["containers"][0]
         service = find(objects, "Service", "triton")
         local = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
@@ -83,51 +109,142 @@ class Rehearsal:
     def rewrite(self, value: str) -> str:
         for address, here in self.addresses.items():
             value = value.replace(address, here)
+        if self.engine is not None:  # containers mount the claim where the pod does
+            return value
         # The mount point as a whole path component, in one pass: never inside a rewritten one.
         return re.sub(r"(?<![\w.-])/storage(?![\w.-])", lambda _: str(self.storage), value)
 
-    def argv_env(
-        self, container: dict[str, Any], pod: dict[str, Any] | None = None
-    ) -> tuple[list[str], dict[str, str]]:
-        declared = container_env(container, pod or {"metadata": {}})
-        env = {**self.env, **{name: self.rewrite(value) for name, value in declared.items()}}
-        container = {
-            **container,
-            "args": [self.rewrite(expand(a, declared)) for a in container.get("args", [])],
-        }
+    def resolve(
+        self, container: dict[str, Any], pod: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The container with its args and env as the kubelet expands them, addresses (and
+        Triton's ports) mapped to this machine."""
+        declared = container_env(container, pod)
+        env = {name: self.rewrite(value) for name, value in declared.items()}
+        args = [self.rewrite(expand(a, declared)) for a in container.get("args", [])]
         if container["name"] == "tritonserver":
-            # The image's entrypoint runs args: the real tritonserver, as rendered.
-            assert container["args"][0] == "tritonserver" and "command" not in container
-            args = []
-            for a in container["args"][1:]:
+            remapped = []
+            for a in args:
                 flag, _, value = a.partition("=")
                 if flag.endswith("-port"):
                     value = str(self.local_port[int(value)])
-                args.append(f"{flag}={value}")
+                remapped.append(f"{flag}={value}")
+            args = remapped
+        return {**container, "args": args}, env
+
+    def argv_env(
+        self, container: dict[str, Any], pod: dict[str, Any]
+    ) -> tuple[list[str], dict[str, str]]:
+        """The host process that stands for the container."""
+        container, declared = self.resolve(container, pod)
+        env = {**self.env, **declared}
+        command, args = container["command"], container["args"]
+        if command == ["tritonserver"]:
+            # The real tritonserver, as rendered; the image has the backend built in.
             backends = check_backend(DEFAULT_BACKEND_DIR)
             return [str(locate_tritonserver()), *args, f"--backend-directory={backends}"], env
-        if container["command"] == ["python3", "-c"]:  # the helm test's script
-            return [sys.executable, "-c", *container["args"]], env
-        if container["command"] == ["torchrun"]:  # the console script of this module
-            return [sys.executable, "-m", "torch.distributed.run", *container["args"]], env
-        assert container["command"] == ["mnist-pipeline"], container["command"]
-        return [sys.executable, "-m", "mnist_pipeline", *container["args"]], env
+        if command == ["python3", "-c"]:  # the helm test's script
+            return [sys.executable, "-c", *args], env
+        if command == ["torchrun"]:  # the console script of this module
+            return [sys.executable, "-m", "torch.distributed.run", *args], env
+        assert command == ["mnist-pipeline"], command
+        return [sys.executable, "-m", "mnist_pipeline", *args], env
 
-    def start(
-        self, container: dict[str, Any], tag: str, pod: dict[str, Any] | None = None
-    ) -> subprocess.Popen[bytes]:
+    def run_args(self, container: dict[str, Any], pod: dict[str, Any]) -> list[str]:
+        """`docker run` options, image and arguments that run the container as the kubelet
+        does."""
+        assert self.engine is not None
+        container, env = self.resolve(container, pod)
+        spec = pod["spec"]
+        pod_context = spec.get("securityContext", {})
+        context = {**pod_context, **container.get("securityContext", {})}
+        image = container["image"]
+        options = ["--network=host"]
+        if "runAsUser" in context:
+            user = str(context["runAsUser"])
+            group = context.get("runAsGroup")
+            options.append(f"--user={user}" if group is None else f"--user={user}:{group}")
+        else:
+            inspected = self.engine.docker("image", "inspect", "-f", "{{.Config.User}}", image)
+            user = inspected.stdout.strip().partition(":")[0]
+        if context.get("runAsNonRoot"):
+            # The kubelet refuses a user it cannot verify as non-root (not numeric, or 0).
+            assert user.isdigit() and int(user) != 0, f"{container['name']}: user {user!r}"
+        if "fsGroup" in pod_context:
+            options.append(f"--group-add={pod_context['fsGroup']}")
+        if context.get("readOnlyRootFilesystem"):
+            options.append("--read-only")
+        if context.get("allowPrivilegeEscalation") is False:
+            options.append("--security-opt=no-new-privileges")
+        assert not context.get("privileged"), container["name"]
+        capabilities = context.get("capabilities", {})
+        options += [f"--cap-drop={c}" for c in capabilities.get("drop", [])]
+        options += [f"--cap-add={c}" for c in capabilities.get("add", [])]
+        limits = container.get("resources", {}).get("limits", {})
+        if "cpu" in limits:
+            options.append(f"--cpus={cpus(str(limits['cpu']))}")
+        if "memory" in limits:
+            options.append(f"--memory={memory(str(limits['memory']))}")
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "persistentVolumeClaim" in volume:
+                source = self.claim(pod_context.get("fsGroup"))
+            elif "emptyDir" in volume:
+                source = self.empty_dir(pod, mount["name"])
+            elif "projected" in volume:
+                continue  # the service account token: a cluster's API server, not here
+            else:
+                raise AssertionError(f"the rehearsal does not mount volume {volume}")
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+            read_only = ",readonly" if mount.get("readOnly") else ""
+            options.append(
+                f"--mount=type=bind,source={source},target={mount['mountPath']}{read_only}"
+            )
+        options += [f"--env={name}={value}" for name, value in env.items()]
+        command = container.get("command")
+        if command:
+            return [*options, f"--entrypoint={command[0]}", image, *command[1:], *container["args"]]
+        return [*options, image, *container["args"]]
+
+    def claim(self, fs_group: int | None) -> Path:
+        """The volume, writable to the pod's fsGroup as the kubelet makes it."""
+        self.storage.mkdir(parents=True, exist_ok=True)
+        if fs_group is not None:
+            os.chown(self.storage, -1, fs_group)
+            self.storage.chmod(0o2775)
+        return self.storage
+
+    def empty_dir(self, pod: dict[str, Any], name: str) -> Path:
+        """One folder per pod and volume, mode 0777 as the kubelet creates it."""
+        key = (id(pod), name)
+        if key not in self.empty_dirs:
+            folder = self.logs / "volumes" / f"{len(self.empty_dirs)}-{name}"
+            folder.mkdir(parents=True)
+            folder.chmod(0o777)
+            self.empty_dirs[key] = folder
+        return self.empty_dirs[key]
+
+    def start(self, container: dict[str, Any], pod: dict[str, Any], tag: str) -> Running:
+        log = self.logs / f"{tag}.log"
+        if self.engine is not None:
+            name = f"rehearsal-{self.logs.parent.name}-{self.logs.name}-{tag}"
+            return Container(self.engine, name, self.run_args(container, pod), log)
         argv, env = self.argv_env(container, pod)
-        log = open(self.logs / f"{tag}.log", "wb")  # noqa: SIM115 (closed with the test)
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(log, "wb") as out:
+            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-    def run(self, container: dict[str, Any], tag: str, timeout: float = 600) -> None:
-        self.run_together([(container, None, tag)], timeout)
+    def run(
+        self, container: dict[str, Any], pod: dict[str, Any], tag: str, timeout: float = 600
+    ) -> None:
+        self.run_together([(container, pod, tag)], timeout)
 
     def run_together(
-        self, runs: list[tuple[dict[str, Any], dict[str, Any] | None, str]], timeout: float = 600
+        self, runs: list[tuple[dict[str, Any], dict[str, Any], str]], timeout: float = 600
     ) -> None:
         """Start every (container, pod, tag) at once; each must exit 0."""
-        processes = [(self.start(container, tag, pod), tag) for container, pod, tag in runs]
+        processes = [(self.start(container, pod, tag), tag) for container, pod, tag in runs]
         try:
             for process, tag in processes:
                 assert process.wait(timeout) == 0, self.log(tag)
@@ -215,7 +332,7 @@ def expand(value: str, env: dict[str, str]) -> str:
     )
 
 
-def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+def wait_exit(process: Running, timeout: float) -> int | None:
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -235,10 +352,11 @@ def read(path: Path) -> dict[str, Any]:
 def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     """One release revision, in the chart's order; return its export outcome."""
     train_pods = job_pods(find(objects, "Job", "train"))
-    export = pod_spec(find(objects, "Job", "export"))
-    triton = pod_spec(find(objects, "Deployment", "triton"))
-    client = pod_spec(find(objects, "Job", "client"))
+    (export_pod,) = job_pods(find(objects, "Job", "export"))
+    triton_pod = find(objects, "Deployment", "triton")["spec"]["template"]
+    (client_pod,) = job_pods(find(objects, "Job", "client"))
     (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
+    export, triton, client = (pod["spec"] for pod in (export_pod, triton_pod, client_pod))
     run_id = find(objects, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     inference = r.storage / "inference"
     results_before = set(inference.iterdir()) if inference.is_dir() else set()
@@ -249,9 +367,9 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     (wait_export,) = triton["initContainers"]
     wait_serving, prune = client["initContainers"]
     waits = {
-        "wait-for-training": r.start(wait_training, "wait-for-training"),
-        "wait-for-export": r.start(wait_export, "wait-for-export"),
-        "wait-for-serving": r.start(wait_serving, "wait-for-serving"),
+        "wait-for-training": r.start(wait_training, export_pod, "wait-for-training"),
+        "wait-for-export": r.start(wait_export, triton_pod, "wait-for-export"),
+        "wait-for-serving": r.start(wait_serving, client_pod, "wait-for-serving"),
     }
     server = None
     try:
@@ -269,18 +387,18 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         assert waits["wait-for-export"].poll() is None, "Triton's wait let it start before export"
 
         (export_container,) = export["containers"]
-        r.run(export_container, "export")
+        r.run(export_container, export_pod, "export")
         outcome = read(r.storage / "checkpoints" / run_id / "export.json")
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
 
         (tritonserver,) = triton["containers"]
-        server = r.start(tritonserver, "tritonserver")
+        server = r.start(tritonserver, triton_pod, "tritonserver")
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
 
-        r.run(prune, "prune")  # retention, before the client's results arrive
+        r.run(prune, client_pod, "prune")  # retention, before the client's results arrive
         (infer,) = client["containers"]
-        r.run(infer, "client")
+        r.run(infer, client_pod, "client")
         (result,) = set(inference.iterdir()) - results_before
         latency = read(result / "latency.json")
         assert latency["count"] == VALUES["client"]["requests"]
@@ -290,13 +408,13 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         # `helm test`: the hook Pod's command line against the same Service. It checks the
         # served version and the accuracy floor, and writes nothing to the volume.
         (test_container,) = helm_test["spec"]["containers"]
-        r.run(test_container, "helm-test")
+        r.run(test_container, helm_test, "helm-test")
         assert (
             f"served version {outcome['version']} (expected {outcome['version']})"
             in (r.logs / "helm-test.log").read_text()
         )
         impossible = {**test_container, "args": [*test_container["args"], "--min-accuracy=1.01"]}
-        assert r.start(impossible, "helm-test-floor").wait(300) == 1
+        assert r.start(impossible, helm_test, "helm-test-floor").wait(300) == 1
         assert "below tests.minAccuracy" in (r.logs / "helm-test-floor.log").read_text()
         assert len(set(inference.iterdir()) - results_before) == 1
     finally:
@@ -313,10 +431,12 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     return outcome
 
 
-def test_install_then_upgrade_run_from_the_charts_command_lines(tmp_path: Path) -> None:
+def test_install_then_upgrade_run_from_the_charts_command_lines(
+    tmp_path: Path, engine: Engine | None
+) -> None:
     storage = tmp_path / "storage"
     install, _ = render(VALUES, release="rehearsal", namespace="ml")
-    first = rehearse(Rehearsal(storage, tmp_path / "r1", install), install)
+    first = rehearse(Rehearsal(storage, tmp_path / "r1", install, engine), install)
     assert first["status"] == "published" and first["version"] == 1, first
 
     # helm upgrade with more training data: a new run, trained, exported as version 2 since
@@ -326,7 +446,7 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(tmp_path: Path) 
         "training": {**VALUES["training"], "extraEnv": [{"name": "LIMIT_TRAIN", "value": "6144"}]},
     }
     upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
-    second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade), upgrade)
+    second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade, engine), upgrade)
     assert second["status"] == "published" and second["version"] == 2, second
     assert sorted(p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()) == sorted(
         find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
@@ -334,7 +454,9 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(tmp_path: Path) 
     )
 
 
-def test_two_workers_train_one_run_under_torchrun_then_it_is_served(tmp_path: Path) -> None:
+def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
+    tmp_path: Path, engine: Engine | None
+) -> None:
     """training.workers: 2 — both pods of the Indexed Job run the rendered torchrun command
     line at once, with what Kubernetes injects (JOB_COMPLETION_INDEX, JOB_NAME from the
     pod's label) and worker 0's DNS name resolving to this machine; then the same export,
@@ -362,12 +484,12 @@ def test_two_workers_train_one_run_under_torchrun_then_it_is_served(tmp_path: Pa
         },
     }
     objects, _ = render(values, release="rehearsal", namespace="ml")
-    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects)
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects, engine)
     # Worker 0's name as the pods expand it must be one cluster DNS resolves (torchrun would
     # retry an unknown one until its rendezvous times out, minutes later).
     for pod in job_pods(find(objects, "Job", "train")):
-        argv, _ = r.argv_env(pod["spec"]["containers"][0], pod)
-        assert "--master-addr=127.0.0.1" in argv, argv
+        container, _ = r.resolve(pod["spec"]["containers"][0], pod)
+        assert "--master-addr=127.0.0.1" in container["args"], container["args"]
     outcome = rehearse(r, objects)
     assert outcome["status"] == "published" and outcome["version"] == 1, outcome
 
@@ -401,23 +523,27 @@ def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> 
     first, _ = render(pinned, release="rehearsal", namespace="ml")
     more_epochs = {**pinned, "training": {**VALUES["training"], "epochs": 2}}
     second, _ = render(more_epochs, release="rehearsal", namespace="ml", revision=2)
-    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first)
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", first, engine=None)
     first_run = find(first, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     done = r.storage / "checkpoints" / first_run
     done.mkdir(parents=True)
     (done / "metrics.json").write_text('{"status": "complete"}')
-    (wait,) = pod_spec(find(second, "Job", "export"))["initContainers"]
+    (export_pod,) = job_pods(find(second, "Job", "export"))
+    (wait,) = export_pod["spec"]["initContainers"]
     wait = {**wait, "args": [*wait["args"], "--timeout=2"]}  # the last --timeout wins
-    process = r.start(wait, "wait")
+    process = r.start(wait, export_pod, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()
 
 
-def test_a_flag_tritonserver_rejects_fails_the_rehearsal(tmp_path: Path) -> None:
+def test_a_flag_tritonserver_rejects_fails_the_rehearsal(
+    tmp_path: Path, engine: Engine | None
+) -> None:
     """The chart's Triton arguments reach the real tritonserver: a bad one fails there."""
     objects, _ = render({**VALUES, "triton": {"extraArgs": ["--host=0.0.0.0"]}})
-    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects)
-    (tritonserver,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
-    process = r.start(tritonserver, "tritonserver")
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects, engine)
+    pod = find(objects, "Deployment", "triton")["spec"]["template"]
+    (tritonserver,) = pod["spec"]["containers"]
+    process = r.start(tritonserver, pod, "tritonserver")
     assert wait_exit(process, 60) not in (0, None), r.log("tritonserver")
     assert "--host-policy option format" in (r.logs / "tritonserver.log").read_text()
