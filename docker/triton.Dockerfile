@@ -14,13 +14,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # Debian's build tools of the stage that is thrown away; the final stage installs nothing.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ make cmake rapidjson-dev googletest \
-        git curl ca-certificates \
+    && apt-get install -y --no-install-recommends g++ make cmake git curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir nvidia-pytriton==0.7.0
-COPY scripts/build_triton_backend.sh /src/
+COPY scripts/build_triton_backend.sh scripts/triton_pins.sh /src/
 ARG TRITON_SOURCES_URL=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /vendor
