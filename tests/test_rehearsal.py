@@ -78,8 +78,12 @@ class Rehearsal:
     def rewrite(self, value: str) -> str:
         for address, here in self.addresses.items():
             value = value.replace(address, here)
-        # The mount point as a whole path component, in one pass: never inside a rewritten one.
-        return re.sub(r"(?<![\w.-])/storage(?![\w.-])", lambda _: str(self.storage), value)
+        # The mount points as whole path components, in one pass: never inside a rewritten
+        # one. /pinned is Triton's emptyDir: one per rehearsed revision.
+        mounts = {"/storage": self.storage, "/pinned": self.logs / "pinned"}
+        return re.sub(
+            r"(?<![\w.-])(/storage|/pinned)(?![\w.-])", lambda m: str(mounts[m[1]]), value
+        )
 
     def argv_env(
         self, container: dict[str, Any], pod: dict[str, Any] | None = None
@@ -241,7 +245,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     # Every wait starts now, before anything it waits for exists (whatever an earlier
     # revision left on the volume).
     (wait_training,) = export["initContainers"]
-    (wait_export,) = triton["initContainers"]
+    wait_export, pin = triton["initContainers"]
     wait_serving, prune = client["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, "wait-for-training"),
@@ -269,6 +273,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
 
+        r.run(pin, "pin-version")  # the repository Triton serves, into its emptyDir
         (tritonserver,) = triton["containers"]
         server = r.start(tritonserver, "tritonserver")
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")

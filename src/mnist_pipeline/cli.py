@@ -1010,6 +1010,14 @@ def wait_export(
     required=True,
     help="Triton's HTTP endpoint, HOST:PORT.",
 )
+@click.option(
+    "--model-version",
+    envvar="MODEL_VERSION",
+    show_envvar=True,
+    default="run",
+    show_default=True,
+    help="The version Triton must serve: run (the one RUN_ID exported), N, or empty (any).",
+)
 @stage
 def wait_serving(
     storage: Path,
@@ -1020,12 +1028,14 @@ def wait_serving(
     namespace: str | None,
     model_name: str,
     url: str,
+    model_version: str,
 ) -> None:
-    """Until Triton at URL is ready and serves the model version RUN_ID exported."""
+    """Until Triton at URL is ready and serves the model version RUN_ID exported (or
+    --model-version)."""
     from mnist_pipeline import waits
 
     w = waits.make_wait(f"Triton serving run {run_id}", timeout, interval, job, namespace)
-    w.run(waits.serving_check(storage, run_id, model_name, url))
+    w.run(waits.serving_check(storage, run_id, model_name, url, model_version))
 
 
 def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
@@ -1080,6 +1090,65 @@ def prune(
 
     limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
     retention.prune(storage, model_name, limits, run_id=run_id, keep_versions=keep_version)
+
+
+@cli.command()
+@storage_option
+@click.option(
+    "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
+)
+@click.option(
+    "--out",
+    envvar="SERVED_REPOSITORY",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The model repository Triton is started on (the pod's emptyDir).",
+)
+@click.option(
+    "--version",
+    "wanted",
+    envvar="SERVED_VERSION",
+    default="run",
+    show_default=True,
+    help="run: the version --run-id exported (the newest without --run-id); empty: the "
+    "newest; N: version N.",
+)
+@click.option(
+    "--run-id", envvar="RUN_ID", default=None, callback=_name("run id"), help="The pod's run."
+)
+@click.option("--server-cpus", envvar="SERVER_CPUS", type=click.IntRange(min=1), default=2)
+@click.option("--instance-count", envvar="INSTANCE_COUNT", type=click.IntRange(min=1), default=2)
+@click.option(
+    "--instance-kind", envvar="INSTANCE_KIND", type=click.Choice(["cpu", "gpu"]), default="cpu"
+)
+@stage
+def pin(
+    storage: Path,
+    model_name: str,
+    out: Path,
+    wanted: str,
+    run_id: str | None,
+    server_cpus: int,
+    instance_count: int,
+    instance_kind: str,
+) -> None:
+    """Write the model repository one Triton pod serves: one version, this pod's settings.
+
+    OUT/MODEL_NAME/config.pbtxt is the volume's, with this pod's instance groups
+    (--instance-count of --instance-kind), ONNX Runtime threads (max(1, --server-cpus //
+    --instance-count)) and a version_policy naming the one version, linked from the
+    volume. The chart's Triton initContainer runs it, so `helm rollback` re-serves the old
+    run's version and serving settings reach Triton without retraining. Re-runnable.
+    """
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig, write_served_repository
+
+    cfg = TritonConfig(
+        name=model_name,
+        instance_count=instance_count,
+        instance_kind=INSTANCE_KINDS[instance_kind],
+        server_cpus=server_cpus,
+    )
+    write_served_repository(storage, out, cfg, wanted, run_id)
 
 
 def main() -> None:
