@@ -9,8 +9,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from PyTorch's CPU index: the PyPI wheel of torch==2.13.0 pulls CUDA (GBs).
-# The package's `train` and `export` extras then find the pin already satisfied.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# The package's `train` and `export` extras then find the pin already satisfied. A CUDA
+# build for training.gpus: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src

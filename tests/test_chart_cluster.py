@@ -258,13 +258,15 @@ def test_egress_policy_admits_dns_the_api_server_and_the_release() -> None:
 
 # 8. Exposed Services vs the NetworkPolicy ----------------------------------------------------
 
+INGRESS_HOST = {"host": "mnist.example", "paths": [{"path": "/", "pathType": "Prefix"}]}
+
 
 @pytest.mark.parametrize(
     "exposure",
     [
         {"triton": {"service": {"type": "NodePort"}}},
         {"triton": {"service": {"type": "LoadBalancer"}}},
-        {"triton": {"ingress": {"enabled": True}}},
+        {"triton": {"ingress": {"enabled": True, "hosts": [INGRESS_HOST]}}},
     ],
 )
 def test_exposing_triton_needs_an_ingress_source(exposure: dict[str, Any]) -> None:
@@ -473,7 +475,7 @@ def test_serve_only_mode_renders_triton_alone() -> None:
 
 # Issue 12: multi-worker training, GPUs, Triton scaling ---------------------------------------
 
-WORKERS = merge(RWX, {"training": {"workers": 3}})
+WORKERS = merge(RWX, {"training": {"workers": 3, "batchSize": 96}})  # the global batch splits
 
 
 def test_multi_worker_training_is_an_indexed_job_with_a_headless_service() -> None:
@@ -525,14 +527,15 @@ def test_multi_worker_training_needs_rwx() -> None:
 
 
 def test_gpus_render_resources_device_and_instance_kind() -> None:
-    objects, _ = render({"training": {"gpus": 1}, "triton": {"gpus": 1}})
+    cuda = {"images": {"pipeline": {"cuda": True}}}
+    objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "DEVICE", "value": "cuda"} in train["env"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not [a for a in triton["args"] if a.startswith("--pinned-memory-pool-byte-size")]
-    pin, _ = pin_container({"training": {"gpus": 1}, "triton": {"gpus": 1}})
+    pin, _ = pin_container(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     assert arg(pin, "instance-kind") == "gpu"
     (cpu_train,) = pod_spec(find(render()[0], "Job", "train"))["containers"]
     assert "nvidia.com/gpu" not in cpu_train["resources"]["limits"]

@@ -7,6 +7,7 @@ Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -393,6 +394,36 @@ def train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
     )
+
+
+@cli.command("check-train")
+@storage_option
+@train_options
+@click.option(
+    "--world-size",
+    envvar="CHECK_WORLD_SIZE",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=1,
+    help="Ranks the settings must work for.",
+)
+@stage
+def check_train(storage: Path, device: str, world_size: int, **options: Any) -> None:
+    """Check `train`'s settings for --world-size ranks, train nothing: exit 2 on bad input.
+
+    The chart runs it in each worker pod before torchrun, which turns a rank's exit 2
+    into 1 (retried) so that settings every rank rejects would fail the Job only after
+    backoffLimit × workers pods.
+    """
+    from mnist_pipeline import train as train_stage
+
+    config = {k: v for k, v in options.items() if k in TRAIN_CONFIG}
+    cfg = train_stage.TrainConfig(**config)
+    cfg.validate()
+    # SyncBatchNorm's CUDA check belongs to the ranks, which get the GPUs.
+    sync_bn = cfg.sync_bn and device != "cuda"
+    train_stage.check_batch(dataclasses.replace(cfg, sync_bn=sync_bn), world_size)
+    log.info("training settings are valid for %d rank(s)", world_size)
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

@@ -376,10 +376,41 @@ automountServiceAccountToken: false
 {{- fail "triton.autoscaling is on without a metric: enable autoscaling.cpu or autoscaling.queueTime, or give extraMetrics" }}
 {{- end }}
 {{- end }}
+{{- $t := .Values.training }}
+{{- $workers := int64 $t.workers }}
+{{- if and (gt $workers 1) (mod (int64 $t.batchSize) $workers) }}
+{{- fail (printf "training.batchSize (%d) is the global batch and must split evenly over training.workers (%d): use a multiple of %d" (int64 $t.batchSize) $workers $workers) }}
+{{- end }}
+{{- if lt (div (int64 $t.batchSize) $workers) 2 }}
+{{- fail (printf "training.batchSize (%d) gives each of the %d workers fewer than 2 images a step (BatchNorm needs 2)" (int64 $t.batchSize) $workers) }}
+{{- end }}
+{{- if and $t.syncBatchNorm (eq (int64 $t.gpus) 0) }}
+{{- fail "training.syncBatchNorm needs GPUs (torch's SyncBatchNorm runs on CUDA only): set training.gpus, or syncBatchNorm: false" }}
+{{- end }}
+{{- if and (gt (int64 $t.gpus) 0) (not .Values.images.pipeline.cuda) }}
+{{- fail "training.gpus > 0, but images.pipeline is the CPU build (its torch has no CUDA): build one with CUDA (docs/KUBERNETES.md, GPUs), set it in images.pipeline and images.pipeline.cuda: true" }}
+{{- end }}
+{{- range $component := list "training" "export" "triton" "client" "waits" }}
+{{- $r := (get $.Values $component).resources }}
+{{- range $resource, $request := (default (dict) $r.requests) }}
+{{- $limit := dig "limits" $resource "" $r }}
+{{- if and $limit (gt (include "mnist-pipeline.quantity" $request | float64) (include "mnist-pipeline.quantity" $limit | float64)) }}
+{{- fail (printf "%s.resources: the %s request (%v) is above its limit (%v), which the API server refuses" $component $resource $request $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.triton.autoscaling }}
+{{- if and .enabled (gt (int64 .minReplicas) (int64 .maxReplicas)) }}
+{{- fail (printf "triton.autoscaling.minReplicas (%d) is above maxReplicas (%d), which the API server refuses" (int64 .minReplicas) (int64 .maxReplicas)) }}
+{{- end }}
+{{- end }}
 {{- $np := .Values.networkPolicy }}
 {{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
 {{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
 {{- fail "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
+{{- end }}
+{{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
+{{- fail "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}
 {{- end }}
 
@@ -389,6 +420,15 @@ scientific notation). */}}
 {{- define "mnist-pipeline.servedVersion" -}}
 {{- $v := .Values.triton.servedVersion }}
 {{- if kindIs "string" $v }}{{ $v }}{{ else }}{{ int64 $v }}{{ end }}
+{{- end }}
+
+{{/* A resource quantity ("500m", "2", 1.5, "1Gi", "512Mi") as a plain number. */}}
+{{- define "mnist-pipeline.quantity" -}}
+{{- $q := toString . }}
+{{- $units := dict "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 }}
+{{- $unit := regexFind "[A-Za-z]+$" $q }}
+{{- $number := trimSuffix $unit $q | float64 }}
+{{- if $unit }}{{ mulf $number (get $units $unit) }}{{ else }}{{ $number }}{{ end }}
 {{- end }}
 
 {{/* Refuse a Prometheus Operator object the cluster has no CRD for: the install would
