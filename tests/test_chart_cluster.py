@@ -730,6 +730,7 @@ def test_the_client_job_prunes_within_the_retention_values() -> None:
         "9",
     ]
     assert arg(prune, "keep-version") == "3"  # the pinned version survives
+    assert arg(prune, "abandoned-after") == "259200"  # runs left running by an uninstall
     (storage,) = [m for m in prune["volumeMounts"] if m["name"] == "storage"]
     assert not storage.get("readOnly")
     off, _ = render({"retention": {"enabled": False}})

@@ -87,3 +87,21 @@ def test_the_current_runs_version_is_kept(tmp_path: Path) -> None:
     storage = make_storage(tmp_path / "s")
     assert prune(storage, "--keep-versions=1", "--run-id=other-3").returncode == 0
     assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
+
+
+def test_a_run_left_running_is_reclaimed_after_the_grace_period(tmp_path: Path) -> None:
+    """`helm uninstall` mid-training leaves a run marked running forever (~90 MB): once
+    nothing in it changed for --abandoned-after seconds it goes like a finished run."""
+    storage = make_storage(tmp_path / "s")
+    run_c = storage / "checkpoints" / "run-c"
+    args = ("--keep-runs=2", "--keep-versions=0", "--keep-inference=0")
+    assert prune(storage, *args, "--abandoned-after=3600").returncode == 0
+    assert run_c.is_dir()  # written just now: a live run
+    for path in (run_c, *run_c.iterdir()):
+        os.utime(path, (1_000_000, 1_000_000))
+    assert prune(storage, *args).returncode == 0
+    assert run_c.is_dir()  # without a grace period, never
+    result = prune(storage, *args, "--abandoned-after=3600")
+    assert result.returncode == 0, result.stderr
+    assert not run_c.exists()
+    assert names(storage / "checkpoints") == ["best_model.pth", "run-b", "run-e", "run-f"]

@@ -1101,6 +1101,14 @@ def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F
     multiple=True,
     help="A version kept whatever the limits (e.g. a pinned served version); repeatable.",
 )
+@click.option(
+    "--abandoned-after",
+    envvar="ABANDONED_AFTER",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds without a write after which a run still marked running counts as "
+    "abandoned (its pods gone) and may go like any other (0: never).",
+)
 @stage
 def prune(
     storage: Path,
@@ -1110,17 +1118,26 @@ def prune(
     keep_versions: int,
     keep_inference: int,
     keep_version: tuple[int, ...],
+    abandoned_after: float,
 ) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
 
     Never deletes the newest version (Triton serves it), a --keep-version, the run
     checkpoints/best_model.pth points at, --run-id, the versions those two published, or
-    a run still marked running. The chart runs it before its client Job.
+    a run still marked running (unless untouched for --abandoned-after seconds). The chart
+    runs it before its client Job.
     """
     from mnist_pipeline import retention
 
     limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
-    retention.prune(storage, model_name, limits, run_id=run_id, keep_versions=keep_version)
+    retention.prune(
+        storage,
+        model_name,
+        limits,
+        run_id=run_id,
+        keep_versions=keep_version,
+        abandoned_after=abandoned_after,
+    )
 
 
 @cli.command()
