@@ -5,8 +5,8 @@
 
 {{/*
 Resource name prefix: <release>-<chart>, or <release> alone when it already contains the
-chart name. 48 characters at most, so "<prefix>-client-r<revision>" stays a valid Job name
-(63 characters) up to revision 99999.
+chart name. 48 characters at most, so "<prefix>-adapter-rules" and the other suffixes stay
+within a name's 63; Job names cut it further (mnist-pipeline.jobName).
 */}}
 {{- define "mnist-pipeline.fullname" -}}
 {{- if .Values.fullnameOverride }}
