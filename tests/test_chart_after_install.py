@@ -248,3 +248,17 @@ def test_triton_pauses_before_sigterm() -> None:
     assert int(command[1]) < spec.get("terminationGracePeriodSeconds", 30)
     off = pod_spec(find(render({"triton": {"preStopSleepSeconds": 0}})[0], "Deployment", "triton"))
     assert "lifecycle" not in off["containers"][0]
+
+
+# 5. GitOps without run.id, and RWX without a class: said where the user reads it ------------
+
+
+def test_notes_warn_about_an_unpinned_run_and_rwx_without_a_class() -> None:
+    _, notes = render()
+    assert "run.id is not set" in notes and "For GitOps set run.id" in notes
+    _, pinned = render({"run": {"id": "prod"}})
+    assert "run.id is not set" not in pinned
+    _, rwx = render(RWX)
+    assert "ReadWriteMany with no persistence.storageClass" in rwx
+    _, named = render(merge(RWX, {"persistence": {"storageClass": "efs"}}))
+    assert "WARNING" not in named and "WARNING" not in notes
