@@ -198,12 +198,6 @@ def test_training_gpus_need_a_cuda_pipeline_image() -> None:
     install_manifest(merge(cuda, {"training": {"gpus": 1}}))
 
 
-def test_the_pipeline_image_builds_with_another_torch_index() -> None:
-    dockerfile = (REPO / "docker" / "pipeline.Dockerfile").read_text()
-    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in dockerfile
-    assert '--index-url "${TORCH_INDEX}"' in dockerfile
-
-
 # 14. A chart version bump renames no Job and rolls no pod ------------------------------------
 
 

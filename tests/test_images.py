@@ -82,7 +82,9 @@ def test_pinned_multi_stage_non_root(image: str) -> None:
 def test_pipeline_image_has_cpu_torch_and_bakes_mnist() -> None:
     steps = instructions(DOCKERFILES["pipeline"])
     runs = " ".join(a for k, a in steps if k == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in runs
+    assert '--index-url "${TORCH_INDEX}" torch==2.13.0' in runs
+    # CPU by default; --build-arg TORCH_INDEX=…/cu126 builds the CUDA image training.gpus needs.
+    assert ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in steps
     assert '"/src[train,export]"' in runs
     final = final_stage(DOCKERFILES["pipeline"])
     assert ("COPY", "data/mnist /opt/mnist") in final
