@@ -253,10 +253,11 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     assert arg(wait, "run-id") == run_id and arg(wait, "job") == train["metadata"]["name"]
     assert arg(pod_spec(export)["containers"][0], "run-id") == run_id
 
-    (wait,) = pod_spec(triton)["initContainers"]
+    wait, pin = pod_spec(triton)["initContainers"]
     assert wait["args"][:2] == ["wait", "export"]
     assert arg(wait, "run-id") == run_id and arg(wait, "job") == export["metadata"]["name"]
     assert arg(wait, "model-name") == "resnet18_mnist"
+    assert pin["args"][0] == "pin" and arg(pin, "run-id") == run_id
 
     wait, _prune = pod_spec(client)["initContainers"]
     host = f"{service['metadata']['name']}.ml.svc"
@@ -340,7 +341,7 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             assert has_token == c["name"].startswith("wait-"), c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
     assert triton["command"] == ["tritonserver"]
-    assert "--model-repository=/storage/models" in triton["args"]
+    assert "--model-repository=/pinned" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
     assert triton["image"] == "mnist-pipeline/triton:0.1.0"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"

@@ -93,6 +93,10 @@ SERVING_ONLY = {
     "requests": {"triton": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}},
     "client": {"client": {"requests": 500, "concurrency": 8}},
     "service": {"triton": {"service": {"annotations": {"a": "b"}}}},
+    # Issue 17: the pin writes these into the config Triton serves; no new run.
+    "triton-cpus": {"triton": {"resources": {"limits": {"cpu": "4"}}}},
+    "instances": {"triton": {"instanceCount": 4}},
+    "triton-gpus": {"triton": {"gpus": 1}},
 }
 
 
@@ -113,7 +117,6 @@ def test_serving_only_changes_keep_the_run_and_its_jobs(change: str) -> None:
         {"training": {"lr": 0.1}},
         {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]}},
         {"export": {"extraEnv": [{"name": "MIN_IMPROVEMENT", "value": "0.01"}]}},
-        {"triton": {"instanceCount": 4}},
         {"images": {"pipeline": {"tag": "0.2.0"}}},
         {"run": {"id": "other"}},
     ],
@@ -255,13 +258,15 @@ def test_egress_policy_admits_dns_the_api_server_and_the_release() -> None:
 
 # 8. Exposed Services vs the NetworkPolicy ----------------------------------------------------
 
+INGRESS_HOST = {"host": "mnist.example", "paths": [{"path": "/", "pathType": "Prefix"}]}
+
 
 @pytest.mark.parametrize(
     "exposure",
     [
         {"triton": {"service": {"type": "NodePort"}}},
         {"triton": {"service": {"type": "LoadBalancer"}}},
-        {"triton": {"ingress": {"enabled": True}}},
+        {"triton": {"ingress": {"enabled": True, "hosts": [INGRESS_HOST]}}},
     ],
 )
 def test_exposing_triton_needs_an_ingress_source(exposure: dict[str, Any]) -> None:
@@ -291,12 +296,15 @@ def test_service_annotations_and_source_ranges() -> None:
 
 
 @pytest.mark.parametrize(("limit", "cpus"), [("2", "2"), ("1500m", "1"), ("500m", "1"), (4, "4")])
-def test_export_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) -> None:
+def test_the_pin_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) -> None:
     values = {"triton": {"instanceCount": 3, "resources": {"limits": {"cpu": limit}}}}
-    (export,) = pod_spec(find(render(values)[0], "Job", "export"))["containers"]
-    env = {e["name"]: e["value"] for e in export["env"]}
-    assert env["SERVER_CPUS"] == cpus and env["INSTANCE_COUNT"] == "3"
-    assert env["INSTANCE_KIND"] == "cpu"
+    objects, _ = render(values)
+    pin, _ = pin_container(values)
+    assert arg(pin, "server-cpus") == cpus and arg(pin, "instance-count") == "3"
+    assert arg(pin, "instance-kind") == "cpu"
+    # Export no longer writes them: changing them neither renames nor re-runs it.
+    (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
+    assert "env" not in export
 
 
 def test_probe_timeouts_and_initial_delays() -> None:
@@ -357,8 +365,8 @@ def test_triton_runs_tritonserver_from_path_with_valid_flags() -> None:
     assert triton["command"] == ["tritonserver"]
     assert "--pinned-memory-pool-byte-size=0" in triton["args"]
     assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": "1"}]
-    (wait,) = spec["initContainers"]
-    assert wait["image"] == "mnist-pipeline/client:0.1.0"  # no torch to pull for a wait
+    for init in spec["initContainers"]:  # the wait and the pin: no torch to pull
+        assert init["image"] == "mnist-pipeline/client:0.1.0"
     # Every flag is one the real tritonserver 2.51 (the nvidia-pytriton wheel) knows.
     known = tritonserver_help()
     assert "--pinned-memory-pool-byte-size" in known
@@ -456,7 +464,8 @@ def test_serve_only_mode_renders_triton_alone() -> None:
     objects, notes = render({"serveOnly": True, "persistence": {"existingClaim": "models"}})
     assert sorted(o["kind"] for o in all_workloads(objects)) == ["Deployment", "Pod"]
     spec = pod_spec(find(objects, "Deployment", "triton"))
-    assert "initContainers" not in spec
+    (pin,) = spec["initContainers"]  # no wait: nothing to wait for
+    assert arg(pin, "version") == "run" and not [a for a in pin["args"] if "--run-id" in a]
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "PersistentVolumeClaim")]
     assert "Serve-only" in notes
@@ -466,7 +475,7 @@ def test_serve_only_mode_renders_triton_alone() -> None:
 
 # Issue 12: multi-worker training, GPUs, Triton scaling ---------------------------------------
 
-WORKERS = merge(RWX, {"training": {"workers": 3}})
+WORKERS = merge(RWX, {"training": {"workers": 3, "batchSize": 96}})  # the global batch splits
 
 
 def test_multi_worker_training_is_an_indexed_job_with_a_headless_service() -> None:
@@ -518,15 +527,16 @@ def test_multi_worker_training_needs_rwx() -> None:
 
 
 def test_gpus_render_resources_device_and_instance_kind() -> None:
-    objects, _ = render({"training": {"gpus": 1}, "triton": {"gpus": 1}})
+    cuda = {"images": {"pipeline": {"cuda": True}}}
+    objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "DEVICE", "value": "cuda"} in train["env"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not [a for a in triton["args"] if a.startswith("--pinned-memory-pool-byte-size")]
-    (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    assert {"name": "INSTANCE_KIND", "value": "gpu"} in export["env"]
+    pin, _ = pin_container(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
+    assert arg(pin, "instance-kind") == "gpu"
     (cpu_train,) = pod_spec(find(render()[0], "Job", "train"))["containers"]
     assert "nvidia.com/gpu" not in cpu_train["resources"]["limits"]
 
@@ -588,45 +598,118 @@ def pin_container(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def run_pin(pin: dict[str, Any], storage: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    script, *args = pin["args"]
-    args = [a.replace("=/storage", f"={storage}").replace("=/pinned", f"={out}") for a in args]
+    """The pin initContainer's command line, its mounts mapped to local folders."""
+    assert pin["command"] == ["mnist-pipeline"]
+    args = [
+        a.replace("=/storage", f"={storage}").replace("=/pinned", f"={out}") for a in pin["args"]
+    ]
     return subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "mnist_pipeline", *args], capture_output=True, text=True, timeout=60
     )
+
+
+def publish_versions(storage: Path, config: repository.TritonConfig, count: int) -> Path:
+    """A repository as export leaves it: `count` versions, config.pbtxt from `config`."""
+    model = storage / "models" / "resnet18_mnist"
+    for version in range(1, count + 1):
+        (model / str(version)).mkdir(parents=True)
+        (model / str(version) / "model.onnx").write_bytes(b"onnx")
+    (model / "config.pbtxt").write_text(repository.render_config(config))
+    return model
+
+
+def served_config(out: Path) -> Any:
+    return repository.parse_config((out / "resnet18_mnist" / "config.pbtxt").read_text())
 
 
 def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
-    model = storage / "models" / "resnet18_mnist"
-    for version in (1, 2, 3):
-        (model / str(version)).mkdir(parents=True)
-        (model / str(version) / "model.onnx").write_bytes(b"onnx")
-    (model / "config.pbtxt").write_text(repository.render_config(repository.TritonConfig()))
+    model = publish_versions(storage, repository.TritonConfig(), 3)
     pin, triton = pin_container({"triton": {"servedVersion": 2}})
     assert "--model-repository=/pinned" in triton["args"]
     assert run_pin(pin, storage, tmp_path / "a").returncode == 0
     served = tmp_path / "a" / "resnet18_mnist"
-    config = repository.parse_config((served / "config.pbtxt").read_text())
+    config = served_config(tmp_path / "a")
     assert list(config.version_policy.specific.versions) == [2]  # Triton's own schema
     assert (served / "2").resolve() == (model / "2").resolve()
     assert sorted(p.name for p in served.iterdir()) == ["2", "config.pbtxt"]
 
-    # "run": the version this run's export chose (what `helm rollback` restores).
-    pin, _ = pin_container({"run": {"id": "old"}, "triton": {"servedVersion": "run"}})
+    # "run" (the default): the version this run's export chose (what `helm rollback`
+    # restores), though a newer one is on the volume.
+    pin, _ = pin_container({"run": {"id": "old"}})
+    assert arg(pin, "version") == "run"
     run_dir = storage / "checkpoints" / arg(pin, "run-id")
     run_dir.mkdir(parents=True)
     (run_dir / "export.json").write_text('{"status": "skipped", "version": 1}')
     assert run_pin(pin, storage, tmp_path / "b").returncode == 0
-    config = repository.parse_config((tmp_path / "b/resnet18_mnist/config.pbtxt").read_text())
-    assert list(config.version_policy.specific.versions) == [1]
+    assert list(served_config(tmp_path / "b").version_policy.specific.versions) == [1]
 
     missing, _ = pin_container({"triton": {"servedVersion": 9}})
     result = run_pin(missing, storage, tmp_path / "c")
     assert result.returncode == 1 and "version 9 of resnet18_mnist is not in" in result.stderr
-    # Without a pin: the newest version, as before.
-    (triton,) = pod_spec(find(render()[0], "Deployment", "triton"))["containers"]
-    assert "--model-repository=/storage/models" in triton["args"]
-    assert "run" in refused({"serveOnly": True, "triton": {"servedVersion": "run"}})
+    # "": the newest at pod start. Serve-only "run" has no run: the newest too.
+    for values in ({"triton": {"servedVersion": ""}}, {"serveOnly": True}):
+        pin, _ = pin_container(values)
+        out = tmp_path / f"newest-{len(values)}-{'serveOnly' in values}"
+        assert run_pin(pin, storage, out).returncode == 0, pin
+        assert list(served_config(out).version_policy.specific.versions) == [3]
+
+
+def test_the_pin_is_idempotent_on_the_same_empty_dir(tmp_path: Path) -> None:
+    """Init containers re-run when a pod sandbox is re-created (node reboot): the pin must
+    succeed again on the emptyDir it already filled (it raised FileExistsError)."""
+    storage = tmp_path / "storage"
+    publish_versions(storage, repository.TritonConfig(), 2)
+    out = tmp_path / "pinned"
+    for version in (2, 2, 1):
+        pin, _ = pin_container({"triton": {"servedVersion": version}})
+        result = run_pin(pin, storage, out)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (out / "resnet18_mnist").iterdir()) == ["1", "config.pbtxt"]
+    assert list(served_config(out).version_policy.specific.versions) == [1]
+
+
+def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Path) -> None:
+    """Triton's CPU limit, instanceCount and gpus: written by the pin from the pod's values,
+    whatever config.pbtxt export left on the volume (here a KIND_GPU one, 4 instances)."""
+    storage = tmp_path / "storage"
+    published = repository.TritonConfig(instance_count=4, instance_kind="KIND_GPU", server_cpus=8)
+    publish_versions(storage, published, 1)
+    gpu = {"run": {"id": "prod"}, "triton": {"gpus": 1, "servedVersion": 1}}
+    cpu = merge(
+        gpu,
+        {"triton": {"gpus": 0, "instanceCount": 1, "resources": {"limits": {"cpu": "3"}}}},
+    )
+    assert run_id(render(gpu)[0]) == run_id(render(cpu)[0])
+    for values, kind, count, threads in ((gpu, "KIND_GPU", 2, "1"), (cpu, "KIND_CPU", 1, "3")):
+        pin, _ = pin_container(values)
+        out = tmp_path / kind
+        assert run_pin(pin, storage, out).returncode == 0
+        (group,) = served_config(out).instance_group
+        assert (
+            group.DESCRIPTOR.fields_by_name["kind"].enum_type.values_by_number[group.kind].name,
+            group.count,
+        ) == (kind, count)
+        params = served_config(out).parameters
+        assert params["intra_op_thread_count"].string_value == threads
+        assert params["inter_op_thread_count"].string_value == "1"
+
+
+def test_the_client_wait_client_and_helm_test_ask_for_the_served_version() -> None:
+    """One answer to "which version": Triton's pin, the client's wait, the client and the
+    test pod all follow triton.servedVersion (item 1: rollback and pinning)."""
+    for served, wanted in (("run", "run"), (3, "3"), ("", "")):
+        objects, _ = render({"triton": {"servedVersion": served}})
+        pin, _ = pin_container({"triton": {"servedVersion": served}})
+        assert arg(pin, "version") == wanted
+        client = pod_spec(find(objects, "Job", "client"))
+        wait = client["initContainers"][0]
+        assert arg(wait, "model-version") == wanted
+        (infer,) = client["containers"]
+        versions = [a for a in infer["args"] if a.startswith("--model-version=")]
+        assert versions == ([f"--model-version={wanted}"] if wanted.isdigit() else [])
+        (test,) = find(objects, "Pod")["spec"]["containers"]
+        assert arg(test, "version") == wanted
 
 
 # 17. Retention ---------------------------------------------------------------------------------
@@ -647,6 +730,7 @@ def test_the_client_job_prunes_within_the_retention_values() -> None:
         "9",
     ]
     assert arg(prune, "keep-version") == "3"  # the pinned version survives
+    assert arg(prune, "abandoned-after") == "259200"  # runs left running by an uninstall
     (storage,) = [m for m in prune["volumeMounts"] if m["name"] == "storage"]
     assert not storage.get("readOnly")
     off, _ = render({"retention": {"enabled": False}})

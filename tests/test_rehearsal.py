@@ -109,10 +109,14 @@ class Rehearsal:
     def rewrite(self, value: str) -> str:
         for address, here in self.addresses.items():
             value = value.replace(address, here)
-        if self.engine is not None:  # containers mount the claim where the pod does
+        if self.engine is not None:  # containers mount the claim and emptyDirs where the pod does
             return value
-        # The mount point as a whole path component, in one pass: never inside a rewritten one.
-        return re.sub(r"(?<![\w.-])/storage(?![\w.-])", lambda _: str(self.storage), value)
+        # The mount points as whole path components, in one pass: never inside a rewritten
+        # one. /pinned is Triton's emptyDir: one per rehearsed revision.
+        mounts = {"/storage": self.storage, "/pinned": self.logs / "pinned"}
+        return re.sub(
+            r"(?<![\w.-])(/storage|/pinned)(?![\w.-])", lambda m: str(mounts[m[1]]), value
+        )
 
     def resolve(
         self, container: dict[str, Any], pod: dict[str, Any]
@@ -364,7 +368,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     # Every wait starts now, before anything it waits for exists (whatever an earlier
     # revision left on the volume).
     (wait_training,) = export["initContainers"]
-    (wait_export,) = triton["initContainers"]
+    wait_export, pin = triton["initContainers"]
     wait_serving, prune = client["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, export_pod, "wait-for-training"),
@@ -392,6 +396,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
 
+        r.run(pin, triton_pod, "pin-version")  # the repository Triton serves, into its emptyDir
         (tritonserver,) = triton["containers"]
         server = r.start(tritonserver, triton_pod, "tritonserver")
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")

@@ -104,3 +104,21 @@ def test_prune_says_what_it_keeps_in_words(tmp_path: Path) -> None:
         result.stderr
     )
     assert "Limits(" not in result.stderr
+
+
+def test_a_run_left_running_is_reclaimed_after_the_grace_period(tmp_path: Path) -> None:
+    """`helm uninstall` mid-training leaves a run marked running forever (~90 MB): once
+    nothing in it changed for --abandoned-after seconds it goes like a finished run."""
+    storage = make_storage(tmp_path / "s")
+    run_c = storage / "checkpoints" / "run-c"
+    args = ("--keep-runs=2", "--keep-versions=0", "--keep-inference=0")
+    assert prune(storage, *args, "--abandoned-after=3600").returncode == 0
+    assert run_c.is_dir()  # written just now: a live run
+    for path in (run_c, *run_c.iterdir()):
+        os.utime(path, (1_000_000, 1_000_000))
+    assert prune(storage, *args).returncode == 0
+    assert run_c.is_dir()  # without a grace period, never
+    result = prune(storage, *args, "--abandoned-after=3600")
+    assert result.returncode == 0, result.stderr
+    assert not run_c.exists()
+    assert names(storage / "checkpoints") == ["best_model.pth", "run-b", "run-e", "run-f"]

@@ -8,6 +8,7 @@ Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -413,6 +414,36 @@ def train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
     )
+
+
+@cli.command("check-train")
+@storage_option
+@train_options
+@click.option(
+    "--world-size",
+    envvar="CHECK_WORLD_SIZE",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=1,
+    help="Ranks the settings must work for.",
+)
+@stage
+def check_train(storage: Path, device: str, world_size: int, **options: Any) -> None:
+    """Check `train`'s settings for --world-size ranks, train nothing: exit 2 on bad input.
+
+    The chart runs it in each worker pod before torchrun, which turns a rank's exit 2
+    into 1 (retried) so that settings every rank rejects would fail the Job only after
+    backoffLimit × workers pods.
+    """
+    from mnist_pipeline import train as train_stage
+
+    config = {k: v for k, v in options.items() if k in TRAIN_CONFIG}
+    cfg = train_stage.TrainConfig(**config)
+    cfg.validate()
+    # SyncBatchNorm's CUDA check belongs to the ranks, which get the GPUs.
+    sync_bn = cfg.sync_bn and device != "cuda"
+    train_stage.check_batch(dataclasses.replace(cfg, sync_bn=sync_bn), world_size)
+    log.info("training settings are valid for %d rank(s)", world_size)
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -1041,6 +1072,14 @@ def wait_export(
     required=True,
     help="Triton's HTTP endpoint, HOST:PORT.",
 )
+@click.option(
+    "--model-version",
+    envvar="MODEL_VERSION",
+    show_envvar=True,
+    default="run",
+    show_default=True,
+    help="The version Triton must serve: run (the one RUN_ID exported), N, or empty (any).",
+)
 @stage
 def wait_serving(
     storage: Path,
@@ -1051,12 +1090,14 @@ def wait_serving(
     namespace: str | None,
     model_name: str,
     url: str,
+    model_version: str,
 ) -> None:
-    """Until Triton at URL is ready and serves the model version RUN_ID exported."""
+    """Until Triton at URL is ready and serves the model version RUN_ID exported (or
+    --model-version)."""
     from mnist_pipeline import waits
 
     w = waits.make_wait(f"Triton serving run {run_id}", timeout, interval, job, namespace)
-    w.run(waits.serving_check(storage, run_id, model_name, url))
+    w.run(waits.serving_check(storage, run_id, model_name, url, model_version))
 
 
 def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
@@ -1091,6 +1132,14 @@ def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F
     multiple=True,
     help="A version kept whatever the limits (e.g. a pinned served version); repeatable.",
 )
+@click.option(
+    "--abandoned-after",
+    envvar="ABANDONED_AFTER",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds without a write after which a run still marked running counts as "
+    "abandoned (its pods gone) and may go like any other (0: never).",
+)
 @stage
 def prune(
     storage: Path,
@@ -1100,17 +1149,85 @@ def prune(
     keep_versions: int,
     keep_inference: int,
     keep_version: tuple[int, ...],
+    abandoned_after: float,
 ) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
 
     Never deletes the newest version (Triton serves it), a --keep-version, the run
     checkpoints/best_model.pth points at, --run-id, the versions those two published, or
-    a run still marked running. The chart runs it before its client Job.
+    a run still marked running (unless untouched for --abandoned-after seconds). The chart
+    runs it before its client Job.
     """
     from mnist_pipeline import retention
 
     limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
-    retention.prune(storage, model_name, limits, run_id=run_id, keep_versions=keep_version)
+    retention.prune(
+        storage,
+        model_name,
+        limits,
+        run_id=run_id,
+        keep_versions=keep_version,
+        abandoned_after=abandoned_after,
+    )
+
+
+@cli.command()
+@storage_option
+@click.option(
+    "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
+)
+@click.option(
+    "--out",
+    envvar="SERVED_REPOSITORY",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The model repository Triton is started on (the pod's emptyDir).",
+)
+@click.option(
+    "--version",
+    "wanted",
+    envvar="SERVED_VERSION",
+    default="run",
+    show_default=True,
+    help="run: the version --run-id exported (the newest without --run-id); empty: the "
+    "newest; N: version N.",
+)
+@click.option(
+    "--run-id", envvar="RUN_ID", default=None, callback=_name("run id"), help="The pod's run."
+)
+@click.option("--server-cpus", envvar="SERVER_CPUS", type=click.IntRange(min=1), default=2)
+@click.option("--instance-count", envvar="INSTANCE_COUNT", type=click.IntRange(min=1), default=2)
+@click.option(
+    "--instance-kind", envvar="INSTANCE_KIND", type=click.Choice(["cpu", "gpu"]), default="cpu"
+)
+@stage
+def pin(
+    storage: Path,
+    model_name: str,
+    out: Path,
+    wanted: str,
+    run_id: str | None,
+    server_cpus: int,
+    instance_count: int,
+    instance_kind: str,
+) -> None:
+    """Write the model repository one Triton pod serves: one version, this pod's settings.
+
+    OUT/MODEL_NAME/config.pbtxt is the volume's, with this pod's instance groups
+    (--instance-count of --instance-kind), ONNX Runtime threads (max(1, --server-cpus //
+    --instance-count)) and a version_policy naming the one version, linked from the
+    volume. The chart's Triton initContainer runs it, so `helm rollback` re-serves the old
+    run's version and serving settings reach Triton without retraining. Re-runnable.
+    """
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig, write_served_repository
+
+    cfg = TritonConfig(
+        name=model_name,
+        instance_count=instance_count,
+        instance_kind=INSTANCE_KINDS[instance_kind],
+        server_cpus=server_cpus,
+    )
+    write_served_repository(storage, out, cfg, wanted, run_id)
 
 
 def main() -> None:

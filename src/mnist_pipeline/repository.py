@@ -285,3 +285,74 @@ def publish(
             raise
         fsync_dir(models_dir(storage))
     return version
+
+
+def resolve_served_version(storage: Path, name: str, wanted: str, run_id: str | None) -> int:
+    """The version a Triton pod serves: "run" the one RUN_ID's export chose (the newest
+    without a run, as in serve-only mode), "" the newest, N itself."""
+    model_path = model_dir(storage, name)
+    if wanted == "run" and run_id:
+        outcome_path = storage / "checkpoints" / run_id / "export.json"
+        try:
+            wanted = str(read_json(outcome_path)["version"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PipelineFailure(f"cannot read the version run {run_id} exported: {e}") from e
+    if wanted in ("", "run"):
+        found = versions(model_path)
+        if not found:
+            raise PipelineFailure(f"{model_path} holds no version to serve")
+        return found[-1]
+    if not wanted.isdigit() or wanted.startswith("0"):
+        raise UsageError(f"served version {wanted!r}: use run, empty (newest) or a number")
+    return int(wanted)
+
+
+def write_served_repository(
+    storage: Path,
+    out: Path,
+    cfg: TritonConfig,
+    wanted: str,
+    run_id: str | None = None,
+) -> int:
+    """Write the repository one Triton pod serves into `out` (the pod's emptyDir): the
+    volume's config.pbtxt with this pod's instance groups and ONNX Runtime threads (cfg)
+    and a version_policy naming one version, plus a link to that version on the volume.
+
+    Settings of the pod, not of the run, so they reach Triton without a new export.
+    Re-runnable on the same `out` (init containers re-run when a pod sandbox is
+    re-created): every file is replaced, links to other versions removed.
+    """
+    from google.protobuf import text_format
+
+    cfg.validate()
+    model_path = model_dir(storage, cfg.name)
+    version = resolve_served_version(storage, cfg.name, wanted, run_id)
+    if not (model_path / str(version) / MODEL_FILE).is_file():
+        raise PipelineFailure(f"version {version} of {cfg.name} is not in {model_path}")
+    config = parse_config((model_path / CONFIG_FILE).read_text())
+    del config.instance_group[:]
+    config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
+    config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
+    config.parameters["inter_op_thread_count"].string_value = "1"
+    config.version_policy.specific.versions[:] = [version]
+
+    served = out / cfg.name
+    served.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(served / CONFIG_FILE, text_format.MessageToString(config))
+    link = served / str(version)
+    for stale in served.iterdir():
+        if stale.name.isdigit() and stale != link:
+            stale.unlink()
+    temp = served / f".link-{version}"
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(model_path / str(version))
+    os.replace(temp, link)
+    log.info(
+        "serving %s version %d alone: %d %s instance(s), %d thread(s) each",
+        cfg.name,
+        version,
+        cfg.instance_count,
+        cfg.instance_kind,
+        cfg.intra_op_threads,
+    )
+    return version

@@ -5,7 +5,9 @@ A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leave
 whatever the limits: the newest version (Triton serves it), any version asked to be
 kept (a pinned servedVersion), the run that checkpoints/best_model.pth points at, the
 current run, the versions those two published, and runs still marked "running" or
-"interrupted" (they may resume).
+"interrupted" (they may resume), unless nothing in them changed for `abandoned_after`
+seconds: a run whose pods were deleted (`helm uninstall` mid-training) stays "running"
+forever otherwise.
 
 Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
 then removes it, so a reader never sees half a folder. Standard library only: the lean
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,15 @@ def _status(run: Path) -> str:
         return ""
 
 
+def _abandoned(run: Path, after: float) -> bool:
+    """Nothing written under `run` for `after` seconds (0: never say so). A live run
+    rewrites metrics.json each epoch and resume.pth every few hundred steps."""
+    if not after:
+        return False
+    newest = max((p.stat().st_mtime for p in run.rglob("*")), default=run.stat().st_mtime)
+    return time.time() - newest > after
+
+
 def _best_run(storage: Path) -> str | None:
     link = best_model_link(storage)
     if not link.is_symlink():
@@ -89,6 +101,7 @@ def prune(
     limits: Limits,
     run_id: str | None = None,
     keep_versions: tuple[int, ...] = (),
+    abandoned_after: float = 0,
 ) -> list[Path]:
     """Delete what is beyond the limits; return what was deleted."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
@@ -117,7 +130,9 @@ def prune(
     runs = [d for d in runs if not d.name.startswith(".")]
     if limits.runs:
         for run in runs[: -limits.runs]:
-            if run.name in (run_id, best) or _status(run) in ("running", "interrupted"):
+            if run.name in (run_id, best):
+                continue
+            if _status(run) in ("running", "interrupted") and not _abandoned(run, abandoned_after):
                 continue
             _remove(run)
             deleted.append(run)

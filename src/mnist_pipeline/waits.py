@@ -6,7 +6,8 @@ every release revision, so nothing left on the volume by an earlier release can 
     training  checkpoints/<run_id>/metrics.json has status "complete"
     export    checkpoints/<run_id>/export.json is "published" or "skipped", and
               models/<name>/ holds a servable version for Triton to load
-    serving   Triton answers ready over HTTP, serving the version export chose
+    serving   Triton answers ready over HTTP, serving the version export chose (or the
+              pinned one)
 
 A stage that fails writes "failed" into its artifact and the wait fails at once. A stage
 whose pods die without writing anything (OOM-killed until its Job's backoffLimit, an
@@ -257,9 +258,10 @@ def http_ready(url: str) -> bool:
 
 
 def serving_check(
-    storage: Path, run_id: str, model_name: str, url: str
+    storage: Path, run_id: str, model_name: str, url: str, version: str = "run"
 ) -> Callable[[], str | None]:
-    """Triton ready and serving the version export chose for this run (new or kept)."""
+    """Triton ready and serving `version`: "run" the one export chose for this run (new or
+    kept), N that version (a pinned triton.servedVersion), "" any."""
     exported = export_check(storage, run_id, model_name)
     base = url if "://" in url else f"http://{url}"
     base = base.rstrip("/")
@@ -267,8 +269,13 @@ def serving_check(
     def check() -> str | None:
         if (waiting_for := exported()) is not None:
             return waiting_for
-        outcome = read_status(run_dir(storage, run_id) / "export.json") or {}
-        model_url = f"{base}/v2/models/{model_name}/versions/{outcome.get('version')}"
+        wanted = version
+        if wanted == "run":
+            outcome = read_status(run_dir(storage, run_id) / "export.json") or {}
+            wanted = str(outcome.get("version"))
+        model_url = f"{base}/v2/models/{model_name}"
+        if wanted:
+            model_url += f"/versions/{wanted}"
         if not http_ready(f"{base}/v2/health/ready"):
             return f"waiting for Triton at {base} to be ready"
         if not http_ready(f"{model_url}/ready"):

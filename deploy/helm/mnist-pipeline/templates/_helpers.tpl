@@ -5,8 +5,8 @@
 
 {{/*
 Resource name prefix: <release>-<chart>, or <release> alone when it already contains the
-chart name. 48 characters at most, so "<prefix>-client-r<revision>" stays a valid Job name
-(63 characters) up to revision 99999.
+chart name. 48 characters at most, so "<prefix>-adapter-rules" and the other suffixes stay
+within a name's 63; Job names cut it further (mnist-pipeline.jobName).
 */}}
 {{- define "mnist-pipeline.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -28,8 +28,15 @@ chart name. 48 characters at most, so "<prefix>-client-r<revision>" stays a vali
 {{/* Labels every object carries. */}}
 {{- define "mnist-pipeline.labels" -}}
 helm.sh/chart: {{ include "mnist-pipeline.chart" . }}
-{{ include "mnist-pipeline.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{ include "mnist-pipeline.stableLabels" . }}
+{{- end }}
+
+{{/* The labels that do not change with the chart's version: the only ones in pod
+templates, whose hash names the Jobs (a chart bump must not rename, and so re-run or
+kill, a Job) and whose change rolls Triton. */}}
+{{- define "mnist-pipeline.stableLabels" -}}
+{{ include "mnist-pipeline.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mnist-pipeline
 {{- with .Values.commonLabels }}
@@ -117,9 +124,9 @@ value would otherwise give a different one.
 
 {{/*
 What training and export consume: the run id changes when, and only when, one of these
-does. Serving settings (replicas, probes, Service, client) are not in it, so changing them
-leaves the run, its Jobs and the model alone. Triton's CPU limit and instance count are in
-it because export writes them into config.pbtxt.
+does. Serving settings (replicas, probes, Service, client, Triton's CPU limit, instance
+count and GPUs) are not in it, so changing them leaves the run, its Jobs and the model
+alone: Triton's pin-version initContainer writes them into the config it serves.
 */}}
 {{- define "mnist-pipeline.runInputs" -}}
 {{- $t := .Values.training }}
@@ -127,10 +134,7 @@ it because export writes them into config.pbtxt.
   "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm")
   "export" (pick .Values.export "extraEnv")
   "model" .Values.model.name
-  "pipelineImage" (include "mnist-pipeline.image" .Values.images.pipeline)
-  "serverCpus" (include "mnist-pipeline.serverCpus" .)
-  "instanceCount" .Values.triton.instanceCount
-  "instanceKind" (include "mnist-pipeline.instanceKind" .)) }}
+  "pipelineImage" (include "mnist-pipeline.image" .Values.images.pipeline)) }}
 {{- end }}
 
 {{/* Run id: <install token or run.id>-<hash of the run's inputs>; at most 64 characters
@@ -141,8 +145,8 @@ what its stages write, and every wait looks only there. */}}
 {{- printf "%s-%s" $token (include "mnist-pipeline.runInputs" . | sha256sum | trunc 8) }}
 {{- end }}
 
-{{/* CPUs Triton gets: its CPU limit (else request) rounded down, at least 1. export
-writes ONNX Runtime's thread counts from it (SERVER_CPUS). */}}
+{{/* CPUs Triton gets: its CPU limit (else request) rounded down, at least 1. The pin
+gives ONNX Runtime its thread counts from it (--server-cpus). */}}
 {{- define "mnist-pipeline.serverCpus" -}}
 {{- $r := .Values.triton.resources }}
 {{- $cpu := toString (or (dig "limits" "cpu" "" $r) (dig "requests" "cpu" "1" $r)) }}
@@ -221,7 +225,8 @@ topologySpreadConstraints:
 "component" <label>). */}}
 {{- define "mnist-pipeline.podMetadata" -}}
 labels:
-  {{- include "mnist-pipeline.componentLabels" (dict "ctx" .ctx "component" .component) | nindent 2 }}
+  {{- include "mnist-pipeline.stableLabels" .ctx | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
   {{- with .values.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -313,7 +318,7 @@ automountServiceAccountToken: false
     - --storage=/storage
     - --run-id={{ include "mnist-pipeline.runId" $ctx }}
     - --job={{ .job }}
-    - --timeout={{ $ctx.Values.waits.timeoutSeconds }}
+    - --timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
     - --interval={{ $ctx.Values.waits.intervalSeconds }}
     {{- range .args }}
     - {{ . | quote }}
@@ -366,12 +371,37 @@ automountServiceAccountToken: false
 {{- fail (printf "%s.activeDeadlineSeconds (%d) counts the wait for the stages before it, up to waits.timeoutSeconds (%d): set it above that, or null" $stage (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.serveOnly (eq (toString .Values.triton.servedVersion) "run") }}
-{{- fail "triton.servedVersion \"run\" needs a run: with serveOnly, pin a version number" }}
-{{- end }}
 {{- with .Values.triton.autoscaling }}
 {{- if and .enabled (not (or .cpu.enabled .queueTime.enabled .extraMetrics)) }}
 {{- fail "triton.autoscaling is on without a metric: enable autoscaling.cpu or autoscaling.queueTime, or give extraMetrics" }}
+{{- end }}
+{{- end }}
+{{- $t := .Values.training }}
+{{- $workers := int64 $t.workers }}
+{{- if and (gt $workers 1) (mod (int64 $t.batchSize) $workers) }}
+{{- fail (printf "training.batchSize (%d) is the global batch and must split evenly over training.workers (%d): use a multiple of %d" (int64 $t.batchSize) $workers $workers) }}
+{{- end }}
+{{- if lt (div (int64 $t.batchSize) $workers) 2 }}
+{{- fail (printf "training.batchSize (%d) gives each of the %d workers fewer than 2 images a step (BatchNorm needs 2)" (int64 $t.batchSize) $workers) }}
+{{- end }}
+{{- if and $t.syncBatchNorm (eq (int64 $t.gpus) 0) }}
+{{- fail "training.syncBatchNorm needs GPUs (torch's SyncBatchNorm runs on CUDA only): set training.gpus, or syncBatchNorm: false" }}
+{{- end }}
+{{- if and (gt (int64 $t.gpus) 0) (not .Values.images.pipeline.cuda) }}
+{{- fail "training.gpus > 0, but images.pipeline is the CPU build (its torch has no CUDA): build one with CUDA (docs/KUBERNETES.md, GPUs), set it in images.pipeline and images.pipeline.cuda: true" }}
+{{- end }}
+{{- range $component := list "training" "export" "triton" "client" "waits" }}
+{{- $r := (get $.Values $component).resources }}
+{{- range $resource, $request := (default (dict) $r.requests) }}
+{{- $limit := dig "limits" $resource "" $r }}
+{{- if and $limit (gt (include "mnist-pipeline.quantity" $request | float64) (include "mnist-pipeline.quantity" $limit | float64)) }}
+{{- fail (printf "%s.resources: the %s request (%v) is above its limit (%v), which the API server refuses" $component $resource $request $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.triton.autoscaling }}
+{{- if and .enabled (gt (int64 .minReplicas) (int64 .maxReplicas)) }}
+{{- fail (printf "triton.autoscaling.minReplicas (%d) is above maxReplicas (%d), which the API server refuses" (int64 .minReplicas) (int64 .maxReplicas)) }}
 {{- end }}
 {{- end }}
 {{- $np := .Values.networkPolicy }}
@@ -379,32 +409,26 @@ automountServiceAccountToken: false
 {{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
 {{- fail "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
 {{- end }}
+{{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
+{{- fail "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
+{{- end }}
 {{- end }}
 
-{{/*
-Pin the served version (triton.servedVersion): a model repository in an emptyDir holding
-config.pbtxt plus `version_policy { specific { versions: [N] } }` and a link to version N
-on the volume. The volume's repository stays as export wrote it; Triton serves N alone.
-"run" pins the version this run's export chose, so `helm rollback` serves that run's.
-*/}}
-{{- define "mnist-pipeline.pinScript" -}}
-import argparse, json, pathlib, sys
-p = argparse.ArgumentParser()
-for a in ("--storage", "--out", "--model-name", "--version", "--run-id"):
-    p.add_argument(a, default="")
-o = p.parse_args()
-storage, model = pathlib.Path(o.storage), pathlib.Path(o.storage) / "models" / o.model_name
-version = o.version
-if version == "run":
-    version = str(json.loads((storage / "checkpoints" / o.run_id / "export.json").read_text())["version"])
-if not (model / version / "model.onnx").is_file():
-    sys.exit(f"triton.servedVersion: version {version} of {o.model_name} is not in {model}")
-out = pathlib.Path(o.out) / o.model_name
-out.mkdir(parents=True, exist_ok=True)
-config = (model / "config.pbtxt").read_text()
-(out / "config.pbtxt").write_text(config + "version_policy { specific { versions: [ " + version + " ] } }\n")
-(out / version).symlink_to(model / version)
-print(f"serving {o.model_name} version {version} alone")
+{{/* triton.servedVersion as the pin and the client read it: "run" (this run's version;
+in serve-only mode, having no run, the newest), "" (the newest), or a number (never in
+scientific notation). */}}
+{{- define "mnist-pipeline.servedVersion" -}}
+{{- $v := .Values.triton.servedVersion }}
+{{- if kindIs "string" $v }}{{ $v }}{{ else }}{{ int64 $v }}{{ end }}
+{{- end }}
+
+{{/* A resource quantity ("500m", "2", 1.5, "1Gi", "512Mi") as a plain number. */}}
+{{- define "mnist-pipeline.quantity" -}}
+{{- $q := toString . }}
+{{- $units := dict "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 }}
+{{- $unit := regexFind "[A-Za-z]+$" $q }}
+{{- $number := trimSuffix $unit $q | float64 }}
+{{- if $unit }}{{ mulf $number (get $units $unit) }}{{ else }}{{ $number }}{{ end }}
 {{- end }}
 
 {{/* Refuse a Prometheus Operator object the cluster has no CRD for: the install would

@@ -1,0 +1,258 @@
+"""The chart after install (issue 17), at render level: refusals with their reasons, numbers
+as the API server and the CLI read them, Job names that survive a chart version bump, the
+upgrade's peak requests, OpenShift's arbitrary uid, Triton's preStop pause; and the
+multi-worker settings check, run from its rendered command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from helm_chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
+from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
+
+# 4. Settings every rank would reject: refused at render time, or checked before torchrun ------
+
+WORKERS = merge(RWX, {"training": {"workers": 2}})
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (merge(WORKERS, {"training": {"batchSize": 129}}), "must split evenly"),
+        (merge(WORKERS, {"training": {"batchSize": 2}}), "fewer than 2 images"),
+        ({"training": {"syncBatchNorm": True}}, "syncBatchNorm needs GPUs"),
+    ],
+)
+def test_settings_every_rank_rejects_are_refused_at_render_time(
+    values: dict[str, Any], reason: str
+) -> None:
+    assert reason in refused(values)
+
+
+def check_settings(values: dict[str, Any], storage: Path) -> subprocess.CompletedProcess[str]:
+    """Run worker 0's check-settings initContainer as rendered (env and args)."""
+    job = find(render(values)[0], "Job", "train")
+    (check,) = [c for c in pod_spec(job)["initContainers"] if c["name"] == "check-settings"]
+    assert check["command"] == ["mnist-pipeline"]
+    env = {e["name"]: e["value"] for e in check["env"]}
+    args = [a.replace("=/storage", f"={storage}") for a in check["args"]]
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", *args],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO / "src"), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) -> None:
+    """torchrun turns a rank's exit 2 into 1 (retried, backoffLimit × workers times): the
+    check runs before it, in each worker pod, where exit 2 fails the Job at once."""
+    job = find(render(WORKERS)[0], "Job", "train")
+    rules = [
+        r["onExitCodes"] for r in job["spec"]["podFailurePolicy"]["rules"] if "onExitCodes" in r
+    ]
+    assert {"containerName": "check-settings", "operator": "In", "values": [1, 2]} in rules
+    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["seed-data", "check-settings"]
+    # What the render cannot see: extraEnv. 3 images over 2 workers is 1 per rank a step.
+    tiny = merge(WORKERS, {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "3"}]}})
+    bad = check_settings(tiny, tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert "at least 4 images" in bad.stderr
+    good = check_settings(WORKERS, tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert not (tmp_path / "checkpoints").exists()  # a check, not a run
+
+
+# 6. A retraining upgrade fits a 2-CPU kind node --------------------------------------------
+
+KIND_NODE_FREE_CPU = 2 - 0.95  # kind's control plane requests about 0.95 CPU
+
+
+def test_the_upgrade_peak_fits_a_2_cpu_kind_node() -> None:
+    """During a retraining upgrade the old Triton keeps serving while the surge Triton, the
+    new train, export and client pods all exist (the later ones waiting): every request
+    counts at once. If training were the pod that did not fit, the others would hold their
+    requests waiting for it until their waits time out."""
+    objects = [d for d in yaml.safe_load_all(install_manifest()) if d]
+    triton = find(objects, "Deployment", "triton")
+    surge = triton["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    pods = [pod_spec(o) for o in objects if o["kind"] == "Job"]
+    pods += [pod_spec(triton)] * (triton["spec"]["replicas"] + surge)
+    assert len(pods) == 5
+    peak = sum(pod_requests(p, "cpu") for p in pods)
+    assert peak <= KIND_NODE_FREE_CPU, peak
+    assert sum(pod_requests(p, "memory") for p in pods) <= 3 * 2**30
+
+
+# 8. OpenShift: restricted-v2 assigns the uid and fsGroup itself ------------------------------
+
+
+def test_run_as_user_and_fs_group_can_be_left_to_the_platform() -> None:
+    unset = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+    objects, _ = render(unset)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        if obj["kind"] in ("Job", "Deployment", "Pod"):
+            context = pod_spec(obj)["securityContext"]
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context), context
+            assert context["runAsNonRoot"] is True
+
+
+# 10. Large integers as integers --------------------------------------------------------------
+
+
+def test_large_integers_render_without_scientific_notation() -> None:
+    big = 2_000_000
+    values = {
+        "training": {
+            "checkpointEvery": 1_000_000,
+            "epochs": 1_000_000,
+            "activeDeadlineSeconds": big,
+            "ttlSecondsAfterFinished": big,
+        },
+        "export": {"activeDeadlineSeconds": big + 1, "ttlSecondsAfterFinished": big},
+        "client": {"requests": 1_000_000, "activeDeadlineSeconds": big + 1},
+        "waits": {"timeoutSeconds": big},
+        "tests": {"requests": 1_000_000},
+        "retention": {"runs": 1_000_000},
+    }
+    manifest = install_manifest(values)
+    objects, _ = render(values)
+    text = manifest + yaml.safe_dump_all(objects)
+    assert "e+0" not in text
+    train = find(objects, "Job", "train")
+    env = {e["name"]: e["value"] for e in pod_spec(train)["containers"][0]["env"]}
+    assert env["CHECKPOINT_EVERY"] == "1000000" and env["EPOCHS"] == "1000000"
+    assert train["spec"]["activeDeadlineSeconds"] == big
+    client = pod_spec(find(objects, "Job", "client"))
+    assert arg(client["containers"][0], "requests") == "1000000"
+    assert arg(client["initContainers"][0], "timeout") == str(big)
+    assert arg(client["initContainers"][1], "keep-runs") == "1000000"
+    (test,) = find(objects, "Pod")["spec"]["containers"]
+    assert arg(test, "requests") == "1000000"
+    pinned, _ = render({"triton": {"servedVersion": 1_000_000}})
+    _, pin = pod_spec(find(pinned, "Deployment", "triton"))["initContainers"]
+    assert arg(pin, "version") == "1000000"
+
+
+# 11. Combinations the API server refuses, or that hang ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (
+            {
+                "triton": {"ingress": {"enabled": True}},
+                "networkPolicy": {"tritonIngressFrom": [{"namespaceSelector": {}}]},
+            },
+            "needs at least one entry in triton.ingress.hosts",
+        ),
+        (
+            merge(RWX, {"triton": {"autoscaling": {"enabled": True, "minReplicas": 5}}}),
+            "minReplicas (5) is above maxReplicas (4)",
+        ),
+        (
+            {"training": {"resources": {"requests": {"cpu": "3"}}}},
+            "training.resources: the cpu request (3) is above its limit (2)",
+        ),
+        (
+            {"triton": {"resources": {"requests": {"memory": "3Gi"}}}},
+            "triton.resources: the memory request (3Gi) is above its limit (2Gi)",
+        ),
+        (
+            {"waits": {"resources": {"requests": {"cpu": "200m"}}}},
+            "waits.resources: the cpu request (200m) is above its limit (100m)",
+        ),
+    ],
+)
+def test_combinations_the_api_server_refuses_fail_with_the_reason(
+    values: dict[str, Any], reason: str
+) -> None:
+    assert reason in refused(values)
+
+
+def test_requests_equal_to_limits_and_extended_resources_pass() -> None:
+    same = {"cpu": "1500m", "memory": "1536Mi", "nvidia.com/gpu": 1}
+    values = {"triton": {"resources": {"requests": same, "limits": {**same, "cpu": 1.5}}}}
+    install_manifest(values)
+
+
+# 12. GPUs need a CUDA build of the pipeline image -------------------------------------------
+
+
+def test_training_gpus_need_a_cuda_pipeline_image() -> None:
+    assert "images.pipeline.cuda: true" in refused({"training": {"gpus": 1}})
+    cuda = {"images": {"pipeline": {"repository": "me/pipeline-cuda", "cuda": True}}}
+    install_manifest(merge(cuda, {"training": {"gpus": 1}}))
+
+
+# 14. A chart version bump renames no Job and rolls no pod ------------------------------------
+
+
+def render_chart(chart: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm_python.Chart.load(str(chart)) as loaded:
+        files = loaded.render(values, name="demo", namespace="ml", revision=2, is_upgrade=True)
+    return [
+        d
+        for p, t in files.items()
+        if not p.endswith("NOTES.txt")
+        for d in yaml.safe_load_all(t)
+        if d
+    ]
+
+
+def test_a_chart_version_bump_keeps_job_names_and_pod_templates(tmp_path: Path) -> None:
+    pinned = {"run": {"id": "prod"}}
+    bumped = tmp_path / "mnist-pipeline"
+    shutil.copytree(CHART, bumped)
+    meta = yaml.safe_load((bumped / "Chart.yaml").read_text())
+    meta["version"], meta["appVersion"] = "9.9.9", "9.9.9"
+    (bumped / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    before, after = render_chart(CHART, pinned), render_chart(bumped, pinned)
+    assert job_names(after) == job_names(before)
+    templates = [find(o, "Deployment", "triton")["spec"]["template"] for o in (before, after)]
+    assert templates[0] == templates[1]
+    # The objects themselves still say which chart made them.
+    assert (
+        find(after, "Job", "train")["metadata"]["labels"]["helm.sh/chart"] == "mnist-pipeline-9.9.9"
+    )
+
+
+# 15. Triton keeps serving while endpoints drop it ---------------------------------------------
+
+
+def test_triton_pauses_before_sigterm() -> None:
+    objects, _ = render()
+    spec = pod_spec(find(objects, "Deployment", "triton"))
+    (triton,) = spec["containers"]
+    command = triton["lifecycle"]["preStop"]["exec"]["command"]
+    assert command == ["sleep", "5"]
+    assert int(command[1]) < spec.get("terminationGracePeriodSeconds", 30)
+    off = pod_spec(find(render({"triton": {"preStopSleepSeconds": 0}})[0], "Deployment", "triton"))
+    assert "lifecycle" not in off["containers"][0]
+
+
+# 5. GitOps without run.id, and RWX without a class: said where the user reads it ------------
+
+
+def test_notes_warn_about_an_unpinned_run_and_rwx_without_a_class() -> None:
+    _, notes = render()
+    assert "run.id is not set" in notes and "For GitOps set run.id" in notes
+    _, pinned = render({"run": {"id": "prod"}})
+    assert "run.id is not set" not in pinned
+    _, rwx = render(RWX)
+    assert "ReadWriteMany with no persistence.storageClass" in rwx
+    _, named = render(merge(RWX, {"persistence": {"storageClass": "efs"}}))
+    assert "WARNING" not in named and "WARNING" not in notes
