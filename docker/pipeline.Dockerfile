@@ -12,12 +12,12 @@ ENV PATH=/opt/venv/bin:$PATH
 # The package's `train` and `export` extras then find the pin already satisfied. Where
 # PyTorch's index is unreachable: TORCH_INDEX_URL=https://pypi.org/simple (torch's
 # dependencies) and TORCH_FIND_LINKS=<a folder or URL holding the torch wheel>. A CUDA build
-# for training.gpus: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 TORCH=torch==2.13.0+cu126
+# for training.gpus: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 TORCH_VERSION=2.13.0+cu126
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_FIND_LINKS=""
-ARG TORCH=torch==2.13.0+cpu
+ARG TORCH_VERSION=2.13.0+cpu
 RUN PIP_FIND_LINKS="${TORCH_FIND_LINKS}" \
-    pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "${TORCH}"
+    pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src

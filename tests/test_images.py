@@ -88,9 +88,9 @@ def test_pipeline_image_has_cpu_torch_and_bakes_mnist() -> None:
     args = " ".join(a for k, a in steps if k == "ARG")
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
     # +cpu: no index or wheel folder can make pip pick the CUDA build; --build-arg
-    # TORCH=torch==2.13.0+cu126 (with its index) builds the CUDA image training.gpus needs.
-    assert "TORCH=torch==2.13.0+cpu" in args
-    assert '--index-url "${TORCH_INDEX_URL}" "${TORCH}"' in runs
+    # TORCH_VERSION=2.13.0+cu126 (with its index) builds the CUDA image training.gpus needs.
+    assert "TORCH_VERSION=2.13.0+cpu" in args
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in runs
     assert '"/src[train,export]"' in runs
     final = final_stage(DOCKERFILES["pipeline"])
     assert ("COPY", "data/mnist /opt/mnist") in final
