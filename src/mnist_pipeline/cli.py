@@ -177,6 +177,8 @@ def cli(verbose: bool) -> None:
       mnist-pipeline run      all of the above, locally
       mnist-pipeline wait     until a run's training, export or serving is done (Kubernetes)
       mnist-pipeline prune    delete old runs, model versions and inference results
+      mnist-pipeline pin      write the repository one Triton pod serves (Kubernetes)
+      mnist-pipeline check-train  check train's settings for N ranks, train nothing
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -1135,7 +1137,7 @@ def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F
 @click.option(
     "--abandoned-after",
     envvar="ABANDONED_AFTER",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0,
     help="Seconds without a write after which a run still marked running counts as "
     "abandoned (its pods gone) and may go like any other (0: never).",
