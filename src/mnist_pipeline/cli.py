@@ -109,6 +109,13 @@ def _name(what: str) -> Callable[[click.Context, click.Parameter, str | None], s
     return check
 
 
+def model_name_option(f: F) -> F:
+    """The model of the Triton repository that prune and pin look after."""
+    return click.option(
+        "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
+    )(f)
+
+
 def storage_option(f: F) -> F:
     return click.option(
         "--storage",
@@ -1114,9 +1121,7 @@ def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F
 
 @cli.command()
 @storage_option
-@click.option(
-    "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
-)
+@model_name_option
 @click.option(
     "--run-id",
     envvar="RUN_ID",
@@ -1175,9 +1180,7 @@ def prune(
 
 @cli.command()
 @storage_option
-@click.option(
-    "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
-)
+@model_name_option
 @click.option(
     "--out",
     envvar="SERVED_REPOSITORY",
