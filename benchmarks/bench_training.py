@@ -1,16 +1,24 @@
-"""Training speed and time-to-accuracy of a recipe, through the pipeline's own train()."""
+"""Training speed and time-to-accuracy of a recipe, through the pipeline's own train(),
+against the machine's own yardstick: its fp32 matrix-product rate on the same threads."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import load_average
-from mnist_pipeline.train import TrainConfig, train
+from mnist_pipeline import model
+from mnist_pipeline.distributed import ONE_PROCESS
+from mnist_pipeline.train import Plan, TrainConfig, train
 
 # The recipe of the original implementation, kept to compare the default against.
 ORIGINAL = TrainConfig(
@@ -21,6 +29,41 @@ ORIGINAL = TrainConfig(
     label_smoothing=0.0,
     weight_decay=0.0,
 )
+# Release 0.1.0's default: one whole epoch, every convolution through oneDNN.
+PREVIOUS_DEFAULT = TrainConfig(epochs=1)
+
+
+@contextlib.contextmanager
+def plain_convolutions() -> Iterator[None]:
+    """Training as release 0.1.0 ran it: no matrix products for the tiniest maps."""
+    model.Conv2d.tiny_maps_as_matmul = False
+    try:
+        yield
+    finally:
+        model.Conv2d.tiny_maps_as_matmul = True
+
+
+def matmul_flops_per_s(n: int = 2048, rounds: int = 7) -> float:
+    """The machine's fp32 matrix-product rate on torch's threads (median of `rounds`
+    n×n products): what 'share of matmul' and 'matmul-epochs' divide by."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flops_per_image() -> float:
+    """Forward and backward FLOPs of one training image as the architecture counts them
+    (plain convolutions, their padding taps included; torch's FLOP counter)."""
+    net = model.build().train()
+    x = torch.randn(8, 1, 28, 28)
+    with plain_convolutions(), FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), torch.zeros(8, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 8
 
 
 def time_to_accuracy(evals: list[dict[str, Any]], target: float) -> float | None:
@@ -33,6 +76,7 @@ def run_recipe(
     name: str,
     cfg: TrainConfig,
     eval_images: int,
+    plain: bool = False,
     targets: tuple[float, ...] = (0.99, 0.995),
 ) -> dict[str, Any]:
     """Train `cfg` as run `name`, evaluating on the test set about every `eval_images`
@@ -40,12 +84,14 @@ def run_recipe(
     eval_every = max(1, eval_images // cfg.batch_size)
     load_before = load_average()
     t0, cpu0 = time.monotonic(), time.process_time()
-    metrics = train(storage, cfg, run_id=name, checkpoint_every=0, eval_every=eval_every)
+    with plain_convolutions() if plain else contextlib.nullcontext():
+        metrics = train(storage, cfg, run_id=name, checkpoint_every=0, eval_every=eval_every)
     wall_s, cpu_s = time.monotonic() - t0, time.process_time() - cpu0
-    images = cfg.epochs * epoch_images(cfg)
+    images = images_trained(cfg)
     return {
         "name": name,
         "config": dataclasses.asdict(cfg),
+        "plain_convolutions": plain,
         "eval_every_steps": eval_every,
         "train_images_seen": images,
         "train_seconds": metrics["train_seconds"],
@@ -66,8 +112,7 @@ def run_recipe(
     }
 
 
-def epoch_images(cfg: TrainConfig) -> int:
-    """Images one epoch trains on: whole batches only, as train() steps."""
-    n = cfg.limit_train or 60000
-    steps = n // cfg.batch_size if n > cfg.batch_size else 1
-    return steps * min(cfg.batch_size, n)
+def images_trained(cfg: TrainConfig) -> int:
+    """Images the run trains on: whole batches only, as train() steps."""
+    plan = Plan.of(cfg, cfg.limit_train or 60000, ONE_PROCESS)
+    return plan.total_steps * plan.batch

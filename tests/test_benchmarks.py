@@ -54,12 +54,18 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
         assert isinstance(machine[key], str) and machine[key]
     assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
 
-    runs = {run["name"]: run for run in results["training"]["runs"]}
-    assert set(runs) == {"default", "original"}
-    assert runs["original"]["config"]["optimizer"] == "adam"
-    assert runs["original"]["config"]["batch_size"] == 64
+    training = results["training"]
+    runs = {run["name"]: run for run in training["runs"]}
+    assert set(runs) == {"default-seed0", "default-seed1", "default-seed2", "previous-default"}
+    assert [runs[f"default-seed{i}"]["config"]["seed"] for i in range(3)] == [0, 1, 2]
+    assert runs["previous-default"]["plain_convolutions"] is True
+    assert runs["previous-default"]["config"]["epochs"] == 1
+    # The architecture's FLOPs per training image (forward + backward): 196.8 M.
+    assert 190e6 < training["flops_per_image"] < 200e6
+    assert len(training["matmul_flops_per_s"]) == 2
     for run in runs.values():
         assert number(run["images_per_s"]) and number(run["train_seconds"])
+        assert number(run["matmul_epochs"]) and number(run["matmul_share"])
         assert 0 < run["cpu_share"] <= 1.5  # CPU time per wall second per thread
         assert 0 <= run["test_accuracy"] <= 1
         assert len(run["evals"]) >= 2
@@ -127,8 +133,9 @@ def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> Non
     for heading in ("## Machine", "## Targets", "## Training", "## Export", "## Serving"):
         assert heading in doc
     table_rows = [line for line in doc.splitlines() if line.startswith("| ")]
-    assert any(line.startswith("| default |") for line in table_rows)
-    assert any(line.startswith("| original |") for line in table_rows)
+    for run in ("default-seed0", "default-seed1", "default-seed2", "previous-default"):
+        assert any(line.startswith(f"| {run} |") for line in table_rows)
+    assert "Time to 99.0%" in doc or "no record" in doc
     assert any(line.startswith("| 8 |") for line in table_rows)
     assert "### perf_analyzer" in doc
     assert "{" not in doc  # every template field filled

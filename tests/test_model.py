@@ -56,3 +56,34 @@ def test_foreign_payload_is_refused() -> None:
     bad["state_dict"] = {"fc.weight": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match="weights do not fit"):
         model.from_checkpoint(bad)
+
+
+def test_training_convolutions_on_tiny_maps_match_the_plain_convolution() -> None:
+    """The matrix-product path (2x2 and 1x1 maps, in training) computes what nn.Conv2d
+    does, forward and backward, for every shape ResNet-18 gives it on 28x28 digits."""
+    torch.manual_seed(0)
+    # (in, out, map size, stride): layer3's 2x2 maps, layer4's 2x2 -> 1x1 and 1x1 maps.
+    cases = [(256, 256, 2, 1), (256, 512, 2, 2), (512, 512, 1, 1)]
+    for c_in, c_out, size, stride in cases:
+        conv = model.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        assert model.all_seeing_taps(size, size, (3, 3), (stride, stride), (1, 1)) is not None
+        x = torch.randn(4, c_in, size, size).contiguous(memory_format=torch.channels_last)
+        outputs, grads = [], []
+        for training in (True, False):
+            conv.train(training)
+            xi = x.clone().requires_grad_()
+            conv.weight.grad = None
+            y = conv(xi)
+            y.pow(2).sum().backward()
+            outputs.append(y)
+            grads.append((xi.grad, conv.weight.grad))
+        torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)
+
+
+def test_larger_maps_keep_the_plain_convolution() -> None:
+    # layer3's first convolution: 4x4 -> 2x2, its corner outputs miss far input pixels.
+    assert model.all_seeing_taps(4, 4, (3, 3), (2, 2), (1, 1)) is None
+    assert model.all_seeing_taps(7, 7, (3, 3), (1, 1), (1, 1)) is None
+    # layer4's 1x1 stride-2 downsample on 2x2 sees only the top-left pixel.
+    assert model.all_seeing_taps(2, 2, (1, 1), (2, 2), (0, 0)) is None

@@ -148,6 +148,30 @@ def test_killed_run_resumes_from_its_last_checkpoint(storage: Path) -> None:
     assert "resuming" in (out / "train.log").read_text()
 
 
+def test_a_fractional_epoch_ends_within_the_pass_and_resumes(storage: Path) -> None:
+    """--epochs 1.5 on 20-step epochs: 30 steps, the second epoch cut at its tenth; killed
+    and resumed, it ends where an uninterrupted run ends."""
+    quick = "--epochs 1.5 --limit-train 1000 --limit-test 1000 --batch-size 50"
+    args = ["train", "--storage", str(storage), *quick.split(), "--checkpoint-every", "5"]
+    _kill_after_first_checkpoint(storage, "fraction", [*args, "--run-id", "fraction"])
+    resumed = cli(*args, "--run-id", "fraction", check=True)
+    assert "resuming run fraction at epoch" in resumed.stderr
+    assert re.search(r"step 30/30 epoch 2/2 ", resumed.stderr), resumed.stderr[-2000:]
+    cli(*args, "--run-id", "straight", check=True)
+
+    out = run_dir(storage, "fraction")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["epochs"] == 1.5
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    a = torch.load(out / "model.pth", weights_only=True)["state_dict"]
+    b = torch.load(run_dir(storage, "straight") / "model.pth", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    # A whole number of epochs keeps the run id it had when epochs were integers.
+    assert default_run_id(TrainConfig(epochs=2.0)) == default_run_id(TrainConfig(epochs=2))
+    assert cli("train", "--storage", storage, "--epochs", "1001").returncode == 2
+
+
 def test_resume_with_other_settings_is_refused(storage: Path) -> None:
     _kill_after_first_checkpoint(storage, "changed")
     result = cli(*_train_args(storage, "changed"), "--lr", "0.3")

@@ -237,7 +237,12 @@ def train_options(f: F) -> F:
     """Training's options, shared by `train` and `run` so both honour the same variables."""
     options = [
         click.option(
-            "--epochs", envvar="EPOCHS", type=click.IntRange(min=1, max=MAX_EPOCHS), default=1
+            "--epochs",
+            envvar="EPOCHS",
+            type=FiniteFloatRange(min=0, min_open=True, max=MAX_EPOCHS),
+            default=1,
+            help="Passes over the training set; a fraction (0.7) ends within a pass, on "
+            "that share of its shuffled images.",
         ),
         click.option(
             "--batch-size",

@@ -54,7 +54,7 @@ SCHEDULES = ("onecycle", "constant")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
+    epochs: float = 1  # passes over the training set; a fraction ends within one
     batch_size: int = 128
     lr: float = 0.05  # peak learning rate of the one-cycle schedule
     optimizer: str = "sgd"
@@ -80,15 +80,18 @@ class TrainConfig:
                     "%s %d covers all %d %s images: using all (as 0)", flag, limit, total, split
                 )
                 object.__setattr__(self, name, 0)
+        # A whole number of epochs as an int: the run id of `--epochs 3` stays what it was.
+        if isinstance(self.epochs, float) and self.epochs.is_integer():
+            object.__setattr__(self, "epochs", int(self.epochs))
 
     def validate(self) -> None:
-        floats = {"lr": self.lr, "weight decay": self.weight_decay}
+        floats = {"epochs": self.epochs, "lr": self.lr, "weight decay": self.weight_decay}
         floats.update({"label smoothing": self.label_smoothing, "warmup": self.warmup})
         for what, value in floats.items():
             if not math.isfinite(value):
                 raise UsageError(f"{what} must be a finite number, not {value}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise UsageError("need epochs >= 1, batch size >= 2 and lr > 0")
+        if self.epochs <= 0 or self.batch_size < 2 or self.lr <= 0:
+            raise UsageError("need epochs > 0, batch size >= 2 and lr > 0")
         if self.epochs > MAX_EPOCHS:
             raise UsageError(f"epochs {self.epochs}: at most {MAX_EPOCHS}")
         if self.limit_train < 0 or self.limit_test < 0:
@@ -122,7 +125,9 @@ def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+        # fused: one pass over the 11 M parameters instead of one per operation, 6x faster
+        # on a CPU core (5 ms against 33 ms a step).
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, fused=True)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -548,7 +553,12 @@ class Plan:
     def of(cls, cfg: TrainConfig, images: int, world: World) -> Plan:
         steps = images // cfg.batch_size if images > cfg.batch_size else 1
         local = min(cfg.batch_size, images) // world.size
-        return cls(images, local * world.size, local, steps, steps * cfg.epochs)
+        total = max(1, round(steps * cfg.epochs))
+        return cls(images, local * world.size, local, steps, total)
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of epoch `epoch`: all but in the last one of a fractional --epochs."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     def shard(self, order: torch.Tensor, step: int, world: World) -> torch.Tensor:
         start = step * self.batch + world.rank * self.local
@@ -610,7 +620,7 @@ class Run:
         progress = Progress(self.plan.total_steps, self.plan.batch, start=self.global_step)
         rx0, tx0 = network_bytes()
         try:
-            while self.loop.epoch < self.cfg.epochs:
+            while self.global_step < self.plan.total_steps:
                 self.epoch(progress, eval_every)
         finally:  # ends the bar's line, so that an error is printed on a line of its own
             progress.close()
@@ -619,10 +629,11 @@ class Run:
 
     def epoch(self, progress: Progress, eval_every: int) -> None:
         order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
-        while self.loop.step < self.plan.steps_per_epoch:
+        steps = self.plan.steps_in(self.loop.epoch)
+        while self.loop.step < steps:
             self.step(order)
             progress.update(self.global_step, self.progress_text())
-            if self.loop.step == self.plan.steps_per_epoch:
+            if self.loop.step == steps:
                 break  # the epoch end checkpoints and evaluates
             if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
                 self.save_state()
@@ -729,7 +740,7 @@ class Run:
     def progress_text(self) -> str:
         partial = self.loop.partial
         return (
-            f"epoch {self.loop.epoch + 1}/{self.cfg.epochs} "
+            f"epoch {self.loop.epoch + 1}/{math.ceil(self.cfg.epochs)} "
             f"loss {partial['loss_sum'] / partial['seen']:.4f} "
             f"acc {partial['correct'] / partial['seen']:.4f}"
         )
@@ -758,7 +769,7 @@ class Run:
         epoch_seconds = loop.train_seconds - sum(h["train_seconds"] for h in history)
         eval_t0 = time.monotonic()
         test_loss, test_acc = evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
-        epoch_images = self.plan.steps_per_epoch * self.plan.local
+        epoch_images = self.plan.steps_in(loop.epoch) * self.plan.local
         rank_rates = distributed.gather(round(epoch_images / epoch_seconds, 1), self.world)
         record = {
             "epoch": loop.epoch + 1,
@@ -779,7 +790,7 @@ class Run:
             "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s, "
             "%.0f images/s (per rank: %s)",
             loop.epoch + 1,
-            self.cfg.epochs,
+            math.ceil(self.cfg.epochs),
             record["train_loss"],
             record["train_accuracy"],
             test_loss,
@@ -851,7 +862,7 @@ class Run:
             log.info("done; rank 0 wrote %s", self.out / "model.pth")
             return metrics
         log.info(
-            "final test accuracy %.4f after %d epoch(s), %.1f s of training; checkpoint %s",
+            "final test accuracy %.4f after %g epoch(s), %.1f s of training; checkpoint %s",
             final_acc,
             self.cfg.epochs,
             self.loop.train_seconds,
