@@ -183,6 +183,7 @@ BAD_VALUES = {
     "zero timeout": {"waits": {"timeoutSeconds": 0}},
     "bad size": {"persistence": {"size": "lots"}},
     "bad env name": {"training": {"extraEnv": [{"name": "LIMIT TRAIN", "value": "1"}]}},
+    "unknown precision": {"export": {"precision": "fp16"}},
 }
 
 
@@ -290,6 +291,19 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     # Within one render every object agrees, NOTES included.
     objects, notes = render()
     assert run_id_of(objects) in notes
+
+
+def test_precision_reaches_the_export_job_and_is_part_of_the_run(
+    default: list[dict[str, Any]],
+) -> None:
+    export = pod_spec(find(default, "Job", "export"))["containers"][0]
+    assert {"name": "PRECISION", "value": "fp32"} in export["env"]
+    pinned = {"run": {"id": "demo"}}
+    int8 = render({**pinned, "export": {"precision": "int8"}}, revision=2)[0]
+    export = pod_spec(find(int8, "Job", "export"))["containers"][0]
+    assert {"name": "PRECISION", "value": "int8"} in export["env"]
+    # An export setting: the new run exports again (and so trains again, like any).
+    assert run_id_of(int8) != run_id_of(render(pinned)[0])
 
 
 def job_name(objects: list[dict[str, Any]], stage: str) -> str:

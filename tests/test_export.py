@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from mnist_pipeline import data, export, repository
+from mnist_pipeline import data, export, quantize, repository
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.storage import PipelineFailure, UsageError
 from serving_helpers import snapshot
@@ -645,3 +645,154 @@ def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(
     result = cli("export", "--storage", tmp_path, "--checkpoint", log, check=2)
     assert f"cannot load checkpoint {log}: not a weights-only PyTorch checkpoint" in result.stderr
     assert "weights_only" not in result.stderr
+
+
+# INT8 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The high run exported int8 first, then fp32 and int8 again: one checkpoint, two models."""
+    storage = copy_storage(trained["storage"], tmp_path_factory.mktemp("int8") / "s")
+    high = trained["high"]
+    first = cli("export", "--storage", storage, "--run-id", high, "--precision", "int8")
+    meta = json.loads((storage / "models" / NAME / "1" / "metadata.json").read_text())
+    fp32 = cli("export", "--storage", storage, "--run-id", high, env={"PRECISION": "fp32"})
+    fp32_marker = marker(storage, high)["history"][-1]
+    before = snapshot(storage / "models")
+    again = cli("export", "--storage", storage, "--run-id", high, env={"PRECISION": "int8"})
+    return {
+        "storage": storage,
+        "high": high,
+        "first": first,
+        "meta": meta,
+        "fp32": fp32,
+        "fp32_marker": fp32_marker,
+        "again": again,
+        "again_unchanged": snapshot(storage / "models") == before,
+    }
+
+
+def test_int8_export_publishes_a_quantised_model_triton_can_load(int8: dict[str, Any]) -> None:
+    path = int8["storage"] / "models" / NAME / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import} == {
+        "ai.onnx": export.OPSET
+    }
+    assert model.ir_version <= export.TRITON_MAX_IR_VERSION
+    weights = [
+        numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert len(weights) >= 20  # every Conv and the Gemm: int8 weights
+    assert path.stat().st_size < 16 * 2**20  # about a quarter of the fp32 model's 45 MB
+
+
+def test_int8_metadata_records_precision_calibration_and_the_fp32_reference(
+    int8: dict[str, Any], trained: dict[str, Any]
+) -> None:
+    meta = int8["meta"]
+    assert meta["precision"] == "int8"
+    assert meta["calibration"] == {
+        "images": quantize.CALIBRATION_IMAGES,
+        "source": quantize.CALIBRATION_SOURCE,
+    }
+    assert "train" in meta["calibration"]["source"]
+    # Measured like any candidate, on all 10000 test images, within 0.1 pp of its fp32 export.
+    assert meta["evaluation"]["images"] == 10_000
+    assert meta["fp32_accuracy"] == pytest.approx(trained["accuracy"][trained["high"]], abs=2e-3)
+    assert meta["fp32_accuracy"] - meta["accuracy"] <= export.MAX_INT8_ACCURACY_LOSS + 1e-9
+    parity = meta["int8_parity"]
+    assert parity["samples"] == export.PARITY_SAMPLES
+    assert quantize.MIN_TOP1_AGREEMENT <= parity["top1_agreement"] <= 1
+    assert 0 < parity["max_abs_logit_diff"] < 5
+    assert 0 <= meta["parity_max_abs_diff"] <= export.PARITY_TOLERANCE  # the fp32 export's
+    session = ort.InferenceSession(
+        str(int8["storage"] / "models" / NAME / "1" / "model.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    images, labels = data.load(int8["storage"], "test")
+    logits = session.run(["output"], {"input": data.normalize(images)})[0]
+    assert (logits.argmax(1) == labels).mean() == meta["accuracy"]
+
+
+def test_fp32_and_int8_of_one_checkpoint_are_different_models(int8: dict[str, Any]) -> None:
+    """An int8 version does not make the fp32 export of its checkpoint "identical" (nor the
+    reverse): the fp32 model goes through the gate, and is published only if it is better."""
+    assert int8["first"].returncode == int8["fp32"].returncode == 0
+    attempt = int8["fp32_marker"]
+    assert "identical" not in attempt["reason"]
+    if attempt["status"] == "skipped":
+        assert "(fp32) does not beat the published version 1's" in attempt["reason"]
+        assert "(int8)" in attempt["reason"]
+    else:
+        assert attempt["status"] == "published" and attempt["version"] == 2
+        meta = json.loads((int8["storage"] / "models" / NAME / "2" / "metadata.json").read_text())
+        assert meta["precision"] == "fp32"
+    # The same precision of the same checkpoint again: that one is identical.
+    assert int8["again_unchanged"]
+    assert "identical to the published version 1" in int8["again"].stderr
+
+
+def test_an_fp32_version_does_not_hide_the_int8_export_of_its_checkpoint(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    high = published["high"]  # published fp32 as version 2
+    result = cli("export", "--storage", storage, "--run-id", high, "--precision", "int8")
+    attempt = marker(storage, high)["history"][-1]
+    assert "identical" not in attempt["reason"], result.stderr
+    assert attempt["status"] in ("published", "skipped")
+
+
+def test_quantisation_is_deterministic_and_calibrates_on_training_images(
+    int8: dict[str, Any],
+) -> None:
+    storage = int8["storage"]
+    calibration = quantize.calibration_images(storage)
+    train, _ = data.load(storage, "train")
+    assert calibration.shape == (quantize.CALIBRATION_IMAGES, 1, 28, 28)
+    assert np.array_equal(
+        calibration[1],
+        data.normalize(train[quantize.CALIBRATION_STRIDE : quantize.CALIBRATION_STRIDE + 1])[0],
+    )
+    fp32 = export.to_onnx(
+        export.load_candidate(storage / "checkpoints" / int8["high"] / "model.pth").net
+    )
+    assert quantize.quantize(fp32.content, calibration) == quantize.quantize(
+        fp32.content, quantize.calibration_images(storage)
+    )
+
+
+def test_an_int8_model_losing_accuracy_is_refused(trained: dict[str, Any], tmp_path: Path) -> None:
+    """A real model that quantises badly: one channel of the last residual block scaled up
+    1000-fold (and the classifier's weights for it down), so the fp32 model predicts as
+    before but that channel's range leaves int8 no resolution for the other 511."""
+    storage = copy_storage(trained["storage"], tmp_path / "s")
+    source = storage / "checkpoints" / trained["high"]
+    run = storage / "checkpoints" / "outlier"
+    run.mkdir()
+    payload = torch.load(source / "model.pth", weights_only=True)
+    weights = payload["state_dict"]
+    weights["layer4.1.bn2.weight"][0] *= 1000
+    weights["layer4.1.bn2.bias"][0] *= 1000
+    weights["fc.weight"][:, 0] /= 1000
+    payload["run_id"] = "outlier"
+    torch.save(payload, run / "model.pth")
+    metrics = json.loads((source / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "run_id": "outlier"}))
+
+    result = cli(
+        "export", "--storage", storage, "--run-id", "outlier", "--precision", "int8", check=1
+    )
+    message = "int8 model refused: accuracy 0."
+    assert (
+        message in result.stderr and "for the fp32 export of the same checkpoint" in result.stderr
+    )
+    assert "loses more than 0.1 percentage point" in result.stderr
+    assert not (storage / "models").exists()
+    record = marker(storage, "outlier")
+    assert record["status"] == "failed" and "int8 model refused" in record["reason"]

@@ -1,6 +1,11 @@
 """Export a trained checkpoint to ONNX and publish it to the Triton repository if it is better.
 
     load checkpoint -> ONNX -> optimise -> parity -> measure -> gate (champion) -> publish
+                                      int8: -> quantise -> measure -> refuse a loss -> agreement
+
+With --precision int8 the published model is the fp32 export statically quantised
+(quantize.py), refused when it loses more than MAX_INT8_ACCURACY_LOSS of test accuracy
+against that fp32 export; the champion gate then treats it like any model.
 
 The gate compares like with like: the accuracy of the very model.onnx about to be
 published, measured here with onnxruntime on all 10 000 MNIST test images, against the
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_pipeline import data, model, repository
+from mnist_pipeline import data, model, quantize, repository
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
@@ -61,6 +66,10 @@ PARITY_SAMPLES = 256
 PARITY_TOLERANCE = 1e-4
 EVAL_BATCH = 500
 EVAL_SOURCE = "onnxruntime, CPU, on the published model.onnx"
+PRECISIONS = ("fp32", "int8")
+# 0.1 percentage point: 10 of the 10 000 test images. More is a quantisation that broke
+# something (an activation range one outlier stretched), not int8 rounding.
+MAX_INT8_ACCURACY_LOSS = 0.001
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,16 @@ class Evaluation:
             "test_set_sha256": self.test_set_sha256,
             "source": self.source,
         }
+
+
+@dataclass(frozen=True)
+class Built:
+    """The model about to be gated: its bytes, its accuracy, and what metadata.json
+    records of how it was made (precision, parity, quantisation)."""
+
+    content: bytes
+    evaluation: Evaluation
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -243,7 +262,6 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     Both rewrite the graph in standard ONNX ops only, unlike onnxruntime's ORT_ENABLE_ALL,
     whose saved models carry layouts specific to the exporting machine's CPU.
     """
-    import onnx
     import onnxslim
 
     program = torch_export(net, opset)
@@ -251,15 +269,7 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
     with _quiet_exporter():
         program.optimize()
         optimised = onnxslim.slim(program.model_proto)
-    onnx.checker.check_model(optimised, full_check=True)
-    opsets = {o.domain or "ai.onnx": o.version for o in optimised.opset_import}
-    if opsets != {"ai.onnx": opset} or optimised.ir_version > TRITON_MAX_IR_VERSION:
-        # A newer torch/onnx could stamp a model the served onnxruntime refuses to load.
-        raise PipelineFailure(
-            f"exported model uses opsets {opsets}, IR version {optimised.ir_version}: the "
-            f"Triton image's onnxruntime {TRITON_ONNXRUNTIME_VERSION} needs standard ops at "
-            f"opset <= {TRITON_MAX_OPSET} and IR version <= {TRITON_MAX_IR_VERSION}"
-        )
+    check_servable(optimised, opset)
     log.info(
         "ONNX opset %d, IR version %d: %d nodes exported, %d after optimisation",
         opset,
@@ -274,6 +284,21 @@ def to_onnx(net: torch.nn.Module, opset: int = OPSET) -> OnnxExport:
         nodes_exported,
         len(optimised.graph.node),
     )
+
+
+def check_servable(onnx_model: Any, opset: int) -> None:
+    """Raise PipelineFailure unless Triton's onnxruntime loads `onnx_model` (a ModelProto):
+    a newer torch, onnx or quantizer could stamp a model only newer runtimes load."""
+    import onnx
+
+    onnx.checker.check_model(onnx_model, full_check=True)
+    opsets = {o.domain or "ai.onnx": o.version for o in onnx_model.opset_import}
+    if opsets != {"ai.onnx": opset} or onnx_model.ir_version > TRITON_MAX_IR_VERSION:
+        raise PipelineFailure(
+            f"exported model uses opsets {opsets}, IR version {onnx_model.ir_version}: the "
+            f"Triton image's onnxruntime {TRITON_ONNXRUNTIME_VERSION} needs standard ops at "
+            f"opset <= {TRITON_MAX_OPSET} and IR version <= {TRITON_MAX_IR_VERSION}"
+        )
 
 
 def check_parity(
@@ -371,6 +396,84 @@ def measure_accuracy(onnx_model: bytes, images: np.ndarray, labels: np.ndarray) 
     )
 
 
+def build(
+    storage: Path, candidate: Candidate, precision: str, images: np.ndarray, labels: np.ndarray
+) -> Built:
+    """Export the candidate at `precision`, checked and measured on all test images.
+
+    int8 starts from the fp32 export, itself checked against PyTorch first: its own
+    accuracy is the figure the int8 model is held to."""
+    exported = to_onnx(candidate.net)
+    parity_inputs = data.normalize(images[:PARITY_SAMPLES])
+    max_diff = check_parity(exported.content, candidate.net, parity_inputs)
+    fp32 = measure_accuracy(exported.content, images, labels)
+    record = {
+        "precision": "fp32",
+        "opset": exported.opset,
+        "ir_version": exported.ir_version,
+        "parity_max_abs_diff": max_diff,
+        "parity_samples": PARITY_SAMPLES,
+        "onnx_nodes": {"exported": exported.nodes_exported, "optimised": exported.nodes_optimised},
+    }
+    if precision == "fp32":
+        return Built(exported.content, fp32, record)
+    return build_int8(storage, exported.content, fp32, parity_inputs, images, labels, record)
+
+
+def build_int8(
+    storage: Path,
+    fp32_model: bytes,
+    fp32: Evaluation,
+    parity_inputs: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    record: dict[str, Any],
+) -> Built:
+    """Quantise the fp32 export; refuse it when it loses accuracy against that export."""
+    import onnx
+
+    calibration = quantize.calibration_images(storage)
+    content = quantize.quantize(fp32_model, calibration)
+    quantised = onnx.load_from_string(content)
+    check_servable(quantised, record["opset"])
+    evaluation = measure_accuracy(content, images, labels)
+    check_accuracy_loss(evaluation, fp32)
+    agreement = quantize.check_agreement(content, fp32_model, parity_inputs)
+    log.info(
+        "int8 model: accuracy %.4f against the fp32 export's %.4f; top-1 agreement %.1f%% "
+        "on %d test images, max logit difference %.3g",
+        evaluation.accuracy,
+        fp32.accuracy,
+        100 * agreement["top1_agreement"],
+        agreement["samples"],
+        agreement["max_abs_logit_diff"],
+    )
+    return Built(
+        content,
+        evaluation,
+        {
+            **record,
+            "precision": "int8",
+            "fp32_accuracy": fp32.accuracy,
+            "calibration": {"images": len(calibration), "source": quantize.CALIBRATION_SOURCE},
+            "int8_parity": agreement,
+            "onnx_nodes": {**record["onnx_nodes"], "quantised": len(quantised.graph.node)},
+        },
+    )
+
+
+def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
+    """Refuse an int8 model more than MAX_INT8_ACCURACY_LOSS below its own fp32 export
+    (counted in images, so that float rounding cannot decide a tie)."""
+    allowed = round(MAX_INT8_ACCURACY_LOSS * fp32.images)
+    if fp32.correct - int8.correct > allowed:
+        raise PipelineFailure(
+            f"int8 model refused: accuracy {int8.accuracy:.4f} against {fp32.accuracy:.4f} "
+            f"for the fp32 export of the same checkpoint (both on all {fp32.images} test "
+            f"images) loses more than {100 * MAX_INT8_ACCURACY_LOSS:g} percentage point"
+        )
+
+
 def champion_accuracy(
     model_path: Path, champion: repository.Champion, images: np.ndarray, labels: np.ndarray
 ) -> float:
@@ -399,8 +502,12 @@ def champion_accuracy(
     return evaluation.accuracy
 
 
-def identical_version(model_path: Path, weights: str, onnx_sha256: str | None) -> int | None:
-    """A published version holding the same model (same weights or same ONNX bytes)."""
+def identical_version(
+    model_path: Path, weights: str, precision: str, onnx_sha256: str | None
+) -> int | None:
+    """A published version holding the same model (same weights at the same precision, or
+    the same ONNX bytes). The int8 and fp32 exports of one checkpoint are two models, each
+    gated on its own accuracy; versions from before precisions were recorded are fp32."""
     for version in repository.versions(model_path):
         try:
             meta = read_json(model_path / str(version) / repository.METADATA_FILE)
@@ -408,7 +515,8 @@ def identical_version(model_path: Path, weights: str, onnx_sha256: str | None) -
             continue
         if not isinstance(meta, dict):
             continue
-        if meta.get("weights_sha256") == weights or (
+        same_weights = meta.get("weights_sha256") == weights
+        if (same_weights and meta.get("precision", "fp32") == precision) or (
             onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
         ):
             return version
@@ -464,12 +572,15 @@ def export(
     checkpoint: Path | None = None,
     run_id: str | None = None,
     min_improvement: float = 0.0,
+    precision: str = "fp32",
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure."""
     try:
         cfg.validate()
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
     try:
         candidate = load_candidate(path)
@@ -487,27 +598,25 @@ def export(
         if champion is not None:
             repair_best_link(storage, champion)
         # The cheap check first: the same weights need no export to be recognised.
-        same = identical_version(model_path, weights, None)
+        same = identical_version(model_path, weights, precision, None)
         if same is not None:
             return skip_identical(storage, owner, cfg, same, champion)
         try:
-            exported = to_onnx(candidate.net)
             images, labels = data.load(storage, "test")
-            max_diff = check_parity(
-                exported.content, candidate.net, data.normalize(images[:PARITY_SAMPLES])
-            )
-            evaluation = measure_accuracy(exported.content, images, labels)
+            built = build(storage, candidate, precision, images, labels)
         except (PipelineFailure, UsageError) as e:
             write_marker(storage, owner, "failed", cfg, str(e), None, None, None)
             raise
-        onnx_sha256 = hashlib.sha256(exported.content).hexdigest()
+        evaluation = built.evaluation
+        onnx_sha256 = hashlib.sha256(built.content).hexdigest()
         log.info(
-            "exported model: accuracy %.4f on all %d MNIST test images (%s)",
+            "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
+            precision,
             evaluation.accuracy,
             evaluation.images,
             evaluation.source,
         )
-        same = identical_version(model_path, weights, onnx_sha256)
+        same = identical_version(model_path, weights, precision, onnx_sha256)
         if same is not None:
             return skip_identical(storage, owner, cfg, same, champion)
 
@@ -518,8 +627,9 @@ def export(
             and not evaluation.accuracy > best + min_improvement
         ):
             reason = (
-                f"not better: accuracy {evaluation.accuracy:.4f} does not beat the "
-                f"published version {champion.version}'s {best:.4f}"
+                f"not better: accuracy {evaluation.accuracy:.4f} ({precision}) does not beat "
+                f"the published version {champion.version}'s {best:.4f} "
+                f"({champion.metadata.get('precision', 'fp32')})"
                 + (f" by more than {min_improvement:g}" if min_improvement else "")
                 + f" (both on all {evaluation.images} test images)"
             )
@@ -548,27 +658,18 @@ def export(
             "run_id": candidate.payload.get("run_id", owner),
             "sha256": onnx_sha256,
             "weights_sha256": weights,
-            "opset": exported.opset,
-            "ir_version": exported.ir_version,
-            "parity_max_abs_diff": max_diff,
-            "parity_samples": PARITY_SAMPLES,
+            **built.record,
             "parameters": sum(p.numel() for p in candidate.net.parameters()),
             "onnxruntime_version": onnxruntime.__version__,
-            "onnx_nodes": {
-                "exported": exported.nodes_exported,
-                "optimised": exported.nodes_optimised,
-            },
             "previous_accuracy": best,
         }
-        version = repository.publish(
-            storage, cfg, {repository.MODEL_FILE: exported.content}, metadata
-        )
+        version = repository.publish(storage, cfg, {repository.MODEL_FILE: built.content}, metadata)
         update_best_link(storage, path)
         reason = (
             "first export"
             if champion is None
-            else f"accuracy {evaluation.accuracy:.4f} beats version {champion.version}'s "
-            f"{best:.4f} (both on all {evaluation.images} test images)"
+            else f"accuracy {evaluation.accuracy:.4f} ({precision}) beats version "
+            f"{champion.version}'s {best:.4f} (both on all {evaluation.images} test images)"
         )
         log.info(
             "published %s version %d (%s) to %s",

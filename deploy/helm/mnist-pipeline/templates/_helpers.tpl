@@ -132,7 +132,7 @@ alone: Triton's pin-version initContainer writes them into the config it serves.
 {{- $t := .Values.training }}
 {{- toJson (dict
   "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm")
-  "export" (pick .Values.export "extraEnv")
+  "export" (pick .Values.export "precision" "extraEnv")
   "model" .Values.model.name
   "pipelineImage" (include "mnist-pipeline.image" .Values.images.pipeline)) }}
 {{- end }}
