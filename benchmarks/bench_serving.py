@@ -11,10 +11,13 @@ libb64-0d) and libcudart.so.12, taken from the nvidia-cuda-runtime-cu12 wheel be
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
+import resource
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,29 +116,33 @@ def served(
 
 def inference_statistics(url: str, model: str) -> dict[str, Any]:
     """Triton's cumulative statistics for `model`: per executed batch size, how many
-    executions; per request, total nanoseconds of queueing, input, inference, output."""
+    executions; per request, total nanoseconds of queueing, input, inference, output;
+    and the nanoseconds the instances spent executing batches."""
     grpc = client.grpc_module().InferenceServerClient(url)
     try:
         stats = grpc.get_inference_statistics(model, as_json=True)
     finally:
         grpc.close()
     batches: dict[int, int] = {}
-    requests = 0
+    requests = executing_ns = 0
     ns = dict.fromkeys(("success", "queue", "compute_input", "compute_infer", "compute_output"), 0)
     for version in stats.get("model_stats", []):
         for b in version.get("batch_stats", []):
             size = int(b["batch_size"])
             batches[size] = batches.get(size, 0) + int(b["compute_infer"]["count"])
+            for phase in ("compute_input", "compute_infer", "compute_output"):
+                executing_ns += int(b.get(phase, {}).get("ns", 0))
         inference = version.get("inference_stats", {})
         requests += int(inference.get("success", {}).get("count", 0))
         for key in ns:
             ns[key] += int(inference.get(key, {}).get("ns", 0))
-    return {"batches": batches, "requests": requests, "ns": ns}
+    return {"batches": batches, "requests": requests, "ns": ns, "executing_ns": executing_ns}
 
 
 def statistics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What the server did between two inference_statistics snapshots: executions by
-    batch size, and the mean milliseconds per request of each phase."""
+    batch size, the mean milliseconds per request of each phase (a batch's compute
+    counts in full for each of its requests), and the instances' busy seconds."""
     batches = {
         size: count - before["batches"].get(size, 0)
         for size, count in sorted(after["batches"].items())
@@ -153,18 +160,18 @@ def statistics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
         "executions": executions,
         "mean_batch_size": requests / executions if executions else 0.0,
         "server_mean_per_request": mean_ms,
+        "executing_s": (after["executing_ns"] - before["executing_ns"]) / 1e9,
     }
 
 
-def config_variant(source: Path, dest: Path, clear: str) -> Path:
-    """A copy of the model repository `source` whose configs drop the field `clear`
-    (dynamic_batching: each request runs alone; parameters: ONNX Runtime's default
-    threads); the ONNX files are linked, not copied."""
+def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Path:
+    """A copy of the model repository `source` whose configs (Triton's ModelConfig
+    messages) `edit` changed; the ONNX files are linked, not copied."""
     from google.protobuf import text_format
 
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
         config = repository.parse_config((model_dir / repository.CONFIG_FILE).read_text())
-        config.ClearField(clear)
+        edit(config)
         out = dest / model_dir.name
         out.mkdir(parents=True)
         (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
@@ -173,6 +180,86 @@ def config_variant(source: Path, dest: Path, clear: str) -> Path:
             for f in (model_dir / str(version)).iterdir():
                 (out / str(version) / f.name).symlink_to(f.resolve())
     return dest
+
+
+def clearing(field: str) -> Callable[[Any], None]:
+    """An edit dropping `field` (dynamic_batching: each request runs alone; parameters:
+    ONNX Runtime's default threads)."""
+    return lambda config: config.ClearField(field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The same exported model served another way: `edit` changes a copy of its
+    config.pbtxt, `server_args` are added to tritonserver's command line."""
+
+    name: str
+    edit: Callable[[Any], None] | None = None
+    server_args: tuple[str, ...] = ()
+
+
+def queue_delay(microseconds: int) -> Callable[[Any], None]:
+    def edit(config: Any) -> None:
+        config.dynamic_batching.max_queue_delay_microseconds = microseconds
+
+    return edit
+
+
+def instances(count: int, threads: int) -> Callable[[Any], None]:
+    def edit(config: Any) -> None:
+        config.instance_group[0].count = count
+        config.parameters["intra_op_thread_count"].string_value = str(threads)
+
+    return edit
+
+
+def preferred_sizes(*sizes: int) -> Callable[[Any], None]:
+    def edit(config: Any) -> None:
+        config.dynamic_batching.preferred_batch_size[:] = sizes
+
+    return edit
+
+
+def global_threadpool(threads: int) -> tuple[str, ...]:
+    """The onnxruntime backend's one pool shared by every instance's session (the
+    config's per-session thread parameters are then ignored)."""
+    return tuple(
+        f"--backend-config=onnxruntime,{key}={value}"
+        for key, value in (
+            ("enable-global-threadpool", 1),
+            ("intra_op_thread_count", threads),
+            ("inter_op_thread_count", 1),
+        )
+    )
+
+
+def combined(*edits: Callable[[Any], None]) -> Callable[[Any], None]:
+    def edit(config: Any) -> None:
+        for each in edits:
+            each(config)
+
+    return edit
+
+
+BASELINE = Variant("baseline (exported config)")
+DELAY_500 = Variant("max_queue_delay 500 µs", queue_delay(500))
+GLOBAL_POOL = Variant("2 instances, global pool of 2 threads", server_args=global_threadpool(2))
+VARIANTS = (
+    BASELINE,
+    Variant("max_queue_delay 100 µs", queue_delay(100)),
+    DELAY_500,
+    Variant("max_queue_delay 2000 µs", queue_delay(2000)),
+    Variant("1 instance × 2 threads", instances(1, 2)),
+    Variant(
+        "1 instance × 2 threads, max_queue_delay 500 µs",
+        combined(instances(1, 2), queue_delay(500)),
+    ),
+    GLOBAL_POOL,
+    Variant("preferred [4, 8, 16]", preferred_sizes(4, 8, 16)),
+    Variant("no thread parameters (ONNX Runtime default)", clearing("parameters")),
+)
+# Quick mode: one config edit and one server option, enough to exercise both paths.
+QUICK_VARIANTS = (BASELINE, DELAY_500, GLOBAL_POOL)
 
 
 def perf_analyzer_binary() -> Path:
@@ -223,16 +310,34 @@ def perf_analyzer(url: str, model: str, concurrency: int, window_ms: int) -> dic
             *("--stability-percentage", "50", "--max-trials", "12"),
             *("-f", str(out)),
         ]
+        # Its CPU time: what the children reaped meanwhile used, and it is the only one
+        # (servers and Prometheus are reaped when stopped, never during a measurement).
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        wall_s = time.perf_counter() - t0
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"perf_analyzer failed:\n{result.stdout[-2000:]}{result.stderr}")
         (row,) = list(csv.DictReader(out.open()))
     figures: dict[str, Any] = {
         "concurrency": concurrency,
         "images_per_s": float(row["Inferences/Second"]),
+        "wall_s": wall_s,
+        "client_cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime)
+        - (cpu_before.ru_utime + cpu_before.ru_stime),
     }
     figures.update({key: float(row[column]) / 1000 for column, key in PERF_COLUMNS.items()})
     return figures
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, all its threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name (which may hold spaces): utime and stime are the
+    # 12th and 13th, in clock ticks.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # What the chart's Triton runs with: latency summaries for the dashboard's p50/p99.

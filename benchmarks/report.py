@@ -342,8 +342,8 @@ def perf_table(results: dict[str, Any]) -> str:
     """perf_analyzer's sweep: client-side latency and the server-side breakdown (ms)."""
     serving = results["serving"]
     on = serving["servers"]["batching_on"]
-    budget = on["instances"] * on["intra_op_threads"]
-    b16 = next(r for r in serving["inprocess"] if r["threads"] == budget)["batch16_images_per_s"]
+    _, budget = references(serving)
+    b16 = budget["batch16_images_per_s"]
     rows = [
         [
             str(p["concurrency"]),
@@ -351,11 +351,13 @@ def perf_table(results: dict[str, Any]) -> str:
             f"{p['images_per_s'] / b16:.0%}",
             f"{p['p50_ms']:.2f}",
             f"{p['p99_ms']:.2f}",
+            f"{p['client_send_ms'] + p['client_recv_ms']:.2f}",
             f"{p['network_ms']:.2f}",
             f"{p['server_queue_ms']:.2f}",
             f"{p['server_compute_input_ms'] + p['server_compute_output_ms']:.2f}",
             f"{p['server_compute_infer_ms']:.2f}",
             ", ".join(f"{k}×{v}" for k, v in p["executed_batch_sizes"].items()),
+            f"{p['server_cpu_s'] / p['wall_s']:.2f} / {p['client_cpu_s'] / p['wall_s']:.2f}",
         ]
         for p in on["perf_analyzer"]
     ]
@@ -363,34 +365,147 @@ def perf_table(results: dict[str, Any]) -> str:
         [
             "in flight",
             "images/s",
-            f"/ in-process b16 ({budget} thr.)",
+            f"/ in-process b16 ({budget['threads']} thr.)",
             "p50 ms",
             "p99 ms",
+            "client send + recv",
             "network + server send/recv",
             "server queue",
             "compute input + output",
             "compute infer",
             "batch sizes executed",
+            "CPUs used: server / client",
         ],
         rows,
     )
 
 
-def threads_table(results: dict[str, Any]) -> str:
-    rows = [
-        [
-            t["threads"],
-            str(t["round"]),
-            str(t["concurrency"]),
-            f"{t['p50_ms']:.2f}",
-            f"{t['p99_ms']:.2f}",
-            f"{t['images_per_s']:.0f}",
-            f"{t['server_compute_infer_ms']:.2f}",
-        ]
-        for t in results["serving"]["threads_tried"]
-    ]
+def references(serving: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The in-process figures the serving targets compare with: on one instance's threads
+    (what a lone request gets) and on the server's whole thread budget."""
+    on = serving["servers"]["batching_on"]
+    threads = {r["threads"]: r for r in serving["inprocess"]}
+    return threads[on["intra_op_threads"]], threads[on["instances"] * on["intra_op_threads"]]
+
+
+def _level(row: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    return next(level for level in row["levels"] if level["concurrency"] == concurrency)
+
+
+def variants_table(serving: dict[str, Any], repository: str) -> str:
+    """Each run of the sweep, in the order run: the three targets' figures."""
+    one, budget = references(serving)
+    b16 = budget["batch16_images_per_s"]
+    rows = []
+    for row in serving["variants"]:
+        if row["repository"] != repository:
+            continue
+        c1, c8, c16 = (_level(row, c) for c in (1, 8, 16))
+        rows.append(
+            [
+                str(row["order"]),
+                row["variant"],
+                f"{row['load_average'][0]:.2f}",
+                f"{c1['p50_ms']:.2f} ({c1['p50_ms'] - one['p50_ms']:+.2f})",
+                f"{c1['p99_ms']:.2f} ({c1['p99_ms'] / c1['p50_ms']:.1f}×)",
+                f"{c8['images_per_s']:.0f} ({c8['images_per_s'] / b16:.0%})",
+                f"{c16['images_per_s']:.0f} ({c16['images_per_s'] / b16:.0%})",
+                "**yes**" if c8["images_per_s"] >= 0.6 * b16 else "no",
+            ]
+        )
     return _table(
-        ["ONNX Runtime threads", "round", "in flight", "p50 ms", "p99 ms", "images/s", "infer ms"],
+        [
+            "#",
+            "variant",
+            "load (1 min)",
+            f"c1 p50 ms (− in-process {one['threads']} thr.)",
+            "c1 p99 ms (× p50)",
+            f"c8 images/s (/ in-process b16, {budget['threads']} thr.)",
+            "c16 images/s (/ b16)",
+            "c8 ≥ 60%",
+        ],
+        rows,
+    )
+
+
+def inprocess_ms(executed: dict[str, int], batch_ms: dict[str, float]) -> float:
+    """In-process milliseconds to run the batches Triton executed (size → count), the
+    sizes between those measured interpolated linearly."""
+    sizes = sorted(int(b) for b in batch_ms)
+    total = 0.0
+    for size, count in executed.items():
+        b = int(size)
+        high = next(s for s in sizes if s >= b)
+        low = max((s for s in sizes if s <= b), default=high)
+        share = 0.0 if high == low else (b - low) / (high - low)
+        total += count * ((1 - share) * batch_ms[str(low)] + share * batch_ms[str(high)])
+    return total
+
+
+def instance_threads(row: dict[str, Any], default: int) -> int:
+    """The ONNX Runtime threads a variant's batches run on: the backend's global pool
+    when tritonserver has one, else the config's intra-op parameter, else ONNX Runtime's
+    default (every CPU, `default`)."""
+    for arg in row["server_args"]:
+        if ",intra_op_thread_count=" in arg:
+            return int(arg.rpartition("=")[2])
+    parameter = (row["config"].get("parameters") or {}).get("intra_op_thread_count")
+    return int(parameter["string_value"]) if parameter else default
+
+
+def same_batches_ms(serving: dict[str, Any], row: dict[str, Any], level: dict[str, Any]) -> str:
+    """In-process ms per image for the batches this level executed, on the variant's
+    threads, if the in-process section measured that many."""
+    _, budget = references(serving)
+    threads = instance_threads(row, budget["threads"])
+    measured = {r["threads"]: r for r in serving["inprocess"]}
+    if threads not in measured:
+        return "—"
+    ms = inprocess_ms(level["executed_batch_sizes"], measured[threads]["batch_ms"])
+    return f"{ms / level['requests']:.2f} ({threads} thr.)"
+
+
+def variants_breakdown_table(serving: dict[str, Any], repository: str) -> str:
+    """Where a request's time and the CPU go at concurrency 8, run by run."""
+    rows = []
+    for row in serving["variants"]:
+        if row["repository"] != repository:
+            continue
+        p = _level(row, 8)
+        instances = sum(g.get("count", 1) for g in row["config"]["instance_group"])
+        rows.append(
+            [
+                str(row["order"]),
+                row["variant"],
+                f"{p['client_send_ms'] + p['client_recv_ms']:.2f}",
+                f"{p['network_ms']:.2f}",
+                f"{p['server_queue_ms']:.2f}",
+                f"{p['server_compute_input_ms'] + p['server_compute_output_ms']:.2f}",
+                f"{p['server_compute_infer_ms']:.2f}",
+                _batches(p),
+                f"{p['executing_s'] / (instances * p['wall_s']):.0%} of {instances}",
+                f"{p['server_cpu_s'] / p['wall_s']:.2f} / {p['client_cpu_s'] / p['wall_s']:.2f}",
+                f"{1000 * p['executing_s'] / p['requests']:.2f}",
+                same_batches_ms(serving, row, p),
+                f"{1000 * p['server_cpu_s'] / p['requests']:.2f}",
+            ]
+        )
+    return _table(
+        [
+            "#",
+            "variant",
+            "client send + recv",
+            "gRPC: network + server send/recv",
+            "queue",
+            "compute input + output",
+            "compute infer",
+            "batch sizes executed (mean)",
+            "instances busy",
+            "CPUs used: server / client",
+            "instance ms per image",
+            "in-process ms per image, same batches",
+            "server CPU ms per image",
+        ],
         rows,
     )
 
@@ -551,7 +666,8 @@ copy whose config.pbtxt drops dynamic_batching). {serving_load}.
 ### perf_analyzer
 
 Client-side latency and, from Triton's statistics, where a request's time goes (mean
-ms per request); batch sizes executed are Triton's own count during that level.
+ms per request); batch sizes executed are Triton's own count during that level, and the
+CPUs used the server's and perf_analyzer's CPU time over that level's run.
 
 {perf}
 {dashboard}
@@ -578,14 +694,16 @@ Triton's statistics at concurrency 1 of the pipeline's client, mean ms per reque
 
 {analysis}
 
-### What was tried: ONNX Runtime's threads
+### Serving variants: what Triton offers
 
-perf_analyzer with the exported `parameters` (intra-op threads = server CPUs ÷
-instances, inter-op 1) and with a copy of the repository without them, where each
-instance starts ONNX Runtime's default pool of one thread per core; alternated, in the
-same run.
+The same exported model served with variants of its config.pbtxt (edits of a copy of
+the repository) or of tritonserver's options, one server after the other with the
+baseline (the exported config, unchanged) repeated between them; each through
+perf_analyzer at concurrency 1 (latency) and 8 and 16 (throughput). Ratios compare with
+this run's in-process figures above. The exported config keeps its fields whatever
+these figures say.
 
-{threads}
+{variants}
 """
 
 
@@ -637,8 +755,114 @@ def markdown(results: dict[str, Any]) -> str:
         throughput_png=PLOTS["throughput"],
         breakdown=breakdown_table(results),
         analysis=analysis_text(results),
-        threads=threads_table(results),
+        variants=variants_text(serving),
     )
+
+
+VARIANTS = """
+#### Model repository: {repository}
+
+c1 p50 is given with its difference from in-process batch 1 on {one_threads} thread(s)
+(target: at most +0.5 ms), c1 p99 with its ratio to p50 (target: at most 3×), c8 and c16
+throughput with their ratio to in-process batch 16 on {budget_threads} thread(s) (target
+at c8: at least 60%).
+
+{table}
+
+{verdict}
+
+Where the time goes at concurrency 8, run by run. Per request, in mean ms: perf_analyzer's
+own send and receive, gRPC (the network over loopback and the server's send/receive),
+then from Triton's statistics the dynamic batcher's queue and the compute (a batch's
+compute counts in full for each of its requests). Over the whole perf_analyzer run:
+the batch sizes the instances executed (size×count), how busy the instances were, the
+CPUs the server and perf_analyzer used, and per image the instance time executing
+batches and the server's CPU time (in-process batch 16 costs
+{b16_cost:.2f} ms of CPU per image: {budget_threads} thread(s) ÷ {b16:.0f} images/s).
+
+{breakdown}
+
+{reading}
+"""
+
+
+def variants_text(serving: dict[str, Any]) -> str:
+    one, budget = references(serving)
+    b16 = budget["batch16_images_per_s"]
+    text = ""
+    for repository in dict.fromkeys(row["repository"] for row in serving["variants"]):
+        rows = [row for row in serving["variants"] if row["repository"] == repository]
+        text += VARIANTS.format(
+            repository=repository,
+            one_threads=one["threads"],
+            budget_threads=budget["threads"],
+            table=variants_table(serving, repository),
+            verdict=variants_verdict(rows, one, b16),
+            b16_cost=1000 * budget["threads"] / b16,
+            b16=b16,
+            breakdown=variants_breakdown_table(serving, repository),
+            reading=c8_reading(serving, rows, b16),
+        )
+    return text
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def variants_verdict(rows: list[dict[str, Any]], one: dict[str, Any], b16: float) -> str:
+    """Which variants meet the targets, and the best at concurrency 8 against the baseline."""
+    c8: dict[str, list[float]] = {}
+    for row in rows:
+        c8.setdefault(row["variant"], []).append(_level(row, 8)["images_per_s"] / b16)
+    baseline = rows[0]["variant"]
+    meeting = [name for name, ratios in c8.items() if _median(ratios) >= 0.6]
+    latency = [row["variant"] for row in rows if _level(row, 1)["p50_ms"] - one["p50_ms"] <= 0.5]
+    best = max(c8, key=lambda name: _median(c8[name]))
+    spread = ", ".join(f"{r:.0%}" for r in c8[baseline])
+    return (
+        f"**Verdict.** The baseline's c8 ratio over its {len(c8[baseline])} runs: {spread} "
+        f"(median {_median(c8[baseline]):.0%}): the spread is the machine's doing, and a "
+        f"variant's difference from the baseline counts only beyond it. Highest c8 (median "
+        f"of its runs): {best}, {_median(c8[best]):.0%}. Meeting c8 ≥ 60%: "
+        f"{', '.join(meeting) or 'none'}. Meeting c1 p50 ≤ in-process + 0.5 ms in some run: "
+        f"{', '.join(dict.fromkeys(latency)) or 'none'}."
+    )
+
+
+def c8_reading(serving: dict[str, Any], rows: list[dict[str, Any]], b16: float) -> str:
+    """The baseline's median run at concurrency 8, in words, its throughput taken apart:
+    the batches executed (at in-process speed), how fast Triton ran them, how busy it kept
+    its instances."""
+    runs = sorted(
+        ((row, _level(row, 8)) for row in rows if row["variant"] == rows[0]["variant"]),
+        key=lambda run: run[1]["images_per_s"],
+    )
+    row, p = runs[(len(runs) - 1) // 2]
+    instances = sum(g.get("count", 1) for g in row["config"]["instance_group"])
+    threads = instance_threads(row, references(serving)[1]["threads"])
+    batch_ms = next(r for r in serving["inprocess"] if r["threads"] == threads)["batch_ms"]
+    inprocess_s = inprocess_ms(p["executed_batch_sizes"], batch_ms) / 1000
+    ceiling = instances * p["requests"] / inprocess_s
+    busy = p["executing_s"] / (instances * p["wall_s"])
+    grpc = p["client_send_ms"] + p["client_recv_ms"] + p["network_ms"]
+    compute = sum(p[f"server_compute_{k}_ms"] for k in ("input", "infer", "output"))
+    executed = ", ".join(f"{k}×{v}" for k, v in p["executed_batch_sizes"].items())
+    return f"""**Reading the baseline at concurrency 8** (its median run: {p["images_per_s"]:.0f}
+images/s, {p["images_per_s"] / b16:.0%} of in-process batch 16). A request spends
+{grpc:.2f} ms in perf_analyzer and gRPC, {p["server_queue_ms"]:.2f} ms queued (waiting
+for a free instance) and {compute:.2f} ms in its batch's compute. Its throughput, taken
+apart: the batcher executed batches of {p["mean_batch_size"]:.2f} images on average
+({executed}); run back to back in-process on {instances} × {threads} thread(s), those
+batches would give {ceiling:.0f} images/s ({ceiling / b16:.0%} of batch 16). Triton
+ran them at {inprocess_s / p["executing_s"]:.0%} of in-process speed
+({1000 * p["executing_s"] / p["requests"]:.2f} against {1000 * inprocess_s / p["requests"]:.2f}
+instance-ms per image) and kept its instances busy {busy:.0%} of perf_analyzer's run. The
+server used {p["server_cpu_s"] / p["wall_s"]:.2f} CPUs and perf_analyzer
+{p["client_cpu_s"] / p["wall_s"]:.2f}, on a machine shared with other work (its load
+in the table above)."""
 
 
 def dashboard_text(results: dict[str, Any]) -> str:
@@ -690,9 +914,7 @@ def analysis_text(results: dict[str, Any]) -> str:
     """Where the served time goes, in numbers taken from this run."""
     serving = results["serving"]
     on = serving["servers"]["batching_on"]
-    threads = {r["threads"]: r for r in serving["inprocess"]}
-    one = threads[on["intra_op_threads"]]
-    budget = threads[on["instances"] * on["intra_op_threads"]]
+    one, budget = references(serving)
     p1, p8 = (next(p for p in on["perf_analyzer"] if p["concurrency"] == c) for c in (1, 8))
     client1 = on["sequential"]["p50_ms"]
     c8 = next(c for c in on["concurrency"] if c["concurrency"] == 8)

@@ -16,7 +16,11 @@ a document generated from the JSON (benchmarks/report.py). Every timing is the m
             client with the repository's dynamic batching and without it: sequential
             latency, throughput and p99 at each concurrency, the batch sizes Triton
             executed; meanwhile a local Prometheus scrapes Triton, and the chart's Grafana
-            dashboard is drawn from it over perf_analyzer's sweep
+            dashboard is drawn from it over perf_analyzer's sweep. Then the serving
+            variants: the exported repository served with edits of its config.pbtxt or
+            tritonserver options (bench_serving.VARIANTS), the baseline repeated between
+            them, through perf_analyzer at concurrency 1, 8 and 16, with where the time
+            and the CPU go (Triton's statistics, both processes' CPU time)
 
 --only serving re-measures the serving section alone (a small model is trained for it:
 serving speed does not depend on the weights) and keeps the training and export sections
@@ -53,6 +57,8 @@ MODEL = repository.DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 EPOCH_IMAGES = 59904  # one epoch of the full training set in whole batches of 128
+# The serving targets' concurrency 1 and 8, and 16 to see whether more in flight helps.
+VARIANT_CONCURRENCIES = (1, 8, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,36 +160,61 @@ def measure_server(url: str, x: np.ndarray, labels: np.ndarray, s: Settings) -> 
 
 
 def watched_perf_sweep(server: LocalTriton, s: Settings) -> tuple[list[dict[str, Any]], Any]:
-    """perf_sweep while a local Prometheus scrapes Triton each second: the sweep's
-    figures, and the dashboard's panels over the sweep."""
+    """perf_analyzer at each concurrency while a local Prometheus scrapes Triton each
+    second: the sweep's figures, and the dashboard's panels over the sweep."""
     (port,) = free_ports(1)
     config = bench_serving.scrape_config(server.metrics_port, 1)
     with monitoring.LocalPrometheus(None, port, [config]) as prometheus:
         while not monitoring.values(prometheus.query("count_over_time(up[10s]) >= 2")):
             time.sleep(0.5)
         start = time.time()
-        levels = perf_sweep(server.grpc_url, s)
+        window_ms = 500 if s.quick else 3000
+        levels = []
+        for concurrency in CONCURRENCIES:
+            print(
+                f"serving: perf_analyzer, concurrency {concurrency} …", file=sys.stderr, flush=True
+            )
+            levels.append(perf_level(server, concurrency, window_ms))
         time.sleep(3)  # the last scrapes of the sweep
         dashboard = bench_serving.dashboard_over(prometheus, start, time.time(), 2)
     return levels, dashboard
 
 
-def perf_sweep(url: str, s: Settings) -> list[dict[str, Any]]:
-    window_ms = 500 if s.quick else 3000
-    levels = []
-    for concurrency in CONCURRENCIES:
-        print(f"serving: perf_analyzer, concurrency {concurrency} …", file=sys.stderr, flush=True)
-        before = bench_serving.inference_statistics(url, MODEL)
-        figures = bench_serving.perf_analyzer(url, MODEL, concurrency, window_ms)
-        time.sleep(0.2)
-        after = bench_serving.inference_statistics(url, MODEL)
-        delta = bench_serving.statistics_delta(before, after)
-        levels.append({**figures, "executed_batch_sizes": delta["executed_batch_sizes"]})
-    return levels
+def perf_level(server: LocalTriton, concurrency: int, window_ms: int) -> dict[str, Any]:
+    """perf_analyzer at `concurrency`, with what Triton's statistics and the server's
+    CPU time say about the same requests."""
+    assert server.process is not None
+    before = bench_serving.inference_statistics(server.grpc_url, MODEL)
+    cpu_before = bench_serving.process_cpu_seconds(server.process.pid)
+    figures = bench_serving.perf_analyzer(server.grpc_url, MODEL, concurrency, window_ms)
+    # Triton may count a request just after its response has left.
+    time.sleep(0.2)
+    server_cpu_s = bench_serving.process_cpu_seconds(server.process.pid) - cpu_before
+    after = bench_serving.inference_statistics(server.grpc_url, MODEL)
+    return {
+        **figures,
+        "server_cpu_s": server_cpu_s,
+        **bench_serving.statistics_delta(before, after),
+    }
+
+
+def batch_costs(sess: Any, x: np.ndarray, s: Settings) -> dict[str, float]:
+    """Milliseconds per in-process batch of each size: what the batches Triton executes
+    would cost here (report.inprocess_ms)."""
+    costs = {}
+    for b in (1, 2, 4, 8, 16):
+        measure = partial(bench_serving.inprocess_throughput, sess, x, max(1, s.requests // b), b)
+        costs[str(b)] = 1000 * b / median_of(s.repeats, measure)["images_per_s"]
+    return costs
 
 
 def bench_serving_section(
-    storage: Path, onnx_path: Path, x: np.ndarray, labels: np.ndarray, s: Settings
+    storage: Path,
+    onnx_path: Path,
+    x: np.ndarray,
+    labels: np.ndarray,
+    s: Settings,
+    swept: dict[str, Path],
 ) -> dict[str, Any]:
     load_before = load_average()
     config = repository.parse_config(
@@ -208,12 +239,15 @@ def bench_serving_section(
                     s.repeats,
                     partial(bench_serving.inprocess_throughput, sess, x, s.requests // 16 or 1),
                 )["images_per_s"],
+                "batch_ms": batch_costs(sess, x, s),
             }
         )
     repositories = {
         "batching_on": storage / "models",
         "batching_off": bench_serving.config_variant(
-            storage / "models", storage / "models-no-batching", "dynamic_batching"
+            storage / "models",
+            storage / "models-no-batching",
+            bench_serving.clearing("dynamic_batching"),
         ),
     }
     servers: dict[str, Any] = {}
@@ -247,7 +281,7 @@ def bench_serving_section(
     return {
         "inprocess": inprocess,
         "servers": servers,
-        "threads_tried": threads_tried(storage, s),
+        "variants": serving_variants(swept, s),
         "triton_version": triton_version,
         "requests": s.requests,
         "repeats": s.repeats,
@@ -256,28 +290,68 @@ def bench_serving_section(
     }
 
 
-def threads_tried(storage: Path, s: Settings) -> list[dict[str, Any]]:
-    """perf_analyzer at concurrency 1 and 8, alternately with the exported thread
-    parameters and without them (ONNX Runtime's default: a thread per core per instance)."""
-    repositories = {
-        "exported parameters": storage / "models",
-        "no parameters (ONNX Runtime default)": bench_serving.config_variant(
-            storage / "models", storage / "models-default-threads", "parameters"
-        ),
-    }
-    window_ms = 500 if s.quick else 2000
+def variant_schedule(
+    variants: tuple[bench_serving.Variant, ...], every: int
+) -> list[bench_serving.Variant]:
+    """The baseline first, again after every `every` other variants, and last: its
+    spread shows how far the machine's load moved the figures meanwhile."""
+    others = [v for v in variants if v is not bench_serving.BASELINE]
+    order: list[bench_serving.Variant] = []
+    for i in range(0, len(others), every):
+        order += [bench_serving.BASELINE, *others[i : i + every]]
+    return [*order, bench_serving.BASELINE]
+
+
+def serving_variants(repositories: dict[str, Path], s: Settings) -> list[dict[str, Any]]:
+    """Each repository served with each variant, back to back with the baseline
+    repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput)."""
+    variants = bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
+    schedule = variant_schedule(variants, len(variants) if s.quick else 3)
+    window_ms = 300 if s.quick else 1000
     rows = []
-    for round_ in range(1 if s.quick else 2):
-        for name, repo in repositories.items():
-            print(f"serving: threads tried, {name} …", file=sys.stderr, flush=True)
-            http, grpc, metrics = free_ports(3)
-            with LocalTriton(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as server:
-                for concurrency in (1, 8):
-                    figures = bench_serving.perf_analyzer(
-                        server.grpc_url, MODEL, concurrency, window_ms
-                    )
-                    rows.append({"threads": name, "round": round_ + 1, **figures})
+    for name, source in repositories.items():
+        served = {
+            v.name: source
+            if v.edit is None
+            else bench_serving.config_variant(
+                source, source.with_name(f"{source.name}-variant-{i}"), v.edit
+            )
+            for i, v in enumerate(variants)
+        }
+        for order, variant in enumerate(schedule, 1):
+            print(f"serving: {name}, {variant.name} …", file=sys.stderr, flush=True)
+            run = variant_run(served[variant.name], variant, window_ms)
+            rows.append({"repository": name, "order": order, **run})
     return rows
+
+
+def variant_run(repo: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
+    http, grpc, metrics = free_ports(3)
+    with LocalTriton(
+        repo,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        extra_args=variant.server_args,
+    ) as server:
+        return {
+            "variant": variant.name,
+            "server_args": list(variant.server_args),
+            "config": served_config(server.grpc_url),
+            "load_average": load_average(),
+            "levels": [perf_level(server, c, window_ms) for c in VARIANT_CONCURRENCIES],
+        }
+
+
+def served_config(url: str) -> dict[str, Any]:
+    """What Triton says it serves: the fields the variants change."""
+    grpc_client = client.grpc_module().InferenceServerClient(url)
+    try:
+        config = grpc_client.get_model_config(MODEL, as_json=True)["config"]
+    finally:
+        grpc_client.close()
+    fields = ("instance_group", "dynamic_batching", "parameters", "max_batch_size")
+    return {key: config.get(key) for key in fields}
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -337,9 +411,7 @@ def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
 def serving_targets(serving: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 10's targets: perf_analyzer against in-process onnxruntime, same threads."""
     on = serving["servers"]["batching_on"]
-    threads = {r["threads"]: r for r in serving["inprocess"]}
-    one = threads[on["intra_op_threads"]]  # what one instance runs a lone request with
-    budget = threads[on["instances"] * on["intra_op_threads"]]  # the server's whole budget
+    one, budget = report.references(serving)
     c1, c8 = (next(p for p in on["perf_analyzer"] if p["concurrency"] == c) for c in (1, 8))
     gap = c1["p50_ms"] - one["p50_ms"]
     ratio = c8["images_per_s"] / budget["batch16_images_per_s"]
@@ -448,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             results["export"] = bench_export.compare(
                 checkpoint, onnx_path, storage / "export", x, s.requests, s.repeats
             )
-        results["serving"] = bench_serving_section(storage, onnx_path, x, labels, s)
+        # The repositories the serving variants are swept over, by name: another export of
+        # the model (a second precision, say) is one more entry.
+        swept = {"fp32": storage / "models"}
+        results["serving"] = bench_serving_section(storage, onnx_path, x, labels, s, swept)
         results["machine"]["tritonserver"] = results["serving"]["triton_version"]
         results["machine"]["load_average_end"] = load_average()
         results["targets"] = targets(results)

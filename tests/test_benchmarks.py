@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,12 +109,41 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
     assert [p["title"] for p in panels] == [p.title for p in dashboard_panels()]
     for panel in panels:
         assert any(number(v) for s in panel["series"] for v in s["v"]), panel["title"]
-    tried = {(t["threads"], t["concurrency"]) for t in serving["threads_tried"]}
-    assert len(tried) == 4 and {c for _, c in tried} == {1, 8}
+    for level in perf:
+        executed = {int(k): v for k, v in level["executed_batch_sizes"].items()}
+        assert sum(size * n for size, n in executed.items()) == level["requests"]
+        for key in ("client_send_ms", "server_queue_ms", "server_cpu_s", "client_cpu_s"):
+            assert number(level[key]), key
+        assert 0 < level["executing_s"] <= 16 * level["wall_s"]
+    check_variants(serving["variants"])
     off = serving["servers"]["batching_off"]["concurrency"]
     assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
     assert len(results["targets"]) >= 3
     assert all(isinstance(t["met"], bool) for t in results["targets"])
+
+
+def check_variants(rows: list[dict[str, Any]]) -> None:
+    """The serving-variants sweep: the baseline first and last, each variant through
+    perf_analyzer at concurrency 1, 8 and 16, with Triton's statistics and CPU times, and
+    the edits visible in the config Triton served."""
+    assert {r["repository"] for r in rows} == {"fp32"}
+    assert [r["order"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["variant"] == rows[-1]["variant"] == "baseline (exported config)"
+    assert len({r["variant"] for r in rows}) >= 3
+    baseline = rows[0]["config"]
+    assert baseline["max_batch_size"] == 16
+    assert [g["count"] for g in baseline["instance_group"]] == [2]
+    assert baseline["dynamic_batching"]["preferred_batch_size"] == [2, 4, 8]
+    assert any(r["server_args"] for r in rows)
+    assert any(r["config"] != baseline for r in rows)
+    for row in rows:
+        assert len(row["load_average"]) == 3
+        assert [level["concurrency"] for level in row["levels"]] == [1, 8, 16]
+        for level in row["levels"]:
+            for key in ("images_per_s", "p50_ms", "p99_ms", "server_queue_ms", "wall_s"):
+                assert number(level[key]), key
+            assert level["requests"] > 0 and level["executions"] > 0
+            assert number(level["server_cpu_s"]) and number(level["client_cpu_s"])
 
 
 @pytest.mark.slow
@@ -138,6 +168,9 @@ def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> Non
     assert "Time to 99.0%" in doc or "no record" in doc
     assert any(line.startswith("| 8 |") for line in table_rows)
     assert "### perf_analyzer" in doc
+    assert "### Serving variants" in doc and "#### Model repository: fp32" in doc
+    assert any(line.startswith("| 1 | baseline (exported config) |") for line in table_rows)
+    assert "**Verdict.**" in doc and "**Reading the baseline at concurrency 8**" in doc
     assert "{" not in doc  # every template field filled
     # One verdict line per target, whatever the verdict (quick mode's tiny runs miss them).
     verdicts = [line for line in stdout.splitlines() if line.startswith(("met ", "NOT MET "))]
