@@ -50,12 +50,15 @@ from common import free_ports, load_average, machine, median_of, percentiles
 from mnist_pipeline import client, data, monitoring, repository
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton
-from mnist_pipeline.storage import read_json
+from mnist_pipeline.storage import PipelineFailure, read_json
 from mnist_pipeline.train import TrainConfig, train
 
 MODEL = repository.DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
+# The schedule that would meet 0.6× the previous default's seconds, measured beside the
+# default to show what it costs in accuracy.
+SHORT_EPOCHS = 0.8
 EPOCH_IMAGES = 59904  # one epoch of the full training set in whole batches of 128
 # The serving targets' concurrency 1 and 8, and 16 to see whether more in flight helps.
 VARIANT_CONCURRENCIES = (1, 8, 16)
@@ -99,6 +102,10 @@ def bench_training_section(storage: Path, s: Settings) -> dict[str, Any]:
     readings of the machine's matrix-product rate."""
     limits = {"limit_train": s.limit_train, "limit_test": s.limit_test}
     recipes = [(f"default-seed{seed}", TrainConfig(seed=seed, **limits), False) for seed in SEEDS]
+    recipes += [
+        (f"short-seed{seed}", TrainConfig(epochs=SHORT_EPOCHS, seed=seed, **limits), False)
+        for seed in SEEDS
+    ]
     recipes.append(
         ("previous-default", dataclasses.replace(bench_training.PREVIOUS_DEFAULT, **limits), True)
     )
@@ -282,6 +289,7 @@ def bench_serving_section(
         "inprocess": inprocess,
         "servers": servers,
         "variants": serving_variants(swept, s),
+        "models": served_models(swept),
         "triton_version": triton_version,
         "requests": s.requests,
         "repeats": s.repeats,
@@ -304,12 +312,16 @@ def variant_schedule(
 
 def serving_variants(repositories: dict[str, Path], s: Settings) -> list[dict[str, Any]]:
     """Each repository served with each variant, back to back with the baseline
-    repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput)."""
-    variants = bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
-    schedule = variant_schedule(variants, len(variants) if s.quick else 3)
+    repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput). The first
+    repository gets the whole sweep, the others (another precision) the baseline and
+    the queue delay: the comparison between models, not the search again."""
     window_ms = 300 if s.quick else 1000
     rows = []
-    for name, source in repositories.items():
+    for index, (name, source) in enumerate(repositories.items()):
+        variants = bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
+        if index:
+            variants = (bench_serving.BASELINE, bench_serving.DELAY_500)
+        schedule = variant_schedule(variants, len(variants) if s.quick else 3)
         served = {
             v.name: source
             if v.edit is None
@@ -323,6 +335,39 @@ def serving_variants(repositories: dict[str, Path], s: Settings) -> list[dict[st
             run = variant_run(served[variant.name], variant, window_ms)
             rows.append({"repository": name, "order": order, **run})
     return rows
+
+
+def int8_repository(storage: Path, checkpoint: Path) -> Path | str:
+    """`export --precision int8` of the served checkpoint into a storage of its own (the
+    same data and checkpoints, linked): its repository, served beside the fp32 one; or
+    why export refused it (more than 0.1 pp lost: quick mode's barely trained model)."""
+    int8_storage = storage / "int8-storage"
+    int8_storage.mkdir(exist_ok=True)
+    for folder in ("data", "checkpoints"):
+        link = int8_storage / folder
+        if not link.exists():
+            link.symlink_to(storage / folder)
+    print("export: int8 …", file=sys.stderr, flush=True)
+    try:
+        export(int8_storage, repository.TritonConfig(), checkpoint=checkpoint, precision="int8")
+    except PipelineFailure as e:
+        print(f"export: int8 refused: {e}", file=sys.stderr, flush=True)
+        return str(e)
+    return int8_storage / "models"
+
+
+def served_models(repositories: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """What each swept repository serves: precision and accuracy from its metadata.json."""
+    models = {}
+    for name, models_dir in repositories.items():
+        meta = read_json(models_dir / MODEL / "1" / repository.METADATA_FILE)
+        models[name] = {
+            "precision": meta.get("precision", "fp32"),
+            "accuracy": meta["accuracy"],
+            "fp32_accuracy": meta.get("fp32_accuracy", meta["accuracy"]),
+            "bytes": (models_dir / MODEL / "1" / repository.MODEL_FILE).stat().st_size,
+        }
+    return models
 
 
 def variant_run(repo: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
@@ -379,33 +424,37 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 20's: time to 99.0% on every seed against the previous default, same run."""
+    """Issue 20's: time to 99.0% on every seed against the previous default, same run;
+    for the default and for the shorter schedule tried beside it."""
     runs = {r["name"]: r for r in training["runs"]}
-    seeds = [runs[f"default-seed{seed}"] for seed in SEEDS]
     previous = runs["previous-default"]
-    ratio = max(r["train_seconds"] for r in seeds) / previous["train_seconds"]
-    full = training["full_dataset"]
-    subset = "" if full else " (subset: not comparable)"
-    worst_matmul = max(r["matmul_epochs"] for r in seeds)
-    return [
-        {
-            "target": f"default recipe: >= 99.0% test accuracy on every seed ({len(seeds)}) "
-            "in <= 0.6× the training seconds of release 0.1.0's default (same run)",
-            "measured": " / ".join(f"{r['test_accuracy']:.2%}" for r in seeds)
-            + " in "
-            + " / ".join(f"{r['train_seconds']:.0f}" for r in seeds)
-            + f" s vs {previous['train_seconds']:.0f} s (at most {ratio:.2f}×)"
-            + subset,
-            "met": full and all(r["test_accuracy"] >= 0.99 for r in seeds) and ratio <= 0.6,
-        },
-        {
-            "target": "default recipe in <= 1.6 matmul-epochs (training seconds ÷ the time "
-            "the machine's fp32 matmul rate needs for one epoch's FLOPs)",
-            "measured": f"at most {worst_matmul:.2f} "
-            f"(release 0.1.0's default: {previous['matmul_epochs']:.2f})" + subset,
-            "met": full and worst_matmul <= 1.6,
-        },
-    ]
+    subset = "" if training["full_dataset"] else " (subset: not comparable)"
+    out = []
+    for recipe, what in (("default", "default recipe"), ("short", f"{SHORT_EPOCHS:g} epoch")):
+        seeds = [runs[f"{recipe}-seed{seed}"] for seed in SEEDS]
+        ratio = max(r["train_seconds"] for r in seeds) / previous["train_seconds"]
+        worst_matmul = max(r["matmul_epochs"] for r in seeds)
+        reached = all(r["test_accuracy"] >= 0.99 for r in seeds)
+        out += [
+            {
+                "target": f"{what}: >= 99.0% test accuracy on every seed ({len(seeds)}) in "
+                "<= 0.6× the training seconds of release 0.1.0's default (same run)",
+                "measured": " / ".join(f"{r['test_accuracy']:.2%}" for r in seeds)
+                + " in "
+                + " / ".join(f"{r['train_seconds']:.0f}" for r in seeds)
+                + f" s vs {previous['train_seconds']:.0f} s (at most {ratio:.2f}×)"
+                + subset,
+                "met": training["full_dataset"] and reached and ratio <= 0.6,
+            },
+            {
+                "target": f"{what}: <= 1.6 matmul-epochs (training seconds ÷ the time the "
+                "machine's fp32 matmul rate needs for one epoch's FLOPs)",
+                "measured": f"at most {worst_matmul:.2f} "
+                f"(release 0.1.0's default: {previous['matmul_epochs']:.2f})" + subset,
+                "met": training["full_dataset"] and worst_matmul <= 1.6,
+            },
+        ]
+    return out
 
 
 def serving_targets(serving: dict[str, Any]) -> list[dict[str, Any]]:
@@ -520,10 +569,15 @@ def main(argv: list[str] | None = None) -> int:
             results["export"] = bench_export.compare(
                 checkpoint, onnx_path, storage / "export", x, s.requests, s.repeats
             )
-        # The repositories the serving variants are swept over, by name: another export of
-        # the model (a second precision, say) is one more entry.
+        # The repositories the serving variants are swept over, by name: fp32 and the
+        # int8 export of the same checkpoint, each with its accuracy on all test images.
+        int8 = int8_repository(storage, checkpoint)
         swept = {"fp32": storage / "models"}
+        if isinstance(int8, Path):
+            swept["int8"] = int8
         results["serving"] = bench_serving_section(storage, onnx_path, x, labels, s, swept)
+        if isinstance(int8, str):
+            results["serving"]["int8_refused"] = int8
         results["machine"]["tritonserver"] = results["serving"]["triton_version"]
         results["machine"]["load_average_end"] = load_average()
         results["targets"] = targets(results)

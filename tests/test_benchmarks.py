@@ -57,7 +57,9 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
 
     training = results["training"]
     runs = {run["name"]: run for run in training["runs"]}
-    assert set(runs) == {"default-seed0", "default-seed1", "default-seed2", "previous-default"}
+    seeds = {f"{recipe}-seed{i}" for recipe in ("default", "short") for i in range(3)}
+    assert set(runs) == seeds | {"previous-default"}
+    assert runs["short-seed0"]["config"]["epochs"] == 0.8
     assert [runs[f"default-seed{i}"]["config"]["seed"] for i in range(3)] == [0, 1, 2]
     assert runs["previous-default"]["plain_convolutions"] is True
     assert runs["previous-default"]["config"]["epochs"] == 1
@@ -116,17 +118,37 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
             assert number(level[key]), key
         assert 0 < level["executing_s"] <= 16 * level["wall_s"]
     check_variants(serving["variants"])
+    check_models(serving)
     off = serving["servers"]["batching_off"]["concurrency"]
     assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
     assert len(results["targets"]) >= 3
     assert all(isinstance(t["met"], bool) for t in results["targets"])
 
 
+def check_models(serving: dict[str, Any]) -> None:
+    """fp32 and the int8 export of the same checkpoint, served side by side."""
+    models = serving["models"]
+    if "int8_refused" in serving:  # quick mode's model trains on 1000 images only
+        assert "int8 model refused" in serving["int8_refused"] and set(models) == {"fp32"}
+        return
+    assert [models[m]["precision"] for m in ("fp32", "int8")] == ["fp32", "int8"]
+    # The int8 export passed its gate: at most 0.1 pp below its own fp32 export.
+    assert models["int8"]["accuracy"] >= models["int8"]["fp32_accuracy"] - 0.001
+    assert models["int8"]["fp32_accuracy"] == models["fp32"]["accuracy"]
+    assert models["int8"]["bytes"] < models["fp32"]["bytes"] / 2
+
+
 def check_variants(rows: list[dict[str, Any]]) -> None:
     """The serving-variants sweep: the baseline first and last, each variant through
     perf_analyzer at concurrency 1, 8 and 16, with Triton's statistics and CPU times, and
     the edits visible in the config Triton served."""
-    assert {r["repository"] for r in rows} == {"fp32"}
+    assert [r["repository"] for r in rows] == sorted(
+        (r["repository"] for r in rows), key=["fp32", "int8"].index
+    )
+    int8 = [r for r in rows if r["repository"] == "int8"]
+    rows = [r for r in rows if r["repository"] == "fp32"]
+    # int8 (the same checkpoint quantised) is served beside fp32: its baseline, first and last.
+    assert int8 and int8[0]["variant"] == int8[-1]["variant"] == "baseline (exported config)"
     assert [r["order"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[0]["variant"] == rows[-1]["variant"] == "baseline (exported config)"
     assert len({r["variant"] for r in rows}) >= 3
@@ -168,6 +190,10 @@ def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> Non
     assert "Time to 99.0%" in doc or "no record" in doc
     assert any(line.startswith("| 8 |") for line in table_rows)
     assert "### perf_analyzer" in doc
+    assert (
+        "#### fp32 and int8 served side by side" in doc
+        or "int8 export of this model was refused" in doc
+    )
     assert "### Serving variants" in doc and "#### Model repository: fp32" in doc
     assert any(line.startswith("| 1 | baseline (exported config) |") for line in table_rows)
     assert "**Verdict.**" in doc and "**Reading the baseline at concurrency 8**" in doc

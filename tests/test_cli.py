@@ -181,7 +181,7 @@ def test_epochs_are_bounded(tmp_path: Path) -> None:
     from mnist_pipeline.train import TrainConfig
 
     result = cli("train", "--storage", tmp_path / "s", "--epochs", "9" * 23)
-    assert result.returncode == 2 and "1<=x<=1000" in result.stderr, result.stderr
+    assert result.returncode == 2 and "0<x<=1000" in result.stderr, result.stderr
     result = cli("run", "--storage", tmp_path / "s", env={"EPOCHS": "1001"})
     assert result.returncode == 2 and "EPOCHS='1001'" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
