@@ -261,14 +261,7 @@ def bench_serving_section(
     triton_version = None
     for name, repo in repositories.items():
         print(f"serving: Triton, {name.replace('_', ' ')} …", file=sys.stderr, flush=True)
-        http, grpc, metrics = free_ports(3)
-        with LocalTriton(
-            repo,
-            http_port=http,
-            grpc_port=grpc,
-            metrics_port=metrics,
-            extra_args=bench_serving.METRICS_ARGS,
-        ) as server:
+        with local_triton(repo, bench_serving.METRICS_ARGS) as server:
             grpc_client = client.grpc_module().InferenceServerClient(server.grpc_url)
             try:
                 triton_version = grpc_client.get_server_metadata(as_json=True)["version"]
@@ -370,15 +363,15 @@ def served_models(repositories: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return models
 
 
-def variant_run(repo: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
+def local_triton(repo: Path, extra_args: tuple[str, ...]) -> LocalTriton:
     http, grpc, metrics = free_ports(3)
-    with LocalTriton(
-        repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        extra_args=variant.server_args,
-    ) as server:
+    return LocalTriton(
+        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, extra_args=extra_args
+    )
+
+
+def variant_run(repo: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
+    with local_triton(repo, variant.server_args) as server:
         return {
             "variant": variant.name,
             "server_args": list(variant.server_args),

@@ -302,9 +302,10 @@ def test_the_pin_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) 
     pin, _ = pin_container(values)
     assert arg(pin, "server-cpus") == cpus and arg(pin, "instance-count") == "3"
     assert arg(pin, "instance-kind") == "cpu"
-    # Export no longer writes them: changing them neither renames nor re-runs it.
+    # Export no longer writes them: changing them neither renames nor re-runs it. Its
+    # one variable is an export setting of its own, the precision.
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    assert "env" not in export
+    assert export["env"] == [{"name": "PRECISION", "value": "fp32"}]
 
 
 def test_probe_timeouts_and_initial_delays() -> None:
