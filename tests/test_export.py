@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from conftest import TrainedRun
 from mnist_pipeline import data, export, quantize, repository
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.storage import PipelineFailure, UsageError
@@ -651,23 +652,10 @@ def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(
 
 
 @pytest.fixture(scope="module")
-def quantisable(
-    trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    """A model worth quantising: 96 steps on 6144 images, about 0.96 on every CPU seen.
-    The tiny runs above sit near chance, where a handful of images decide 0.1 point."""
-    storage = copy_storage(trained["storage"], tmp_path_factory.mktemp("quantisable") / "s")
-    quick = "--limit-train 6144 --checkpoint-every 0 --threads 1 --run-id q".split()
-    cli("train", "--storage", storage, *quick, check=0)
-    metrics = json.loads((storage / "checkpoints" / "q" / "metrics.json").read_text())
-    return {"storage": storage, "run": "q", "accuracy": metrics["test_accuracy"]}
-
-
-@pytest.fixture(scope="module")
-def int8(quantisable: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def int8(quantisable: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A run exported int8 first, then fp32 and int8 again: one checkpoint, two models."""
-    storage = copy_storage(quantisable["storage"], tmp_path_factory.mktemp("int8") / "s")
-    run = quantisable["run"]
+    storage = copy_storage(quantisable.storage, tmp_path_factory.mktemp("int8") / "s")
+    run = quantisable.run_id
     first = cli("export", "--storage", storage, "--run-id", run, "--precision", "int8")
     meta = json.loads((storage / "models" / NAME / "1" / "metadata.json").read_text())
     fp32 = cli("export", "--storage", storage, "--run-id", run, env={"PRECISION": "fp32"})
@@ -705,7 +693,7 @@ def test_int8_export_publishes_a_quantised_model_triton_can_load(int8: dict[str,
 
 
 def test_int8_metadata_records_precision_calibration_and_the_fp32_reference(
-    int8: dict[str, Any], quantisable: dict[str, Any]
+    int8: dict[str, Any], quantisable: TrainedRun
 ) -> None:
     meta = int8["meta"]
     assert meta["precision"] == "int8"
@@ -716,7 +704,7 @@ def test_int8_metadata_records_precision_calibration_and_the_fp32_reference(
     assert "train" in meta["calibration"]["source"]
     # Measured like any candidate, on all 10000 test images, within 0.1 pp of its fp32 export.
     assert meta["evaluation"]["images"] == 10_000
-    assert meta["fp32_accuracy"] == pytest.approx(quantisable["accuracy"], abs=2e-3)
+    assert meta["fp32_accuracy"] == pytest.approx(quantisable.accuracy, abs=2e-3)
     assert meta["fp32_accuracy"] - meta["accuracy"] <= export.MAX_INT8_ACCURACY_LOSS + 1e-9
     parity = meta["int8_parity"]
     assert parity["samples"] == export.PARITY_SAMPLES
@@ -751,10 +739,10 @@ def test_fp32_and_int8_of_one_checkpoint_are_different_models(int8: dict[str, An
 
 
 def test_an_fp32_version_does_not_hide_the_int8_export_of_its_checkpoint(
-    quantisable: dict[str, Any], tmp_path: Path
+    quantisable: TrainedRun, tmp_path: Path
 ) -> None:
-    storage = copy_storage(quantisable["storage"], tmp_path / "s")
-    run = quantisable["run"]
+    storage = copy_storage(quantisable.storage, tmp_path / "s")
+    run = quantisable.run_id
     cli("export", "--storage", storage, "--run-id", run)  # fp32, version 1
     result = cli("export", "--storage", storage, "--run-id", run, "--precision", "int8")
     attempt = marker(storage, run)["history"][-1]
@@ -781,14 +769,12 @@ def test_quantisation_is_deterministic_and_calibrates_on_training_images(
     )
 
 
-def test_an_int8_model_losing_accuracy_is_refused(
-    quantisable: dict[str, Any], tmp_path: Path
-) -> None:
+def test_an_int8_model_losing_accuracy_is_refused(quantisable: TrainedRun, tmp_path: Path) -> None:
     """A real model that quantises badly: one channel of the last residual block scaled up
     1000-fold (and the classifier's weights for it down), so the fp32 model predicts as
     before but that channel's range leaves int8 no resolution for the other 511."""
-    storage = copy_storage(quantisable["storage"], tmp_path / "s")
-    source = storage / "checkpoints" / quantisable["run"]
+    storage = copy_storage(quantisable.storage, tmp_path / "s")
+    source = storage / "checkpoints" / quantisable.run_id
     run = storage / "checkpoints" / "outlier"
     run.mkdir()
     payload = torch.load(source / "model.pth", weights_only=True)

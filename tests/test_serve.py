@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import MODEL, PipelineRun
+from conftest import MODEL, PipelineRun, TrainedRun
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton, check_repository
 from mnist_pipeline.storage import UsageError
@@ -79,13 +79,12 @@ def test_served_by_the_onnxruntime_backend_like_onnxruntime_on_every_test_image(
 
 
 def test_an_int8_export_is_served_like_onnxruntime_serves_it(
-    pipeline: PipelineRun, tmp_path: Path
+    quantisable: TrainedRun, tmp_path: Path
 ) -> None:
     """The QDQ model from `export --precision int8` under Triton's onnxruntime 1.19.2:
     the same predictions on every test image as the onnxruntime installed here."""
     storage = tmp_path / "storage"
-    shutil.copytree(pipeline.storage / "data", storage / "data")
-    shutil.copytree(pipeline.storage / "checkpoints", storage / "checkpoints", symlinks=True)
+    shutil.copytree(quantisable.storage, storage, symlinks=True)
     result = cli("export", "--storage", str(storage), "--precision", "int8")
     assert result.returncode == 0, result.stderr
     model = storage / "models" / MODEL / "1" / "model.onnx"
