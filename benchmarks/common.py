@@ -14,7 +14,7 @@ import numpy as np
 
 from mnist_pipeline.serve import free_ports
 
-__all__ = ["free_ports", "load_average", "machine", "median_of", "percentiles"]
+__all__ = ["EPOCH_IMAGES", "free_ports", "load_average", "machine", "median_of", "percentiles"]
 
 
 def percentiles(latencies_ms: list[float]) -> dict[str, float]:
@@ -42,6 +42,9 @@ def cpu_model() -> str:
         pass
     return platform.processor() or "unknown"
 
+
+# One epoch of the full training set in whole batches of 128: what a matmul-epoch counts.
+EPOCH_IMAGES = 59904
 
 # The vector extensions that decide how fast convolutions and int8 matrix products run.
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common import EPOCH_IMAGES
 from mnist_pipeline.storage import atomic_write_json
 
 PLOTS = {
@@ -961,7 +962,7 @@ def training_analysis(results: dict[str, Any]) -> str:
     return (
         f"{record} FLOPs are the architecture's: {training['flops_per_image'] / 1e6:.1f} M "
         f"per training image (forward and backward, plain convolutions with their padding "
-        f"taps, torch's FLOP counter), {training['flops_per_image'] * 59904 / 1e12:.1f} "
+        f"taps, torch's FLOP counter), {training['flops_per_image'] * EPOCH_IMAGES / 1e12:.1f} "
         f"TFLOP per epoch. The machine's fp32 matmul rate (2048×2048 products on the same "
         f"threads, median of 7) read {rates} GFLOP/s before and after training. The "
         f"default's matrix products for the 2x2 and 1x1 maps skip the padding taps, so its "

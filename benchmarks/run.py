@@ -46,7 +46,7 @@ import bench_export
 import bench_serving
 import bench_training
 import report
-from common import free_ports, load_average, machine, median_of, percentiles
+from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
 from mnist_pipeline import client, data, monitoring, repository
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton
@@ -59,7 +59,6 @@ SEEDS = (0, 1, 2)
 # The schedule that would meet 0.6× the previous default's seconds, measured beside the
 # default to show what it costs in accuracy.
 SHORT_EPOCHS = 0.8
-EPOCH_IMAGES = 59904  # one epoch of the full training set in whole batches of 128
 # The serving targets' concurrency 1 and 8, and 16 to see whether more in flight helps.
 VARIANT_CONCURRENCIES = (1, 8, 16)
 
