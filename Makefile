@@ -99,11 +99,11 @@ push-images: images
 	for image in $(IMAGES); do $(DOCKER) push $(REGISTRY)/$$image:$(TAG) || exit 1; done
 
 # The images built and run in a real container engine, and the chart's rehearsal in them
-# (tests/test_containers.py, the [container] cases of tests/test_rehearsal.py): as root;
+# (tests/rehearsal/test_containers.py, the [container] cases of tests/rehearsal/test_rehearsal.py): as root;
 # installs CONTAINER_DEBS when missing. CI runs them within `make test` (CI=true).
 # TRITON_SOURCES=DIR: the Triton image's sources from DIR instead of GitHub.
 container-check: test-deps $(BIN)/.installed
-	$(BIN)/pytest -k container tests/test_containers.py tests/test_rehearsal.py
+	$(BIN)/pytest -k container tests/rehearsal/test_containers.py tests/rehearsal/test_rehearsal.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache

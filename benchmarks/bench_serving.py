@@ -25,7 +25,8 @@ import numpy as np
 import onnxruntime as ort
 
 from common import percentiles
-from mnist_pipeline import client, monitoring, repository
+from mnist_pipeline import client, repository
+from support import prometheus as monitoring
 
 MODEL = "resnet18_mnist"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from mnist_pipeline.serve import free_ports
+# The tests' support code (free ports, the local Prometheus) serves the benchmarks too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.ports import free_ports
 
 __all__ = ["EPOCH_IMAGES", "free_ports", "load_average", "machine", "median_of", "percentiles"]
 

@@ -47,11 +47,12 @@ import bench_serving
 import bench_training
 import report
 from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
-from mnist_pipeline import client, data, monitoring, repository
+from mnist_pipeline import client, data, repository
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.storage import PipelineFailure, read_json
 from mnist_pipeline.train import TrainConfig, train
+from support import prometheus as monitoring
 
 MODEL = repository.DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)

@@ -20,10 +20,10 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from container_engine import HOW_TO_RUN, Engine, EngineUnavailable
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton
-from serving_helpers import free_ports
+from support.engine import HOW_TO_RUN, Engine, EngineUnavailable
+from support.serving import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_SOURCE = REPO / "data" / "mnist"

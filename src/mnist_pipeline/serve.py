@@ -130,18 +130,6 @@ def check_port_free(host: str, port: int) -> None:
 HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "GPU metrics")
 
 
-def free_ports(n: int) -> list[int]:
-    """n loopback ports nobody listens on now: for servers started side by side."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def log_tail(path: Path, lines: int = 20) -> str:
     """What explains a failure: Triton's error lines if any, else the end of its log,
     without the option tables that fill it."""

@@ -17,7 +17,7 @@ import pytest
 import tomllib
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
     "pipeline": REPO / "docker" / "pipeline.Dockerfile",
     "client": REPO / "docker" / "client.Dockerfile",

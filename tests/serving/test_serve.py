@@ -23,7 +23,7 @@ from conftest import MODEL, PipelineRun, TrainedRun
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton, check_repository
 from mnist_pipeline.storage import UsageError
-from serving_helpers import cli, free_ports, pid_alive, triton_processes
+from support.serving import cli, free_ports, pid_alive, triton_processes
 
 pytestmark = pytest.mark.slow
 

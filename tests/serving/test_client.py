@@ -15,7 +15,7 @@ import pytest
 from conftest import MODEL, PipelineRun
 from mnist_pipeline import client, data
 from mnist_pipeline.serve import LocalTriton
-from serving_helpers import cli, free_ports
+from support.serving import cli, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from mnist_pipeline.monitoring import dashboard_panels
+from support.prometheus import dashboard_panels
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

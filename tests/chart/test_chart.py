@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helm_chart import (
+from support.chart import (
     CHART,
     KUBE_VERSION,
     REPO,

@@ -1,4 +1,4 @@
-"""The three images, built and run in a real container engine (container_engine.py).
+"""The three images, built and run in a real container engine (support/engine.py).
 
 Each runs what the chart runs it for, with the chart's restrictions: user 10001, read-only
 root filesystem with /tmp the only writable path, every capability dropped, no privilege
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from container_engine import Container, Engine, image
-from serving_helpers import free_ports
+from support.engine import Container, Engine, image
+from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from typing import Any
 import helm_python
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "mnist-pipeline"
 KUBE_VERSION = "1.30.0"
 

@@ -1,7 +1,7 @@
 """Security posture checks that need no server: no committed secrets, checkpoints loaded
 weights-only, loopback by default, every accepted checkov finding justified in
-docs/SECURITY.md. Non-root images and checkov itself: tests/test_images.py and
-tests/test_chart.py; the live bind address: tests/test_faults.py."""
+docs/SECURITY.md. Non-root images and checkov itself: tests/rehearsal/test_images.py and
+tests/chart/test_chart.py; the live bind address: tests/reliability/test_faults.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 from mnist_pipeline.cli import cli
 from mnist_pipeline.serve import LocalTriton
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Built from pieces so that this file does not match its own patterns.
 _BEGIN = "-----BEGIN "

@@ -17,9 +17,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helm_chart import KUBE_VERSION, arg, containers, find, install_manifest, lint, pod_spec, render
-from helm_chart import workloads as all_workloads
 from mnist_pipeline import repository
+from support.chart import (
+    KUBE_VERSION,
+    arg,
+    containers,
+    find,
+    install_manifest,
+    lint,
+    pod_spec,
+    render,
+)
+from support.chart import workloads as all_workloads
 
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
 PINNED = {"run": {"id": "prod"}}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helm_chart import REPO
+from support.chart import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "kind.yaml"
 

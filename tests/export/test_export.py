@@ -25,7 +25,7 @@ from conftest import TrainedRun
 from mnist_pipeline import data, export, quantize, repository
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.storage import PipelineFailure, UsageError
-from serving_helpers import snapshot
+from support.serving import snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import cli
-from mnist_pipeline.serve import free_ports
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
+from support.ports import free_ports
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 # Two ranks differ from one process only in BatchNorm (batch statistics over 32 images
@@ -177,7 +177,7 @@ def test_distributed_settings_that_cannot_work_are_usage_errors(
 @pytest.mark.slow
 def test_benchmark_quick_run_prints_figures(tmp_path: Path) -> None:
     """The scaling benchmark runs end to end; its figures are printed, never asserted."""
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_distributed.py"
     result = subprocess.run(
         [sys.executable, str(bench), "--quick", "--out", str(tmp_path)],
         capture_output=True,

@@ -16,9 +16,9 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-
-from helm_chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
 from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
+
+from support.chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
 
 # 4. Settings every rank would reject: refused at render time, or checked before torchrun ------
 

@@ -27,9 +27,10 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from conftest import MODEL
-from helm_chart import REPO, find, install_manifest, render
 from mnist_pipeline import client
-from mnist_pipeline.monitoring import (
+from mnist_pipeline.serve import LocalTriton
+from support.chart import REPO, find, install_manifest, render
+from support.prometheus import (
     DASHBOARD,
     LocalPrometheus,
     dashboard_panels,
@@ -37,8 +38,7 @@ from mnist_pipeline.monitoring import (
     locate,
     values,
 )
-from mnist_pipeline.serve import LocalTriton
-from serving_helpers import free_ports
+from support.serving import free_ports
 
 CRDS = {"apiVersions": ["monitoring.coreos.com/v1"]}
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}

@@ -12,7 +12,7 @@ import pytest
 
 from mnist_pipeline.cli import cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def shell_lines() -> list[str]:

@@ -6,7 +6,7 @@ address is rewritten to local ports, and they run in the chart's order, either
 - as host processes (`host`): /storage is rewritten to a temporary folder; the
   tritonserver container runs the real `tritonserver` 2.51 (from the nvidia-pytriton
   wheel) with `--backend-directory` pointing at the locally built onnxruntime backend; or
-- in the built images (`container`, a real dockerd: container_engine.py), as the kubelet
+- in the built images (`container`, a real dockerd: support/engine.py), as the kubelet
   would run them: the rendered image, command (else the image's entrypoint), args, env,
   user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
   escalation, CPU and memory limits, the claim as one folder mounted where the pod mounts
@@ -43,10 +43,10 @@ from typing import Any
 
 import pytest
 
-from container_engine import Container, Engine, cpus, memory
-from helm_chart import REPO, containers, find, pod_spec, render
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
-from serving_helpers import free_ports
+from support.chart import REPO, containers, find, pod_spec, render
+from support.engine import Container, Engine, cpus, memory
+from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
 

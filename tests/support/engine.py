@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-from helm_chart import REPO
+from support.chart import REPO
 
 ENGINE_DIR = Path(os.environ.get("CONTAINER_ENGINE_DIR", "/var/lib/mnist-pipeline-ci"))
 # Debian's client: a newer static client, if any, comes first on PATH and misses the

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import LIMIT_TRAIN, MODEL, PipelineRun, cli
 from mnist_pipeline.train import TrainConfig, default_run_id
-from serving_helpers import free_ports, snapshot, triton_processes
+from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 

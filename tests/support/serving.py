@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.serve import free_ports
+from support.ports import free_ports
 
 __all__ = ["cli", "free_ports", "pid_alive", "snapshot", "triton_processes"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(

@@ -37,7 +37,7 @@ from conftest import cli
 from mnist_pipeline import data, model, repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.storage import raw_data_dir, run_dir, temp_files
-from serving_helpers import free_ports, snapshot, triton_processes
+from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from mnist_pipeline.serve import BACKEND_LIBRARY, DEFAULT_BACKEND_DIR, check_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "build_triton_backend.sh"
 
 

@@ -17,7 +17,7 @@ import pytest
 from mnist_pipeline import waits
 from mnist_pipeline.storage import PipelineFailure, atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN = "20261124-101010-abcd-r1"
 
 
@@ -233,7 +233,7 @@ def test_an_unreachable_api_is_named_at_every_progress_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A default-deny egress policy drops the API: every progress line says so."""
-    from mnist_pipeline.serve import free_ports
+    from support.ports import free_ports
 
     (closed,) = free_ports(1)
     api = waits.KubeApi(f"http://127.0.0.1:{closed}", "ml")

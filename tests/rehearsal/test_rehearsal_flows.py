@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from helm_chart import find, render
-from mnist_pipeline.repository import DEFAULT_MODEL_NAME
 from test_rehearsal import VALUES, Rehearsal, job_pods, read, rehearse, wait_exit
+
+from mnist_pipeline.repository import DEFAULT_MODEL_NAME
+from support.chart import find, render
 
 pytestmark = pytest.mark.slow
 
