@@ -1,7 +1,9 @@
 """The `mnist-pipeline` command line.
 
-Every option can also be set through the environment variable shown in --help, so
-Kubernetes manifests configure the stages the way the original Jobs did.
+Every option is a `Setting` declared once in settings.py; a command lists the settings it
+takes. Each can also be set through its environment variable, MNIST_PIPELINE_ and the
+flag's name (shown in --help), so Kubernetes manifests configure the stages the way the
+original Jobs did, and nothing else in a pod's environment can.
 Exit codes: 0 done (an export skipped as not better is done), 1 failure, 2 bad input or usage,
 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (128 + the signal, as shells report them).
 """
@@ -15,7 +17,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,62 +25,12 @@ import click
 from click.core import ParameterSource
 
 from mnist_pipeline import __version__
-from mnist_pipeline.storage import DEFAULT_STORAGE, MAX_EPOCHS, PipelineFailure, UsageError
+from mnist_pipeline import settings as s
+from mnist_pipeline.settings import Setting
+from mnist_pipeline.storage import PipelineFailure, UsageError
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
-    """Make a bad value that came from the environment name its variable first, not the
-    option the user never typed: "Invalid value for EPOCHS='0' (the variable of '--epochs')"."""
-    param = e.param
-    if not isinstance(param, click.Option) or param.name is None:
-        return
-    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
-        return
-    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
-    var = next((n for n in names if n in os.environ), names[0] if names else None)
-    if var is not None:
-        flags = " / ".join(repr(o) for o in param.opts)
-        e.param_hint = f"{var}={os.environ.get(var, '')!r} (the variable of {flags})"
-
-
-def show_envvars(params: list[click.Parameter]) -> None:
-    for param in params:
-        if isinstance(param, click.Option) and param.envvar:
-            param.show_envvar = True
-
-
-class EnvCommand(click.Command):
-    """Every option's variable shown in --help; an invalid value from a variable names it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        show_envvars(self.params)
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.BadParameter as e:
-            env_error_hint(ctx, e)
-            raise
-
-
-class EnvGroup(click.Group):
-    command_class = EnvCommand
-    group_class = type  # subgroups (wait) behave the same
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        show_envvars(self.params)
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.BadParameter as e:
-            env_error_hint(ctx, e)
-            raise
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -93,39 +45,106 @@ class FiniteFloatRange(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-def _name(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    """A click callback applying storage's one rule for names that become paths."""
+def click_type(spec: Setting) -> Any:
+    """The click type that accepts exactly what `spec.check` accepts."""
+    if spec.parse is not None:
+        return click.STRING
+    if spec.choices is not None:
+        return click.Choice(spec.choices)
+    kind = spec.python_type
+    if kind is int and (spec.min is not None or spec.max is not None):
+        low, high = (None if b is None else int(b) for b in (spec.min, spec.max))
+        return click.IntRange(low, high, min_open=spec.min_open, max_open=spec.max_open)
+    if kind is float:
+        return FiniteFloatRange(spec.min, spec.max, min_open=spec.min_open, max_open=spec.max_open)
+    if kind is Path:
+        return click.Path(
+            file_okay=spec.path != "dir", dir_okay=spec.path != "file", path_type=Path
+        )
+    if kind is int:
+        return click.INT
+    return click.STRING
 
-    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        from mnist_pipeline.storage import validate_name
 
-        if value is None:
-            return None
+def parse_callback(spec: Setting) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         try:
-            return validate_name(value, what)
+            return spec.check(value)
         except UsageError as e:
             raise click.BadParameter(str(e), ctx, param) from None
 
-    return check
+    return parse
 
 
-def model_name_option(f: F) -> F:
-    """The model of the Triton repository that prune and pin look after."""
-    return click.option(
-        "--model-name", envvar="MODEL_NAME", default="resnet18_mnist", callback=_name("model name")
-    )(f)
+def click_option(spec: Setting) -> Callable[[F], F]:
+    """The one click option of `spec`, its variable MNIST_PIPELINE_<FLAG>."""
+    names = [spec.flag] + ([spec.short] if spec.short else [])
+    how: dict[str, Any] = {"envvar": spec.envvar, "show_envvar": True, "help": spec.help}
+    if spec.python_type is bool:
+        if spec.default:
+            names[0] = f"{spec.flag}/--no-{spec.flag[2:]}"
+        how.update(is_flag=True, default=spec.default)
+        return click.option(*names, spec.name, **how)
+    how.update(type=click_type(spec), required=spec.required, multiple=spec.multiple)
+    if spec.parse is not None:
+        how["callback"] = parse_callback(spec)
+    if not spec.required:
+        default = spec.default
+        if isinstance(default, tuple) and not spec.multiple:
+            default = ",".join(map(str, default))  # as it is typed: 2,4,8
+        how["default"] = default
+    return click.option(*names, spec.name, **how)
 
 
-def storage_option(f: F) -> F:
-    return click.option(
-        "--storage",
-        envvar="STORAGE_ROOT",
-        default=DEFAULT_STORAGE,
-        show_default=True,
-        show_envvar=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Root of the shared storage (the PVC is mounted at /storage).",
-    )(f)
+def options(*groups: Setting | Iterable[Setting]) -> Callable[[F], F]:
+    """The options of these settings (and groups of them), each once, in this order."""
+    specs: dict[str, Setting] = {}
+    for group in groups:
+        for spec in [group] if isinstance(group, Setting) else group:
+            specs.setdefault(spec.name, spec)
+
+    def decorate(f: F) -> F:
+        for spec in reversed(specs.values()):
+            f = click_option(spec)(f)
+        return f
+
+    return decorate
+
+
+def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
+    """Make a bad value that came from the environment name its variable first, not the
+    option the user never typed: "Invalid value for MNIST_PIPELINE_EPOCHS='0' (the variable
+    of '--epochs')"."""
+    param = e.param
+    if not isinstance(param, click.Option) or param.name is None:
+        return
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return
+    if isinstance(param.envvar, str):
+        flags = " / ".join(repr(o) for o in param.opts)
+        value = os.environ.get(param.envvar, "")
+        e.param_hint = f"{param.envvar}={value!r} (the variable of {flags})"
+
+
+class EnvCommand(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            env_error_hint(ctx, e)
+            raise
+
+
+class EnvGroup(click.Group):
+    command_class = EnvCommand
+    group_class = type  # subgroups (wait) behave the same
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            env_error_hint(ctx, e)
+            raise
 
 
 def stage(f: F) -> F:
@@ -165,17 +184,30 @@ def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
+def config(cls: Any, values: dict[str, Any], **given: Any) -> Any:
+    """An instance of dataclass `cls` from the options of the settings it declares."""
+    fields = {attr: values[spec.name] for attr, spec in s.settings_of(cls)}
+    return cls(**{**fields, **given})
+
+
+def triton_config(values: dict[str, Any]) -> Any:
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
+
+    kind = INSTANCE_KINDS[values["instance_kind"]]
+    return config(TritonConfig, values, instance_kind=kind)
+
+
 @click.group(
     cls=EnvGroup,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 @click.version_option(__version__, prog_name="mnist-pipeline")
-@click.option("-v", "--verbose", is_flag=True, envvar="VERBOSE", help="Debug logging.")
+@options(s.VERBOSE)
 def cli(verbose: bool) -> None:
     """Train ResNet-18 on MNIST, export it to ONNX, serve it with Triton, measure it.
 
     \b
-    The stages share one storage folder (--storage, env STORAGE_ROOT):
+    The stages share one storage folder (--storage, MNIST_PIPELINE_STORAGE):
       mnist-pipeline data     place verified MNIST into storage
       mnist-pipeline train    train, resumably; checkpoint + train.log + metrics.json
       mnist-pipeline export   ONNX + Triton repository, only if better than the served model
@@ -196,15 +228,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@storage_option
-@click.option(
-    "--source",
-    envvar="MNIST_SOURCE",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder holding the four MNIST IDX files, .gz or raw. "
-    "Default: the copy shipped with the project (data/mnist).",
-)
+@options(s.STORAGE, s.SOURCE)
 @stage
 def data(storage: Path, source: Path | None) -> None:
     """Place the four MNIST files, verified, at STORAGE/data/MNIST/raw.
@@ -217,193 +241,44 @@ def data(storage: Path, source: Path | None) -> None:
     data_stage.place(storage, source)
 
 
-# Options that become TrainConfig fields (the run id is derived from these).
-TRAIN_CONFIG = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "schedule",
-    "weight_decay",
-    "label_smoothing",
-    "seed",
-    "limit_train",
-    "limit_test",
-    "sync_bn",
-)
-
-
-def train_options(f: F) -> F:
-    """Training's options, shared by `train` and `run` so both honour the same variables."""
-    options = [
-        click.option(
-            "--epochs",
-            envvar="EPOCHS",
-            type=FiniteFloatRange(min=0, min_open=True, max=MAX_EPOCHS),
-            default=1,
-            help="Passes over the training set; a fraction (0.7) ends within a pass, on "
-            "that share of its shuffled images.",
-        ),
-        click.option(
-            "--batch-size",
-            envvar="BATCH_SIZE",
-            type=click.IntRange(min=2),
-            default=128,
-            help="Training images per step.",
-        ),
-        click.option(
-            "--lr",
-            envvar="LR",
-            type=FiniteFloatRange(min=0, min_open=True),
-            default=0.05,
-            help="Peak learning rate.",
-        ),
-        click.option(
-            "--optimizer",
-            envvar="OPTIMIZER",
-            type=click.Choice(["sgd", "adamw", "adam"]),
-            default="sgd",
-        ),
-        click.option(
-            "--schedule",
-            envvar="SCHEDULE",
-            type=click.Choice(["onecycle", "constant"]),
-            default="onecycle",
-            help="One-cycle warm-up + cosine decay, or a constant lr.",
-        ),
-        click.option(
-            "--weight-decay", envvar="WEIGHT_DECAY", type=FiniteFloatRange(min=0), default=5e-4
-        ),
-        click.option(
-            "--label-smoothing",
-            envvar="LABEL_SMOOTHING",
-            type=FiniteFloatRange(min=0, max=1, max_open=True),
-            default=0.1,
-        ),
-        click.option(
-            "--seed",
-            envvar="SEED",
-            type=int,
-            default=0,
-            help="Random seed; another seed is another run id, so a new model.",
-        ),
-        click.option(
-            "--limit-train",
-            envvar="LIMIT_TRAIN",
-            type=click.IntRange(min=0),
-            default=0,
-            help="Train on the first N images only (0, or 60000 and more: all 60000), "
-            "for quick runs.",
-        ),
-        click.option(
-            "--limit-test",
-            envvar="LIMIT_TEST",
-            type=click.IntRange(min=0),
-            default=0,
-            help="Evaluate training on the first N test images only (0, or 10000 and "
-            "more: all 10000). "
-            "Export always measures on all 10000.",
-        ),
-        click.option(
-            "--run-id",
-            envvar="RUN_ID",
-            default=None,
-            callback=_name("run id"),
-            help="Name of the run folder; the same id resumes an interrupted run and "
-            "reuses a completed one. Default: derived from the training settings "
-            "(cfg-<hash>), so repeating a command resumes or reuses its run; pass "
-            "another --run-id or --seed to train anew.",
-        ),
-        click.option(
-            "--device", envvar="DEVICE", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"
-        ),
-        click.option(
-            "--threads",
-            envvar="THREADS",
-            type=click.IntRange(min=0),
-            default=0,
-            help="CPU threads (0: every CPU this process may use, cgroup limit included).",
-        ),
-        click.option(
-            "--checkpoint-every",
-            envvar="CHECKPOINT_EVERY",
-            type=click.IntRange(min=0),
-            default=200,
-            help="Also save a resumable checkpoint every N steps (0: epochs only).",
-        ),
-        click.option(
-            "--eval-every",
-            envvar="EVAL_EVERY",
-            type=click.IntRange(min=0),
-            default=0,
-            help="Also measure test accuracy every N steps (0: at epoch ends only).",
-        ),
-        click.option(
-            "--nproc-per-node",
-            envvar="NPROC_PER_NODE",
-            type=click.IntRange(min=1),
-            default=1,
-            help="Train as N data-parallel processes on this machine (through torchrun). "
-            "Ignored under torchrun, which sets the world itself.",
-        ),
-        click.option(
-            "--sync-bn",
-            envvar="SYNC_BN",
-            is_flag=True,
-            help="With several processes, BatchNorm statistics over all of them (CUDA only); "
-            "default: each process its own.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def train_locally(
-    storage: Path, cfg: Any, run_id: str | None, nproc_per_node: int, **how: Any
-) -> dict[str, Any]:
-    """Train in this process, or as NPROC_PER_NODE DDP ranks started through torchrun."""
+def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
+    """Train in this process, or as --nproc-per-node DDP ranks started through torchrun."""
     from mnist_pipeline import distributed
+    from mnist_pipeline import storage as disk
     from mnist_pipeline import train as train_stage
-    from mnist_pipeline.storage import read_json, run_dir
 
+    how = {spec.name: o[spec.name] for spec in s.RANK}
+    nproc_per_node = o["nproc_per_node"]
     if nproc_per_node == 1 or distributed.launched_by_torchrun():
-        return train_stage.train(storage, cfg, run_id=run_id, **how)
-    cfg.validate()  # bad input exits 2 here, not as a failed rank
-    train_stage.check_batch(cfg, nproc_per_node)
-    run_id = run_id or train_stage.default_run_id(cfg)
-    distributed.launch(nproc_per_node, train_argv(storage, cfg, run_id, **how))
-    metrics: dict[str, Any] = read_json(run_dir(storage, run_id) / "metrics.json")
+        return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
+    train_stage.check_batch(cfg, nproc_per_node)  # bad input exits 2 here, not as a failed rank
+    run_id = o["run_id"] or train_stage.default_run_id(cfg)
+    argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
+    values = {**dataclasses.asdict(cfg), **how}
+    distributed.launch(nproc_per_node, argv + command_line((*s.TRAIN, *s.RANK), values))
+    run_dir = disk.run_dir(storage, run_id)
+    metrics = disk.read_metrics(run_dir)
+    if metrics is None:
+        raise PipelineFailure(f"{run_dir}: the ranks ended without writing {disk.METRICS_FILE}")
     return metrics
 
 
-def train_argv(storage: Path, cfg: Any, run_id: str, **how: Any) -> list[str]:
-    """`train`'s command line for these settings: what each rank runs."""
-    argv = ["train", f"--storage={storage}", f"--run-id={run_id}"]
-    settings = {name: getattr(cfg, name) for name in TRAIN_CONFIG}
-    for name, value in {**settings, **how}.items():
-        flag = "--" + name.replace("_", "-")
+def command_line(specs: Iterable[Setting], values: dict[str, Any]) -> list[str]:
+    """The flags that give these settings these values: what each rank runs."""
+    argv = []
+    for spec in specs:
+        value = values[spec.name]
         if isinstance(value, bool):
-            argv += [flag] if value else []
+            argv.append(spec.flag if value else f"--no-{spec.flag[2:]}" if spec.default else "")
         else:
-            argv.append(f"{flag}={value}")
-    return argv
+            argv.append(f"{spec.flag}={value}")
+    return [arg for arg in argv if arg]
 
 
 @cli.command()
-@storage_option
-@train_options
+@options(s.STORAGE, s.TRAIN, s.TRAIN_HOW)
 @stage
-def train(
-    storage: Path,
-    run_id: str | None,
-    device: str,
-    threads: int,
-    checkpoint_every: int,
-    eval_every: int,
-    nproc_per_node: int,
-    **config: Any,
-) -> None:
+def train(storage: Path, **o: Any) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
@@ -416,33 +291,15 @@ def train(
       torchrun --nnodes N --nproc-per-node 1 --node-rank I \\
         --master-addr HOST --master-port 29500 -m mnist_pipeline train ...
     """
-    from mnist_pipeline import train as train_stage
+    from mnist_pipeline.train import TrainConfig
 
-    train_locally(
-        storage,
-        train_stage.TrainConfig(**config),
-        run_id,
-        nproc_per_node,
-        device=device,
-        threads=threads,
-        checkpoint_every=checkpoint_every,
-        eval_every=eval_every,
-    )
+    train_locally(storage, config(TrainConfig, o), o)
 
 
 @cli.command("check-train")
-@storage_option
-@train_options
-@click.option(
-    "--world-size",
-    envvar="CHECK_WORLD_SIZE",
-    show_envvar=True,
-    type=click.IntRange(min=1),
-    default=1,
-    help="Ranks the settings must work for.",
-)
+@options(s.STORAGE, s.TRAIN, s.TRAIN_HOW, s.WORLD_SIZE)
 @stage
-def check_train(storage: Path, device: str, world_size: int, **options: Any) -> None:
+def check_train(storage: Path, world_size: int, device: str, **o: Any) -> None:
     """Check `train`'s settings for --world-size ranks, train nothing: exit 2 on bad input.
 
     The chart runs it in each worker pod before torchrun, which turns a rank's exit 2
@@ -451,510 +308,17 @@ def check_train(storage: Path, device: str, world_size: int, **options: Any) -> 
     """
     from mnist_pipeline import train as train_stage
 
-    config = {k: v for k, v in options.items() if k in TRAIN_CONFIG}
-    cfg = train_stage.TrainConfig(**config)
-    cfg.validate()
+    cfg = config(train_stage.TrainConfig, o)
     # SyncBatchNorm's CUDA check belongs to the ranks, which get the GPUs.
     sync_bn = cfg.sync_bn and device != "cuda"
     train_stage.check_batch(dataclasses.replace(cfg, sync_bn=sync_bn), world_size)
     log.info("training settings are valid for %d rank(s)", world_size)
 
 
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected integers such as 2,4,8") from None
-    if any(s < 1 for s in sizes):
-        raise click.BadParameter(f"{value!r}: batch sizes must be at least 1")
-    return sizes
-
-
-# Options that shape the published model (config.pbtxt), shared by `export` and `run`.
-EXPORT_OPTIONS = (
-    "max_batch_size",
-    "instance_count",
-    "instance_kind",
-    "server_cpus",
-    "preferred_batch_sizes",
-    "pinned_memory",
-)
-
-
-def export_options(f: F) -> F:
-    options = [
-        click.option(
-            "--min-improvement",
-            envvar="MIN_IMPROVEMENT",
-            type=FiniteFloatRange(min=0),
-            default=0.0,
-            help="Publish only if the test accuracy beats the published model's by more "
-            "than this (both measured on all 10000 test images).",
-        ),
-        click.option(
-            "--precision",
-            envvar="PRECISION",
-            type=click.Choice(["fp32", "int8"]),
-            default="fp32",
-            help="int8: publish the fp32 export statically quantised (QDQ, calibrated on "
-            "training images), refused if it loses more than 0.1 percentage point of test "
-            "accuracy against the fp32 export.",
-        ),
-        click.option(
-            "--max-batch-size",
-            envvar="MAX_BATCH_SIZE",
-            type=click.IntRange(min=1),
-            default=16,
-            help="config.pbtxt max_batch_size.",
-        ),
-        click.option(
-            "--instance-count",
-            envvar="INSTANCE_COUNT",
-            type=click.IntRange(min=1),
-            default=2,
-            help="config.pbtxt instance_group count.",
-        ),
-        click.option(
-            "--instance-kind",
-            envvar="INSTANCE_KIND",
-            type=click.Choice(["cpu", "gpu"]),
-            default="cpu",
-            help="config.pbtxt instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU).",
-        ),
-        click.option(
-            "--server-cpus",
-            envvar="SERVER_CPUS",
-            type=click.IntRange(min=1),
-            default=2,
-            help="CPUs the Triton server gets: config.pbtxt parameters give each instance "
-            "max(1, SERVER_CPUS // INSTANCE_COUNT) ONNX Runtime threads (inter-op 1).",
-        ),
-        click.option(
-            "--preferred-batch-sizes",
-            envvar="PREFERRED_BATCH_SIZES",
-            default="2,4,8",
-            callback=_batch_sizes,
-            help="config.pbtxt dynamic_batching preferred_batch_size, comma-separated.",
-        ),
-        click.option(
-            "--pinned-memory/--no-pinned-memory",
-            envvar="PINNED_MEMORY",
-            default=True,
-            help="config.pbtxt input/output pinned memory.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def triton_config(model_name: str, **options: Any) -> Any:
-    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
-
-    kind = INSTANCE_KINDS[options.pop("instance_kind")]
-    return TritonConfig(name=model_name, instance_kind=kind, **options)
-
-
-def port_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
-    return click.option(
-        name,
-        envvar=envvar,
-        type=click.IntRange(1, 65535),
-        default=default,
-        show_envvar=True,
-        help=f"Port of Triton's {what} endpoint.",
-    )
-
-
-def server_options(f: F) -> F:
-    from mnist_pipeline.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
-
-    for option in reversed(
-        [
-            click.option(
-                "--host",
-                envvar="TRITON_HOST",
-                default="127.0.0.1",
-                show_envvar=True,
-                help="Address the server binds to (0.0.0.0 to serve other machines).",
-            ),
-            port_option("--grpc-port", "GRPC_PORT", DEFAULT_GRPC_PORT, "gRPC"),
-            port_option("--http-port", "HTTP_PORT", DEFAULT_HTTP_PORT, "HTTP"),
-            port_option(
-                "--metrics-port", "METRICS_PORT", DEFAULT_METRICS_PORT, "Prometheus metrics"
-            ),
-            click.option(
-                "--ready-timeout",
-                envvar="READY_TIMEOUT",
-                type=FiniteFloatRange(min=1),
-                default=120.0,
-                show_envvar=True,
-                help="Seconds to wait for Triton to load the models.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
-
-
-def backend_option(f: F) -> F:
-    from mnist_pipeline.serve import DEFAULT_BACKEND_DIR
-
-    return click.option(
-        "--backend-directory",
-        envvar="TRITON_BACKEND_DIR",
-        show_envvar=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        default=DEFAULT_BACKEND_DIR,
-        help="Triton backends folder holding onnxruntime/libtriton_onnxruntime.so "
-        "(built by `make backend`).",
-    )(f)
-
-
-@cli.command(context_settings={"ignore_unknown_options": True})
-@storage_option
-@click.option(
-    "--model-repository",
-    envvar="MODEL_REPOSITORY",
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Triton model repository to serve. Default: STORAGE/models.",
-)
-@click.option(
-    "--workdir",
-    envvar="TRITON_WORKDIR",
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for triton.log, kept afterwards. Default: a temporary folder, removed on "
-    "exit unless Triton failed (the error then names the log it kept).",
-)
-@server_options
-@backend_option
-@click.option(
-    "--log-verbose",
-    envvar="TRITON_LOG_VERBOSE",
-    type=click.IntRange(min=0),
-    default=0,
-    show_envvar=True,
-    help="Triton's own log verbosity.",
-)
-@click.argument("triton_args", nargs=-1, type=click.UNPROCESSED)
-@stage
-def serve(
-    storage: Path,
-    model_repository: Path | None,
-    workdir: Path | None,
-    host: str,
-    grpc_port: int,
-    http_port: int,
-    metrics_port: int,
-    ready_timeout: float,
-    backend_directory: Path,
-    log_verbose: int,
-    triton_args: tuple[str, ...],
-) -> None:
-    """Serve the model repository with a local Triton Inference Server until stopped.
-
-    \b
-    Runs the tritonserver 2.51 bundled in the nvidia-pytriton wheel with Triton's own
-    onnxruntime backend (r24.10, ONNX Runtime 1.19.2, as in the tritonserver:24.10-py3
-    image), on the repository as it is. Other options (TRITON_ARGS, e.g.
-    --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
-    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
-    """
-    from mnist_pipeline.serve import LocalTriton, serve_forever
-    from mnist_pipeline.storage import models_dir
-
-    server = LocalTriton(
-        model_repository or models_dir(storage),
-        workdir=workdir,
-        host=host,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        log_verbose=log_verbose,
-        ready_timeout=ready_timeout,
-        backend_dir=backend_directory,
-        extra_args=triton_args,
-    )
-    serve_forever(server)
-
-
-def client_options(f: F) -> F:
-    from mnist_pipeline.client import InferConfig
-
-    d = InferConfig()
-    for option in reversed(
-        [
-            click.option(
-                "--model-name",
-                envvar="MODEL_NAME",
-                default=d.model_name,
-                show_envvar=True,
-                callback=_name("model name"),
-                help="Model to query (and, for run, to export).",
-            ),
-            click.option(
-                "--model-version",
-                envvar="MODEL_VERSION",
-                default=d.model_version,
-                show_envvar=True,
-                callback=_model_version,
-                help="Version to ask for (1, 2, ...). Default: the server's choice.",
-            ),
-            click.option(
-                "--requests",
-                envvar="REQUESTS",
-                type=click.IntRange(min=1),
-                default=d.requests,
-                show_envvar=True,
-                help="Measured requests.",
-            ),
-            click.option(
-                "--concurrency",
-                envvar="CONCURRENCY",
-                type=click.IntRange(min=1),
-                default=d.concurrency,
-                show_envvar=True,
-                help="Requests in flight at once, each thread with its own gRPC "
-                "connection; above 1 Triton's dynamic batcher forms batches.",
-            ),
-            click.option(
-                "--images-per-request",
-                envvar="IMAGES_PER_REQUEST",
-                type=click.IntRange(min=1),
-                default=d.images_per_request,
-                show_envvar=True,
-                help="Images in each request, at most the model's max_batch_size.",
-            ),
-            click.option(
-                "--warmup",
-                envvar="WARMUP",
-                type=click.IntRange(min=0),
-                default=d.warmup,
-                show_envvar=True,
-                help="Unmeasured requests sent first.",
-            ),
-            click.option(
-                "--timeout",
-                envvar="TIMEOUT",
-                type=FiniteFloatRange(min=0, min_open=True),
-                default=d.timeout,
-                show_envvar=True,
-                help="Seconds to wait for the server and the model to be ready, and to "
-                "retry a request while the server is unreachable.",
-            ),
-            click.option(
-                "--request-timeout",
-                envvar="REQUEST_TIMEOUT",
-                type=FiniteFloatRange(min=0, min_open=True),
-                default=d.request_timeout,
-                show_envvar=True,
-                help="Seconds one request may take.",
-            ),
-            click.option(
-                "--max-seconds",
-                envvar="MAX_SECONDS",
-                type=FiniteFloatRange(min=0, min_open=True),
-                default=d.max_seconds,
-                show_envvar=True,
-                help="Seconds the whole measurement may take.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
-
-
-def _model_version(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from mnist_pipeline.client import parse_model_version
-
-    try:
-        return parse_model_version(value)
-    except UsageError as e:
-        raise click.BadParameter(str(e), ctx, param) from None
-
-
-def _grpc_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from mnist_pipeline.client import parse_grpc_url
-
-    try:
-        return parse_grpc_url(value)
-    except UsageError as e:
-        raise click.BadParameter(str(e), ctx, param) from None
-
-
 @cli.command()
-@click.option(
-    "--url",
-    envvar="TRITON_URL",
-    default="localhost:8001",
-    show_envvar=True,
-    callback=_grpc_url,
-    help="Triton's gRPC endpoint, HOST:PORT (no scheme; 8001 is gRPC, 8000 is HTTP).",
-)
-@storage_option
-@client_options
+@options(s.STORAGE, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON)
 @stage
-def infer(url: str, storage: Path, **options: Any) -> None:
-    """Send real MNIST test images to Triton over gRPC; save predictions and latency.
-
-    Waits (with backoff, up to --timeout) for the server and the model, then sends
-    --requests requests of --images-per-request test images, normalised as in
-    training. Writes STORAGE/inference/<UTC time>/{samples.json, latency.json,
-    latency.png, inference.log}; on failure latency.json says why and keeps what
-    was measured.
-    """
-    from mnist_pipeline import client
-
-    unwind_on_sigterm()
-    client.infer(storage, client.InferConfig(url=url, **options))
-
-
-@cli.command()
-@storage_option
-@train_options
-@export_options
-@server_options
-@backend_option
-@client_options
-@stage
-def run(
-    storage: Path,
-    run_id: str | None,
-    device: str,
-    threads: int,
-    checkpoint_every: int,
-    eval_every: int,
-    nproc_per_node: int,
-    host: str,
-    grpc_port: int,
-    http_port: int,
-    metrics_port: int,
-    ready_timeout: float,
-    backend_directory: Path,
-    **opts: Any,
-) -> None:
-    """Run every stage locally: data, train, export, serve, infer, then stop the server.
-
-    The README's `make run`: on the defaults it trains one epoch on all 60000 images
-    (1 to 8 minutes on 2 cores, depending on the CPU: see the README), publishes the
-    model if it beats the served one, serves STORAGE/models with a local Triton on
-    loopback and measures it with the gRPC client. Prints a summary: test accuracy,
-    the exported version (or why not), served accuracy and latency, and where the
-    outputs are.
-
-    The run id defaults to one derived from the training settings: run again, it
-    resumes an interrupted run or reuses the completed one instead of retraining.
-    Give --run-id (or another --seed) to train a new model.
-    """
-    from mnist_pipeline import client
-    from mnist_pipeline import export as export_stage
-    from mnist_pipeline import train as train_stage
-    from mnist_pipeline.data import place
-    from mnist_pipeline.serve import LocalTriton, check_backend, check_port_free
-    from mnist_pipeline.storage import models_dir
-
-    config = train_stage.TrainConfig(**{k: opts.pop(k) for k in TRAIN_CONFIG})
-    triton = triton_config(opts["model_name"], **{k: opts.pop(k) for k in EXPORT_OPTIONS})
-    min_improvement = opts.pop("min_improvement")
-    precision = opts.pop("precision")
-    unwind_on_sigterm()
-    check_backend(backend_directory)  # before minutes of training, not after
-    for port in (http_port, grpc_port, metrics_port):
-        check_port_free(host, port)  # before minutes of training, not after
-    place(storage)
-    run_id = run_id or train_stage.default_run_id(config)
-    log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
-    metrics = train_locally(
-        storage,
-        config,
-        run_id,
-        nproc_per_node,
-        device=device,
-        threads=threads,
-        checkpoint_every=checkpoint_every,
-        eval_every=eval_every,
-    )
-    outcome = export_stage.export(
-        storage, triton, run_id=run_id, min_improvement=min_improvement, precision=precision
-    )
-    with LocalTriton(
-        models_dir(storage),
-        host=host,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        ready_timeout=ready_timeout,
-        backend_dir=backend_directory,
-    ) as server:
-        report = client.infer(storage, client.InferConfig(url=server.grpc_url, **opts))
-
-    if outcome.status == "published":
-        exported = f"version {outcome.version} ({outcome.reason})"
-    else:
-        exported = f"skipped: {outcome.reason}"
-    click.echo(summary(storage, run_id, metrics, exported, report))
-
-
-def summary(
-    storage: Path, run_id: str, metrics: dict[str, Any], exported: str, report: dict[str, Any]
-) -> str:
-    from mnist_pipeline.storage import models_dir, run_dir
-
-    return "\n".join(
-        [
-            "mnist-pipeline run: done",
-            f"  test accuracy    {metrics['test_accuracy']:.4f} (run {run_id})",
-            f"  export           {exported}",
-            f"  served           {report['model_name']} version {report['model_version_served']}, "
-            f"accuracy {report['accuracy']:.4f} on {report['images']} test images",
-            f"  latency          p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms "
-            f"({report['count']} requests, concurrency {report['concurrency']}, "
-            f"{report['throughput_images_per_s']:.0f} images/s)",
-            f"  checkpoint       {run_dir(storage, run_id)}",
-            f"  model repository {models_dir(storage)}",
-            f"  inference        {report['output_dir']}",
-        ]
-    )
-
-
-@cli.command()
-@storage_option
-@click.option(
-    "--model-name",
-    envvar="MODEL_NAME",
-    default="resnet18_mnist",
-    callback=_name("model name"),
-    help="Model name in the Triton repository (and in config.pbtxt).",
-)
-@click.option(
-    "--checkpoint",
-    envvar="CHECKPOINT",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Export this model.pth. Default: the newest completed training run's.",
-)
-@click.option(
-    "--run-id",
-    envvar="RUN_ID",
-    default=None,
-    callback=_name("run id"),
-    help="Export this training run's checkpoint (the chart passes its training Job's).",
-)
-@export_options
-@stage
-def export(
-    storage: Path,
-    model_name: str,
-    checkpoint: Path | None,
-    run_id: str | None,
-    min_improvement: float,
-    precision: str,
-    **options: Any,
-) -> None:
+def export(storage: Path, checkpoint: Path | None, run_id: str | None, **o: Any) -> None:
     """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
 
     \b
@@ -975,61 +339,142 @@ def export(
 
     export_stage.export(
         storage,
-        triton_config(model_name, **options),
+        triton_config(o),
         checkpoint=checkpoint,
         run_id=run_id,
-        min_improvement=min_improvement,
-        precision=precision,
+        min_improvement=o["min_improvement"],
+        precision=o["precision"],
     )
 
 
-def wait_options(f: F) -> F:
-    options = [
-        storage_option,
-        click.option(
-            "--run-id",
-            envvar="RUN_ID",
-            show_envvar=True,
-            required=True,
-            callback=_name("run id"),
-            help="The run to wait for (the chart gives each release revision its own).",
-        ),
-        click.option(
-            "--timeout",
-            envvar="WAIT_TIMEOUT",
-            show_envvar=True,
-            type=FiniteFloatRange(min=0, min_open=True),
-            default=21600,
-            help="Give up (exit 1) after this many seconds.",
-        ),
-        click.option(
-            "--interval",
-            envvar="WAIT_INTERVAL",
-            show_envvar=True,
-            type=FiniteFloatRange(min=0, min_open=True),
-            default=5,
-            help="Seconds between looks.",
-        ),
-        click.option(
-            "--job",
-            envvar="WAIT_JOB",
-            show_envvar=True,
-            default=None,
-            help="Kubernetes Job producing the artifact: its Failed condition fails "
-            "the wait at once. Read only where the pod has a service account "
-            "token; a deleted Job is ignored.",
-        ),
-        click.option(
-            "--namespace",
-            envvar="POD_NAMESPACE",
-            show_envvar=True,
-            default=None,
-            help="Namespace of --job (default: the pod's own).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def local_triton(repository: Path, o: dict[str, Any], **more: Any) -> Any:
+    from mnist_pipeline.serve import LocalTriton
+
+    return LocalTriton(
+        repository,
+        host=o["host"],
+        http_port=o["http_port"],
+        grpc_port=o["grpc_port"],
+        metrics_port=o["metrics_port"],
+        ready_timeout=o["ready_timeout"],
+        backend_dir=o["backend_directory"],
+        **more,
+    )
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.WORKDIR, s.SERVER, s.LOG_VERBOSE)
+@click.argument("triton_args", nargs=-1, type=click.UNPROCESSED)
+@stage
+def serve(
+    storage: Path,
+    model_repository: Path | None,
+    workdir: Path | None,
+    log_verbose: int,
+    triton_args: tuple[str, ...],
+    **o: Any,
+) -> None:
+    """Serve the model repository with a local Triton Inference Server until stopped.
+
+    \b
+    Runs the tritonserver 2.51 bundled in the nvidia-pytriton wheel with Triton's own
+    onnxruntime backend (r24.10, ONNX Runtime 1.19.2, as in the tritonserver:24.10-py3
+    image), on the repository as it is. Other options (TRITON_ARGS, e.g.
+    --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
+    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
+    """
+    from mnist_pipeline.serve import serve_forever
+    from mnist_pipeline.storage import models_dir
+
+    repository = model_repository or models_dir(storage)
+    more = {"workdir": workdir, "log_verbose": log_verbose, "extra_args": triton_args}
+    serve_forever(local_triton(repository, o, **more))
+
+
+@cli.command()
+@options(s.URL, s.STORAGE, s.RUN_ID, s.INFER)
+@stage
+def infer(storage: Path, run_id: str | None, **o: Any) -> None:
+    """Send real MNIST test images to Triton over gRPC; save predictions and latency.
+
+    Waits (with backoff, up to --timeout) for the server and the model, then sends
+    --requests requests of --images-per-request test images, normalised as in
+    training. Writes OUTPUT/<UTC time>/{samples.json, latency.json, latency.png,
+    inference.log} (OUTPUT: STORAGE/inference by default); on failure latency.json
+    says why and keeps what was measured. Exit 1 when Triton served another version
+    than --model-version or the accuracy is below --min-accuracy.
+    """
+    from mnist_pipeline import client
+
+    unwind_on_sigterm()
+    client.infer(storage, config(client.InferConfig, o), run_id=run_id)
+
+
+@cli.command()
+@options(s.STORAGE, s.SOURCE, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON, s.SERVER, s.INFER)
+@stage
+def run(storage: Path, source: Path | None, **o: Any) -> None:
+    """Run every stage locally: data, train, export, serve, infer, then stop the server.
+
+    `make run`: on the defaults it trains one epoch on all 60000 images (1 to 8 minutes
+    on 2 cores, depending on the CPU: docs/BENCHMARKS.md), publishes the model if it
+    beats the served one, serves STORAGE/models with a local Triton on loopback and
+    measures it with the gRPC client. Prints a summary: test accuracy, the exported
+    version (or why not), served accuracy and latency, and where the outputs are.
+
+    The run id defaults to one derived from the training settings: run again, it
+    resumes an interrupted run or reuses the completed one instead of retraining.
+    Give --run-id (or another --seed) to train a new model.
+    """
+    from mnist_pipeline import client
+    from mnist_pipeline import export as export_stage
+    from mnist_pipeline import train as train_stage
+    from mnist_pipeline.data import place
+    from mnist_pipeline.serve import check_backend, check_port_free
+    from mnist_pipeline.storage import models_dir
+
+    cfg = config(train_stage.TrainConfig, o)
+    triton = triton_config(o)
+    unwind_on_sigterm()
+    check_backend(o["backend_directory"])  # before minutes of training, not after
+    for port in (o["http_port"], o["grpc_port"], o["metrics_port"]):
+        check_port_free(o["host"], port)  # before minutes of training, not after
+    place(storage, source)
+    run_id = o["run_id"] = o["run_id"] or train_stage.default_run_id(cfg)
+    log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
+    metrics = train_locally(storage, cfg, o)
+    publish = {"min_improvement": o["min_improvement"], "precision": o["precision"]}
+    outcome = export_stage.export(storage, triton, run_id=run_id, **publish)
+    with local_triton(models_dir(storage), o) as server:
+        infer_cfg = config(client.InferConfig, o, url=server.grpc_url)
+        report = client.infer(storage, infer_cfg, run_id=run_id)
+    click.echo(summary(storage, run_id, metrics, outcome, report))
+
+
+def summary(
+    storage: Path, run_id: str, metrics: dict[str, Any], outcome: Any, report: dict[str, Any]
+) -> str:
+    from mnist_pipeline.storage import models_dir, run_dir
+
+    if outcome.status == "published":
+        exported = f"version {outcome.version} ({outcome.reason})"
+    else:
+        exported = f"skipped: {outcome.reason}"
+    return "\n".join(
+        [
+            "mnist-pipeline run: done",
+            f"  test accuracy    {metrics['test_accuracy']:.4f} (run {run_id})",
+            f"  export           {exported}",
+            f"  served           {report['model_name']} version {report['model_version_served']}, "
+            f"accuracy {report['accuracy']:.4f} on {report['images']} test images",
+            f"  latency          p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms "
+            f"({report['count']} requests, concurrency {report['concurrency']}, "
+            f"{report['throughput_images_per_s']:.0f} images/s)",
+            f"  checkpoint       {run_dir(storage, run_id)}",
+            f"  model repository {models_dir(storage)}",
+            f"  inference        {report['output_dir']}",
+        ]
+    )
 
 
 @cli.group()
@@ -1042,143 +487,52 @@ def wait() -> None:
     """
 
 
+def waiting(what: str, o: dict[str, Any]) -> Any:
+    from mnist_pipeline import waits
+
+    return waits.make_wait(what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"])
+
+
 @wait.command("training")
-@wait_options
+@options(s.WAIT)
 @stage
-def wait_training(
-    storage: Path,
-    run_id: str,
-    timeout: float,
-    interval: float,
-    job: str | None,
-    namespace: str | None,
-) -> None:
+def wait_training(storage: Path, run_id: str, **o: Any) -> None:
     """Until checkpoints/RUN_ID/metrics.json says complete."""
     from mnist_pipeline import waits
 
-    w = waits.make_wait(f"training run {run_id}", timeout, interval, job, namespace)
-    w.run(waits.training_check(storage, run_id))
+    waiting(f"training run {run_id}", o).run(waits.training_check(storage, run_id))
 
 
 @wait.command("export")
-@wait_options
-@click.option(
-    "--model-name",
-    envvar="MODEL_NAME",
-    show_envvar=True,
-    default="resnet18_mnist",
-    callback=_name("model name"),
-)
+@options(s.WAIT, s.MODEL_NAME)
 @stage
-def wait_export(
-    storage: Path,
-    run_id: str,
-    timeout: float,
-    interval: float,
-    job: str | None,
-    namespace: str | None,
-    model_name: str,
-) -> None:
+def wait_export(storage: Path, run_id: str, model_name: str, **o: Any) -> None:
     """Until the export of RUN_ID is published or skipped and models/NAME is servable."""
     from mnist_pipeline import waits
 
-    w = waits.make_wait(f"export of run {run_id}", timeout, interval, job, namespace)
-    w.run(waits.export_check(storage, run_id, model_name))
+    check = waits.export_check(storage, run_id, model_name)
+    waiting(f"export of run {run_id}", o).run(check)
 
 
 @wait.command("serving")
-@wait_options
-@click.option(
-    "--model-name",
-    envvar="MODEL_NAME",
-    show_envvar=True,
-    default="resnet18_mnist",
-    callback=_name("model name"),
-)
-@click.option(
-    "--url",
-    envvar="TRITON_HTTP_URL",
-    show_envvar=True,
-    required=True,
-    help="Triton's HTTP endpoint, HOST:PORT.",
-)
-@click.option(
-    "--model-version",
-    envvar="MODEL_VERSION",
-    show_envvar=True,
-    default="run",
-    show_default=True,
-    help="The version Triton must serve: run (the one RUN_ID exported), N, or empty (any).",
-)
+@options(s.WAIT, s.MODEL_NAME, s.HTTP_URL, s.MODEL_VERSION)
 @stage
 def wait_serving(
-    storage: Path,
-    run_id: str,
-    timeout: float,
-    interval: float,
-    job: str | None,
-    namespace: str | None,
-    model_name: str,
-    url: str,
-    model_version: str,
+    storage: Path, run_id: str, model_name: str, http_url: str, model_version: str, **o: Any
 ) -> None:
-    """Until Triton at URL is ready and serves the model version RUN_ID exported (or
-    --model-version)."""
+    """Until Triton at --http-url is ready and serves --model-version (run: the version
+    RUN_ID exported)."""
     from mnist_pipeline import waits
 
-    w = waits.make_wait(f"Triton serving run {run_id}", timeout, interval, job, namespace)
-    w.run(waits.serving_check(storage, run_id, model_name, url, model_version))
-
-
-def _keep_option(name: str, envvar: str, default: int, what: str) -> Callable[[F], F]:
-    return click.option(
-        name,
-        envvar=envvar,
-        type=click.IntRange(min=0),
-        default=default,
-        help=f"Keep the newest {what} (0: all).",
-    )
+    check = waits.serving_check(storage, run_id, model_name, http_url, model_version)
+    waiting(f"Triton serving run {run_id}", o).run(check)
 
 
 @cli.command()
-@storage_option
-@model_name_option
-@click.option(
-    "--run-id",
-    envvar="RUN_ID",
-    default=None,
-    callback=_name("run id"),
-    help="The current run: kept.",
-)
-@_keep_option("--keep-runs", "KEEP_RUNS", 5, "N run folders under checkpoints/")
-@_keep_option("--keep-versions", "KEEP_VERSIONS", 3, "N model versions")
-@_keep_option("--keep-inference", "KEEP_INFERENCE", 20, "N inference result folders")
-@click.option(
-    "--keep-version",
-    envvar="KEEP_VERSION",
-    type=click.IntRange(min=1),
-    multiple=True,
-    help="A version kept whatever the limits (e.g. a pinned served version); repeatable.",
-)
-@click.option(
-    "--abandoned-after",
-    envvar="ABANDONED_AFTER",
-    type=FiniteFloatRange(min=0),
-    default=0,
-    help="Seconds without a write after which a run still marked running counts as "
-    "abandoned (its pods gone) and may go like any other (0: never).",
-)
+@options(s.STORAGE, s.MODEL_NAME, s.RUN_ID, s.KEEP_RUNS, s.KEEP_VERSIONS, s.KEEP_INFERENCE)
+@options(s.KEEP_VERSION, s.ABANDONED_AFTER)
 @stage
-def prune(
-    storage: Path,
-    model_name: str,
-    run_id: str | None,
-    keep_runs: int,
-    keep_versions: int,
-    keep_inference: int,
-    keep_version: tuple[int, ...],
-    abandoned_after: float,
-) -> None:
+def prune(storage: Path, model_name: str, run_id: str | None, **o: Any) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
 
     Never deletes the newest version (Triton serves it), a --keep-version, the run
@@ -1188,72 +542,44 @@ def prune(
     """
     from mnist_pipeline import retention
 
-    limits = retention.Limits(runs=keep_runs, versions=keep_versions, inference=keep_inference)
+    limits = retention.Limits(
+        runs=o["keep_runs"], versions=o["keep_versions"], inference=o["keep_inference"]
+    )
     retention.prune(
         storage,
         model_name,
         limits,
         run_id=run_id,
-        keep_versions=keep_version,
-        abandoned_after=abandoned_after,
+        keep_versions=o["keep_version"],
+        abandoned_after=o["abandoned_after"],
     )
 
 
 @cli.command()
-@storage_option
-@model_name_option
-@click.option(
-    "--out",
-    envvar="SERVED_REPOSITORY",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The model repository Triton is started on (the pod's emptyDir).",
-)
-@click.option(
-    "--version",
-    "wanted",
-    envvar="SERVED_VERSION",
-    default="run",
-    show_default=True,
-    help="run: the version --run-id exported (the newest without --run-id); empty: the "
-    "newest; N: version N.",
-)
-@click.option(
-    "--run-id", envvar="RUN_ID", default=None, callback=_name("run id"), help="The pod's run."
-)
-@click.option("--server-cpus", envvar="SERVER_CPUS", type=click.IntRange(min=1), default=2)
-@click.option("--instance-count", envvar="INSTANCE_COUNT", type=click.IntRange(min=1), default=2)
-@click.option(
-    "--instance-kind", envvar="INSTANCE_KIND", type=click.Choice(["cpu", "gpu"]), default="cpu"
-)
+@options(s.STORAGE, s.SERVED_REPOSITORY, s.MODEL_VERSION, s.RUN_ID)
+@options(s.MODEL_NAME, s.SERVER_CPUS, s.INSTANCE_COUNT, s.INSTANCE_KIND)
 @stage
 def pin(
-    storage: Path,
-    model_name: str,
-    out: Path,
-    wanted: str,
-    run_id: str | None,
-    server_cpus: int,
-    instance_count: int,
-    instance_kind: str,
+    storage: Path, served_repository: Path, model_version: str, run_id: str | None, **o: Any
 ) -> None:
     """Write the model repository one Triton pod serves: one version, this pod's settings.
 
-    OUT/MODEL_NAME/config.pbtxt is the volume's, with this pod's instance groups
-    (--instance-count of --instance-kind), ONNX Runtime threads (max(1, --server-cpus //
-    --instance-count)) and a version_policy naming the one version, linked from the
-    volume. The chart's Triton initContainer runs it, so `helm rollback` re-serves the old
-    run's version and serving settings reach Triton without retraining. Re-runnable.
+    SERVED_REPOSITORY/MODEL_NAME/config.pbtxt is the volume's, with this pod's instance
+    groups (--instance-count of --instance-kind), ONNX Runtime threads (max(1,
+    --server-cpus // --instance-count)) and a version_policy naming the one version
+    (--model-version), linked from the volume. The chart's Triton initContainer runs it,
+    so `helm rollback` re-serves the old run's version and serving settings reach Triton
+    without retraining. Re-runnable.
     """
     from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig, write_served_repository
 
     cfg = TritonConfig(
-        name=model_name,
-        instance_count=instance_count,
-        instance_kind=INSTANCE_KINDS[instance_kind],
-        server_cpus=server_cpus,
+        name=o["model_name"],
+        instance_count=o["instance_count"],
+        instance_kind=INSTANCE_KINDS[o["instance_kind"]],
+        server_cpus=o["server_cpus"],
     )
-    write_served_repository(storage, out, cfg, wanted, run_id)
+    write_served_repository(storage, served_repository, cfg, model_version, run_id)
 
 
 def main() -> None:

@@ -16,19 +16,18 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import socket
 import threading
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mnist_pipeline import data
+from mnist_pipeline import data, settings
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
@@ -37,72 +36,33 @@ from mnist_pipeline.storage import (
     atomic_write_text,
     inference_dir,
     log_error_to,
+    resolve_served_version,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "localhost:8001"
-DEFAULT_MODEL = "resnet18_mnist"
 SAMPLES = 10
 
 
 @dataclass(frozen=True)
 class InferConfig:
-    url: str = DEFAULT_URL
-    model_name: str = DEFAULT_MODEL
-    model_version: str = ""  # "": the server's choice (the latest under the default policy)
-    requests: int = 1000
-    concurrency: int = 1
-    images_per_request: int = 1
-    warmup: int = 20
-    timeout: float = 60.0  # waiting for the server to be ready, or to come back mid-run
-    request_timeout: float = 30.0  # one request
-    max_seconds: float = 600.0  # the whole measurement: a slow server cannot hold the client
+    """The client's settings (settings.py declares each)."""
+
+    url: str = settings.URL.field()
+    model_name: str = settings.MODEL_NAME.field()
+    model_version: str = settings.MODEL_VERSION.field()  # "": the server's choice
+    requests: int = settings.REQUESTS.field()
+    concurrency: int = settings.CONCURRENCY.field()
+    images_per_request: int = settings.IMAGES_PER_REQUEST.field()
+    warmup: int = settings.WARMUP.field()
+    timeout: float = settings.TIMEOUT.field()  # for the server, or its return mid-run
+    request_timeout: float = settings.REQUEST_TIMEOUT.field()
+    max_seconds: float = settings.MAX_SECONDS.field()  # a slow server cannot hold the client
+    output: Path | None = settings.OUTPUT.field()  # noqa: RUF009 (None: STORAGE/inference)
+    min_accuracy: float = settings.MIN_ACCURACY.field()
 
     def validate(self) -> None:
-        parse_grpc_url(self.url)
-        parse_model_version(self.model_version)
-        if self.requests < 1 or self.concurrency < 1 or self.images_per_request < 1:
-            raise UsageError("requests, concurrency and images per request must be >= 1")
-        if self.warmup < 0 or min(self.timeout, self.request_timeout, self.max_seconds) <= 0:
-            raise UsageError("warm-up must be >= 0 and every timeout > 0")
-
-
-def parse_model_version(version: str) -> str:
-    """Check a model version is empty (the server's choice) or one Triton can have, a
-    positive 64-bit integer; anything else would only show up after --timeout, as a model
-    that is "not ready"."""
-    if version and not (
-        re.fullmatch(r"[0-9]+", version) and 1 <= int(version) < 2**63 and version[0] != "0"
-    ):
-        raise UsageError(
-            f"model version {version!r}: expected a version number such as 1 "
-            "(Triton numbers versions 1, 2, ...), or nothing for the server's choice"
-        )
-    return version
-
-
-def parse_grpc_url(url: str) -> str:
-    """Check a gRPC endpoint is HOST:PORT and return it; raise UsageError saying what form
-    is expected. gRPC takes no scheme, and without a port it silently dials 443."""
-    expected = "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001"
-    if "://" in url:
-        scheme = url.split("://", 1)[0]
-        raise UsageError(
-            f"URL {url!r}: {expected}, without a scheme ({scheme}:// is not part of it)"
-        )
-    try:
-        parts = urllib.parse.urlsplit(f"//{url}")
-        port = parts.port
-    except ValueError as e:
-        raise UsageError(f"URL {url!r}: {expected} ({e})") from None
-    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
-        raise UsageError(f"URL {url!r}: {expected}")
-    if port is None:
-        raise UsageError(f"URL {url!r} has no port: {expected} (8001 by default)")
-    if port == 0:
-        raise UsageError(f"URL {url!r}: port 0 is not a port; {expected}")
-    return url
+        settings.check_fields(self)
 
 
 def answers_http(url: str, timeout: float = 2.0) -> bool:
@@ -390,9 +350,9 @@ def is_unavailable(e: Exception) -> bool:
     return callable(status) and status() == "StatusCode.UNAVAILABLE"
 
 
-def new_output_dir(storage: Path) -> Path:
+def new_output_dir(root: Path) -> Path:
+    """A new folder named by the UTC time under `root` (STORAGE/inference or --output)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    root = inference_dir(storage)
     root.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         out = root / (stamp if n == 1 else f"{stamp}-{n}")
@@ -437,13 +397,17 @@ def plot_latency(latencies_ms: list[float], title: str, images_per_s: float, pat
     plt.close(fig)
 
 
-def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
+def infer(storage: Path, cfg: InferConfig, run_id: str | None = None) -> dict[str, Any]:
     """Run the client; return latency.json's content. Raises PipelineFailure when it failed,
-    after writing what was measured so far."""
+    after writing what was measured so far. --model-version run asks for the version
+    `run_id`'s export published."""
     cfg.validate()
+    if cfg.model_version == "run":
+        version = resolve_served_version(storage, cfg.model_name, "run", run_id)
+        cfg = replace(cfg, model_version=version)
     images, labels = data.load(storage, "test")
     x = data.normalize(images)
-    out = new_output_dir(storage)
+    out = new_output_dir(cfg.output or inference_dir(storage))
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -460,77 +424,75 @@ def infer(storage: Path, cfg: InferConfig) -> dict[str, Any]:
         atomic_write_text(out / "inference.log", buffer.getvalue())
 
 
-def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
-    grpc = grpc_module()
-    report: dict[str, Any] = {
-        "status": "failed",
-        "url": cfg.url,
-        "model_name": cfg.model_name,
-        "model_version_requested": cfg.model_version,
-        "concurrency": cfg.concurrency,
-        "images_per_request": cfg.images_per_request,
-        "requests_planned": cfg.requests,
-        "output_dir": str(out),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+class Results:
+    """latency.json in the making: written once, with whatever was measured, however it ends."""
 
-    def finish(
-        reason: str | None = None, driver: Driver | None = None, wall_s: float = 0.0
-    ) -> dict[str, Any]:
-        if driver is not None:
-            report.update(_measurements(driver, wall_s, labels))
-            if driver.outputs:
-                atomic_write_json(out / "samples.json", _samples(driver.outputs, labels))
-            if driver.latencies_ms:
-                plot_latency(
-                    driver.latencies_ms,
-                    _title(report),
-                    report["throughput_images_per_s"],
-                    out / "latency.png",
-                )
+    def __init__(self, cfg: InferConfig, labels: np.ndarray, out: Path) -> None:
+        self.labels, self.out = labels, out
+        self.report: dict[str, Any] = {
+            "status": "failed",
+            "url": cfg.url,
+            "model_name": cfg.model_name,
+            "model_version_requested": cfg.model_version,
+            "concurrency": cfg.concurrency,
+            "images_per_request": cfg.images_per_request,
+            "requests_planned": cfg.requests,
+            "output_dir": str(out),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def measured(self, driver: Driver, wall_s: float) -> None:
+        report = self.report
+        report.update(_measurements(driver, wall_s, self.labels))
+        if driver.outputs:
+            atomic_write_json(self.out / "samples.json", _samples(driver.outputs, self.labels))
+        if driver.latencies_ms:
+            images_per_s = report["throughput_images_per_s"]
+            plot_latency(
+                driver.latencies_ms, _title(report), images_per_s, self.out / "latency.png"
+            )
+
+    def finish(self, reason: str | None = None) -> dict[str, Any]:
         if reason:
-            report["reason"] = reason
+            self.report["reason"] = reason
         else:
-            report["status"] = "complete"
-        report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        atomic_write_json(out / "latency.json", report)
-        return report
+            self.report["status"] = "complete"
+        self.report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write_json(self.out / "latency.json", self.report)
+        return self.report
 
-    client = grpc.InferenceServerClient(cfg.url)
+
+def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
+    results = Results(cfg, labels, out)
+    client = grpc_module().InferenceServerClient(cfg.url)
     try:
         wait_until_ready(client, cfg)
         info = read_model_info(client, cfg)
     except (PipelineFailure, UsageError) as e:
-        finish(str(e))
+        results.finish(str(e))
         raise
     finally:
         client.close()
     if problem := batch_size_problem(info, cfg.images_per_request):
-        finish(problem)
+        results.finish(problem)
         raise UsageError(problem)
 
     driver = Driver(cfg, info, x, labels)
-    wall_s = 0.0
     try:
-        warmup = cfg.warmup and max(cfg.warmup, cfg.concurrency)  # every connection warmed
-        if warmup:
-            driver.drive(warmup, record=False)
-        if not driver.errors:
-            wall_s = driver.drive(cfg.requests, record=True)
+        wall_s = measure(driver, cfg)
     except BaseException as e:  # Ctrl-C or SIGTERM: keep what was measured
         driver.stop.set()
-        wall_s = time.perf_counter() - driver.started
+        results.measured(driver, time.perf_counter() - driver.started)
         kind = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e))
-        finish(kind or f"{type(e).__name__}: {e}", driver, wall_s)
+        results.finish(kind or f"{type(e).__name__}: {e}")
         raise
     finally:
         driver.close()
-    if driver.errors:
-        report = finish(
-            f"{len(driver.errors)} request(s) failed: {driver.errors[0]}", driver, wall_s
-        )
-        raise PipelineFailure(f"inference failed: {report['reason']} (results in {out})")
-    report = finish(None, driver, wall_s)
+    results.measured(driver, wall_s)
+    if problem := outcome_problem(cfg, driver, results.report):
+        results.finish(problem)
+        raise PipelineFailure(f"inference failed: {problem} (results in {out})")
+    report = results.finish()
     log.info(
         "%d requests x %d image(s) at concurrency %d: p50 %.2f ms, p99 %.2f ms, "
         "%.0f images/s, accuracy %.4f; results in %s",
@@ -544,6 +506,27 @@ def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> di
         out,
     )
     return report
+
+
+def measure(driver: Driver, cfg: InferConfig) -> float:
+    """Warm every connection up unmeasured, then send the measured requests: their wall time."""
+    warmup = cfg.warmup and max(cfg.warmup, cfg.concurrency)
+    if warmup:
+        driver.drive(warmup, record=False)
+    return 0.0 if driver.errors else driver.drive(cfg.requests, record=True)
+
+
+def outcome_problem(cfg: InferConfig, driver: Driver, report: dict[str, Any]) -> str | None:
+    """Why a measurement that ran must still fail: requests failed, another version
+    answered, or the served model is less accurate than --min-accuracy."""
+    if driver.errors:
+        return f"{len(driver.errors)} request(s) failed: {driver.errors[0]}"
+    served = report["model_version_served"]
+    if cfg.model_version and served != cfg.model_version:
+        return f"Triton served version {served}, not the version {cfg.model_version} asked for"
+    if report["accuracy"] < cfg.min_accuracy:
+        return f"accuracy {report['accuracy']:.4f} is below --min-accuracy {cfg.min_accuracy}"
+    return None
 
 
 def batch_size_problem(info: ModelInfo, images_per_request: int) -> str | None:

@@ -136,23 +136,22 @@ def _placed_ok(path: Path, spec: IdxFile) -> bool:
 def place(storage: Path, source: Path | None = None) -> Path:
     """Put the four verified IDX files under storage/data/MNIST/raw; return that folder.
 
-    A source the user names (--source, MNIST_SOURCE) must exist, even when nothing needs
+    A source the user names (--source) must exist, even when nothing needs
     copying. Only missing or damaged files are written, each named in the log; the ones
     needed are all verified before any is renamed into place, so a bad source leaves
     storage as it was.
     """
     dest = raw_data_dir(storage)
-    named = source or (Path(env) if (env := os.environ.get("MNIST_SOURCE")) else None)
-    if named is not None and not named.is_dir():
-        what = "does not exist" if not named.exists() else "is not a directory"
-        raise UsageError(f"MNIST source {named} {what}")
+    if source is not None and not source.is_dir():
+        what = "does not exist" if not source.exists() else "is not a directory"
+        raise UsageError(f"MNIST source {source} {what}")
     needed = [spec for spec in FILES.values() if not _placed_ok(dest / spec.name, spec)]
     if not needed:
         log.info("MNIST already in place and verified at %s", dest)
         return dest
-    source = named or default_source()
+    source = source or default_source()
     if source is None:
-        raise UsageError("no MNIST source: pass --source DIR or set MNIST_SOURCE")
+        raise UsageError("no MNIST source: pass --source DIR (MNIST_PIPELINE_SOURCE)")
 
     contents = []
     for spec in needed:

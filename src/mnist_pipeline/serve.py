@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from mnist_pipeline import repository
+from mnist_pipeline import repository, settings
 from mnist_pipeline.storage import PipelineFailure, UsageError
 
 if TYPE_CHECKING:
@@ -42,13 +41,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
+DEFAULT_HTTP_PORT = settings.HTTP_PORT.default
+DEFAULT_GRPC_PORT = settings.GRPC_PORT.default
+DEFAULT_METRICS_PORT = settings.METRICS_PORT.default
 ONNX_BACKEND = "onnxruntime"
 BACKEND_LIBRARY = "libtriton_onnxruntime.so"
-# Where `make backend` builds it: in the virtual environment that runs the pipeline.
-DEFAULT_BACKEND_DIR = Path(
-    os.environ.get("TRITON_BACKEND_DIR") or Path(sys.prefix) / "triton-backends"
-)
+DEFAULT_BACKEND_DIR: Path = settings.BACKEND_DIRECTORY.default
 BUILD_REMEDY = "build it with `make backend` (scripts/build_triton_backend.sh DIR)"
 PR_SET_PDEATHSIG = 1
 

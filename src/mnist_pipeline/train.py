@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import data, distributed, model
+from mnist_pipeline import data, distributed, model, settings
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.storage import (
-    MAX_EPOCHS,
     PipelineFailure,
     UsageError,
     atomic_open,
@@ -49,25 +48,23 @@ from mnist_pipeline.storage import (
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULES = ("onecycle", "constant")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = 1  # passes over the training set; a fraction ends within one
-    batch_size: int = 128
-    lr: float = 0.05  # peak learning rate of the one-cycle schedule
-    optimizer: str = "sgd"
-    schedule: str = "onecycle"
+    """What the model is: the run id is derived from these (settings.py declares each)."""
+
+    epochs: float = settings.EPOCHS.field()  # a fraction ends within one pass
+    batch_size: int = settings.BATCH_SIZE.field()
+    lr: float = settings.LR.field()  # peak learning rate of the one-cycle schedule
+    optimizer: str = settings.OPTIMIZER.field()
+    schedule: str = settings.SCHEDULE.field()
     warmup: float = 0.15  # fraction of all steps spent warming up
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
-    limit_train: int = 0  # 0: all 60000 images
-    limit_test: int = 0  # 0: all 10000 images; quick runs evaluate on fewer
-    channels_last: bool = True
-    sync_bn: bool = False  # BatchNorm statistics over all ranks (DDP on CUDA only)
+    weight_decay: float = settings.WEIGHT_DECAY.field()
+    label_smoothing: float = settings.LABEL_SMOOTHING.field()
+    seed: int = settings.SEED.field()
+    limit_train: int = settings.LIMIT_TRAIN.field()  # 0: all 60000 images
+    limit_test: int = settings.LIMIT_TEST.field()  # 0: all 10000; quick runs evaluate on fewer
+    sync_bn: bool = settings.SYNC_BN.field()  # BatchNorm statistics over all ranks (CUDA DDP)
 
     def __post_init__(self) -> None:
         # A limit covering a whole split is the whole split: the same model, so the same
@@ -86,24 +83,15 @@ class TrainConfig:
             object.__setattr__(self, "epochs", int(self.epochs))
 
     def validate(self) -> None:
-        floats = {"epochs": self.epochs, "lr": self.lr, "weight decay": self.weight_decay}
-        floats.update({"label smoothing": self.label_smoothing, "warmup": self.warmup})
-        for what, value in floats.items():
-            if not math.isfinite(value):
-                raise UsageError(f"{what} must be a finite number, not {value}")
-        if self.epochs <= 0 or self.batch_size < 2 or self.lr <= 0:
-            raise UsageError("need epochs > 0, batch size >= 2 and lr > 0")
-        if self.epochs > MAX_EPOCHS:
-            raise UsageError(f"epochs {self.epochs}: at most {MAX_EPOCHS}")
-        if self.limit_train < 0 or self.limit_test < 0:
-            raise UsageError("limits must be >= 0 (0 means the whole split)")
+        """The CLI's checks (settings.py), for a config built in Python."""
+        settings.check_fields(self)
+        if not 0 <= self.warmup < 1 or not math.isfinite(self.warmup):
+            raise UsageError(f"warmup {self.warmup}: must be >= 0 and < 1")
         if self.limit_train == 1:
             raise UsageError(
                 "--limit-train 1 is too small: BatchNorm needs at least 2 images per step; "
                 "use --limit-train 2 or more (0: all 60000)"
             )
-        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
-            raise UsageError(f"optimizer must be one of {OPTIMIZERS}, schedule one of {SCHEDULES}")
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -534,8 +522,8 @@ def load_data(storage: Path, cfg: TrainConfig, device: torch.device) -> Data:
         )
     if cfg.limit_test:
         test_images, test_labels = test_images[: cfg.limit_test], test_labels[: cfg.limit_test]
-    x_train, y_train = to_tensors(train_images, train_labels, device, cfg.channels_last)
-    x_test, y_test = to_tensors(test_images, test_labels, device, cfg.channels_last)
+    x_train, y_train = to_tensors(train_images, train_labels, device, True)
+    x_test, y_test = to_tensors(test_images, test_labels, device, True)
     return Data(x_train, y_train, x_test, y_test)
 
 
@@ -658,7 +646,7 @@ class Run:
         self.data = load_data(self.storage, cfg, self.device)
         self.plan = Plan.of(cfg, len(self.data.x_train), world)
         self.net = model.build().to(self.device)
-        if cfg.channels_last:
+        if True:
             # Module.to accepts memory_format at run time; torch's stubs do not declare it.
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = make_optimizer(cfg, self.net)

@@ -1,0 +1,487 @@
+"""Every setting, declared once: its default, its range or choices, its help.
+
+A configuration dataclass declares each field with `Setting.field()` (or `setting()`), and
+options that belong to no configuration are `Setting`s below. Everything else derives from
+these declarations: the click options of every command that takes a setting, the
+environment variable (MNIST_PIPELINE_ and the flag's name, as pip has PIP_), the checks a
+dataclass runs on itself (`check_fields`), and docs/CLI.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline.storage import DEFAULT_STORAGE, MAX_EPOCHS, UsageError, validate_name
+
+ENV_PREFIX = "MNIST_PIPELINE_"
+
+
+def envvar(name: str) -> str:
+    """The variable of the option --NAME: MNIST_PIPELINE_BATCH_SIZE for --batch-size."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option: `name` is its Python name (batch_size), its flag --batch-size."""
+
+    name: str
+    default: Any
+    help: str
+    type: Any = None  # int, float, str, bool, Path; None: the default's type
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    choices: tuple[str, ...] | None = None
+    parse: Callable[[Any], Any] | None = None  # str -> value, raising UsageError
+    path: str | None = None  # "dir" or "file" for Path settings
+    multiple: bool = False
+    required: bool = False
+    short: str | None = None  # a one-letter alias: -v
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def envvar(self) -> str:
+        return envvar(self.name)
+
+    @property
+    def python_type(self) -> Any:
+        if self.type is not None:
+            return self.type
+        return Path if isinstance(self.default, Path) else type(self.default)
+
+    def field(self) -> Any:
+        """This setting as a dataclass field (its default, and itself as metadata)."""
+        default = self.default
+        if isinstance(default, list | dict | set):
+            raise TypeError(f"{self.name}: use a tuple default")
+        return dataclasses.field(default=default, metadata={"setting": self})
+
+    def check(self, value: Any) -> Any:
+        """The value, converted and checked as the CLI would; UsageError naming the flag."""
+        if value is None:
+            return value
+        if self.parse is not None and isinstance(value, str):
+            return self.parse(value)
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{self.flag} {value!r}: one of {', '.join(self.choices)}")
+        if self.python_type in (int, float):
+            self._check_range(value)
+        return value
+
+    def _check_range(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise UsageError(f"{self.flag} {value}: must be a finite number")
+        low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        high = self.max is not None and (value >= self.max if self.max_open else value > self.max)
+        if low or high:
+            raise UsageError(f"{self.flag} {value}: must be {self.range_text()}")
+
+    def range_text(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+        return " and ".join(parts)
+
+
+def setting(name: str, default: Any, help: str, **how: Any) -> Any:
+    """A dataclass field declared as a setting: `lr: float = setting("lr", 0.05, "...")`."""
+    return Setting(name, default, help, **how).field()
+
+
+def settings_of(cls: Any) -> list[tuple[str, Setting]]:
+    """(field name, setting) for each field of dataclass `cls` declared as a setting."""
+    return [
+        (f.name, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata
+    ]
+
+
+def check_fields(cfg: Any) -> None:
+    """Check every setting field of dataclass instance `cfg` as the CLI would."""
+    for attr, spec in settings_of(type(cfg)):
+        spec.check(getattr(cfg, attr))
+
+
+def from_options(cls: Any, options: dict[str, Any]) -> Any:
+    """An instance of `cls` from click's keyword arguments, taking out what it uses."""
+    return cls(**{attr: options.pop(spec.name) for attr, spec in settings_of(cls)})
+
+
+def _name_rule(what: str) -> Callable[[str], str]:
+    return lambda value: validate_name(value, what)
+
+
+def parse_batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise UsageError(f"{value!r}: expected integers such as 2,4,8") from None
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"{value!r}: batch sizes must be at least 1")
+    return sizes
+
+
+def parse_model_version(version: str) -> str:
+    """run, empty, or a version Triton can have (a positive 64-bit integer): anything else
+    would only show up after a timeout, as a model that is "not ready"."""
+    if version in ("", "run"):
+        return version
+    if not (re.fullmatch(r"[0-9]+", version) and 1 <= int(version) < 2**63 and version[0] != "0"):
+        raise UsageError(
+            f"model version {version!r}: expected run, a version number such as 1 "
+            "(Triton numbers versions 1, 2, ...), or nothing for the newest"
+        )
+    return version
+
+
+def parse_grpc_url(url: str) -> str:
+    """Check a gRPC endpoint is HOST:PORT and return it; raise UsageError saying what form
+    is expected. gRPC takes no scheme, and without a port it silently dials 443."""
+    expected = "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001"
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise UsageError(
+            f"URL {url!r}: {expected}, without a scheme ({scheme}:// is not part of it)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(f"//{url}")
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"URL {url!r}: {expected} ({e})") from None
+    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
+        raise UsageError(f"URL {url!r}: {expected}")
+    if port is None:
+        raise UsageError(f"URL {url!r} has no port: {expected} (8001 by default)")
+    if port == 0:
+        raise UsageError(f"URL {url!r}: port 0 is not a port; {expected}")
+    return url
+
+
+DEFAULT_MODEL_NAME = "resnet18_mnist"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "int8")
+INSTANCE_KINDS = ("cpu", "gpu")
+
+
+def _port(name: str, default: int, what: str) -> Setting:
+    return Setting(name, default, f"Port of Triton's {what} endpoint.", min=1, max=65535)
+
+
+def _keep(name: str, default: int, what: str) -> Setting:
+    return Setting(name, default, f"Keep the newest {what} (0: all).", min=0)
+
+
+# Shared by several commands.
+STORAGE = Setting(
+    "storage",
+    Path(DEFAULT_STORAGE),
+    "Root of the shared storage (the PVC is mounted at /storage).",
+    path="dir",
+)
+VERBOSE = Setting("verbose", False, "Debug logging.", short="-v")
+RUN_ID = Setting(
+    "run_id",
+    None,
+    "The training run (its folder under checkpoints/). train: the same id resumes an "
+    "interrupted run and reuses a completed one; default: derived from the training "
+    "settings (cfg-<hash>), so repeating a command resumes or reuses its run. export: "
+    "this run's checkpoint. wait, pin, prune, infer: the run whose artifacts, version or "
+    "folders they look at.",
+    type=str,
+    parse=_name_rule("run id"),
+)
+MODEL_NAME = Setting(
+    "model_name",
+    DEFAULT_MODEL_NAME,
+    "Model name in the Triton repository (and in config.pbtxt).",
+    parse=_name_rule("model name"),
+)
+MODEL_VERSION = Setting(
+    "model_version",
+    "",
+    "Model version: run (the one --run-id's export published; the newest without a run "
+    "id), N, or empty (the newest; for infer, the server's choice).",
+    parse=parse_model_version,
+)
+
+# data
+SOURCE = Setting(
+    "source",
+    None,
+    "Folder holding the four MNIST IDX files, .gz or raw. Default: the copy shipped with "
+    "the project (data/mnist).",
+    type=Path,
+    path="dir",
+)
+
+# train: what the model is (TrainConfig; the run id is derived from these)
+EPOCHS = Setting(
+    "epochs",
+    1.0,
+    "Passes over the training set; a fraction (0.7) ends within a pass, on that share of "
+    "its shuffled images.",
+    min=0,
+    min_open=True,
+    max=MAX_EPOCHS,
+)
+BATCH_SIZE = Setting("batch_size", 128, "Training images per step (the global batch).", min=2)
+LR = Setting("lr", 0.05, "Peak learning rate.", min=0, min_open=True)
+OPTIMIZER = Setting("optimizer", "sgd", "Optimiser.", choices=OPTIMIZERS)
+SCHEDULE = Setting(
+    "schedule",
+    "onecycle",
+    "One-cycle warm-up + cosine decay, or a constant lr.",
+    choices=SCHEDULES,
+)
+WEIGHT_DECAY = Setting("weight_decay", 5e-4, "Weight decay (not on BatchNorm and biases).", min=0)
+LABEL_SMOOTHING = Setting(
+    "label_smoothing", 0.1, "Label smoothing of the loss.", min=0, max=1, max_open=True
+)
+SEED = Setting("seed", 0, "Random seed; another seed is another run id, so a new model.")
+LIMIT_TRAIN = Setting(
+    "limit_train",
+    0,
+    "Train on the first N images only (0, or 60000 and more: all 60000), for quick runs.",
+    min=0,
+)
+LIMIT_TEST = Setting(
+    "limit_test",
+    0,
+    "Evaluate training on the first N test images only (0, or 10000 and more: all 10000). "
+    "Export always measures on all 10000.",
+    min=0,
+)
+SYNC_BN = Setting(
+    "sync_bn",
+    False,
+    "With several processes, BatchNorm statistics over all of them (CUDA only); default: "
+    "each process its own.",
+)
+# train: how it runs (not in the run id)
+DEVICE = Setting("device", "auto", "Where to train: auto picks CUDA when present.", choices=DEVICES)
+THREADS = Setting(
+    "threads", 0, "CPU threads (0: every CPU this process may use, cgroup limit included).", min=0
+)
+CHECKPOINT_EVERY = Setting(
+    "checkpoint_every",
+    200,
+    "Also save a resumable checkpoint every N steps (0: epochs only).",
+    min=0,
+)
+EVAL_EVERY = Setting(
+    "eval_every", 0, "Also measure test accuracy every N steps (0: at epoch ends only).", min=0
+)
+NPROC_PER_NODE = Setting(
+    "nproc_per_node",
+    1,
+    "Train as N data-parallel processes on this machine (through torchrun). Ignored under "
+    "torchrun, which sets the world itself.",
+    min=1,
+)
+WORLD_SIZE = Setting("world_size", 1, "Ranks the settings must work for.", min=1)
+
+# export: whether to publish
+MIN_IMPROVEMENT = Setting(
+    "min_improvement",
+    0.0,
+    "Publish only if the test accuracy beats the published model's by more than this (both "
+    "measured on all 10000 test images).",
+    min=0,
+)
+PRECISION = Setting(
+    "precision",
+    "fp32",
+    "int8: publish the fp32 export statically quantised (QDQ, calibrated on training "
+    "images), refused if it loses more than 0.1 percentage point of test accuracy against "
+    "the fp32 export.",
+    choices=PRECISIONS,
+)
+CHECKPOINT = Setting(
+    "checkpoint",
+    None,
+    "Export this model.pth. Default: --run-id's, else the newest completed run's.",
+    type=Path,
+    path="file",
+)
+# export: what config.pbtxt says (TritonConfig)
+MAX_BATCH_SIZE = Setting("max_batch_size", 16, "config.pbtxt max_batch_size.", min=1)
+INSTANCE_COUNT = Setting("instance_count", 2, "config.pbtxt instance_group count.", min=1)
+INSTANCE_KIND = Setting(
+    "instance_kind",
+    "cpu",
+    "config.pbtxt instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU).",
+    choices=INSTANCE_KINDS,
+)
+SERVER_CPUS = Setting(
+    "server_cpus",
+    2,
+    "CPUs the Triton server gets: each instance gets max(1, server CPUs // instance count) "
+    "ONNX Runtime threads (inter-op 1).",
+    min=1,
+)
+PREFERRED_BATCH_SIZES = Setting(
+    "preferred_batch_sizes",
+    (2, 4, 8),
+    "config.pbtxt dynamic_batching preferred_batch_size, comma-separated.",
+    parse=parse_batch_sizes,
+)
+PINNED_MEMORY = Setting("pinned_memory", True, "config.pbtxt input/output pinned memory.")
+
+# serve
+HOST = Setting(
+    "host", "127.0.0.1", "Address the server binds to (0.0.0.0 to serve other machines)."
+)
+GRPC_PORT = _port("grpc_port", 8001, "gRPC")
+HTTP_PORT = _port("http_port", 8000, "HTTP")
+METRICS_PORT = _port("metrics_port", 8002, "Prometheus metrics")
+READY_TIMEOUT = Setting(
+    "ready_timeout", 120.0, "Seconds to wait for Triton to load the models.", min=1
+)
+BACKEND_DIRECTORY = Setting(
+    "backend_directory",
+    Path(sys.prefix) / "triton-backends",  # where `make backend` builds it
+    "Triton backends folder holding onnxruntime/libtriton_onnxruntime.so (built by `make "
+    "backend`).",
+    path="dir",
+)
+MODEL_REPOSITORY = Setting(
+    "model_repository",
+    None,
+    "Triton model repository to serve. Default: STORAGE/models.",
+    type=Path,
+    path="dir",
+)
+WORKDIR = Setting(
+    "workdir",
+    None,
+    "Folder for triton.log, kept afterwards. Default: a temporary folder, removed on exit "
+    "unless Triton failed (the error then names the log it kept).",
+    type=Path,
+    path="dir",
+)
+LOG_VERBOSE = Setting("log_verbose", 0, "Triton's own log verbosity.", min=0)
+
+# infer (InferConfig)
+URL = Setting(
+    "url",
+    "localhost:8001",
+    "Triton's gRPC endpoint, HOST:PORT (no scheme; 8001 is gRPC, 8000 is HTTP).",
+    parse=parse_grpc_url,
+)
+REQUESTS = Setting("requests", 1000, "Measured requests.", min=1)
+CONCURRENCY = Setting(
+    "concurrency",
+    1,
+    "Requests in flight at once, each thread with its own gRPC connection; above 1 "
+    "Triton's dynamic batcher forms batches.",
+    min=1,
+)
+IMAGES_PER_REQUEST = Setting(
+    "images_per_request", 1, "Images in each request, at most the model's max_batch_size.", min=1
+)
+WARMUP = Setting("warmup", 20, "Unmeasured requests sent first.", min=0)
+TIMEOUT = Setting(
+    "timeout",
+    60.0,
+    "Seconds to wait for the server and the model to be ready, and to retry a request "
+    "while the server is unreachable.",
+    min=0,
+    min_open=True,
+)
+REQUEST_TIMEOUT = Setting(
+    "request_timeout", 30.0, "Seconds one request may take.", min=0, min_open=True
+)
+MAX_SECONDS = Setting(
+    "max_seconds", 600.0, "Seconds the whole measurement may take.", min=0, min_open=True
+)
+OUTPUT = Setting(
+    "output",
+    None,
+    "Folder the result folder (<UTC time>/) goes in. Default: STORAGE/inference.",
+    type=Path,
+    path="dir",
+)
+MIN_ACCURACY = Setting(
+    "min_accuracy",
+    0.0,
+    "Fail (exit 1) when the served model's accuracy on the images sent is below this.",
+    min=0,
+    max=1,
+)
+
+# wait
+WAIT_TIMEOUT = Setting(
+    "wait_timeout", 21600.0, "Give up (exit 1) after this many seconds.", min=0, min_open=True
+)
+WAIT_INTERVAL = Setting("wait_interval", 5.0, "Seconds between looks.", min=0, min_open=True)
+JOB = Setting(
+    "job",
+    None,
+    "Kubernetes Job producing the artifact: its Failed condition fails the wait at once. "
+    "Read only where the pod has a service account token; a deleted Job is ignored.",
+    type=str,
+)
+NAMESPACE = Setting("namespace", None, "Namespace of --job (default: the pod's own).", type=str)
+HTTP_URL = Setting("http_url", None, "Triton's HTTP endpoint, HOST:PORT.", type=str, required=True)
+
+# prune
+KEEP_RUNS = _keep("keep_runs", 5, "N run folders under checkpoints/")
+KEEP_VERSIONS = _keep("keep_versions", 3, "N model versions")
+KEEP_INFERENCE = _keep("keep_inference", 20, "N inference result folders")
+KEEP_VERSION = Setting(
+    "keep_version",
+    (),
+    "A version kept whatever the limits (e.g. a pinned served version); repeatable.",
+    type=int,
+    min=1,
+    multiple=True,
+)
+ABANDONED_AFTER = Setting(
+    "abandoned_after",
+    0.0,
+    "Seconds without a write after which a run still marked running counts as abandoned "
+    "(its pods gone) and may go like any other (0: never).",
+    min=0,
+)
+
+# pin
+SERVED_REPOSITORY = Setting(
+    "served_repository",
+    None,
+    "The model repository Triton is started on (the pod's emptyDir).",
+    type=Path,
+    path="dir",
+    required=True,
+)
+
+# The groups commands share: a command takes a group, so the same flags mean the same.
+TRAIN = (
+    EPOCHS, BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, WEIGHT_DECAY, LABEL_SMOOTHING, SEED,
+    LIMIT_TRAIN, LIMIT_TEST, SYNC_BN,
+)  # fmt: skip
+RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY)  # how each rank trains, besides the device
+TRAIN_HOW = (RUN_ID, DEVICE, *RANK, NPROC_PER_NODE)
+PUBLISH = (MIN_IMPROVEMENT, PRECISION)
+TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
+          PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
+SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT, BACKEND_DIRECTORY)
+INFER = (MODEL_NAME, MODEL_VERSION, REQUESTS, CONCURRENCY, IMAGES_PER_REQUEST, WARMUP, TIMEOUT,
+         REQUEST_TIMEOUT, MAX_SECONDS, OUTPUT, MIN_ACCURACY)  # fmt: skip
+WAIT = (STORAGE, dataclasses.replace(RUN_ID, required=True), WAIT_TIMEOUT, WAIT_INTERVAL, JOB,
+        NAMESPACE)  # fmt: skip
