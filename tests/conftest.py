@@ -124,9 +124,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     http, grpc, metrics = free_ports(3)
     env = {
         **os.environ,
-        "HTTP_PORT": str(http),
-        "GRPC_PORT": str(grpc),
-        "METRICS_PORT": str(metrics),
+        "MNIST_PIPELINE_HTTP_PORT": str(http),
+        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
+        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
     }
     result = cli(
         "run",

@@ -13,7 +13,7 @@ from conftest import cli
 from mnist_pipeline.cli import cli as group
 from mnist_pipeline.storage import UsageError, validate_name
 
-# Every way a name escaped checkpoints/ or broke a path before (issue 13.2).
+# Every way a name could escape checkpoints/ or break a path.
 BAD_NAMES = ["..", ".", "../escape", "a/b", "a b", "a\tb", "a\\b", "-x", ".hidden", "é", "x" * 65]
 
 
@@ -34,16 +34,16 @@ def test_bad_run_ids_are_refused_everywhere_before_touching_storage(
         ["train", "--run-id", name],
         ["export", "--run-id", name],
         ["run", "--run-id", name],
-        ["wait", "training", "--run-id", name, "--timeout", "1"],
-        ["wait", "export", "--run-id", name, "--timeout", "1"],
+        ["wait", "training", "--run-id", name, "--wait-timeout", "1"],
+        ["wait", "export", "--run-id", name, "--wait-timeout", "1"],
     ]
     for args in commands:
         result = cli(args[0], *args[1:], "--storage", storage)
         assert result.returncode == 2, (args, result.stderr)
         assert "run id" in result.stderr and "not allowed" in result.stderr, result.stderr
     # From the environment too, and the error names the variable.
-    result = cli("train", "--storage", storage, env={"RUN_ID": name})
-    assert result.returncode == 2 and "RUN_ID=" in result.stderr
+    result = cli("train", "--storage", storage, env={"MNIST_PIPELINE_RUN_ID": name})
+    assert result.returncode == 2 and "MNIST_PIPELINE_RUN_ID=" in result.stderr
     assert not storage.exists() and not (tmp_path / "escape").exists()
 
 
@@ -84,7 +84,11 @@ def test_every_option_has_a_variable_shown_in_help(path: str, command: click.Com
 
 def test_group_options_have_variables_too() -> None:
     verbose = next(p for p in group.params if p.name == "verbose")
-    assert isinstance(verbose, click.Option) and verbose.envvar == "VERBOSE" and verbose.show_envvar
+    assert (
+        isinstance(verbose, click.Option)
+        and verbose.envvar == "MNIST_PIPELINE_VERBOSE"
+        and verbose.show_envvar
+    )
 
 
 def test_run_honours_every_variable_of_the_stages_it_runs() -> None:
@@ -95,7 +99,7 @@ def test_run_honours_every_variable_of_the_stages_it_runs() -> None:
         for name in shared:
             assert run[name] == envvars(by_path[stage])[name], (stage, name)
     for name in ("RUN_ID", "LR", "LIMIT_TEST", "SEED", "MIN_IMPROVEMENT", "MAX_BATCH_SIZE"):
-        assert name in run.values(), name
+        assert "MNIST_PIPELINE_" + name in run.values(), name
     missing = set(envvars(by_path["train"]).values()) - set(run.values())
     assert not missing, missing
 
@@ -103,13 +107,13 @@ def test_run_honours_every_variable_of_the_stages_it_runs() -> None:
 @pytest.mark.parametrize(
     "args,env,flag",
     [
-        (["train"], {"EPOCHS": "0"}, "'--epochs'"),
-        (["train"], {"DEVICE": "gpu0"}, "'--device'"),
-        (["train"], {"VERBOSE": "maybe"}, "'--verbose'"),
-        (["run"], {"LR": "-1"}, "'--lr'"),
-        (["run"], {"LIMIT_TEST": "many"}, "'--limit-test'"),
-        (["infer"], {"TRITON_URL": "localhost"}, "'--url'"),
-        (["export"], {"MAX_BATCH_SIZE": "0"}, "'--max-batch-size'"),
+        (["train"], {"MNIST_PIPELINE_EPOCHS": "0"}, "'--epochs'"),
+        (["train"], {"MNIST_PIPELINE_DEVICE": "gpu0"}, "'--device'"),
+        (["train"], {"MNIST_PIPELINE_VERBOSE": "maybe"}, "'--verbose'"),
+        (["run"], {"MNIST_PIPELINE_LR": "-1"}, "'--lr'"),
+        (["run"], {"MNIST_PIPELINE_LIMIT_TEST": "many"}, "'--limit-test'"),
+        (["infer"], {"MNIST_PIPELINE_URL": "localhost"}, "'--url'"),
+        (["export"], {"MNIST_PIPELINE_MAX_BATCH_SIZE": "0"}, "'--max-batch-size'"),
     ],
 )
 def test_an_error_from_a_variable_names_it(
@@ -141,10 +145,10 @@ def test_every_float_option_refuses_nan_and_infinity(name: str, option: click.Op
 def test_non_finite_settings_exit_2_naming_their_variable(tmp_path: Path) -> None:
     storage = tmp_path / "s"
     for args, env, flag in [
-        (["train"], {"LR": "nan"}, "'--lr'"),
-        (["run"], {"WEIGHT_DECAY": "inf"}, "'--weight-decay'"),
-        (["infer"], {"TIMEOUT": "nan"}, "'--timeout'"),
-        (["export"], {"MIN_IMPROVEMENT": "inf"}, "'--min-improvement'"),
+        (["train"], {"MNIST_PIPELINE_LR": "nan"}, "'--lr'"),
+        (["run"], {"MNIST_PIPELINE_WEIGHT_DECAY": "inf"}, "'--weight-decay'"),
+        (["infer"], {"MNIST_PIPELINE_TIMEOUT": "nan"}, "'--timeout'"),
+        (["export"], {"MNIST_PIPELINE_MIN_IMPROVEMENT": "inf"}, "'--min-improvement'"),
     ]:
         result = cli(*args, "--storage", storage, env=env)
         ((var, value),) = env.items()
@@ -167,30 +171,37 @@ def test_a_model_version_triton_cannot_have_is_refused_up_front(
     tmp_path: Path, version: str
 ) -> None:
     # Nothing listens at the URL: a version let through would fail there instead (exit 1).
-    result = cli("infer", "--url", "localhost:1", "--timeout", "1", env={"MODEL_VERSION": version})
+    result = cli(
+        "infer",
+        "--url",
+        "localhost:1",
+        "--timeout",
+        "1",
+        env={"MNIST_PIPELINE_MODEL_VERSION": version},
+    )
     assert result.returncode == 2, result.stderr
-    assert f"MODEL_VERSION={version!r}" in result.stderr
-    assert "expected a version number such as 1" in result.stderr
+    assert f"MNIST_PIPELINE_MODEL_VERSION={version!r}" in result.stderr
+    assert "expected run, a version number such as 1" in result.stderr
     result = cli("run", "--storage", tmp_path / "s", "--model-version", version)
-    assert result.returncode == 2 and "expected a version number" in result.stderr
+    assert result.returncode == 2 and "a version number such as 1" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
 def test_epochs_are_bounded(tmp_path: Path) -> None:
-    """Issue 19.6: 10**23 epochs ran, with an ETA of 8e20 hours."""
+    """10**23 epochs would run, with an ETA of 8e20 hours."""
     from mnist_pipeline.train import TrainConfig
 
     result = cli("train", "--storage", tmp_path / "s", "--epochs", "9" * 23)
     assert result.returncode == 2 and "0<x<=1000" in result.stderr, result.stderr
-    result = cli("run", "--storage", tmp_path / "s", env={"EPOCHS": "1001"})
-    assert result.returncode == 2 and "EPOCHS='1001'" in result.stderr, result.stderr
+    result = cli("run", "--storage", tmp_path / "s", env={"MNIST_PIPELINE_EPOCHS": "1001"})
+    assert result.returncode == 2 and "MNIST_PIPELINE_EPOCHS='1001'" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
-    with pytest.raises(UsageError, match="at most 1000"):
+    with pytest.raises(UsageError, match="--epochs 1001: must be > 0 and <= 1000"):
         TrainConfig(epochs=1001).validate()
 
 
 def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() -> None:
-    """Issue 19.6: --limit-train 10000000 trains on all 60000 images, so it is the run of
+    """--limit-train 10000000 trains on all 60000 images, so it is the run of
     --limit-train 0, not a new one training the same model again."""
     from mnist_pipeline.train import TrainConfig, default_run_id
 
@@ -199,3 +210,42 @@ def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() ->
     assert default_run_id(whole) == default_run_id(TrainConfig())
     assert TrainConfig(limit_train=59_999).limit_train == 59_999
     assert default_run_id(TrainConfig(limit_train=60_000)) == default_run_id(TrainConfig())
+
+
+@pytest.mark.parametrize("path,command", commands(), ids=[p for p, _ in commands()])
+def test_every_variable_is_the_prefix_and_the_flag(path: str, command: click.Command) -> None:
+    for option in command.params:
+        if isinstance(option, click.Option) and option.name != "help":
+            flag = next(o for o in option.opts if o.startswith("--"))
+            assert option.envvar == "MNIST_PIPELINE_" + flag[2:].upper().replace("-", "_")
+
+
+def test_a_shared_option_is_the_same_option_in_every_command() -> None:
+    seen: dict[str, tuple[object, ...]] = {}
+    for path, command in commands():
+        for p in command.params:
+            if isinstance(p, click.Option) and p.name not in ("help", "run_id"):
+                same = (p.envvar, p.help, p.default, p.type.to_info_dict())
+                assert seen.setdefault(str(p.name), same) == same, (path, p.name)
+
+
+def test_unprefixed_variables_are_ignored(tmp_path: Path) -> None:
+    """What a shell or a pod happens to hold (a Service named grpc injects GRPC_PORT) never
+    feeds the CLI: only MNIST_PIPELINE_ variables do."""
+    storage = tmp_path / "s"
+    ignored = cli("check-train", "--storage", storage, env={"EPOCHS": "0", "BATCH_SIZE": "1"})
+    assert ignored.returncode == 0, ignored.stderr
+    refused = cli("check-train", "--storage", storage, env={"MNIST_PIPELINE_BATCH_SIZE": "1"})
+    assert refused.returncode == 2 and "MNIST_PIPELINE_BATCH_SIZE='1'" in refused.stderr
+
+
+def test_python_configs_are_checked_as_the_cli_checks_them() -> None:
+    from mnist_pipeline.client import InferConfig
+    from mnist_pipeline.train import TrainConfig
+
+    with pytest.raises(UsageError, match="--batch-size 1: must be >= 2"):
+        TrainConfig(batch_size=1).validate()
+    with pytest.raises(UsageError, match="--optimizer 'adamw': one of sgd, adam"):
+        TrainConfig(optimizer="adamw").validate()
+    with pytest.raises(UsageError, match="--min-accuracy 2: must be >= 0 and <= 1"):
+        InferConfig(min_accuracy=2).validate()

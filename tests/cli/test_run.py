@@ -40,7 +40,7 @@ def test_run_goes_from_data_to_measured_serving(pipeline: PipelineRun) -> None:
 def test_a_second_run_reuses_the_completed_run_and_says_so(
     pipeline: PipelineRun, tmp_path: Path
 ) -> None:
-    """Issue 13.4: the default run id is a function of the settings, so `make run` twice
+    """The default run id is a function of the settings, so `make run` twice
     trains once; the identical model is not exported again."""
     run_id = default_run_id(TrainConfig(limit_train=int(LIMIT_TRAIN)))
     assert [p.name for p in (pipeline.storage / "checkpoints").iterdir() if p.is_dir()] == [run_id]
@@ -48,7 +48,11 @@ def test_a_second_run_reuses_the_completed_run_and_says_so(
     shutil.copytree(pipeline.storage, storage, symlinks=True)
     model_before = snapshot(storage / "checkpoints" / run_id)
     http, grpc, metrics = free_ports(3)
-    ports = {"HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics)}
+    ports = {
+        "MNIST_PIPELINE_HTTP_PORT": str(http),
+        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
+        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
+    }
     result = cli(
         "run", "--storage", storage, "--limit-train", LIMIT_TRAIN, "--requests", "20",
         env={**os.environ, **ports},

@@ -201,3 +201,26 @@ def test_latency_plot_shows_p50_p99_and_throughput() -> None:
     p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
     assert labels == [f"p50 {p50:.2f} ms", f"p99 {p99:.2f} ms"]
     assert legend.get_title().get_text() == "612 images/s"
+
+
+def test_infer_writes_where_told_asks_for_the_run_s_version_and_holds_an_accuracy_floor(
+    served: LocalTriton, pipeline: PipelineRun, tmp_path: Path
+) -> None:
+    """What the helm test runs: results in a scratch folder (the volume is read-only
+    there), the version the run published, and a floor that fails the command."""
+    (run_id,) = [p.name for p in (pipeline.storage / "checkpoints").iterdir() if p.is_dir()]
+    common = ["infer", "--storage", pipeline.storage, "--url", served.grpc_url]
+    common += ["--run-id", run_id, "--model-version", "run", "--requests", "20"]
+    inference_before = set((pipeline.storage / "inference").iterdir())
+    result = cli(*common, "--output", tmp_path / "passed", "--min-accuracy", "0.5")
+    assert result.returncode == 0, result.stderr
+    (out,) = (tmp_path / "passed").iterdir()
+    latency = json.loads((out / "latency.json").read_text())
+    assert (latency["model_version_requested"], latency["model_version_served"]) == ("1", "1")
+    assert set((pipeline.storage / "inference").iterdir()) == inference_before
+
+    result = cli(*common, "--output", tmp_path / "failed", "--min-accuracy", "1")
+    assert result.returncode == 1
+    assert "is below --min-accuracy 1" in result.stderr
+    (out,) = (tmp_path / "failed").iterdir()
+    assert json.loads((out / "latency.json").read_text())["status"] == "failed"

@@ -1,4 +1,4 @@
-"""Metrics that drive scaling and alerts (issue 18): the chart's adapter rule, alert rules
+"""Metrics that drive scaling and alerts: the chart's adapter rule, alert rules
 and dashboard, checked by promtool and evaluated by a real Prometheus scraping a real
 Triton the way the chart's ServiceMonitor says, at idle, with failing requests and under
 perf_analyzer overload.

@@ -136,7 +136,9 @@ def test_missing_backend_is_a_usage_error_naming_the_remedy(
     pipeline: PipelineRun, tmp_path: Path
 ) -> None:
     args = _serve_args(pipeline.storage / "models", tmp_path / "work")
-    result = cli(*args, env={**os.environ, "TRITON_BACKEND_DIR": str(tmp_path / "none")})
+    result = cli(
+        *args, env={**os.environ, "MNIST_PIPELINE_BACKEND_DIRECTORY": str(tmp_path / "none")}
+    )
     assert result.returncode == 2, result.stderr
     assert "no Triton onnxruntime backend" in result.stderr and "make backend" in result.stderr
 

@@ -59,7 +59,7 @@ def test_a_named_source_must_exist_even_with_data_in_place(tmp_path: Path, how: 
     if how == "option":
         result = cli("data", "--storage", tmp_path, "--source", nowhere)
     else:
-        result = cli("data", "--storage", tmp_path, env={"MNIST_SOURCE": str(nowhere)})
+        result = cli("data", "--storage", tmp_path, env={"MNIST_PIPELINE_SOURCE": str(nowhere)})
     assert result.returncode == 2
     assert f"MNIST source {nowhere} does not exist" in result.stderr
 
