@@ -93,6 +93,8 @@ def click_option(spec: Setting) -> Callable[[F], F]:
         if isinstance(default, tuple) and not spec.multiple:
             default = ",".join(map(str, default))  # as it is typed: 2,4,8
         how["default"] = default
+        if spec.default_text is not None:
+            how["show_default"] = spec.default_text
     return click.option(*names, spec.name, **how)
 
 

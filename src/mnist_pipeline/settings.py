@@ -47,6 +47,7 @@ class Setting:
     multiple: bool = False
     required: bool = False
     short: str | None = None  # a one-letter alias: -v
+    default_text: str | None = None  # the default as --help shows it, where it is not fixed
 
     @property
     def flag(self) -> str:
@@ -358,6 +359,7 @@ BACKEND_DIRECTORY = Setting(
     Path(sys.prefix) / "triton-backends",  # where `make backend` builds it
     "Triton backends folder holding onnxruntime/libtriton_onnxruntime.so (built by `make "
     "backend`).",
+    default_text="triton-backends in the Python environment",
     path="dir",
 )
 MODEL_REPOSITORY = Setting(
