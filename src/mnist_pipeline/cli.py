@@ -188,8 +188,8 @@ def unwind_on_sigterm() -> None:
 
 def config(cls: Any, values: dict[str, Any], **given: Any) -> Any:
     """An instance of dataclass `cls` from the options of the settings it declares."""
-    fields = {attr: values[spec.name] for attr, spec in s.settings_of(cls)}
-    return cls(**{**fields, **given})
+    fields = {attr: values[spec.name] for attr, spec in s.settings_of(cls) if attr not in given}
+    return cls(**fields, **given)
 
 
 def triton_config(values: dict[str, Any]) -> Any:

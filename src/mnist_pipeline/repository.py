@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline import settings
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
@@ -54,19 +55,19 @@ INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 class TritonConfig:
     """What config.pbtxt says; the defaults are the original deployment's values."""
 
-    name: str = DEFAULT_MODEL_NAME
-    max_batch_size: int = 16
-    instance_count: int = 2
-    instance_kind: str = "KIND_CPU"
-    preferred_batch_sizes: tuple[int, ...] = (2, 4, 8)
-    pinned_memory: bool = True
+    name: str = settings.MODEL_NAME.field()
+    max_batch_size: int = settings.MAX_BATCH_SIZE.field()
+    instance_count: int = settings.INSTANCE_COUNT.field()
+    instance_kind: str = "KIND_CPU"  # Triton's name of --instance-kind's choice
+    preferred_batch_sizes: tuple[int, ...] = settings.PREFERRED_BATCH_SIZES.field()
+    pinned_memory: bool = settings.PINNED_MEMORY.field()
     input_name: str = "input"
     input_dims: tuple[int, ...] = (1, 28, 28)
     output_name: str = "output"
     output_dims: tuple[int, ...] = (10,)
     # The CPUs the server gets (the chart's Triton CPU limit): shared out between the
     # instances as ONNX Runtime threads, so that concurrent batches do not oversubscribe.
-    server_cpus: int = 2
+    server_cpus: int = settings.SERVER_CPUS.field()
 
     @property
     def intra_op_threads(self) -> int:
