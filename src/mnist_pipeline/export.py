@@ -9,9 +9,9 @@ against that fp32 export; the champion gate then treats it like any model.
 
 The gate compares like with like: the accuracy of the very model.onnx about to be
 published, measured here with onnxruntime on all 10 000 MNIST test images, against the
-published version's, measured the same way (its metadata says how; an older version
-without that record is measured again). The accuracy a training run reported may come
-from a subset (--limit-test) and never decides. A model identical to a published
+published version's, measured the same way when it was published (its metadata.json).
+The accuracy a training run reported may come from a subset (--limit-test) and never
+decides. A model identical to a published
 version (same weights or same ONNX bytes) is never published again. All of it happens
 under the model's export lock, so two exports at once neither take the same version nor
 both win against the same champion.
@@ -36,15 +36,25 @@ import torch
 
 from mnist_pipeline import data, model, quantize, repository
 from mnist_pipeline.storage import (
+    CHECKPOINT_FILE,
+    EXPORT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    ExportStatus,
     PipelineFailure,
+    RunStatus,
     UsageError,
     atomic_write_json,
     best_model_link,
     checkpoints_dir,
     fsync_dir,
-    read_json,
+    model_dir,
+    read_export_record,
+    read_metadata,
+    read_metrics,
     run_dir,
     validate_name,
+    version_dirs,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +90,7 @@ class Candidate:
     accuracy: float
     net: torch.nn.Module
     payload: dict[str, Any]
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
@@ -120,24 +131,56 @@ class Built:
     evaluation: Evaluation
     record: dict[str, Any]
 
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "published" | "skipped"
-    version: int | None
-    accuracy: float
+    """What export decided: the standing fields of export.json."""
+
+    status: ExportStatus
+    version: int | None  # published, or the better one kept
+    accuracy: float | None
     champion_accuracy: float | None
     reason: str
 
 
+def failed(error: Exception) -> Outcome:
+    return Outcome(ExportStatus.FAILED, None, None, None, str(error))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One export: of which training run's checkpoint (`owner`, if any), to which model,
+    how, and what it takes to replace the published version."""
+
+    storage: Path
+    cfg: repository.TritonConfig
+    owner: str | None
+    precision: str
+    min_improvement: float
+
+    @property
+    def model_path(self) -> Path:
+        return model_dir(self.storage, self.cfg.name)
+
+    def record(self, outcome: Outcome) -> Outcome:
+        """Write `outcome` into the owner's export.json; call only under the export lock."""
+        write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        return outcome
+
+
 def newest_completed_run(storage: Path) -> str:
-    """The completed training run that finished last."""
+    """The completed training run that finished last. A run whose record cannot be read
+    is passed over with a warning: it was not asked for."""
     finished: list[tuple[datetime, str]] = []
-    for metrics_path in checkpoints_dir(storage).glob("*/metrics.json"):
+    for metrics_path in checkpoints_dir(storage).glob(f"*/{METRICS_FILE}"):
         try:
             validate_name(metrics_path.parent.name)  # a folder no run id could name
-            metrics = read_json(metrics_path)
-            if metrics.get("status") == "complete":
+            metrics = read_metrics(metrics_path.parent) or {}
+            if metrics.get("status") == RunStatus.COMPLETE:
                 when = datetime.fromisoformat(metrics["finished_at"])
                 finished.append((when, metrics_path.parent.name))
         except (OSError, ValueError, KeyError, TypeError, UsageError) as e:
@@ -165,25 +208,29 @@ def resolve_checkpoint(
     if run_id is None:
         run_id = newest_completed_run(storage)
         log.info("newest completed training run: %s", run_id)
-    if not run_dir(storage, run_id).is_dir():
+    check_complete(storage, run_id)
+    return run_dir(storage, run_id) / CHECKPOINT_FILE, run_id
+
+
+def check_complete(storage: Path, run_id: str) -> None:
+    """Raise UsageError, saying what to do, unless training run `run_id` is complete."""
+    run = run_dir(storage, run_id)
+    if not run.is_dir():
         raise UsageError(missing_run_message(storage, run_id))
-    metrics_path = run_dir(storage, run_id) / "metrics.json"
-    try:
-        metrics = read_json(metrics_path)
-        status = metrics.get("status")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"training run {run_id}: cannot read {metrics_path}: {e}") from e
-    if status in ("running", "interrupted"):
+    metrics = read_metrics(run)
+    if metrics is None:
+        raise UsageError(f"training run {run_id} has no {run / METRICS_FILE}: train it first")
+    status = metrics.get("status")
+    if status in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
         epochs = len(metrics.get("history") or [])
         raise UsageError(
             f"training run {run_id} is not complete (interrupted after {epochs} epoch(s)): "
             f"resume it by running the same `mnist-pipeline train --run-id {run_id}` command "
             "(same settings) again, then export"
         )
-    if status != "complete":
+    if status != RunStatus.COMPLETE:
         error = f": {metrics['error']}" if metrics.get("error") else ""
         raise UsageError(f"training run {run_id} is not complete (status {status!r}{error})")
-    return run_dir(storage, run_id) / "model.pth", run_id
 
 
 def missing_run_message(storage: Path, run_id: str) -> str:
@@ -211,7 +258,7 @@ def load_candidate(path: Path) -> Candidate:
     accuracy = payload.get("test_accuracy")
     if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
         raise UsageError(f"checkpoint {path} has no test accuracy in 0..1 (found {accuracy!r})")
-    return Candidate(path, float(accuracy), net, payload)
+    return Candidate(path, float(accuracy), net, payload, model.weights_sha256(net))
 
 
 @contextlib.contextmanager
@@ -474,65 +521,23 @@ def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
         )
 
 
-def champion_accuracy(
-    model_path: Path, champion: repository.Champion, images: np.ndarray, labels: np.ndarray
-) -> float:
-    """The served version's accuracy measured as the candidate's is: from its metadata when
-    that says so, else measured now on its model.onnx (versions published before the
-    gate measured for itself recorded whatever their training run reported)."""
-    measured = champion.metadata.get("evaluation") or {}
-    if measured.get("images") == len(labels) and str(measured.get("source", "")).startswith(
-        EVAL_SOURCE
-    ):
-        return champion.accuracy
-    onnx_path = model_path / str(champion.version) / repository.MODEL_FILE
-    try:
-        content = onnx_path.read_bytes()
-    except OSError as e:
-        raise PipelineFailure(f"cannot read the served model {onnx_path}: {e}") from e
-    evaluation = measure_accuracy(content, images, labels)
-    log.info(
-        "published version %d recorded accuracy %.4f without saying how; measured again on "
-        "all %d test images: %.4f",
-        champion.version,
-        champion.accuracy,
-        evaluation.images,
-        evaluation.accuracy,
-    )
-    return evaluation.accuracy
-
-
 def identical_version(
     model_path: Path, weights: str, precision: str, onnx_sha256: str | None
 ) -> int | None:
     """A published version holding the same model (same weights at the same precision, or
     the same ONNX bytes). The int8 and fp32 exports of one checkpoint are two models, each
-    gated on its own accuracy; versions from before precisions were recorded are fp32."""
-    for version in repository.versions(model_path):
-        try:
-            meta = read_json(model_path / str(version) / repository.METADATA_FILE)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
-            continue
+    gated on its own accuracy."""
+    for version in version_dirs(model_path):
+        meta = read_metadata(version) or {}
         same_weights = meta.get("weights_sha256") == weights
-        if (same_weights and meta.get("precision", "fp32") == precision) or (
+        if (same_weights and meta.get("precision") == precision) or (
             onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
         ):
-            return version
+            return int(version.name)
     return None
 
 
-def write_marker(
-    storage: Path,
-    run_id: str | None,
-    status: str,
-    cfg: repository.TritonConfig,
-    reason: str,
-    version: int | None = None,
-    accuracy: float | None = None,
-    champion_accuracy: float | None = None,
-) -> None:
+def write_marker(storage: Path, run_id: str | None, model_name: str, outcome: Outcome) -> None:
     """checkpoints/<run_id>/export.json: what export decided about this training run.
     Call only while holding the model's export lock (a read-modify-write).
 
@@ -541,29 +546,27 @@ def write_marker(
     under "history"."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
         return
-    path = run_dir(storage, run_id) / "export.json"
+    run = run_dir(storage, run_id)
     attempt = {
-        "status": status,
-        "model_name": cfg.name,
-        "version": version,
-        "accuracy": accuracy,
-        "champion_accuracy": champion_accuracy,
-        "reason": reason,
+        "status": outcome.status,
+        "model_name": model_name,
+        "version": outcome.version,
+        "accuracy": outcome.accuracy,
+        "champion_accuracy": outcome.champion_accuracy,
+        "reason": outcome.reason,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
-        previous = read_json(path)
-    except (OSError, ValueError):
+        previous = read_export_record(run) or {}
+    except UsageError as e:
+        # export.json is this stage's own record: refusing to write it would leave the
+        # run without an outcome for good, so a damaged one is started again.
+        log.warning("%s: starting it again", e)
         previous = {}
-    if not isinstance(previous, dict):
-        previous = {}
-    history = previous.get("history")
-    if not isinstance(history, list):  # a record from before histories: its one attempt
-        history = [{k: v for k, v in previous.items() if k != "history"}] if previous else []
-    history.append(attempt)
-    published = previous.get("status") == "published" and status != "published"
-    standing = {k: v for k, v in previous.items() if k != "history"} if published else attempt
-    atomic_write_json(path, {**standing, "history": history})
+    history = [*previous.get("history", []), attempt]
+    published = previous.get("status") == ExportStatus.PUBLISHED
+    standing = previous if published and outcome.status != ExportStatus.PUBLISHED else attempt
+    atomic_write_json(run / EXPORT_FILE, {**standing, "history": history})
 
 
 def export(
@@ -582,121 +585,128 @@ def export(
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
+    request = Request(storage, cfg, owner, precision, min_improvement)
     try:
         candidate = load_candidate(path)
     except UsageError as e:
         with repository.locked(storage, cfg.name):  # export.json is only written under it
-            write_marker(storage, owner, "failed", cfg, str(e))
+            request.record(failed(e))
         raise
-    weights = model.weights_sha256(candidate.net)
     log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
-
-    model_path = repository.model_dir(storage, cfg.name)
     with repository.locked(storage, cfg.name):
-        repository.clean_stale(storage, cfg.name)
-        champion = repository.champion(model_path)
-        if champion is not None:
-            repair_best_link(storage, champion)
-        # The cheap check first: the same weights need no export to be recognised.
-        same = identical_version(model_path, weights, precision, None)
-        if same is not None:
-            return skip_identical(storage, owner, cfg, same, champion)
-        try:
-            images, labels = data.load(storage, "test")
-            built = build(storage, candidate, precision, images, labels)
-        except (PipelineFailure, UsageError) as e:
-            write_marker(storage, owner, "failed", cfg, str(e), None, None, None)
-            raise
-        evaluation = built.evaluation
-        onnx_sha256 = hashlib.sha256(built.content).hexdigest()
-        log.info(
-            "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
-            precision,
-            evaluation.accuracy,
-            evaluation.images,
-            evaluation.source,
-        )
-        same = identical_version(model_path, weights, precision, onnx_sha256)
-        if same is not None:
-            return skip_identical(storage, owner, cfg, same, champion)
-
-        best = None if champion is None else champion_accuracy(model_path, champion, images, labels)
-        if (
-            champion is not None
-            and best is not None
-            and not evaluation.accuracy > best + min_improvement
-        ):
-            reason = (
-                f"not better: accuracy {evaluation.accuracy:.4f} ({precision}) does not beat "
-                f"the published version {champion.version}'s {best:.4f} "
-                f"({champion.metadata.get('precision', 'fp32')})"
-                + (f" by more than {min_improvement:g}" if min_improvement else "")
-                + f" (both on all {evaluation.images} test images)"
-            )
-            log.info("not exported: %s", reason)
-            write_marker(
-                storage,
-                owner,
-                "skipped",
-                cfg,
-                reason,
-                champion.version,
-                evaluation.accuracy,
-                best,
-            )
-            return Outcome("skipped", champion.version, evaluation.accuracy, best, reason)
-
-        import onnxruntime
-
-        metadata = {
-            "model_name": cfg.name,
-            "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "accuracy": evaluation.accuracy,
-            "evaluation": evaluation.record(),
-            "training_reported_accuracy": candidate.accuracy,
-            "source_model": relative_to_storage(storage, path),
-            "run_id": candidate.payload.get("run_id", owner),
-            "sha256": onnx_sha256,
-            "weights_sha256": weights,
-            **built.record,
-            "parameters": sum(p.numel() for p in candidate.net.parameters()),
-            "onnxruntime_version": onnxruntime.__version__,
-            "previous_accuracy": best,
-        }
-        version = repository.publish(storage, cfg, {repository.MODEL_FILE: built.content}, metadata)
-        update_best_link(storage, path)
-        reason = (
-            "first export"
-            if champion is None
-            else f"accuracy {evaluation.accuracy:.4f} ({precision}) beats version "
-            f"{champion.version}'s {best:.4f} (both on all {evaluation.images} test images)"
-        )
-        log.info(
-            "published %s version %d (%s) to %s",
-            cfg.name,
-            version,
-            reason,
-            model_path / str(version),
-        )
-        # Still under the lock: export.json is read, extended and rewritten, and a
-        # concurrent export of the same run must see the publication, not overwrite it.
-        write_marker(storage, owner, "published", cfg, reason, version, evaluation.accuracy, best)
-    return Outcome("published", version, evaluation.accuracy, best, reason)
+        return gate_and_publish(request, candidate)
 
 
-def skip_identical(
-    storage: Path,
-    owner: str | None,
-    cfg: repository.TritonConfig,
-    same: int,
-    champion: repository.Champion | None,
-) -> Outcome:
+def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
+    """Publish the candidate if it is a new model better than the published version.
+    Call while holding the model's export lock."""
+    repository.clean_stale(request.storage, request.cfg.name)
+    champion = repository.champion(request.model_path)
+    if champion is not None:
+        repair_best_link(request.storage, champion)
+    weights = candidate.weights_sha256
+    # The cheap check first: the same weights need no export to be recognised.
+    same = identical_version(request.model_path, weights, request.precision, None)
+    if same is not None:
+        return skip_identical(request, same, champion)
+    try:
+        built = build_measured(request, candidate)
+    except (PipelineFailure, UsageError) as e:
+        request.record(failed(e))
+        raise
+    same = identical_version(request.model_path, weights, request.precision, built.sha256)
+    if same is not None:
+        return skip_identical(request, same, champion)
+    if champion is not None and not (
+        built.evaluation.accuracy > champion.accuracy + request.min_improvement
+    ):
+        return skip_not_better(request, built, champion)
+    return publish(request, candidate, built, champion)
+
+
+def build_measured(request: Request, candidate: Candidate) -> Built:
+    images, labels = data.load(request.storage, "test")
+    built = build(request.storage, candidate, request.precision, images, labels)
+    log.info(
+        "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
+        request.precision,
+        built.evaluation.accuracy,
+        built.evaluation.images,
+        built.evaluation.source,
+    )
+    return built
+
+
+def skip_identical(request: Request, same: int, champion: repository.Champion | None) -> Outcome:
     """Never publish a model twice: it would only add a version serving the same thing."""
-    meta = read_json(repository.model_dir(storage, cfg.name) / str(same) / repository.METADATA_FILE)
+    meta = read_metadata(request.model_path / str(same)) or {}
     accuracy = float(meta["accuracy"])
     reason = f"identical to the published version {same} (same model), not published again"
     log.info("not exported: %s", reason)
     champion_acc = None if champion is None else champion.accuracy
     version = None if champion is None else champion.version
-    write_marker(storage, owner, "skipped", cfg, reason, version, accuracy, champion_acc)
-    return Outcome("skipped", version, accuracy, champion_acc, reason)
+    return request.record(Outcome(ExportStatus.SKIPPED, version, accuracy, champion_acc, reason))
+
+
+def skip_not_better(request: Request, built: Built, champion: repository.Champion) -> Outcome:
+    accuracy, best = built.evaluation.accuracy, champion.accuracy
+    reason = (
+        f"not better: accuracy {accuracy:.4f} ({request.precision}) does not beat "
+        f"the published version {champion.version}'s {best:.4f} "
+        f"({champion.metadata.get('precision')})"
+        + (f" by more than {request.min_improvement:g}" if request.min_improvement else "")
+        + f" (both on all {built.evaluation.images} test images)"
+    )
+    log.info("not exported: %s", reason)
+    return request.record(Outcome(ExportStatus.SKIPPED, champion.version, accuracy, best, reason))
+
+
+def publish(
+    request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
+) -> Outcome:
+    """Publish the built model as the next version, then point best_model.pth at it."""
+    best = None if champion is None else champion.accuracy
+    metadata = version_metadata(request, candidate, built, best)
+    files = {MODEL_FILE: built.content}
+    version = repository.publish(request.storage, request.cfg, files, metadata)
+    update_best_link(request.storage, candidate.path)
+    accuracy, images = built.evaluation.accuracy, built.evaluation.images
+    reason = (
+        "first export"
+        if champion is None
+        else f"accuracy {accuracy:.4f} ({request.precision}) beats version "
+        f"{champion.version}'s {best:.4f} (both on all {images} test images)"
+    )
+    log.info(
+        "published %s version %d (%s) to %s",
+        request.cfg.name,
+        version,
+        reason,
+        request.model_path / str(version),
+    )
+    # Still under the lock: export.json is read, extended and rewritten, and a
+    # concurrent export of the same run must see the publication, not overwrite it.
+    return request.record(Outcome(ExportStatus.PUBLISHED, version, accuracy, best, reason))
+
+
+def version_metadata(
+    request: Request, candidate: Candidate, built: Built, previous_accuracy: float | None
+) -> dict[str, Any]:
+    """metadata.json of the version about to be published (publish adds "version")."""
+    import onnxruntime
+
+    return {
+        "model_name": request.cfg.name,
+        "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "accuracy": built.evaluation.accuracy,
+        "evaluation": built.evaluation.record(),
+        "training_reported_accuracy": candidate.accuracy,
+        "source_model": relative_to_storage(request.storage, candidate.path),
+        "run_id": candidate.payload.get("run_id", request.owner),
+        "sha256": built.sha256,
+        "weights_sha256": candidate.weights_sha256,
+        **built.record,
+        "parameters": sum(p.numel() for p in candidate.net.parameters()),
+        "onnxruntime_version": onnxruntime.__version__,
+        "previous_accuracy": previous_accuracy,
+    }

@@ -28,25 +28,31 @@ from typing import Any
 
 from mnist_pipeline import settings
 from mnist_pipeline.storage import (
+    CONFIG_FILE,
+    DEFAULT_MODEL_NAME,
+    EXPORT_LOCK_FILE,
+    METADATA_FILE,
+    STAGING_PREFIX,
     PipelineFailure,
     UsageError,
     atomic_write_json,
     atomic_write_text,
+    export_work_dir,
     fsync_dir,
+    is_version_name,
+    model_dir,
     models_dir,
     naming,
-    read_json,
+    read_metadata,
+    resolve_served_version,
+    servable_versions,
     validate_name,
+    versions,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "resnet18_mnist"
 PLATFORM = "onnxruntime_onnx"
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "metadata.json"
-CONFIG_FILE = "config.pbtxt"
-STAGING_PREFIX = ".staging-"
 # export --instance-kind → config.pbtxt instance_group kind.
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
@@ -160,21 +166,6 @@ def parse_config(text: str) -> Any:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def model_dir(storage: Path, name: str) -> Path:
-    return models_dir(storage) / name
-
-
-def versions(model_path: Path) -> list[int]:
-    """The version numbers Triton would load from a model folder, ascending."""
-    if not model_path.is_dir():
-        return []
-    return sorted(
-        int(p.name)
-        for p in model_path.iterdir()
-        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
-    )
-
-
 @dataclass(frozen=True)
 class Champion:
     version: int
@@ -188,32 +179,28 @@ def champion(model_path: Path) -> Champion | None:
     if not found:
         return None
     newest = found[-1]
-    meta_path = model_path / str(newest) / METADATA_FILE
-    try:
-        meta = read_json(meta_path)
-        accuracy = float(meta["accuracy"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        # Never guess: overwriting the served model because its record is unreadable
-        # could replace a better model with a worse one.
+    version_path = model_path / str(newest)
+    # Never guess: overwriting the served model because its record is unreadable could
+    # replace a better model with a worse one.
+    meta = read_metadata(version_path)
+    if meta is None:
+        raise PipelineFailure(f"the served version {version_path} has no {METADATA_FILE}")
+    accuracy = meta.get("accuracy")
+    if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
         raise PipelineFailure(
-            f"cannot read the served model's accuracy from {meta_path}: {e}"
-        ) from e
-    return Champion(newest, accuracy, meta)
-
-
-def work_dir(storage: Path, name: str) -> Path:
-    """Where a model's lock and first-publication staging live: beside the repository,
-    not in it, since Triton treats every folder in the repository as a model."""
-    return storage / ".export" / name
+            f"the served version's {version_path / METADATA_FILE} records no accuracy "
+            f"(found {accuracy!r})"
+        )
+    return Champion(newest, float(accuracy), meta)
 
 
 @contextlib.contextmanager
 def locked(storage: Path, name: str) -> Iterator[None]:
     """Hold the model's exclusive export lock (released by the kernel if the process dies)."""
-    work = work_dir(storage, name)
+    work = export_work_dir(storage, name)
     work.mkdir(parents=True, exist_ok=True)
     # Opened for writing: on NFS volumes flock is emulated with POSIX locks, which need it.
-    with open(work / "lock", "a") as lock_file:
+    with open(work / EXPORT_LOCK_FILE, "a") as lock_file:
         log.debug("waiting for the export lock of %s", name)
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
@@ -226,7 +213,7 @@ def clean_stale(storage: Path, name: str) -> None:
     """Remove staging folders a crashed export left; call only while holding the lock."""
     model_path = model_dir(storage, name)
     stale = [p for p in model_path.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    stale += [p for p in work_dir(storage, name).glob(f"{STAGING_PREFIX}*") if p.is_dir()]
+    stale += [p for p in export_work_dir(storage, name).glob(f"{STAGING_PREFIX}*") if p.is_dir()]
     for path in stale:
         log.warning("removing %s, left by an interrupted export", path)
         shutil.rmtree(path)
@@ -274,7 +261,7 @@ def publish(
             raise
         fsync_dir(model_path)
     else:
-        staging = _staging(work_dir(storage, cfg.name), STAGING_PREFIX)
+        staging = _staging(export_work_dir(storage, cfg.name), STAGING_PREFIX)
         try:
             (staging / str(version)).mkdir(mode=0o755)
             _fill_version(staging / str(version), files, metadata)
@@ -288,26 +275,6 @@ def publish(
     return version
 
 
-def resolve_served_version(storage: Path, name: str, wanted: str, run_id: str | None) -> int:
-    """The version a Triton pod serves: "run" the one RUN_ID's export chose (the newest
-    without a run, as in serve-only mode), "" the newest, N itself."""
-    model_path = model_dir(storage, name)
-    if wanted == "run" and run_id:
-        outcome_path = storage / "checkpoints" / run_id / "export.json"
-        try:
-            wanted = str(read_json(outcome_path)["version"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PipelineFailure(f"cannot read the version run {run_id} exported: {e}") from e
-    if wanted in ("", "run"):
-        found = versions(model_path)
-        if not found:
-            raise PipelineFailure(f"{model_path} holds no version to serve")
-        return found[-1]
-    if not wanted.isdigit() or wanted.startswith("0"):
-        raise UsageError(f"served version {wanted!r}: use run, empty (newest) or a number")
-    return int(wanted)
-
-
 def write_served_repository(
     storage: Path,
     out: Path,
@@ -319,17 +286,16 @@ def write_served_repository(
     volume's config.pbtxt with this pod's instance groups and ONNX Runtime threads (cfg)
     and a version_policy naming one version, plus a link to that version on the volume.
 
-    Settings of the pod, not of the run, so they reach Triton without a new export.
-    Re-runnable on the same `out` (init containers re-run when a pod sandbox is
+    `wanted` is a --model-version: "run" (the version `run_id`'s export chose), N, or ""
+    (the newest). Settings of the pod, not of the run, so they reach Triton without a new
+    export. Re-runnable on the same `out` (init containers re-run when a pod sandbox is
     re-created): every file is replaced, links to other versions removed.
     """
     from google.protobuf import text_format
 
     cfg.validate()
     model_path = model_dir(storage, cfg.name)
-    version = resolve_served_version(storage, cfg.name, wanted, run_id)
-    if not (model_path / str(version) / MODEL_FILE).is_file():
-        raise PipelineFailure(f"version {version} of {cfg.name} is not in {model_path}")
+    version = served_version(model_path, resolve_served_version(storage, cfg.name, wanted, run_id))
     config = parse_config((model_path / CONFIG_FILE).read_text())
     del config.instance_group[:]
     config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
@@ -340,14 +306,7 @@ def write_served_repository(
     served = out / cfg.name
     served.mkdir(parents=True, exist_ok=True)
     atomic_write_text(served / CONFIG_FILE, text_format.MessageToString(config))
-    link = served / str(version)
-    for stale in served.iterdir():
-        if stale.name.isdigit() and stale != link:
-            stale.unlink()
-    temp = served / f".link-{version}"
-    temp.unlink(missing_ok=True)
-    temp.symlink_to(model_path / str(version))
-    os.replace(temp, link)
+    link_only_version(served, model_path / str(version))
     log.info(
         "serving %s version %d alone: %d %s instance(s), %d thread(s) each",
         cfg.name,
@@ -357,3 +316,30 @@ def write_served_repository(
         cfg.intra_op_threads,
     )
     return version
+
+
+def served_version(model_path: Path, resolved: str) -> int:
+    """The servable version `resolved` names ("" the newest) in `model_path`."""
+    found = servable_versions(model_path)
+    if not resolved:
+        if not found:
+            raise PipelineFailure(f"{model_path} holds no version to serve")
+        return found[-1]
+    if int(resolved) not in found:
+        raise PipelineFailure(
+            f"version {resolved} of {model_path.name} is not in {model_path} "
+            f"(servable versions: {found or 'none'})"
+        )
+    return int(resolved)
+
+
+def link_only_version(served: Path, version_path: Path) -> None:
+    """Make `served/<version>` a link to `version_path`, and the only version there."""
+    link = served / version_path.name
+    for stale in served.iterdir():
+        if is_version_name(stale.name) and stale != link:
+            stale.unlink()
+    temp = served / f".link-{version_path.name}"
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(version_path)
+    os.replace(temp, link)

@@ -4,7 +4,8 @@ A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leave
 89 MB resume.pth and model.pth, every publication a version. What is never deleted,
 whatever the limits: the newest version (Triton serves it), any version asked to be
 kept (a pinned servedVersion), the run that checkpoints/best_model.pth points at, the
-current run, the versions those two published, and runs still marked "running" or
+current run, the versions those two published, the version the current run's export
+chose (published or kept), and runs still marked "running" or
 "interrupted" (they may resume), unless nothing in them changed for `abandoned_after`
 seconds: a run whose pods were deleted (`helm uninstall` mid-training) stays "running"
 forever otherwise.
@@ -16,7 +17,6 @@ client image runs it.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -24,11 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline.storage import (
+    DELETING_PREFIX,
+    ExportStatus,
+    RunStatus,
     UsageError,
     best_model_link,
     checkpoints_dir,
     inference_dir,
-    models_dir,
+    model_dir,
+    read_export_record,
+    read_metadata,
+    read_metrics,
+    resolve_served_version,
+    run_dir,
+    version_dirs,
 )
 
 log = logging.getLogger(__name__)
@@ -55,11 +64,12 @@ class Limits:
         )
 
 
-def _status(run: Path) -> str:
-    try:
-        return str(json.loads((run / "metrics.json").read_text()).get("status", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+def _may_resume(run: Path) -> bool:
+    metrics = read_metrics(run)
+    return metrics is not None and metrics.get("status") in (
+        RunStatus.RUNNING,
+        RunStatus.INTERRUPTED,
+    )
 
 
 def _abandoned(run: Path, after: float) -> bool:
@@ -82,14 +92,26 @@ def _best_run(storage: Path) -> str | None:
 
 
 def _published_by(version: Path) -> str | None:
-    try:
-        return str(json.loads((version / "metadata.json").read_text())["run_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    run_id = (read_metadata(version) or {}).get("run_id")
+    return run_id if isinstance(run_id, str) else None
+
+
+def _chosen_by(storage: Path, model_name: str, run_id: str | None) -> set[int]:
+    """The version of `model_name` run `run_id`'s export chose (published, or kept as
+    better), if it chose one: the version that run's pods serve."""
+    if run_id is None or not run_dir(storage, run_id).is_dir():
+        return set()
+    record = read_export_record(run_dir(storage, run_id)) or {}
+    if record.get("model_name") != model_name or record.get("status") in (
+        None,
+        ExportStatus.FAILED,
+    ):
+        return set()
+    return {int(resolve_served_version(storage, model_name, "run", run_id))}
 
 
 def _remove(path: Path) -> None:
-    hidden = path.with_name(f".deleting-{path.name}")
+    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}")
     path.rename(hidden)
     shutil.rmtree(hidden)
     log.info("removed %s", path)
@@ -105,45 +127,69 @@ def prune(
 ) -> list[Path]:
     """Delete what is beyond the limits; return what was deleted."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
-        raise UsageError(f"storage {storage} does not exist: check --storage (STORAGE_ROOT)")
-    deleted: list[Path] = []
+        raise UsageError(
+            f"storage {storage} does not exist: check --storage (MNIST_PIPELINE_STORAGE)"
+        )
     best = _best_run(storage)
+    protected_runs = {best, run_id} - {None}
+    kept = {*keep_versions, *_chosen_by(storage, model_name, run_id)}
+    deleted = _prune_versions(model_dir(storage, model_name), limits.versions, kept, protected_runs)
+    deleted += _prune_runs(storage, limits.runs, protected_runs, abandoned_after)
+    deleted += _prune_inference(storage, limits.inference)
+    log.info("retention: removed %d folder(s), keeping %s", len(deleted), limits)
+    return deleted
 
-    model = models_dir(storage) / model_name
-    protected = {best, run_id} - {None}
-    versions = sorted(
-        (int(d.name), d) for d in (model.iterdir() if model.is_dir() else []) if d.name.isdigit()
-    )
-    if limits.versions and versions:
-        newest = versions[-1][0]
-        for number, folder in versions[: -limits.versions]:
-            if number == newest or number in keep_versions or _published_by(folder) in protected:
-                continue
-            _remove(folder)
-            deleted.append(folder)
 
+def _prune_versions(
+    model: Path, limit: int, kept: set[int], protected_runs: set[str | None]
+) -> list[Path]:
+    """Beyond the newest `limit` versions, those neither kept nor published by a
+    protected run; the newest (Triton serves it) always stays."""
+    folders = version_dirs(model)
+    if not limit or not folders:
+        return []
+    deleted = []
+    for folder in folders[:-limit]:
+        if folder == folders[-1] or int(folder.name) in kept:
+            continue
+        if _published_by(folder) in protected_runs:
+            continue
+        _remove(folder)
+        deleted.append(folder)
+    return deleted
+
+
+def _prune_runs(
+    storage: Path, limit: int, protected: set[str | None], abandoned_after: float
+) -> list[Path]:
+    """Beyond the newest `limit` runs (by last change), those not protected and not
+    able to resume (unless abandoned)."""
     checkpoints = checkpoints_dir(storage)
     runs = sorted(
         (d for d in (checkpoints.iterdir() if checkpoints.is_dir() else []) if d.is_dir()),
         key=lambda d: d.stat().st_mtime,
     )
     runs = [d for d in runs if not d.name.startswith(".")]
-    if limits.runs:
-        for run in runs[: -limits.runs]:
-            if run.name in (run_id, best):
-                continue
-            if _status(run) in ("running", "interrupted") and not _abandoned(run, abandoned_after):
-                continue
-            _remove(run)
-            deleted.append(run)
+    if not limit:
+        return []
+    deleted = []
+    for run in runs[:-limit]:
+        if run.name in protected:
+            continue
+        if _may_resume(run) and not _abandoned(run, abandoned_after):
+            continue
+        _remove(run)
+        deleted.append(run)
+    return deleted
 
+
+def _prune_inference(storage: Path, limit: int) -> list[Path]:
     results = inference_dir(storage)
     folders = sorted(
         d for d in (results.iterdir() if results.is_dir() else []) if not d.name.startswith(".")
     )
-    if limits.inference:
-        for folder in folders[: -limits.inference]:
-            _remove(folder)
-            deleted.append(folder)
-    log.info("retention: removed %d folder(s), keeping %s", len(deleted), limits)
-    return deleted
+    if not limit:
+        return []
+    for folder in folders[:-limit]:
+        _remove(folder)
+    return folders[:-limit]

@@ -3,14 +3,17 @@
 One folder (a local directory, or the PVC mounted at /storage) holds everything:
 
     data/MNIST/raw/*-ubyte                          MNIST, placed by `data`
-    checkpoints/<run_id>/{model.pth,train.log,metrics.json}
+    checkpoints/<run_id>/{model.pth,resume.pth,train.log,metrics.json,export.json}
     checkpoints/best_model.pth                      relative symlink to the best model.pth
     models/<name>/config.pbtxt                      Triton model repository
     models/<name>/<version>/{model.onnx,metadata.json}
+    .export/<name>/{lock,.staging-*}                export's lock and first-publication staging
     inference/<timestamp>/...                       client results
 
-Whatever one stage writes and another reads appears whole or not at all: it is
-written to a temporary file in the same directory and renamed into place.
+Every name another stage reads is defined here once, with the one reader of each record
+and the one rule for version folders. Whatever one stage writes and another reads
+appears whole or not at all: it is written to a temporary file in the same directory
+and renamed into place.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,16 +41,52 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 NAME_RULE = "1-64 characters: letters, digits, '_', '-' and '.', not starting with '.' or '-'"
 
 
+METRICS_FILE = "metrics.json"
+EXPORT_FILE = "export.json"
+CHECKPOINT_FILE = "model.pth"
+RESUME_FILE = "resume.pth"
+TRAIN_LOG_FILE = "train.log"
+BEST_MODEL_FILE = "best_model.pth"
+CONFIG_FILE = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+EXPORT_WORK_DIR = ".export"
+EXPORT_LOCK_FILE = "lock"
+# Dot-names: Triton and every stage ignore them, so a half-built or half-deleted folder
+# is never read.
+STAGING_PREFIX = ".staging-"
+DELETING_PREFIX = ".deleting-"
+
+DEFAULT_MODEL_NAME = "resnet18_mnist"
+
+# Triton reads a version folder name as a signed 64-bit number.
+VERSION_LIMIT = 2**63
+VERSION_PATTERN = r"[1-9][0-9]{0,18}"
+
+
+class RunStatus(StrEnum):
+    """metrics.json "status" of a training run."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class ExportStatus(StrEnum):
+    """export.json "status" of a training run's export."""
+
+    PUBLISHED = "published"
+    SKIPPED = "skipped"  # not better, or identical: the published version stays
+    FAILED = "failed"
+
+
 class UsageError(Exception):
     """Bad input: a wrong file, a bad option, a foreign checkpoint. Exit code 2."""
-
-    exit_code = 2
 
 
 class PipelineFailure(Exception):
     """The stage could not finish for a reason other than its input. Exit code 1."""
-
-    exit_code = 1
 
 
 def validate_name(name: str, what: str = "run id") -> str:
@@ -80,11 +120,21 @@ def run_dir(storage: Path, run_id: str) -> Path:
 
 
 def best_model_link(storage: Path) -> Path:
-    return checkpoints_dir(storage) / "best_model.pth"
+    return checkpoints_dir(storage) / BEST_MODEL_FILE
 
 
 def models_dir(storage: Path) -> Path:
     return storage / "models"
+
+
+def model_dir(storage: Path, name: str) -> Path:
+    return models_dir(storage) / name
+
+
+def export_work_dir(storage: Path, name: str) -> Path:
+    """Where a model's export lock and first-publication staging live: beside the
+    repository, not in it, since Triton treats every folder in the repository as a model."""
+    return storage / EXPORT_WORK_DIR / name
 
 
 def inference_dir(storage: Path) -> Path:
@@ -166,3 +216,129 @@ def log_error_to(handler: logging.Handler, logger: logging.Logger, msg: str, *ar
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+# Records --------------------------------------------------------------------------------
+
+
+def read_record(path: Path, what: str) -> dict[str, Any] | None:
+    """The JSON object at `path`; None when there is no such file.
+
+    Writers rename whole files into place, so an empty, torn or non-object file is damage
+    (or a foreign writer), never a write in progress: UsageError naming the file."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not content.strip():
+        raise UsageError(f"{what} {path} is empty")
+    try:
+        record = json.loads(content)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UsageError(f"{what} {path} is damaged: {one_line(e)}") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{what} {path} is damaged: a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def read_metrics(run: Path) -> dict[str, Any] | None:
+    """A training run's metrics.json (its status, history, accuracy)."""
+    return read_record(run / METRICS_FILE, "training record")
+
+
+def read_export_record(run: Path) -> dict[str, Any] | None:
+    """A training run's export.json: what export decided about it."""
+    return read_record(run / EXPORT_FILE, "export record")
+
+
+def read_metadata(version: Path) -> dict[str, Any] | None:
+    """A published version's metadata.json."""
+    return read_record(version / METADATA_FILE, "version metadata")
+
+
+# Versions -------------------------------------------------------------------------------
+
+
+def is_version_name(name: str) -> bool:
+    """A folder name that is a model version: a positive number without a leading zero
+    (one folder per number: "01" would be another folder for version 1), below 2**63."""
+    return re.fullmatch(VERSION_PATTERN, name, re.ASCII) is not None and int(name) < VERSION_LIMIT
+
+
+def version_dirs(model: Path) -> list[Path]:
+    """The version folders of a model folder, in ascending version order."""
+    if not model.is_dir():
+        return []
+    found = [p for p in model.iterdir() if is_version_name(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def versions(model: Path) -> list[int]:
+    """The version numbers of a model folder, ascending."""
+    return [int(p.name) for p in version_dirs(model)]
+
+
+def servable_versions(model: Path) -> list[int]:
+    """The versions Triton can load and the pipeline can describe: the model has its
+    config.pbtxt, the version its model.onnx and metadata.json."""
+    if not (model / CONFIG_FILE).is_file():
+        return []
+    return [
+        int(p.name)
+        for p in version_dirs(model)
+        if (p / MODEL_FILE).is_file() and (p / METADATA_FILE).is_file()
+    ]
+
+
+def check_model_version(value: str) -> str:
+    """`value` if it names a served version: "run", a version number, or "" (the newest)."""
+    if value in ("", "run") or is_version_name(value):
+        return value
+    raise UsageError(
+        f"model version {value!r}: expected run, a version number such as 1 (Triton numbers "
+        "versions 1, 2, ...), or nothing for the newest"
+    )
+
+
+def exported_version(storage: Path, model_name: str, run_id: str) -> int:
+    """The version of `model_name` that run `run_id`'s export chose: the one it published,
+    or the better one it kept (skipped)."""
+    run = run_dir(storage, run_id)
+    if not run.is_dir():
+        raise UsageError(f"training run {run_id} does not exist in {checkpoints_dir(storage)}")
+    record = read_export_record(run)
+    if record is None:
+        raise UsageError(
+            f"training run {run_id} has not been exported ({run / EXPORT_FILE} does not "
+            f"exist): run `mnist-pipeline export --run-id {run_id}` first"
+        )
+    status, version = record.get("status"), record.get("version")
+    chose = status in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED)
+    if not chose or not isinstance(version, int) or not is_version_name(str(version)):
+        reason = f": {record['reason']}" if record.get("reason") else ""
+        raise PipelineFailure(
+            f"the export of training run {run_id} chose no version (status {status!r}{reason})"
+        )
+    if record.get("model_name") != model_name:
+        raise UsageError(
+            f"training run {run_id} was exported as model {record.get('model_name')!r}, "
+            f"not {model_name!r}"
+        )
+    return version
+
+
+def resolve_served_version(storage: Path, model_name: str, wanted: str, run_id: str | None) -> str:
+    """The version to serve or query, as a version number, or "" for the newest.
+
+    `wanted` is "run" (the version run `run_id`'s export chose; the newest without a
+    run, as in serve-only mode), a version number, or "" (the newest)."""
+    check_model_version(wanted)
+    if wanted != "run":
+        return wanted
+    if run_id is None:
+        return ""
+    return str(exported_version(storage, model_name, run_id))

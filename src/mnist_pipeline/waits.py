@@ -6,15 +6,15 @@ every release revision, so nothing left on the volume by an earlier release can 
     training  checkpoints/<run_id>/metrics.json has status "complete"
     export    checkpoints/<run_id>/export.json is "published" or "skipped", and
               models/<name>/ holds a servable version for Triton to load
-    serving   Triton answers ready over HTTP, serving the version export chose (or the
-              pinned one)
+    serving   Triton answers ready over HTTP, serving the --model-version asked for
+              (run: the version export chose; N: a pinned one; nothing: any)
 
 A stage that fails writes "failed" into its artifact and the wait fails at once. A stage
 whose pods die without writing anything (OOM-killed until its Job's backoffLimit, an
 activeDeadlineSeconds) is seen through the Kubernetes API when the pod has a service
 account token: the Job's Failed condition fails the wait too. A Job that no longer exists
 (deleted by ttlSecondsAfterFinished, long before a Triton pod restarts) is no answer, so
-the wait falls back to the artifacts. Every wait gives up after --timeout seconds.
+the wait falls back to the artifacts. Every wait gives up after --wait-timeout seconds.
 
 Standard library only: the lean client image (no torch) runs these too.
 """
@@ -31,40 +31,25 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mnist_pipeline.storage import PipelineFailure, models_dir, run_dir
+from mnist_pipeline.storage import (
+    EXPORT_FILE,
+    METRICS_FILE,
+    ExportStatus,
+    PipelineFailure,
+    RunStatus,
+    check_model_version,
+    model_dir,
+    read_export_record,
+    read_metrics,
+    resolve_served_version,
+    run_dir,
+    servable_versions,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-EXPORT_DONE = ("published", "skipped")
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The JSON artifact at `path`, or None while it does not exist (or is being replaced)."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        # Writers rename whole files into place; a torn read means a foreign writer. Retry.
-        log.warning("%s is not valid JSON yet; will look again", path)
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def servable_versions(storage: Path, model_name: str) -> list[int]:
-    """Versions under models/<name>/ that Triton can load: a config and a model file."""
-    model_dir = models_dir(storage) / model_name
-    if not (model_dir / "config.pbtxt").is_file():
-        return []
-    return sorted(
-        int(d.name)
-        for d in model_dir.iterdir()
-        if d.name.isdigit() and not d.name.startswith("0") and (d / "model.onnx").is_file()
-    )
 
 
 @dataclass(frozen=True)
@@ -201,16 +186,16 @@ class Wait:
 
 
 def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
-    path = run_dir(storage, run_id) / "metrics.json"
+    run = run_dir(storage, run_id)
 
     def check() -> str | None:
-        metrics = read_status(path)
+        metrics = read_metrics(run)
         if metrics is None:
-            return f"waiting for {path} to appear"
+            return f"waiting for {run / METRICS_FILE} to appear"
         status = metrics.get("status")
-        if status == "complete":
+        if status == RunStatus.COMPLETE:
             return None
-        if status == "failed":
+        if status == RunStatus.FAILED:
             raise PipelineFailure(f"training run {run_id} failed: {metrics.get('error', '?')}")
         epochs = len(metrics.get("history") or [])
         return f"training run {run_id} is {status} ({epochs} epoch(s) done)"
@@ -219,29 +204,32 @@ def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
 
 
 def export_check(storage: Path, run_id: str, model_name: str) -> Callable[[], str | None]:
-    path = run_dir(storage, run_id) / "export.json"
+    run = run_dir(storage, run_id)
     trained = training_check(storage, run_id)
 
     def check() -> str | None:
-        outcome = read_status(path)
+        outcome = read_export_record(run)
         if outcome is None:
             # A failed training run means no export will come: say so now, not at the timeout.
             waiting_for = trained()
-            return f"waiting for {path} to appear" if waiting_for is None else waiting_for
+            return (
+                f"waiting for {run / EXPORT_FILE} to appear" if waiting_for is None else waiting_for
+            )
         status = outcome.get("status")
-        if status == "failed":
+        if status == ExportStatus.FAILED:
             raise PipelineFailure(f"export of run {run_id} failed: {outcome.get('reason', '?')}")
-        if status not in EXPORT_DONE:
+        if status not in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED):
             return f"export of run {run_id} is {status}"
-        versions = servable_versions(storage, model_name)
+        model = model_dir(storage, model_name)
+        versions = servable_versions(model)
         version = outcome.get("version")
         # Published: the new version; skipped: the better one already there. Either is on
         # storage by now, so a missing one will not come later.
         if version not in versions:
             raise PipelineFailure(
                 f"export of run {run_id} was {status} naming version {version} of "
-                f"{model_name}, but {models_dir(storage) / model_name} holds "
-                f"{versions or 'no servable version'}: Triton would not serve it"
+                f"{model_name}, but {model} holds {versions or 'no servable version'}: "
+                "Triton would not serve it"
             )
         log.debug("export %s; servable versions of %s: %s", status, model_name, versions)
         return None
@@ -258,23 +246,19 @@ def http_ready(url: str) -> bool:
 
 
 def serving_check(
-    storage: Path, run_id: str, model_name: str, url: str, version: str = "run"
+    storage: Path, run_id: str, model_name: str, url: str, version: str = ""
 ) -> Callable[[], str | None]:
-    """Triton ready and serving `version`: "run" the one export chose for this run (new or
-    kept), N that version (a pinned triton.servedVersion), "" any."""
+    """Triton ready and serving `version` (a --model-version): "run" the one export chose
+    for this run (new or kept), N that version (a pinned triton.servedVersion), "" any."""
+    check_model_version(version)  # a typo fails now, not at the timeout
     exported = export_check(storage, run_id, model_name)
-    base = url if "://" in url else f"http://{url}"
-    base = base.rstrip("/")
+    base = (url if "://" in url else f"http://{url}").rstrip("/")
 
     def check() -> str | None:
         if (waiting_for := exported()) is not None:
             return waiting_for
-        wanted = version
-        if wanted == "run":
-            outcome = read_status(run_dir(storage, run_id) / "export.json") or {}
-            wanted = str(outcome.get("version"))
         model_url = f"{base}/v2/models/{model_name}"
-        if wanted:
+        if wanted := resolve_served_version(storage, model_name, version, run_id):
             model_url += f"/versions/{wanted}"
         if not http_ready(f"{base}/v2/health/ready"):
             return f"waiting for Triton at {base} to be ready"

@@ -15,7 +15,12 @@ from typing import Any, ClassVar
 import pytest
 
 from mnist_pipeline import waits
-from mnist_pipeline.storage import PipelineFailure, atomic_write_json
+from mnist_pipeline.storage import (
+    DEFAULT_MODEL_NAME,
+    PipelineFailure,
+    UsageError,
+    atomic_write_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "20261124-101010-abcd-r1"
@@ -41,27 +46,33 @@ def write_metrics(storage: Path, run_id: str, status: str, **extra: Any) -> None
 def write_export(storage: Path, run_id: str, status: str, version: int | None) -> None:
     atomic_write_json(
         storage / "checkpoints" / run_id / "export.json",
-        {"status": status, "version": version, "reason": f"test says {status}"},
+        {
+            "status": status,
+            "model_name": DEFAULT_MODEL_NAME,
+            "version": version,
+            "reason": f"test says {status}",
+        },
     )
 
 
-def publish_version(storage: Path, version: int, name: str = "resnet18_mnist") -> None:
+def publish_version(storage: Path, version: int, name: str = DEFAULT_MODEL_NAME) -> None:
     model = storage / "models" / name
     (model / str(version)).mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(f'name: "{name}"\n')
     (model / str(version) / "model.onnx").write_bytes(b"onnx")
+    (model / str(version) / "metadata.json").write_text(json.dumps({"version": version}))
 
 
 def test_training_complete_passes(tmp_path: Path) -> None:
     write_metrics(tmp_path, RUN, "complete")
-    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=10")
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=10")
     assert r.returncode == 0, r.stderr
 
 
 def test_training_failed_fails_at_once(tmp_path: Path) -> None:
     write_metrics(tmp_path, RUN, "failed", error="RuntimeError: boom")
     start = time.monotonic()
-    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=60")
     assert r.returncode == 1
     assert time.monotonic() - start < 20
     assert "boom" in r.stderr
@@ -74,7 +85,11 @@ def test_an_earlier_runs_artifacts_never_satisfy_the_wait(tmp_path: Path) -> Non
     write_export(tmp_path, earlier, "published", 1)
     publish_version(tmp_path, 1)
     r = wait_cli(
-        "export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=1.5", "--interval=0.2"
+        "export",
+        f"--storage={tmp_path}",
+        f"--run-id={RUN}",
+        "--wait-timeout=1.5",
+        "--wait-interval=0.2",
     )
     assert r.returncode == 1
     assert "gave up after" in r.stderr and RUN in r.stderr
@@ -85,7 +100,11 @@ def test_training_wait_sees_the_artifact_appear(tmp_path: Path) -> None:
     timer.start()
     try:
         r = wait_cli(
-            "training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=20", "--interval=0.2"
+            "training",
+            f"--storage={tmp_path}",
+            f"--run-id={RUN}",
+            "--wait-timeout=20",
+            "--wait-interval=0.2",
         )
     finally:
         timer.cancel()
@@ -98,20 +117,20 @@ def test_export_done_with_a_servable_version_passes(tmp_path: Path, status: str)
     write_export(tmp_path, RUN, status, 2)
     publish_version(tmp_path, 1)
     publish_version(tmp_path, 2)
-    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=10")
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=10")
     assert r.returncode == 0, r.stderr
 
 
 def test_export_failed_fails(tmp_path: Path) -> None:
     write_metrics(tmp_path, RUN, "complete")
     write_export(tmp_path, RUN, "failed", None)
-    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=60")
     assert r.returncode == 1 and "test says failed" in r.stderr
 
 
 def test_export_wait_fails_at_once_when_training_failed(tmp_path: Path) -> None:
     write_metrics(tmp_path, RUN, "failed", error="diverged")
-    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=60")
     assert r.returncode == 1 and "diverged" in r.stderr
 
 
@@ -119,7 +138,7 @@ def test_export_naming_a_version_that_is_not_there_fails(tmp_path: Path) -> None
     write_metrics(tmp_path, RUN, "complete")
     write_export(tmp_path, RUN, "published", 3)
     publish_version(tmp_path, 1)
-    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=60")
+    r = wait_cli("export", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=60")
     assert r.returncode == 1 and "would not serve it" in r.stderr
 
 
@@ -131,15 +150,76 @@ def test_serving_wait_times_out_without_triton(tmp_path: Path) -> None:
         "serving",
         f"--storage={tmp_path}",
         f"--run-id={RUN}",
-        "--url=127.0.0.1:9",
-        "--timeout=1",
-        "--interval=0.2",
+        "--http-url=127.0.0.1:9",
+        "--wait-timeout=1",
+        "--wait-interval=0.2",
     )
     assert r.returncode == 1 and "waiting for Triton" in r.stderr
 
 
+def test_a_damaged_artifact_fails_at_once_naming_the_file(tmp_path: Path) -> None:
+    metrics = tmp_path / "checkpoints" / RUN / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"status": "comp')
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=60")
+    assert r.returncode == 2, r.stderr
+    assert f"training record {metrics} is damaged" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_version_without_metadata_is_not_servable(tmp_path: Path) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "published", 1)
+    publish_version(tmp_path, 1)
+    (tmp_path / "models" / DEFAULT_MODEL_NAME / "1" / "metadata.json").unlink()
+    with pytest.raises(PipelineFailure, match="no servable version"):
+        waits.export_check(tmp_path, RUN, DEFAULT_MODEL_NAME)()
+
+
+class TritonModels(BaseHTTPRequestHandler):
+    """Answers Triton's readiness endpoints for the paths in `ready`."""
+
+    ready: ClassVar[set[str]] = set()
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path in self.ready else 400)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def triton_http() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TritonModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    TritonModels.ready = {"/v2/health/ready"}
+    yield f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_serving_waits_for_the_version_the_run_exported(tmp_path: Path, triton_http: str) -> None:
+    write_metrics(tmp_path, RUN, "complete")
+    write_export(tmp_path, RUN, "skipped", 1)  # kept the better version 1
+    publish_version(tmp_path, 1)
+    publish_version(tmp_path, 2)
+    check = waits.serving_check(tmp_path, RUN, DEFAULT_MODEL_NAME, triton_http, "run")
+    newest = waits.serving_check(tmp_path, RUN, DEFAULT_MODEL_NAME, triton_http)
+    TritonModels.ready.add(f"/v2/models/{DEFAULT_MODEL_NAME}/versions/2/ready")
+    assert "versions/1" in (check() or "")
+    TritonModels.ready.add(f"/v2/models/{DEFAULT_MODEL_NAME}/ready")
+    assert newest() is None  # the default: any version Triton serves
+    TritonModels.ready.add(f"/v2/models/{DEFAULT_MODEL_NAME}/versions/1/ready")
+    assert check() is None
+
+
+def test_serving_refuses_a_malformed_version_at_once(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="model version '01': expected run, a version number"):
+        waits.serving_check(tmp_path, RUN, DEFAULT_MODEL_NAME, "127.0.0.1:9", "01")
+
+
 def test_bad_timeout_is_a_usage_error(tmp_path: Path) -> None:
-    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--timeout=-1")
+    r = wait_cli("training", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=-1")
     assert r.returncode == 2
 
 
@@ -201,7 +281,7 @@ def test_a_deleted_job_leaves_the_artifacts_to_decide(tmp_path: Path, api: waits
     write_export(tmp_path, RUN, "published", 1)
     publish_version(tmp_path, 1)
     w = waits.Wait("export", timeout=5, interval=0.1, api=api, job="demo-export-r1")
-    w.run(waits.export_check(tmp_path, RUN, "resnet18_mnist"))
+    w.run(waits.export_check(tmp_path, RUN, DEFAULT_MODEL_NAME))
     assert waits.KubeApi.job_state(api, "demo-export-r1") == waits.JobState("absent")
 
 

@@ -1,0 +1,212 @@
+"""The on-disk contract between the stages: its readers, its version folders, and which
+version a run serves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist_pipeline.storage import (
+    DEFAULT_MODEL_NAME,
+    EXPORT_FILE,
+    METADATA_FILE,
+    METRICS_FILE,
+    ExportStatus,
+    PipelineFailure,
+    RunStatus,
+    UsageError,
+    check_model_version,
+    is_version_name,
+    read_export_record,
+    read_metadata,
+    read_metrics,
+    read_record,
+    resolve_served_version,
+    run_dir,
+    servable_versions,
+    version_dirs,
+    versions,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "run-a"
+
+
+def write_export(storage: Path, run_id: str, **record: object) -> Path:
+    folder = run_dir(storage, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"status": "published", "model_name": DEFAULT_MODEL_NAME, "version": 2, **record}
+    (folder / EXPORT_FILE).write_text(json.dumps(record))
+    return folder
+
+
+# Readers --------------------------------------------------------------------------------
+
+
+def test_a_missing_record_is_none(tmp_path: Path) -> None:
+    assert read_metrics(tmp_path) is None
+    assert read_export_record(tmp_path) is None
+    assert read_metadata(tmp_path / "no-such-version") is None
+
+
+def test_a_record_reads_as_its_object(tmp_path: Path) -> None:
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"status": "complete"}))
+    assert read_metrics(tmp_path) == {"status": RunStatus.COMPLETE}
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "is empty"),
+        (b" \n", "is empty"),
+        (b'{"status": "runn', "is damaged: Unterminated string"),
+        (b"[1, 2]", "is damaged: a JSON list, not an object"),
+        (b'"complete"', "is damaged: a JSON str, not an object"),
+        (b"\xff\xfe{}", "is damaged"),
+    ],
+)
+def test_a_damaged_record_is_a_one_line_usage_error_naming_it(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    path = tmp_path / METADATA_FILE
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as raised:
+        read_metadata(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"version metadata {path} {says}")
+    assert "\n" not in message
+
+
+def test_read_record_names_what_it_reads(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("nope")
+    with pytest.raises(UsageError, match=f"^inference report {path} is damaged"):
+        read_record(path, "inference report")
+
+
+def test_a_damaged_record_reaches_the_user_as_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    """export --run-id on a run whose metrics.json was cut short."""
+    metrics = tmp_path / "checkpoints" / RUN / METRICS_FILE
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("")
+    args = ["export", f"--storage={tmp_path}", f"--run-id={RUN}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"training record {metrics} is empty" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_words_are_the_strings_on_disk() -> None:
+    assert json.dumps([RunStatus.INTERRUPTED, ExportStatus.SKIPPED]) == '["interrupted", "skipped"]'
+    assert {s.value for s in RunStatus} == {"running", "complete", "failed", "interrupted"}
+    assert {s.value for s in ExportStatus} == {"published", "skipped", "failed"}
+
+
+# Version folders ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["1", "2", "10", "9223372036854775807"])
+def test_version_names(name: str) -> None:
+    assert is_version_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["0", "01", "007", "-1", "+1", "1.0", " 1", "1\n", "", "v1", "١", "9223372036854775808"]
+)
+def test_not_version_names(name: str) -> None:
+    assert not is_version_name(name)
+
+
+def make_model(root: Path, folders: dict[str, tuple[str, ...]], config: bool = True) -> Path:
+    model = root / "models" / DEFAULT_MODEL_NAME
+    model.mkdir(parents=True)
+    if config:
+        (model / "config.pbtxt").write_text(f'name: "{DEFAULT_MODEL_NAME}"\n')
+    for name, files in folders.items():
+        (model / name).mkdir()
+        for file in files:
+            (model / name / file).write_text("{}")
+    return model
+
+
+def test_versions_are_sorted_by_number_and_only_version_folders(tmp_path: Path) -> None:
+    both = ("model.onnx", METADATA_FILE)
+    model = make_model(
+        tmp_path, {"10": both, "9": both, "01": both, ".staging-x": both, "2": ("model.onnx",)}
+    )
+    (model / "3").write_text("a file, not a folder")
+    assert [p.name for p in version_dirs(model)] == ["2", "9", "10"]
+    assert versions(model) == [2, 9, 10]
+    assert servable_versions(model) == [9, 10]  # 2 lacks its metadata
+    assert versions(tmp_path / "absent") == []
+
+
+def test_without_a_config_nothing_is_servable(tmp_path: Path) -> None:
+    model = make_model(tmp_path, {"1": ("model.onnx", METADATA_FILE)}, config=False)
+    assert versions(model) == [1]
+    assert servable_versions(model) == []
+
+
+# The served version ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "run", "1", "42"])
+def test_model_versions_accepted(value: str) -> None:
+    assert check_model_version(value) == value
+
+
+@pytest.mark.parametrize("value", ["01", "0", "newest", "-1", "1.5"])
+def test_model_versions_refused(value: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        check_model_version(value)
+    assert str(raised.value) == (
+        f"model version {value!r}: expected run, a version number such as 1 (Triton numbers "
+        "versions 1, 2, ...), or nothing for the newest"
+    )
+
+
+def test_a_number_or_nothing_resolves_to_itself(tmp_path: Path) -> None:
+    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "3", RUN) == "3"
+    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "", RUN) == ""
+    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", None) == ""
+
+
+@pytest.mark.parametrize("status", ["published", "skipped"])
+def test_run_resolves_to_the_version_its_export_chose(tmp_path: Path, status: str) -> None:
+    write_export(tmp_path, RUN, status=status, version=2)
+    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN) == "2"
+
+
+def test_run_without_an_export_record_is_a_usage_error(tmp_path: Path) -> None:
+    run_dir(tmp_path, RUN).mkdir(parents=True)
+    with pytest.raises(UsageError, match=f"training run {RUN} has not been exported"):
+        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
+    with pytest.raises(UsageError, match="training run other does not exist"):
+        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", "other")
+
+
+def test_run_whose_export_chose_nothing_fails(tmp_path: Path) -> None:
+    write_export(tmp_path, RUN, status="failed", version=None, reason="parity check failed")
+    with pytest.raises(PipelineFailure, match=r"chose no version .*parity check failed"):
+        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
+
+
+def test_run_exported_as_another_model_is_refused(tmp_path: Path) -> None:
+    write_export(tmp_path, RUN, model_name="other_model")
+    with pytest.raises(UsageError, match="exported as model 'other_model'"):
+        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
+
+
+def test_a_bad_wanted_version_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="model version '01'"):
+        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "01", RUN)
