@@ -29,7 +29,6 @@ from typing import Any
 from mnist_pipeline import settings
 from mnist_pipeline.storage import (
     CONFIG_FILE,
-    DEFAULT_MODEL_NAME,
     EXPORT_LOCK_FILE,
     METADATA_FILE,
     STAGING_PREFIX,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -19,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.storage import DEFAULT_STORAGE, MAX_EPOCHS, UsageError, validate_name
+from mnist_pipeline.storage import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_STORAGE,
+    MAX_EPOCHS,
+    UsageError,
+    check_model_version,
+    validate_name,
+)
 
 ENV_PREFIX = "MNIST_PIPELINE_"
 
@@ -136,19 +142,6 @@ def parse_batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def parse_model_version(version: str) -> str:
-    """run, empty, or a version Triton can have (a positive 64-bit integer): anything else
-    would only show up after a timeout, as a model that is "not ready"."""
-    if version in ("", "run"):
-        return version
-    if not (re.fullmatch(r"[0-9]+", version) and 1 <= int(version) < 2**63 and version[0] != "0"):
-        raise UsageError(
-            f"model version {version!r}: expected run, a version number such as 1 "
-            "(Triton numbers versions 1, 2, ...), or nothing for the newest"
-        )
-    return version
-
-
 def parse_grpc_url(url: str) -> str:
     """Check a gRPC endpoint is HOST:PORT and return it; raise UsageError saying what form
     is expected. gRPC takes no scheme, and without a port it silently dials 443."""
@@ -172,7 +165,6 @@ def parse_grpc_url(url: str) -> str:
     return url
 
 
-DEFAULT_MODEL_NAME = "resnet18_mnist"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -218,7 +210,7 @@ MODEL_VERSION = Setting(
     "",
     "Model version: run (the one --run-id's export published; the newest without a run "
     "id), N, or empty (the newest; for infer, the server's choice).",
-    parse=parse_model_version,
+    parse=check_model_version,
 )
 
 # data
