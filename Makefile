@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STORAGE ?= storage
-# Container images (make images REGISTRY=registry.example.com/ml TAG=0.1.0)
+# Container images (make images REGISTRY=registry.example.com/ml TAG=0.2.0)
 REGISTRY ?= mnist-pipeline
-TAG      ?= 0.1.0
+TAG      ?= 0.2.0
 DOCKER   ?= docker
 IMAGES   := pipeline client triton
 # Extra `docker build` options for every image, e.g. --build-arg PYTHON_IMAGE=... (each
@@ -50,7 +50,7 @@ triton-sources:
 	scripts/fetch_triton_sources.sh $(SOURCES_DIR)
 
 run: backend
-	TRITON_BACKEND_DIR=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
+	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
@@ -61,7 +61,7 @@ lint: $(BIN)/.installed
 # results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
 BENCH_ARGS ?= --out docs
 bench: backend $(PERF_VENV)/bin/perf_analyzer
-	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Needs libb64.so.0d at load (TEST_DEBS); libcudart comes from the wheel below.
@@ -87,7 +87,7 @@ test-deps:
 	@scripts/install_debs.sh --optional "the container checks will not run" $(CONTAINER_DEBS)
 
 test: test-deps lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
-	TRITON_BACKEND_DIR=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/pytest
 
 images: $(addprefix image-,$(IMAGES))

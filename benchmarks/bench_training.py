@@ -29,13 +29,13 @@ ORIGINAL = TrainConfig(
     label_smoothing=0.0,
     weight_decay=0.0,
 )
-# Release 0.1.0's default: one whole epoch, every convolution through oneDNN.
+# The 0.1.0 recipe: one whole epoch, every convolution through oneDNN.
 PREVIOUS_DEFAULT = TrainConfig(epochs=1)
 
 
 @contextlib.contextmanager
 def plain_convolutions() -> Iterator[None]:
-    """Training as release 0.1.0 ran it: no matrix products for the tiniest maps."""
+    """Training as the 0.1.0 recipe ran it: no matrix products for the tiniest maps."""
     model.Conv2d.tiny_maps_as_matmul = False
     try:
         yield

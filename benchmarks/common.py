@@ -46,8 +46,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-# One epoch of the full training set in whole batches of 128: what a matmul-epoch counts.
-EPOCH_IMAGES = 59904
+def epoch_images() -> int:
+    """One epoch of the full training set in whole batches of the default batch size: what
+    a matmul-epoch counts (the data module's image count, the training default's batch)."""
+    from mnist_pipeline.data import FILES
+    from mnist_pipeline.train import TrainConfig
+
+    batch = TrainConfig().batch_size
+    return FILES["train", "images"].count // batch * batch
+
+
+EPOCH_IMAGES = epoch_images()
 
 # The vector extensions that decide how fast convolutions and int8 matrix products run.
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")

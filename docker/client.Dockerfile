@@ -1,7 +1,7 @@
 # The client image: `mnist-pipeline infer` (gRPC to Triton) and `mnist-pipeline wait`.
 # No torch: the `client` extra holds numpy, tritonclient and matplotlib only.
 # Build from the repository root:
-#   docker build -f docker/client.Dockerfile -t mnist-pipeline/client:0.1.0 .
+#   docker build -f docker/client.Dockerfile -t mnist-pipeline/client:0.2.0 .
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -21,7 +21,7 @@ LABEL org.opencontainers.image.title="mnist-pipeline-client" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    STORAGE_ROOT=/storage \
+    MNIST_PIPELINE_STORAGE=/storage \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \

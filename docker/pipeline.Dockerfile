@@ -1,6 +1,6 @@
 # The pipeline image: `mnist-pipeline` data, train, export and wait (the chart's initContainers),
 # with verified MNIST baked in to seed the volume. Build from the repository root:
-#   docker build -f docker/pipeline.Dockerfile -t mnist-pipeline/pipeline:0.1.0 .
+#   docker build -f docker/pipeline.Dockerfile -t mnist-pipeline/pipeline:0.2.0 .
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -33,8 +33,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY data/mnist /opt/mnist
 # HOME and caches under /tmp: the chart mounts the root filesystem read-only, /tmp writable.
 ENV PATH=/opt/venv/bin:$PATH \
-    MNIST_SOURCE=/opt/mnist \
-    STORAGE_ROOT=/storage \
+    MNIST_PIPELINE_SOURCE=/opt/mnist \
+    MNIST_PIPELINE_STORAGE=/storage \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -3,7 +3,7 @@
 # scripts/build_triton_backend.sh, ONNX Runtime 1.19.2. The chart's default Triton image;
 # NVIDIA's tritonserver:24.10-py3 (the same release, r24.10) stays the choice for GPU nodes.
 # Build from the repository root:
-#   docker build -f docker/triton.Dockerfile -t mnist-pipeline/triton:0.1.0 .
+#   docker build -f docker/triton.Dockerfile -t mnist-pipeline/triton:0.2.0 .
 # Offline (no GitHub): TRITON_SOURCES_URL=<a URL serving the archives of ../shared/vendor,
 # with its SHA256SUMS>; the build checks them against the script's pins.
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm

@@ -1,3 +1,3 @@
 """mnist-pipeline: train → export → serve → measure, on a laptop or on Kubernetes."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
