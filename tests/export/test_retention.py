@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mnist_pipeline.storage import DEFAULT_MODEL_NAME as MODEL
+
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "resnet18_mnist"
 
 
 def make_storage(root: Path) -> Path:
@@ -122,3 +123,31 @@ def test_a_run_left_running_is_reclaimed_after_the_grace_period(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     assert not run_c.exists()
     assert names(storage / "checkpoints") == ["best_model.pth", "run-b", "run-e", "run-f"]
+
+
+def test_only_version_folders_count_as_versions(tmp_path: Path) -> None:
+    """ "01" is no version (Triton's version 1 is "1"): never counted, never deleted."""
+    storage = make_storage(tmp_path / "s")
+    (storage / "models" / MODEL / "01").mkdir()
+    assert prune(storage, "--keep-versions=5").returncode == 0
+    assert names(storage / "models" / MODEL) == ["01", "2", "3", "4", "5", "6", "config.pbtxt"]
+
+
+def test_the_version_the_current_runs_export_kept_is_kept(tmp_path: Path) -> None:
+    """run-f's export was skipped, keeping version 3 (better): its pods serve 3."""
+    storage = make_storage(tmp_path / "s")
+    record = {"status": "skipped", "model_name": MODEL, "version": 3, "reason": "not better"}
+    (storage / "checkpoints" / "run-f" / "export.json").write_text(json.dumps(record))
+    assert prune(storage, "--keep-versions=1", "--run-id=run-f").returncode == 0
+    assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
+
+
+def test_a_damaged_run_record_stops_prune_naming_it(tmp_path: Path) -> None:
+    """Never delete a run whose state cannot be read: it may be one that resumes."""
+    storage = make_storage(tmp_path / "s")
+    metrics = storage / "checkpoints" / "run-a" / "metrics.json"
+    metrics.write_text("")
+    result = prune(storage, "--keep-runs=1")
+    assert result.returncode == 2
+    assert f"training record {metrics} is empty" in result.stderr
+    assert "Traceback" not in result.stderr

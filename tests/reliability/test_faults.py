@@ -36,12 +36,24 @@ from tritonclient.utils import InferenceServerException
 from conftest import cli
 from mnist_pipeline import data, model, repository
 from mnist_pipeline.serve import LocalTriton
-from mnist_pipeline.storage import raw_data_dir, run_dir, temp_files
+from mnist_pipeline.storage import (
+    CONFIG_FILE,
+    DEFAULT_MODEL_NAME,
+    METADATA_FILE,
+    MODEL_FILE,
+    export_work_dir,
+    is_version_name,
+    model_dir,
+    raw_data_dir,
+    run_dir,
+    temp_files,
+    versions,
+)
 from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 
-NAME = repository.DEFAULT_MODEL_NAME
+NAME = DEFAULT_MODEL_NAME
 TINY = "--limit-train 1000 --limit-test 1000 --batch-size 50".split()
 
 # Runs the CLI with one function wrapped so that the process SIGKILLs itself there:
@@ -100,18 +112,18 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
 
 def visible_versions_are_complete(storage: Path) -> list[int]:
     """What Triton would see: every non-hidden entry is config.pbtxt or a complete version."""
-    model_path = repository.model_dir(storage, NAME)
+    model_path = model_dir(storage, NAME)
     for entry in model_path.iterdir():
         if entry.name.startswith("."):
-            continue  # staging: Triton loads all-digit folders only
-        if entry.name == repository.CONFIG_FILE:
+            continue  # staging: Triton loads version folders only
+        if entry.name == CONFIG_FILE:
             repository.parse_config(entry.read_text())
             continue
-        assert entry.is_dir() and entry.name.isdigit(), f"unexpected {entry}"
-        meta = json.loads((entry / repository.METADATA_FILE).read_text())
-        onnx = (entry / repository.MODEL_FILE).read_bytes()
+        assert entry.is_dir() and is_version_name(entry.name), f"unexpected {entry}"
+        meta = json.loads((entry / METADATA_FILE).read_text())
+        onnx = (entry / MODEL_FILE).read_bytes()
         assert meta["sha256"] == hashlib.sha256(onnx).hexdigest(), f"{entry} is partial"
-    return repository.versions(model_path)
+    return versions(model_path)
 
 
 # Fixtures ---------------------------------------------------------------------------------
@@ -248,19 +260,19 @@ def test_export_killed_at_each_step_leaves_a_servable_repository(
     base: dict[str, Any], tmp_path: Path, step: str
 ) -> None:
     storage = copy_storage(base, tmp_path / "s")
-    version_1 = snapshot(repository.model_dir(storage, NAME) / "1")
+    version_1 = snapshot(model_dir(storage, NAME) / "1")
     killed_at(*EXPORT_KILLS[step], 1, "export", "--storage", storage, "--run-id", "better")
 
     expected = [1, 2] if step == "version-published" else [1]
     assert visible_versions_are_complete(storage) == expected
-    assert snapshot(repository.model_dir(storage, NAME) / "1") == version_1
+    assert snapshot(model_dir(storage, NAME) / "1") == version_1
     with triton(storage / "models", tmp_path / "triton") as server:
         answers_right(server.grpc_url, base)
 
     again = cli("export", "--storage", storage, "--run-id", "better", check=True)
     no_traceback(again)
     assert visible_versions_are_complete(storage) == [1, 2]
-    assert not list(repository.model_dir(storage, NAME).glob(".staging-*"))
+    assert not list(model_dir(storage, NAME).glob(".staging-*"))
     best = (storage / "checkpoints" / "best_model.pth").resolve()
     assert best == (run_dir(storage, "better") / "model.pth").resolve()
 
@@ -274,7 +286,7 @@ def test_first_export_killed_while_publishing_leaves_no_model_folder(
     killed_at("mnist_pipeline.repository", "atomic_write_text", "after", 1, "export",
               "--storage", storage, "--run-id", "base")  # fmt: skip
     # A model folder without a version would stop Triton from starting: none appears.
-    assert not repository.model_dir(storage, NAME).exists()
+    assert not model_dir(storage, NAME).exists()
     http, grpc, metrics = free_ports(3)  # whatever listens on Triton's default ports
     ports = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
     refused = cli("serve", "--storage", storage, *ports)
@@ -283,7 +295,7 @@ def test_first_export_killed_while_publishing_leaves_no_model_folder(
 
     cli("export", "--storage", storage, "--run-id", "base", check=True)
     assert visible_versions_are_complete(storage) == [1]
-    assert not list(repository.work_dir(storage, NAME).glob(".staging-*"))
+    assert not list(export_work_dir(storage, NAME).glob(".staging-*"))
 
 
 # 3. Bad data reaching the stages that read it from storage ---------------------------------
@@ -707,7 +719,7 @@ def test_export_on_full_or_read_only_storage_changes_nothing(
     assert "No space left on device: " in full.stderr and "model.onnx" in full.stderr
     no_traceback(full)
     assert snapshot(storage / "models") == before
-    assert not list(repository.model_dir(storage, NAME).glob(".staging-*"))
+    assert not list(model_dir(storage, NAME).glob(".staging-*"))
 
     (volume / "ballast").unlink()
     read_only(volume)
