@@ -61,11 +61,11 @@ def test_environment_variables_configure_training(storage: Path) -> None:
         *QUICK,
         check=True,
         env={
-            "STORAGE_ROOT": str(storage),
-            "RUN_ID": "env",
-            "LR": "0.02",
-            "DEVICE": "cpu",
-            "THREADS": "1",
+            "MNIST_PIPELINE_STORAGE": str(storage),
+            "MNIST_PIPELINE_RUN_ID": "env",
+            "MNIST_PIPELINE_LR": "0.02",
+            "MNIST_PIPELINE_DEVICE": "cpu",
+            "MNIST_PIPELINE_THREADS": "1",
         },
     )
     metrics = json.loads((run_dir(storage, "env") / "metrics.json").read_text())
