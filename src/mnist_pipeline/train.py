@@ -194,11 +194,10 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
 
 def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
     """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with."""
-    now = settings_of(cfg)
     return ", ".join(
-        f"{key} {before.get(key)!r} -> {now.get(key)!r}"
-        for key in {**now, **before}
-        if before.get(key) != now.get(key)
+        f"{key} {before.get(key)!r} -> {value!r}"
+        for key, value in settings_of(cfg).items()
+        if before.get(key) != value
     )
 
 
@@ -278,7 +277,7 @@ def new_metrics(cfg: TrainConfig, run_id: str, world: World) -> dict[str, Any]:
 def fit(run: Run, checkpoint_every: int, eval_every: int) -> None:
     """The training loop, from wherever `run` stands to its last step. A checkpoint every
     `checkpoint_every` steps of an epoch, the test accuracy every `eval_every` global steps;
-    each epoch ends with both (end_epoch)."""
+    each epoch ends with a test and a checkpoint (end_epoch)."""
     cfg, plan, at = run.cfg, run.plan, run.at
     with Progress(plan.total_steps, plan.batch, start=run.global_step) as progress:
         while run.global_step < plan.total_steps:
@@ -291,9 +290,9 @@ def fit(run: Run, checkpoint_every: int, eval_every: int) -> None:
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr_at(cfg, run.global_step, plan.total_steps)
                 run.optimizer.zero_grad(set_to_none=True)
-                logits = run.ddp(images)  # DDP averages the gradients over the ranks
+                logits = run.ddp(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                loss.backward()
+                loss.backward()  # under DDP, averaging the gradients over the ranks
                 run.optimizer.step()
                 at.tally.add_step(loss, logits, labels, run.world)
                 at.step += 1
@@ -541,10 +540,10 @@ class Run:
     def resume(self) -> None:
         """Continue from resume.pth, whatever world size wrote it."""
         state = ResumeState.load(self.state_path, self.run_id, self.device)
-        if state.config != settings_of(self.cfg):
+        changed = differing_settings(state.config, self.cfg)
+        if changed:
             raise UsageError(
-                f"run {self.run_id} was started with other settings "
-                f"({differing_settings(state.config, self.cfg)}); "
+                f"run {self.run_id} was started with other settings ({changed}); "
                 "resume it with those, or start a new --run-id"
             )
         try:

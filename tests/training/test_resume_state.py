@@ -7,6 +7,7 @@ under test, not the model's accuracy.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -85,11 +86,12 @@ def interrupting_at(step: int) -> type[Progress]:
 
 
 def test_same_seed_same_model_and_resuming_changes_nothing(
-    storage: Path, monkeypatch: pytest.MonkeyPatch
+    storage: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bitwise: two runs of the same settings end with one model, and a run interrupted
     mid-epoch (after its step-2 checkpoint, in step 3) and resumed ends with it too,
     with the same loss record."""
+    caplog.set_level(logging.INFO, logger="mnist_pipeline")  # what the command line sets
     how = {"device": "cpu", "threads": 1, "checkpoint_every": 2, "eval_every": 3}
     first = train(storage, TINY, run_id="first", **how)
     second = train(storage, TINY, run_id="second", **how)
