@@ -6,6 +6,10 @@ momentum under a one-cycle learning rate (warm-up then cosine decay to ~0), ligh
 smoothing; the last stages' 2x2 and 1x1 maps as matrix products (model.Conv2d). One
 epoch reaches ≥ 99% test accuracy; --epochs may be a fraction of one.
 
+Read from train(): it prepares a Run (Run.start: data, model, optimizer, the saved state
+of an interrupted run), fit() is the training loop, finish() checks and writes the model.
+What resume.pth holds is declared once, in ResumeState.
+
 Under torchrun the same code is one rank of a data-parallel job (distributed.py,
 docs/DISTRIBUTED.md): the global batch is shared out, DDP averages the gradients, rank 0
 writes. Alone, it is a world of one and runs exactly as one process.
@@ -19,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,13 +37,13 @@ from torch import nn
 
 from mnist_pipeline import data, distributed, model, settings
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
+from mnist_pipeline.progress import NETWORK_SCOPE, NetworkMeter, Progress, run_logging
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
     atomic_open,
     atomic_write_json,
     available_cpus,
-    log_error_to,
     read_json,
     run_dir,
     temp_files,
@@ -94,6 +97,11 @@ class TrainConfig:
             )
 
 
+def settings_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as resume.pth and metrics.json keep them and the run id hashes them."""
+    return dataclasses.asdict(cfg)
+
+
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """One-cycle: linear warm-up to cfg.lr, then cosine decay to 1% of it."""
     if cfg.schedule == "constant":
@@ -106,20 +114,16 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=cfg.lr)
     # No weight decay on BatchNorm and biases: it only fights their scale.
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim <= 1]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    if cfg.optimizer == "sgd":
-        # fused: one pass over the 11 M parameters instead of one per operation (5 ms
-        # against 14 ms a step on one core of a 2-core AMD EPYC).
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, fused=True)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    # fused: one pass over the 11 M parameters instead of one per operation (5 ms against
+    # 14 ms a step on one core of a 2-core AMD EPYC).
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, fused=True)
 
 
 def resolve_device(name: str, world: World = ONE_PROCESS) -> torch.device:
@@ -136,34 +140,11 @@ def resolve_device(name: str, world: World = ONE_PROCESS) -> torch.device:
     return torch.device("cpu")
 
 
-NETWORK_SCOPE = (
-    "non-loopback interfaces of this network namespace, every process in it "
-    "(the machine, or the pod in Kubernetes)"
-)
-
-
-def network_bytes() -> tuple[int, int]:
-    """Bytes received and sent so far through the interfaces NETWORK_SCOPE names (from
-    /proc/net/dev): Linux keeps no per-process count, so other processes' traffic is in it."""
-    rx = tx = 0
-    try:
-        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
-    except OSError:
-        return 0, 0
-    for line in lines:
-        name, _, counters = line.partition(":")
-        if name.strip() == "lo":
-            continue
-        fields = counters.split()
-        rx, tx = rx + int(fields[0]), tx + int(fields[8])
-    return rx, tx
-
-
 def default_run_id(cfg: TrainConfig) -> str:
     """A run id that is a function of the settings: training is deterministic for given
     settings, so the same command resumes its interrupted run or reuses its completed one
     instead of training the identical model again under a new id."""
-    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    settings = json.dumps(settings_of(cfg), sort_keys=True)
     return "cfg-" + hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
@@ -179,144 +160,6 @@ def run_state(storage: Path, run_id: str) -> str:
     if (out / "resume.pth").is_file():
         return "interrupted before: resuming it from its last checkpoint"
     return "new: training it"
-
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return (
-        f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-        if minutes >= 60
-        else f"{minutes}:{secs:02d}"
-    )
-
-
-class Progress:
-    """A live bar on a terminal; in a Job (no TTY), a plain line every `every_s` seconds.
-    Both show elapsed time, speed and the ETA of the whole run (steps are global)."""
-
-    def __init__(
-        self, total: int, images_per_step: int, start: int = 0, every_s: float = 15.0
-    ) -> None:
-        self.total, self.images_per_step, self.start = total, images_per_step, start
-        self.every_s = every_s
-        self.tty = sys.stderr.isatty()
-        self.t0 = self.last = time.monotonic()
-
-    def timing(self, step: int, now: float) -> str:
-        elapsed = now - self.t0
-        steps_per_s = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = clock((self.total - step) / steps_per_s) if steps_per_s else "?"
-        return (
-            f"{clock(elapsed)} elapsed, {steps_per_s * self.images_per_step:.0f} images/s, "
-            f"ETA {eta}"
-        )
-
-    def update(self, step: int, text: str) -> None:
-        now = time.monotonic()
-        if self.tty:
-            filled = int(30 * step / self.total)
-            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
-            sys.stderr.write(f"\r{bar} {text} {self.timing(step, now)}")
-            sys.stderr.flush()
-        elif now - self.last >= self.every_s or step == self.total:
-            log.info("step %d/%d %s | %s", step, self.total, text, self.timing(step, now))
-        if now - self.last >= self.every_s:
-            self.last = now
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
-@torch.inference_mode()
-def evaluate(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, world: World = ONE_PROCESS, batch: int = 1000
-) -> tuple[float, float]:
-    """Mean loss and accuracy of `net` on (x, y); each rank measures its share."""
-    sync_buffers(net, world)
-    lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
-    net.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, images
-    for i in range(lo, hi, batch):
-        xb, yb = x[i : min(i + batch, hi)], y[i : min(i + batch, hi)]
-        logits = net(xb)
-        sums[0] += F.cross_entropy(logits, yb, reduction="sum").item()
-        sums[1] += (logits.argmax(1) == yb).sum().item()
-        sums[2] += len(yb)
-    net.train()
-    loss_sum, correct, count = all_sum(sums, world).tolist()
-    return loss_sum / count, correct / count
-
-
-def to_tensors(
-    images: np.ndarray, labels: np.ndarray, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(data.normalize(images)).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, torch.from_numpy(labels.astype(np.int64)).to(device)
-
-
-RESUME_KEYS = frozenset(
-    {
-        "config",
-        "model",
-        "optimizer",
-        "epoch",
-        "step_in_epoch",
-        "train_seconds",
-        "partial",
-        "history",
-        "started_at",
-    }
-)
-
-
-def unusable_resume_state(path: Path, run_id: str, why: str) -> UsageError:
-    return UsageError(
-        f"{path}: cannot resume run {run_id} from it ({why}); delete it to train this run "
-        "from the start, or pick a new --run-id"
-    )
-
-
-def load_resume_state(path: Path, run_id: str, device: torch.device) -> dict[str, Any]:
-    """resume.pth, loaded weights-only; a damaged or foreign file is bad input, not a crash.
-
-    Checkpoints are written atomically, so a damaged one was damaged after the fact (disk,
-    copy, a hand edit): resuming from it is never right, and the user decides what to do.
-    """
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # whatever the bytes are, the file is unusable
-        raise unusable_resume_state(path, run_id, model.load_error(e)) from e
-    if not isinstance(state, dict) or not state.keys() >= RESUME_KEYS:
-        raise unusable_resume_state(path, run_id, "not a resume checkpoint of this project")
-    return state
-
-
-def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """torch.save through atomic_open: `path` is the old file or the new one, never half.
-
-    torch's zip writer reports a failed write (ENOSPC, EIO) as a RuntimeError about file
-    positions; the OSError behind it, naming `path`, is what the user needs to read.
-    """
-    with atomic_open(path, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:
-            cause = e.__cause__ or e.__context__
-            if isinstance(cause, OSError) and cause.errno is not None:
-                raise OSError(cause.errno, cause.strerror, str(path)) from e
-            raise
-
-
-def remove_stale_temp_files(out: Path) -> None:
-    """Drop the temporary files a killed run left while writing a checkpoint: they are
-    never read (only complete files are renamed into place) but hold up to ~90 MB each."""
-    for name in ("resume.pth", "model.pth", "metrics.json"):
-        for tmp in temp_files(out, name):
-            log.warning("removing %s, left by an interrupted checkpoint write", tmp)
-            tmp.unlink(missing_ok=True)
 
 
 def check_batch(cfg: TrainConfig, world_size: int) -> None:
@@ -338,13 +181,11 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
 
 
 def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
-    """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with
-    (a setting the run predates counts as its default)."""
-    defaults, now = dataclasses.asdict(TrainConfig()), dataclasses.asdict(cfg)
+    """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with."""
     return ", ".join(
-        f"{key} {before.get(key, defaults[key])!r} -> {value!r}"
-        for key, value in now.items()
-        if before.get(key, defaults[key]) != value
+        f"{key} {before.get(key)!r} -> {value!r}"
+        for key, value in settings_of(cfg).items()
+        if before.get(key) != value
     )
 
 
@@ -396,111 +237,63 @@ def train(
         if previous is not None:
             return previous
         data.check_present(storage)  # before the run folder exists
-        with run_logging(out, world):
-            return _train_recording_failure(
-                storage, cfg, run_id, out, dev, world, threads, checkpoint_every, eval_every
-            )
+        metrics = new_metrics(cfg, run_id, world)
+        with run_logging(out, world), recording_outcome(out, metrics, world):
+            if world.writer:
+                remove_stale_temp_files(out)
+            run = Run.start(storage, cfg, run_id, out, dev, world, threads, metrics)
+            network = NetworkMeter()
+            fit(run, checkpoint_every, eval_every)
+            return finish(run, network.so_far())
     finally:
         distributed.stop(world)
 
 
-class RankPrefix(logging.Filter):
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.prefix = f"rank {rank}: "
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            record.msg = self.prefix + str(record.msg)
-        return True
-
-
-@contextlib.contextmanager
-def run_logging(out: Path, world: World) -> Iterator[None]:
-    """Rank 0 alone writes train.log; on the terminal (or a pod's log) each rank's
-    lines say which rank wrote them."""
-    out.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = []
-    if world.writer:
-        remove_stale_temp_files(out)
-        file_log = logging.FileHandler(out / "train.log")
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("mnist_pipeline").addHandler(file_log)
-        handlers.append(file_log)
-    prefix = RankPrefix(world.rank)
-    console = logging.getLogger().handlers if world.distributed else []
-    for handler in console:
-        handler.addFilter(prefix)
-    try:
-        yield
-    except Exception as e:
-        if world.writer:  # the command line prints the error once, on exit
-            log_error_to(handlers[0], log, "training run %s failed: %s", out.name, e)
-        raise
-    finally:
-        for handler in console:
-            handler.removeFilter(prefix)
-        for handler in handlers:
-            logging.getLogger("mnist_pipeline").removeHandler(handler)
-            handler.close()
-
-
-def _train_recording_failure(
-    storage: Path,
-    cfg: TrainConfig,
-    run_id: str,
-    out: Path,
-    device: torch.device,
-    world: World,
-    threads: int,
-    checkpoint_every: int,
-    eval_every: int,
-) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
+def new_metrics(cfg: TrainConfig, run_id: str, world: World) -> dict[str, Any]:
+    """metrics.json of a run that has just started; a resumed run takes back its records."""
+    return {
         "run_id": run_id,
         "status": "running",
-        "hyperparameters": dataclasses.asdict(cfg),
+        "hyperparameters": settings_of(cfg),
         "history": [],
         "evals": [],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "world_size": world.size,
     }
-    try:
-        run = Run(storage, cfg, run_id, out, metrics, device, world, checkpoint_every)
-        return run.train(threads, eval_every)
-    except KeyboardInterrupt:  # Ctrl-C; a kill leaves status "running" (and resume.pth)
-        if world.writer:
-            record_outcome(out, {**metrics, "status": "interrupted"})
-        raise TrainingInterrupted(interrupted_message(out)) from None
-    except Exception as e:
-        if world.writer:
-            record_outcome(
-                out, {**metrics, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-            )
-        raise
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, saying what to do next (the command line exits 130)."""
+def fit(run: Run, checkpoint_every: int, eval_every: int) -> None:
+    """The training loop, from wherever `run` stands to its last step. A checkpoint every
+    `checkpoint_every` steps of an epoch, the test accuracy every `eval_every` global steps;
+    each epoch ends with a test and a checkpoint (end_epoch)."""
+    cfg, plan, at = run.cfg, run.plan, run.at
+    with Progress(plan.total_steps, plan.batch, start=run.global_step) as progress:
+        while run.global_step < plan.total_steps:
+            order = epoch_order(cfg, plan.images, at.epoch, run.device)
+            steps = plan.steps_in(at.epoch)
+            while at.step < steps:
+                t0 = time.monotonic()
+                idx = plan.shard(order, at.step, run.world)
+                images, labels = run.data.x_train[idx], run.data.y_train[idx]
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, run.global_step, plan.total_steps)
+                run.optimizer.zero_grad(set_to_none=True)
+                logits = run.ddp(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                loss.backward()  # under DDP, averaging the gradients over the ranks
+                run.optimizer.step()
+                at.tally.add_step(loss, logits, labels, run.world)
+                at.step += 1
+                at.train_seconds += time.monotonic() - t0
 
-
-def interrupted_message(out: Path) -> str:
-    if (out / "resume.pth").is_file():
-        return (
-            f"training run {out.name} interrupted: run the same command again to resume it "
-            "from its last checkpoint"
-        )
-    return (
-        f"training run {out.name} interrupted before its first checkpoint: the same command "
-        "starts it again"
-    )
-
-
-def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
-    try:
-        atomic_write_json(out / "metrics.json", metrics)
-    except OSError as record_error:  # a full volume: the original error matters
-        log.warning("could not record the outcome in metrics.json: %s", record_error)
+                progress.update(run.global_step, run.progress_text())
+                if at.step == steps:
+                    break  # the epoch's end evaluates and checkpoints
+                if checkpoint_every and at.step % checkpoint_every == 0:
+                    run.save_state()
+                if eval_every and run.global_step % eval_every == 0:
+                    record_eval(run, run.evaluate()[1])
+            end_epoch(run, evals=bool(eval_every))
 
 
 @dataclass(frozen=True)
@@ -509,6 +302,16 @@ class Data:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+
+def to_tensors(
+    images: np.ndarray, labels: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Channels-last: oneDNN's convolutions run faster on it, and model.Conv2d's matrix
+    # products read it without a copy.
+    x = torch.from_numpy(data.normalize(images)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
 def load_data(storage: Path, cfg: TrainConfig, device: torch.device) -> Data:
@@ -522,8 +325,8 @@ def load_data(storage: Path, cfg: TrainConfig, device: torch.device) -> Data:
         )
     if cfg.limit_test:
         test_images, test_labels = test_images[: cfg.limit_test], test_labels[: cfg.limit_test]
-    x_train, y_train = to_tensors(train_images, train_labels, device, True)
-    x_test, y_test = to_tensors(test_images, test_labels, device, True)
+    x_train, y_train = to_tensors(train_images, train_labels, device)
+    x_test, y_test = to_tensors(test_images, test_labels, device)
     return Data(x_train, y_train, x_test, y_test)
 
 
@@ -561,18 +364,292 @@ def epoch_order(cfg: TrainConfig, images: int, epoch: int, device: torch.device)
     return torch.randperm(images, generator=generator).to(device)
 
 
-def new_partial() -> dict[str, Any]:
-    return {"loss_sum": 0.0, "correct": 0, "seen": 0}
+@dataclass
+class Tally:
+    """The epoch's training loss and accuracy so far, summed over the ranks."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add_step(
+        self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, world: World
+    ) -> None:
+        correct = (logits.argmax(1) == labels).sum().item()
+        counts = torch.tensor(
+            [loss.item() * len(labels), correct, len(labels)], dtype=torch.float64
+        )
+        loss_sum, correct, seen = all_sum(counts.to(logits.device), world).tolist()
+        self.loss_sum += loss_sum
+        self.correct += int(correct)
+        self.seen += int(seen)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.seen)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.seen)
 
 
 @dataclass
-class Loop:
-    """Where training stands, in global steps: what resume.pth saves besides the weights."""
+class Position:
+    """Where training stands, in global steps (so a run may resume at another world size)."""
 
     epoch: int = 0
     step: int = 0  # steps done in this epoch
     train_seconds: float = 0.0
-    partial: dict[str, Any] = dataclasses.field(default_factory=new_partial)  # all ranks
+    tally: Tally = dataclasses.field(default_factory=Tally)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.tally = self.epoch + 1, 0, Tally()
+
+
+@dataclass
+class ResumeState:
+    """What resume.pth holds, declared here alone: saving, loading and checking it all go
+    by these fields. Plain tensors, numbers, strings, lists and dicts, so that it loads
+    weights-only."""
+
+    config: dict[str, Any]  # settings_of the run's TrainConfig
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    epoch: int
+    step_in_epoch: int
+    train_seconds: float
+    partial: dict[str, Any]  # the epoch's Tally
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    started_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it deep-copies every value, the weights included.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: object, path: Path, run_id: str) -> ResumeState:
+        """The state in `state`, loaded from `path`; a UsageError if any field is missing."""
+        if not isinstance(state, dict):
+            raise unusable_resume_state(path, run_id, "not a resume checkpoint of this project")
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in state]
+        if missing:
+            why = f"not a resume checkpoint of this version: no {', '.join(missing)}"
+            raise unusable_resume_state(path, run_id, why)
+        return cls(**{name: state[name] for name in names})
+
+    @classmethod
+    def load(cls, path: Path, run_id: str, device: torch.device) -> ResumeState:
+        """resume.pth, loaded weights-only; a damaged or foreign file is bad input, not a crash.
+
+        Checkpoints are written atomically, so a damaged one was damaged after the fact
+        (disk, copy, a hand edit): resuming from it is never right, and the user decides."""
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:  # whatever the bytes are, the file is unusable
+            raise unusable_resume_state(path, run_id, model.load_error(e)) from e
+        return cls.from_dict(state, path, run_id)
+
+
+def unusable_resume_state(path: Path, run_id: str, why: str) -> UsageError:
+    return UsageError(
+        f"{path}: cannot resume run {run_id} from it ({why}); delete it to train this run "
+        "from the start, or pick a new --run-id"
+    )
+
+
+@dataclass
+class Run:
+    """One training run on one rank, ready to step: its data, model and optimizer, how its
+    epochs are cut, where it stands, and the metrics it records (Run.start makes one)."""
+
+    cfg: TrainConfig
+    run_id: str
+    out: Path
+    world: World
+    device: torch.device
+    data: Data
+    plan: Plan
+    net: nn.Module
+    ddp: nn.Module  # what a step calls: DDP around `net` in a world of several ranks
+    optimizer: torch.optim.Optimizer
+    metrics: dict[str, Any]
+    at: Position = dataclasses.field(default_factory=Position)
+
+    @classmethod
+    def start(
+        cls,
+        storage: Path,
+        cfg: TrainConfig,
+        run_id: str,
+        out: Path,
+        device: torch.device,
+        world: World,
+        threads: int,
+        metrics: dict[str, Any],
+    ) -> Run:
+        """Threads, data, model and optimizer; the saved state if the run was interrupted."""
+        if device.type == "cpu":
+            # Ranks on one machine share its CPUs.
+            torch.set_num_threads(threads or max(1, available_cpus() // world.local_size))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        tensors = load_data(storage, cfg, device)
+        plan = Plan.of(cfg, len(tensors.x_train), world)
+        net = model.build().to(device)
+        # Module.to accepts memory_format at run time; torch's stubs do not declare it.
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        optimizer = make_optimizer(cfg, net)
+        run = cls(cfg, run_id, out, world, device, tensors, plan, net, net, optimizer, metrics)
+        if run.state_path.is_file():
+            run.resume()
+        else:
+            log.info(
+                "training run %s on %s, world size %d: %d train images (%d per rank and "
+                "step), %d test, %s",
+                *(run_id, device, world.size, plan.images, plan.local),
+                *(len(tensors.x_test), settings_of(cfg)),
+            )
+        if device.type == "cpu":
+            log.info("cpu threads: %d", torch.get_num_threads())
+        run.write_metrics()
+        # Wrapped after loading the state: DDP starts from rank 0's weights.
+        run.ddp = distributed.wrap(net, world, device, cfg.sync_bn)
+        return run
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "resume.pth"
+
+    @property
+    def global_step(self) -> int:
+        return self.at.epoch * self.plan.steps_per_epoch + self.at.step
+
+    def resume(self) -> None:
+        """Continue from resume.pth, whatever world size wrote it."""
+        state = ResumeState.load(self.state_path, self.run_id, self.device)
+        changed = differing_settings(state.config, self.cfg)
+        if changed:
+            raise UsageError(
+                f"run {self.run_id} was started with other settings ({changed}); "
+                "resume it with those, or start a new --run-id"
+            )
+        try:
+            self.net.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            tally = Tally(**state.partial)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise unusable_resume_state(self.state_path, self.run_id, str(e).splitlines()[0]) from e
+        self.at = Position(state.epoch, state.step_in_epoch, state.train_seconds, tally)
+        self.metrics.update(history=state.history, evals=state.evals, started_at=state.started_at)
+        log.info(
+            "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far), world size %d",
+            *(self.run_id, self.at.epoch + 1, self.at.step, self.plan.steps_per_epoch),
+            *(self.at.train_seconds, self.world.size),
+        )
+
+    def resume_state(self) -> ResumeState:
+        return ResumeState(
+            config=settings_of(self.cfg),
+            model=self.net.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            epoch=self.at.epoch,
+            step_in_epoch=self.at.step,
+            train_seconds=self.at.train_seconds,
+            partial=dataclasses.asdict(self.at.tally),
+            history=self.metrics["history"],
+            evals=self.metrics["evals"],
+            started_at=self.metrics["started_at"],
+        )
+
+    def save_state(self) -> None:
+        if self.world.writer:
+            save_checkpoint(self.resume_state().to_dict(), self.state_path)
+
+    def write_metrics(self) -> None:
+        if self.world.writer:
+            atomic_write_json(self.out / "metrics.json", self.metrics)
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
+
+    def progress_text(self) -> str:
+        return (
+            f"epoch {self.at.epoch + 1}/{math.ceil(self.cfg.epochs)} "
+            f"loss {self.at.tally.loss:.4f} acc {self.at.tally.accuracy:.4f}"
+        )
+
+
+@torch.inference_mode()
+def evaluate(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, world: World = ONE_PROCESS, batch: int = 1000
+) -> tuple[float, float]:
+    """Mean loss and accuracy of `net` on (x, y); each rank measures its share."""
+    sync_buffers(net, world)
+    lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
+    net.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, images
+    for i in range(lo, hi, batch):
+        xb, yb = x[i : min(i + batch, hi)], y[i : min(i + batch, hi)]
+        logits = net(xb)
+        sums[0] += F.cross_entropy(logits, yb, reduction="sum").item()
+        sums[1] += (logits.argmax(1) == yb).sum().item()
+        sums[2] += len(yb)
+    net.train()
+    loss_sum, correct, count = all_sum(sums, world).tolist()
+    return loss_sum / count, correct / count
+
+
+def record_eval(run: Run, accuracy: float) -> None:
+    """metrics["evals"]: test accuracy against steps and seconds of training."""
+    epoch = run.global_step / run.plan.steps_per_epoch
+    run.metrics["evals"].append(
+        {
+            "step": run.global_step,
+            "epoch": round(epoch, 3),
+            "train_seconds": round(run.at.train_seconds, 2),
+            "test_accuracy": accuracy,
+        }
+    )
+    log.info(
+        "step %d (epoch %.2f): test accuracy %.4f after %.1f s of training",
+        *(run.global_step, epoch, accuracy, run.at.train_seconds),
+    )
+
+
+def end_epoch(run: Run, evals: bool) -> None:
+    """Test accuracy, the epoch's record (with every rank's speed), a checkpoint."""
+    at, history = run.at, run.metrics["history"]
+    epoch_seconds = at.train_seconds - sum(h["train_seconds"] for h in history)
+    eval_t0 = time.monotonic()
+    test_loss, test_acc = run.evaluate()
+    epoch_images = run.plan.steps_in(at.epoch) * run.plan.local
+    rank_rates = distributed.gather(round(epoch_images / epoch_seconds, 1), run.world)
+    record = {
+        "epoch": at.epoch + 1,
+        "train_loss": at.tally.loss,
+        "train_accuracy": at.tally.accuracy,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "train_seconds": round(epoch_seconds, 2),
+        "eval_seconds": round(time.monotonic() - eval_t0, 2),
+        "lr_end": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": round(epoch_images * run.world.size / epoch_seconds, 1),
+        "rank_images_per_s": rank_rates,
+    }
+    history.append(record)
+    if evals:
+        record_eval(run, test_acc)
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s, "
+        "%.0f images/s (per rank: %s)",
+        *(at.epoch + 1, math.ceil(run.cfg.epochs), record["train_loss"]),
+        *(record["train_accuracy"], test_loss, test_acc, epoch_seconds),
+        *(record["images_per_s"], ", ".join(f"{rate:.0f}" for rate in rank_rates)),
+    )
+    at.next_epoch()
+    run.save_state()
+    run.write_metrics()
 
 
 def parameters_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -584,277 +661,115 @@ def parameters_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class Run:
-    """One training run on one rank: data, model, resume, steps, epoch ends, checkpoints."""
-
-    def __init__(
-        self,
-        storage: Path,
-        cfg: TrainConfig,
-        run_id: str,
-        out: Path,
-        metrics: dict[str, Any],
-        device: torch.device,
-        world: World,
-        checkpoint_every: int,
-    ) -> None:
-        self.storage, self.cfg, self.run_id, self.out = storage, cfg, run_id, out
-        self.metrics, self.device, self.world = metrics, device, world
-        self.checkpoint_every = checkpoint_every
-        self.metrics_path, self.state_path = out / "metrics.json", out / "resume.pth"
-        self.loop = Loop()
-
-    def train(self, threads: int, eval_every: int) -> dict[str, Any]:
-        self.setup(threads)
-        progress = Progress(self.plan.total_steps, self.plan.batch, start=self.global_step)
-        rx0, tx0 = network_bytes()
-        try:
-            while self.global_step < self.plan.total_steps:
-                self.epoch(progress, eval_every)
-        finally:  # ends the bar's line, so that an error is printed on a line of its own
-            progress.close()
-        rx1, tx1 = network_bytes()
-        return self.finish(received=rx1 - rx0, sent=tx1 - tx0)
-
-    def epoch(self, progress: Progress, eval_every: int) -> None:
-        order = epoch_order(self.cfg, self.plan.images, self.loop.epoch, self.device)
-        steps = self.plan.steps_in(self.loop.epoch)
-        while self.loop.step < steps:
-            self.step(order)
-            progress.update(self.global_step, self.progress_text())
-            if self.loop.step == steps:
-                break  # the epoch end checkpoints and evaluates
-            if self.checkpoint_every and self.loop.step % self.checkpoint_every == 0:
-                self.save_state()
-            if eval_every and self.global_step % eval_every == 0:
-                self.record_eval(
-                    evaluate(self.net, self.data.x_test, self.data.y_test, self.world)[1]
-                )
-        self.end_epoch(record_eval=bool(eval_every))
-
-    @property
-    def global_step(self) -> int:
-        return self.loop.epoch * self.plan.steps_per_epoch + self.loop.step
-
-    def setup(self, threads: int) -> None:
-        """Threads, data, model and optimizer; the saved state if the run was interrupted."""
-        cfg, world = self.cfg, self.world
-        if self.device.type == "cpu":
-            # Ranks on one machine share its CPUs.
-            torch.set_num_threads(threads or max(1, available_cpus() // world.local_size))
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.data = load_data(self.storage, cfg, self.device)
-        self.plan = Plan.of(cfg, len(self.data.x_train), world)
-        self.net = model.build().to(self.device)
-        if True:
-            # Module.to accepts memory_format at run time; torch's stubs do not declare it.
-            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.optimizer = make_optimizer(cfg, self.net)
-        if self.state_path.is_file():
-            self.resume()
-        else:
-            log.info(
-                "training run %s on %s, world size %d: %d train images (%d per rank and "
-                "step), %d test, %s",
-                self.run_id,
-                self.device,
-                world.size,
-                self.plan.images,
-                self.plan.local,
-                len(self.data.x_test),
-                dataclasses.asdict(cfg),
-            )
-        if self.device.type == "cpu":
-            log.info("cpu threads: %d", torch.get_num_threads())
-        if world.writer:
-            atomic_write_json(self.metrics_path, self.metrics)
-        # Wrapped after loading the state: DDP starts from rank 0's weights.
-        self.ddp = distributed.wrap(self.net, world, self.device, cfg.sync_bn)
-
-    def resume(self) -> None:
-        """Continue from resume.pth. Its state is global (steps of the global batch), so a
-        run may resume at another world size."""
-        state = load_resume_state(self.state_path, self.run_id, self.device)
-        if state["config"] != dataclasses.asdict(self.cfg):
-            raise UsageError(
-                f"run {self.run_id} was started with other settings "
-                f"({differing_settings(state['config'], self.cfg)}); "
-                "resume it with those, or start a new --run-id"
-            )
-        try:
-            self.net.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise unusable_resume_state(self.state_path, self.run_id, str(e).splitlines()[0]) from e
-        self.loop = Loop(
-            state["epoch"], state["step_in_epoch"], state["train_seconds"], state["partial"]
+def finish(run: Run, network: dict[str, int]) -> dict[str, Any]:
+    """Check that all ranks hold one model; rank 0 writes model.pth and the metrics."""
+    metrics, last = run.metrics, run.metrics["history"][-1]
+    if not math.isfinite(last["train_loss"]):
+        raise PipelineFailure(f"training diverged (loss {last['train_loss']})")
+    digests = distributed.gather(parameters_digest(run.net.state_dict()), run.world)
+    if len(set(digests)) != 1:
+        raise PipelineFailure(f"the ranks ended with different models: {digests}")
+    if run.world.distributed:
+        log.info("parameters sha256 %s, identical on all %d ranks", digests[0], len(digests))
+    metrics.update(
+        status="complete",
+        test_accuracy=last["test_accuracy"],
+        train_seconds=round(run.at.train_seconds, 2),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        network_bytes=network,
+        network_bytes_scope=NETWORK_SCOPE,
+        parameters_sha256=digests[0],
+        checkpoint="model.pth",
+    )
+    model_path = run.out / "model.pth"
+    if run.world.writer:
+        payload = model.checkpoint_payload(
+            run.net,
+            run_id=run.run_id,
+            test_accuracy=last["test_accuracy"],
+            epochs=run.cfg.epochs,
+            normalize={"mean": data.MEAN, "std": data.STD},
         )
-        self.metrics.update(
-            history=state["history"], evals=state["evals"], started_at=state["started_at"]
-        )
-        log.info(
-            "resuming run %s at epoch %d, step %d/%d (%.0f s trained so far), world size %d",
-            self.run_id,
-            self.loop.epoch + 1,
-            self.loop.step,
-            self.plan.steps_per_epoch,
-            self.loop.train_seconds,
-            self.world.size,
-        )
-
-    def step(self, order: torch.Tensor) -> None:
-        """One optimizer step on this rank's share of the global batch; DDP averages the
-        gradients, and the loss and accuracy tallies are summed over the ranks."""
-        t0 = time.monotonic()
-        idx = self.plan.shard(order, self.loop.step, self.world)
-        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, self.global_step, self.plan.total_steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.ddp(xb)
-        loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
-        loss.backward()
-        self.optimizer.step()
-
-        correct = (logits.argmax(1) == yb).sum().item()
-        tally = torch.tensor([loss.item() * len(yb), correct, len(yb)], dtype=torch.float64)
-        loss_sum, correct, seen = all_sum(tally.to(self.device), self.world).tolist()
-        partial = self.loop.partial
-        partial["loss_sum"] += loss_sum
-        partial["correct"] += int(correct)
-        partial["seen"] += int(seen)
-        self.loop.step += 1
-        self.loop.train_seconds += time.monotonic() - t0
-
-    def progress_text(self) -> str:
-        partial = self.loop.partial
-        return (
-            f"epoch {self.loop.epoch + 1}/{math.ceil(self.cfg.epochs)} "
-            f"loss {partial['loss_sum'] / partial['seen']:.4f} "
-            f"acc {partial['correct'] / partial['seen']:.4f}"
-        )
-
-    def record_eval(self, accuracy: float) -> None:
-        epoch = self.global_step / self.plan.steps_per_epoch
-        self.metrics["evals"].append(
-            {
-                "step": self.global_step,
-                "epoch": round(epoch, 3),
-                "train_seconds": round(self.loop.train_seconds, 2),
-                "test_accuracy": accuracy,
-            }
-        )
-        log.info(
-            "step %d (epoch %.2f): test accuracy %.4f after %.1f s of training",
-            self.global_step,
-            epoch,
-            accuracy,
-            self.loop.train_seconds,
-        )
-
-    def end_epoch(self, record_eval: bool) -> None:
-        """Test accuracy, the epoch's record (with every rank's speed), a checkpoint."""
-        loop, history = self.loop, self.metrics["history"]
-        epoch_seconds = loop.train_seconds - sum(h["train_seconds"] for h in history)
-        eval_t0 = time.monotonic()
-        test_loss, test_acc = evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
-        epoch_images = self.plan.steps_in(loop.epoch) * self.plan.local
-        rank_rates = distributed.gather(round(epoch_images / epoch_seconds, 1), self.world)
-        record = {
-            "epoch": loop.epoch + 1,
-            "train_loss": loop.partial["loss_sum"] / max(1, loop.partial["seen"]),
-            "train_accuracy": loop.partial["correct"] / max(1, loop.partial["seen"]),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "train_seconds": round(epoch_seconds, 2),
-            "eval_seconds": round(time.monotonic() - eval_t0, 2),
-            "lr_end": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": round(epoch_images * self.world.size / epoch_seconds, 1),
-            "rank_images_per_s": rank_rates,
-        }
-        history.append(record)
-        if record_eval:
-            self.record_eval(test_acc)
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1f s, "
-            "%.0f images/s (per rank: %s)",
-            loop.epoch + 1,
-            math.ceil(self.cfg.epochs),
-            record["train_loss"],
-            record["train_accuracy"],
-            test_loss,
-            test_acc,
-            epoch_seconds,
-            record["images_per_s"],
-            ", ".join(f"{rate:.0f}" for rate in rank_rates),
-        )
-        self.loop = Loop(loop.epoch + 1, 0, loop.train_seconds)
-        self.save_state()
-        if self.world.writer:
-            atomic_write_json(self.metrics_path, self.metrics)
-
-    def save_state(self) -> None:
-        if not self.world.writer:
-            return
-        state = {
-            "config": dataclasses.asdict(self.cfg),
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.loop.epoch,
-            "step_in_epoch": self.loop.step,
-            "train_seconds": self.loop.train_seconds,
-            "partial": self.loop.partial,
-            "history": self.metrics["history"],
-            "evals": self.metrics["evals"],
-            "started_at": self.metrics["started_at"],
-        }
-        save_checkpoint(state, self.state_path)
-
-    def finish(self, received: int, sent: int) -> dict[str, Any]:
-        """Check that all ranks hold one model; rank 0 writes model.pth and the metrics."""
-        metrics, history = self.metrics, self.metrics["history"]
-        if not math.isfinite(history[-1]["train_loss"]):
-            raise PipelineFailure(f"training diverged (loss {history[-1]['train_loss']})")
-        digests = distributed.gather(parameters_digest(self.net.state_dict()), self.world)
-        if len(set(digests)) != 1:
-            raise PipelineFailure(f"the ranks ended with different models: {digests}")
-        if self.world.distributed:
-            log.info("parameters sha256 %s, identical on all %d ranks", digests[0], len(digests))
-        final_acc = history[-1]["test_accuracy"]
-        metrics.update(
-            status="complete",
-            test_accuracy=final_acc,
-            train_seconds=round(self.loop.train_seconds, 2),
-            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            network_bytes={"received": received, "sent": sent},
-            network_bytes_scope=NETWORK_SCOPE,
-            parameters_sha256=digests[0],
-            checkpoint="model.pth",
-        )
-        if self.world.writer:
-            payload = model.checkpoint_payload(
-                self.net,
-                run_id=self.run_id,
-                test_accuracy=final_acc,
-                epochs=self.cfg.epochs,
-                normalize={"mean": data.MEAN, "std": data.STD},
-            )
-            save_checkpoint(payload, self.out / "model.pth")
-            atomic_write_json(self.metrics_path, metrics)
-            self.state_path.unlink(missing_ok=True)
-        # No rank reports success before model.pth is in place.
-        distributed.barrier(self.world)
-        log.info(
-            "network during training, %s: received %d B, sent %d B", NETWORK_SCOPE, received, sent
-        )
-        if not self.world.writer:
-            log.info("done; rank 0 wrote %s", self.out / "model.pth")
-            return metrics
-        log.info(
-            "final test accuracy %.4f after %g epoch(s), %.1f s of training; checkpoint %s",
-            final_acc,
-            self.cfg.epochs,
-            self.loop.train_seconds,
-            self.out / "model.pth",
-        )
+        save_checkpoint(payload, model_path)
+        run.write_metrics()
+        run.state_path.unlink(missing_ok=True)
+    # No rank reports success before model.pth is in place.
+    distributed.barrier(run.world)
+    log.info(
+        "network during training, %s: received %d B, sent %d B",
+        *(NETWORK_SCOPE, network["received"], network["sent"]),
+    )
+    if not run.world.writer:
+        log.info("done; rank 0 wrote %s", model_path)
         return metrics
+    log.info(
+        "final test accuracy %.4f after %g epoch(s), %.1f s of training; checkpoint %s",
+        *(last["test_accuracy"], run.cfg.epochs, run.at.train_seconds, model_path),
+    )
+    return metrics
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """torch.save through atomic_open: `path` is the old file or the new one, never half.
+
+    torch's zip writer reports a failed write (ENOSPC, EIO) as a RuntimeError about file
+    positions; the OSError behind it, naming `path`, is what the user needs to read.
+    """
+    with atomic_open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:
+                raise OSError(cause.errno, cause.strerror, str(path)) from e
+            raise
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Drop the temporary files a killed run left while writing a checkpoint: they are
+    never read (only complete files are renamed into place) but hold up to ~90 MB each."""
+    for name in ("resume.pth", "model.pth", "metrics.json"):
+        for tmp in temp_files(out, name):
+            log.warning("removing %s, left by an interrupted checkpoint write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Iterator[None]:
+    """metrics.json says "failed" (with the error) or, after Ctrl-C, "interrupted". A kill
+    (SIGKILL, or SIGTERM, which the command line turns into SystemExit) leaves "running"
+    and resume.pth, for the same command to go on from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if world.writer:
+            record_outcome(out, {**metrics, "status": "interrupted"})
+        raise TrainingInterrupted(interrupted_message(out)) from None
+    except Exception as e:
+        if world.writer:
+            error = f"{type(e).__name__}: {e}"
+            record_outcome(out, {**metrics, "status": "failed", "error": error})
+        raise
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, saying what to do next (the command line exits 130)."""
+
+
+def interrupted_message(out: Path) -> str:
+    if (out / "resume.pth").is_file():
+        return (
+            f"training run {out.name} interrupted: run the same command again to resume it "
+            "from its last checkpoint"
+        )
+    return (
+        f"training run {out.name} interrupted before its first checkpoint: the same command "
+        "starts it again"
+    )
+
+
+def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
+    try:
+        atomic_write_json(out / "metrics.json", metrics)
+    except OSError as record_error:  # a full volume: the original error matters
+        log.warning("could not record the outcome in metrics.json: %s", record_error)

@@ -61,11 +61,11 @@ def test_environment_variables_configure_training(storage: Path) -> None:
         *QUICK,
         check=True,
         env={
-            "STORAGE_ROOT": str(storage),
-            "RUN_ID": "env",
-            "LR": "0.02",
-            "DEVICE": "cpu",
-            "THREADS": "1",
+            "MNIST_PIPELINE_STORAGE": str(storage),
+            "MNIST_PIPELINE_RUN_ID": "env",
+            "MNIST_PIPELINE_LR": "0.02",
+            "MNIST_PIPELINE_DEVICE": "cpu",
+            "MNIST_PIPELINE_THREADS": "1",
         },
     )
     metrics = json.loads((run_dir(storage, "env") / "metrics.json").read_text())
@@ -207,6 +207,19 @@ def test_a_failure_is_printed_once_and_kept_in_train_log(storage: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "cannot resume run damaged" in (out / "train.log").read_text()
     assert "weights_only=False" not in result.stderr
+
+
+def test_an_older_resume_state_is_a_usage_error_naming_what_it_lacks(storage: Path) -> None:
+    """A resume.pth without a field this version saves (here "evals") exits 2 saying which
+    file, what is missing and what to do; it used to die with a bare KeyError."""
+    out = run_dir(storage, "older")
+    out.mkdir(parents=True)
+    torch.save({"config": {}, "model": {}, "epoch": 0}, out / "resume.pth")
+    result = cli("train", "--storage", storage, "--run-id", "older", *QUICK)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{out / 'resume.pth'}: cannot resume run older" in result.stderr
+    assert "no optimizer, step_in_epoch" in result.stderr and "evals" in result.stderr
+    assert "delete it to train this run from the start" in result.stderr
 
 
 def test_ctrl_c_on_a_terminal_records_the_interruption_and_says_how_to_resume(
