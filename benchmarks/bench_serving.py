@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from common import percentiles
 from mnist_pipeline import client, repository
+from mnist_pipeline.storage import CONFIG_FILE, versions
 from support import prometheus as monitoring
 
 MODEL = "resnet18_mnist"
@@ -171,12 +172,12 @@ def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Pat
     from google.protobuf import text_format
 
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
-        config = repository.parse_config((model_dir / repository.CONFIG_FILE).read_text())
+        config = repository.parse_config((model_dir / CONFIG_FILE).read_text())
         edit(config)
         out = dest / model_dir.name
         out.mkdir(parents=True)
-        (out / repository.CONFIG_FILE).write_text(text_format.MessageToString(config))
-        for version in repository.versions(model_dir):
+        (out / CONFIG_FILE).write_text(text_format.MessageToString(config))
+        for version in versions(model_dir):
             (out / str(version)).mkdir()
             for f in (model_dir / str(version)).iterdir():
                 (out / str(version) / f.name).symlink_to(f.resolve())

@@ -53,11 +53,18 @@ from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, p
 from mnist_pipeline import client, data, repository
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton
-from mnist_pipeline.storage import PipelineFailure, read_json
+from mnist_pipeline.storage import (
+    CONFIG_FILE,
+    DEFAULT_MODEL_NAME,
+    METADATA_FILE,
+    MODEL_FILE,
+    PipelineFailure,
+    read_json,
+)
 from mnist_pipeline.train import TrainConfig, train
 from support import prometheus as monitoring
 
-MODEL = repository.DEFAULT_MODEL_NAME
+MODEL = DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 # The schedule that would meet 0.6× the previous default's seconds, measured beside the
@@ -227,9 +234,7 @@ def bench_serving_section(
     swept: dict[str, Path],
 ) -> dict[str, Any]:
     load_before = load_average()
-    config = repository.parse_config(
-        (storage / "models" / MODEL / repository.CONFIG_FILE).read_text()
-    )
+    config = repository.parse_config((storage / "models" / MODEL / CONFIG_FILE).read_text())
     instances = sum(max(1, g.count) for g in config.instance_group)
     instance_threads = int(config.parameters["intra_op_thread_count"].string_value)
     inprocess = []
@@ -356,12 +361,12 @@ def served_models(repositories: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """What each swept repository serves: precision and accuracy from its metadata.json."""
     models = {}
     for name, models_dir in repositories.items():
-        meta = read_json(models_dir / MODEL / "1" / repository.METADATA_FILE)
+        meta = read_json(models_dir / MODEL / "1" / METADATA_FILE)
         models[name] = {
             "precision": meta.get("precision", "fp32"),
             "accuracy": meta["accuracy"],
             "fp32_accuracy": meta.get("fp32_accuracy", meta["accuracy"]),
-            "bytes": (models_dir / MODEL / "1" / repository.MODEL_FILE).stat().st_size,
+            "bytes": (models_dir / MODEL / "1" / MODEL_FILE).stat().st_size,
         }
     return models
 
@@ -567,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print("export …", file=sys.stderr, flush=True)
         checkpoint = storage / "checkpoints" / "default-seed0" / "model.pth"
         export(storage, repository.TritonConfig(), checkpoint=checkpoint)
-        onnx_path = storage / "models" / MODEL / "1" / repository.MODEL_FILE
+        onnx_path = storage / "models" / MODEL / "1" / MODEL_FILE
         images, labels = data.load(storage, "test")
         x = data.normalize(images)
         if args.only is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from mnist_pipeline import repository, settings
+from mnist_pipeline import repository, settings, storage
 from mnist_pipeline.storage import PipelineFailure, UsageError
 
 if TYPE_CHECKING:
@@ -88,16 +88,16 @@ def check_repository(source: Path) -> list[str]:
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         if model_dir.name.startswith("."):
             continue  # an interrupted export's staging folder, which Triton ignores too
-        config_path = model_dir / repository.CONFIG_FILE
+        config_path = model_dir / storage.CONFIG_FILE
         if not config_path.is_file():
-            raise UsageError(f"{model_dir}: no {repository.CONFIG_FILE}")
+            raise UsageError(f"{model_dir}: no {storage.CONFIG_FILE}")
         config = read_config(config_path)
         if config.platform != repository.PLATFORM and config.backend != ONNX_BACKEND:
             raise UsageError(
                 f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
                 f"local Triton serves only {repository.PLATFORM} models"
             )
-        if not repository.versions(model_dir):
+        if not storage.versions(model_dir):
             raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
         names.append(config.name or model_dir.name)
     if not names:
