@@ -42,7 +42,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "digests": {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
-        "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+        "training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]},
     },
     # Scaling on queue time, its adapter rule and the dashboard: no CRD needed (issue 18).
     "monitoring": {
@@ -264,14 +264,14 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     host = f"{service['metadata']['name']}.ml.svc"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     assert wait["args"][:2] == ["wait", "serving"]
-    assert arg(wait, "run-id") == run_id and arg(wait, "url") == f"{host}:{ports['http']}"
+    assert arg(wait, "run-id") == run_id and arg(wait, "http-url") == f"{host}:{ports['http']}"
     (infer,) = pod_spec(client)["containers"]
     assert infer["args"][0] == "infer" and arg(infer, "url") == f"{host}:{ports['grpc']}"
 
     for obj in workloads(default):
         for c in containers(pod_spec(obj)):
-            timeouts = [a for a in c["args"] if a.startswith("--timeout=")]
-            assert not c["name"].startswith("wait-") or timeouts == ["--timeout=21600"]
+            timeouts = [a for a in c["args"] if a.startswith("--wait-timeout=")]
+            assert not c["name"].startswith("wait-") or timeouts == ["--wait-timeout=21600"]
 
 
 def test_run_ids_follow_the_install_and_the_training_settings(
@@ -284,7 +284,7 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     assert run_id_of(upgraded) != first
     assert re.fullmatch(r"demo-mnist-pipeline-train-[0-9a-f]{7}", job_name(upgraded, "train"))
     train = pod_spec(find(upgraded, "Job", "train"))["containers"][0]
-    assert {"name": "EPOCHS", "value": "3"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": "3"} in train["env"]
     # A reinstall under the same name, without a pinned run, gets a run id of its own.
     time.sleep(1.1)
     assert run_id_of(render()[0]) != run_id_of(default)
@@ -297,11 +297,11 @@ def test_precision_reaches_the_export_job_and_is_part_of_the_run(
     default: list[dict[str, Any]],
 ) -> None:
     export = pod_spec(find(default, "Job", "export"))["containers"][0]
-    assert {"name": "PRECISION", "value": "fp32"} in export["env"]
+    assert {"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"} in export["env"]
     pinned = {"run": {"id": "demo"}}
     int8 = render({**pinned, "export": {"precision": "int8"}}, revision=2)[0]
     export = pod_spec(find(int8, "Job", "export"))["containers"][0]
-    assert {"name": "PRECISION", "value": "int8"} in export["env"]
+    assert {"name": "MNIST_PIPELINE_PRECISION", "value": "int8"} in export["env"]
     # An export setting: the new run exports again (and so trains again, like any).
     assert run_id_of(int8) != run_id_of(render(pinned)[0])
 
@@ -435,7 +435,10 @@ def test_values_reach_the_manifests() -> None:
         {
             "triton": {"replicas": 3},
             "persistence": {"accessModes": ["ReadWriteMany"]},
-            "training": {"epochs": 4, "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+            "training": {
+                "epochs": 4,
+                "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}],
+            },
             "images": {
                 "pipeline": {
                     "repository": "reg.example/ml/pipeline",
@@ -447,8 +450,8 @@ def test_values_reach_the_manifests() -> None:
     )
     assert find(objects, "Deployment", "triton")["spec"]["replicas"] == 3
     train = pod_spec(find(objects, "Job", "train"))["containers"][0]
-    assert {"name": "EPOCHS", "value": "4"} in train["env"]
-    assert {"name": "LIMIT_TRAIN", "value": "512"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": "4"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"} in train["env"]
     assert train["image"] == "reg.example/ml/pipeline:1.2.3"
     assert train["imagePullPolicy"] == "Always"
 

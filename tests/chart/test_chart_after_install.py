@@ -65,7 +65,9 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
     assert {"containerName": "check-settings", "operator": "In", "values": [1, 2]} in rules
     assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["seed-data", "check-settings"]
     # What the render cannot see: extraEnv. 3 images over 2 workers is 1 per rank a step.
-    tiny = merge(WORKERS, {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "3"}]}})
+    tiny = merge(
+        WORKERS, {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3"}]}}
+    )
     bad = check_settings(tiny, tmp_path)
     assert bad.returncode == 2, bad.stderr
     assert "at least 4 images" in bad.stderr
@@ -133,17 +135,20 @@ def test_large_integers_render_without_scientific_notation() -> None:
     assert "e+0" not in text
     train = find(objects, "Job", "train")
     env = {e["name"]: e["value"] for e in pod_spec(train)["containers"][0]["env"]}
-    assert env["CHECKPOINT_EVERY"] == "1000000" and env["EPOCHS"] == "1000"
+    assert (
+        env["MNIST_PIPELINE_CHECKPOINT_EVERY"] == "1000000"
+        and env["MNIST_PIPELINE_EPOCHS"] == "1000"
+    )
     assert train["spec"]["activeDeadlineSeconds"] == big
     client = pod_spec(find(objects, "Job", "client"))
     assert arg(client["containers"][0], "requests") == "1000000"
-    assert arg(client["initContainers"][0], "timeout") == str(big)
+    assert arg(client["initContainers"][0], "wait-timeout") == str(big)
     assert arg(client["initContainers"][1], "keep-runs") == "1000000"
     (test,) = find(objects, "Pod")["spec"]["containers"]
     assert arg(test, "requests") == "1000000"
     pinned, _ = render({"triton": {"servedVersion": 1_000_000}})
     _, pin = pod_spec(find(pinned, "Deployment", "triton"))["initContainers"]
-    assert arg(pin, "version") == "1000000"
+    assert arg(pin, "model-version") == "1000000"
 
 
 # 11. Combinations the API server refuses, or that hang ---------------------------------------

@@ -124,7 +124,7 @@ def test_serving_only_changes_keep_the_run_and_its_jobs(change: str) -> None:
     "change",
     [
         {"training": {"lr": 0.1}},
-        {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]}},
+        {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]}},
         {"export": {"extraEnv": [{"name": "MIN_IMPROVEMENT", "value": "0.01"}]}},
         {"images": {"pipeline": {"tag": "0.2.0"}}},
         {"run": {"id": "other"}},
@@ -314,7 +314,7 @@ def test_the_pin_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) 
     # Export no longer writes them: changing them neither renames nor re-runs it. Its
     # one variable is an export setting of its own, the precision.
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    assert export["env"] == [{"name": "PRECISION", "value": "fp32"}]
+    assert export["env"] == [{"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"}]
 
 
 def test_probe_timeouts_and_initial_delays() -> None:
@@ -475,7 +475,7 @@ def test_serve_only_mode_renders_triton_alone() -> None:
     assert sorted(o["kind"] for o in all_workloads(objects)) == ["Deployment", "Pod"]
     spec = pod_spec(find(objects, "Deployment", "triton"))
     (pin,) = spec["initContainers"]  # no wait: nothing to wait for
-    assert arg(pin, "version") == "run" and not [a for a in pin["args"] if "--run-id" in a]
+    assert arg(pin, "model-version") == "run" and not [a for a in pin["args"] if "--run-id" in a]
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "PersistentVolumeClaim")]
     assert "Serve-only" in notes
@@ -541,7 +541,7 @@ def test_gpus_render_resources_device_and_instance_kind() -> None:
     objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"name": "DEVICE", "value": "cuda"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_DEVICE", "value": "cuda"} in train["env"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not [a for a in triton["args"] if a.startswith("--pinned-memory-pool-byte-size")]
@@ -647,7 +647,7 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     # "run" (the default): the version this run's export chose (what `helm rollback`
     # restores), though a newer one is on the volume.
     pin, _ = pin_container({"run": {"id": "old"}})
-    assert arg(pin, "version") == "run"
+    assert arg(pin, "model-version") == "run"
     run_dir = storage / "checkpoints" / arg(pin, "run-id")
     run_dir.mkdir(parents=True)
     (run_dir / "export.json").write_text('{"status": "skipped", "version": 1}')
@@ -711,15 +711,15 @@ def test_the_client_wait_client_and_helm_test_ask_for_the_served_version() -> No
     for served, wanted in (("run", "run"), (3, "3"), ("", "")):
         objects, _ = render({"triton": {"servedVersion": served}})
         pin, _ = pin_container({"triton": {"servedVersion": served}})
-        assert arg(pin, "version") == wanted
+        assert arg(pin, "model-version") == wanted
         client = pod_spec(find(objects, "Job", "client"))
         wait = client["initContainers"][0]
         assert arg(wait, "model-version") == wanted
         (infer,) = client["containers"]
-        versions = [a for a in infer["args"] if a.startswith("--model-version=")]
-        assert versions == ([f"--model-version={wanted}"] if wanted.isdigit() else [])
+        assert arg(infer, "model-version") == wanted
+        assert arg(infer, "run-id") == run_id(objects)
         (test,) = find(objects, "Pod")["spec"]["containers"]
-        assert arg(test, "version") == wanted
+        assert arg(test, "model-version") == wanted
 
 
 # 17. Retention ---------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ VALUES: dict[str, Any] = {
     "training": {
         "epochs": 1,
         "batchSize": 64,
-        "extraEnv": [{"name": "LIMIT_TRAIN", "value": "3072"}],
+        "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3072"}],
     },
     "client": {"requests": 20, "concurrency": 2},
     "tests": {"requests": 5, "minAccuracy": 0.5},
@@ -448,7 +448,10 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(
     # it is better, and the new Triton serves it.
     more_data = {
         **VALUES,
-        "training": {**VALUES["training"], "extraEnv": [{"name": "LIMIT_TRAIN", "value": "6144"}]},
+        "training": {
+            **VALUES["training"],
+            "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "6144"}],
+        },
     }
     upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
     second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade, engine), upgrade)
@@ -468,10 +471,10 @@ def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
     Triton and client as one worker."""
     (port,) = free_ports(1)  # the rendezvous: masterPort is a value
     extra_env = [
-        {"name": "LIMIT_TRAIN", "value": "1024"},
-        {"name": "LIMIT_TEST", "value": "1000"},
+        {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "1024"},
+        {"name": "MNIST_PIPELINE_LIMIT_TEST", "value": "1000"},
         # A pod's CPU limit is its own; here both ranks share 2 cores: one thread each.
-        {"name": "THREADS", "value": "1"},
+        {"name": "MNIST_PIPELINE_THREADS", "value": "1"},
     ]
     values = {
         **VALUES,
@@ -535,7 +538,7 @@ def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> 
     (done / "metrics.json").write_text('{"status": "complete"}')
     (export_pod,) = job_pods(find(second, "Job", "export"))
     (wait,) = export_pod["spec"]["initContainers"]
-    wait = {**wait, "args": [*wait["args"], "--timeout=2"]}  # the last --timeout wins
+    wait = {**wait, "args": [*wait["args"], "--wait-timeout=2"]}  # the last --wait-timeout wins
     process = r.start(wait, export_pod, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()

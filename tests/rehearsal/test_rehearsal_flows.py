@@ -30,7 +30,7 @@ def values(epochs: int, **triton: Any) -> dict[str, Any]:
         "training": {
             **VALUES["training"],
             "epochs": epochs,
-            "extraEnv": [{"name": "LIMIT_TRAIN", "value": "3072"}],
+            "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3072"}],
         },
         "tests": {"requests": 5, "minAccuracy": 0.5},
         "triton": {**VALUES["triton"], **triton},

@@ -318,8 +318,9 @@ automountServiceAccountToken: false
     - --storage=/storage
     - --run-id={{ include "mnist-pipeline.runId" $ctx }}
     - --job={{ .job }}
-    - --timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
-    - --interval={{ $ctx.Values.waits.intervalSeconds }}
+    - --namespace={{ $ctx.Release.Namespace }}
+    - --wait-timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
+    - --wait-interval={{ $ctx.Values.waits.intervalSeconds }}
     {{- range .args }}
     - {{ . | quote }}
     {{- end }}
