@@ -367,6 +367,46 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
         assert job["podFailurePolicy"]["rules"]
 
 
+# Every optional part of the chart at once: each pod template it can render.
+ALL_FEATURES: dict[str, Any] = {
+    **SCENARIOS["cluster"],
+    "apiVersions": ["monitoring.coreos.com/v1"],
+    "triton": {
+        **SCENARIOS["cluster"]["triton"],
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True},
+        "queueTimeMetric": {"adapterRule": {"enabled": True}},
+    },
+    "training": {**SCENARIOS["cluster"]["training"], "syncBatchNorm": False},
+}
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind/name, pod spec) of every object that makes pods, whatever its kind."""
+    found = []
+    for obj in objects:
+        spec = obj.get("spec", {})
+        template = spec.get("template", spec.get("jobTemplate", {}).get("spec", {}).get("template"))
+        pod = obj["spec"] if obj["kind"] == "Pod" else (template or {}).get("spec")
+        if pod is not None:
+            found.append((f"{obj['kind']}/{obj['metadata']['name']}", pod))
+    return found
+
+
+def test_no_pod_gets_the_namespaces_services_as_environment() -> None:
+    """The CLI reads MNIST_PIPELINE_* from the environment: Service links could set some."""
+    for values, kinds in (
+        (ALL_FEATURES, {"Job", "Deployment", "Pod"}),
+        ({"serveOnly": True}, {"Deployment", "Pod"}),
+    ):
+        objects, _ = render(values)
+        pods = pod_templates(objects)
+        assert {name.split("/")[0] for name, _ in pods} == kinds
+        for name, spec in pods:
+            assert spec.get("enableServiceLinks") is False, name
+
+
 def test_rbac_is_least_privilege_and_off_the_default_account(
     default: list[dict[str, Any]],
 ) -> None:

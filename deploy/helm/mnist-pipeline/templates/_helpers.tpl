@@ -186,6 +186,11 @@ is attached (the first pod matches its own term, so it schedules anywhere).
 {{- define "mnist-pipeline.podSpecCommon" -}}
 {{- $ctx := .ctx }}
 {{- $c := .values }}
+{{- /* No <SERVICE>_* variables: every Service of the namespace would otherwise land in
+the environment, where the CLI reads its MNIST_PIPELINE_* settings (release mnist-pipeline's
+Service mnist-pipeline-triton would set MNIST_PIPELINE_TRITON_PORT and the like). The API
+server's KUBERNETES_SERVICE_HOST, which the waits use, is injected regardless. */}}
+enableServiceLinks: false
 {{- with $ctx.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
