@@ -501,13 +501,23 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     service = find(default, "Service", "triton")
-    assert c["command"] == ["python3", "-c"] and "mnist_pipeline" in c["args"][0]
+    assert c["command"] == ["mnist-pipeline"] and c["args"][0] == "infer"
     assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
-    # It checks this run's version and an accuracy floor; the volume is read-only to it.
+    # It asks for this run's version with an accuracy floor; the volume is read-only to it,
+    # so its results go to /tmp, an emptyDir.
     assert arg(c, "run-id") == run_id_of(default)
+    assert arg(c, "model-version") == "run"
     assert float(arg(c, "min-accuracy")) == 0.9
-    (storage,) = [m for m in c["volumeMounts"] if m["name"] == "storage"]
-    assert storage["readOnly"] is True
+    assert arg(c, "images-per-request") == "8"
+    assert arg(c, "output") == "/tmp/helm-test"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["storage"]["readOnly"] is True and mounts["tmp"]["mountPath"] == "/tmp"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes["tmp"]
+    # Serve-only: no run to resolve "run" against; ask for the newest, which the pin serves.
+    serve_only, _ = render({"serveOnly": True})
+    (c,) = find(serve_only, "Pod")["spec"]["containers"]
+    assert arg(c, "model-version") == "" and not [a for a in c["args"] if "--run-id" in a]
 
 
 def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:

@@ -428,6 +428,13 @@ scientific notation). */}}
 {{- if kindIs "string" $v }}{{ $v }}{{ else }}{{ int64 $v }}{{ end }}
 {{- end }}
 
+{{/* The version a client asks Triton for: triton.servedVersion, except that serve-only
+mode has no run to resolve "run" against, and its pin serves the newest: "" asks for that. */}}
+{{- define "mnist-pipeline.requestedVersion" -}}
+{{- $v := include "mnist-pipeline.servedVersion" . }}
+{{- if and .Values.serveOnly (eq $v "run") }}{{ else }}{{ $v }}{{ end }}
+{{- end }}
+
 {{/* A resource quantity ("500m", "2", 1.5, "1Gi", "512Mi") as a plain number. */}}
 {{- define "mnist-pipeline.quantity" -}}
 {{- $q := toString . }}
