@@ -293,6 +293,14 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     assert run_id_of(objects) in notes
 
 
+@pytest.mark.parametrize(("epochs", "shown"), [(0.8, "0.8"), (3, "3"), (1000, "1000")])
+def test_notes_and_the_train_env_show_the_epochs_as_given(epochs: float, shown: str) -> None:
+    objects, notes = render({"training": {"epochs": epochs}})
+    assert f"train {shown} epoch(s)" in notes
+    train = pod_spec(find(objects, "Job", "train"))["containers"][0]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": shown} in train["env"]
+
+
 def test_precision_reaches_the_export_job_and_is_part_of_the_run(
     default: list[dict[str, Any]],
 ) -> None:

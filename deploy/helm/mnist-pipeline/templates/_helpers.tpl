@@ -428,6 +428,13 @@ scientific notation). */}}
 {{- if kindIs "string" $v }}{{ $v }}{{ else }}{{ int64 $v }}{{ end }}
 {{- end }}
 
+{{/* training.epochs as the CLI reads it: a whole number without a fraction or exponent
+(1000000, never 1e+06), a fraction as it is (0.8: the share of one pass). */}}
+{{- define "mnist-pipeline.epochs" -}}
+{{- $e := .Values.training.epochs }}
+{{- if eq (float64 $e) (floor $e) }}{{ int64 $e }}{{ else }}{{ $e }}{{ end }}
+{{- end }}
+
 {{/* The version a client asks Triton for: triton.servedVersion, except that serve-only
 mode has no run to resolve "run" against, and its pin serves the newest: "" asks for that. */}}
 {{- define "mnist-pipeline.requestedVersion" -}}
