@@ -44,7 +44,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
         "training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]},
     },
-    # Scaling on queue time, its adapter rule and the dashboard: no CRD needed (issue 18).
+    # Scaling on queue time, its adapter rule and the dashboard: no CRD needed.
     "monitoring": {
         "persistence": {"accessModes": ["ReadWriteMany"]},
         "triton": {
@@ -53,7 +53,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "dashboard": {"enabled": True},
         },
     },
-    # Most of what a real cluster may need at once (issues 11 and 12).
+    # Most of what a real cluster may need at once.
     "cluster": {
         "run": {"id": "prod"},
         "persistence": {"accessModes": ["ReadWriteMany"], "subPath": "mnist"},
@@ -365,7 +365,7 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
     assert triton["command"] == ["tritonserver"]
     assert "--model-repository=/pinned" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
-    assert triton["image"] == "mnist-pipeline/triton:0.1.0"
+    assert triton["image"] == "mnist-pipeline/triton:0.2.0"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -530,7 +530,7 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
 
 def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
     archive = Path(helm_python.package(str(CHART), destination=tmp_path))
-    assert archive.name == "mnist-pipeline-0.1.0.tgz"
+    assert archive.name == "mnist-pipeline-0.2.0.tgz"
     with helm_python.Chart.load(str(archive)) as chart:
         files = chart.render({}, name="demo", namespace="ml")
     kinds = sorted(

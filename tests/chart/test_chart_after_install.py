@@ -1,4 +1,4 @@
-"""The chart after install (issue 17), at render level: refusals with their reasons, numbers
+"""The chart after install, at render level: refusals with their reasons, numbers
 as the API server and the CLI read them, Job names that survive a chart version bump, the
 upgrade's peak requests, OpenShift's arbitrary uid, Triton's preStop pause; and the
 multi-worker settings check, run from its rendered command line."""
@@ -20,7 +20,7 @@ from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
 
 from support.chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
 
-# 4. Settings every rank would reject: refused at render time, or checked before torchrun ------
+# Settings every rank would reject: refused at render time, or checked before torchrun ------
 
 WORKERS = merge(RWX, {"training": {"workers": 2}})
 
@@ -76,7 +76,7 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
     assert not (tmp_path / "checkpoints").exists()  # a check, not a run
 
 
-# 6. A retraining upgrade fits a 2-CPU kind node --------------------------------------------
+# A retraining upgrade fits a 2-CPU kind node --------------------------------------------
 
 KIND_NODE_FREE_CPU = 2 - 0.95  # kind's control plane requests about 0.95 CPU
 
@@ -97,7 +97,7 @@ def test_the_upgrade_peak_fits_a_2_cpu_kind_node() -> None:
     assert sum(pod_requests(p, "memory") for p in pods) <= 3 * 2**30
 
 
-# 8. OpenShift: restricted-v2 assigns the uid and fsGroup itself ------------------------------
+# OpenShift: restricted-v2 assigns the uid and fsGroup itself ------------------------------
 
 
 def test_run_as_user_and_fs_group_can_be_left_to_the_platform() -> None:
@@ -111,7 +111,7 @@ def test_run_as_user_and_fs_group_can_be_left_to_the_platform() -> None:
             assert context["runAsNonRoot"] is True
 
 
-# 10. Large integers as integers --------------------------------------------------------------
+# Large integers as integers --------------------------------------------------------------
 
 
 def test_large_integers_render_without_scientific_notation() -> None:
@@ -151,7 +151,7 @@ def test_large_integers_render_without_scientific_notation() -> None:
     assert arg(pin, "model-version") == "1000000"
 
 
-# 11. Combinations the API server refuses, or that hang ---------------------------------------
+# Combinations the API server refuses, or that hang ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_requests_equal_to_limits_and_extended_resources_pass() -> None:
     install_manifest(values)
 
 
-# 12. GPUs need a CUDA build of the pipeline image -------------------------------------------
+# GPUs need a CUDA build of the pipeline image -------------------------------------------
 
 
 def test_training_gpus_need_a_cuda_pipeline_image() -> None:
@@ -203,7 +203,7 @@ def test_training_gpus_need_a_cuda_pipeline_image() -> None:
     install_manifest(merge(cuda, {"training": {"gpus": 1}}))
 
 
-# 14. A chart version bump renames no Job and rolls no pod ------------------------------------
+# A chart version bump renames no Job and rolls no pod ------------------------------------
 
 
 def render_chart(chart: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,7 +235,7 @@ def test_a_chart_version_bump_keeps_job_names_and_pod_templates(tmp_path: Path) 
     )
 
 
-# 15. Triton keeps serving while endpoints drop it ---------------------------------------------
+# Triton keeps serving while endpoints drop it ---------------------------------------------
 
 
 def test_triton_pauses_before_sigterm() -> None:
@@ -249,7 +249,7 @@ def test_triton_pauses_before_sigterm() -> None:
     assert "lifecycle" not in off["containers"][0]
 
 
-# 5. GitOps without run.id, and RWX without a class: said where the user reads it ------------
+# GitOps without run.id, and RWX without a class: said where the user reads it ------------
 
 
 def test_notes_warn_about_an_unpinned_run_and_rwx_without_a_class() -> None:

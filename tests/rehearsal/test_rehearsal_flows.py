@@ -1,4 +1,4 @@
-"""Rehearse what users do after an install (issue 17): a retraining upgrade, `helm rollback`,
+"""Rehearse what users do after an install: a retraining upgrade, `helm rollback`,
 pinning a version and retuning Triton, with the chart's own command lines run locally as in
 test_rehearsal (the real tritonserver, real training on real MNIST, one shared volume).
 """
