@@ -20,23 +20,9 @@ from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
 
 from support.chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
 
-# Settings every rank would reject: refused at render time, or checked before torchrun ------
+# Settings every rank would reject: check-train refuses them before torchrun ------------------
 
 WORKERS = merge(RWX, {"training": {"workers": 2}})
-
-
-@pytest.mark.parametrize(
-    ("values", "reason"),
-    [
-        (merge(WORKERS, {"training": {"batchSize": 129}}), "must split evenly"),
-        (merge(WORKERS, {"training": {"batchSize": 2}}), "fewer than 2 images"),
-        ({"training": {"syncBatchNorm": True}}, "syncBatchNorm needs GPUs"),
-    ],
-)
-def test_settings_every_rank_rejects_are_refused_at_render_time(
-    values: dict[str, Any], reason: str
-) -> None:
-    assert reason in refused(values)
 
 
 def check_settings(values: dict[str, Any], storage: Path) -> subprocess.CompletedProcess[str]:
@@ -74,6 +60,39 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
     good = check_settings(WORKERS, tmp_path)
     assert good.returncode == 0, good.stderr
     assert not (tmp_path / "checkpoints").exists()  # a check, not a run
+
+
+@pytest.mark.parametrize(
+    ("values", "env", "reason"),
+    [
+        (
+            merge(WORKERS, {"training": {"batchSize": 129}}),
+            ("MNIST_PIPELINE_BATCH_SIZE", "129"),
+            "must split evenly over 2 ranks",
+        ),
+        (
+            merge(WORKERS, {"training": {"batchSize": 2}}),
+            ("MNIST_PIPELINE_BATCH_SIZE", "2"),
+            "at least 4 images",
+        ),
+        (
+            merge(WORKERS, {"training": {"syncBatchNorm": True}}),
+            ("MNIST_PIPELINE_SYNC_BN", "true"),
+            "--sync-bn needs CUDA",
+        ),
+    ],
+)
+def test_settings_every_rank_rejects_reach_check_train_unchanged(
+    values: dict[str, Any], env: tuple[str, str], reason: str, tmp_path: Path
+) -> None:
+    """The chart renders them as given; check-train, in each worker pod before torchrun,
+    refuses them with the CLI's own message (exit 2: the Job fails at once)."""
+    job = find(render(values)[0], "Job", "train")
+    for container in pod_spec(job)["initContainers"][1:] + pod_spec(job)["containers"]:
+        assert {"name": env[0], "value": env[1]} in container["env"], container["name"]
+    refused_here = check_settings(values, tmp_path)
+    assert refused_here.returncode == 2, refused_here.stderr
+    assert reason in refused_here.stderr
 
 
 # A retraining upgrade fits a 2-CPU kind node --------------------------------------------
@@ -186,6 +205,31 @@ def test_combinations_the_api_server_refuses_fail_with_the_reason(
     values: dict[str, Any], reason: str
 ) -> None:
     assert reason in refused(values)
+
+
+def test_every_refusal_is_reported_in_one_failure() -> None:
+    """Like bitnami's validateValues: all the reasons at once, not one per attempt."""
+    values = merge(
+        RWX,
+        {
+            "triton": {
+                "ingress": {"enabled": True},
+                "autoscaling": {"enabled": True, "minReplicas": 5},
+            },
+            "training": {"resources": {"requests": {"cpu": "3"}}},
+            "export": {"activeDeadlineSeconds": 60},
+        },
+    )
+    reasons = refused(values)
+    assert reasons.count("VALUES VALIDATION") == 1
+    for reason in (
+        "needs at least one entry in triton.ingress.hosts",
+        "the NetworkPolicy admits only this release's pods",
+        "minReplicas (5) is above maxReplicas (4)",
+        "training.resources: the cpu request (3) is above its limit (2)",
+        "export.activeDeadlineSeconds (60) counts the wait",
+    ):
+        assert reason in reasons
 
 
 def test_requests_equal_to_limits_and_extended_resources_pass() -> None:
