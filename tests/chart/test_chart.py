@@ -167,31 +167,52 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
     assert not [f for f in failed if f["check_id"] == "CKV_K8S_43" and "digests" in f["file_path"]]
 
 
-# values.schema.json ----------------------------------------------------------------------
+# values.schema.json: only what the API server refuses -----------------------------------
 
-BAD_VALUES = {
-    "negative epochs": {"training": {"epochs": -1}},
-    "zero epochs": {"training": {"epochs": 0}},
-    "epochs as text": {"training": {"epochs": "ten"}},
-    "batch of one": {"training": {"batchSize": 1}},
-    "zero lr": {"training": {"lr": 0}},
+SCHEMA_REFUSES = {
     "negative replicas": {"triton": {"replicas": -1}},
     "port out of range": {"triton": {"ports": {"http": 70000}}},
-    "latest tag": {"images": {"pipeline": {"tag": "latest"}}},
     "bad pull policy": {"images": {"client": {"pullPolicy": "Sometimes"}}},
     "unknown key": {"trainning": {"epochs": 3}},
-    "zero timeout": {"waits": {"timeoutSeconds": 0}},
-    "bad size": {"persistence": {"size": "lots"}},
-    "bad env name": {"training": {"extraEnv": [{"name": "LIMIT TRAIN", "value": "1"}]}},
-    "unknown precision": {"export": {"precision": "fp16"}},
+    "bad service type": {"triton": {"service": {"type": "External"}}},
+    "bad ingress port": {"triton": {"ingress": {"port": "metrics"}}},
 }
 
 
-@pytest.mark.parametrize("case", BAD_VALUES)
-def test_schema_rejects_bad_values(case: str) -> None:
-    assert lint(BAD_VALUES[case])["errors"] != []
+@pytest.mark.parametrize("case", SCHEMA_REFUSES)
+def test_schema_refuses_what_the_api_server_would(case: str) -> None:
+    assert lint(SCHEMA_REFUSES[case])["errors"] != []
     with pytest.raises(helm_python.HelmError):
-        install_manifest(BAD_VALUES[case])
+        install_manifest(SCHEMA_REFUSES[case])
+
+
+# Settings the CLI checks: rendered as given, for the pod to refuse with the CLI's message.
+CLI_SETTINGS = {
+    "negative epochs": ({"training": {"epochs": -1}}, "train", "MNIST_PIPELINE_EPOCHS", "-1"),
+    "zero epochs": ({"training": {"epochs": 0}}, "train", "MNIST_PIPELINE_EPOCHS", "0"),
+    "epochs as text": ({"training": {"epochs": "ten"}}, "train", "MNIST_PIPELINE_EPOCHS", "ten"),
+    "batch of one": ({"training": {"batchSize": 1}}, "train", "MNIST_PIPELINE_BATCH_SIZE", "1"),
+    "zero lr": ({"training": {"lr": 0}}, "train", "MNIST_PIPELINE_LR", "0"),
+    "unknown precision": (
+        {"export": {"precision": "fp16"}},
+        "export",
+        "MNIST_PIPELINE_PRECISION",
+        "fp16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CLI_SETTINGS)
+def test_settings_the_cli_checks_reach_the_pod_unchanged(case: str) -> None:
+    values, stage, name, value = CLI_SETTINGS[case]
+    container = pod_spec(find(render(values)[0], "Job", stage))["containers"][0]
+    assert {"name": name, "value": value} in container["env"]
+
+
+def test_a_zero_wait_timeout_reaches_the_waits_unchanged() -> None:
+    objects, _ = render({"waits": {"timeoutSeconds": 0}})
+    (wait,) = pod_spec(find(objects, "Job", "export"))["initContainers"]
+    assert arg(wait, "wait-timeout") == "0"
 
 
 # Structure ---------------------------------------------------------------------------------
@@ -293,7 +314,7 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     assert run_id_of(objects) in notes
 
 
-@pytest.mark.parametrize(("epochs", "shown"), [(0.8, "0.8"), (3, "3"), (1000, "1000")])
+@pytest.mark.parametrize(("epochs", "shown"), [(0.8, "0.8"), (3, "3"), (1_000_000, "1000000")])
 def test_notes_and_the_train_env_show_the_epochs_as_given(epochs: float, shown: str) -> None:
     objects, notes = render({"training": {"epochs": epochs}})
     assert f"train {shown} epoch(s)" in notes

@@ -218,6 +218,7 @@ def test_every_refusal_is_reported_in_one_failure() -> None:
             },
             "training": {"resources": {"requests": {"cpu": "3"}}},
             "export": {"activeDeadlineSeconds": 60},
+            "persistence": {"size": "lots"},
         },
     )
     reasons = refused(values)
@@ -228,8 +229,13 @@ def test_every_refusal_is_reported_in_one_failure() -> None:
         "minReplicas (5) is above maxReplicas (4)",
         "training.resources: the cpu request (3) is above its limit (2)",
         "export.activeDeadlineSeconds (60) counts the wait",
+        'persistence.size "lots" is not a Kubernetes quantity',
     ):
         assert reason in reasons
+
+
+def test_an_empty_claim_is_refused() -> None:
+    assert "persistence.size must be above 0" in refused({"persistence": {"size": "0Gi"}})
 
 
 def test_requests_equal_to_limits_and_extended_resources_pass() -> None:

@@ -342,7 +342,7 @@ def test_sub_path_reaches_every_storage_mount() -> None:
     assert lint({"persistence": {"subPath": "../up"}})["errors"] != []
 
 
-# 11, 13. Subcharts and names ----------------------------------------------------------------
+# Subcharts and names ----------------------------------------------------------------
 
 
 def test_global_values_are_accepted() -> None:

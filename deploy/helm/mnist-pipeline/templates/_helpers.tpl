@@ -455,10 +455,11 @@ scientific notation). */}}
 {{- end }}
 
 {{/* training.epochs as the CLI reads it: a whole number without a fraction or exponent
-(1000000, never 1e+06), a fraction as it is (0.8: the share of one pass). */}}
+(1000000, never 1e+06), a fraction or a string as it is (0.8: the share of one pass;
+anything else is the CLI's to refuse). */}}
 {{- define "mnist-pipeline.epochs" -}}
 {{- $e := .Values.training.epochs }}
-{{- if eq (float64 $e) (floor $e) }}{{ int64 $e }}{{ else }}{{ $e }}{{ end }}
+{{- if and (not (kindIs "string" $e)) (eq (float64 $e) (floor $e)) }}{{ int64 $e }}{{ else }}{{ $e }}{{ end }}
 {{- end }}
 
 {{/* The version a client asks Triton for: triton.servedVersion, except that serve-only
