@@ -42,9 +42,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "digests": {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
-        "training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+        "training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]},
     },
-    # Scaling on queue time, its adapter rule and the dashboard: no CRD needed (issue 18).
+    # Scaling on queue time, its adapter rule and the dashboard: no CRD needed.
     "monitoring": {
         "persistence": {"accessModes": ["ReadWriteMany"]},
         "triton": {
@@ -53,7 +53,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "dashboard": {"enabled": True},
         },
     },
-    # Most of what a real cluster may need at once (issues 11 and 12).
+    # Most of what a real cluster may need at once.
     "cluster": {
         "run": {"id": "prod"},
         "persistence": {"accessModes": ["ReadWriteMany"], "subPath": "mnist"},
@@ -167,31 +167,52 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
     assert not [f for f in failed if f["check_id"] == "CKV_K8S_43" and "digests" in f["file_path"]]
 
 
-# values.schema.json ----------------------------------------------------------------------
+# values.schema.json: only what the API server refuses -----------------------------------
 
-BAD_VALUES = {
-    "negative epochs": {"training": {"epochs": -1}},
-    "zero epochs": {"training": {"epochs": 0}},
-    "epochs as text": {"training": {"epochs": "ten"}},
-    "batch of one": {"training": {"batchSize": 1}},
-    "zero lr": {"training": {"lr": 0}},
+SCHEMA_REFUSES = {
     "negative replicas": {"triton": {"replicas": -1}},
     "port out of range": {"triton": {"ports": {"http": 70000}}},
-    "latest tag": {"images": {"pipeline": {"tag": "latest"}}},
     "bad pull policy": {"images": {"client": {"pullPolicy": "Sometimes"}}},
     "unknown key": {"trainning": {"epochs": 3}},
-    "zero timeout": {"waits": {"timeoutSeconds": 0}},
-    "bad size": {"persistence": {"size": "lots"}},
-    "bad env name": {"training": {"extraEnv": [{"name": "LIMIT TRAIN", "value": "1"}]}},
-    "unknown precision": {"export": {"precision": "fp16"}},
+    "bad service type": {"triton": {"service": {"type": "External"}}},
+    "bad ingress port": {"triton": {"ingress": {"port": "metrics"}}},
 }
 
 
-@pytest.mark.parametrize("case", BAD_VALUES)
-def test_schema_rejects_bad_values(case: str) -> None:
-    assert lint(BAD_VALUES[case])["errors"] != []
+@pytest.mark.parametrize("case", SCHEMA_REFUSES)
+def test_schema_refuses_what_the_api_server_would(case: str) -> None:
+    assert lint(SCHEMA_REFUSES[case])["errors"] != []
     with pytest.raises(helm_python.HelmError):
-        install_manifest(BAD_VALUES[case])
+        install_manifest(SCHEMA_REFUSES[case])
+
+
+# Settings the CLI checks: rendered as given, for the pod to refuse with the CLI's message.
+CLI_SETTINGS = {
+    "negative epochs": ({"training": {"epochs": -1}}, "train", "MNIST_PIPELINE_EPOCHS", "-1"),
+    "zero epochs": ({"training": {"epochs": 0}}, "train", "MNIST_PIPELINE_EPOCHS", "0"),
+    "epochs as text": ({"training": {"epochs": "ten"}}, "train", "MNIST_PIPELINE_EPOCHS", "ten"),
+    "batch of one": ({"training": {"batchSize": 1}}, "train", "MNIST_PIPELINE_BATCH_SIZE", "1"),
+    "zero lr": ({"training": {"lr": 0}}, "train", "MNIST_PIPELINE_LR", "0"),
+    "unknown precision": (
+        {"export": {"precision": "fp16"}},
+        "export",
+        "MNIST_PIPELINE_PRECISION",
+        "fp16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CLI_SETTINGS)
+def test_settings_the_cli_checks_reach_the_pod_unchanged(case: str) -> None:
+    values, stage, name, value = CLI_SETTINGS[case]
+    container = pod_spec(find(render(values)[0], "Job", stage))["containers"][0]
+    assert {"name": name, "value": value} in container["env"]
+
+
+def test_a_zero_wait_timeout_reaches_the_waits_unchanged() -> None:
+    objects, _ = render({"waits": {"timeoutSeconds": 0}})
+    (wait,) = pod_spec(find(objects, "Job", "export"))["initContainers"]
+    assert arg(wait, "wait-timeout") == "0"
 
 
 # Structure ---------------------------------------------------------------------------------
@@ -264,14 +285,14 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     host = f"{service['metadata']['name']}.ml.svc"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     assert wait["args"][:2] == ["wait", "serving"]
-    assert arg(wait, "run-id") == run_id and arg(wait, "url") == f"{host}:{ports['http']}"
+    assert arg(wait, "run-id") == run_id and arg(wait, "http-url") == f"{host}:{ports['http']}"
     (infer,) = pod_spec(client)["containers"]
     assert infer["args"][0] == "infer" and arg(infer, "url") == f"{host}:{ports['grpc']}"
 
     for obj in workloads(default):
         for c in containers(pod_spec(obj)):
-            timeouts = [a for a in c["args"] if a.startswith("--timeout=")]
-            assert not c["name"].startswith("wait-") or timeouts == ["--timeout=21600"]
+            timeouts = [a for a in c["args"] if a.startswith("--wait-timeout=")]
+            assert not c["name"].startswith("wait-") or timeouts == ["--wait-timeout=21600"]
 
 
 def test_run_ids_follow_the_install_and_the_training_settings(
@@ -284,7 +305,7 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     assert run_id_of(upgraded) != first
     assert re.fullmatch(r"demo-mnist-pipeline-train-[0-9a-f]{7}", job_name(upgraded, "train"))
     train = pod_spec(find(upgraded, "Job", "train"))["containers"][0]
-    assert {"name": "EPOCHS", "value": "3"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": "3"} in train["env"]
     # A reinstall under the same name, without a pinned run, gets a run id of its own.
     time.sleep(1.1)
     assert run_id_of(render()[0]) != run_id_of(default)
@@ -293,15 +314,23 @@ def test_run_ids_follow_the_install_and_the_training_settings(
     assert run_id_of(objects) in notes
 
 
+@pytest.mark.parametrize(("epochs", "shown"), [(0.8, "0.8"), (3, "3"), (1_000_000, "1000000")])
+def test_notes_and_the_train_env_show_the_epochs_as_given(epochs: float, shown: str) -> None:
+    objects, notes = render({"training": {"epochs": epochs}})
+    assert f"train {shown} epoch(s)" in notes
+    train = pod_spec(find(objects, "Job", "train"))["containers"][0]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": shown} in train["env"]
+
+
 def test_precision_reaches_the_export_job_and_is_part_of_the_run(
     default: list[dict[str, Any]],
 ) -> None:
     export = pod_spec(find(default, "Job", "export"))["containers"][0]
-    assert {"name": "PRECISION", "value": "fp32"} in export["env"]
+    assert {"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"} in export["env"]
     pinned = {"run": {"id": "demo"}}
     int8 = render({**pinned, "export": {"precision": "int8"}}, revision=2)[0]
     export = pod_spec(find(int8, "Job", "export"))["containers"][0]
-    assert {"name": "PRECISION", "value": "int8"} in export["env"]
+    assert {"name": "MNIST_PIPELINE_PRECISION", "value": "int8"} in export["env"]
     # An export setting: the new run exports again (and so trains again, like any).
     assert run_id_of(int8) != run_id_of(render(pinned)[0])
 
@@ -357,7 +386,7 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
     assert triton["command"] == ["tritonserver"]
     assert "--model-repository=/pinned" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
-    assert triton["image"] == "mnist-pipeline/triton:0.1.0"
+    assert triton["image"] == "mnist-pipeline/triton:0.2.0"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -365,6 +394,46 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
         job = find(default, "Job", component)["spec"]
         assert job["backoffLimit"] >= 1 and job["ttlSecondsAfterFinished"] > 0
         assert job["podFailurePolicy"]["rules"]
+
+
+# Every optional part of the chart at once: each pod template it can render.
+ALL_FEATURES: dict[str, Any] = {
+    **SCENARIOS["cluster"],
+    "apiVersions": ["monitoring.coreos.com/v1"],
+    "triton": {
+        **SCENARIOS["cluster"]["triton"],
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True},
+        "queueTimeMetric": {"adapterRule": {"enabled": True}},
+    },
+    "training": {**SCENARIOS["cluster"]["training"], "syncBatchNorm": False},
+}
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind/name, pod spec) of every object that makes pods, whatever its kind."""
+    found = []
+    for obj in objects:
+        spec = obj.get("spec", {})
+        template = spec.get("template", spec.get("jobTemplate", {}).get("spec", {}).get("template"))
+        pod = obj["spec"] if obj["kind"] == "Pod" else (template or {}).get("spec")
+        if pod is not None:
+            found.append((f"{obj['kind']}/{obj['metadata']['name']}", pod))
+    return found
+
+
+def test_no_pod_gets_the_namespaces_services_as_environment() -> None:
+    """The CLI reads MNIST_PIPELINE_* from the environment: Service links could set some."""
+    for values, kinds in (
+        (ALL_FEATURES, {"Job", "Deployment", "Pod"}),
+        ({"serveOnly": True}, {"Deployment", "Pod"}),
+    ):
+        objects, _ = render(values)
+        pods = pod_templates(objects)
+        assert {name.split("/")[0] for name, _ in pods} == kinds
+        for name, spec in pods:
+            assert spec.get("enableServiceLinks") is False, name
 
 
 def test_rbac_is_least_privilege_and_off_the_default_account(
@@ -435,7 +504,10 @@ def test_values_reach_the_manifests() -> None:
         {
             "triton": {"replicas": 3},
             "persistence": {"accessModes": ["ReadWriteMany"]},
-            "training": {"epochs": 4, "extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]},
+            "training": {
+                "epochs": 4,
+                "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}],
+            },
             "images": {
                 "pipeline": {
                     "repository": "reg.example/ml/pipeline",
@@ -447,8 +519,8 @@ def test_values_reach_the_manifests() -> None:
     )
     assert find(objects, "Deployment", "triton")["spec"]["replicas"] == 3
     train = pod_spec(find(objects, "Job", "train"))["containers"][0]
-    assert {"name": "EPOCHS", "value": "4"} in train["env"]
-    assert {"name": "LIMIT_TRAIN", "value": "512"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_EPOCHS", "value": "4"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"} in train["env"]
     assert train["image"] == "reg.example/ml/pipeline:1.2.3"
     assert train["imagePullPolicy"] == "Always"
 
@@ -458,18 +530,28 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     service = find(default, "Service", "triton")
-    assert c["command"] == ["python3", "-c"] and "mnist_pipeline" in c["args"][0]
+    assert c["command"] == ["mnist-pipeline"] and c["args"][0] == "infer"
     assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
-    # It checks this run's version and an accuracy floor; the volume is read-only to it.
+    # It asks for this run's version with an accuracy floor; the volume is read-only to it,
+    # so its results go to /tmp, an emptyDir.
     assert arg(c, "run-id") == run_id_of(default)
+    assert arg(c, "model-version") == "run"
     assert float(arg(c, "min-accuracy")) == 0.9
-    (storage,) = [m for m in c["volumeMounts"] if m["name"] == "storage"]
-    assert storage["readOnly"] is True
+    assert arg(c, "images-per-request") == "8"
+    assert arg(c, "output") == "/tmp/helm-test"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["storage"]["readOnly"] is True and mounts["tmp"]["mountPath"] == "/tmp"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes["tmp"]
+    # Serve-only: no run to resolve "run" against; ask for the newest, which the pin serves.
+    serve_only, _ = render({"serveOnly": True})
+    (c,) = find(serve_only, "Pod")["spec"]["containers"]
+    assert arg(c, "model-version") == "" and not [a for a in c["args"] if "--run-id" in a]
 
 
 def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
     archive = Path(helm_python.package(str(CHART), destination=tmp_path))
-    assert archive.name == "mnist-pipeline-0.1.0.tgz"
+    assert archive.name == "mnist-pipeline-0.2.0.tgz"
     with helm_python.Chart.load(str(archive)) as chart:
         files = chart.render({}, name="demo", namespace="ml")
     kinds = sorted(

@@ -1,4 +1,4 @@
-"""The chart after install (issue 17), at render level: refusals with their reasons, numbers
+"""The chart after install, at render level: refusals with their reasons, numbers
 as the API server and the CLI read them, Job names that survive a chart version bump, the
 upgrade's peak requests, OpenShift's arbitrary uid, Triton's preStop pause; and the
 multi-worker settings check, run from its rendered command line."""
@@ -20,23 +20,9 @@ from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
 
 from support.chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
 
-# 4. Settings every rank would reject: refused at render time, or checked before torchrun ------
+# Settings every rank would reject: check-train refuses them before torchrun ------------------
 
 WORKERS = merge(RWX, {"training": {"workers": 2}})
-
-
-@pytest.mark.parametrize(
-    ("values", "reason"),
-    [
-        (merge(WORKERS, {"training": {"batchSize": 129}}), "must split evenly"),
-        (merge(WORKERS, {"training": {"batchSize": 2}}), "fewer than 2 images"),
-        ({"training": {"syncBatchNorm": True}}, "syncBatchNorm needs GPUs"),
-    ],
-)
-def test_settings_every_rank_rejects_are_refused_at_render_time(
-    values: dict[str, Any], reason: str
-) -> None:
-    assert reason in refused(values)
 
 
 def check_settings(values: dict[str, Any], storage: Path) -> subprocess.CompletedProcess[str]:
@@ -65,7 +51,9 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
     assert {"containerName": "check-settings", "operator": "In", "values": [1, 2]} in rules
     assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["seed-data", "check-settings"]
     # What the render cannot see: extraEnv. 3 images over 2 workers is 1 per rank a step.
-    tiny = merge(WORKERS, {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "3"}]}})
+    tiny = merge(
+        WORKERS, {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3"}]}}
+    )
     bad = check_settings(tiny, tmp_path)
     assert bad.returncode == 2, bad.stderr
     assert "at least 4 images" in bad.stderr
@@ -74,7 +62,40 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
     assert not (tmp_path / "checkpoints").exists()  # a check, not a run
 
 
-# 6. A retraining upgrade fits a 2-CPU kind node --------------------------------------------
+@pytest.mark.parametrize(
+    ("values", "env", "reason"),
+    [
+        (
+            merge(WORKERS, {"training": {"batchSize": 129}}),
+            ("MNIST_PIPELINE_BATCH_SIZE", "129"),
+            "must split evenly over 2 ranks",
+        ),
+        (
+            merge(WORKERS, {"training": {"batchSize": 2}}),
+            ("MNIST_PIPELINE_BATCH_SIZE", "2"),
+            "at least 4 images",
+        ),
+        (
+            merge(WORKERS, {"training": {"syncBatchNorm": True}}),
+            ("MNIST_PIPELINE_SYNC_BN", "true"),
+            "--sync-bn needs CUDA",
+        ),
+    ],
+)
+def test_settings_every_rank_rejects_reach_check_train_unchanged(
+    values: dict[str, Any], env: tuple[str, str], reason: str, tmp_path: Path
+) -> None:
+    """The chart renders them as given; check-train, in each worker pod before torchrun,
+    refuses them with the CLI's own message (exit 2: the Job fails at once)."""
+    job = find(render(values)[0], "Job", "train")
+    for container in pod_spec(job)["initContainers"][1:] + pod_spec(job)["containers"]:
+        assert {"name": env[0], "value": env[1]} in container["env"], container["name"]
+    refused_here = check_settings(values, tmp_path)
+    assert refused_here.returncode == 2, refused_here.stderr
+    assert reason in refused_here.stderr
+
+
+# A retraining upgrade fits a 2-CPU kind node --------------------------------------------
 
 KIND_NODE_FREE_CPU = 2 - 0.95  # kind's control plane requests about 0.95 CPU
 
@@ -95,7 +116,7 @@ def test_the_upgrade_peak_fits_a_2_cpu_kind_node() -> None:
     assert sum(pod_requests(p, "memory") for p in pods) <= 3 * 2**30
 
 
-# 8. OpenShift: restricted-v2 assigns the uid and fsGroup itself ------------------------------
+# OpenShift: restricted-v2 assigns the uid and fsGroup itself ------------------------------
 
 
 def test_run_as_user_and_fs_group_can_be_left_to_the_platform() -> None:
@@ -109,7 +130,7 @@ def test_run_as_user_and_fs_group_can_be_left_to_the_platform() -> None:
             assert context["runAsNonRoot"] is True
 
 
-# 10. Large integers as integers --------------------------------------------------------------
+# Large integers as integers --------------------------------------------------------------
 
 
 def test_large_integers_render_without_scientific_notation() -> None:
@@ -133,20 +154,23 @@ def test_large_integers_render_without_scientific_notation() -> None:
     assert "e+0" not in text
     train = find(objects, "Job", "train")
     env = {e["name"]: e["value"] for e in pod_spec(train)["containers"][0]["env"]}
-    assert env["CHECKPOINT_EVERY"] == "1000000" and env["EPOCHS"] == "1000"
+    assert (
+        env["MNIST_PIPELINE_CHECKPOINT_EVERY"] == "1000000"
+        and env["MNIST_PIPELINE_EPOCHS"] == "1000"
+    )
     assert train["spec"]["activeDeadlineSeconds"] == big
     client = pod_spec(find(objects, "Job", "client"))
     assert arg(client["containers"][0], "requests") == "1000000"
-    assert arg(client["initContainers"][0], "timeout") == str(big)
+    assert arg(client["initContainers"][0], "wait-timeout") == str(big)
     assert arg(client["initContainers"][1], "keep-runs") == "1000000"
     (test,) = find(objects, "Pod")["spec"]["containers"]
     assert arg(test, "requests") == "1000000"
     pinned, _ = render({"triton": {"servedVersion": 1_000_000}})
     _, pin = pod_spec(find(pinned, "Deployment", "triton"))["initContainers"]
-    assert arg(pin, "version") == "1000000"
+    assert arg(pin, "model-version") == "1000000"
 
 
-# 11. Combinations the API server refuses, or that hang ---------------------------------------
+# Combinations the API server refuses, or that hang ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -183,13 +207,44 @@ def test_combinations_the_api_server_refuses_fail_with_the_reason(
     assert reason in refused(values)
 
 
+def test_every_refusal_is_reported_in_one_failure() -> None:
+    """Like bitnami's validateValues: all the reasons at once, not one per attempt."""
+    values = merge(
+        RWX,
+        {
+            "triton": {
+                "ingress": {"enabled": True},
+                "autoscaling": {"enabled": True, "minReplicas": 5},
+            },
+            "training": {"resources": {"requests": {"cpu": "3"}}},
+            "export": {"activeDeadlineSeconds": 60},
+            "persistence": {"size": "lots"},
+        },
+    )
+    reasons = refused(values)
+    assert reasons.count("VALUES VALIDATION") == 1
+    for reason in (
+        "needs at least one entry in triton.ingress.hosts",
+        "the NetworkPolicy admits only this release's pods",
+        "minReplicas (5) is above maxReplicas (4)",
+        "training.resources: the cpu request (3) is above its limit (2)",
+        "export.activeDeadlineSeconds (60) counts the wait",
+        'persistence.size "lots" is not a Kubernetes quantity',
+    ):
+        assert reason in reasons
+
+
+def test_an_empty_claim_is_refused() -> None:
+    assert "persistence.size must be above 0" in refused({"persistence": {"size": "0Gi"}})
+
+
 def test_requests_equal_to_limits_and_extended_resources_pass() -> None:
     same = {"cpu": "1500m", "memory": "1536Mi", "nvidia.com/gpu": 1}
     values = {"triton": {"resources": {"requests": same, "limits": {**same, "cpu": 1.5}}}}
     install_manifest(values)
 
 
-# 12. GPUs need a CUDA build of the pipeline image -------------------------------------------
+# GPUs need a CUDA build of the pipeline image -------------------------------------------
 
 
 def test_training_gpus_need_a_cuda_pipeline_image() -> None:
@@ -198,7 +253,7 @@ def test_training_gpus_need_a_cuda_pipeline_image() -> None:
     install_manifest(merge(cuda, {"training": {"gpus": 1}}))
 
 
-# 14. A chart version bump renames no Job and rolls no pod ------------------------------------
+# A chart version bump renames no Job and rolls no pod ------------------------------------
 
 
 def render_chart(chart: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -230,7 +285,7 @@ def test_a_chart_version_bump_keeps_job_names_and_pod_templates(tmp_path: Path) 
     )
 
 
-# 15. Triton keeps serving while endpoints drop it ---------------------------------------------
+# Triton keeps serving while endpoints drop it ---------------------------------------------
 
 
 def test_triton_pauses_before_sigterm() -> None:
@@ -244,7 +299,7 @@ def test_triton_pauses_before_sigterm() -> None:
     assert "lifecycle" not in off["containers"][0]
 
 
-# 5. GitOps without run.id, and RWX without a class: said where the user reads it ------------
+# GitOps without run.id, and RWX without a class: said where the user reads it ------------
 
 
 def test_notes_warn_about_an_unpinned_run_and_rwx_without_a_class() -> None:

@@ -1,4 +1,4 @@
-"""The chart on real clusters (issue 11) and its scaling shapes (issue 12), at render level.
+"""The chart on real clusters and its scaling shapes, at render level.
 
 What a cluster would do with the manifests is asserted on the rendered objects: two
 renders compared, requests summed, affinity present, refusals and their reasons.
@@ -65,7 +65,7 @@ def job_names(objects: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-# 1. GitOps renders ---------------------------------------------------------------------------
+# GitOps renders ---------------------------------------------------------------------------
 
 
 def test_a_pinned_run_renders_byte_identical_twice() -> None:
@@ -91,7 +91,7 @@ def test_schema_accepts_run_ids_inside_the_rule() -> None:
         assert len(run_id(render({"run": {"id": good}})[0])) <= 64
 
 
-# 2. Upgrades retrain only when training or export inputs change -----------------------------
+# Upgrades retrain only when training or export inputs change -----------------------------
 
 SERVING_ONLY = {
     "replicas": {"triton": {"replicas": 3}},
@@ -102,7 +102,7 @@ SERVING_ONLY = {
     "requests": {"triton": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}},
     "client": {"client": {"requests": 500, "concurrency": 8}},
     "service": {"triton": {"service": {"annotations": {"a": "b"}}}},
-    # Issue 17: the pin writes these into the config Triton serves; no new run.
+    # The pin writes these into the config Triton serves; no new run.
     "triton-cpus": {"triton": {"resources": {"limits": {"cpu": "4"}}}},
     "instances": {"triton": {"instanceCount": 4}},
     "triton-gpus": {"triton": {"gpus": 1}},
@@ -124,9 +124,9 @@ def test_serving_only_changes_keep_the_run_and_its_jobs(change: str) -> None:
     "change",
     [
         {"training": {"lr": 0.1}},
-        {"training": {"extraEnv": [{"name": "LIMIT_TRAIN", "value": "512"}]}},
-        {"export": {"extraEnv": [{"name": "MIN_IMPROVEMENT", "value": "0.01"}]}},
-        {"images": {"pipeline": {"tag": "0.2.0"}}},
+        {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]}},
+        {"export": {"extraEnv": [{"name": "MNIST_PIPELINE_MIN_IMPROVEMENT", "value": "0.01"}]}},
+        {"images": {"pipeline": {"tag": "0.3.0"}}},
         {"run": {"id": "other"}},
     ],
 )
@@ -146,7 +146,7 @@ def test_a_job_setting_renames_that_job_but_keeps_the_run() -> None:
     assert job_names(after)["train"] != job_names(before)["train"]
 
 
-# 3. ReadWriteOnce on multi-node clusters -----------------------------------------------------
+# ReadWriteOnce on multi-node clusters -----------------------------------------------------
 
 
 def node_affinity_terms(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -188,7 +188,7 @@ def test_schema_allows_only_rwo_and_rwx(mode: str) -> None:
     assert lint({"persistence": {"accessModes": [mode]}})["errors"] != []
 
 
-# 4. Waiting pods hold capacity ---------------------------------------------------------------
+# Waiting pods hold capacity ---------------------------------------------------------------
 
 UNITS = {"": 1, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
 
@@ -235,7 +235,7 @@ def test_priority_class_per_component() -> None:
     assert "priorityClassName" not in pod_spec(find(objects, "Job", "client"))
 
 
-# 6. Deadlines include the wait ---------------------------------------------------------------
+# Deadlines include the wait ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stage", ["export", "client"])
@@ -246,7 +246,7 @@ def test_a_deadline_below_the_wait_timeout_is_refused(stage: str) -> None:
     assert find(objects, "Job", stage)["spec"]["activeDeadlineSeconds"] == 30000
 
 
-# 7. Egress policies --------------------------------------------------------------------------
+# Egress policies --------------------------------------------------------------------------
 
 
 def test_egress_policy_admits_dns_the_api_server_and_the_release() -> None:
@@ -265,7 +265,7 @@ def test_egress_policy_admits_dns_the_api_server_and_the_release() -> None:
     assert not [o for o in render()[0] if o["metadata"]["name"].endswith("-egress")]
 
 
-# 8. Exposed Services vs the NetworkPolicy ----------------------------------------------------
+# Exposed Services vs the NetworkPolicy ----------------------------------------------------
 
 INGRESS_HOST = {"host": "mnist.example", "paths": [{"path": "/", "pathType": "Prefix"}]}
 
@@ -301,7 +301,7 @@ def test_service_annotations_and_source_ranges() -> None:
     assert service["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
 
 
-# 9. ONNX Runtime threads follow the Triton CPU limit -----------------------------------------
+# ONNX Runtime threads follow the Triton CPU limit -----------------------------------------
 
 
 @pytest.mark.parametrize(("limit", "cpus"), [("2", "2"), ("1500m", "1"), ("500m", "1"), (4, "4")])
@@ -314,7 +314,7 @@ def test_the_pin_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) 
     # Export no longer writes them: changing them neither renames nor re-runs it. Its
     # one variable is an export setting of its own, the precision.
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    assert export["env"] == [{"name": "PRECISION", "value": "fp32"}]
+    assert export["env"] == [{"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"}]
 
 
 def test_probe_timeouts_and_initial_delays() -> None:
@@ -330,7 +330,7 @@ def test_probe_timeouts_and_initial_delays() -> None:
         assert probe.items() <= triton[p].items()
 
 
-# 10. RWX permissions: subPath ---------------------------------------------------------------
+# RWX permissions: subPath ---------------------------------------------------------------
 
 
 def test_sub_path_reaches_every_storage_mount() -> None:
@@ -342,7 +342,7 @@ def test_sub_path_reaches_every_storage_mount() -> None:
     assert lint({"persistence": {"subPath": "../up"}})["errors"] != []
 
 
-# 11, 13. Subcharts and names ----------------------------------------------------------------
+# Subcharts and names ----------------------------------------------------------------
 
 
 def test_global_values_are_accepted() -> None:
@@ -356,7 +356,7 @@ def test_release_names_the_api_server_would_refuse_fail_with_the_reason(release:
     install_manifest({"fullnameOverride": "mnist"}, release=release)
 
 
-# 14. Triton's command, env and flags ------------------------------------------------------
+# Triton's command, env and flags ------------------------------------------------------
 
 
 def tritonserver_help() -> str:
@@ -376,7 +376,7 @@ def test_triton_runs_tritonserver_from_path_with_valid_flags() -> None:
     assert "--pinned-memory-pool-byte-size=0" in triton["args"]
     assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": "1"}]
     for init in spec["initContainers"]:  # the wait and the pin: no torch to pull
-        assert init["image"] == "mnist-pipeline/client:0.1.0"
+        assert init["image"] == "mnist-pipeline/client:0.2.0"
     # Every flag is one the real tritonserver 2.51 (the nvidia-pytriton wheel) knows.
     known = tritonserver_help()
     assert "--pinned-memory-pool-byte-size" in known
@@ -384,7 +384,7 @@ def test_triton_runs_tritonserver_from_path_with_valid_flags() -> None:
         assert f"{a.split('=')[0]} <" in known, a
 
 
-# 16. NOTES ----------------------------------------------------------------------------------
+# NOTES ----------------------------------------------------------------------------------
 
 
 def test_notes_commands_work_as_printed() -> None:
@@ -475,7 +475,7 @@ def test_serve_only_mode_renders_triton_alone() -> None:
     assert sorted(o["kind"] for o in all_workloads(objects)) == ["Deployment", "Pod"]
     spec = pod_spec(find(objects, "Deployment", "triton"))
     (pin,) = spec["initContainers"]  # no wait: nothing to wait for
-    assert arg(pin, "version") == "run" and not [a for a in pin["args"] if "--run-id" in a]
+    assert arg(pin, "model-version") == "run" and not [a for a in pin["args"] if "--run-id" in a]
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "PersistentVolumeClaim")]
     assert "Serve-only" in notes
@@ -483,7 +483,7 @@ def test_serve_only_mode_renders_triton_alone() -> None:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
-# Issue 12: multi-worker training, GPUs, Triton scaling ---------------------------------------
+# Multi-worker training, GPUs, Triton scaling ------------------------------------------------
 
 WORKERS = merge(RWX, {"training": {"workers": 3, "batchSize": 96}})  # the global batch splits
 
@@ -541,7 +541,7 @@ def test_gpus_render_resources_device_and_instance_kind() -> None:
     objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"name": "DEVICE", "value": "cuda"} in train["env"]
+    assert {"name": "MNIST_PIPELINE_DEVICE", "value": "cuda"} in train["env"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not [a for a in triton["args"] if a.startswith("--pinned-memory-pool-byte-size")]
@@ -598,7 +598,7 @@ def test_service_monitor_and_the_scrapers_namespace() -> None:
     assert scrape["ports"] == [{"port": "metrics", "protocol": "TCP"}]
 
 
-# 5. Rollback: pin the served version ---------------------------------------------------------
+# Rollback: pin the served version ---------------------------------------------------------
 
 
 def pin_container(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -647,7 +647,7 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     # "run" (the default): the version this run's export chose (what `helm rollback`
     # restores), though a newer one is on the volume.
     pin, _ = pin_container({"run": {"id": "old"}})
-    assert arg(pin, "version") == "run"
+    assert arg(pin, "model-version") == "run"
     run_dir = storage / "checkpoints" / arg(pin, "run-id")
     run_dir.mkdir(parents=True)
     (run_dir / "export.json").write_text('{"status": "skipped", "version": 1}')
@@ -707,22 +707,22 @@ def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Pa
 
 def test_the_client_wait_client_and_helm_test_ask_for_the_served_version() -> None:
     """One answer to "which version": Triton's pin, the client's wait, the client and the
-    test pod all follow triton.servedVersion (item 1: rollback and pinning)."""
+    test pod all follow triton.servedVersion (rollback and pinning)."""
     for served, wanted in (("run", "run"), (3, "3"), ("", "")):
         objects, _ = render({"triton": {"servedVersion": served}})
         pin, _ = pin_container({"triton": {"servedVersion": served}})
-        assert arg(pin, "version") == wanted
+        assert arg(pin, "model-version") == wanted
         client = pod_spec(find(objects, "Job", "client"))
         wait = client["initContainers"][0]
         assert arg(wait, "model-version") == wanted
         (infer,) = client["containers"]
-        versions = [a for a in infer["args"] if a.startswith("--model-version=")]
-        assert versions == ([f"--model-version={wanted}"] if wanted.isdigit() else [])
+        assert arg(infer, "model-version") == wanted
+        assert arg(infer, "run-id") == run_id(objects)
         (test,) = find(objects, "Pod")["spec"]["containers"]
-        assert arg(test, "version") == wanted
+        assert arg(test, "model-version") == wanted
 
 
-# 17. Retention ---------------------------------------------------------------------------------
+# Retention ---------------------------------------------------------------------------------
 
 
 def test_the_client_job_prunes_within_the_retention_values() -> None:

@@ -123,8 +123,8 @@ def test_pipeline_to_triton_to_client_in_the_images(
             "serving",
             "--storage=/storage",
             "--run-id=smoke",
-            f"--url=127.0.0.1:{http}",
-            "--timeout=180",
+            f"--http-url=127.0.0.1:{http}",
+            "--wait-timeout=180",
         )
         answered = run(
             container_engine,

@@ -95,7 +95,7 @@ def test_pipeline_image_has_cpu_torch_and_bakes_mnist() -> None:
     final = final_stage(DOCKERFILES["pipeline"])
     assert ("COPY", "data/mnist /opt/mnist") in final
     env = " ".join(a for k, a in final if k == "ENV")
-    assert "MNIST_SOURCE=/opt/mnist" in env
+    assert "MNIST_PIPELINE_SOURCE=/opt/mnist" in env
     assert (REPO / "data" / "mnist" / "train-images-idx3-ubyte.gz").is_file()
 
 
@@ -139,7 +139,7 @@ def test_client_commands_run_without_torch(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     (run / "metrics.json").write_text('{"status": "complete"}')
     result = run_without_torch(
-        "wait", "training", f"--storage={tmp_path}", "--run-id=r1", "--timeout=5"
+        "wait", "training", f"--storage={tmp_path}", "--run-id=r1", "--wait-timeout=5"
     )
     assert result.returncode == 0, result.stderr
     # The chart's retention step (client image) prunes there too.

@@ -61,7 +61,7 @@ VALUES: dict[str, Any] = {
     "training": {
         "epochs": 1,
         "batchSize": 64,
-        "extraEnv": [{"name": "LIMIT_TRAIN", "value": "3072"}],
+        "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3072"}],
     },
     "client": {"requests": 20, "concurrency": 2},
     "tests": {"requests": 5, "minAccuracy": 0.5},
@@ -88,6 +88,8 @@ class Rehearsal:
         self.logs.mkdir(parents=True)
         self.engine = engine
         self.empty_dirs: dict[tuple[int, str], Path] = {}
+        self.tmp = logs / "tmp"
+        self.tmp.mkdir()
         triton = pod_spec(find(objects, "Deployment", "triton"))["containers"][0]
         service = find(objects, "Service", "triton")
         local = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
@@ -112,11 +114,16 @@ class Rehearsal:
         if self.engine is not None:  # containers mount the claim and emptyDirs where the pod does
             return value
         # The mount points as whole path components, in one pass: never inside a rewritten
-        # one. /pinned is Triton's emptyDir: one per rehearsed revision.
-        mounts = {"/storage": self.storage, "/pinned": self.logs / "pinned"}
+        # one. /pinned is Triton's emptyDir: one per rehearsed revision; /tmp, one for
+        # all the host processes of a revision (the helm test writes its results there).
+        mounts = {"/storage": self.storage, "/pinned": self.logs / "pinned", "/tmp": self.tmp}
         return re.sub(
-            r"(?<![\w.-])(/storage|/pinned)(?![\w.-])", lambda m: str(mounts[m[1]]), value
+            r"(?<![\w.-])(/storage|/pinned|/tmp)(?![\w.-])", lambda m: str(mounts[m[1]]), value
         )
+
+    def pod_tmp(self, pod: dict[str, Any]) -> Path:
+        """Where the pod's /tmp (its emptyDir) lies on this machine."""
+        return self.tmp if self.engine is None else self.empty_dir(pod, "tmp")
 
     def resolve(
         self, container: dict[str, Any], pod: dict[str, Any]
@@ -147,8 +154,6 @@ class Rehearsal:
             # The real tritonserver, as rendered; the image has the backend built in.
             backends = check_backend(DEFAULT_BACKEND_DIR)
             return [str(locate_tritonserver()), *args, f"--backend-directory={backends}"], env
-        if command == ["python3", "-c"]:  # the helm test's script
-            return [sys.executable, "-c", *args], env
         if command == ["torchrun"]:  # the console script of this module
             return [sys.executable, "-m", "torch.distributed.run", *args], env
         assert command == ["mnist-pipeline"], command
@@ -414,13 +419,11 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         # served version and the accuracy floor, and writes nothing to the volume.
         (test_container,) = helm_test["spec"]["containers"]
         r.run(test_container, helm_test, "helm-test")
-        assert (
-            f"served version {outcome['version']} (expected {outcome['version']})"
-            in (r.logs / "helm-test.log").read_text()
-        )
+        (tested,) = (r.pod_tmp(helm_test) / "helm-test").iterdir()
+        assert read(tested / "latency.json")["model_version_served"] == str(outcome["version"])
         impossible = {**test_container, "args": [*test_container["args"], "--min-accuracy=1.01"]}
         assert r.start(impossible, helm_test, "helm-test-floor").wait(300) == 1
-        assert "below tests.minAccuracy" in (r.logs / "helm-test-floor.log").read_text()
+        assert "below --min-accuracy" in (r.logs / "helm-test-floor.log").read_text()
         assert len(set(inference.iterdir()) - results_before) == 1
     finally:
         for process in waits.values():
@@ -448,7 +451,10 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(
     # it is better, and the new Triton serves it.
     more_data = {
         **VALUES,
-        "training": {**VALUES["training"], "extraEnv": [{"name": "LIMIT_TRAIN", "value": "6144"}]},
+        "training": {
+            **VALUES["training"],
+            "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "6144"}],
+        },
     }
     upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
     second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade, engine), upgrade)
@@ -468,10 +474,10 @@ def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
     Triton and client as one worker."""
     (port,) = free_ports(1)  # the rendezvous: masterPort is a value
     extra_env = [
-        {"name": "LIMIT_TRAIN", "value": "1024"},
-        {"name": "LIMIT_TEST", "value": "1000"},
+        {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "1024"},
+        {"name": "MNIST_PIPELINE_LIMIT_TEST", "value": "1000"},
         # A pod's CPU limit is its own; here both ranks share 2 cores: one thread each.
-        {"name": "THREADS", "value": "1"},
+        {"name": "MNIST_PIPELINE_THREADS", "value": "1"},
     ]
     values = {
         **VALUES,
@@ -535,7 +541,7 @@ def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> 
     (done / "metrics.json").write_text('{"status": "complete"}')
     (export_pod,) = job_pods(find(second, "Job", "export"))
     (wait,) = export_pod["spec"]["initContainers"]
-    wait = {**wait, "args": [*wait["args"], "--timeout=2"]}  # the last --timeout wins
+    wait = {**wait, "args": [*wait["args"], "--wait-timeout=2"]}  # the last --wait-timeout wins
     process = r.start(wait, export_pod, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()

@@ -1,0 +1,101 @@
+{{/* Values the API server would refuse, or that would leave the release hanging. */}}
+
+{{/*
+The values checked at render time: only what the API server would refuse (with a less
+helpful message, after some objects exist) and what it would accept but leave the release
+hanging or broken. Every message is collected and the render fails once, with all of them,
+as bitnami's validateValues does. Training, export and serving settings (batch sizes,
+learning rate, precision, ...) are not repeated here: the pods' own CLI refuses them with
+its message, check-train before any rank starts.
+*/}}
+{{- define "mnist-pipeline.validate" -}}
+{{- $errors := list }}
+{{- $name := include "mnist-pipeline.tritonName" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- $errors = append $errors (printf "release name %q gives the Service name %q, which Kubernetes refuses (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter): choose another release name or set fullnameOverride" .Release.Name $name) }}
+{{- end }}
+{{- $p := .Values.persistence }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$" (toString $p.size)) }}
+{{- $errors = append $errors (printf "persistence.size %q is not a Kubernetes quantity (e.g. 5Gi), which the API server refuses" (toString $p.size)) }}
+{{- else if not (gt (include "mnist-pipeline.quantity" $p.size | float64) 0.0) }}
+{{- $errors = append $errors "persistence.size must be above 0: the API server refuses an empty claim" }}
+{{- end }}
+{{- if include "mnist-pipeline.singleNode" . }}
+{{- if or (gt (int .Values.triton.replicas) 1) .Values.triton.autoscaling.enabled }}
+{{- $errors = append $errors "persistence.accessModes is ReadWriteOnce: the volume attaches to one node, so more than one Triton replica (or autoscaling) cannot spread; use ReadWriteMany with an RWX storage class (persistence.storageClass), or triton.replicas: 1" }}
+{{- end }}
+{{- if gt (int .Values.training.workers) 1 }}
+{{- $errors = append $errors "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}
+{{- end }}
+{{- end }}
+{{- $errors = concat $errors (include "mnist-pipeline.validate.claim" . | fromYamlArray) }}
+{{- range $stage := list "export" "client" }}
+{{- $deadline := (get $.Values $stage).activeDeadlineSeconds }}
+{{- if and $deadline (lt (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
+{{- $errors = append $errors (printf "%s.activeDeadlineSeconds (%d) counts the wait for the stages before it, up to waits.timeoutSeconds (%d): set it above that, or null" $stage (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
+{{- end }}
+{{- end }}
+{{- with .Values.triton.autoscaling }}
+{{- if and .enabled (not (or .cpu.enabled .queueTime.enabled .extraMetrics)) }}
+{{- $errors = append $errors "triton.autoscaling is on without a metric (the API server would default to 80 % CPU of the 100m request, always scaled out): enable autoscaling.cpu or autoscaling.queueTime, or give extraMetrics" }}
+{{- end }}
+{{- if and .enabled (gt (int64 .minReplicas) (int64 .maxReplicas)) }}
+{{- $errors = append $errors (printf "triton.autoscaling.minReplicas (%d) is above maxReplicas (%d), which the API server refuses" (int64 .minReplicas) (int64 .maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if and (gt (int64 .Values.training.gpus) 0) (not .Values.images.pipeline.cuda) }}
+{{- $errors = append $errors "training.gpus > 0, but images.pipeline is the CPU build (its torch has no CUDA): build one with CUDA (docs/KUBERNETES.md, GPUs), set it in images.pipeline and images.pipeline.cuda: true" }}
+{{- end }}
+{{- range $component := list "training" "export" "triton" "client" "waits" }}
+{{- $r := (get $.Values $component).resources }}
+{{- range $resource, $request := (default (dict) $r.requests) }}
+{{- $limit := dig "limits" $resource "" $r }}
+{{- if and $limit (gt (include "mnist-pipeline.quantity" $request | float64) (include "mnist-pipeline.quantity" $limit | float64)) }}
+{{- $errors = append $errors (printf "%s.resources: the %s request (%v) is above its limit (%v), which the API server refuses" $component $resource $request $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
+{{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
+{{- $errors = append $errors "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
+{{- end }}
+{{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
+{{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
+{{- end }}
+{{- if $errors }}
+{{- fail (printf "\n\nVALUES VALIDATION:\n- %s" (join "\n- " $errors)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The claim as the cluster has it, a YAML list of what cannot work. Only where `lookup` sees
+a cluster (the namespace's default ServiceAccount is there): helm template and GitOps
+renders see nothing and check nothing. An existingClaim that is not there leaves every pod
+Pending; a claim's access modes cannot change.
+*/}}
+{{- define "mnist-pipeline.validate.claim" -}}
+{{- $p := .Values.persistence }}
+{{- $claim := include "mnist-pipeline.claimName" . }}
+{{- $errors := list }}
+{{- if lookup "v1" "ServiceAccount" .Release.Namespace "default" }}
+{{- $existing := lookup "v1" "PersistentVolumeClaim" .Release.Namespace $claim }}
+{{- if and $p.existingClaim (not $existing) }}
+{{- $errors = append $errors (printf "persistence.existingClaim %q is not in namespace %s: every pod would stay Pending; create it first, or unset existingClaim for a claim of the chart's" $claim .Release.Namespace) }}
+{{- else if and (not $p.existingClaim) $existing $existing.spec (ne (toJson $existing.spec.accessModes) (toJson $p.accessModes)) }}
+{{- $errors = append $errors (printf "persistence.accessModes %v: the release's claim %s exists with %v, and a claim's access modes cannot change. Keep %v, or move the data to a new claim (persistence.existingClaim)" $p.accessModes $claim $existing.spec.accessModes $existing.spec.accessModes) }}
+{{- end }}
+{{- end }}
+{{- toYaml $errors }}
+{{- end }}
+
+{{/* Refuse a Prometheus Operator object the cluster has no CRD for: the install would
+fail on it anyway, with a less helpful message. Pass (dict "ctx" $ "kind" "ServiceMonitor"
+"value" "triton.serviceMonitor.enabled"). */}}
+{{- define "mnist-pipeline.requireMonitoringCRD" -}}
+{{- $gv := "monitoring.coreos.com/v1" }}
+{{- $ctx := .ctx }}
+{{- if not (or ($ctx.Capabilities.APIVersions.Has (printf "%s/%s" $gv .kind)) (has $gv $ctx.Values.apiVersions) (has (printf "%s/%s" $gv .kind) $ctx.Values.apiVersions)) }}
+{{- fail (printf "%s renders a %s (%s), but the cluster does not serve that API: install the Prometheus Operator (its CRDs, e.g. kube-prometheus-stack) first, or set %s=false. Rendering without a cluster (helm template, GitOps): pass --api-versions %s/%s, or list %s in apiVersions" .value .kind $gv .value $gv .kind $gv) }}
+{{- end }}
+{{- end }}

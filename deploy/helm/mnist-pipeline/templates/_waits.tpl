@@ -1,0 +1,34 @@
+{{/* The wait initContainers that run the stages in order. */}}
+
+{{/* A wait initContainer: pass (dict "ctx" $ "image" $.Values.images.pipeline "target"
+"training" "job" <job name> "args" <extra args>). */}}
+{{- define "mnist-pipeline.waitContainer" -}}
+{{- $ctx := .ctx }}
+- name: wait-for-{{ .target }}
+  image: {{ include "mnist-pipeline.image" .image | quote }}
+  imagePullPolicy: {{ .image.pullPolicy }}
+  command: ["mnist-pipeline"]
+  args:
+    - wait
+    - {{ .target }}
+    - --storage=/storage
+    - --run-id={{ include "mnist-pipeline.runId" $ctx }}
+    - --job={{ .job }}
+    - --namespace={{ $ctx.Release.Namespace }}
+    - --wait-timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
+    - --wait-interval={{ $ctx.Values.waits.intervalSeconds }}
+    {{- range .args }}
+    - {{ . | quote }}
+    {{- end }}
+  securityContext:
+    {{- toYaml $ctx.Values.containerSecurityContext | nindent 4 }}
+  resources:
+    {{- toYaml $ctx.Values.waits.resources | nindent 4 }}
+  volumeMounts:
+    {{- include "mnist-pipeline.storageMounts" (dict "ctx" $ctx "readOnly" true) | nindent 4 }}
+    {{- if $ctx.Values.waits.kubernetesApi }}
+    - name: api-token
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+    {{- end }}
+{{- end }}
