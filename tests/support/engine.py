@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+from mnist_pipeline import __version__
 from support.chart import REPO
 
 ENGINE_DIR = Path(os.environ.get("CONTAINER_ENGINE_DIR", "/var/lib/mnist-pipeline-ci"))
@@ -46,7 +47,7 @@ class EngineUnavailable(Exception):
 
 def image(name: str) -> str:
     """The tag `make images` gives, which the chart's values name by default."""
-    return f"mnist-pipeline/{name}:0.1.0"
+    return f"mnist-pipeline/{name}:{__version__}"
 
 
 class Engine:
