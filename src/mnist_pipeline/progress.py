@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mnist_pipeline.distributed import World
-from mnist_pipeline.storage import log_error_to
+from mnist_pipeline.storage import TRAIN_LOG_FILE, log_error_to
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run_logging(out: Path, world: World) -> Iterator[None]:
     package = logging.getLogger("mnist_pipeline")
     file_log: logging.Handler | None = None
     if world.writer:
-        file_log = logging.FileHandler(out / "train.log")
+        file_log = logging.FileHandler(out / TRAIN_LOG_FILE)
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         package.addHandler(file_log)
     prefix = RankPrefix(world.rank)

@@ -123,11 +123,6 @@ def check_fields(cfg: Any) -> None:
         spec.check(getattr(cfg, attr))
 
 
-def from_options(cls: Any, options: dict[str, Any]) -> Any:
-    """An instance of `cls` from click's keyword arguments, taking out what it uses."""
-    return cls(**{attr: options.pop(spec.name) for attr, spec in settings_of(cls)})
-
-
 def _name_rule(what: str) -> Callable[[str], str]:
     return lambda value: validate_name(value, what)
 

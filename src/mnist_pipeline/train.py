@@ -39,12 +39,16 @@ from mnist_pipeline import data, distributed, model, settings
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.progress import NETWORK_SCOPE, NetworkMeter, Progress, run_logging
 from mnist_pipeline.storage import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    RESUME_FILE,
     PipelineFailure,
+    RunStatus,
     UsageError,
     atomic_open,
     atomic_write_json,
     available_cpus,
-    read_json,
+    read_metrics,
     run_dir,
     temp_files,
 )
@@ -97,7 +101,7 @@ class TrainConfig:
             )
 
 
-def settings_of(cfg: TrainConfig) -> dict[str, Any]:
+def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
     """The settings as resume.pth and metrics.json keep them and the run id hashes them."""
     return dataclasses.asdict(cfg)
 
@@ -144,20 +148,16 @@ def default_run_id(cfg: TrainConfig) -> str:
     """A run id that is a function of the settings: training is deterministic for given
     settings, so the same command resumes its interrupted run or reuses its completed one
     instead of training the identical model again under a new id."""
-    settings = json.dumps(settings_of(cfg), sort_keys=True)
-    return "cfg-" + hashlib.sha256(settings.encode()).hexdigest()[:12]
+    described = json.dumps(hyperparameters(cfg), sort_keys=True)
+    return "cfg-" + hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
 def run_state(storage: Path, run_id: str) -> str:
     """What training `run_id` will do, in words, for the user to read before it starts."""
     out = run_dir(storage, run_id)
-    try:
-        status = read_json(out / "metrics.json").get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
-    if status == "complete":
+    if (read_metrics(out) or {}).get("status") == RunStatus.COMPLETE:
         return "completed before: reusing it, not training again"
-    if (out / "resume.pth").is_file():
+    if (out / RESUME_FILE).is_file():
         return "interrupted before: resuming it from its last checkpoint"
     return "new: training it"
 
@@ -184,18 +184,16 @@ def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
     """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with."""
     return ", ".join(
         f"{key} {before.get(key)!r} -> {value!r}"
-        for key, value in settings_of(cfg).items()
+        for key, value in hyperparameters(cfg).items()
         if before.get(key) != value
     )
 
 
-def completed_run(metrics_path: Path, cfg: TrainConfig, run_id: str) -> dict[str, Any] | None:
+def completed_run(out: Path, cfg: TrainConfig, run_id: str) -> dict[str, Any] | None:
     """The metrics of run `run_id` if it is complete with these settings; other settings on
     a complete run are refused rather than silently ignored."""
-    if not metrics_path.is_file():
-        return None
-    previous: dict[str, Any] = read_json(metrics_path)
-    if previous.get("status") != "complete":
+    previous = read_metrics(out)
+    if previous is None or previous.get("status") != RunStatus.COMPLETE:
         return None
     changed = differing_settings(previous.get("hyperparameters", {}), cfg)
     if changed:
@@ -233,7 +231,7 @@ def train(
     try:
         run_id = run_id or default_run_id(cfg)
         out = run_dir(storage, run_id)
-        previous = completed_run(out / "metrics.json", cfg, run_id)
+        previous = completed_run(out, cfg, run_id)
         if previous is not None:
             return previous
         data.check_present(storage)  # before the run folder exists
@@ -253,8 +251,8 @@ def new_metrics(cfg: TrainConfig, run_id: str, world: World) -> dict[str, Any]:
     """metrics.json of a run that has just started; a resumed run takes back its records."""
     return {
         "run_id": run_id,
-        "status": "running",
-        "hyperparameters": settings_of(cfg),
+        "status": RunStatus.RUNNING,
+        "hyperparameters": hyperparameters(cfg),
         "history": [],
         "evals": [],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -412,7 +410,7 @@ class ResumeState:
     by these fields. Plain tensors, numbers, strings, lists and dicts, so that it loads
     weights-only."""
 
-    config: dict[str, Any]  # settings_of the run's TrainConfig
+    config: dict[str, Any]  # hyperparameters of the run's TrainConfig
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     epoch: int
@@ -508,7 +506,7 @@ class Run:
                 "training run %s on %s, world size %d: %d train images (%d per rank and "
                 "step), %d test, %s",
                 *(run_id, device, world.size, plan.images, plan.local),
-                *(len(tensors.x_test), settings_of(cfg)),
+                *(len(tensors.x_test), hyperparameters(cfg)),
             )
         if device.type == "cpu":
             log.info("cpu threads: %d", torch.get_num_threads())
@@ -519,7 +517,7 @@ class Run:
 
     @property
     def state_path(self) -> Path:
-        return self.out / "resume.pth"
+        return self.out / RESUME_FILE
 
     @property
     def global_step(self) -> int:
@@ -550,7 +548,7 @@ class Run:
 
     def resume_state(self) -> ResumeState:
         return ResumeState(
-            config=settings_of(self.cfg),
+            config=hyperparameters(self.cfg),
             model=self.net.state_dict(),
             optimizer=self.optimizer.state_dict(),
             epoch=self.at.epoch,
@@ -568,7 +566,7 @@ class Run:
 
     def write_metrics(self) -> None:
         if self.world.writer:
-            atomic_write_json(self.out / "metrics.json", self.metrics)
+            atomic_write_json(self.out / METRICS_FILE, self.metrics)
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
@@ -672,16 +670,16 @@ def finish(run: Run, network: dict[str, int]) -> dict[str, Any]:
     if run.world.distributed:
         log.info("parameters sha256 %s, identical on all %d ranks", digests[0], len(digests))
     metrics.update(
-        status="complete",
+        status=RunStatus.COMPLETE,
         test_accuracy=last["test_accuracy"],
         train_seconds=round(run.at.train_seconds, 2),
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         network_bytes=network,
         network_bytes_scope=NETWORK_SCOPE,
         parameters_sha256=digests[0],
-        checkpoint="model.pth",
+        checkpoint=CHECKPOINT_FILE,
     )
-    model_path = run.out / "model.pth"
+    model_path = run.out / CHECKPOINT_FILE
     if run.world.writer:
         payload = model.checkpoint_payload(
             run.net,
@@ -728,7 +726,7 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 def remove_stale_temp_files(out: Path) -> None:
     """Drop the temporary files a killed run left while writing a checkpoint: they are
     never read (only complete files are renamed into place) but hold up to ~90 MB each."""
-    for name in ("resume.pth", "model.pth", "metrics.json"):
+    for name in (RESUME_FILE, CHECKPOINT_FILE, METRICS_FILE):
         for tmp in temp_files(out, name):
             log.warning("removing %s, left by an interrupted checkpoint write", tmp)
             tmp.unlink(missing_ok=True)
@@ -743,12 +741,12 @@ def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Itera
         yield
     except KeyboardInterrupt:
         if world.writer:
-            record_outcome(out, {**metrics, "status": "interrupted"})
+            record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
         raise TrainingInterrupted(interrupted_message(out)) from None
     except Exception as e:
         if world.writer:
             error = f"{type(e).__name__}: {e}"
-            record_outcome(out, {**metrics, "status": "failed", "error": error})
+            record_outcome(out, {**metrics, "status": RunStatus.FAILED, "error": error})
         raise
 
 
@@ -757,7 +755,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def interrupted_message(out: Path) -> str:
-    if (out / "resume.pth").is_file():
+    if (out / RESUME_FILE).is_file():
         return (
             f"training run {out.name} interrupted: run the same command again to resume it "
             "from its last checkpoint"
@@ -770,6 +768,6 @@ def interrupted_message(out: Path) -> str:
 
 def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
     try:
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
     except OSError as record_error:  # a full volume: the original error matters
         log.warning("could not record the outcome in metrics.json: %s", record_error)

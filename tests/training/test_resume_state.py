@@ -24,7 +24,7 @@ TINY = TrainConfig(epochs=2, batch_size=50, limit_train=200, limit_test=100)
 
 def a_state(**changes: object) -> dict[str, object]:
     state = ResumeState(
-        config=train_stage.settings_of(TINY),
+        config=train_stage.hyperparameters(TINY),
         model={"w": torch.ones(2)},
         optimizer={"state": {}, "param_groups": []},
         epoch=1,
