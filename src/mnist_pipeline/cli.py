@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class FiniteFloatRange(click.FloatRange):
     """Every float option's type: a range that also refuses nan and inf. NaN passes every
     bound (all its comparisons are false), and no setting here means anything infinite:
-    LR=nan trained to a NaN model and wrote NaN into metrics.json."""
+    --lr nan trained to a NaN model and wrote NaN into metrics.json."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = click.FLOAT.convert(value, param, ctx)
