@@ -624,6 +624,7 @@ def publish_versions(storage: Path, config: repository.TritonConfig, count: int)
     for version in range(1, count + 1):
         (model / str(version)).mkdir(parents=True)
         (model / str(version) / "model.onnx").write_bytes(b"onnx")
+        (model / str(version) / "metadata.json").write_text('{"version": %d}' % version)
     (model / "config.pbtxt").write_text(repository.render_config(config))
     return model
 
@@ -650,7 +651,9 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     assert arg(pin, "model-version") == "run"
     run_dir = storage / "checkpoints" / arg(pin, "run-id")
     run_dir.mkdir(parents=True)
-    (run_dir / "export.json").write_text('{"status": "skipped", "version": 1}')
+    (run_dir / "export.json").write_text(
+        '{"status": "skipped", "version": 1, "model_name": "resnet18_mnist"}'
+    )
     assert run_pin(pin, storage, tmp_path / "b").returncode == 0
     assert list(served_config(tmp_path / "b").version_policy.specific.versions) == [1]
 
