@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_rehearsal import VALUES, Rehearsal, job_pods, read, rehearse, wait_exit
 
-from mnist_pipeline.repository import DEFAULT_MODEL_NAME
+from mnist_pipeline.storage import DEFAULT_MODEL_NAME
 from support.chart import find, render
 
 pytestmark = pytest.mark.slow
