@@ -408,7 +408,7 @@ def served_config(url: str) -> dict[str, Any]:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issues' targets, each with the measured figure and met / not met."""
+    """The targets, each with the measured figure and met / not met."""
     out: list[dict[str, Any]] = []
     training = results["training"]
     if training is None:  # --only serving, no earlier run to keep
@@ -432,7 +432,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 20's: time to 99.0% on every seed against the previous default, same run;
+    """Time to 99.0% on every seed against the previous default, same run;
     for the default and for the shorter schedule tried beside it."""
     runs = {r["name"]: r for r in training["runs"]}
     previous = runs["previous-default"]
@@ -467,7 +467,7 @@ def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def serving_targets(serving: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 10's targets: perf_analyzer against in-process onnxruntime, same threads."""
+    """The serving targets: perf_analyzer against in-process onnxruntime, same threads."""
     on = serving["servers"]["batching_on"]
     one, budget = report.references(serving)
     c1, c8 = (next(p for p in on["perf_analyzer"] if p["concurrency"] == c) for c in (1, 8))

@@ -6,6 +6,7 @@ renders compared, requests summed, affinity present, refusals and their reasons.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -624,7 +625,7 @@ def publish_versions(storage: Path, config: repository.TritonConfig, count: int)
     for version in range(1, count + 1):
         (model / str(version)).mkdir(parents=True)
         (model / str(version) / "model.onnx").write_bytes(b"onnx")
-        (model / str(version) / "metadata.json").write_text('{"version": %d}' % version)
+        (model / str(version) / "metadata.json").write_text(json.dumps({"version": version}))
     (model / "config.pbtxt").write_text(repository.render_config(config))
     return model
 

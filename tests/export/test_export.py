@@ -581,7 +581,7 @@ def shifted_copy(storage: Path, source_run: str, run_id: str, reported: float) -
 def test_gate_compares_accuracy_measured_on_the_full_test_set(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Issue 13.1: a run reporting 0.99 on a 100-image subset must not beat a champion
+    """A run reporting 0.99 on a 100-image subset must not beat a champion
     whose predictions it shares: export measures both on all 10000 images."""
     storage = copy_storage(trained["storage"], tmp_path / "s")
     cli("export", "--storage", storage, "--run-id", trained["low"])

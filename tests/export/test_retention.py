@@ -91,7 +91,7 @@ def test_the_current_runs_version_is_kept(tmp_path: Path) -> None:
 
 
 def test_prune_on_a_missing_storage_is_a_usage_error(tmp_path: Path) -> None:
-    """Issue 19.6: a mistyped --storage must not report a clean volume (exit 0)."""
+    """A mistyped --storage must not report a clean volume (exit 0)."""
     result = prune(tmp_path / "nowhere")
     assert result.returncode == 2, result.stderr
     assert f"storage {tmp_path / 'nowhere'} does not exist" in result.stderr

@@ -99,7 +99,7 @@ def test_missing_data_is_a_clear_usage_error_that_leaves_no_run_folder(tmp_path:
     result = cli("train", "--storage", tmp_path, *QUICK)
     assert result.returncode == 2
     assert "missing; run `mnist-pipeline data" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "checkpoints").exists()  # issue 19.6: a cfg-* folder per attempt
+    assert not (tmp_path / "checkpoints").exists()  # not a cfg-* folder per attempt
 
 
 def test_bad_option_is_a_usage_error(storage: Path) -> None:
@@ -179,7 +179,7 @@ def test_resume_with_other_settings_is_refused(storage: Path) -> None:
 
 
 def test_the_default_run_id_is_a_function_of_the_settings(storage: Path) -> None:
-    """Issue 13.4: repeating a command without --run-id resumes its interrupted run, then
+    """Repeating a command without --run-id resumes its interrupted run, then
     reuses the completed one, instead of training the same model anew under a new id."""
     args = [a for a in _train_args(storage, "x") if a not in ("--run-id", "x")]
     cfg = TrainConfig(epochs=2, limit_train=1000, limit_test=1000, batch_size=50)
@@ -197,7 +197,7 @@ def test_the_default_run_id_is_a_function_of_the_settings(storage: Path) -> None
 
 
 def test_a_failure_is_printed_once_and_kept_in_train_log(storage: Path) -> None:
-    """Issue 13.13: the error line appears once on the terminal, and in train.log."""
+    """The error line appears once on the terminal, and in train.log."""
     out = run_dir(storage, "damaged")
     out.mkdir(parents=True)
     (out / "resume.pth").write_bytes(b"not a checkpoint")
@@ -225,7 +225,7 @@ def test_an_older_resume_state_is_a_usage_error_naming_what_it_lacks(storage: Pa
 def test_ctrl_c_on_a_terminal_records_the_interruption_and_says_how_to_resume(
     storage: Path,
 ) -> None:
-    """Issue 19.4: Ctrl-C mid-run on a terminal (a real pseudo-terminal, so the progress bar
+    """Ctrl-C mid-run on a terminal (a real pseudo-terminal, so the progress bar
     is drawn): exit 130 as documented, the error on a line of its own with the way to
     resume, and metrics.json saying "interrupted", not "running"."""
     out = run_dir(storage, "ctrl-c")
