@@ -53,8 +53,8 @@ run: backend
 	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests $(wildcard benchmarks)
-	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 
 # The benchmark suite (several minutes): docs/BENCHMARKS.md, docs/benchmarks/*.png and
