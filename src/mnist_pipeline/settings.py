@@ -1,6 +1,6 @@
 """Every setting, declared once: its default, its range or choices, its help.
 
-A configuration dataclass declares each field with `Setting.field()` (or `setting()`), and
+A configuration dataclass declares each field with `Setting.field()`, and
 options that belong to no configuration are `Setting`s below. Everything else derives from
 these declarations: the click options of every command that takes a setting, the
 environment variable (MNIST_PIPELINE_ and the flag's name, as pip has PIP_), the checks a
@@ -103,11 +103,6 @@ class Setting:
         if self.max is not None:
             parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
         return " and ".join(parts)
-
-
-def setting(name: str, default: Any, help: str, **how: Any) -> Any:
-    """A dataclass field declared as a setting: `lr: float = setting("lr", 0.05, "...")`."""
-    return Setting(name, default, help, **how).field()
 
 
 def settings_of(cls: Any) -> list[tuple[str, Setting]]:
