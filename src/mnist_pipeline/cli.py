@@ -253,7 +253,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     nproc_per_node = o["nproc_per_node"]
     if nproc_per_node == 1 or distributed.launched_by_torchrun():
         return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
-    train_stage.check_batch(cfg, nproc_per_node)  # bad input exits 2 here, not as a failed rank
+    cfg.validate()  # bad input exits 2 here, not as a failed rank
+    train_stage.check_batch(cfg, nproc_per_node)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
@@ -311,6 +312,7 @@ def check_train(storage: Path, world_size: int, device: str, **o: Any) -> None:
     from mnist_pipeline import train as train_stage
 
     cfg = config(train_stage.TrainConfig, o)
+    cfg.validate()
     # SyncBatchNorm's CUDA check belongs to the ranks, which get the GPUs.
     sync_bn = cfg.sync_bn and device != "cuda"
     train_stage.check_batch(dataclasses.replace(cfg, sync_bn=sync_bn), world_size)
