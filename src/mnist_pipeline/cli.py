@@ -254,6 +254,7 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     if nproc_per_node == 1 or distributed.launched_by_torchrun():
         return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
     cfg.validate()  # bad input exits 2 here, not as a failed rank
+    train_stage.check_cpu_counts(o["threads"], nproc_per_node)
     train_stage.check_batch(cfg, nproc_per_node)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]

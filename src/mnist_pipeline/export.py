@@ -37,6 +37,7 @@ import torch
 from mnist_pipeline import data, model, quantize, repository
 from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
     EXPORT_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -259,6 +260,58 @@ def load_candidate(path: Path) -> Candidate:
     if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
         raise UsageError(f"checkpoint {path} has no test accuracy in 0..1 (found {accuracy!r})")
     return Candidate(path, float(accuracy), net, payload, model.weights_sha256(net))
+
+
+def check_architecture(candidate: Candidate, cfg: repository.TritonConfig) -> None:
+    """Refuse a checkpoint whose model cannot answer the served contract: a classifier
+    with more outputs than config.pbtxt declares would pass the gate on its first ten and
+    then stop the whole Triton server at load."""
+    channels = int(candidate.payload["in_channels"])
+    classes = int(candidate.payload["num_classes"])
+    wanted_channels, wanted_classes = cfg.input_dims[0], cfg.output_dims[0]
+    if (channels, classes) != (wanted_channels, wanted_classes):
+        raise UsageError(
+            f"checkpoint {candidate.path}: {channels} input channel(s) and {classes} classes; "
+            f"the repository serves {cfg.input_name} {list(cfg.input_dims)} and "
+            f"{cfg.output_name} {list(cfg.output_dims)} ({CONFIG_FILE}): nothing published"
+        )
+
+
+def check_contract(onnx_model: Any, cfg: repository.TritonConfig) -> None:
+    """Raise UsageError unless the graph's inputs and outputs are exactly what config.pbtxt
+    declares (names, FP32, the batch dimension then the declared dims): Triton refuses a
+    model that differs, and with model control mode none the server then does not start."""
+    import onnx
+
+    declared = repository.parse_config(repository.render_config(cfg))
+    weights = {t.name for t in onnx_model.graph.initializer}
+    for kind, tensors, graph_tensors in (
+        ("input", declared.input, [t for t in onnx_model.graph.input if t.name not in weights]),
+        ("output", declared.output, list(onnx_model.graph.output)),
+    ):
+        want = [(t.name, "FP32", [-1, *t.dims]) for t in tensors]
+        have = [
+            (
+                t.name,
+                "FP32"
+                if t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+                else onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type),
+                [
+                    d.dim_value if d.HasField("dim_value") else -1
+                    for d in t.type.tensor_type.shape.dim
+                ],
+            )
+            for t in graph_tensors
+        ]
+        if have != want:
+            raise UsageError(
+                f"the exported graph's {kind}s are {describe(have)}; {CONFIG_FILE} declares "
+                f"{describe(want)}: nothing published"
+            )
+
+
+def describe(tensors: list[tuple[str, str, list[int]]]) -> str:
+    return ", ".join(f"{name!r} {dtype} {dims}" for name, dtype, dims in tensors) or "none"
 
 
 @contextlib.contextmanager
@@ -588,6 +641,7 @@ def export(
     request = Request(storage, cfg, owner, precision, min_improvement)
     try:
         candidate = load_candidate(path)
+        check_architecture(candidate, cfg)
     except UsageError as e:
         with repository.locked(storage, cfg.name):  # export.json is only written under it
             request.record(failed(e))
@@ -625,8 +679,11 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
 
 
 def build_measured(request: Request, candidate: Candidate) -> Built:
+    import onnx
+
     images, labels = data.load(request.storage, "test")
     built = build(request.storage, candidate, request.precision, images, labels)
+    check_contract(onnx.load_from_string(built.content), request.cfg)
     log.info(
         "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
         request.precision,

@@ -22,10 +22,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from mnist_pipeline.repository import locked
 from mnist_pipeline.storage import (
     DELETING_PREFIX,
     ExportStatus,
+    PipelineFailure,
     RunStatus,
     UsageError,
     best_model_link,
@@ -110,11 +113,42 @@ def _chosen_by(storage: Path, model_name: str, run_id: str | None) -> set[int]:
     return {int(resolve_served_version(storage, model_name, "run", run_id))}
 
 
-def _remove(path: Path) -> None:
-    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}")
-    path.rename(hidden)
-    shutil.rmtree(hidden)
-    log.info("removed %s", path)
+class Removal:
+    """Deletes folders one by one, each first renamed to a dot-name so no reader sees half
+    of it; what cannot be removed is named and the rest still goes."""
+
+    def __init__(self) -> None:
+        self.removed: list[Path] = []
+        self.failed: list[str] = []
+
+    def remove(self, path: Path) -> None:
+        errors: list[str] = []
+
+        def note(_function: object, failed: str, exc_info: Any) -> None:
+            errors.append(f"{failed}: {exc_info[1].strerror or exc_info[1]}")
+
+        try:
+            if path.is_symlink():
+                path.unlink()  # the link alone: what it points at is not this volume's to delete
+            else:
+                hidden = path
+                if not path.name.startswith(DELETING_PREFIX):
+                    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}")
+                    path.rename(hidden)
+                shutil.rmtree(hidden, onerror=note)  # everything it can, naming the rest
+        except OSError as e:
+            errors.append(f"{path}: {e.strerror or e}")
+        if errors:
+            self.failed += errors
+            return
+        log.info("removed %s", path)
+        self.removed.append(path)
+
+    def finish_interrupted(self, *parents: Path) -> None:
+        """Remove what an earlier prune renamed but could not delete."""
+        for parent in parents:
+            for leftover in parent.glob(f"{DELETING_PREFIX}*") if parent.is_dir() else []:
+                self.remove(leftover)
 
 
 def prune(
@@ -125,43 +159,55 @@ def prune(
     keep_versions: tuple[int, ...] = (),
     abandoned_after: float = 0,
 ) -> list[Path]:
-    """Delete what is beyond the limits; return what was deleted."""
+    """Delete what is beyond the limits; return what was deleted. Raises PipelineFailure
+    naming every path it could not remove, after removing all it could."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
         raise UsageError(
             f"storage {storage} does not exist: check --storage (MNIST_PIPELINE_STORAGE)"
         )
-    best = _best_run(storage)
-    protected_runs = {best, run_id} - {None}
-    kept = {*keep_versions, *_chosen_by(storage, model_name, run_id)}
-    deleted = _prune_versions(model_dir(storage, model_name), limits.versions, kept, protected_runs)
-    deleted += _prune_runs(storage, limits.runs, protected_runs, abandoned_after)
-    deleted += _prune_inference(storage, limits.inference)
-    log.info("retention: removed %d folder(s), keeping %s", len(deleted), limits)
-    return deleted
+    removal = Removal()
+    # Under the export lock: an export publishing an older run's checkpoint at this moment
+    # would otherwise lose that checkpoint, and best_model.pth with it.
+    with locked(storage, model_name):
+        model = model_dir(storage, model_name)
+        removal.finish_interrupted(model, checkpoints_dir(storage), inference_dir(storage))
+        best = _best_run(storage)
+        protected_runs = {best, run_id} - {None}
+        kept = {*keep_versions, *_chosen_by(storage, model_name, run_id)}
+        _prune_versions(removal, model, limits.versions, kept, protected_runs)
+        # A version that stays keeps the checkpoint it was exported from.
+        backing = {_published_by(v) for v in version_dirs(model)} - {None}
+        _prune_runs(removal, storage, limits.runs, protected_runs | backing, abandoned_after)
+    _prune_inference(removal, storage, limits.inference)
+    log.info("retention: removed %d folder(s), keeping %s", len(removal.removed), limits)
+    if removal.failed:
+        raise PipelineFailure(f"could not remove {'; '.join(removal.failed)}")
+    return removal.removed
 
 
 def _prune_versions(
-    model: Path, limit: int, kept: set[int], protected_runs: set[str | None]
-) -> list[Path]:
+    removal: Removal, model: Path, limit: int, kept: set[int], protected_runs: set[str | None]
+) -> None:
     """Beyond the newest `limit` versions, those neither kept nor published by a
     protected run; the newest (Triton serves it) always stays."""
     folders = version_dirs(model)
     if not limit or not folders:
-        return []
-    deleted = []
+        return
     for folder in folders[:-limit]:
         if folder == folders[-1] or int(folder.name) in kept:
             continue
         if _published_by(folder) in protected_runs:
             continue
-        _remove(folder)
-        deleted.append(folder)
-    return deleted
+        removal.remove(folder)
 
 
 def _prune_runs(
-    storage: Path, limit: int, protected: set[str | None], abandoned_after: float
-) -> list[Path]:
+    removal: Removal,
+    storage: Path,
+    limit: int,
+    protected: set[str | None],
+    abandoned_after: float,
+) -> None:
     """Beyond the newest `limit` runs (by last change), those not protected and not
     able to resume (unless abandoned)."""
     checkpoints = checkpoints_dir(storage)
@@ -171,25 +217,21 @@ def _prune_runs(
     )
     runs = [d for d in runs if not d.name.startswith(".")]
     if not limit:
-        return []
-    deleted = []
+        return
     for run in runs[:-limit]:
         if run.name in protected:
             continue
         if _may_resume(run) and not _abandoned(run, abandoned_after):
             continue
-        _remove(run)
-        deleted.append(run)
-    return deleted
+        removal.remove(run)
 
 
-def _prune_inference(storage: Path, limit: int) -> list[Path]:
+def _prune_inference(removal: Removal, storage: Path, limit: int) -> None:
     results = inference_dir(storage)
     folders = sorted(
         d for d in (results.iterdir() if results.is_dir() else []) if not d.name.startswith(".")
     )
     if not limit:
-        return []
+        return
     for folder in folders[:-limit]:
-        _remove(folder)
-    return folders[:-limit]
+        removal.remove(folder)

@@ -375,6 +375,7 @@ CONCURRENCY = Setting(
     "Requests in flight at once, each thread with its own gRPC connection; above 1 "
     "Triton's dynamic batcher forms batches.",
     min=1,
+    max=256,  # one thread and one connection each: thousands exhaust the client, not Triton
 )
 IMAGES_PER_REQUEST = Setting(
     "images_per_request", 1, "Images in each request, at most the model's max_batch_size.", min=1

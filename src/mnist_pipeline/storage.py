@@ -52,6 +52,8 @@ MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 EXPORT_WORK_DIR = ".export"
 EXPORT_LOCK_FILE = "lock"
+# Held by the one process training a run (rank 0 of a DDP job), for as long as it trains.
+TRAIN_LOCK_FILE = ".train.lock"
 # Dot-names: Triton and every stage ignore them, so a half-built or half-deleted folder
 # is never read.
 STAGING_PREFIX = ".staging-"

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
     METRICS_FILE,
     RESUME_FILE,
+    TRAIN_LOCK_FILE,
     PipelineFailure,
     RunStatus,
     UsageError,
@@ -180,6 +184,15 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
         raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm only runs on GPUs")
 
 
+def check_cpu_counts(threads: int, processes: int) -> None:
+    """Refuse more threads or processes than the machine has CPUs: past that they only
+    contend, and torch crashes outright on tens of thousands of threads."""
+    cpus = os.cpu_count() or 1
+    for flag, count in (("--threads", threads), ("--nproc-per-node", processes)):
+        if count > cpus:
+            raise UsageError(f"{flag} {count}: this machine has {cpus} CPUs; use at most {cpus}")
+
+
 def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
     """'lr 0.05 -> 0.2, epochs 1 -> 2': what differs from the settings a run was started with."""
     return ", ".join(
@@ -226,6 +239,7 @@ def train(
     cfg.validate()
     world = distributed.from_environment()
     check_batch(cfg, world.size)
+    check_cpu_counts(threads, world.local_size)
     dev = resolve_device(device, world)
     distributed.start(world, dev)
     try:
@@ -236,7 +250,11 @@ def train(
             return previous
         data.check_present(storage)  # before the run folder exists
         metrics = new_metrics(cfg, run_id, world)
-        with run_logging(out, world), recording_outcome(out, metrics, world):
+        with (
+            one_trainer(out, world),
+            run_logging(out, world),
+            recording_outcome(out, metrics, world),
+        ):
             if world.writer:
                 remove_stale_temp_files(out)
             run = Run.start(storage, cfg, run_id, out, dev, world, threads, metrics)
@@ -245,6 +263,34 @@ def train(
             return finish(run, network.so_far())
     finally:
         distributed.stop(world)
+
+
+@contextlib.contextmanager
+def one_trainer(out: Path, world: World) -> Iterator[None]:
+    """Refuse to train a run another process is training: both would write train.log and
+    model.pth. The kernel releases the lock when its holder dies, however it dies. Only the
+    writer takes it: the ranks of one DDP job are one trainer."""
+    if not world.writer:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / TRAIN_LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UsageError(
+                f"run {out.name} is being trained by {holder}; wait for it to end "
+                "(a second trainer would overwrite its checkpoints) or choose another --run-id"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def new_metrics(cfg: TrainConfig, run_id: str, world: World) -> dict[str, Any]:

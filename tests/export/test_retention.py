@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME as MODEL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,9 +80,15 @@ def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
 
 def test_defaults_keep_a_small_volume_whole(tmp_path: Path) -> None:
     storage = make_storage(tmp_path / "s")
-    before = sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
+
+    def contents() -> list[str]:  # but the export lock prune takes, as every export does
+        return sorted(
+            str(p.relative_to(storage)) for p in storage.rglob("*") if ".export" not in p.parts
+        )
+
+    before = contents()
     assert prune(storage, "--keep-versions=0", "--keep-runs=0").returncode == 0
-    assert sorted(str(p.relative_to(storage)) for p in storage.rglob("*")) == before
+    assert contents() == before
     assert prune(storage, "--keep-runs=-1").returncode == 2
 
 
@@ -151,3 +159,90 @@ def test_a_damaged_run_record_stops_prune_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"training record {metrics} is empty" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_checkpoint_behind_a_kept_version_is_kept(tmp_path: Path) -> None:
+    """A pinned version stays servable and re-exportable: the run it came from stays too."""
+    storage = make_storage(tmp_path / "s")
+    (storage / "models" / MODEL / "1" / "metadata.json").write_text(json.dumps({"run_id": "run-a"}))
+    assert prune(storage, "--keep-runs=1", "--keep-versions=1", "--keep-version=1").returncode == 0
+    assert names(storage / "checkpoints") == ["best_model.pth", "run-a", "run-b", "run-c", "run-f"]
+
+
+def test_a_run_folder_that_is_a_link_loses_the_link_not_its_target(tmp_path: Path) -> None:
+    storage = make_storage(tmp_path / "s")
+    elsewhere = tmp_path / "elsewhere"
+    (storage / "checkpoints" / "run-a").rename(elsewhere)
+    (storage / "checkpoints" / "run-a").symlink_to(elsewhere)
+    result = prune(storage, "--keep-runs=1")
+    assert result.returncode == 0, result.stderr
+    assert not (storage / "checkpoints" / "run-a").is_symlink()
+    assert (elsewhere / "model.pth").read_bytes() == b"weights"
+    assert names(storage / "checkpoints") == ["best_model.pth", "run-b", "run-c", "run-f"]
+
+
+def test_a_folder_that_cannot_go_is_named_and_the_rest_still_goes(tmp_path: Path) -> None:
+    """An immutable file (chattr +i: even root cannot delete it) stands for any I/O fault."""
+    storage = make_storage(tmp_path / "s")
+    stuck = storage / "checkpoints" / "run-a" / "model.pth"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        result = prune(storage, "--keep-runs=1", "--keep-inference=1")
+        assert result.returncode == 1
+        hidden = stuck.parent.parent / ".deleting-run-a"
+        assert f"could not remove {hidden / 'model.pth'}: Operation not permitted" in result.stderr
+        assert "Traceback" not in result.stderr
+        # Everything else beyond the limits went, inference folders included.
+        assert names(storage / "checkpoints") == [
+            ".deleting-run-a",
+            "best_model.pth",
+            "run-b",
+            "run-c",
+            "run-f",
+        ]
+        assert names(storage / "inference") == ["20261124T100005Z"]
+    finally:
+        subprocess.run(["chattr", "-i", str(hidden / "model.pth")], check=True)
+    # The next prune finishes what the last one could not.
+    assert prune(storage, "--keep-runs=1").returncode == 0
+    assert ".deleting-run-a" not in names(storage / "checkpoints")
+
+
+def test_prune_waits_for_an_export_in_progress(tmp_path: Path) -> None:
+    """An export holds the lock while it publishes an older run's checkpoint: prune must
+    not remove that run under it."""
+    storage = make_storage(tmp_path / "s")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from mnist_pipeline import repository\n"
+            f"with repository.locked(Path({str(storage)!r}), {MODEL!r}):\n"
+            "    print('held', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        pruning = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline",
+                "prune",
+                f"--storage={storage}",
+                "--keep-runs=1",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            stderr=subprocess.PIPE,
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            pruning.wait(timeout=3)
+        assert (storage / "checkpoints" / "run-a").is_dir()
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert pruning.wait(timeout=60) == 0
+    assert not (storage / "checkpoints" / "run-a").exists()
