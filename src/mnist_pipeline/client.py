@@ -440,6 +440,9 @@ class Results:
             "output_dir": str(out),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        # Written at once: a client killed outright (SIGKILL, OOM) leaves a folder that says
+        # it never finished, not an empty one.
+        atomic_write_json(out / "latency.json", {**self.report, "status": "running"})
 
     def measured(self, driver: Driver, wall_s: float) -> None:
         report = self.report

@@ -274,23 +274,31 @@ def one_trainer(out: Path, world: World) -> Iterator[None]:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / TRAIN_LOCK_FILE, "a+") as lock:
+    path = out / TRAIN_LOCK_FILE
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 (held across the yield)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
+            lock.close()
             raise UsageError(
                 f"run {out.name} is being trained by {holder}; wait for it to end "
                 "(a second trainer would overwrite its checkpoints) or choose another --run-id"
             ) from None
+        # The holder removes the file as it ends: a lock taken on a removed file is no lock.
+        if path.exists() and path.stat().st_ino == os.fstat(lock.fileno()).st_ino:
+            break
+        lock.close()
+    try:
         lock.truncate(0)
         lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: nobody can take this file meanwhile
+        lock.close()
 
 
 def new_metrics(cfg: TrainConfig, run_id: str, world: World) -> dict[str, Any]:

@@ -4,6 +4,7 @@ every subcommand, and errors from a variable that name it. Real child processes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -198,6 +199,19 @@ def test_epochs_are_bounded(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
     with pytest.raises(UsageError, match="--epochs 1001: must be > 0 and <= 1000"):
         TrainConfig(epochs=1001).validate()
+
+
+def test_counts_are_bounded_by_what_the_machine_has(tmp_path: Path) -> None:
+    """--threads 100000 segfaulted torch (exit 139, no output); --nproc-per-node 100000
+    would have started that many ranks."""
+    cpus = os.cpu_count()
+    for flag in ("--threads", "--nproc-per-node"):
+        result = cli("train", "--storage", tmp_path / "s", flag, "100000")
+        assert result.returncode == 2, result.stderr
+        assert f"{flag} 100000: this machine has {cpus} CPUs; use at most {cpus}" in result.stderr
+    result = cli("infer", "--storage", tmp_path / "s", "--concurrency", "100000")
+    assert result.returncode == 2 and "1<=x<=256" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() -> None:

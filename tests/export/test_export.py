@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from conftest import TrainedRun
 from mnist_pipeline import data, export, quantize, repository
+from mnist_pipeline.model import build, checkpoint_payload
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
@@ -461,6 +462,58 @@ def test_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), plain_tensor)
     for path in (wrong_arch, wrong_weights, plain_tensor):
         with pytest.raises(UsageError, match=str(path)):
+            export.load_candidate(path)
+
+
+@pytest.mark.parametrize(("channels", "classes"), [(3, 10), (1, 11)])
+def test_a_checkpoint_the_served_contract_cannot_take_is_refused(
+    published: dict[str, Any], tmp_path: Path, channels: int, classes: int
+) -> None:
+    """11 classes would pass the gate on its first ten and then stop Triton at load; 3
+    channels used to reach torch.export and print pages of its error."""
+    odd = tmp_path / "odd.pth"
+    payload = checkpoint_payload(build(channels, classes), test_accuracy=0.999)
+    torch.save(payload, odd)
+    before = snapshot(published["storage"] / "models")
+
+    result = cli("export", "--storage", published["storage"], "--checkpoint", odd, check=2)
+    assert f"checkpoint {odd}: {channels} input channel(s) and {classes} classes; the " in (
+        result.stderr
+    )
+    assert "serves input [1, 28, 28] and output [10] (config.pbtxt): nothing published" in (
+        result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(published["storage"] / "models") == before
+
+
+def test_a_graph_that_differs_from_config_pbtxt_is_refused() -> None:
+    """The last line of defence, on the exported graph itself: names, types and dims."""
+    cfg = repository.TritonConfig()
+    export.check_contract(onnx.load_from_string(export.to_onnx(build()).content), cfg)
+    wider = onnx.load_from_string(export.to_onnx(build(1, 11)).content)
+    with pytest.raises(
+        UsageError,
+        match=r"outputs are 'output' FP32 \[-1, 11\]; config.pbtxt "
+        r"declares 'output' FP32 \[-1, 10\]: nothing published",
+    ):
+        export.check_contract(wider, cfg)
+    renamed = onnx.load_from_string(export.to_onnx(build()).content)
+    renamed.graph.input[0].name = "images"
+    with pytest.raises(UsageError, match=r"inputs are 'images' FP32 \[-1, 1, 28, 28\]"):
+        export.check_contract(renamed, cfg)
+
+
+def test_a_file_that_is_no_checkpoint_at_all_is_named_as_such(tmp_path: Path) -> None:
+    """torch's own errors for such bytes were "101" or "list index out of range"."""
+    for name, content in (
+        ("text.pth", b"hello\n"),
+        ("empty.pth", b""),
+        ("passwd.pth", b"root:x:0:0:root:/root:/bin/bash\n"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UsageError, match="not a PyTorch checkpoint"):
             export.load_candidate(path)
 
 

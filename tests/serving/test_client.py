@@ -137,6 +137,31 @@ def test_unreachable_server_fails_within_the_bound(pipeline: PipelineRun) -> Non
     assert json.loads((out / "latency.json").read_text())["status"] == "failed"
 
 
+def test_a_client_killed_outright_leaves_a_record_saying_so(pipeline: PipelineRun) -> None:
+    """SIGKILL (an OOM kill, a node lost) runs no handler: the folder must still say it
+    never finished, not be empty."""
+    (port,) = free_ports(1)
+    root = pipeline.storage / "inference"
+    before = set(root.iterdir())
+    args = ("infer", "--storage", pipeline.storage, "--url", f"127.0.0.1:{port}", "--timeout", 120)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *map(str, args)], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (created := set(root.iterdir()) - before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (out,) = created
+        while not (out / "latency.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    report = json.loads((out / "latency.json").read_text())
+    assert report["status"] == "running"
+    assert report["url"] == f"127.0.0.1:{port}"
+
+
 def test_failing_requests_keep_what_was_measured(
     served: LocalTriton, pipeline: PipelineRun
 ) -> None:

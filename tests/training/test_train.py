@@ -264,3 +264,43 @@ def _drain(fd: int, chunks: list[bytes]) -> None:
             break
         chunks.append(chunk)
     os.close(fd)
+
+
+def test_a_second_trainer_of_a_run_is_refused_naming_the_first(storage: Path) -> None:
+    """Two trainers of one run id both trained in full, interleaved train.log, and the
+    second rewrote model.pth after the first had marked the run complete."""
+    args = (
+        "train",
+        "--storage",
+        storage,
+        "--run-id",
+        "one",
+        "--threads",
+        "1",
+        "--epochs",
+        "4",
+        *QUICK,
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out = run_dir(storage, "one")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = cli(*args)
+        assert first.poll() is None, "the first trainer ended before the second started"
+    finally:
+        _, first_err = first.communicate(timeout=600)
+    assert second.returncode == 2, second.stderr
+    assert f"run one is being trained by process {first.pid} on " in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert first.returncode == 0, first_err
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+    assert "being trained" not in (out / "train.log").read_text()
+    # The lock goes with its holder: the run folder holds only the run.
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pth", "train.log"]
+    assert cli(*args).returncode == 0  # and the run is free again (complete: nothing to do)
