@@ -128,13 +128,39 @@ def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
         e.param_hint = f"{param.envvar}={value!r} (the variable of {flags})"
 
 
+def warn_shadowed_variables(ctx: click.Context) -> None:
+    """Say when a variable is set to another value than the option given on the command
+    line, which wins: a chart's extraEnv repeating a flag the chart passes is otherwise
+    silently ignored."""
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not isinstance(param.envvar, str):
+            continue
+        if param.name is None or param.envvar not in os.environ:
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        try:
+            from_env = param.process_value(ctx, param.value_from_envvar(ctx))
+        except click.ClickException:
+            from_env = None
+        if from_env != ctx.params.get(param.name):
+            log.warning(
+                "%s=%r is ignored: %s on the command line wins",
+                param.envvar,
+                os.environ[param.envvar],
+                param.opts[0],
+            )
+
+
 class EnvCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)
+            rest = super().parse_args(ctx, args)
         except click.BadParameter as e:
             env_error_hint(ctx, e)
             raise
+        warn_shadowed_variables(ctx)
+        return rest
 
 
 class EnvGroup(click.Group):

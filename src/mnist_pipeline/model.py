@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import pickle
 from typing import Any
 
 import torch
@@ -216,6 +215,6 @@ def load_error(e: Exception) -> str:
         )
     # Bytes that are no checkpoint at all make torch's legacy unpickler fail with whatever
     # it tripped over (KeyError: 101, list index out of range, EOFError): none names the cause.
-    if isinstance(e, KeyError | IndexError | EOFError | pickle.UnpicklingError):
+    if isinstance(e, KeyError | IndexError | EOFError) or type(e).__name__ == "UnpicklingError":
         return "not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)"
     return text.splitlines()[0] if text else type(e).__name__

@@ -234,6 +234,32 @@ def test_every_refusal_is_reported_in_one_failure() -> None:
         assert reason in reasons
 
 
+def test_an_extra_variable_that_shadows_one_the_chart_sets_is_refused() -> None:
+    """training.extraEnv could set a second MNIST_PIPELINE_EPOCHS: the last one won, silently."""
+    reasons = refused(
+        {
+            "training": {"extraEnv": [{"name": "MNIST_PIPELINE_EPOCHS", "value": "3"}]},
+            "export": {"extraEnv": [{"name": "MNIST_PIPELINE_PRECISION", "value": "int8"}]},
+            "client": {"extraEnv": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+        }
+    )
+    assert "training.extraEnv sets MNIST_PIPELINE_EPOCHS, which the chart already sets" in reasons
+    assert "export.extraEnv sets MNIST_PIPELINE_PRECISION, which the chart already sets" in reasons
+    assert "client.extraEnv sets A twice" in reasons
+    objects, _ = render(
+        {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "9"}]}}
+    )
+    env = pod_spec(find(objects, "Job", "train"))["containers"][0]["env"]
+    assert {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "9"} in env
+
+
+def test_a_latest_tag_is_refused_naming_the_rule() -> None:
+    reason = refused({"images": {"triton": {"tag": "latest"}}})
+    assert 'images.triton.tag is "latest", a tag that moves' in reason
+    assert "set a version tag or images.triton.digest" in reason
+    install_manifest({"images": {"triton": {"tag": "latest", "digest": "sha256:" + "a" * 64}}})
+
+
 def test_an_empty_claim_is_refused() -> None:
     assert "persistence.size must be above 0" in refused({"persistence": {"size": "0Gi"}})
 

@@ -214,6 +214,17 @@ def test_counts_are_bounded_by_what_the_machine_has(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
+def test_a_variable_the_command_line_overrides_is_named_as_ignored(tmp_path: Path) -> None:
+    """A chart's extraEnv repeating a flag the chart passes had no effect and said nothing."""
+    args = ("infer", "--storage", tmp_path, "--requests", "7", "--url", "127.0.0.1:1")
+    result = cli(*args, "--timeout", "0.1", env={"MNIST_PIPELINE_REQUESTS": "5"})
+    assert "MNIST_PIPELINE_REQUESTS='5' is ignored: --requests on the command line wins" in (
+        result.stderr
+    )
+    same = cli(*args, "--timeout", "0.1", env={"MNIST_PIPELINE_REQUESTS": "7"})
+    assert "is ignored" not in same.stderr
+
+
 def test_a_limit_covering_the_whole_split_is_the_whole_split_and_its_run_id() -> None:
     """--limit-train 10000000 trains on all 60000 images, so it is the run of
     --limit-train 0, not a new one training the same model again."""

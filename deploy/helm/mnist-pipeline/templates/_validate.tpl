@@ -63,6 +63,25 @@ its message, check-train before any rank starts.
 {{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
 {{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}
+{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION")) }}
+{{- range $component := list "training" "export" "triton" "client" }}
+{{- $set := list }}
+{{- range (get $chartEnv $component | default list) }}{{ $set = append $set .name }}{{ end }}
+{{- $extra := list }}
+{{- range (get $.Values $component).extraEnv }}
+{{- if has .name $set }}
+{{- $errors = append $errors (printf "%s.extraEnv sets %s, which the chart already sets from %s.* (the container would keep only the last of the two): use that value instead" $component .name $component) }}
+{{- else if has .name $extra }}
+{{- $errors = append $errors (printf "%s.extraEnv sets %s twice (the container would keep only the last)" $component .name) }}
+{{- end }}
+{{- $extra = append $extra .name }}
+{{- end }}
+{{- end }}
+{{- range $image, $v := .Values.images }}
+{{- if and (eq (toString $v.tag) "latest") (not $v.digest) }}
+{{- $errors = append $errors (printf "images.%s.tag is \"latest\", a tag that moves: nodes that pulled it at different times would run different code, and IfNotPresent never updates it; set a version tag or images.%s.digest" $image $image) }}
+{{- end }}
+{{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\nVALUES VALIDATION:\n- %s" (join "\n- " $errors)) }}
 {{- end }}
