@@ -25,7 +25,7 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from mnist_pipeline.storage import (
     RunStatus,
     UsageError,
     atomic_write_json,
+    atomic_write_text,
     best_model_link,
     checkpoints_dir,
     fsync_dir,
@@ -56,6 +57,7 @@ from mnist_pipeline.storage import (
     run_dir,
     validate_name,
     version_dirs,
+    versions,
 )
 
 log = logging.getLogger(__name__)
@@ -455,7 +457,18 @@ def repair_best_link(storage: Path, champion: repository.Champion) -> None:
         return
     checkpoint = Path(source) if Path(source).is_absolute() else storage / source
     link = best_model_link(storage)
-    if not checkpoint.is_file() or (link.is_symlink() and link.resolve() == checkpoint.resolve()):
+    if not checkpoint.is_file():
+        log.warning(
+            "%s, the checkpoint of the served version %d, is gone: that model can no longer "
+            "be exported again",
+            checkpoint,
+            champion.version,
+        )
+        if link.is_symlink() and not link.exists():
+            log.warning("%s pointed at a file that is gone: removed", link)
+            link.unlink()
+        return
+    if link.is_symlink() and link.resolve() == checkpoint.resolve():
         return
     log.warning(
         "%s did not point at %s, the checkpoint of the served version %d: repaired",
@@ -575,12 +588,18 @@ def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
 
 
 def identical_version(
-    model_path: Path, weights: str, precision: str, onnx_sha256: str | None
+    model_path: Path,
+    weights: str,
+    precision: str,
+    onnx_sha256: str | None,
+    skip: Collection[int] = (),
 ) -> int | None:
-    """A published version holding the same model (same weights at the same precision, or
-    the same ONNX bytes). The int8 and fp32 exports of one checkpoint are two models, each
-    gated on its own accuracy."""
+    """A published version (not in `skip`) holding the same model (same weights at the
+    same precision, or the same ONNX bytes). The int8 and fp32 exports of one checkpoint
+    are two models, each gated on its own accuracy."""
     for version in version_dirs(model_path):
+        if int(version.name) in skip:
+            continue
         meta = read_metadata(version) or {}
         same_weights = meta.get("weights_sha256") == weights
         if (same_weights and meta.get("precision") == precision) or (
@@ -648,34 +667,77 @@ def export(
         raise
     log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
     with repository.locked(storage, cfg.name):
-        return gate_and_publish(request, candidate)
+        try:
+            return gate_and_publish(request, candidate)
+        except OSError as e:  # a full or read-only volume: the waits must see the outcome
+            with contextlib.suppress(OSError):  # the record may not fit either
+                request.record(failed(PipelineFailure(f"{e.strerror or e}: {e.filename}")))
+            raise
 
 
 def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     """Publish the candidate if it is a new model better than the published version.
     Call while holding the model's export lock."""
     repository.clean_stale(request.storage, request.cfg.name)
-    champion = repository.champion(request.model_path)
+    repair_config(request)
+    # A damaged version is no champion and no twin: the candidate is gated against the
+    # newest intact one, and a copy of a damaged version is published again.
+    damaged = repository.damaged_versions(request.model_path)
+    champion = repository.champion(request.model_path, damaged)
     if champion is not None:
         repair_best_link(request.storage, champion)
     weights = candidate.weights_sha256
     # The cheap check first: the same weights need no export to be recognised.
-    same = identical_version(request.model_path, weights, request.precision, None)
+    same = identical_version(request.model_path, weights, request.precision, None, damaged)
     if same is not None:
+        refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
     try:
         built = build_measured(request, candidate)
     except (PipelineFailure, UsageError) as e:
         request.record(failed(e))
         raise
-    same = identical_version(request.model_path, weights, request.precision, built.sha256)
+    same = identical_version(request.model_path, weights, request.precision, built.sha256, damaged)
     if same is not None:
+        refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
     if champion is not None and not (
         built.evaluation.accuracy > champion.accuracy + request.min_improvement
     ):
+        published = versions(request.model_path)
+        intact = set(published) - set(damaged)
+        twin = identical_version(request.model_path, weights, request.precision, None, intact)
+        if published[-1] in damaged and twin == published[-1]:
+            reason = f"republished: {damaged[twin]}"
+            return publish(request, candidate, built, champion, reason)
+        refuse_if_served_damaged(request, damaged)
         return skip_not_better(request, built, champion)
     return publish(request, candidate, built, champion)
+
+
+def refuse_if_served_damaged(request: Request, damaged: dict[int, str]) -> None:
+    """Before a skip: Triton serves the newest version, so skipping over a damaged one
+    would leave the repository unservable with exit 0."""
+    published = versions(request.model_path)
+    if published and published[-1] in damaged:
+        newest = published[-1]
+        error = PipelineFailure(
+            f"not published, and the served version {newest} is damaged: {damaged[newest]}; "
+            + repository.republish_hint(request.model_path, newest)
+        )
+        request.record(failed(error))
+        raise error
+
+
+def repair_config(request: Request) -> None:
+    """Rewrite a config.pbtxt that no longer parses: it is derived from the export's
+    settings alone, and every version is unservable without it."""
+    if not (request.model_path / CONFIG_FILE).exists():
+        return
+    why = repository.config_damage(request.model_path)
+    if why:
+        log.warning("%s; rewritten from this export's settings", why)
+        atomic_write_text(request.model_path / CONFIG_FILE, repository.render_config(request.cfg))
 
 
 def build_measured(request: Request, candidate: Candidate) -> Built:
@@ -698,6 +760,13 @@ def skip_identical(request: Request, same: int, champion: repository.Champion | 
     """Never publish a model twice: it would only add a version serving the same thing."""
     meta = read_metadata(request.model_path / str(same)) or {}
     accuracy = float(meta["accuracy"])
+    if request.owner is not None and meta.get("run_id") == request.owner:
+        record = read_export_record(run_dir(request.storage, request.owner)) or {}
+        if (record.get("status"), record.get("version")) != (ExportStatus.PUBLISHED, same):
+            # An export killed between publishing and recording: the version is this run's.
+            reason = f"published as version {same} by an earlier export whose record was lost"
+            log.info("%s: recorded now", reason)
+            return request.record(Outcome(ExportStatus.PUBLISHED, same, accuracy, None, reason))
     reason = f"identical to the published version {same} (same model), not published again"
     log.info("not exported: %s", reason)
     champion_acc = None if champion is None else champion.accuracy
@@ -719,7 +788,11 @@ def skip_not_better(request: Request, built: Built, champion: repository.Champio
 
 
 def publish(
-    request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
+    request: Request,
+    candidate: Candidate,
+    built: Built,
+    champion: repository.Champion | None,
+    reason: str | None = None,
 ) -> Outcome:
     """Publish the built model as the next version, then point best_model.pth at it."""
     best = None if champion is None else champion.accuracy
@@ -728,12 +801,13 @@ def publish(
     version = repository.publish(request.storage, request.cfg, files, metadata)
     update_best_link(request.storage, candidate.path)
     accuracy, images = built.evaluation.accuracy, built.evaluation.images
-    reason = (
-        "first export"
-        if champion is None
-        else f"accuracy {accuracy:.4f} ({request.precision}) beats version "
-        f"{champion.version}'s {best:.4f} (both on all {images} test images)"
-    )
+    if reason is None:
+        reason = (
+            ("first export" if version == 1 else "no intact version to beat")
+            if champion is None
+            else f"accuracy {accuracy:.4f} ({request.precision}) beats version "
+            f"{champion.version}'s {best:.4f} (both on all {images} test images)"
+        )
     log.info(
         "published %s version %d (%s) to %s",
         request.cfg.name,

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mnist_pipeline.storage import (
     CONFIG_FILE,
     EXPORT_LOCK_FILE,
     METADATA_FILE,
+    MODEL_FILE,
     STAGING_PREFIX,
     PipelineFailure,
     UsageError,
@@ -46,6 +48,7 @@ from mnist_pipeline.storage import (
     resolve_served_version,
     servable_versions,
     validate_name,
+    version_dirs,
     versions,
 )
 
@@ -165,6 +168,61 @@ def parse_config(text: str) -> Any:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_damage(version_path: Path) -> str | None:
+    """Why a published version is not what its metadata.json records (None: intact): a
+    truncated or replaced model.onnx would stop Triton loading it."""
+    try:
+        meta = read_metadata(version_path)
+    except UsageError as e:
+        return str(e)
+    model_file = version_path / MODEL_FILE
+    if meta is None or not model_file.is_file():
+        return f"{version_path} lacks {METADATA_FILE if meta is None else MODEL_FILE}"
+    if file_sha256(model_file) != meta.get("sha256"):
+        return f"{model_file} does not match the sha256 its {METADATA_FILE} records"
+    return None
+
+
+def damaged_versions(model_path: Path) -> dict[int, str]:
+    """{version: what is wrong} for every damaged version of the model, each logged."""
+    damaged = {}
+    for folder in version_dirs(model_path):
+        if why := version_damage(folder):
+            damaged[int(folder.name)] = why
+            log.error("damaged model version %s: %s", folder, why)
+    return damaged
+
+
+def republish_hint(model_path: Path, version: int) -> str:
+    """What the operator runs to serve a damaged version's model again."""
+    run_id = None
+    with contextlib.suppress(UsageError):
+        run_id = (read_metadata(model_path / str(version)) or {}).get("run_id")
+    if isinstance(run_id, str):
+        return f"re-export the run it came from: mnist-pipeline export --run-id {run_id}"
+    return "export its checkpoint again (mnist-pipeline export --checkpoint PATH)"
+
+
+def config_damage(model_path: Path) -> str | None:
+    """Why the model's config.pbtxt cannot be served (None: it parses)."""
+    from google.protobuf import text_format
+
+    path = model_path / CONFIG_FILE
+    try:
+        parse_config(path.read_text())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
+        return f"{path}: {e}"
+    return None
+
+
 @dataclass(frozen=True)
 class Champion:
     version: int
@@ -172,9 +230,10 @@ class Champion:
     metadata: dict[str, Any]
 
 
-def champion(model_path: Path) -> Champion | None:
-    """The newest published version and its accuracy: what a candidate has to beat."""
-    found = versions(model_path)
+def champion(model_path: Path, damaged: Collection[int] = ()) -> Champion | None:
+    """The newest published version (of those not `damaged`) and its accuracy: what a
+    candidate has to beat."""
+    found = [v for v in versions(model_path) if v not in damaged]
     if not found:
         return None
     newest = found[-1]
@@ -295,6 +354,12 @@ def write_served_repository(
     cfg.validate()
     model_path = model_dir(storage, cfg.name)
     version = served_version(model_path, resolve_served_version(storage, cfg.name, wanted, run_id))
+    for why in (version_damage(model_path / str(version)), config_damage(model_path)):
+        if why:  # Triton would refuse it and, with model control mode none, not start
+            raise PipelineFailure(
+                f"cannot serve version {version} of {cfg.name}: {why}; "
+                + republish_hint(model_path, version)
+            )
     config = parse_config((model_path / CONFIG_FILE).read_text())
     del config.instance_group[:]
     config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)

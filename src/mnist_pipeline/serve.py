@@ -97,8 +97,16 @@ def check_repository(source: Path) -> list[str]:
                 f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
                 f"local Triton serves only {repository.PLATFORM} models"
             )
-        if not storage.versions(model_dir):
+        found = storage.versions(model_dir)
+        if not found:
             raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
+        if why := repository.version_damage(model_dir / str(found[-1])):
+            # Triton would refuse the version it serves and, with model control mode none,
+            # not start at all.
+            raise PipelineFailure(
+                f"the version Triton would serve is damaged: {why}; "
+                + repository.republish_hint(model_dir, found[-1])
+            )
         names.append(config.name or model_dir.name)
     if not names:
         raise UsageError(f"model repository {source} holds no model; run `mnist-pipeline export`")

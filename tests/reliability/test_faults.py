@@ -275,6 +275,9 @@ def test_export_killed_at_each_step_leaves_a_servable_repository(
     assert not list(model_dir(storage, NAME).glob(".staging-*"))
     best = (storage / "checkpoints" / "best_model.pth").resolve()
     assert best == (run_dir(storage, "better") / "model.pth").resolve()
+    # The record the kill lost is written now: published, never "skipped as identical".
+    record = json.loads((run_dir(storage, "better") / "export.json").read_text())
+    assert (record["status"], record["version"]) == ("published", 2)
 
 
 def test_first_export_killed_while_publishing_leaves_no_model_folder(
@@ -296,6 +299,53 @@ def test_first_export_killed_while_publishing_leaves_no_model_folder(
     cli("export", "--storage", storage, "--run-id", "base", check=True)
     assert visible_versions_are_complete(storage) == [1]
     assert not list(export_work_dir(storage, NAME).glob(".staging-*"))
+
+
+def test_a_damaged_published_version_is_noticed_refused_and_republished(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
+    """A truncated served model.onnx was called "identical" (exit 0) by a re-export of its
+    run and "not better" by a worse run: the repository stayed unservable."""
+    storage = copy_storage(base, tmp_path / "s")
+    cli("export", "--storage", storage, "--run-id", "better", check=True)  # version 2
+    served = model_dir(storage, NAME) / "2" / "model.onnx"
+    served.write_bytes(served.read_bytes()[: 1 << 20])
+    damage = f"{served} does not match the sha256 its metadata.json records"
+    hint = "re-export the run it came from: mnist-pipeline export --run-id better"
+
+    http, grpc, metrics = free_ports(3)
+    ports = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    refused = cli("serve", "--storage", storage, *ports)
+    assert refused.returncode == 1 and damage in refused.stderr and hint in refused.stderr
+    no_traceback(refused)
+    pinned = cli("pin", "--storage", storage, "--served-repository", tmp_path / "pinned",
+                 "--model-version", "2")  # fmt: skip
+    assert pinned.returncode == 1 and damage in pinned.stderr and hint in pinned.stderr
+
+    before = snapshot(storage / "models")
+    worse = cli("export", "--storage", storage, "--run-id", "base")  # identical to version 1
+    assert worse.returncode == 1, worse.stderr[-3000:]
+    assert f"the served version 2 is damaged: {damage}; {hint}" in worse.stderr
+    assert snapshot(storage / "models") == before
+    assert (
+        json.loads((run_dir(storage, "base") / "export.json").read_text())["history"][-1]["status"]
+        == "failed"
+    )
+
+    again = cli("export", "--storage", storage, "--run-id", "better", check=True)
+    assert "identical" not in again.stderr
+    record = json.loads((run_dir(storage, "better") / "export.json").read_text())
+    assert (record["status"], record["version"]) == ("published", 3)
+    assert record["reason"].startswith(f"republished: {damage}")
+
+    # A config.pbtxt cut short is rewritten from the export's settings, even on a skip.
+    config = model_dir(storage, NAME) / CONFIG_FILE
+    config.write_text(config.read_text()[:40])
+    skipped = cli("export", "--storage", storage, "--run-id", "better", check=True)
+    assert "rewritten from this export's settings" in skipped.stderr
+    repository.parse_config(config.read_text())
+    with triton(storage / "models", tmp_path / "triton") as server:
+        answers_right(server.grpc_url, base)
 
 
 # 3. Bad data reaching the stages that read it from storage ---------------------------------
@@ -719,6 +769,10 @@ def test_export_on_full_or_read_only_storage_changes_nothing(
     assert "No space left on device: " in full.stderr and "model.onnx" in full.stderr
     no_traceback(full)
     assert snapshot(storage / "models") == before
+    # Recorded, so that the chart's `wait export` fails now instead of at its timeout.
+    attempt = json.loads((storage / "checkpoints" / "better" / "export.json").read_text())
+    assert attempt["history"][-1]["status"] == "failed"
+    assert "No space left on device" in attempt["history"][-1]["reason"]
     assert not list(model_dir(storage, NAME).glob(".staging-*"))
 
     (volume / "ballast").unlink()
