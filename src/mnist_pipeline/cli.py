@@ -323,6 +323,7 @@ def train(storage: Path, **o: Any) -> None:
     """
     from mnist_pipeline.train import TrainConfig
 
+    unwind_on_sigterm()  # a stopped pod marks the run interrupted, as Ctrl-C does
     train_locally(storage, config(TrainConfig, o), o)
 
 

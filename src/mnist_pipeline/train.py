@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -788,15 +789,21 @@ def remove_stale_temp_files(out: Path) -> None:
 
 @contextlib.contextmanager
 def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Iterator[None]:
-    """metrics.json says "failed" (with the error) or, after Ctrl-C, "interrupted". A kill
-    (SIGKILL, or SIGTERM, which the command line turns into SystemExit) leaves "running"
-    and resume.pth, for the same command to go on from."""
+    """metrics.json says "failed" (with the error) or, after Ctrl-C or SIGTERM (which the
+    command line turns into SystemExit 143), "interrupted". SIGKILL leaves "running"; every
+    case keeps resume.pth, for the same command to go on from."""
     try:
         yield
     except KeyboardInterrupt:
         if world.writer:
             record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
         raise TrainingInterrupted(interrupted_message(out)) from None
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            if world.writer:
+                record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
+            log.error("%s (SIGTERM)", interrupted_message(out))
+        raise
     except Exception as e:
         if world.writer:
             error = f"{type(e).__name__}: {e}"

@@ -304,3 +304,25 @@ def test_a_second_trainer_of_a_run_is_refused_naming_the_first(storage: Path) ->
     # The lock goes with its holder: the run folder holds only the run.
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pth", "train.log"]
     assert cli(*args).returncode == 0  # and the run is free again (complete: nothing to do)
+
+
+def test_sigterm_records_the_interruption_and_says_how_to_resume(storage: Path) -> None:
+    """A stopped pod or `kill` (SIGTERM) exited 143 silently and left metrics.json "running"."""
+    out = run_dir(storage, "term")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *_train_args(storage, "term")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not (out / "resume.pth").exists():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert "run the same command again to resume it from its last checkpoint (SIGTERM)" in err
+    assert "Traceback" not in err
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
