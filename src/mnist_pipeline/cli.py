@@ -603,7 +603,12 @@ def pin(
     so `helm rollback` re-serves the old run's version and serving settings reach Triton
     without retraining. Re-runnable.
     """
-    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig, write_served_repository
+    from mnist_pipeline.repository import (
+        INSTANCE_KINDS,
+        TritonConfig,
+        locked,
+        write_served_repository,
+    )
 
     cfg = TritonConfig(
         name=o["model_name"],
@@ -611,7 +616,9 @@ def pin(
         instance_kind=INSTANCE_KINDS[o["instance_kind"]],
         server_cpus=o["server_cpus"],
     )
-    write_served_repository(storage, served_repository, cfg, model_version, run_id)
+    # Shared: pins read at once; an export or prune changing the versions waits for them.
+    with locked(storage, cfg.name, shared=True):
+        write_served_repository(storage, served_repository, cfg, model_version, run_id)
 
 
 def main() -> None:

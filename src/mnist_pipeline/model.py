@@ -181,7 +181,13 @@ def from_checkpoint(payload: dict[str, Any]) -> ResNet18:
             if isinstance(payload, dict)
             else "not a checkpoint dictionary"
         )
-    model = build(int(payload["in_channels"]), int(payload["num_classes"]))
+    channels, classes = payload.get("in_channels"), payload.get("num_classes")
+    if not (type(channels) is int and type(classes) is int and channels > 0 and classes > 0):
+        raise ValueError(
+            f"in_channels and num_classes must be positive integers "
+            f"(found {channels!r} and {classes!r})"
+        )
+    model = build(channels, classes)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

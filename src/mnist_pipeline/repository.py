@@ -253,14 +253,21 @@ def champion(model_path: Path, damaged: Collection[int] = ()) -> Champion | None
 
 
 @contextlib.contextmanager
-def locked(storage: Path, name: str) -> Iterator[None]:
-    """Hold the model's exclusive export lock (released by the kernel if the process dies)."""
+def locked(storage: Path, name: str, shared: bool = False) -> Iterator[None]:
+    """Hold the model's export lock (released by the kernel if the process dies): exclusive
+    for what changes the published versions or what backs them (export, prune), shared for
+    readers (pin), which may have the volume read-only."""
     work = export_work_dir(storage, name)
-    work.mkdir(parents=True, exist_ok=True)
-    # Opened for writing: on NFS volumes flock is emulated with POSIX locks, which need it.
-    with open(work / EXPORT_LOCK_FILE, "a") as lock_file:
+    if shared and not (work / EXPORT_LOCK_FILE).is_file():
+        yield  # nothing was ever exported or pruned here: nothing to wait for
+        return
+    if not shared:
+        work.mkdir(parents=True, exist_ok=True)
+    # On NFS volumes flock is emulated with POSIX locks: exclusive needs the file open for
+    # writing, shared for reading.
+    with open(work / EXPORT_LOCK_FILE, "r" if shared else "a") as lock_file:
         log.debug("waiting for the export lock of %s", name)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        fcntl.flock(lock_file, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -348,6 +348,34 @@ def test_a_damaged_published_version_is_noticed_refused_and_republished(
         answers_right(server.grpc_url, base)
 
 
+def test_pin_reads_under_the_export_lock(base: dict[str, Any], tmp_path: Path) -> None:
+    """A pin resolving and linking a version while an export or prune changes the versions
+    waits for it; pins share the lock with each other."""
+    storage = copy_storage(base, tmp_path / "s")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from mnist_pipeline import repository\n"
+         f"with repository.locked(Path({str(storage)!r}), {NAME!r}):\n"
+         "    print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pinned = tmp_path / "pinned"
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        pin = subprocess.Popen(
+            [sys.executable, "-m", "mnist_pipeline", "pin", "--storage", str(storage),
+             "--served-repository", str(pinned)],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        with pytest.raises(subprocess.TimeoutExpired):
+            pin.wait(timeout=3)
+        assert not (pinned / NAME).exists()
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert pin.wait(timeout=60) == 0
+    assert (pinned / NAME / "1" / "model.onnx").is_file()
+
+
 # 3. Bad data reaching the stages that read it from storage ---------------------------------
 
 

@@ -56,6 +56,12 @@ def test_foreign_payload_is_refused() -> None:
     bad["state_dict"] = {"fc.weight": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match="weights do not fit"):
         model.from_checkpoint(bad)
+    # Keys missing or of the wrong type were a KeyError's traceback.
+    for key, value in (("in_channels", None), ("num_classes", "10"), ("num_classes", 0)):
+        odd = model.checkpoint_payload(model.build())
+        odd[key] = value
+        with pytest.raises(ValueError, match="in_channels and num_classes must be positive"):
+            model.from_checkpoint(odd)
 
 
 def test_training_convolutions_on_tiny_maps_match_the_plain_convolution() -> None:
