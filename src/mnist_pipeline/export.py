@@ -701,15 +701,14 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     if same is not None:
         refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
+    published = versions(request.model_path)
+    intact = set(published) - set(damaged)
+    twin = identical_version(request.model_path, weights, request.precision, None, intact)
+    if twin is not None and twin == published[-1]:  # the served version, damaged
+        return publish(request, candidate, built, champion, f"republished: {damaged[twin]}")
     if champion is not None and not (
         built.evaluation.accuracy > champion.accuracy + request.min_improvement
     ):
-        published = versions(request.model_path)
-        intact = set(published) - set(damaged)
-        twin = identical_version(request.model_path, weights, request.precision, None, intact)
-        if published[-1] in damaged and twin == published[-1]:
-            reason = f"republished: {damaged[twin]}"
-            return publish(request, candidate, built, champion, reason)
         refuse_if_served_damaged(request, damaged)
         return skip_not_better(request, built, champion)
     return publish(request, candidate, built, champion)

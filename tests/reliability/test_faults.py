@@ -333,7 +333,7 @@ def test_a_damaged_published_version_is_noticed_refused_and_republished(
     )
 
     again = cli("export", "--storage", storage, "--run-id", "better", check=True)
-    assert "identical" not in again.stderr
+    assert "identical to the published version" not in again.stderr
     record = json.loads((run_dir(storage, "better") / "export.json").read_text())
     assert (record["status"], record["version"]) == ("published", 3)
     assert record["reason"].startswith(f"republished: {damage}")
