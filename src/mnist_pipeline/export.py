@@ -41,6 +41,7 @@ from mnist_pipeline.storage import (
     METRICS_FILE,
     MODEL_FILE,
     ExportStatus,
+    ModelRepository,
     PipelineFailure,
     RunStatus,
     UsageError,
@@ -48,13 +49,11 @@ from mnist_pipeline.storage import (
     best_model_link,
     checkpoints_dir,
     fsync_dir,
-    model_dir,
     read_export_record,
-    read_metadata,
     read_metrics,
+    repository_at,
     run_dir,
     validate_name,
-    version_dirs,
 )
 
 log = logging.getLogger(__name__)
@@ -153,22 +152,29 @@ def failed(error: Exception) -> Outcome:
 
 @dataclass(frozen=True)
 class Request:
-    """One export: of which training run's checkpoint (`owner`, if any), to which model,
-    how, and what it takes to replace the published version."""
+    """One export: of which training run's checkpoint (`owner`, if any), to which model
+    and repository (`store`), how, and what it takes to replace the published version."""
 
     storage: Path
     cfg: repository.TritonConfig
     owner: str | None
     precision: str
     min_improvement: float
-
-    @property
-    def model_path(self) -> Path:
-        return model_dir(self.storage, self.cfg.name)
+    store: repository.Store
 
     def record(self, outcome: Outcome) -> Outcome:
-        """Write `outcome` into the owner's export.json; call only under the export lock."""
-        write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        """Write `outcome` into the owner's export.json, and into the repository where it
+        keeps its own copy (a bucket: Triton pods have no volume); call only under the
+        export lock. A failure is recorded on the volume even when the bucket cannot be."""
+        written = write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        if written is None or self.owner is None:
+            return outcome
+        try:
+            self.store.write_record(self.owner, written)
+        except (PipelineFailure, UsageError) as e:
+            if outcome.status != ExportStatus.FAILED:
+                raise
+            log.warning("the failure is recorded on the volume only: %s", e)
         return outcome
 
 
@@ -522,30 +528,32 @@ def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
 
 
 def identical_version(
-    model_path: Path, weights: str, precision: str, onnx_sha256: str | None
+    store: repository.Store, weights: str, precision: str, onnx_sha256: str | None
 ) -> int | None:
     """A published version holding the same model (same weights at the same precision, or
     the same ONNX bytes). The int8 and fp32 exports of one checkpoint are two models, each
     gated on its own accuracy."""
-    for version in version_dirs(model_path):
-        meta = read_metadata(version) or {}
+    for version in store.versions():
+        meta = store.metadata(version) or {}
         same_weights = meta.get("weights_sha256") == weights
         if (same_weights and meta.get("precision") == precision) or (
             onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
         ):
-            return int(version.name)
+            return version
     return None
 
 
-def write_marker(storage: Path, run_id: str | None, model_name: str, outcome: Outcome) -> None:
+def write_marker(
+    storage: Path, run_id: str | None, model_name: str, outcome: Outcome
+) -> dict[str, Any] | None:
     """checkpoints/<run_id>/export.json: what export decided about this training run.
     Call only while holding the model's export lock (a read-modify-write).
 
     Its top-level fields are the run's standing outcome: once a run is published, a later
     attempt (skipped, failed) never erases that record; every attempt is kept in order
-    under "history"."""
+    under "history". Returns what it wrote."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
-        return
+        return None
     run = run_dir(storage, run_id)
     attempt = {
         "status": outcome.status,
@@ -566,7 +574,9 @@ def write_marker(storage: Path, run_id: str | None, model_name: str, outcome: Ou
     history = [*previous.get("history", []), attempt]
     published = previous.get("status") == ExportStatus.PUBLISHED
     standing = previous if published and outcome.status != ExportStatus.PUBLISHED else attempt
-    atomic_write_json(run / EXPORT_FILE, {**standing, "history": history})
+    record = {**standing, "history": history}
+    atomic_write_json(run / EXPORT_FILE, record)
+    return record
 
 
 def export(
@@ -576,8 +586,12 @@ def export(
     run_id: str | None = None,
     min_improvement: float = 0.0,
     precision: str = "fp32",
+    repo: ModelRepository | None = None,
 ) -> Outcome:
-    """The export stage. Returns what happened; raises UsageError / PipelineFailure."""
+    """The export stage. Returns what happened; raises UsageError / PipelineFailure.
+
+    `repo` is where versions are published (default STORAGE/models); the checkpoints,
+    the data and the export lock stay on the volume."""
     try:
         cfg.validate()
     except ValueError as e:
@@ -585,7 +599,8 @@ def export(
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
-    request = Request(storage, cfg, owner, precision, min_improvement)
+    store = repository.model_store(storage, repository_at(repo, storage), cfg.name)
+    request = Request(storage, cfg, owner, precision, min_improvement, store)
     try:
         candidate = load_candidate(path)
     except UsageError as e:
@@ -600,13 +615,13 @@ def export(
 def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     """Publish the candidate if it is a new model better than the published version.
     Call while holding the model's export lock."""
-    repository.clean_stale(request.storage, request.cfg.name)
-    champion = repository.champion(request.model_path)
+    request.store.clean_stale()
+    champion = repository.champion(request.store)
     if champion is not None:
         repair_best_link(request.storage, champion)
     weights = candidate.weights_sha256
     # The cheap check first: the same weights need no export to be recognised.
-    same = identical_version(request.model_path, weights, request.precision, None)
+    same = identical_version(request.store, weights, request.precision, None)
     if same is not None:
         return skip_identical(request, same, champion)
     try:
@@ -614,14 +629,20 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     except (PipelineFailure, UsageError) as e:
         request.record(failed(e))
         raise
-    same = identical_version(request.model_path, weights, request.precision, built.sha256)
-    if same is not None:
-        return skip_identical(request, same, champion)
-    if champion is not None and not (
-        built.evaluation.accuracy > champion.accuracy + request.min_improvement
-    ):
-        return skip_not_better(request, built, champion)
-    return publish(request, candidate, built, champion)
+    while True:
+        same = identical_version(request.store, weights, request.precision, built.sha256)
+        if same is not None:
+            return skip_identical(request, same, champion)
+        if champion is not None and not (
+            built.evaluation.accuracy > champion.accuracy + request.min_improvement
+        ):
+            return skip_not_better(request, built, champion)
+        version = publish_version(request, candidate, built, champion)
+        if version is not None:
+            return published(request, candidate, built, champion, version)
+        # Another export (from another volume) holds the next version: gate against it.
+        request.store.wait_for_others()
+        champion = repository.champion(request.store)
 
 
 def build_measured(request: Request, candidate: Candidate) -> Built:
@@ -639,7 +660,7 @@ def build_measured(request: Request, candidate: Candidate) -> Built:
 
 def skip_identical(request: Request, same: int, champion: repository.Champion | None) -> Outcome:
     """Never publish a model twice: it would only add a version serving the same thing."""
-    meta = read_metadata(request.model_path / str(same)) or {}
+    meta = request.store.metadata(same) or {}
     accuracy = float(meta["accuracy"])
     reason = f"identical to the published version {same} (same model), not published again"
     log.info("not exported: %s", reason)
@@ -661,15 +682,31 @@ def skip_not_better(request: Request, built: Built, champion: repository.Champio
     return request.record(Outcome(ExportStatus.SKIPPED, champion.version, accuracy, best, reason))
 
 
-def publish(
+def publish_version(
     request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
-) -> Outcome:
-    """Publish the built model as the next version, then point best_model.pth at it."""
+) -> int | None:
+    """Publish the built model as the next version; None if another export holds it."""
     best = None if champion is None else champion.accuracy
     metadata = version_metadata(request, candidate, built, best)
-    files = {MODEL_FILE: built.content}
-    version = repository.publish(request.storage, request.cfg, files, metadata)
+    try:
+        return request.store.publish(
+            repository.render_config(request.cfg), {MODEL_FILE: built.content}, metadata
+        )
+    except (PipelineFailure, UsageError, OSError) as e:
+        request.record(failed(PipelineFailure(f"publication failed: {e}")))
+        raise
+
+
+def published(
+    request: Request,
+    candidate: Candidate,
+    built: Built,
+    champion: repository.Champion | None,
+    version: int,
+) -> Outcome:
+    """Point best_model.pth at the published checkpoint and record the publication."""
     update_best_link(request.storage, candidate.path)
+    best = None if champion is None else champion.accuracy
     accuracy, images = built.evaluation.accuracy, built.evaluation.images
     reason = (
         "first export"
@@ -682,7 +719,7 @@ def publish(
         request.cfg.name,
         version,
         reason,
-        request.model_path / str(version),
+        request.store.url(str(version)),
     )
     # Still under the lock: export.json is read, extended and rewritten, and a
     # concurrent export of the same run must see the publication, not overwrite it.

@@ -20,23 +20,27 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from mnist_pipeline.storage import (
     DELETING_PREFIX,
     ExportStatus,
+    ModelRepository,
+    RecordReader,
     RunStatus,
     UsageError,
     best_model_link,
     checkpoints_dir,
+    export_records,
     inference_dir,
-    model_dir,
-    read_export_record,
     read_metadata,
     read_metrics,
+    repository_at,
     resolve_served_version,
-    run_dir,
     version_dirs,
 )
 
@@ -91,23 +95,25 @@ def _best_run(storage: Path) -> str | None:
     )
 
 
-def _published_by(version: Path) -> str | None:
-    run_id = (read_metadata(version) or {}).get("run_id")
+def _published_by(meta: dict[str, Any] | None) -> str | None:
+    run_id = (meta or {}).get("run_id")
     return run_id if isinstance(run_id, str) else None
 
 
-def _chosen_by(storage: Path, model_name: str, run_id: str | None) -> set[int]:
+def _chosen_by(
+    storage: Path, model_name: str, run_id: str | None, records: RecordReader
+) -> set[int]:
     """The version of `model_name` run `run_id`'s export chose (published, or kept as
     better), if it chose one: the version that run's pods serve."""
-    if run_id is None or not run_dir(storage, run_id).is_dir():
+    if run_id is None or not checkpoints_dir(storage).joinpath(run_id).is_dir():
         return set()
-    record = read_export_record(run_dir(storage, run_id)) or {}
+    record = records(run_id)[0] or {}
     if record.get("model_name") != model_name or record.get("status") in (
         None,
         ExportStatus.FAILED,
     ):
         return set()
-    return {int(resolve_served_version(storage, model_name, "run", run_id))}
+    return {int(resolve_served_version(storage, model_name, "run", run_id, records))}
 
 
 def _remove(path: Path) -> None:
@@ -124,38 +130,72 @@ def prune(
     run_id: str | None = None,
     keep_versions: tuple[int, ...] = (),
     abandoned_after: float = 0,
-) -> list[Path]:
-    """Delete what is beyond the limits; return what was deleted."""
+    repo: ModelRepository | None = None,
+) -> list[str]:
+    """Delete what is beyond the limits; return what was deleted (paths, or URLs of
+    versions on object storage). Runs and inference results are on the volume."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
         raise UsageError(
             f"storage {storage} does not exist: check --storage (MNIST_PIPELINE_STORAGE)"
         )
     best = _best_run(storage)
     protected_runs = {best, run_id} - {None}
-    kept = {*keep_versions, *_chosen_by(storage, model_name, run_id)}
-    deleted = _prune_versions(model_dir(storage, model_name), limits.versions, kept, protected_runs)
-    deleted += _prune_runs(storage, limits.runs, protected_runs, abandoned_after)
-    deleted += _prune_inference(storage, limits.inference)
+    repo = repository_at(repo, storage)
+    records = export_records(storage, repo, model_name)
+    kept = {*keep_versions, *_chosen_by(storage, model_name, run_id, records)}
+    deleted = _prune_versions(_versions(repo, model_name), limits.versions, kept, protected_runs)
+    deleted += map(str, _prune_runs(storage, limits.runs, protected_runs, abandoned_after))
+    deleted += map(str, _prune_inference(storage, limits.inference))
     log.info("retention: removed %d folder(s), keeping %s", len(deleted), limits)
     return deleted
 
 
+@dataclass(frozen=True)
+class Version:
+    number: int
+    published_by: str | None
+    where: str
+    remove: Callable[[], None]
+
+
+def _versions(repo: ModelRepository, model_name: str) -> list[Version]:
+    """The model's versions, ascending: folders, or versions on object storage that count
+    (their marker first to go when one is deleted, so that half deleted it counts no more)."""
+    if repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        model = objectstore.S3Model(repo, model_name)
+        return [
+            Version(
+                n,
+                _published_by(model.metadata(n)),
+                model.url(str(n)),
+                partial(model.delete_version, n),
+            )
+            for n in model.versions()
+        ]
+    assert repo.folder is not None
+    return [
+        Version(int(p.name), _published_by(read_metadata(p)), str(p), partial(_remove, p))
+        for p in version_dirs(repo.folder / model_name)
+    ]
+
+
 def _prune_versions(
-    model: Path, limit: int, kept: set[int], protected_runs: set[str | None]
-) -> list[Path]:
+    found: list[Version], limit: int, kept: set[int], protected_runs: set[str | None]
+) -> list[str]:
     """Beyond the newest `limit` versions, those neither kept nor published by a
     protected run; the newest (Triton serves it) always stays."""
-    folders = version_dirs(model)
-    if not limit or not folders:
+    if not limit or not found:
         return []
     deleted = []
-    for folder in folders[:-limit]:
-        if folder == folders[-1] or int(folder.name) in kept:
+    for version in found[:-limit]:
+        if version is found[-1] or version.number in kept:
             continue
-        if _published_by(folder) in protected_runs:
+        if version.published_by in protected_runs:
             continue
-        _remove(folder)
-        deleted.append(folder)
+        version.remove()
+        deleted.append(version.where)
     return deleted
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -329,6 +329,25 @@ class LocalTriton:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def served_from(repo: storage.ModelRepository) -> Iterator[Path]:
+    """The folder Triton serves for `repo`: the folder itself, or for object storage a
+    temporary folder with each model's config and newest version, downloaded and checked
+    (removed on exit)."""
+    if not repo.is_s3:
+        assert repo.folder is not None
+        yield repo.folder
+        return
+    from mnist_pipeline import objectstore
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist-served-"))
+    try:
+        objectstore.download_repository(repo, folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve_forever(server: LocalTriton) -> None:
