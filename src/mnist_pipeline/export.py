@@ -629,7 +629,9 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     except (PipelineFailure, UsageError) as e:
         request.record(failed(e))
         raise
-    while True:
+    # Object storage: exports from other volumes gate and publish one at a time too.
+    with request.store.exclusive():
+        champion = repository.champion(request.store)
         same = identical_version(request.store, weights, request.precision, built.sha256)
         if same is not None:
             return skip_identical(request, same, champion)
@@ -638,11 +640,7 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
         ):
             return skip_not_better(request, built, champion)
         version = publish_version(request, candidate, built, champion)
-        if version is not None:
-            return published(request, candidate, built, champion, version)
-        # Another export (from another volume) holds the next version: gate against it.
-        request.store.wait_for_others()
-        champion = repository.champion(request.store)
+        return published(request, candidate, built, champion, version)
 
 
 def build_measured(request: Request, candidate: Candidate) -> Built:
@@ -684,8 +682,8 @@ def skip_not_better(request: Request, built: Built, champion: repository.Champio
 
 def publish_version(
     request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
-) -> int | None:
-    """Publish the built model as the next version; None if another export holds it."""
+) -> int:
+    """Publish the built model as the next version; a failure is recorded, then raised."""
     best = None if champion is None else champion.accuracy
     metadata = version_metadata(request, candidate, built, best)
     try:

@@ -4,19 +4,17 @@ itself can serve the prefix (`--model-repository=s3://...`):
 
     PREFIX/<name>/config.pbtxt
     PREFIX/<name>/<version>/{model.onnx,metadata.json}
-    PREFIX/<name>/.export/claims/<version>.json    the export uploading that version
-    PREFIX/<name>/.export/runs/<run_id>.json       what a run's export chose (its export.json)
+    PREFIX/<name>/.export/lock.json              held by the export gating and publishing
+    PREFIX/<name>/.export/runs/<run_id>.json     what a run's export chose (its export.json)
 
-Triton ignores .export (not a version number). Object stores have no rename and no lock,
-so a version is published in this order: claim its number (a conditional create,
-If-None-Match: *, which fails when another export holds it), config.pbtxt, the version's
-files, and its metadata.json last: the marker without which no stage counts the version
-(storage.servable_in). The export then lists the version again: every file at its recorded
-size and the claim still its own, or it takes its marker back. A failed upload leaves a
-version without a marker, never counted; the next export removes it (a claim this volume
-made, whose exporter is gone since the volume's export lock is free, or any claim whose
-lease has ended). An export finding the next number claimed waits for that version, then
-gates against it. See docs/KUBERNETES.md ("Model repository on object storage").
+Triton ignores .export (not a version number). Object stores have no rename and no lock:
+a version's files are uploaded first and its metadata.json last, the marker without which
+no stage counts the version (storage.servable_in); the export then lists the version again
+(every file at its recorded size, the lock still its own) or takes its marker back. A
+failed upload leaves a version without a marker, never counted, which the next publishing
+export removes. Exports sharing a volume are serialised by its lock; exports from different
+volumes by a lock object in the bucket, created only if absent (If-None-Match: *), with a
+lease. See docs/KUBERNETES.md ("Model repository on object storage") for what is guaranteed.
 
 boto3 is imported only here, and only when a repository is on object storage.
 """
@@ -58,9 +56,9 @@ from mnist_pipeline.storage import (
 log = logging.getLogger(__name__)
 
 WORK = ".export"
-CLAIMS = f"{WORK}/claims"
+LOCK = f"{WORK}/lock.json"
 RUNS = f"{WORK}/runs"
-# How long a claimed version may take to upload; after it, the claim is free to clean.
+# How long an export may hold the bucket's lock; after it, another export takes it over.
 # An export never writes its marker later than LEASE_MARGIN before its lease ends, so
 # exporters' clocks must agree within that margin.
 LEASE_SECONDS = 600.0
@@ -243,7 +241,7 @@ class S3Model:
         self.repo, self.name, self.work = repo, name, work
         self.bucket = Bucket(repo)
         self.root = repo.key(name) + "/"
-        self._conditional_checked = False
+        self._held: tuple[bytes, float] | None = None  # the lock's body, when taken
 
     def url(self, *parts: str) -> str:
         return "/".join([str(self.repo), self.name, *parts])
@@ -276,52 +274,15 @@ class S3Model:
 
     # Publication --------------------------------------------------------------------
 
-    def publish(
-        self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]
-    ) -> int | None:
-        """Upload a new version; return its number, or None when another export holds the
-        next number (wait_for_others, then gate again). Call under the volume's lock."""
-        listing = self.listing()
-        version = 1 + max(self._numbers(listing), default=0)
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model's lock in the bucket (.export/lock.json, created only if absent):
+        exports from different volumes gate and publish one at a time. A lock left by a
+        dead export is taken over: at once if this volume made it (its export lock is ours
+        now, so that export is gone), else when its lease has ended."""
         token = uuid.uuid4().hex
-        started = time.monotonic()
-        claim = self._claim(version, token)
-        if claim is None:
-            return None
-        marker = f"{self.root}{version}/{METADATA_FILE}"
-        metadata = {**metadata, "version": version, "files": file_records(files)}
-        # The config goes first, as on the volume: the tensors never change between
-        # versions, so the version being served keeps working with it.
-        self.bucket.put(self.root + CONFIG_FILE, config_text.encode())
-        for filename, content in files.items():
-            self.bucket.put(f"{self.root}{version}/{filename}", content)
-        if time.monotonic() - started > LEASE_SECONDS - LEASE_MARGIN:
-            raise PipelineFailure(
-                f"uploading {self.url(str(version))} took longer than its claim's lease "
-                f"({LEASE_SECONDS:.0f} s): not published; the next export removes it"
-            )
-        body = (json.dumps(metadata, indent=2) + "\n").encode()
-        if not self.bucket.put(marker, body, exclusive=True):
-            raise PipelineFailure(f"{self.url(str(version))} was marked by another export")
-        try:
-            self._check_published(version, metadata, claim)
-        except BaseException:
-            self.bucket.delete([marker])  # the version stops counting at once
-            raise
-        self.bucket.delete([f"{self.root}{CLAIMS}/{version}.json"])
-        self._forget(token)
-        return version
-
-    def _numbers(self, listing: dict[str, Entry]) -> set[int]:
-        """Every version number in use: versions, leftovers and claims."""
-        numbers = {int(k.split("/", 1)[0]) for k in listing if is_version_name(k.split("/", 1)[0])}
-        claims = (k[len(CLAIMS) + 1 : -len(".json")] for k in listing if k.startswith(CLAIMS + "/"))
-        return numbers | {int(c) for c in claims if is_version_name(c)}
-
-    def _claim(self, version: int, token: str) -> bytes | None:
-        claim = json.dumps(
+        body = json.dumps(
             {
-                "version": version,
                 "token": token,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -329,24 +290,93 @@ class S3Model:
                 "lease_seconds": LEASE_SECONDS,
             }
         ).encode()
-        key = f"{self.root}{CLAIMS}/{version}.json"
-        self._remember(token)  # before the bucket knows it: a crash after is still cleaned
-        if not self.bucket.put(key, claim, exclusive=True):
+        key = self.root + LOCK
+        self._remember(token)  # before the bucket has it: a crash after is still known
+        waited = False
+        while not self.bucket.put(key, body, exclusive=True):
+            if self._lock_dead():
+                log.warning("taking over %s, left by an export that is gone", self.url(LOCK))
+                self.bucket.delete([key])
+                continue
+            if not waited:
+                log.info("waiting for another export's lock %s", self.url(LOCK))
+                waited = True
+            time.sleep(WAIT_POLL)
+        self._held = (body, time.monotonic())
+        self._check_conditional(key, body)
+        try:
+            yield
+        finally:
+            self._release(key, body)
             self._forget(token)
-            log.info("version %d of %s is claimed by another export", version, self.name)
-            return None
-        if not self._conditional_checked:
-            self._conditional_checked = True
-            if self.bucket.put(key, claim, exclusive=True):
-                log.warning(
-                    "%s ignores conditional writes (If-None-Match): exports from different "
-                    "volumes into it are not serialised; exports from one volume still are",
-                    self.repo,
-                )
-        return claim
 
-    def _check_published(self, version: int, metadata: dict[str, Any], claim: bytes) -> None:
-        """List the version again: every file whole, and the claim still ours."""
+    def _release(self, key: str, body: bytes) -> None:
+        held, self._held = self._held, None
+        if held is None or time.monotonic() - held[1] > LEASE_SECONDS:
+            return  # another export may hold it by now
+        with contextlib.suppress(PipelineFailure, UsageError):
+            self.bucket.delete([key])
+
+    def _check_conditional(self, key: str, body: bytes) -> None:
+        """Warn where the server ignores If-None-Match: the lock then excludes nothing."""
+        if self.bucket.put(key, body, exclusive=True):
+            log.warning(
+                "%s ignores conditional writes (If-None-Match): exports from different "
+                "volumes into it are not serialised; exports from one volume still are",
+                self.repo,
+            )
+
+    def _lock_dead(self) -> bool:
+        entry = self.bucket.objects(self.root + LOCK).get("")
+        record = parse_record(self.bucket.get(self.root + LOCK), self.url(LOCK), "lock") or {}
+        token = record.get("token")
+        if isinstance(token, str) and self._remembered(token):
+            self._forget(token)
+            return True
+        return entry is not None and time.time() - entry.modified > LEASE_SECONDS
+
+    def publish(self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]) -> int:
+        """Upload a new version, its marker last; return its number. Call in exclusive()."""
+        assert self._held is not None, "publish() outside exclusive()"
+        listing = self._without_leftovers(self.listing())
+        numbers = [int(k.split("/", 1)[0]) for k in listing if is_version_name(k.split("/", 1)[0])]
+        version = 1 + max(numbers, default=0)
+        metadata = {**metadata, "version": version, "files": file_records(files)}
+        # The config goes first, as on the volume: the tensors never change between
+        # versions, so the version being served keeps working with it.
+        self.bucket.put(self.root + CONFIG_FILE, config_text.encode())
+        for filename, content in files.items():
+            self.bucket.put(f"{self.root}{version}/{filename}", content)
+        if time.monotonic() - self._held[1] > LEASE_SECONDS - LEASE_MARGIN:
+            raise PipelineFailure(
+                f"uploading {self.url(str(version))} took longer than the lock's lease "
+                f"({LEASE_SECONDS:.0f} s): not published; the next export removes it"
+            )
+        marker = f"{self.root}{version}/{METADATA_FILE}"
+        body = (json.dumps(metadata, indent=2) + "\n").encode()
+        if not self.bucket.put(marker, body, exclusive=True):
+            raise PipelineFailure(f"{self.url(str(version))} was marked by another export")
+        try:
+            self._check_published(version, metadata)
+        except BaseException:
+            self.bucket.delete([marker])  # the version stops counting at once
+            raise
+        return version
+
+    def _without_leftovers(self, listing: dict[str, Entry]) -> dict[str, Entry]:
+        """Delete versions without their marker (under the lock: their export is gone)."""
+        marked = set(self.versions(listing))
+        left = sorted(
+            {k.split("/", 1)[0] for k in listing if is_version_name(k.split("/", 1)[0])}
+            - {str(v) for v in marked}
+        )
+        for number in left:
+            log.warning("removing %s, left by an interrupted export", self.url(number))
+            self.bucket.delete([self.root + k for k in listing if k.startswith(f"{number}/")])
+        return {k: e for k, e in listing.items() if k.split("/", 1)[0] not in left}
+
+    def _check_published(self, version: int, metadata: dict[str, Any]) -> None:
+        """List the version again: every file whole, and the lock still ours."""
         listing = self.bucket.objects(f"{self.root}{version}/")
         for filename, record in metadata["files"].items():
             entry = listing.get(filename)
@@ -354,66 +384,15 @@ class S3Model:
                 raise PipelineFailure(
                     f"{self.url(str(version), filename)} changed during publication"
                 )
-        if self.bucket.get(f"{self.root}{CLAIMS}/{version}.json") != claim:
-            raise PipelineFailure(
-                f"the claim of {self.url(str(version))} changed during publication"
-            )
-
-    def wait_for_others(self, timeout: float = LEASE_SECONDS) -> None:
-        """Until no other export holds a claim (its version marked, or its lease over)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.clean_stale()
-            listing = self.listing()
-            marked = set(self.versions(listing))
-            if not {n for n in self._claimed(listing) if n not in marked}:
-                return
-            time.sleep(WAIT_POLL)
-
-    def _claimed(self, listing: dict[str, Entry]) -> set[int]:
-        names = (k[len(CLAIMS) + 1 : -len(".json")] for k in listing if k.startswith(CLAIMS + "/"))
-        return {int(n) for n in names if is_version_name(n)}
-
-    # Leftovers ------------------------------------------------------------------------
+        assert self._held is not None
+        if self.bucket.get(self.root + LOCK) != self._held[0]:
+            raise PipelineFailure(f"{self.url(LOCK)} changed hands during publication")
 
     def clean_stale(self) -> None:
-        """Remove what failed uploads left: claims whose exporter is gone and their
-        unmarked versions. Call under the volume's export lock."""
-        listing = self.listing()
-        marked = set(self.versions(listing))
-        now = time.time()
-        for number in sorted(self._numbers(listing)):
-            claim_key = f"{CLAIMS}/{number}.json"
-            files = [k for k in listing if k.startswith(f"{number}/")]
-            claim = listing.get(claim_key)
-            if claim is None:
-                newest = max((listing[k].modified for k in files), default=now)
-                dead = number not in marked and now - newest > LEASE_SECONDS
-            else:
-                dead = self._claim_dead(claim_key, claim, now)
-            if not dead:
-                continue
-            leftovers = (
-                []
-                if number in marked
-                else sorted(files, key=lambda k: k.endswith(METADATA_FILE), reverse=True)
-            )
-            if leftovers:
-                log.warning("removing %s, left by an interrupted export", self.url(str(number)))
-            self.bucket.delete(
-                [self.root + k for k in leftovers] + ([self.root + claim_key] if claim else [])
-            )
-
-    def _claim_dead(self, key: str, entry: Entry, now: float) -> bool:
-        record = parse_record(self.bucket.get(self.root + key), self.url(key), "claim") or {}
-        token = record.get("token")
-        if isinstance(token, str) and self._remembered(token):
-            self._forget(token)
-            return True  # made from this volume, whose lock is now ours: its export is gone
-        return now - entry.modified > LEASE_SECONDS
+        """Nothing outside the lock: publish removes leftovers while holding it."""
 
     def _token_path(self, token: str) -> Path | None:
-        return None if self.work is None else self.work / "claims" / token
+        return None if self.work is None else self.work / "bucket-locks" / token
 
     def _remember(self, token: str) -> None:
         path = self._token_path(token)

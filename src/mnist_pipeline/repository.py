@@ -184,8 +184,8 @@ class Store(Protocol):
     def clean_stale(self) -> None: ...
     def publish(
         self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]
-    ) -> int | None: ...
-    def wait_for_others(self) -> None: ...
+    ) -> int: ...
+    def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
     def write_record(self, run_id: str, record: dict[str, Any]) -> None: ...
 
 
@@ -216,8 +216,9 @@ class FolderModel:
         """Where a first publication is built: beside the repository, on its file system."""
         return self.root.parent / EXPORT_WORK_DIR / self.name
 
-    def wait_for_others(self) -> None:
-        raise AssertionError("a folder publication never waits: the volume's lock is held")
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing more to hold: every export into this folder holds the volume's lock."""
+        return contextlib.nullcontext()
 
     def write_record(self, run_id: str, record: dict[str, Any]) -> None:
         """The run's export.json on the volume is the record."""

@@ -21,8 +21,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import pytest
 
 from support.ports import free_ports
 
@@ -76,7 +80,8 @@ class LocalRadosgw:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = 0
-        self.pids: list[int] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.buckets = 0
 
     @property
     def endpoint(self) -> str:
@@ -156,7 +161,7 @@ class LocalRadosgw:
             start_new_session=True,
         )
         log.close()
-        self.pids.append(process.pid)
+        self.processes.append(process)
 
     def _wait_s3(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -172,7 +177,27 @@ class LocalRadosgw:
 
     @property
     def rgw_pid(self) -> int:
-        return self.pids[-1]
+        return self.processes[-1].pid
+
+    def client(self, secret: str = SECRET_KEY) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=secret,
+            region_name=REGION,
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def new_bucket(self) -> str:
+        """A bucket of its own for one test."""
+        self.buckets += 1
+        name = f"test-{os.getpid()}-{self.buckets}"
+        self.client().create_bucket(Bucket=name)
+        return name
 
     def bucket_objects(self, bucket: str) -> list[str]:
         """The object names radosgw holds in `bucket`, read without any S3 client."""
@@ -188,14 +213,14 @@ class LocalRadosgw:
         self.ceph("radosgw-admin", "quota", "enable", "--quota-scope=bucket", f"--bucket={bucket}")
 
     def stop(self) -> None:
-        for pid in reversed(self.pids):
+        """Kill every daemon started here, by its PID (memstore: nothing to flush)."""
+        for process in reversed(self.processes):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a test may have stopped it
-                os.kill(pid, signal.SIGKILL)  # memstore: nothing to flush
-        for pid in self.pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.pids = []
+                os.kill(process.pid, signal.SIGCONT)  # a test may have stopped it
+                os.kill(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+        self.processes = []
 
     def __enter__(self) -> LocalRadosgw:
         try:
@@ -212,3 +237,13 @@ class LocalRadosgw:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def radosgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRadosgw]:
+    """One fresh Ceph cluster for the test session, stopped at the end (on failure too).
+    In CI missing Ceph packages fail the tests; elsewhere they are skipped, saying so."""
+    if missing_binaries() and os.environ.get("CI") != "true":
+        pytest.skip(f"radosgw tests did NOT run: install {DEBS} (make test-deps)")
+    with LocalRadosgw(tmp_path_factory.mktemp("radosgw")) as rgw:
+        yield rgw
