@@ -127,6 +127,7 @@ def story(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     rgw.set_bucket_quota(bucket, len(steps["after_first"]) + 2)
     steps["refused"] = cli("export", "--storage", volume_a, "--run-id", "high", env=env)
     steps["after_refused"] = bucket_state(rgw, bucket)
+    steps["refused_record"] = json.loads((volume_a / "checkpoints/high/export.json").read_text())
     steps["pinned_refused"] = root / "pinned-refused"
     steps["pin_refused"] = pin(env, steps["pinned_refused"])
     rgw.set_bucket_quota(bucket, -1)
@@ -151,12 +152,16 @@ def story(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
         )
         for volume in (volume_a, volume_b)
     ]
-    steps["concurrent"] = [(p.wait(timeout=300), p.stderr.read()) for p in both if p.stderr]
+    logs = [p.communicate(timeout=300)[1] for p in both]
+    steps["concurrent"] = [(p.returncode, log) for p, log in zip(both, logs, strict=True)]
     steps["after_concurrent"] = bucket_state(rgw, bucket)
 
-    steps["prune"] = cli("prune", "--storage", volume_a, "--keep-versions", "1", env=env)
+    # The volume that won: its best_model.pth backs the new version, not version 1.
+    (winner,) = [v for v, (_, err) in zip((volume_a, volume_b), steps["concurrent"], strict=True)
+                 if "published resnet18_mnist version" in err]  # fmt: skip
+    steps["prune"] = cli("prune", "--storage", winner, "--keep-versions", "1", env=env)
     steps["after_prune"] = bucket_state(rgw, bucket)
-    steps["worse"] = cli("export", "--storage", volume_a, "--run-id", "low", env=env)
+    steps["worse"] = cli("export", "--storage", winner, "--run-id", "low", env=env)
     steps["after_worse"] = bucket_state(rgw, bucket)
     return steps
 
@@ -209,7 +214,7 @@ def test_pin_downloads_the_checked_version_and_triton_serves_it_at_its_accuracy(
                 "--output",
                 tmp_path,
                 "--storage",
-                tmp_path,
+                story["a"],
                 env=story["env"],
             )
         )
@@ -226,8 +231,9 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
     rgw, bucket = story["rgw"], story["bucket"]
     other = rgw.new_bucket()
     client = rgw.client()
-    for key in story["after_first"]:
-        if key.startswith(f"{PREFIX}/{NAME}/1/") or key.endswith("config.pbtxt"):
+    version = servable(story["after_worse"])[-1]
+    for key in story["after_worse"]:
+        if key.startswith(f"{PREFIX}/{NAME}/{version}/") or key.endswith("config.pbtxt"):
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             if key.endswith("model.onnx"):
                 body = body[:-1] + bytes([body[-1] ^ 1])
@@ -237,7 +243,7 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
     assert result.returncode == 1
     (line,) = error_lines(result)
     assert "model.onnx" in line and "sha256" in line
-    assert not (tmp_path / "served" / NAME / "1").exists()
+    assert not (tmp_path / "served" / NAME / str(version)).exists()
 
 
 def test_an_identical_re_export_is_skipped_and_the_bucket_unchanged(story: dict[str, Any]) -> None:
@@ -261,7 +267,7 @@ def test_an_upload_refused_half_way_leaves_the_served_version_and_no_counted_ver
         "1",
         "config.pbtxt",
     ]
-    on_volume = json.loads((story["a"] / "checkpoints/high/export.json").read_text())
+    on_volume = story["refused_record"]
     assert on_volume["status"] == "failed" and "publication failed" in on_volume["reason"]
 
 
