@@ -141,7 +141,7 @@ class Bucket:
                     f"model repository {self.repo}: {what}: the server refused these "
                     f"credentials ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
                 ) from None
-            if code in ("NoSuchBucket", "404") and what.startswith("list"):
+            if code == "NoSuchBucket" or (code == "404" and what.startswith("list")):
                 raise UsageError(
                     f"model repository {self.repo}: bucket {self.repo.bucket} does not exist "
                     "there: create it, or check the URL"

@@ -11,8 +11,9 @@ seconds: a run whose pods were deleted (`helm uninstall` mid-training) stays "ru
 forever otherwise.
 
 Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
-then removes it, so a reader never sees half a folder. Standard library only: the lean
-client image runs it.
+then removes it, so a reader never sees half a folder; a version on object storage loses
+its marker (metadata.json) first. Standard library only (boto3 for an object-storage
+repository): the lean client image runs it.
 """
 
 from __future__ import annotations

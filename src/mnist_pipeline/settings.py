@@ -395,8 +395,7 @@ MODEL_REPOSITORY = Setting(
     None,
     "The Triton model repository export publishes to and pin, serve, prune and wait "
     f"export read: a folder, or object storage: {S3_FORMS}; credentials from "
-    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_DEFAULT_REGION). "
-    "Default: STORAGE/models.",
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).",
     type=str,
     parse=parse_model_repository,
     default_text="STORAGE/models",

@@ -16,7 +16,8 @@ account token: the Job's Failed condition fails the wait too. A Job that no long
 (deleted by ttlSecondsAfterFinished, long before a Triton pod restarts) is no answer, so
 the wait falls back to the artifacts. Every wait gives up after --wait-timeout seconds.
 
-Standard library only: the lean client image (no torch) runs these too.
+Standard library only (boto3 for an object-storage repository): the lean client image
+(no torch) runs these too.
 """
 
 from __future__ import annotations

@@ -302,6 +302,42 @@ def test_a_worse_model_is_not_published(story: dict[str, Any]) -> None:
     assert record(story["rgw"], story["bucket"], "low")["status"] == "published"  # standing
 
 
+def test_serve_downloads_the_newest_version_and_removes_it_on_exit(
+    story: dict[str, Any], tmp_path: Path
+) -> None:
+    http, grpc, metrics = free_ports(3)
+    version = servable(story["after_worse"])[-1]
+    command = [
+        sys.executable, "-m", "mnist_pipeline", "serve", "--storage", "/nonexistent-volume",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--backend-directory", BACKENDS,
+    ]  # fmt: skip
+    env = {**os.environ, **story["env"], "TMPDIR": str(tmp_path)}
+    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{http}/v2/models/{NAME}/versions/{version}/ready"
+    try:
+        assert ready(url, server), server.stderr.read() if server.stderr else ""
+        downloaded = list(tmp_path.glob(f"mnist-served-*/{NAME}/{version}/model.onnx"))
+        assert len(downloaded) == 1
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert server.returncode == 0
+    assert not list(tmp_path.glob("mnist-served-*"))
+
+
+def ready(url: str, server: subprocess.Popen[Any], timeout: float = 60) -> bool:
+    """Whether `url` answers 200 before `server` exits or the time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
 def test_wait_export_reads_the_bucket_without_a_volume(story: dict[str, Any]) -> None:
     wait = ("wait", "export", "--storage", "/nonexistent-volume", "--wait-interval", "0.2")
     ok(cli(*wait, "--run-id", "high", env=story["env"]))
@@ -328,15 +364,7 @@ def test_the_bucket_layout_is_served_by_tritonserver_itself(story: dict[str, Any
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    assert response.status == 200
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"not ready: exit {server.poll()}")
+        assert ready(url, server), f"not ready: exit {server.poll()}"
     finally:
         os.killpg(server.pid, 9)
         out = server.communicate()[0]
