@@ -22,10 +22,11 @@ CHECKOV_VERSION := 3.3.30
 BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
-# What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d) and
-# prometheus (with promtool: the tests start their own on free ports). test-deps
+# What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d),
+# prometheus (with promtool: the tests start their own on free ports) and Ceph's radosgw
+# with one monitor and one OSD (a real S3 server, started fresh per test session). test-deps
 # installs the missing ones as root or with passwordless sudo, else stops with the command.
-TEST_DEBS ?= libb64-0d prometheus
+TEST_DEBS ?= libb64-0d prometheus radosgw ceph-mon ceph-osd ceph-common
 # The container checks' engine and base-image tool: installed the same way where it can be;
 # without root they cannot run anyway, and test-deps says so instead of stopping.
 CONTAINER_DEBS ?= docker.io mmdebstrap

@@ -27,7 +27,7 @@ from click.core import ParameterSource
 from mnist_pipeline import __version__
 from mnist_pipeline import settings as s
 from mnist_pipeline.settings import Setting
-from mnist_pipeline.storage import PipelineFailure, UsageError
+from mnist_pipeline.storage import ModelRepository, PipelineFailure, UsageError
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -348,9 +348,15 @@ def check_train(storage: Path, world_size: int, device: str, **o: Any) -> None:
 
 
 @cli.command()
-@options(s.STORAGE, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON)
 @stage
-def export(storage: Path, checkpoint: Path | None, run_id: str | None, **o: Any) -> None:
+def export(
+    storage: Path,
+    model_repository: ModelRepository | None,
+    checkpoint: Path | None,
+    run_id: str | None,
+    **o: Any,
+) -> None:
     """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
 
     \b
@@ -366,6 +372,9 @@ def export(storage: Path, checkpoint: Path | None, run_id: str | None, **o: Any)
     written to checkpoints/RUN_ID/export.json, with every attempt in its history.
     With --precision int8 the fp32 export is quantised and held to that export's
     accuracy first; the int8 and fp32 exports of one checkpoint are different models.
+    With an object-storage --model-repository the version is uploaded there (its
+    metadata.json last, the marker that makes it count) and the run's record too;
+    checkpoints, data and the export lock stay on STORAGE.
     """
     from mnist_pipeline import export as export_stage
 
@@ -376,6 +385,7 @@ def export(storage: Path, checkpoint: Path | None, run_id: str | None, **o: Any)
         run_id=run_id,
         min_improvement=o["min_improvement"],
         precision=o["precision"],
+        repo=model_repository,
     )
 
 
@@ -400,7 +410,7 @@ def local_triton(repository: Path, o: dict[str, Any], **more: Any) -> Any:
 @stage
 def serve(
     storage: Path,
-    model_repository: Path | None,
+    model_repository: ModelRepository | None,
     workdir: Path | None,
     log_verbose: int,
     triton_args: tuple[str, ...],
@@ -413,14 +423,16 @@ def serve(
     onnxruntime backend (r24.10, ONNX Runtime 1.19.2, as in the tritonserver:24.10-py3
     image), on the repository as it is. Other options (TRITON_ARGS, e.g.
     --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
-    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C.
+    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C. An object-storage
+    repository is first downloaded (each model's config and newest version, checked)
+    into a temporary folder, removed on exit.
     """
-    from mnist_pipeline.serve import serve_forever
-    from mnist_pipeline.storage import models_dir
+    from mnist_pipeline.serve import serve_forever, served_from
+    from mnist_pipeline.storage import repository_at
 
-    repository = model_repository or models_dir(storage)
     more = {"workdir": workdir, "log_verbose": log_verbose, "extra_args": triton_args}
-    serve_forever(local_triton(repository, o, **more))
+    with served_from(repository_at(model_repository, storage)) as folder:
+        serve_forever(local_triton(folder, o, **more))
 
 
 @cli.command()
@@ -536,13 +548,21 @@ def wait_training(storage: Path, run_id: str, **o: Any) -> None:
 
 
 @wait.command("export")
-@options(s.WAIT, s.MODEL_NAME)
+@options(s.WAIT, s.MODEL_NAME, s.MODEL_REPOSITORY)
 @stage
-def wait_export(storage: Path, run_id: str, model_name: str, **o: Any) -> None:
-    """Until the export of RUN_ID is published or skipped and models/NAME is servable."""
+def wait_export(
+    storage: Path,
+    run_id: str,
+    model_name: str,
+    model_repository: ModelRepository | None,
+    **o: Any,
+) -> None:
+    """Until the export of RUN_ID is published or skipped and the repository's NAME has
+    that version servable. With an object-storage --model-repository both are read from
+    the bucket: no volume needed."""
     from mnist_pipeline import waits
 
-    check = waits.export_check(storage, run_id, model_name)
+    check = waits.export_check(storage, run_id, model_name, model_repository)
     waiting(f"export of run {run_id}", o).run(check)
 
 
@@ -561,16 +581,23 @@ def wait_serving(
 
 
 @cli.command()
-@options(s.STORAGE, s.MODEL_NAME, s.RUN_ID, s.KEEP_RUNS, s.KEEP_VERSIONS, s.KEEP_INFERENCE)
-@options(s.KEEP_VERSION, s.ABANDONED_AFTER)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, s.RUN_ID, s.KEEP_RUNS, s.KEEP_VERSIONS)
+@options(s.KEEP_INFERENCE, s.KEEP_VERSION, s.ABANDONED_AFTER)
 @stage
-def prune(storage: Path, model_name: str, run_id: str | None, **o: Any) -> None:
+def prune(
+    storage: Path,
+    model_repository: ModelRepository | None,
+    model_name: str,
+    run_id: str | None,
+    **o: Any,
+) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
 
     Never deletes the newest version (Triton serves it), a --keep-version, the run
     checkpoints/best_model.pth points at, --run-id, the versions those two published, or
     a run still marked running (unless untouched for --abandoned-after seconds). The chart
-    runs it before its client Job.
+    runs it before its client Job. Versions on object storage are deleted marker first,
+    so that a half-deleted version no longer counts.
     """
     from mnist_pipeline import retention
 
@@ -584,15 +611,21 @@ def prune(storage: Path, model_name: str, run_id: str | None, **o: Any) -> None:
         run_id=run_id,
         keep_versions=o["keep_version"],
         abandoned_after=o["abandoned_after"],
+        repo=model_repository,
     )
 
 
 @cli.command()
-@options(s.STORAGE, s.SERVED_REPOSITORY, s.MODEL_VERSION, s.RUN_ID)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.SERVED_REPOSITORY, s.MODEL_VERSION, s.RUN_ID)
 @options(s.MODEL_NAME, s.SERVER_CPUS, s.INSTANCE_COUNT, s.INSTANCE_KIND)
 @stage
 def pin(
-    storage: Path, served_repository: Path, model_version: str, run_id: str | None, **o: Any
+    storage: Path,
+    model_repository: ModelRepository | None,
+    served_repository: Path,
+    model_version: str,
+    run_id: str | None,
+    **o: Any,
 ) -> None:
     """Write the model repository one Triton pod serves: one version, this pod's settings.
 
@@ -601,7 +634,10 @@ def pin(
     --server-cpus // --instance-count)) and a version_policy naming the one version
     (--model-version), linked from the volume. The chart's Triton initContainer runs it,
     so `helm rollback` re-serves the old run's version and serving settings reach Triton
-    without retraining. Re-runnable.
+    without retraining. Re-runnable. With an object-storage --model-repository the
+    version (and, for --model-version run, the run's record) is read from the bucket
+    and its files downloaded into SERVED_REPOSITORY, each checked against the sha256
+    metadata.json records: no volume needed.
     """
     from mnist_pipeline.repository import (
         INSTANCE_KINDS,
@@ -618,7 +654,9 @@ def pin(
     )
     # Shared: pins read at once; an export or prune changing the versions waits for them.
     with locked(storage, cfg.name, shared=True):
-        write_served_repository(storage, served_repository, cfg, model_version, run_id)
+        write_served_repository(
+            storage, served_repository, cfg, model_version, run_id, repo=model_repository
+        )
 
 
 def main() -> None:

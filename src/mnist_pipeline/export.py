@@ -42,22 +42,19 @@ from mnist_pipeline.storage import (
     METRICS_FILE,
     MODEL_FILE,
     ExportStatus,
+    ModelRepository,
     PipelineFailure,
     RunStatus,
     UsageError,
     atomic_write_json,
-    atomic_write_text,
     best_model_link,
     checkpoints_dir,
     fsync_dir,
-    model_dir,
     read_export_record,
-    read_metadata,
     read_metrics,
+    repository_at,
     run_dir,
     validate_name,
-    version_dirs,
-    versions,
 )
 
 log = logging.getLogger(__name__)
@@ -156,22 +153,29 @@ def failed(error: Exception) -> Outcome:
 
 @dataclass(frozen=True)
 class Request:
-    """One export: of which training run's checkpoint (`owner`, if any), to which model,
-    how, and what it takes to replace the published version."""
+    """One export: of which training run's checkpoint (`owner`, if any), to which model
+    and repository (`store`), how, and what it takes to replace the published version."""
 
     storage: Path
     cfg: repository.TritonConfig
     owner: str | None
     precision: str
     min_improvement: float
-
-    @property
-    def model_path(self) -> Path:
-        return model_dir(self.storage, self.cfg.name)
+    store: repository.Store
 
     def record(self, outcome: Outcome) -> Outcome:
-        """Write `outcome` into the owner's export.json; call only under the export lock."""
-        write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        """Write `outcome` into the owner's export.json, and into the repository where it
+        keeps its own copy (a bucket: Triton pods have no volume); call only under the
+        export lock. A failure is recorded on the volume even when the bucket cannot be."""
+        written = write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        if written is None or self.owner is None:
+            return outcome
+        try:
+            self.store.write_record(self.owner, written)
+        except (PipelineFailure, UsageError) as e:
+            if outcome.status != ExportStatus.FAILED:
+                raise
+            log.warning("the failure is recorded on the volume only: %s", e)
         return outcome
 
 
@@ -588,7 +592,7 @@ def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
 
 
 def identical_version(
-    model_path: Path,
+    store: repository.Store,
     weights: str,
     precision: str,
     onnx_sha256: str | None,
@@ -597,27 +601,29 @@ def identical_version(
     """A published version (not in `skip`) holding the same model (same weights at the
     same precision, or the same ONNX bytes). The int8 and fp32 exports of one checkpoint
     are two models, each gated on its own accuracy."""
-    for version in version_dirs(model_path):
-        if int(version.name) in skip:
+    for version in store.versions():
+        if version in skip:
             continue
-        meta = read_metadata(version) or {}
+        meta = store.metadata(version) or {}
         same_weights = meta.get("weights_sha256") == weights
         if (same_weights and meta.get("precision") == precision) or (
             onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
         ):
-            return int(version.name)
+            return version
     return None
 
 
-def write_marker(storage: Path, run_id: str | None, model_name: str, outcome: Outcome) -> None:
+def write_marker(
+    storage: Path, run_id: str | None, model_name: str, outcome: Outcome
+) -> dict[str, Any] | None:
     """checkpoints/<run_id>/export.json: what export decided about this training run.
     Call only while holding the model's export lock (a read-modify-write).
 
     Its top-level fields are the run's standing outcome: once a run is published, a later
     attempt (skipped, failed) never erases that record; every attempt is kept in order
-    under "history"."""
+    under "history". Returns what it wrote."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
-        return
+        return None
     run = run_dir(storage, run_id)
     attempt = {
         "status": outcome.status,
@@ -638,7 +644,9 @@ def write_marker(storage: Path, run_id: str | None, model_name: str, outcome: Ou
     history = [*previous.get("history", []), attempt]
     published = previous.get("status") == ExportStatus.PUBLISHED
     standing = previous if published and outcome.status != ExportStatus.PUBLISHED else attempt
-    atomic_write_json(run / EXPORT_FILE, {**standing, "history": history})
+    record = {**standing, "history": history}
+    atomic_write_json(run / EXPORT_FILE, record)
+    return record
 
 
 def export(
@@ -648,8 +656,12 @@ def export(
     run_id: str | None = None,
     min_improvement: float = 0.0,
     precision: str = "fp32",
+    repo: ModelRepository | None = None,
 ) -> Outcome:
-    """The export stage. Returns what happened; raises UsageError / PipelineFailure."""
+    """The export stage. Returns what happened; raises UsageError / PipelineFailure.
+
+    `repo` is where versions are published (default STORAGE/models); the checkpoints,
+    the data and the export lock stay on the volume."""
     try:
         cfg.validate()
     except ValueError as e:
@@ -657,7 +669,8 @@ def export(
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
-    request = Request(storage, cfg, owner, precision, min_improvement)
+    store = repository.model_store(storage, repository_at(repo, storage), cfg.name)
+    request = Request(storage, cfg, owner, precision, min_improvement, store)
     try:
         candidate = load_candidate(path)
         check_architecture(candidate, cfg)
@@ -678,17 +691,18 @@ def export(
 def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     """Publish the candidate if it is a new model better than the published version.
     Call while holding the model's export lock."""
-    repository.clean_stale(request.storage, request.cfg.name)
+    store = request.store
+    store.clean_stale()
     repair_config(request)
     # A damaged version is no champion and no twin: the candidate is gated against the
-    # newest intact one, and a copy of a damaged version is published again.
-    damaged = repository.damaged_versions(request.model_path)
-    champion = repository.champion(request.model_path, damaged)
+    # newest intact one, and a copy of a damaged served version is published again.
+    damaged = repository.damaged_versions(store)
+    champion = repository.champion(store, damaged)
     if champion is not None:
         repair_best_link(request.storage, champion)
     weights = candidate.weights_sha256
     # The cheap check first: the same weights need no export to be recognised.
-    same = identical_version(request.model_path, weights, request.precision, None, damaged)
+    same = identical_version(store, weights, request.precision, None, damaged)
     if same is not None:
         refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
@@ -697,14 +711,27 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
     except (PipelineFailure, UsageError) as e:
         request.record(failed(e))
         raise
-    same = identical_version(request.model_path, weights, request.precision, built.sha256, damaged)
+    # Object storage: exports from other volumes gate and publish one at a time too.
+    with store.exclusive():
+        return decide(request, candidate, built, repository.champion(store, damaged), damaged)
+
+
+def decide(
+    request: Request,
+    candidate: Candidate,
+    built: Built,
+    champion: repository.Champion | None,
+    damaged: dict[int, str],
+) -> Outcome:
+    """Publish or skip the built candidate; call holding every lock of the repository."""
+    store, weights = request.store, candidate.weights_sha256
+    same = identical_version(store, weights, request.precision, built.sha256, damaged)
     if same is not None:
         refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
-    published = versions(request.model_path)
-    intact = set(published) - set(damaged)
-    twin = identical_version(request.model_path, weights, request.precision, None, intact)
-    if twin is not None and twin == published[-1]:  # the served version, damaged
+    found = store.versions()
+    twin = identical_version(store, weights, request.precision, None, set(found) - set(damaged))
+    if twin is not None and twin == found[-1]:  # the served version, damaged
         return publish(request, candidate, built, champion, f"republished: {damaged[twin]}")
     if champion is not None and not (
         built.evaluation.accuracy > champion.accuracy + request.min_improvement
@@ -717,12 +744,12 @@ def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
 def refuse_if_served_damaged(request: Request, damaged: dict[int, str]) -> None:
     """Before a skip: Triton serves the newest version, so skipping over a damaged one
     would leave the repository unservable with exit 0."""
-    published = versions(request.model_path)
-    if published and published[-1] in damaged:
-        newest = published[-1]
+    found = request.store.versions()
+    if found and found[-1] in damaged:
+        newest = found[-1]
         error = PipelineFailure(
             f"not published, and the served version {newest} is damaged: {damaged[newest]}; "
-            + repository.republish_hint(request.model_path, newest)
+            + repository.republish_hint(request.store.metadata, newest)
         )
         request.record(failed(error))
         raise error
@@ -731,12 +758,10 @@ def refuse_if_served_damaged(request: Request, damaged: dict[int, str]) -> None:
 def repair_config(request: Request) -> None:
     """Rewrite a config.pbtxt that no longer parses: it is derived from the export's
     settings alone, and every version is unservable without it."""
-    if not (request.model_path / CONFIG_FILE).exists():
-        return
-    why = repository.config_damage(request.model_path)
+    why = request.store.config_damage()
     if why:
         log.warning("%s; rewritten from this export's settings", why)
-        atomic_write_text(request.model_path / CONFIG_FILE, repository.render_config(request.cfg))
+        request.store.write_config(repository.render_config(request.cfg))
 
 
 def build_measured(request: Request, candidate: Candidate) -> Built:
@@ -757,7 +782,7 @@ def build_measured(request: Request, candidate: Candidate) -> Built:
 
 def skip_identical(request: Request, same: int, champion: repository.Champion | None) -> Outcome:
     """Never publish a model twice: it would only add a version serving the same thing."""
-    meta = read_metadata(request.model_path / str(same)) or {}
+    meta = request.store.metadata(same) or {}
     accuracy = float(meta["accuracy"])
     if request.owner is not None and meta.get("run_id") == request.owner:
         record = read_export_record(run_dir(request.storage, request.owner)) or {}
@@ -793,12 +818,37 @@ def publish(
     champion: repository.Champion | None,
     reason: str | None = None,
 ) -> Outcome:
-    """Publish the built model as the next version, then point best_model.pth at it."""
+    """Publish the built model as the next version, point best_model.pth at it, record it."""
+    version = publish_version(request, candidate, built, champion)
+    return published(request, candidate, built, champion, version, reason)
+
+
+def publish_version(
+    request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
+) -> int:
+    """Publish the built model as the next version; a failure is recorded, then raised."""
     best = None if champion is None else champion.accuracy
     metadata = version_metadata(request, candidate, built, best)
-    files = {MODEL_FILE: built.content}
-    version = repository.publish(request.storage, request.cfg, files, metadata)
+    try:
+        return request.store.publish(
+            repository.render_config(request.cfg), {MODEL_FILE: built.content}, metadata
+        )
+    except (PipelineFailure, UsageError, OSError) as e:
+        request.record(failed(PipelineFailure(f"publication failed: {e}")))
+        raise
+
+
+def published(
+    request: Request,
+    candidate: Candidate,
+    built: Built,
+    champion: repository.Champion | None,
+    version: int,
+    reason: str | None = None,
+) -> Outcome:
+    """Point best_model.pth at the published checkpoint and record the publication."""
     update_best_link(request.storage, candidate.path)
+    best = None if champion is None else champion.accuracy
     accuracy, images = built.evaluation.accuracy, built.evaluation.images
     if reason is None:
         reason = (
@@ -812,7 +862,7 @@ def publish(
         request.cfg.name,
         version,
         reason,
-        request.model_path / str(version),
+        request.store.url(str(version)),
     )
     # Still under the lock: export.json is read, extended and rewritten, and a
     # concurrent export of the same run must see the publication, not overwrite it.

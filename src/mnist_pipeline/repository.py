@@ -22,33 +22,36 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mnist_pipeline import settings
 from mnist_pipeline.storage import (
     CONFIG_FILE,
     EXPORT_LOCK_FILE,
+    EXPORT_WORK_DIR,
     METADATA_FILE,
     MODEL_FILE,
     STAGING_PREFIX,
+    ModelRepository,
     PipelineFailure,
     UsageError,
     atomic_write_json,
     atomic_write_text,
+    export_records,
     export_work_dir,
+    file_records,
     fsync_dir,
     is_version_name,
-    model_dir,
     models_dir,
     naming,
     read_metadata,
     resolve_served_version,
     servable_versions,
     validate_name,
-    version_dirs,
     versions,
 )
 
@@ -191,21 +194,27 @@ def version_damage(version_path: Path) -> str | None:
     return None
 
 
-def damaged_versions(model_path: Path) -> dict[int, str]:
+def damaged_versions(store: Store) -> dict[int, str]:
     """{version: what is wrong} for every damaged version of the model, each logged."""
     damaged = {}
-    for folder in version_dirs(model_path):
-        if why := version_damage(folder):
-            damaged[int(folder.name)] = why
-            log.error("damaged model version %s: %s", folder, why)
+    for version in store.versions():
+        if why := store.damage(version):
+            damaged[version] = why
+            log.error("damaged model version %s: %s", store.url(str(version)), why)
     return damaged
 
 
-def republish_hint(model_path: Path, version: int) -> str:
-    """What the operator runs to serve a damaged version's model again."""
+def folder_metadata(model_path: Path, version: int) -> dict[str, Any] | None:
+    """metadata.json of a version in a model folder."""
+    return read_metadata(model_path / str(version))
+
+
+def republish_hint(metadata: Callable[[int], dict[str, Any] | None], version: int) -> str:
+    """What the operator runs to serve a damaged version's model again (`metadata`: a
+    store's reader of metadata.json)."""
     run_id = None
     with contextlib.suppress(UsageError):
-        run_id = (read_metadata(model_path / str(version)) or {}).get("run_id")
+        run_id = (metadata(version) or {}).get("run_id")
     if isinstance(run_id, str):
         return f"re-export the run it came from: mnist-pipeline export --run-id {run_id}"
     return "export its checkpoint again (mnist-pipeline export --checkpoint PATH)"
@@ -230,23 +239,93 @@ class Champion:
     metadata: dict[str, Any]
 
 
-def champion(model_path: Path, damaged: Collection[int] = ()) -> Champion | None:
+class Store(Protocol):
+    """A model's published versions as export sees them: FolderModel, objectstore.S3Model."""
+
+    def versions(self) -> list[int]: ...
+    def metadata(self, version: int) -> dict[str, Any] | None: ...
+    def url(self, *parts: str) -> str: ...
+    def clean_stale(self) -> None: ...
+    def publish(
+        self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]
+    ) -> int: ...
+    def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
+    def write_record(self, run_id: str, record: dict[str, Any]) -> None: ...
+    def damage(self, version: int) -> str | None: ...
+    def config_damage(self) -> str | None: ...
+    def write_config(self, config_text: str) -> None: ...
+
+
+class FolderModel:
+    """A model's folder in a repository folder (STORAGE/models by default). Publication
+    is a rename, so every version folder counts; the volume's lock serialises exports."""
+
+    def __init__(self, storage: Path, root: Path, name: str) -> None:
+        self.storage, self.root, self.name = storage, root, name
+        self.path = root / name
+
+    def versions(self) -> list[int]:
+        return versions(self.path)
+
+    def metadata(self, version: int) -> dict[str, Any] | None:
+        return folder_metadata(self.path, version)
+
+    def url(self, *parts: str) -> str:
+        return str(self.path.joinpath(*parts))
+
+    def clean_stale(self) -> None:
+        clean_stale(self.storage, self.name, self.root)
+
+    def publish(self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]) -> int:
+        return publish_folder(self.path, self._staging_parent(), config_text, files, metadata)
+
+    def _staging_parent(self) -> Path:
+        """Where a first publication is built: beside the repository, on its file system."""
+        return self.root.parent / EXPORT_WORK_DIR / self.name
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing more to hold: every export into this folder holds the volume's lock."""
+        return contextlib.nullcontext()
+
+    def write_record(self, run_id: str, record: dict[str, Any]) -> None:
+        """The run's export.json on the volume is the record."""
+
+    def damage(self, version: int) -> str | None:
+        return version_damage(self.path / str(version))
+
+    def config_damage(self) -> str | None:
+        return config_damage(self.path) if (self.path / CONFIG_FILE).exists() else None
+
+    def write_config(self, config_text: str) -> None:
+        atomic_write_text(self.path / CONFIG_FILE, config_text)
+
+
+def model_store(storage: Path, repo: ModelRepository, name: str) -> Store:
+    """The export's view of `repo`: a folder, or a bucket (claims remembered on the volume)."""
+    if repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        return objectstore.S3Model(repo, name, work=export_work_dir(storage, name))
+    assert repo.folder is not None
+    return FolderModel(storage, repo.folder, name)
+
+
+def champion(store: Store, damaged: Collection[int] = ()) -> Champion | None:
     """The newest published version (of those not `damaged`) and its accuracy: what a
     candidate has to beat."""
-    found = [v for v in versions(model_path) if v not in damaged]
+    found = [v for v in store.versions() if v not in damaged]
     if not found:
         return None
     newest = found[-1]
-    version_path = model_path / str(newest)
     # Never guess: overwriting the served model because its record is unreadable could
     # replace a better model with a worse one.
-    meta = read_metadata(version_path)
+    meta = store.metadata(newest)
     if meta is None:
-        raise PipelineFailure(f"the served version {version_path} has no {METADATA_FILE}")
+        raise PipelineFailure(f"the served version {store.url(str(newest))} has no {METADATA_FILE}")
     accuracy = meta.get("accuracy")
     if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
         raise PipelineFailure(
-            f"the served version's {version_path / METADATA_FILE} records no accuracy "
+            f"the served version's {store.url(str(newest), METADATA_FILE)} records no accuracy "
             f"(found {accuracy!r})"
         )
     return Champion(newest, float(accuracy), meta)
@@ -274,11 +353,13 @@ def locked(storage: Path, name: str, shared: bool = False) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def clean_stale(storage: Path, name: str) -> None:
+def clean_stale(storage: Path, name: str, root: Path | None = None) -> None:
     """Remove staging folders a crashed export left; call only while holding the lock."""
-    model_path = model_dir(storage, name)
+    root = models_dir(storage) if root is None else root
+    model_path = root / name
     stale = [p for p in model_path.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    stale += [p for p in export_work_dir(storage, name).glob(f"{STAGING_PREFIX}*") if p.is_dir()]
+    work = root.parent / EXPORT_WORK_DIR / name
+    stale += [p for p in work.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
     for path in stale:
         log.warning("removing %s, left by an interrupted export", path)
         shutil.rmtree(path)
@@ -304,14 +385,24 @@ def _staging(parent: Path, prefix: str) -> Path:
 def publish(
     storage: Path, cfg: TritonConfig, files: dict[str, bytes], metadata: dict[str, Any]
 ) -> int:
-    """Add a version holding `files` and metadata.json; return its number.
+    """Add a version holding `files` and metadata.json to STORAGE/models; return its number.
 
     Call while holding `locked(storage, cfg.name)`: the version number is chosen here.
     """
-    model_path = model_dir(storage, cfg.name)
+    store = FolderModel(storage, models_dir(storage), cfg.name)
+    return store.publish(render_config(cfg), files, metadata)
+
+
+def publish_folder(
+    model_path: Path,
+    staging_parent: Path,
+    config_text: str,
+    files: dict[str, bytes],
+    metadata: dict[str, Any],
+) -> int:
+    """FolderModel.publish: a version folder built under a dot-name and renamed into place."""
     version = (versions(model_path) or [0])[-1] + 1
-    metadata = {**metadata, "version": version}
-    config_text = render_config(cfg)
+    metadata = {**metadata, "version": version, "files": file_records(files)}
 
     if model_path.is_dir():
         staging = _staging(model_path, STAGING_PREFIX)
@@ -326,17 +417,17 @@ def publish(
             raise
         fsync_dir(model_path)
     else:
-        staging = _staging(export_work_dir(storage, cfg.name), STAGING_PREFIX)
+        staging = _staging(staging_parent, STAGING_PREFIX)
         try:
             (staging / str(version)).mkdir(mode=0o755)
             _fill_version(staging / str(version), files, metadata)
             atomic_write_text(staging / CONFIG_FILE, config_text)
-            models_dir(storage).mkdir(parents=True, exist_ok=True)
+            model_path.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, model_path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        fsync_dir(models_dir(storage))
+        fsync_dir(model_path.parent)
     return version
 
 
@@ -346,38 +437,50 @@ def write_served_repository(
     cfg: TritonConfig,
     wanted: str,
     run_id: str | None = None,
+    repo: ModelRepository | None = None,
 ) -> int:
     """Write the repository one Triton pod serves into `out` (the pod's emptyDir): the
-    volume's config.pbtxt with this pod's instance groups and ONNX Runtime threads (cfg)
-    and a version_policy naming one version, plus a link to that version on the volume.
+    repository's config.pbtxt with this pod's instance groups and ONNX Runtime threads
+    (cfg) and a version_policy naming one version, plus that version: a link to it on the
+    volume, or with an object-storage repository its files, downloaded and checked.
 
     `wanted` is a --model-version: "run" (the version `run_id`'s export chose), N, or ""
     (the newest). Settings of the pod, not of the run, so they reach Triton without a new
     export. Re-runnable on the same `out` (init containers re-run when a pod sandbox is
-    re-created): every file is replaced, links to other versions removed.
+    re-created): every file is replaced, other versions removed.
     """
-    from google.protobuf import text_format
-
     cfg.validate()
-    model_path = model_dir(storage, cfg.name)
-    version = served_version(model_path, resolve_served_version(storage, cfg.name, wanted, run_id))
-    for why in (version_damage(model_path / str(version)), config_damage(model_path)):
-        if why:  # Triton would refuse it and, with model control mode none, not start
-            raise PipelineFailure(
-                f"cannot serve version {version} of {cfg.name}: {why}; "
-                + republish_hint(model_path, version)
-            )
-    config = parse_config((model_path / CONFIG_FILE).read_text())
-    del config.instance_group[:]
-    config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
-    config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
-    config.parameters["inter_op_thread_count"].string_value = "1"
-    config.version_policy.specific.versions[:] = [version]
-
+    repo = repo or ModelRepository(folder=models_dir(storage))
+    records = export_records(storage, repo, cfg.name)
+    resolved = resolve_served_version(storage, cfg.name, wanted, run_id, records)
     served = out / cfg.name
     served.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(served / CONFIG_FILE, text_format.MessageToString(config))
-    link_only_version(served, model_path / str(version))
+    if repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        model = objectstore.S3Model(repo, cfg.name)
+        version = served_version(model.versions(), resolved, model.url())
+        config_text = model.config_text()
+        download = objectstore.staging_folder(served, f".download-{version}-")
+        try:
+            model.download_version(version, download)
+            atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version))
+            place_only_version(served, download, version)
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
+    else:
+        assert repo.folder is not None
+        model_path = repo.folder / cfg.name
+        version = served_version(servable_versions(model_path), resolved, str(model_path))
+        for why in (version_damage(model_path / str(version)), config_damage(model_path)):
+            if why:  # Triton would refuse it and, with model control mode none, not start
+                raise PipelineFailure(
+                    f"cannot serve version {version} of {cfg.name}: {why}; "
+                    + republish_hint(partial(folder_metadata, model_path), version)
+                )
+        config_text = (model_path / CONFIG_FILE).read_text()
+        atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version))
+        link_only_version(served, model_path / str(version))
     log.info(
         "serving %s version %d alone: %d %s instance(s), %d thread(s) each",
         cfg.name,
@@ -389,19 +492,44 @@ def write_served_repository(
     return version
 
 
-def served_version(model_path: Path, resolved: str) -> int:
-    """The servable version `resolved` names ("" the newest) in `model_path`."""
-    found = servable_versions(model_path)
+def pod_config(config_text: str, cfg: TritonConfig, version: int) -> str:
+    """The repository's config.pbtxt with this pod's instance groups, threads and version."""
+    from google.protobuf import text_format
+
+    config = parse_config(config_text)
+    del config.instance_group[:]
+    config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
+    config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
+    config.parameters["inter_op_thread_count"].string_value = "1"
+    config.version_policy.specific.versions[:] = [version]
+    return str(text_format.MessageToString(config))
+
+
+def served_version(found: list[int], resolved: str, where: str) -> int:
+    """The servable version `resolved` names ("" the newest) among `found`, in `where`."""
     if not resolved:
         if not found:
-            raise PipelineFailure(f"{model_path} holds no version to serve")
+            raise PipelineFailure(f"{where} holds no version to serve")
         return found[-1]
     if int(resolved) not in found:
         raise PipelineFailure(
-            f"version {resolved} of {model_path.name} is not in {model_path} "
-            f"(servable versions: {found or 'none'})"
+            f"version {resolved} is not in {where} (servable versions: {found or 'none'})"
         )
     return int(resolved)
+
+
+def place_only_version(served: Path, download: Path, version: int) -> None:
+    """Rename the downloaded folder to `served/<version>`, the only version there."""
+    for stale in served.iterdir():
+        if is_version_name(stale.name) or stale.name.startswith(".download-"):
+            if stale == download:
+                continue
+            if stale.is_symlink() or not stale.is_dir():
+                stale.unlink()
+            else:
+                shutil.rmtree(stale)
+    os.rename(download, served / str(version))
+    fsync_dir(served)
 
 
 def link_only_version(served: Path, version_path: Path) -> None:

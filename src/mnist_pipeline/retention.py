@@ -11,8 +11,9 @@ seconds: a run whose pods were deleted (`helm uninstall` mid-training) stays "ru
 forever otherwise.
 
 Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
-then removes it, so a reader never sees half a folder. Standard library only: the lean
-client image runs it.
+then removes it, so a reader never sees half a folder; a version on object storage loses
+its marker (metadata.json) first. Standard library only (boto3 for an object-storage
+repository): the lean client image runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +31,19 @@ from mnist_pipeline.repository import locked
 from mnist_pipeline.storage import (
     DELETING_PREFIX,
     ExportStatus,
+    ModelRepository,
     PipelineFailure,
+    RecordReader,
     RunStatus,
     UsageError,
     best_model_link,
     checkpoints_dir,
+    export_records,
     inference_dir,
-    model_dir,
-    read_export_record,
     read_metadata,
     read_metrics,
+    repository_at,
     resolve_served_version,
-    run_dir,
     version_dirs,
 )
 
@@ -94,23 +98,25 @@ def _best_run(storage: Path) -> str | None:
     )
 
 
-def _published_by(version: Path) -> str | None:
-    run_id = (read_metadata(version) or {}).get("run_id")
+def _published_by(meta: dict[str, Any] | None) -> str | None:
+    run_id = (meta or {}).get("run_id")
     return run_id if isinstance(run_id, str) else None
 
 
-def _chosen_by(storage: Path, model_name: str, run_id: str | None) -> set[int]:
+def _chosen_by(
+    storage: Path, model_name: str, run_id: str | None, records: RecordReader
+) -> set[int]:
     """The version of `model_name` run `run_id`'s export chose (published, or kept as
     better), if it chose one: the version that run's pods serve."""
-    if run_id is None or not run_dir(storage, run_id).is_dir():
+    if run_id is None or not checkpoints_dir(storage).joinpath(run_id).is_dir():
         return set()
-    record = read_export_record(run_dir(storage, run_id)) or {}
+    record = records(run_id)[0] or {}
     if record.get("model_name") != model_name or record.get("status") in (
         None,
         ExportStatus.FAILED,
     ):
         return set()
-    return {int(resolve_served_version(storage, model_name, "run", run_id))}
+    return {int(resolve_served_version(storage, model_name, "run", run_id, records))}
 
 
 class Removal:
@@ -118,8 +124,18 @@ class Removal:
     of it; what cannot be removed is named and the rest still goes."""
 
     def __init__(self) -> None:
-        self.removed: list[Path] = []
+        self.removed: list[str] = []
         self.failed: list[str] = []
+
+    def run(self, where: str, remove: Callable[[], None]) -> None:
+        """Remove what `remove` removes (a version on object storage), naming `where`."""
+        try:
+            remove()
+        except (OSError, PipelineFailure) as e:
+            self.failed.append(f"{where}: {e}")
+            return
+        log.info("removed %s", where)
+        self.removed.append(where)
 
     def remove(self, path: Path) -> None:
         errors: list[str] = []
@@ -142,7 +158,7 @@ class Removal:
             self.failed += errors
             return
         log.info("removed %s", path)
-        self.removed.append(path)
+        self.removed.append(str(path))
 
     def finish_interrupted(self, *parents: Path) -> None:
         """Remove what an earlier prune renamed but could not delete."""
@@ -158,25 +174,29 @@ def prune(
     run_id: str | None = None,
     keep_versions: tuple[int, ...] = (),
     abandoned_after: float = 0,
-) -> list[Path]:
-    """Delete what is beyond the limits; return what was deleted. Raises PipelineFailure
-    naming every path it could not remove, after removing all it could."""
+    repo: ModelRepository | None = None,
+) -> list[str]:
+    """Delete what is beyond the limits; return what was deleted (paths, or URLs of
+    versions on object storage). Runs and inference results are on the volume. Raises
+    PipelineFailure naming everything it could not remove, after removing all it could."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
         raise UsageError(
             f"storage {storage} does not exist: check --storage (MNIST_PIPELINE_STORAGE)"
         )
     removal = Removal()
+    repo = repository_at(repo, storage)
     # Under the export lock: an export publishing an older run's checkpoint at this moment
     # would otherwise lose that checkpoint, and best_model.pth with it.
     with locked(storage, model_name):
-        model = model_dir(storage, model_name)
-        removal.finish_interrupted(model, checkpoints_dir(storage), inference_dir(storage))
+        folders = [repo.folder / model_name] if repo.folder is not None else []
+        removal.finish_interrupted(*folders, checkpoints_dir(storage), inference_dir(storage))
         best = _best_run(storage)
         protected_runs = {best, run_id} - {None}
-        kept = {*keep_versions, *_chosen_by(storage, model_name, run_id)}
-        _prune_versions(removal, model, limits.versions, kept, protected_runs)
+        records = export_records(storage, repo, model_name)
+        kept = {*keep_versions, *_chosen_by(storage, model_name, run_id, records)}
+        _prune_versions(removal, _versions(repo, model_name), limits.versions, kept, protected_runs)
         # A version that stays keeps the checkpoint it was exported from.
-        backing = {_published_by(v) for v in version_dirs(model)} - {None}
+        backing = {v.published_by for v in _versions(repo, model_name)} - {None}
         _prune_runs(removal, storage, limits.runs, protected_runs | backing, abandoned_after)
     _prune_inference(removal, storage, limits.inference)
     log.info("retention: removed %d folder(s), keeping %s", len(removal.removed), limits)
@@ -185,20 +205,57 @@ def prune(
     return removal.removed
 
 
+@dataclass(frozen=True)
+class Version:
+    number: int
+    published_by: str | None
+    where: str
+    remove: Callable[[], None] | None  # None: a folder, which Removal.remove deletes
+
+
+def _versions(repo: ModelRepository, model_name: str) -> list[Version]:
+    """The model's versions, ascending: folders, or versions on object storage that count
+    (their marker first to go when one is deleted, so that half deleted it counts no more)."""
+    if repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        model = objectstore.S3Model(repo, model_name)
+        return [
+            Version(
+                n,
+                _published_by(model.metadata(n)),
+                model.url(str(n)),
+                partial(model.delete_version, n),
+            )
+            for n in model.versions()
+        ]
+    assert repo.folder is not None
+    return [
+        Version(int(p.name), _published_by(read_metadata(p)), str(p), None)
+        for p in version_dirs(repo.folder / model_name)
+    ]
+
+
 def _prune_versions(
-    removal: Removal, model: Path, limit: int, kept: set[int], protected_runs: set[str | None]
+    removal: Removal,
+    found: list[Version],
+    limit: int,
+    kept: set[int],
+    protected_runs: set[str | None],
 ) -> None:
     """Beyond the newest `limit` versions, those neither kept nor published by a
     protected run; the newest (Triton serves it) always stays."""
-    folders = version_dirs(model)
-    if not limit or not folders:
+    if not limit or not found:
         return
-    for folder in folders[:-limit]:
-        if folder == folders[-1] or int(folder.name) in kept:
+    for version in found[:-limit]:
+        if version is found[-1] or version.number in kept:
             continue
-        if _published_by(folder) in protected_runs:
+        if version.published_by in protected_runs:
             continue
-        removal.remove(folder)
+        if version.remove is None:
+            removal.remove(Path(version.where))
+        else:
+            removal.run(version.where, version.remove)
 
 
 def _prune_runs(

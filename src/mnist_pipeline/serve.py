@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -105,7 +105,9 @@ def check_repository(source: Path) -> list[str]:
             # not start at all.
             raise PipelineFailure(
                 f"the version Triton would serve is damaged: {why}; "
-                + repository.republish_hint(model_dir, found[-1])
+                + repository.republish_hint(
+                    functools.partial(repository.folder_metadata, model_dir), found[-1]
+                )
             )
         names.append(config.name or model_dir.name)
     if not names:
@@ -337,6 +339,25 @@ class LocalTriton:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def served_from(repo: storage.ModelRepository) -> Iterator[Path]:
+    """The folder Triton serves for `repo`: the folder itself, or for object storage a
+    temporary folder with each model's config and newest version, downloaded and checked
+    (removed on exit)."""
+    if not repo.is_s3:
+        assert repo.folder is not None
+        yield repo.folder
+        return
+    from mnist_pipeline import objectstore
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist-served-"))
+    try:
+        objectstore.download_repository(repo, folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve_forever(server: LocalTriton) -> None:

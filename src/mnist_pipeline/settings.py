@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     DEFAULT_STORAGE,
     MAX_EPOCHS,
+    ModelRepository,
     UsageError,
     check_model_version,
     validate_name,
@@ -153,6 +155,50 @@ def parse_grpc_url(url: str) -> str:
     if port == 0:
         raise UsageError(f"URL {url!r}: port 0 is not a port; {expected}")
     return url
+
+
+S3_FORMS = (
+    "s3://BUCKET/PREFIX (AWS S3), s3://HOST:PORT/BUCKET/PREFIX (plain HTTP) or "
+    "s3://https://HOST[:PORT]/BUCKET/PREFIX"
+)
+# S3's bucket naming rule (3-63 characters; dots allowed, as radosgw and AWS do).
+BUCKET_PATTERN = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+
+
+def parse_model_repository(value: str) -> ModelRepository:
+    """A folder, or Triton's S3 URL form: s3://[http://|https://]host[:port]/bucket/prefix
+    or s3://bucket/prefix (AWS). Without a scheme, the first part is an endpoint only when
+    it has a port, as Triton reads it."""
+    if not value.startswith("s3://"):
+        if "://" in value:
+            raise UsageError(f"model repository {value!r}: a folder, or one of {S3_FORMS}")
+        return ModelRepository(folder=Path(value))
+    rest, scheme, host, port = value[len("s3://") :], "https", "", None
+    explicit = re.match(r"(https?)://", rest)
+    first = rest.split("/", 1)[0]
+    if explicit or ":" in first:
+        if explicit:
+            scheme, rest = explicit.group(1), rest[explicit.end() :]
+        else:
+            scheme = "http"  # Triton's rule for s3://host:port/...
+        endpoint, _, rest = rest.partition("/")
+        try:
+            parts = urllib.parse.urlsplit(f"//{endpoint}")
+            host, port = parts.hostname or "", parts.port
+        except ValueError as e:
+            raise UsageError(f"model repository {value!r}: {e}; {S3_FORMS}") from None
+        if not host or parts.username or parts.path:
+            raise UsageError(f"model repository {value!r}: no endpoint host; {S3_FORMS}")
+    bucket, _, prefix = rest.partition("/")
+    if not re.fullmatch(BUCKET_PATTERN, bucket, re.ASCII):
+        raise UsageError(
+            f"model repository {value!r}: bucket {bucket!r} is not an S3 bucket name (3-63 "
+            f"lower-case letters, digits, '.' and '-'); expected {S3_FORMS}"
+        )
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise UsageError(f"model repository {value!r}: empty, '.' or '..' part in the prefix")
+    return ModelRepository(bucket=bucket, prefix=prefix, scheme=scheme, host=host, port=port)
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -347,9 +393,12 @@ BACKEND_DIRECTORY = Setting(
 MODEL_REPOSITORY = Setting(
     "model_repository",
     None,
-    "Triton model repository to serve. Default: STORAGE/models.",
-    type=Path,
-    path="dir",
+    "The Triton model repository export publishes to and pin, serve, prune and wait "
+    f"export read: a folder, or object storage: {S3_FORMS}; credentials from "
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).",
+    type=str,
+    parse=parse_model_repository,
+    default_text="STORAGE/models",
 )
 WORKDIR = Setting(
     "workdir",

@@ -19,13 +19,15 @@ and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
@@ -143,6 +145,45 @@ def inference_dir(storage: Path) -> Path:
     return storage / "inference"
 
 
+@dataclass(frozen=True)
+class ModelRepository:
+    """Where the Triton model repository is: a folder, or a bucket and prefix on S3
+    (objectstore.py). `host` empty is AWS S3 itself, its region from AWS_DEFAULT_REGION."""
+
+    folder: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+    scheme: str = "https"
+    host: str = ""
+    port: int | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return bool(self.bucket)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint URL; None for AWS (the SDK derives it from the region)."""
+        if not self.host:
+            return None
+        return f"{self.scheme}://{self.host}" + (f":{self.port}" if self.port else "")
+
+    def key(self, *parts: str) -> str:
+        """The object key of `parts` under the prefix."""
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+
+    def __str__(self) -> str:
+        if not self.is_s3:
+            return str(self.folder)
+        where = f"{self.endpoint}/" if self.endpoint else ""
+        return f"s3://{where}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+
+
+def repository_at(location: ModelRepository | None, storage: Path) -> ModelRepository:
+    """--model-repository as given, or STORAGE/models by default."""
+    return location if location is not None else ModelRepository(folder=models_dir(storage))
+
+
 @contextlib.contextmanager
 def naming(path: Path) -> Iterator[None]:
     """Let an OSError that names no file (ENOSPC from write(), EIO from fsync()) name `path`,
@@ -215,6 +256,14 @@ def log_error_to(handler: logging.Handler, logger: logging.Logger, msg: str, *ar
     handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, args, None))
 
 
+def file_records(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """What metadata.json records of a version's files ("files"), checked by downloads."""
+    return {
+        name: {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        for name, content in files.items()
+    }
+
+
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -284,16 +333,31 @@ def versions(model: Path) -> list[int]:
     return [int(p.name) for p in version_dirs(model)]
 
 
-def servable_versions(model: Path) -> list[int]:
-    """The versions Triton can load and the pipeline can describe: the model has its
-    config.pbtxt, the version its model.onnx and metadata.json."""
-    if not (model / CONFIG_FILE).is_file():
+def servable_in(paths: Iterable[str]) -> list[int]:
+    """The versions Triton can load and the pipeline can describe, from the files of a
+    model folder ("config.pbtxt", "3/model.onnx", ...: a folder's, or a bucket listing's):
+    the model has its config.pbtxt, the version its model.onnx and its metadata.json. On
+    object storage metadata.json is uploaded last, so it is the marker that makes a
+    version count; a version without it is an upload in progress or a failed one."""
+    files = set(paths)
+    if CONFIG_FILE not in files:
         return []
-    return [
-        int(p.name)
-        for p in version_dirs(model)
-        if (p / MODEL_FILE).is_file() and (p / METADATA_FILE).is_file()
-    ]
+    names = {p.split("/", 1)[0] for p in files if "/" in p}
+    return sorted(
+        int(name)
+        for name in names
+        if is_version_name(name)
+        and f"{name}/{MODEL_FILE}" in files
+        and f"{name}/{METADATA_FILE}" in files
+    )
+
+
+def servable_versions(model: Path) -> list[int]:
+    """servable_in for a model folder."""
+    files = [CONFIG_FILE] if (model / CONFIG_FILE).is_file() else []
+    for version in version_dirs(model):
+        files += [f"{version.name}/{p.name}" for p in version.iterdir() if p.is_file()]
+    return servable_in(files)
 
 
 def check_model_version(value: str) -> str:
@@ -306,16 +370,40 @@ def check_model_version(value: str) -> str:
     )
 
 
-def exported_version(storage: Path, model_name: str, run_id: str) -> int:
+RecordReader = Callable[[str], tuple[dict[str, Any] | None, str]]
+
+
+def volume_records(storage: Path) -> RecordReader:
+    """Reads a run's export record (and says where) from the training volume."""
+
+    def read(run_id: str) -> tuple[dict[str, Any] | None, str]:
+        run = run_dir(storage, run_id)
+        if not run.is_dir():
+            raise UsageError(f"training run {run_id} does not exist in {checkpoints_dir(storage)}")
+        return read_export_record(run), str(run / EXPORT_FILE)
+
+    return read
+
+
+def export_records(storage: Path, repo: ModelRepository | None, model_name: str) -> RecordReader:
+    """Where a run's export record is read: the volume, or with an object-storage
+    repository the bucket (the export writes it to both; a Triton pod has no volume)."""
+    if repo is not None and repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        return objectstore.S3Model(repo, model_name).read_record
+    return volume_records(storage)
+
+
+def exported_version(
+    storage: Path, model_name: str, run_id: str, records: RecordReader | None = None
+) -> int:
     """The version of `model_name` that run `run_id`'s export chose: the one it published,
     or the better one it kept (skipped)."""
-    run = run_dir(storage, run_id)
-    if not run.is_dir():
-        raise UsageError(f"training run {run_id} does not exist in {checkpoints_dir(storage)}")
-    record = read_export_record(run)
+    record, where = (records or volume_records(storage))(run_id)
     if record is None:
         raise UsageError(
-            f"training run {run_id} has not been exported ({run / EXPORT_FILE} does not "
+            f"training run {run_id} has not been exported ({where} does not "
             f"exist): run `mnist-pipeline export --run-id {run_id}` first"
         )
     status, version = record.get("status"), record.get("version")
@@ -333,7 +421,13 @@ def exported_version(storage: Path, model_name: str, run_id: str) -> int:
     return version
 
 
-def resolve_served_version(storage: Path, model_name: str, wanted: str, run_id: str | None) -> str:
+def resolve_served_version(
+    storage: Path,
+    model_name: str,
+    wanted: str,
+    run_id: str | None,
+    records: RecordReader | None = None,
+) -> str:
     """The version to serve or query, as a version number, or "" for the newest.
 
     `wanted` is "run" (the version run `run_id`'s export chose; the newest without a
@@ -343,4 +437,4 @@ def resolve_served_version(storage: Path, model_name: str, wanted: str, run_id: 
         return wanted
     if run_id is None:
         return ""
-    return str(exported_version(storage, model_name, run_id))
+    return str(exported_version(storage, model_name, run_id, records))

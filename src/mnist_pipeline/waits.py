@@ -16,7 +16,8 @@ account token: the Job's Failed condition fails the wait too. A Job that no long
 (deleted by ttlSecondsAfterFinished, long before a Triton pod restarts) is no answer, so
 the wait falls back to the artifacts. Every wait gives up after --wait-timeout seconds.
 
-Standard library only: the lean client image (no torch) runs these too.
+Standard library only (boto3 for an object-storage repository): the lean client image
+(no torch) runs these too.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mnist_pipeline.storage import (
     EXPORT_FILE,
     METRICS_FILE,
     ExportStatus,
+    ModelRepository,
     PipelineFailure,
     RunStatus,
     check_model_version,
-    model_dir,
     read_export_record,
     read_metrics,
+    repository_at,
     resolve_served_version,
     run_dir,
     servable_versions,
@@ -203,32 +206,53 @@ def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
     return check
 
 
-def export_check(storage: Path, run_id: str, model_name: str) -> Callable[[], str | None]:
+def export_check(
+    storage: Path, run_id: str, model_name: str, repo: ModelRepository | None = None
+) -> Callable[[], str | None]:
+    """With an object-storage `repo` everything is read from the bucket (the record the
+    export writes there too): the Triton pod that waits has no volume."""
+    repo = repository_at(repo, storage)
     run = run_dir(storage, run_id)
     trained = training_check(storage, run_id)
+    servable: Callable[[], list[int]]
+    if repo.is_s3:
+        from mnist_pipeline import objectstore
+
+        model = objectstore.S3Model(repo, model_name)
+        servable, where = model.versions, model.url()
+    else:
+        assert repo.folder is not None
+        folder = repo.folder / model_name
+        servable, where = (lambda: servable_versions(folder)), str(folder)
+
+    def outcome() -> tuple[dict[str, Any] | None, str | None]:
+        """The record, or what the wait is still waiting for."""
+        if repo.is_s3:
+            record, record_at = model.read_record(run_id)
+            return record, None if record else f"waiting for {record_at} to appear"
+        record = read_export_record(run)
+        if record is not None:
+            return record, None
+        # A failed training run means no export will come: say so now, not at the timeout.
+        return None, trained() or f"waiting for {run / EXPORT_FILE} to appear"
 
     def check() -> str | None:
-        outcome = read_export_record(run)
-        if outcome is None:
-            # A failed training run means no export will come: say so now, not at the timeout.
-            waiting_for = trained()
-            return (
-                f"waiting for {run / EXPORT_FILE} to appear" if waiting_for is None else waiting_for
-            )
-        status = outcome.get("status")
+        record, waiting_for = outcome()
+        if record is None:
+            return waiting_for
+        status = record.get("status")
         if status == ExportStatus.FAILED:
-            raise PipelineFailure(f"export of run {run_id} failed: {outcome.get('reason', '?')}")
+            raise PipelineFailure(f"export of run {run_id} failed: {record.get('reason', '?')}")
         if status not in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED):
             return f"export of run {run_id} is {status}"
-        model = model_dir(storage, model_name)
-        versions = servable_versions(model)
-        version = outcome.get("version")
-        # Published: the new version; skipped: the better one already there. Either is on
-        # storage by now, so a missing one will not come later.
+        versions = servable()
+        version = record.get("version")
+        # Published: the new version; skipped: the better one already there. Either is in
+        # the repository by now, so a missing one will not come later.
         if version not in versions:
             raise PipelineFailure(
                 f"export of run {run_id} was {status} naming version {version} of "
-                f"{model_name}, but {model} holds {versions or 'no servable version'}: "
+                f"{model_name}, but {where} holds {versions or 'no servable version'}: "
                 "Triton would not serve it"
             )
         log.debug("export %s; servable versions of %s: %s", status, model_name, versions)

@@ -577,7 +577,7 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
             == hashlib.sha256((model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
         )
     # Whatever the order, the high-accuracy run ends up served.
-    champion = repository.champion(model_path)
+    champion = repository.champion(repository.FolderModel(storage, model_path.parent, NAME))
     assert champion is not None and champion.metadata["run_id"] == trained["high"]
 
 
