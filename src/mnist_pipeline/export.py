@@ -785,7 +785,9 @@ def skip_identical(request: Request, same: int, champion: repository.Champion | 
     meta = request.store.metadata(same) or {}
     accuracy = float(meta["accuracy"])
     if request.owner is not None and meta.get("run_id") == request.owner:
-        record = read_export_record(run_dir(request.storage, request.owner)) or {}
+        # The repository's record: on object storage another volume's export of a run of
+        # the same name may have published it.
+        record = request.store.read_record(request.owner)[0] or {}
         if (record.get("status"), record.get("version")) != (ExportStatus.PUBLISHED, same):
             # An export killed between publishing and recording: the version is this run's.
             reason = f"published as version {same} by an earlier export whose record was lost"

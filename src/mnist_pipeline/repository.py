@@ -53,6 +53,7 @@ from mnist_pipeline.storage import (
     servable_versions,
     validate_name,
     versions,
+    volume_records,
 )
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class Store(Protocol):
     ) -> int: ...
     def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
     def write_record(self, run_id: str, record: dict[str, Any]) -> None: ...
+    def read_record(self, run_id: str) -> tuple[dict[str, Any] | None, str]: ...
     def damage(self, version: int) -> str | None: ...
     def config_damage(self) -> str | None: ...
     def write_config(self, config_text: str) -> None: ...
@@ -289,6 +291,9 @@ class FolderModel:
 
     def write_record(self, run_id: str, record: dict[str, Any]) -> None:
         """The run's export.json on the volume is the record."""
+
+    def read_record(self, run_id: str) -> tuple[dict[str, Any] | None, str]:
+        return volume_records(self.storage)(run_id)
 
     def damage(self, version: int) -> str | None:
         return version_damage(self.path / str(version))
