@@ -25,7 +25,7 @@ PERF_VENV ?= .venv-perf
 # What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d) and
 # prometheus (with promtool: the tests start their own on free ports). test-deps
 # installs the missing ones as root or with passwordless sudo, else stops with the command.
-TEST_DEBS ?= libb64-0d prometheus
+TEST_DEBS ?= libb64-0d prometheus dnsmasq
 # The container checks' engine and base-image tool: installed the same way where it can be;
 # without root they cannot run anyway, and test-deps says so instead of stopping.
 CONTAINER_DEBS ?= docker.io mmdebstrap

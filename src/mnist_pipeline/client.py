@@ -66,6 +66,9 @@ class InferConfig:
         settings.check_fields(self)
 
 
+DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
+
+
 def lb_policy(cfg: InferConfig) -> str:
     if cfg.lb_policy != "auto":
         return cfg.lb_policy
@@ -86,6 +89,10 @@ def new_client(cfg: InferConfig) -> Any:
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
         ("grpc.lb_policy_name", lb_policy(cfg)),
+        # A dns: target is looked up again when a connection closes (Triton's maximum
+        # connection age): at most every 30 s by gRPC's default, which would keep a
+        # replica added since out of rotation that long after the age.
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
     ]
     return grpc.InferenceServerClient(cfg.url, channel_args=options)
 
