@@ -7,6 +7,11 @@ own metrics. Each replica serves what the chart's pin writes for a 1-CPU pod.
 
     sudo .venv/bin/python benchmarks/bench_replicas.py --storage STORAGE   # ~1-2 min
 
+perf_analyzer (2.51) takes a dns: target (-u dns:///ADDRESS:8001 works) but always balances
+pick_first: measured here, every request of a run went to one replica. Hence the
+project's client. Triton's --host-policy is not used: taskset already confines each whole
+server to its core.
+
 STORAGE holds an exported model (models/resnet18_mnist) and MNIST (data/). Needs root
 (network namespaces), dnsmasq and taskset. Writes docs/benchmarks/replicas.json.
 """
