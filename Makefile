@@ -26,7 +26,7 @@ PERF_VENV ?= .venv-perf
 # prometheus (with promtool: the tests start their own on free ports) and Ceph's radosgw
 # with one monitor and one OSD (a real S3 server, started fresh per test session). test-deps
 # installs the missing ones as root or with passwordless sudo, else stops with the command.
-TEST_DEBS ?= libb64-0d prometheus radosgw ceph-mon ceph-osd ceph-common
+TEST_DEBS ?= libb64-0d prometheus radosgw ceph-mon ceph-osd ceph-common dnsmasq
 # The container checks' engine and base-image tool: installed the same way where it can be;
 # without root they cannot run anyway, and test-deps says so instead of stopping.
 CONTAINER_DEBS ?= docker.io mmdebstrap

@@ -51,6 +51,7 @@ class InferConfig:
     url: str = settings.URL.field()
     model_name: str = settings.MODEL_NAME.field()
     model_version: str = settings.MODEL_VERSION.field()  # "": the server's choice
+    lb_policy: str = settings.LB_POLICY.field()
     requests: int = settings.REQUESTS.field()
     concurrency: int = settings.CONCURRENCY.field()
     images_per_request: int = settings.IMAGES_PER_REQUEST.field()
@@ -63,6 +64,37 @@ class InferConfig:
 
     def validate(self) -> None:
         settings.check_fields(self)
+
+
+DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
+
+
+def lb_policy(cfg: InferConfig) -> str:
+    if cfg.lb_policy != "auto":
+        return cfg.lb_policy
+    return "round_robin" if cfg.url.startswith(settings.DNS_TARGET) else "pick_first"
+
+
+def new_client(cfg: InferConfig) -> Any:
+    """A gRPC client of cfg.url with cfg's load-balancing policy. tritonclient uses its
+    channel_args instead of its own options, not on top of them: its message-size limits
+    and keepalive settings (as tritonclient 2.73 sets them) are passed again."""
+    grpc = grpc_module()
+    keepalive = grpc.KeepAliveOptions()
+    options = [
+        ("grpc.max_send_message_length", grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", lb_policy(cfg)),
+        # A dns: target is looked up again when a connection closes (Triton's maximum
+        # connection age): at most every 30 s by gRPC's default, which would keep a
+        # replica added since out of rotation that long after the age.
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+    ]
+    return grpc.InferenceServerClient(cfg.url, channel_args=options)
 
 
 def answers_http(url: str, timeout: float = 2.0) -> bool:
@@ -125,7 +157,7 @@ def wait_until_ready(client: Any, cfg: InferConfig) -> None:
                 raise PipelineFailure(_missing_model_message(client, cfg, call_timeout))
         except InferenceServerException as e:
             last = str(e).splitlines()[0]
-            if attempt == 1 and answers_http(cfg.url):
+            if attempt == 1 and answers_http(settings.grpc_endpoint(cfg.url)):
                 raise UsageError(
                     f"{cfg.url} answers HTTP, not gRPC: that is Triton's HTTP port; give "
                     "its gRPC port (8001 by default)"
@@ -222,7 +254,7 @@ class Driver:
         from tritonclient.utils import triton_to_np_dtype
 
         self.dtype = triton_to_np_dtype(info.input_datatype)
-        self.clients = [self.grpc.InferenceServerClient(cfg.url) for _ in range(cfg.concurrency)]
+        self.clients = [new_client(cfg) for _ in range(cfg.concurrency)]
         self.lock = threading.Lock()
         self.latencies_ms: list[float] = []
         self.correct = self.images = 0
@@ -467,7 +499,7 @@ class Results:
 
 def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
     results = Results(cfg, labels, out)
-    client = grpc_module().InferenceServerClient(cfg.url)
+    client = new_client(cfg)
     try:
         wait_until_ready(client, cfg)
         info = read_model_info(client, cfg)

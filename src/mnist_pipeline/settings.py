@@ -134,17 +134,36 @@ def parse_batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
+DNS_TARGET = "dns:"
+
+
+def grpc_endpoint(url: str) -> str:
+    """The HOST:PORT a gRPC target dials: `url` itself, or what follows a dns: target's
+    optional //DNS-SERVER/ (dns:///name:8001, dns://10.0.0.10:53/name:8001)."""
+    if not url.startswith(DNS_TARGET):
+        return url
+    rest = url[len(DNS_TARGET) :]
+    return rest.split("/", 3)[3] if rest.startswith("//") and rest.count("/") >= 3 else rest
+
+
 def parse_grpc_url(url: str) -> str:
-    """Check a gRPC endpoint is HOST:PORT and return it; raise UsageError saying what form
-    is expected. gRPC takes no scheme, and without a port it silently dials 443."""
-    expected = "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001"
-    if "://" in url:
-        scheme = url.split("://", 1)[0]
+    """Check a gRPC endpoint is HOST:PORT or a dns: target (gRPC's resolver, which gives
+    every address of the name: a headless Service's pods) and return it; raise UsageError
+    saying what form is expected. Without a port gRPC silently dials 443."""
+    expected = (
+        "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001, or a dns: "
+        "target such as dns:///triton-grpc.ml.svc.cluster.local:8001"
+    )
+    if url.startswith(DNS_TARGET + "//") and url[len(DNS_TARGET) :].count("/") < 3:
+        raise UsageError(f"URL {url!r}: {expected} (dns://DNS-SERVER/ needs the / before HOST)")
+    endpoint = grpc_endpoint(url)
+    if "://" in endpoint:
+        scheme = endpoint.split("://", 1)[0]
         raise UsageError(
             f"URL {url!r}: {expected}, without a scheme ({scheme}:// is not part of it)"
         )
     try:
-        parts = urllib.parse.urlsplit(f"//{url}")
+        parts = urllib.parse.urlsplit(f"//{endpoint}")
         port = parts.port
     except ValueError as e:
         raise UsageError(f"URL {url!r}: {expected} ({e})") from None
@@ -206,6 +225,7 @@ SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "int8")
 INSTANCE_KINDS = ("cpu", "gpu")
+LB_POLICIES = ("auto", "round_robin", "pick_first")
 
 
 def _port(name: str, default: int, what: str) -> Setting:
@@ -414,8 +434,17 @@ LOG_VERBOSE = Setting("log_verbose", 0, "Triton's own log verbosity.", min=0)
 URL = Setting(
     "url",
     "localhost:8001",
-    "Triton's gRPC endpoint, HOST:PORT (no scheme; 8001 is gRPC, 8000 is HTTP).",
+    "Triton's gRPC endpoint, HOST:PORT (no scheme; 8001 is gRPC, 8000 is HTTP), or "
+    "dns:///NAME:PORT to reach every address of NAME (a headless Service's pods).",
     parse=parse_grpc_url,
+)
+LB_POLICY = Setting(
+    "lb_policy",
+    "auto",
+    "gRPC load balancing over the addresses --url resolves to: round_robin sends each "
+    "request to the next replica, pick_first all to one; auto: round_robin for dns: "
+    "targets, pick_first otherwise.",
+    choices=LB_POLICIES,
 )
 REQUESTS = Setting("requests", 1000, "Measured requests.", min=1)
 CONCURRENCY = Setting(
@@ -515,7 +544,7 @@ PUBLISH = (MIN_IMPROVEMENT, PRECISION)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT, BACKEND_DIRECTORY)
-INFER = (MODEL_NAME, MODEL_VERSION, REQUESTS, CONCURRENCY, IMAGES_PER_REQUEST, WARMUP, TIMEOUT,
-         REQUEST_TIMEOUT, MAX_SECONDS, OUTPUT, MIN_ACCURACY)  # fmt: skip
+INFER = (MODEL_NAME, MODEL_VERSION, LB_POLICY, REQUESTS, CONCURRENCY, IMAGES_PER_REQUEST, WARMUP,
+         TIMEOUT, REQUEST_TIMEOUT, MAX_SECONDS, OUTPUT, MIN_ACCURACY)  # fmt: skip
 WAIT = (STORAGE, dataclasses.replace(RUN_ID, required=True), WAIT_TIMEOUT, WAIT_INTERVAL, JOB,
         NAMESPACE)  # fmt: skip

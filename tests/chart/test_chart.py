@@ -53,6 +53,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "dashboard": {"enabled": True},
         },
     },
+    # Triton on any node: an object-storage repository, replicas without RWX.
+    "object-storage": {
+        "modelRepository": {
+            "url": "s3://https://minio.store:9000/models/mnist",
+            "existingSecret": "s3",
+        },
+        "triton": {"replicas": 3},
+        "networkPolicy": {
+            "egress": {"enabled": True, "objectStorage": {"cidrs": ["10.20.0.0/16"]}}
+        },
+    },
     # Most of what a real cluster may need at once.
     "cluster": {
         "run": {"id": "prod"},
@@ -122,7 +133,15 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
         assert set(skip) <= {"check", "kind", "reason"}, skip
         assert re.fullmatch(r"CKV2?_K8S_\d+", skip["check"]), skip
         assert skip["reason"].strip() and "\n" not in skip["reason"].strip(), skip
-    for scenario in ("default", "digests", "no-api-no-client", "existing-claim", "cluster"):
+    scenarios = (
+        "default",
+        "digests",
+        "no-api-no-client",
+        "existing-claim",
+        "cluster",
+        "object-storage",
+    )
+    for scenario in scenarios:
         objects, _ = render(SCENARIOS[scenario])
         (tmp_path / f"{scenario}.yaml").write_text(yaml.safe_dump_all(objects))
     result = subprocess.run(
@@ -287,7 +306,10 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     assert wait["args"][:2] == ["wait", "serving"]
     assert arg(wait, "run-id") == run_id and arg(wait, "http-url") == f"{host}:{ports['http']}"
     (infer,) = pod_spec(client)["containers"]
-    assert infer["args"][0] == "infer" and arg(infer, "url") == f"{host}:{ports['grpc']}"
+    headless = find(default, "Service", "triton-grpc")
+    (grpc,) = headless["spec"]["ports"]
+    target = f"dns:///{headless['metadata']['name']}.ml.svc.cluster.local:{grpc['port']}"
+    assert infer["args"][0] == "infer" and arg(infer, "url") == target
 
     for obj in workloads(default):
         for c in containers(pod_spec(obj)):
@@ -529,9 +551,9 @@ def test_helm_test_hook_runs_inference_against_the_service(default: list[dict[st
     (pod,) = [o for o in default if o["kind"] == "Pod"]
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
-    service = find(default, "Service", "triton")
+    service = find(default, "Service", "triton-grpc")  # every replica, round-robin
     assert c["command"] == ["mnist-pipeline"] and c["args"][0] == "infer"
-    assert arg(c, "url") == f"{service['metadata']['name']}.ml.svc:8001"
+    assert arg(c, "url") == f"dns:///{service['metadata']['name']}.ml.svc.cluster.local:8001"
     # It asks for this run's version with an accuracy floor; the volume is read-only to it,
     # so its results go to /tmp, an emptyDir.
     assert arg(c, "run-id") == run_id_of(default)

@@ -494,9 +494,8 @@ def test_multi_worker_training_is_an_indexed_job_with_a_headless_service() -> No
     job = find(objects, "Job", "train")
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
-    (service,) = [
-        o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
-    ]
+    service = find(objects, "Service", "train")
+    assert service["spec"]["clusterIP"] == "None"
     spec = pod_spec(job)
     assert spec["subdomain"] == service["metadata"]["name"]
     assert service["spec"]["selector"].items() <= pod_labels(job).items()

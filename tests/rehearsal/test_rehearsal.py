@@ -100,6 +100,16 @@ class Rehearsal:
             f"{host}:{p['port']}": f"127.0.0.1:{local[p['targetPort']]}"
             for p in service["spec"]["ports"]
         }
+        # The headless one's name resolves to the pods (here the one local Triton):
+        # dns:///<name>.<ns>.svc.cluster.local:<port> becomes dns:///127.0.0.1:<port>.
+        headless = find(objects, "Service", "triton-grpc")
+        meta = headless["metadata"]
+        self.addresses |= {
+            f"{meta['name']}.{meta['namespace']}.svc.cluster.local:{p['port']}": (
+                f"127.0.0.1:{local[p['targetPort']]}"
+            )
+            for p in headless["spec"]["ports"]
+        }
         # Every pod name the cluster DNS would resolve (a multi-worker Job's): this machine.
         self.addresses |= dict.fromkeys(dns_names(objects), "127.0.0.1")
         self.env = {

@@ -186,6 +186,9 @@ def test_failing_requests_keep_what_was_measured(
         ("grpc://localhost:8001", "without a scheme"),
         ("localhost:99999", "expected HOST:PORT"),
         ("localhost:8001/v2", "expected HOST:PORT"),
+        ("dns:///triton-grpc", "has no port"),
+        ("dns://10.0.0.10:53", "needs the / before HOST"),
+        ("dns:///http://triton:8001", "without a scheme"),
     ],
 )
 def test_a_malformed_url_is_refused_up_front(tmp_path: Path, url: str, message: str) -> None:
@@ -195,6 +198,17 @@ def test_a_malformed_url_is_refused_up_front(tmp_path: Path, url: str, message: 
     assert "expected HOST:PORT of Triton's gRPC endpoint, such as localhost:8001" in result.stderr
     assert time.monotonic() - t0 < 30  # not after waiting out --timeout
     assert not (tmp_path / "inference").exists()
+
+
+@pytest.mark.parametrize("policy", ["auto", "pick_first"])
+def test_a_dns_target_reaches_the_server(
+    served: LocalTriton, pipeline: PipelineRun, policy: str
+) -> None:
+    url = f"dns:///{served.grpc_url}"
+    result, out = infer(pipeline, url, "--requests", "20", "--lb-policy", policy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "latency.json").read_text())
+    assert report["status"] == "complete" and report["url"] == url
 
 
 def test_the_http_port_is_named_as_the_wrong_protocol(

@@ -39,6 +39,18 @@ within a name's 63; Job names cut it further (mnist-pipeline.jobName).
 {{- printf "%s-triton" (include "mnist-pipeline.fullname" .) }}
 {{- end }}
 
+{{/* The headless Service of Triton's gRPC port: its name resolves to every ready pod. */}}
+{{- define "mnist-pipeline.tritonGrpcName" -}}
+{{- printf "%s-grpc" (include "mnist-pipeline.tritonName" .) }}
+{{- end }}
+
+{{/* The gRPC target of the client and helm test: every Triton pod of the headless
+Service, fully qualified (no search-path lookups), on the pods' own port. The client
+balances round-robin over them. */}}
+{{- define "mnist-pipeline.tritonGrpcTarget" -}}
+{{- printf "dns:///%s.%s.svc.%s:%d" (include "mnist-pipeline.tritonGrpcName" .) .Release.Namespace .Values.clusterDomain (int64 .Values.triton.ports.grpc) }}
+{{- end }}
+
 {{/* The Service's address as seen from a pod of the release: <svc>.<namespace>.svc. */}}
 {{- define "mnist-pipeline.tritonHost" -}}
 {{- printf "%s.%s.svc" (include "mnist-pipeline.tritonName" .) .Release.Namespace }}

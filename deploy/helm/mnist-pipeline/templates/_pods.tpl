@@ -9,11 +9,13 @@
 {{- end }}
 
 {{/*
-Pod-level settings: pass (dict "ctx" $ "values" <component values>). Component
-nodeSelector entries win over the global ones, tolerations add up, a component affinity
-replaces the global one. With a ReadWriteOnce claim every pod of the release requires a
-node that runs another pod of the release: they all land on one node, where the volume
-is attached (the first pod matches its own term, so it schedules anywhere).
+Pod-level settings: pass (dict "ctx" $ "values" <component values>), and "component"
+"triton" for Triton's pods. Component nodeSelector entries win over the global ones,
+tolerations add up, a component affinity replaces the global one. With a ReadWriteOnce
+claim every pod of the release requires a node that runs another pod of the release: they
+all land on one node, where the volume is attached (the first pod matches its own term, so
+it schedules anywhere). With an object-storage repository Triton's pods mount no claim:
+they take no such term and count for no other pod's, and spread (triton.spread).
 */}}
 {{- define "mnist-pipeline.podSpecCommon" -}}
 {{- $ctx := .ctx }}
@@ -41,8 +43,14 @@ tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- $affinity := deepCopy (default $ctx.Values.affinity $c.affinity) }}
-{{- if include "mnist-pipeline.singleNode" $ctx }}
-{{- $term := dict "labelSelector" (dict "matchLabels" (include "mnist-pipeline.selectorLabels" $ctx | fromYaml)) "topologyKey" "kubernetes.io/hostname" }}
+{{- $objectRepository := include "mnist-pipeline.objectRepository" $ctx }}
+{{- $tritonOffVolume := and $objectRepository (eq (toString .component) "triton") }}
+{{- if and (include "mnist-pipeline.singleNode" $ctx) (not $tritonOffVolume) }}
+{{- $selector := dict "matchLabels" (include "mnist-pipeline.selectorLabels" $ctx | fromYaml) }}
+{{- if $objectRepository }}
+{{- $_ := set $selector "matchExpressions" (list (dict "key" "app.kubernetes.io/component" "operator" "NotIn" "values" (list "triton"))) }}
+{{- end }}
+{{- $term := dict "labelSelector" $selector "topologyKey" "kubernetes.io/hostname" }}
 {{- $podAffinity := default (dict) $affinity.podAffinity }}
 {{- $required := default (list) $podAffinity.requiredDuringSchedulingIgnoredDuringExecution }}
 {{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" (append $required $term) }}
@@ -52,7 +60,15 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $c.topologySpreadConstraints }}
+{{- $spread := $c.topologySpreadConstraints }}
+{{- $s := $ctx.Values.triton.spread }}
+{{- if and $tritonOffVolume (not $spread) $s.enabled }}
+{{- $selector := dict "matchLabels" (include "mnist-pipeline.componentSelectorLabels" (dict "ctx" $ctx "component" "triton") | fromYaml) }}
+{{- /* pod-template-hash: a rollout's new pods spread among themselves, not against the
+old ReplicaSet's, which is going away. */}}
+{{- $spread = list (dict "maxSkew" (int $s.maxSkew) "topologyKey" $s.topologyKey "whenUnsatisfiable" $s.whenUnsatisfiable "labelSelector" $selector "matchLabelKeys" (list "pod-template-hash")) }}
+{{- end }}
+{{- with $spread }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
 {{- end }}

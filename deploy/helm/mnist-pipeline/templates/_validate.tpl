@@ -20,9 +20,18 @@ its message, check-train before any rank starts.
 {{- else if not (gt (include "mnist-pipeline.quantity" $p.size | float64) 0.0) }}
 {{- $errors = append $errors "persistence.size must be above 0: the API server refuses an empty claim" }}
 {{- end }}
+{{- $repo := .Values.modelRepository }}
+{{- if and $repo.url (not (hasPrefix "s3://" $repo.url)) }}
+{{- $errors = append $errors (printf "modelRepository.url %q: \"\" (the volume's models/) or s3://[http(s)://]HOST[:PORT]/BUCKET/PREFIX, or s3://BUCKET/PREFIX for AWS" $repo.url) }}
+{{- else if and $repo.url (not (regexMatch "^s3://(https?://)?[^/]+/[^/]+" $repo.url)) }}
+{{- $errors = append $errors (printf "modelRepository.url %q names no bucket: s3://[http(s)://]HOST[:PORT]/BUCKET/PREFIX, or s3://BUCKET/PREFIX for AWS" $repo.url) }}
+{{- end }}
+{{- if and (hasPrefix "s3://" $repo.url) (not $repo.existingSecret) }}
+{{- $errors = append $errors "modelRepository.url is s3:// but modelRepository.existingSecret is empty: name a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN); the pods never fall back to anonymous access or cloud instance metadata" }}
+{{- end }}
 {{- if include "mnist-pipeline.singleNode" . }}
-{{- if or (gt (int .Values.triton.replicas) 1) .Values.triton.autoscaling.enabled }}
-{{- $errors = append $errors "persistence.accessModes is ReadWriteOnce: the volume attaches to one node, so more than one Triton replica (or autoscaling) cannot spread; use ReadWriteMany with an RWX storage class (persistence.storageClass), or triton.replicas: 1" }}
+{{- if and (or (gt (int .Values.triton.replicas) 1) .Values.triton.autoscaling.enabled) (not (include "mnist-pipeline.objectRepository" .)) }}
+{{- $errors = append $errors "persistence.accessModes is ReadWriteOnce: the volume attaches to one node, so more than one Triton replica (or autoscaling) cannot spread; use an object-storage repository (modelRepository.url s3://...), ReadWriteMany with an RWX storage class (persistence.storageClass), or triton.replicas: 1" }}
 {{- end }}
 {{- if gt (int .Values.training.workers) 1 }}
 {{- $errors = append $errors "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}

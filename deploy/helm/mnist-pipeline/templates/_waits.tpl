@@ -1,7 +1,8 @@
 {{/* The wait initContainers that run the stages in order. */}}
 
 {{/* A wait initContainer: pass (dict "ctx" $ "image" $.Values.images.pipeline "target"
-"training" "job" <job name> "args" <extra args>). */}}
+"training" "job" <job name> "args" <extra args>); "objectStorage" true: it reads the
+object-storage repository, without the volume. */}}
 {{- define "mnist-pipeline.waitContainer" -}}
 {{- $ctx := .ctx }}
 - name: wait-for-{{ .target }}
@@ -11,7 +12,9 @@
   args:
     - wait
     - {{ .target }}
+    {{- if not .objectStorage }}
     - --storage=/storage
+    {{- end }}
     - --run-id={{ include "mnist-pipeline.runId" $ctx }}
     - --job={{ .job }}
     - --namespace={{ $ctx.Release.Namespace }}
@@ -20,12 +23,16 @@
     {{- range .args }}
     - {{ . | quote }}
     {{- end }}
+  {{- if .objectStorage }}
+  env:
+    {{- include "mnist-pipeline.objectStorageEnv" $ctx | nindent 4 }}
+  {{- end }}
   securityContext:
     {{- toYaml $ctx.Values.containerSecurityContext | nindent 4 }}
   resources:
     {{- toYaml $ctx.Values.waits.resources | nindent 4 }}
   volumeMounts:
-    {{- include "mnist-pipeline.storageMounts" (dict "ctx" $ctx "readOnly" true) | nindent 4 }}
+    {{- include "mnist-pipeline.storageMounts" (dict "ctx" $ctx "readOnly" true "noClaim" .objectStorage) | nindent 4 }}
     {{- if $ctx.Values.waits.kubernetesApi }}
     - name: api-token
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount

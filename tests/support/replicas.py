@@ -1,0 +1,189 @@
+"""Triton replicas on one machine as a cluster has them: each tritonserver in its own
+network namespace with its own address (a veth pair to a bridge in the root namespace), all
+on the same ports, and a name with one A record per replica from a real dnsmasq on a free
+loopback port (a headless Service in miniature). Needs root (ip netns); tests and the
+replica benchmark share it. Everything is named <prefix>..., with a per-instance tag, and
+removed by close(), also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
+from support.ports import free_ports
+
+NAME = "triton.replicas.test"  # the name dnsmasq answers, as the cluster DNS would
+HTTP, GRPC, METRICS = 8000, 8001, 8002  # each replica's own: its namespace has nothing else
+
+
+def require_tools() -> None:
+    """Fail, saying what to install, where the replicas cannot be made."""
+    if os.geteuid() != 0:
+        raise PermissionError("network namespaces need root: run the replica tests as root")
+    for tool, deb in (("ip", "iproute2"), ("dnsmasq", "dnsmasq"), ("taskset", "util-linux")):
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin")):
+            raise FileNotFoundError(
+                f"{tool} not found: install the Debian package {deb} (make test-deps does)"
+            )
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Replicas:
+    """with Replicas(repository, extra_args=[...]) as r: r.add(); r.add(); r.target ..."""
+
+    def __init__(
+        self,
+        repository: Path,
+        extra_args: Sequence[str] = (),
+        prefix: str = "sc",
+        cpus: Sequence[str] = (),
+    ) -> None:
+        self.repository, self.extra_args = repository, list(extra_args)
+        self.cpus = list(cpus)  # taskset CPU list of replica i (cycled); none: unpinned
+        self.tag = f"{prefix}{random.randrange(16**4):04x}"  # interface names: 15 chars
+        self.subnet = f"10.77.{random.randrange(1, 250)}"
+        self.bridge = f"{self.tag}br"
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        self.hosts = self.workdir / "hosts"
+        self.namespaces: list[str] = []
+        self.servers: list[subprocess.Popen[bytes]] = []
+        self.dns: subprocess.Popen[bytes] | None = None
+        self.dns_port = 0
+
+    @property
+    def target(self) -> str:
+        """The gRPC target of every replica: dns://<dnsmasq>/<name>:<port>."""
+        return f"dns://127.0.0.1:{self.dns_port}/{NAME}:{GRPC}"
+
+    def address(self, i: int) -> str:
+        return f"{self.subnet}.{11 + i}"
+
+    def __enter__(self) -> Replicas:
+        try:
+            ip("link", "add", self.bridge, "type", "bridge")
+            ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+            ip("link", "set", self.bridge, "up")
+            self.hosts.write_text("")
+            self._start_dns()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _start_dns(self) -> None:
+        (self.dns_port,) = free_ports(1)
+        command = [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            "--no-hosts", f"--addn-hosts={self.hosts}", "--listen-address=127.0.0.1",
+            "--bind-interfaces", f"--port={self.dns_port}", "--user=root",
+            f"--pid-file={self.workdir / 'dnsmasq.pid'}",
+            f"--log-facility={self.workdir / 'dnsmasq.log'}",
+        ]  # fmt: skip
+        self.dns = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+
+    def add(self, ready_timeout: float = 120.0) -> int:
+        """Start one more replica and, once it is ready, add it to the name; its index."""
+        i = len(self.namespaces)
+        ns, veth = f"{self.tag}-{i}", f"{self.tag}v{i}"
+        self.namespaces.append(ns)
+        ip("netns", "add", ns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+        ip("link", "set", veth, "master", self.bridge, "up")
+        ip("link", "set", f"{veth}p", "netns", ns)
+        for args in (
+            ("addr", "add", f"{self.address(i)}/24", "dev", f"{veth}p"),
+            ("link", "set", f"{veth}p", "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            ip("-n", ns, *args)
+        pin = ["taskset", "-c", self.cpus[i % len(self.cpus)]] if self.cpus else []
+        command = [
+            "ip", "netns", "exec", ns, *pin, str(locate_tritonserver()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={check_backend(DEFAULT_BACKEND_DIR).resolve()}",
+            "--model-control-mode=none", "--allow-gpu-metrics=false",
+            f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
+            *self.extra_args,
+        ]  # fmt: skip
+        with open(self.workdir / f"triton-{i}.log", "wb") as log:
+            # Its own session: close() kills it (ip and taskset exec it) by its group.
+            server = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.servers.append(server)
+        self._wait_ready(i, ready_timeout)
+        with self.hosts.open("a") as hosts:
+            hosts.write(f"{self.address(i)} {NAME}\n")
+        assert self.dns is not None
+        self.dns.send_signal(signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
+        return i
+
+    def _wait_ready(self, i: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._get(i, "/v2/health/ready", ok_only=True) is None:
+            if self.servers[i].poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / f"triton-{i}.log").read_text(errors="replace")
+                raise AssertionError(f"replica {i} not ready:\n{log[-3000:]}")
+            time.sleep(0.2)
+
+    def _get(self, i: int, path: str, port: int = HTTP, ok_only: bool = False) -> bytes | None:
+        url = f"http://{self.address(i)}:{port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bytes(response.read())
+        except OSError:
+            if ok_only:
+                return None
+            raise
+
+    def inference_counts(self, model: str) -> list[int]:
+        """Successful inference requests of `model` each replica has answered, from its
+        own metrics endpoint (nv_inference_request_success, summed over versions)."""
+        pattern = re.compile(
+            rf'^nv_inference_request_success{{model="{model}",[^}}]*}} (\S+)$', re.M
+        )
+        counts = []
+        for i in range(len(self.servers)):
+            text = (self._get(i, "/metrics", port=METRICS) or b"").decode()
+            counts.append(sum(int(float(v)) for v in pattern.findall(text)))
+        return counts
+
+    def close(self) -> None:
+        for server in self.servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        if self.dns is not None:
+            self.dns.kill()
+            self.dns.wait()
+        for ns in self.namespaces:  # its veth end goes with it, and so the pair
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
