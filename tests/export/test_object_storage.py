@@ -159,6 +159,7 @@ def story(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     # The volume that won: its best_model.pth backs the new version, not version 1.
     (winner,) = [v for v, (_, err) in zip((volume_a, volume_b), steps["concurrent"], strict=True)
                  if "published resnet18_mnist version" in err]  # fmt: skip
+    steps["winner"] = winner
     steps["prune"] = cli("prune", "--storage", winner, "--keep-versions", "1", env=env)
     steps["after_prune"] = bucket_state(rgw, bucket)
     steps["worse"] = cli("export", "--storage", winner, "--run-id", "low", env=env)
@@ -244,6 +245,31 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
     (line,) = error_lines(result)
     assert "model.onnx" in line and "sha256" in line
     assert not (tmp_path / "served" / NAME / str(version)).exists()
+
+
+def test_a_truncated_version_in_the_bucket_is_republished_by_its_run(
+    story: dict[str, Any],
+) -> None:
+    """A damaged served version is never "identical": exporting its run again publishes
+    it anew, saying why."""
+    rgw, bucket = story["rgw"], story["bucket"]
+    other = rgw.new_bucket()
+    client = rgw.client()
+    version = servable(story["after_worse"])[-1]
+    for key in story["after_worse"]:
+        if key.startswith(f"{PREFIX}/{NAME}/{version}/") or key.endswith("config.pbtxt"):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            if key.endswith("model.onnx"):
+                body = body[: len(body) // 2]
+            client.put_object(Bucket=other, Key=key, Body=body)
+    env = {**story["env"], "MNIST_PIPELINE_MODEL_REPOSITORY": rgw.url(other, PREFIX)}
+    again = ok(cli("export", "--storage", story["winner"], "--run-id", "high", env=env))
+    assert "identical to the published version" not in again.stderr
+    assert f"published resnet18_mnist version {version + 1} (republished: " in again.stderr
+    assert f"/{version}/model.onnx is " in again.stderr and "bytes metadata.json records" in (
+        again.stderr
+    )
+    assert servable(bucket_state(rgw, other)) == [version, version + 1]
 
 
 def test_an_identical_re_export_is_skipped_and_the_bucket_unchanged(story: dict[str, Any]) -> None:
