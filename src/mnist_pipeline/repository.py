@@ -10,7 +10,8 @@ publication builds the whole model folder outside the repository and renames it 
 because a model folder without a version would stop Triton from starting.
 Concurrent exports serialise on a lock file. The lock and that first staging folder
 live in STORAGE/.export/<name>/, outside the repository, where Triton would take any
-folder for a model.
+folder for a model. The same repository on object storage is objectstore.py's; export
+sees either as a `Store`, and `pin` writes a pod's repository from either.
 """
 
 from __future__ import annotations

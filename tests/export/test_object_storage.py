@@ -5,7 +5,8 @@ serve download from it, prune deletes from it, wait export reads it without a vo
 One repository lives through a story (exports cost ~20 s each on 2 cores): first
 publication, identical re-export, an upload the server refuses half-way (a bucket quota),
 two exports from two volumes at once that clean it up and publish one version, prune,
-and a worse model kept out.
+and a worse model kept out. The whole file: about 140 s on 2 shared cores (radosgw's
+start, 12 s, overlaps the training; six export builds of ~20 s are most of it).
 """
 
 from __future__ import annotations
@@ -440,3 +441,39 @@ def test_radosgw_honours_conditional_creates(
     assert store.put("claim", b"first", exclusive=True)
     assert not store.put("claim", b"second", exclusive=True)
     assert store.get("claim") == b"first"
+
+
+def test_a_lock_left_by_a_killed_export_is_taken_over_from_its_volume_only(
+    radosgw: LocalRadosgw,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exporter killed while holding the bucket's lock: the next export from the same
+    volume takes the lock over at once; one from another volume must wait for the lease."""
+    from mnist_pipeline.objectstore import LOCK, S3Model
+    from mnist_pipeline.settings import parse_model_repository
+
+    for variable, value in radosgw.env.items():
+        monkeypatch.setenv(variable, value)
+    url = radosgw.url(radosgw.new_bucket(), PREFIX)
+    volume = tmp_path / "volume-work"
+    holder = (
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "from mnist_pipeline.objectstore import S3Model\n"
+        "from mnist_pipeline.settings import parse_model_repository\n"
+        f"store = S3Model(parse_model_repository({url!r}), {NAME!r}, work=Path({str(volume)!r}))\n"
+        "with store.exclusive():\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", holder], env={**os.environ}, timeout=60)
+    assert killed.returncode == -9
+    repo = parse_model_repository(url)
+    assert LOCK in [k.split(f"{NAME}/", 1)[1] for k in radosgw.bucket_objects(repo.bucket)]
+    assert not S3Model(repo, NAME, work=tmp_path / "other-volume")._lock_dead()
+    same_volume = S3Model(repo, NAME, work=volume)
+    with same_volume.exclusive():  # at once, not after the 600 s lease
+        held = radosgw.client().get_object(Bucket=repo.bucket, Key=same_volume.root + LOCK)
+        assert same_volume._held is not None and held["Body"].read() == same_volume._held[0]
+    assert not [k for k in radosgw.bucket_objects(repo.bucket) if k.endswith(LOCK)]
+    assert not list((volume / "bucket-locks").iterdir())
