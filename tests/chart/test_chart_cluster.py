@@ -6,6 +6,7 @@ renders compared, requests summed, affinity present, refusals and their reasons.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -624,7 +625,8 @@ def publish_versions(storage: Path, config: repository.TritonConfig, count: int)
     for version in range(1, count + 1):
         (model / str(version)).mkdir(parents=True)
         (model / str(version) / "model.onnx").write_bytes(b"onnx")
-        (model / str(version) / "metadata.json").write_text(json.dumps({"version": version}))
+        meta = {"version": version, "sha256": hashlib.sha256(b"onnx").hexdigest()}
+        (model / str(version) / "metadata.json").write_text(json.dumps(meta))  # pin checks it
     (model / "config.pbtxt").write_text(repository.render_config(config))
     return model
 
@@ -659,7 +661,11 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
 
     missing, _ = pin_container({"triton": {"servedVersion": 9}})
     result = run_pin(missing, storage, tmp_path / "c")
-    assert result.returncode == 1 and "version 9 of resnet18_mnist is not in" in result.stderr
+    assert (
+        result.returncode == 1
+        and "version 9 is not in" in result.stderr
+        and "resnet18_mnist (servable versions: [1, 2, 3])" in result.stderr
+    )
     # "": the newest at pod start. Serve-only "run" has no run: the newest too.
     for values in ({"triton": {"servedVersion": ""}}, {"serveOnly": True}):
         pin, _ = pin_container(values)
