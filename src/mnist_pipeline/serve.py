@@ -100,7 +100,11 @@ def check_repository(source: Path) -> list[str]:
         found = storage.versions(model_dir)
         if not found:
             raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
-        if why := repository.version_damage(model_dir / str(found[-1])):
+        newest = model_dir / str(found[-1])
+        # Only a version that records its checksum can be checked: a repository
+        # another tool wrote is Triton's to judge.
+        recorded = (newest / storage.METADATA_FILE).is_file()
+        if recorded and (why := repository.version_damage(newest)):
             # Triton would refuse the version it serves and, with model control mode none,
             # not start at all.
             raise PipelineFailure(
