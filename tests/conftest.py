@@ -23,6 +23,7 @@ import pytest
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton
 from support.engine import HOW_TO_RUN, Engine, EngineUnavailable
+from support.objectstore import radosgw  # noqa: F401 (one radosgw for the whole session)
 from support.serving import free_ports
 
 REPO = Path(__file__).resolve().parents[1]

@@ -567,16 +567,25 @@ def wait_export(
 
 
 @wait.command("serving")
-@options(s.WAIT, s.MODEL_NAME, s.HTTP_URL, s.MODEL_VERSION)
+@options(s.WAIT, s.MODEL_NAME, s.HTTP_URL, s.MODEL_VERSION, s.MODEL_REPOSITORY)
 @stage
 def wait_serving(
-    storage: Path, run_id: str, model_name: str, http_url: str, model_version: str, **o: Any
+    storage: Path,
+    run_id: str,
+    model_name: str,
+    http_url: str,
+    model_version: str,
+    model_repository: ModelRepository | None,
+    **o: Any,
 ) -> None:
     """Until Triton at --http-url is ready and serves --model-version (run: the version
-    RUN_ID exported)."""
+    RUN_ID exported). With an object-storage --model-repository the export is read from
+    the bucket."""
     from mnist_pipeline import waits
 
-    check = waits.serving_check(storage, run_id, model_name, http_url, model_version)
+    check = waits.serving_check(
+        storage, run_id, model_name, http_url, model_version, model_repository
+    )
     waiting(f"Triton serving run {run_id}", o).run(check)
 
 

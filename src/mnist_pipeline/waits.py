@@ -42,6 +42,7 @@ from mnist_pipeline.storage import (
     PipelineFailure,
     RunStatus,
     check_model_version,
+    export_records,
     read_export_record,
     read_metrics,
     repository_at,
@@ -270,19 +271,25 @@ def http_ready(url: str) -> bool:
 
 
 def serving_check(
-    storage: Path, run_id: str, model_name: str, url: str, version: str = ""
+    storage: Path,
+    run_id: str,
+    model_name: str,
+    url: str,
+    version: str = "",
+    repo: ModelRepository | None = None,
 ) -> Callable[[], str | None]:
     """Triton ready and serving `version` (a --model-version): "run" the one export chose
     for this run (new or kept), N that version (a pinned triton.servedVersion), "" any."""
     check_model_version(version)  # a typo fails now, not at the timeout
-    exported = export_check(storage, run_id, model_name)
+    exported = export_check(storage, run_id, model_name, repo)
+    records = export_records(storage, repository_at(repo, storage), model_name)
     base = (url if "://" in url else f"http://{url}").rstrip("/")
 
     def check() -> str | None:
         if (waiting_for := exported()) is not None:
             return waiting_for
         model_url = f"{base}/v2/models/{model_name}"
-        if wanted := resolve_served_version(storage, model_name, version, run_id):
+        if wanted := resolve_served_version(storage, model_name, version, run_id, records):
             model_url += f"/versions/{wanted}"
         if not http_ready(f"{base}/v2/health/ready"):
             return f"waiting for Triton at {base} to be ready"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, LocalTriton, locate_tritonserver
-from support.objectstore import LocalRadosgw, radosgw  # noqa: F401 (the fixture)
+from support.objectstore import LocalRadosgw
 from support.ports import free_ports
 
 pytestmark = pytest.mark.slow
@@ -408,7 +408,7 @@ def test_the_bucket_layout_is_served_by_tritonserver_itself(story: dict[str, Any
     ],
 )
 def test_a_repository_that_cannot_be_used_is_one_line(
-    radosgw: LocalRadosgw,  # noqa: F811
+    radosgw: LocalRadosgw,
     tmp_path: Path,
     what: str,
     change: dict[str, str],
@@ -428,7 +428,7 @@ def test_a_repository_that_cannot_be_used_is_one_line(
 
 
 def test_radosgw_honours_conditional_creates(
-    radosgw: LocalRadosgw,  # noqa: F811
+    radosgw: LocalRadosgw,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What the bucket's export lock rests on (If-None-Match: *)."""
@@ -444,7 +444,7 @@ def test_radosgw_honours_conditional_creates(
 
 
 def test_a_lock_left_by_a_killed_export_is_taken_over_from_its_volume_only(
-    radosgw: LocalRadosgw,  # noqa: F811
+    radosgw: LocalRadosgw,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

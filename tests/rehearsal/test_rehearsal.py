@@ -46,6 +46,7 @@ import pytest
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
 from support.chart import REPO, containers, find, pod_spec, render
 from support.engine import Container, Engine, cpus, memory
+from support.objectstore import LocalRadosgw
 from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
@@ -81,9 +82,15 @@ def engine(request: pytest.FixtureRequest) -> Engine | None:
 
 class Rehearsal:
     def __init__(
-        self, storage: Path, logs: Path, objects: list[dict[str, Any]], engine: Engine | None
+        self,
+        storage: Path,
+        logs: Path,
+        objects: list[dict[str, Any]],
+        engine: Engine | None,
+        secrets: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.storage = storage
+        self.secrets = secrets or {}
         self.logs = logs
         self.logs.mkdir(parents=True)
         self.engine = engine
@@ -140,7 +147,7 @@ class Rehearsal:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The container with its args and env as the kubelet expands them, addresses (and
         Triton's ports) mapped to this machine."""
-        declared = container_env(container, pod)
+        declared = container_env(container, pod, self.secrets)
         env = {name: self.rewrite(value) for name, value in declared.items()}
         args = [self.rewrite(expand(a, declared)) for a in container.get("args", [])]
         if container["name"] == "tritonserver":
@@ -327,13 +334,23 @@ def dns_names(objects: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def container_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
-    """The container's env as the kubelet sets it: fieldRefs read from the pod, $(VAR)
-    expanded from the variables before it."""
+def container_env(
+    container: dict[str, Any], pod: dict[str, Any], secrets: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The container's env as the kubelet sets it: fieldRefs read from the pod, secretKeyRefs
+    from `secrets` (the namespace's Secrets), $(VAR) expanded from the variables before it."""
     env: dict[str, str] = {}
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = expand(var["value"], env)
+            continue
+        if "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            secret = secrets[ref["name"]]  # a missing Secret keeps the pod from starting
+            if ref["key"] in secret:
+                env[var["name"]] = secret[ref["key"]]
+            else:
+                assert ref.get("optional"), f"Secret {ref['name']} has no key {ref['key']}"
             continue
         path = var["valueFrom"]["fieldRef"]["fieldPath"]
         field = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
@@ -475,6 +492,33 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(
         find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
         for o in (install, upgrade)
     )
+
+
+def test_an_object_storage_repository_is_rehearsed_against_radosgw(
+    tmp_path: Path, radosgw: LocalRadosgw
+) -> None:
+    """The chart with modelRepository.url on a real radosgw: export publishes to the bucket,
+    Triton's pod (no claim) waits for and pins the version from it, the client and helm
+    test are served it. Host processes: the containers' network is this machine's."""
+    bucket = radosgw.new_bucket()
+    values = {
+        **VALUES,
+        "modelRepository": {"url": radosgw.url(bucket, "models"), "existingSecret": "s3"},
+    }
+    objects, _ = render(values, release="rehearsal", namespace="ml")
+    triton = pod_spec(find(objects, "Deployment", "triton"))
+    assert not [v for v in triton.get("volumes", []) if "persistentVolumeClaim" in v]
+    assert "affinity" not in triton or "podAffinity" not in triton["affinity"]
+    keys = {k: radosgw.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    storage = tmp_path / "storage"
+    rehearsal = Rehearsal(storage, tmp_path / "r1", objects, None, secrets={"s3": keys})
+    outcome = rehearse(rehearsal, objects)
+    assert outcome["status"] == "published" and outcome["version"] == 1, outcome
+    published = radosgw.bucket_objects(bucket)
+    assert {"models/resnet18_mnist/1/model.onnx", "models/resnet18_mnist/1/metadata.json"} <= (
+        set(published)
+    )
+    assert not (storage / "models").exists()  # the volume holds checkpoints and data only
 
 
 def test_two_workers_train_one_run_under_torchrun_then_it_is_served(

@@ -2,7 +2,8 @@
 
 {{/* A wait initContainer: pass (dict "ctx" $ "image" $.Values.images.pipeline "target"
 "training" "job" <job name> "args" <extra args>); "objectStorage" true: it reads the
-object-storage repository, without the volume. */}}
+object-storage repository, without the volume. With an object-storage repository every wait
+after the export gets its env, so it reads the export's record from the bucket. */}}
 {{- define "mnist-pipeline.waitContainer" -}}
 {{- $ctx := .ctx }}
 - name: wait-for-{{ .target }}
@@ -23,7 +24,7 @@ object-storage repository, without the volume. */}}
     {{- range .args }}
     - {{ . | quote }}
     {{- end }}
-  {{- if .objectStorage }}
+  {{- if and (ne .target "training") (include "mnist-pipeline.objectRepository" $ctx) }}
   env:
     {{- include "mnist-pipeline.objectStorageEnv" $ctx | nindent 4 }}
   {{- end }}
