@@ -187,7 +187,7 @@ class Store(Protocol):
         self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]
     ) -> int: ...
     def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
-    def write_record(self, run_id: str, record: dict[str, Any]) -> None: ...
+    def write_record(self, run_id: str, attempt: dict[str, Any]) -> None: ...
 
 
 class FolderModel:
@@ -221,7 +221,7 @@ class FolderModel:
         """Nothing more to hold: every export into this folder holds the volume's lock."""
         return contextlib.nullcontext()
 
-    def write_record(self, run_id: str, record: dict[str, Any]) -> None:
+    def write_record(self, run_id: str, attempt: dict[str, Any]) -> None:
         """The run's export.json on the volume is the record."""
 
 
