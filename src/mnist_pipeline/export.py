@@ -54,6 +54,7 @@ from mnist_pipeline.storage import (
     read_metrics,
     repository_at,
     run_dir,
+    standing_record,
     validate_name,
 )
 
@@ -167,11 +168,11 @@ class Request:
         """Write `outcome` into the owner's export.json, and into the repository where it
         keeps its own copy (a bucket: Triton pods have no volume); call only under the
         export lock. A failure is recorded on the volume even when the bucket cannot be."""
-        written = write_marker(self.storage, self.owner, self.cfg.name, outcome)
-        if written is None or self.owner is None:
+        attempt = write_marker(self.storage, self.owner, self.cfg.name, outcome)
+        if attempt is None or self.owner is None:
             return outcome
         try:
-            self.store.write_record(self.owner, written)
+            self.store.write_record(self.owner, attempt)
         except (PipelineFailure, UsageError) as e:
             if outcome.status != ExportStatus.FAILED:
                 raise
@@ -621,7 +622,7 @@ def write_marker(
 
     Its top-level fields are the run's standing outcome: once a run is published, a later
     attempt (skipped, failed) never erases that record; every attempt is kept in order
-    under "history". Returns what it wrote."""
+    under "history". Returns this attempt."""
     if run_id is None or not run_dir(storage, run_id).is_dir():
         return None
     run = run_dir(storage, run_id)
@@ -641,12 +642,8 @@ def write_marker(
         # run without an outcome for good, so a damaged one is started again.
         log.warning("%s: starting it again", e)
         previous = {}
-    history = [*previous.get("history", []), attempt]
-    published = previous.get("status") == ExportStatus.PUBLISHED
-    standing = previous if published and outcome.status != ExportStatus.PUBLISHED else attempt
-    record = {**standing, "history": history}
-    atomic_write_json(run / EXPORT_FILE, record)
-    return record
+    atomic_write_json(run / EXPORT_FILE, standing_record(previous, attempt))
+    return attempt
 
 
 def export(

@@ -50,6 +50,7 @@ from mnist_pipeline.storage import (
     naming,
     one_line,
     servable_in,
+    standing_record,
     validate_name,
 )
 
@@ -268,8 +269,16 @@ class S3Model:
         where = self.url(key)
         return parse_record(self.bucket.get(self.root + key), where, "export record"), where
 
-    def write_record(self, run_id: str, record: dict[str, Any]) -> None:
-        body = (json.dumps(record, indent=2) + "\n").encode()
+    def write_record(self, run_id: str, attempt: dict[str, Any]) -> None:
+        """Add an export attempt to the run's record in the bucket, as export.json on the
+        volume (storage.standing_record): the bucket's copy has its own history, since
+        a run id may be exported from more than one volume. Call in the volume's lock."""
+        try:
+            previous = self.read_record(run_id)[0] or {}
+        except UsageError as e:
+            log.warning("%s: starting it again", e)
+            previous = {}
+        body = (json.dumps(standing_record(previous, attempt), indent=2) + "\n").encode()
         self.bucket.put(f"{self.root}{RUNS}/{validate_name(run_id)}.json", body)
 
     # Publication --------------------------------------------------------------------

@@ -306,6 +306,16 @@ def read_export_record(run: Path) -> dict[str, Any] | None:
     return read_record(run / EXPORT_FILE, "export record")
 
 
+def standing_record(previous: dict[str, Any], attempt: dict[str, Any]) -> dict[str, Any]:
+    """An export record after `attempt`: its top-level fields are the run's standing
+    outcome (once published, a later skip or failure never erases that), every attempt
+    kept in order under "history"."""
+    history = [*previous.get("history", []), attempt]
+    published = previous.get("status") == ExportStatus.PUBLISHED
+    standing = previous if published and attempt["status"] != ExportStatus.PUBLISHED else attempt
+    return {**standing, "history": history}
+
+
 def read_metadata(version: Path) -> dict[str, Any] | None:
     """A published version's metadata.json."""
     return read_record(version / METADATA_FILE, "version metadata")
