@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,9 +228,11 @@ def test_pin_downloads_the_checked_version_and_triton_serves_it_at_its_accuracy(
     assert abs(latency["accuracy"] - meta["accuracy"]) <= 0.0005
 
 
-def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
-    story: dict[str, Any], tmp_path: Path
-) -> None:
+def copy_with_damaged_model(
+    story: dict[str, Any], damage: Callable[[bytes], bytes]
+) -> tuple[str, int, dict[str, str]]:
+    """The story's newest version and config.pbtxt copied into a new bucket, its
+    model.onnx passed through `damage`; the bucket, the version and an env naming it."""
     rgw, bucket = story["rgw"], story["bucket"]
     other = rgw.new_bucket()
     client = rgw.client()
@@ -238,9 +241,16 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
         if key.startswith(f"{PREFIX}/{NAME}/{version}/") or key.endswith("config.pbtxt"):
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             if key.endswith("model.onnx"):
-                body = body[:-1] + bytes([body[-1] ^ 1])
+                body = damage(body)
             client.put_object(Bucket=other, Key=key, Body=body)
     env = {**story["env"], "MNIST_PIPELINE_MODEL_REPOSITORY": rgw.url(other, PREFIX)}
+    return other, version, env
+
+
+def test_a_checksum_mismatch_is_refused_and_nothing_is_served(
+    story: dict[str, Any], tmp_path: Path
+) -> None:
+    _, version, env = copy_with_damaged_model(story, lambda b: b[:-1] + bytes([b[-1] ^ 1]))
     result = pin(env, tmp_path / "served")
     assert result.returncode == 1
     (line,) = error_lines(result)
@@ -253,24 +263,14 @@ def test_a_truncated_version_in_the_bucket_is_republished_by_its_run(
 ) -> None:
     """A damaged served version is never "identical": exporting its run again publishes
     it anew, saying why."""
-    rgw, bucket = story["rgw"], story["bucket"]
-    other = rgw.new_bucket()
-    client = rgw.client()
-    version = servable(story["after_worse"])[-1]
-    for key in story["after_worse"]:
-        if key.startswith(f"{PREFIX}/{NAME}/{version}/") or key.endswith("config.pbtxt"):
-            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            if key.endswith("model.onnx"):
-                body = body[: len(body) // 2]
-            client.put_object(Bucket=other, Key=key, Body=body)
-    env = {**story["env"], "MNIST_PIPELINE_MODEL_REPOSITORY": rgw.url(other, PREFIX)}
+    other, version, env = copy_with_damaged_model(story, lambda b: b[: len(b) // 2])
     again = ok(cli("export", "--storage", story["winner"], "--run-id", "high", env=env))
     assert "identical to the published version" not in again.stderr
     assert f"published resnet18_mnist version {version + 1} (republished: " in again.stderr
     assert f"/{version}/model.onnx is " in again.stderr and "bytes metadata.json records" in (
         again.stderr
     )
-    assert servable(bucket_state(rgw, other)) == [version, version + 1]
+    assert servable(bucket_state(story["rgw"], other)) == [version, version + 1]
 
 
 def test_an_identical_re_export_is_skipped_and_the_bucket_unchanged(story: dict[str, Any]) -> None:
