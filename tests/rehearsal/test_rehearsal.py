@@ -155,8 +155,8 @@ class Rehearsal:
             for a in args:
                 flag, _, value = a.partition("=")
                 if flag.endswith("-port"):
-                    value = str(self.local_port[int(value)])
-                remapped.append(f"{flag}={value}")
+                    a = f"{flag}={self.local_port[int(value)]}"
+                remapped.append(a)
             args = remapped
         return {**container, "args": args}, env
 
