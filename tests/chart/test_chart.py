@@ -463,17 +463,8 @@ def test_no_pod_gets_the_namespaces_services_as_environment() -> None:
 def test_rbac_is_least_privilege_and_off_the_default_account(
     default: list[dict[str, Any]],
 ) -> None:
-    # The waits GET this run's two Jobs by name, nothing else.
-    (role,) = [o for o in default if o["kind"] == "Role"]
-    assert role["rules"] == [
-        {
-            "apiGroups": ["batch"],
-            "resources": ["jobs"],
-            "verbs": ["get"],
-            "resourceNames": [job_name(default, "train"), job_name(default, "export")],
-        }
-    ]
-    (binding,) = [o for o in default if o["kind"] == "RoleBinding"]
+    # Each wait may GET the one Job it watches, by name, nothing else: export the train
+    # Job, Triton and the client the export Job.
     accounts = {
         o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["name"]
         for o in default
@@ -482,11 +473,25 @@ def test_rbac_is_least_privilege_and_off_the_default_account(
     assert accounts == {
         c: f"demo-mnist-pipeline-{c}" for c in ("training", "export", "triton", "client")
     }
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": accounts[c], "namespace": "ml"}
-        for c in ("export", "triton", "client")
-    ]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    roles = {o["metadata"]["name"]: o for o in default if o["kind"] == "Role"}
+    bindings = [o for o in default if o["kind"] == "RoleBinding"]
+    readers = {"train": ["export"], "export": ["triton", "client"]}
+    assert len(roles) == len(bindings) == 2
+    for binding in bindings:
+        role = roles[binding["roleRef"]["name"]]
+        (rule,) = role["rules"]
+        (job,) = rule["resourceNames"]
+        stage = next(s for s in readers if job == job_name(default, s))
+        assert rule == {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["get"],
+            "resourceNames": [job_name(default, stage)],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": accounts[c], "namespace": "ml"}
+            for c in readers[stage]
+        ]
     for obj in workloads(default):
         uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
         bound = pod_spec(obj).get("serviceAccountName") in accounts.values() and (

@@ -544,7 +544,7 @@ def test_multi_worker_training_needs_rwx() -> None:
 
 
 def test_gpus_render_resources_device_and_instance_kind() -> None:
-    cuda = {"images": {"pipeline": {"cuda": True}, "triton": NVIDIA_TRITON}}
+    cuda = {"images": {"pipeline": {"cuda": True}, "triton": NVIDIA_TRITON}, "gpusPerNode": 3}
     objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -704,6 +704,7 @@ def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Pa
         "run": {"id": "prod"},
         "triton": {"gpus": 1, "servedVersion": 1},
         "images": {"triton": NVIDIA_TRITON},
+        "gpusPerNode": 2,
     }
     cpu = merge(
         gpu,

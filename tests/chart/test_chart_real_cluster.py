@@ -16,6 +16,11 @@ from test_chart_cluster import NVIDIA_TRITON, merge
 from support.chart import containers, find, pod_spec, render, workloads
 
 IMAGES = ("pipeline", "client", "triton")
+# One GPU node of one GPU: Triton's, stopped before a new one starts.
+GPU_TRITON = {
+    "triton": {"gpus": 1, "updateStrategy": "Recreate"},
+    "images": {"triton": NVIDIA_TRITON},
+}
 
 
 def refusal(values: dict[str, Any], local_images: bool = True) -> str:
@@ -42,7 +47,8 @@ def test_default_images_are_refused_without_a_registry() -> None:
 
 def test_the_registry_prefixes_every_image_but_one_with_its_own_host() -> None:
     values = {"images": {"registry": "registry.example.com/ml/", "triton": NVIDIA_TRITON}}
-    objects, _ = render(merge(values, {"triton": {"gpus": 1}}), local_images=False)
+    gpu = {"triton": {"gpus": 1, "updateStrategy": "Recreate"}}
+    objects, _ = render(merge(values, gpu), local_images=False)
     assert images_of(objects) == {
         "registry.example.com/ml/mnist-pipeline/pipeline:0.2.0",
         "registry.example.com/ml/mnist-pipeline/client:0.2.0",
@@ -61,13 +67,13 @@ def test_kind_accepts_the_local_names_as_built() -> None:
 
 def test_gpu_triton_needs_a_cuda_image() -> None:
     assert "images.triton is the project's CPU-only Triton" in refusal({"triton": {"gpus": 1}})
-    objects, _ = render({"triton": {"gpus": 1}, "images": {"triton": NVIDIA_TRITON}})
+    objects, _ = render(GPU_TRITON)
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_triton_keeps_the_images_entrypoint_and_a_writable_home() -> None:
-    objects, _ = render({"triton": {"gpus": 1}, "images": {"triton": NVIDIA_TRITON}})
+    objects, _ = render(GPU_TRITON)
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     # NVIDIA's entrypoint (/opt/nvidia/nvidia_entrypoint.sh) runs the args as a command.
     assert "command" not in triton
@@ -76,3 +82,71 @@ def test_triton_keeps_the_images_entrypoint_and_a_writable_home() -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in triton["volumeMounts"]
     assert "HOME" in refusal({"triton": {"extraEnv": [{"name": "HOME", "value": "/"}]}})
 
+
+# Placement ------------------------------------------------------------------------------
+
+GPU_NODE = {"nodeSelector": {"nvidia.com/gpu.present": "true"}}
+GPU_TAINT = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_gpu_placement_on_triton_alone_is_refused_under_rwo() -> None:
+    """Every pod requires the first pod's node: a GPU node for Triton alone deadlocks."""
+    message = refusal(merge(GPU_TRITON, {"triton": {**GPU_NODE, "tolerations": GPU_TAINT}}))
+    assert "triton.nodeSelector/tolerations differ from training's" in message
+    assert "at the top level" in message
+
+
+def test_gpu_placement_at_the_top_level_reaches_every_pod() -> None:
+    values = merge(
+        GPU_TRITON,
+        {**GPU_NODE, "tolerations": GPU_TAINT, "runtimeClassName": "nvidia"},
+        {"triton": {"runtimeClassName": "nvidia-cdi"}},
+    )
+    objects, _ = render(values)
+    for o in workloads(objects):
+        spec = pod_spec(o)
+        assert spec["nodeSelector"] == GPU_NODE["nodeSelector"], o["metadata"]["name"]
+        assert spec["tolerations"] == GPU_TAINT
+        triton = o["kind"] == "Deployment"
+        assert spec["runtimeClassName"] == ("nvidia-cdi" if triton else "nvidia")
+
+
+@pytest.mark.parametrize(
+    ("values", "gpus"),
+    [
+        # Training's GPU and Triton's, held while it waits for training: two at once.
+        ({"training": {"gpus": 1}, "images": {"pipeline": {"cuda": True}}}, 2),
+        # The rollout's new pod before the old one stops.
+        ({"triton": {"updateStrategy": "RollingUpdate"}}, 2),
+    ],
+)
+def test_more_gpus_on_the_one_node_than_it_has_are_refused(
+    values: dict[str, Any], gpus: int
+) -> None:
+    message = refusal(merge(GPU_TRITON, values))
+    assert f"at the peak it needs {gpus} GPUs there" in message
+    assert "but gpusPerNode is 1" in message
+    # Declared: the node has them.
+    render(merge(GPU_TRITON, values, {"gpusPerNode": gpus}))
+
+
+def test_recreate_stops_the_old_triton_first_and_its_grace_covers_the_shutdown() -> None:
+    objects, _ = render(GPU_TRITON)
+    deployment = find(objects, "Deployment", "triton")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = pod_spec(deployment)
+    # preStop's 5 s, then tritonserver waits up to 30 s for requests in flight.
+    assert spec["terminationGracePeriodSeconds"] >= 5 + 30
+    objects, _ = render()
+    rolling = find(objects, "Deployment", "triton")["spec"]["strategy"]
+    assert rolling["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_node_autoscalers_do_not_drain_a_node_under_a_running_job() -> None:
+    objects, _ = render()
+    for component in ("train", "export"):
+        meta = find(objects, "Job", component)["spec"]["template"]["metadata"]
+        assert meta["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+    triton = find(objects, "Deployment", "triton")["spec"]["template"]["metadata"]
+    assert "karpenter.sh/do-not-disrupt" not in triton["annotations"]

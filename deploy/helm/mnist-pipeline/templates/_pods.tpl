@@ -47,6 +47,9 @@ imagePullSecrets:
 {{- with $c.priorityClassName }}
 priorityClassName: {{ . | quote }}
 {{- end }}
+{{- with (default $ctx.Values.runtimeClassName $c.runtimeClassName) }}
+runtimeClassName: {{ . | quote }}
+{{- end }}
 securityContext:
   {{- toYaml $ctx.Values.podSecurityContext | nindent 2 }}
 {{- with merge (deepCopy (default (dict) $c.nodeSelector)) $ctx.Values.nodeSelector }}
@@ -100,6 +103,12 @@ labels:
   {{- end }}
 annotations:
   mnist-pipeline/run-id: {{ include "mnist-pipeline.runId" .ctx | quote }}
+  {{- if has .component (list "train" "export") }}
+  # Node autoscalers would otherwise drain a node under a Job mid-run to save a node: the
+  # run resumes, but from its last checkpoint, hours of training later.
+  cluster-autoscaler.kubernetes.io/safe-to-evict: "false"
+  karpenter.sh/do-not-disrupt: "true"
+  {{- end }}
   {{- with .values.podAnnotations }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -37,6 +37,7 @@ its message, check-train before any rank starts.
 {{- $errors = append $errors "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}
 {{- end }}
 {{- end }}
+{{- $errors = concat $errors (include "mnist-pipeline.validate.placement" . | fromYamlArray) }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.claim" . | fromYamlArray) }}
 {{- range $stage := list "export" "client" }}
 {{- $deadline := (get $.Values $stage).activeDeadlineSeconds }}
@@ -141,4 +142,47 @@ fail on it anyway, with a less helpful message. Pass (dict "ctx" $ "kind" "Servi
 {{- if not (or ($ctx.Capabilities.APIVersions.Has (printf "%s/%s" $gv .kind)) (has $gv $ctx.Values.apiVersions) (has (printf "%s/%s" $gv .kind) $ctx.Values.apiVersions)) }}
 {{- fail (printf "%s renders a %s (%s), but the cluster does not serve that API: install the Prometheus Operator (its CRDs, e.g. kube-prometheus-stack) first, or set %s=false. Rendering without a cluster (helm template, GitOps): pass --api-versions %s/%s, or list %s in apiVersions" .value .kind $gv .value $gv .kind $gv) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Placement that cannot schedule, a YAML list of messages. With a ReadWriteOnce claim every
+pod (Triton's too, unless it reads an object store) requires the node of the others, so
+they must all be allowed on one node: a component's own nodeSelector or tolerations (a GPU
+node for Triton alone) would leave the others Pending there, or it Pending elsewhere. And
+that node must hold the GPUs of all of them at once: Triton's pods reserve theirs while
+they wait through training, and a RollingUpdate starts one more before an old one stops.
+*/}}
+{{- define "mnist-pipeline.validate.placement" -}}
+{{- $errors := list }}
+{{- $v := .Values }}
+{{- $tritonGpus := mul (int64 $v.triton.gpus) (int64 $v.triton.replicas) }}
+{{- $surge := ternary (int64 $v.triton.gpus) 0 (eq $v.triton.updateStrategy "RollingUpdate") }}
+{{- range $component := list "training" "triton" }}
+{{- if gt (int64 (get $v $component).gpus) (int64 $v.gpusPerNode) }}
+{{- $errors = append $errors (printf "%s.gpus (%d) is more than gpusPerNode (%d), the GPUs one node offers: its pods would stay Pending; lower it, or set gpusPerNode if the nodes have more" $component (int64 (get $v $component).gpus) (int64 $v.gpusPerNode)) }}
+{{- end }}
+{{- end }}
+{{- if include "mnist-pipeline.singleNode" . }}
+{{- $shared := list "training" "export" "client" }}
+{{- if not (include "mnist-pipeline.objectRepository" .) }}
+{{- $shared = append $shared "triton" }}
+{{- $peak := add (ternary 0 (int64 $v.training.gpus) $v.serveOnly) $tritonGpus $surge }}
+{{- if gt $peak (int64 $v.gpusPerNode) }}
+{{- $errors = append $errors (printf "persistence.accessModes is ReadWriteOnce, so every pod runs on the one node the volume attaches to, and at the peak it needs %d GPUs there (training.gpus %d, while Triton's %d pod(s) hold triton.gpus %d each through their wait for training%s) but gpusPerNode is %d: set triton.updateStrategy=Recreate (no extra pod during a rollout), train on CPU (training.gpus=0), use an object-storage repository (modelRepository.url: Triton then runs on any node), or set gpusPerNode if the nodes have more" $peak (int64 $v.training.gpus) (int64 $v.triton.replicas) (int64 $v.triton.gpus) (ternary ", plus one more during a RollingUpdate" "" (gt $surge 0)) (int64 $v.gpusPerNode)) }}
+{{- end }}
+{{- end }}
+{{- $first := "" }}
+{{- $firstPlacement := "" }}
+{{- range $component := $shared }}
+{{- $c := get $v $component }}
+{{- $placement := dict "nodeSelector" (merge (deepCopy (default (dict) $c.nodeSelector)) $v.nodeSelector) "tolerations" (concat $v.tolerations (default (list) $c.tolerations)) | toJson }}
+{{- if not $first }}
+{{- $first = $component }}
+{{- $firstPlacement = $placement }}
+{{- else if ne $placement $firstPlacement }}
+{{- $errors = append $errors (printf "persistence.accessModes is ReadWriteOnce, so every pod runs on the one node the volume attaches to, but %s.nodeSelector/tolerations differ from %s's (%s against %s): one of them would stay Pending. Set nodeSelector and tolerations at the top level, for every pod (a GPU node for Triton means a GPU node for all), or give Triton an object-storage repository (modelRepository.url) or the volume ReadWriteMany" $component $first $placement $firstPlacement) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $errors }}
 {{- end }}
