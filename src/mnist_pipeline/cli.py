@@ -534,7 +534,9 @@ def wait() -> None:
 def waiting(what: str, o: dict[str, Any]) -> Any:
     from mnist_pipeline import waits
 
-    return waits.make_wait(what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"])
+    return waits.make_wait(
+        what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"], o["visibility_grace"]
+    )
 
 
 @wait.command("training")

@@ -174,12 +174,18 @@ def wait_until_ready(client: Any, cfg: InferConfig) -> None:
 
 
 def _missing_model_message(client: Any, cfg: InferConfig, call_timeout: float) -> str:
-    index = client.get_model_repository_index(as_json=True, client_timeout=call_timeout)
+    from tritonclient.utils import InferenceServerException
+
+    wanted = cfg.model_name + (f" version {cfg.model_version}" if cfg.model_version else "")
+    try:
+        index = client.get_model_repository_index(as_json=True, client_timeout=call_timeout)
+    except InferenceServerException as e:
+        # An exposed Triton restricts its repository API (the chart's restrictedApis).
+        return f"model {wanted} is not ready on Triton at {cfg.url} (its models: {e})"
     available = [
         f"{m['name']}:{m.get('version', '?')} ({m.get('state', 'unknown')})"
         for m in index.get("models", [])
     ]
-    wanted = cfg.model_name + (f" version {cfg.model_version}" if cfg.model_version else "")
     return (
         f"model {wanted} is not ready on Triton at {cfg.url}; "
         f"available: {', '.join(available) or 'no models'}"

@@ -493,6 +493,14 @@ WAIT_TIMEOUT = Setting(
     "wait_timeout", 21600.0, "Give up (exit 1) after this many seconds.", min=0, min_open=True
 )
 WAIT_INTERVAL = Setting("wait_interval", 5.0, "Seconds between looks.", min=0, min_open=True)
+VISIBILITY_GRACE = Setting(
+    "visibility_grace",
+    120.0,
+    "Seconds to keep looking once --job has completed but its artifact is not visible yet: "
+    "NFS-backed volumes (EFS, Filestore) show a file written on another node only after "
+    "their attribute caches expire, up to a minute. Then exit 1.",
+    min=0,
+)
 JOB = Setting(
     "job",
     None,
@@ -546,5 +554,5 @@ TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT, BACKEND_DIRECTORY)
 INFER = (MODEL_NAME, MODEL_VERSION, LB_POLICY, REQUESTS, CONCURRENCY, IMAGES_PER_REQUEST, WARMUP,
          TIMEOUT, REQUEST_TIMEOUT, MAX_SECONDS, OUTPUT, MIN_ACCURACY)  # fmt: skip
-WAIT = (STORAGE, dataclasses.replace(RUN_ID, required=True), WAIT_TIMEOUT, WAIT_INTERVAL, JOB,
-        NAMESPACE)  # fmt: skip
+WAIT = (STORAGE, dataclasses.replace(RUN_ID, required=True), WAIT_TIMEOUT, WAIT_INTERVAL,
+        VISIBILITY_GRACE, JOB, NAMESPACE)  # fmt: skip

@@ -14,7 +14,9 @@ whose pods die without writing anything (OOM-killed until its Job's backoffLimit
 activeDeadlineSeconds) is seen through the Kubernetes API when the pod has a service
 account token: the Job's Failed condition fails the wait too. A Job that no longer exists
 (deleted by ttlSecondsAfterFinished, long before a Triton pod restarts) is no answer, so
-the wait falls back to the artifacts. Every wait gives up after --wait-timeout seconds.
+the wait falls back to the artifacts. A Job complete while its artifact is not visible yet
+(NFS shows another node's files late) is looked at for --visibility-grace seconds more.
+Every wait gives up after --wait-timeout seconds.
 
 Standard library only (boto3 for an object-storage repository): the lean client image
 (no torch) runs these too.
@@ -147,12 +149,16 @@ class Wait:
     api: KubeApi | None = None
     job: str | None = None
     report_every: float = 60.0
+    # How long a completed Job's artifact may take to show on this node's view of the
+    # volume: NFS caches attributes and missing names for 30-60 s by default.
+    visibility_grace: float = 120.0
 
     def run(self, check: Callable[[], str | None]) -> None:
         """`check` returns None when done, else a line saying what it still waits for;
         it raises PipelineFailure when what it waits for has failed."""
         start = time.monotonic()
         last_report = -self.report_every
+        completed_at: float | None = None
         if self.job and self.api is None:
             log.info("no Kubernetes API token in this pod: watching storage only")
         while True:
@@ -163,14 +169,25 @@ class Wait:
             job = self.api.job_state(self.job) if self.api and self.job else None
             if job is not None and job.phase == "failed":
                 raise PipelineFailure(f"{self.what}: Job {self.job} failed ({job.detail})")
-            if job is not None and job.phase == "complete":
-                # The Job writes its artifact before it completes: look once more, then stop.
-                if (waiting_for := check()) is None:
-                    log.info("%s: ready", self.what)
-                    return
+            if job is not None and job.phase == "complete" and completed_at is None:
+                # The Job wrote its artifact before it completed; this node may not see it
+                # yet (NFS), so look a while longer, not forever.
+                completed_at = time.monotonic()
+                log.info(
+                    "%s: Job %s completed but %s; looking for up to %.0f s more "
+                    "(a shared volume may show it late)",
+                    self.what,
+                    self.job,
+                    waiting_for,
+                    self.visibility_grace,
+                )
+            if (
+                completed_at is not None
+                and time.monotonic() - completed_at >= self.visibility_grace
+            ):
                 raise PipelineFailure(
-                    f"{self.what}: Job {self.job} completed but {waiting_for}; "
-                    "does it write to the same volume?"
+                    f"{self.what}: Job {self.job} completed {self.visibility_grace:.0f} s ago "
+                    f"but {waiting_for}; does it write to the same volume?"
                 )
             elapsed = time.monotonic() - start
             if elapsed >= self.timeout:
@@ -186,7 +203,10 @@ class Wait:
                     )
                 log.info("%s: %s%s", self.what, waiting_for, suffix)
                 last_report = elapsed
-            time.sleep(min(self.interval, max(0.0, self.timeout - elapsed)))
+            left = self.timeout - elapsed
+            if completed_at is not None:
+                left = min(left, completed_at + self.visibility_grace - time.monotonic())
+            time.sleep(min(self.interval, max(0.0, left)))
 
 
 def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
@@ -301,7 +321,12 @@ def serving_check(
 
 
 def make_wait(
-    what: str, timeout: float, interval: float, job: str | None, namespace: str | None
+    what: str,
+    timeout: float,
+    interval: float,
+    job: str | None,
+    namespace: str | None,
+    visibility_grace: float,
 ) -> Wait:
     api = KubeApi.in_cluster(namespace) if job else None
-    return Wait(what, timeout=timeout, interval=interval, api=api, job=job)
+    return Wait(what, timeout, interval, api, job, visibility_grace=visibility_grace)

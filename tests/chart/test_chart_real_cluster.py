@@ -7,15 +7,22 @@ validates today but would fail on such a cluster; these renders fail on the char
 
 from __future__ import annotations
 
+import base64
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import helm_python
 import pytest
 from test_chart_cluster import NVIDIA_TRITON, merge
 
+from mnist_pipeline.serve import LocalTriton
 from support.chart import containers, find, pod_spec, render, workloads
+from support.ports import free_ports
 
 IMAGES = ("pipeline", "client", "triton")
+MODEL = "resnet18_mnist"
 # One GPU node of one GPU: Triton's, stopped before a new one starts.
 GPU_TRITON = {
     "triton": {"gpus": 1, "updateStrategy": "Recreate"},
@@ -150,3 +157,87 @@ def test_node_autoscalers_do_not_drain_a_node_under_a_running_job() -> None:
         assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
     triton = find(objects, "Deployment", "triton")["spec"]["template"]["metadata"]
     assert "karpenter.sh/do-not-disrupt" not in triton["annotations"]
+
+
+# Network --------------------------------------------------------------------------------
+
+EXPOSED = {
+    "triton": {"service": {"type": "LoadBalancer"}},
+    "networkPolicy": {"tritonIngressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+}
+
+
+def dns_rules(values: dict[str, Any]) -> list[dict[str, Any]]:
+    objects, _ = render(merge({"networkPolicy": {"egress": {"enabled": True}}}, values))
+    (egress,) = [o for o in objects if o["metadata"]["name"].endswith("-egress")]
+    return [
+        r for r in egress["spec"]["egress"] if {"port": 53, "protocol": "UDP"} in r.get("ports", [])
+    ]
+
+
+def test_dns_egress_presets_reach_each_clusters_dns() -> None:
+    (kube_dns,) = dns_rules({})
+    assert kube_dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    # OpenShift's DNS pods answer on 5353 behind the Service's 53: the policy sees 5353.
+    (openshift,) = dns_rules({"networkPolicy": {"egress": {"dns": {"preset": "openshift"}}}})
+    assert {"port": 5353, "protocol": "UDP"} in openshift["ports"]
+    assert openshift["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "openshift-dns"
+    }
+    nodelocal = dns_rules({"networkPolicy": {"egress": {"dns": {"preset": "nodelocal"}}}})
+    assert [r["to"][0].get("ipBlock") for r in nodelocal] == [{"cidr": "169.254.20.10/32"}, None]
+    own = {"to": [{"ipBlock": {"cidr": "10.96.0.10/32"}}], "ports": [53, 1053]}
+    (custom,) = dns_rules({"networkPolicy": {"egress": {"dns": {"preset": "custom", **own}}}})
+    assert custom["to"] == own["to"] and {"port": 1053, "protocol": "TCP"} in custom["ports"]
+    empty = {"networkPolicy": {"egress": {"enabled": True, "dns": {"preset": "custom"}}}}
+    assert "dns.to or dns.ports is empty" in refusal(empty)
+
+
+def restricted_args(values: dict[str, Any]) -> list[str]:
+    objects, _ = render(values)
+    (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
+    return [a for a in triton["args"] if "restricted" in a]
+
+
+def test_an_exposed_triton_restricts_its_admin_apis_in_the_real_server(
+    test_repository: Path, tmp_path: Path
+) -> None:
+    assert restricted_args({}) == []  # reached by the release's pods alone
+    args = restricted_args(EXPOSED)
+    assert len(args) == 2
+    objects, _ = render(EXPOSED)
+    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    assert len(base64.b64decode(secret["data"]["admin-key"])) == 40
+    # The kubelet expands $(TRITON_ADMIN_KEY) from that Secret; here, a known value.
+    key = "k" * 40
+    http, grpc, metrics = free_ports(3)
+    expanded = [a.replace("$(TRITON_ADMIN_KEY)", key) for a in args]
+    with LocalTriton(
+        test_repository, tmp_path, http_port=http, grpc_port=grpc, metrics_port=metrics,
+        extra_args=expanded,
+    ) as server:  # fmt: skip
+        base = f"http://127.0.0.1:{server.http_port}"
+        index = f"{base}/v2/repository/index"
+        assert status(index, b"{}") == 403
+        assert status(index, b"{}", {"triton-admin-key": key}) == 200
+        assert status(f"{base}/v2/logging") == 403
+        assert status(f"{base}/v2/models/{MODEL}/ready") == 200  # inference stays open
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException, match=r"restricted|PERMISSION_DENIED"):
+            client.get_model_repository_index()
+        assert client.is_model_ready(MODEL)
+        # Over gRPC Triton expects the header with a prefix of its own (2.51).
+        grpc_header = {"triton-grpc-protocol-triton-admin-key": key}
+        assert client.get_model_repository_index(headers=grpc_header)
+
+
+def status(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -70,6 +70,11 @@ its message, check-train before any rank starts.
 {{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
 {{- $errors = append $errors "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
 {{- end }}
+{{- with $np.egress.dns }}
+{{- if and $np.egress.enabled (eq .preset "custom") (not (and .to .ports)) }}
+{{- $errors = append $errors "networkPolicy.egress.dns.preset is custom but dns.to or dns.ports is empty: no pod could resolve a name, and every wait would hang until its timeout" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
 {{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}

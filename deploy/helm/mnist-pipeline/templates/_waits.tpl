@@ -21,6 +21,7 @@ after the export gets its env, so it reads the export's record from the bucket. 
     - --namespace={{ $ctx.Release.Namespace }}
     - --wait-timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
     - --wait-interval={{ $ctx.Values.waits.intervalSeconds }}
+    - --visibility-grace={{ $ctx.Values.waits.visibilitySeconds }}
     {{- range .args }}
     - {{ . | quote }}
     {{- end }}
