@@ -47,6 +47,7 @@ from mnist_pipeline.storage import (
     RunStatus,
     UsageError,
     atomic_write_json,
+    available_cpus,
     best_model_link,
     checkpoints_dir,
     fsync_dir,
@@ -419,6 +420,7 @@ def check_parity(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = available_cpus()  # not one per core of the node
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     batch = np.ascontiguousarray(inputs, dtype=np.float32)
     got = session.run(["output"], {"input": batch})[0]
@@ -499,6 +501,7 @@ def measure_accuracy(onnx_model: bytes, images: np.ndarray, labels: np.ndarray) 
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = available_cpus()  # not one per core of the node
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     correct = 0
     for i in range(0, len(images), EVAL_BATCH):

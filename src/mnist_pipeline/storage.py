@@ -100,15 +100,38 @@ def validate_name(name: str, what: str = "run id") -> str:
     return name
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a pod's
-    CPU limit), so that a container does not start a thread per core of the node."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# The container's CPU limit in whole CPUs, as the chart passes it from the downward API
+# (limits.cpu, divisor 1): a deployment fact, not an option, so no flag declares it.
+CPU_LIMIT_VARIABLE = "MNIST_PIPELINE_CPU_LIMIT"
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use, so that a container does not start a thread per core of
+    the node: the affinity mask, capped by $MNIST_PIPELINE_CPU_LIMIT where the chart gives
+    it, and by the CFS quota of the process's cgroup (v2 or v1)."""
     cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(ValueError):
+        cpus = min(cpus, max(1, int(os.environ.get(CPU_LIMIT_VARIABLE, ""))))
+    quota = cpu_quota(cgroup_root)
+    return cpus if quota is None else min(cpus, max(1, math.ceil(quota)))
+
+
+def cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the container's CFS quota allows, or None: cgroup v2's cpu.max ("max 100000"
+    when unlimited), else cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (-1 unlimited;
+    EKS on Amazon Linux 2, older OpenShift and GKE nodes), in the cpu or cpu,cpuacct
+    controller that container runtimes mount at the container's own cgroup."""
     with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    return cpus
+        quota, period = (cgroup_root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        folder = cgroup_root / controller
+        with contextlib.suppress(OSError, ValueError):
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
 
 
 def raw_data_dir(storage: Path) -> Path:

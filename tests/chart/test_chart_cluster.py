@@ -318,7 +318,11 @@ def test_the_pin_gets_the_triton_cpus_and_instance_count(limit: Any, cpus: str) 
     # Export no longer writes them: changing them neither renames nor re-runs it. Its
     # one variable is an export setting of its own, the precision.
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    assert export["env"] == [{"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"}]
+    assert export["env"][0] == {"name": "MNIST_PIPELINE_PRECISION", "value": "fp32"}
+    assert [e["name"] for e in export["env"]] == [
+        "MNIST_PIPELINE_PRECISION",
+        "MNIST_PIPELINE_CPU_LIMIT",  # the downward API's limits.cpu, not a setting
+    ]
 
 
 def test_probe_timeouts_and_initial_delays() -> None:

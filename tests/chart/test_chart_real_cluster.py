@@ -15,7 +15,7 @@ from typing import Any
 
 import helm_python
 import pytest
-from test_chart_cluster import NVIDIA_TRITON, merge
+from test_chart_cluster import NVIDIA_TRITON, RWX, merge
 
 from mnist_pipeline.serve import LocalTriton
 from support.chart import containers, find, pod_spec, render, workloads
@@ -241,3 +241,25 @@ def status(url: str, body: bytes | None = None, headers: dict[str, str] | None =
             return int(response.status)
     except urllib.error.HTTPError as e:
         return e.code
+
+
+# CPUs -----------------------------------------------------------------------------------
+
+
+def test_training_and_export_get_their_cpu_limit_from_the_downward_api() -> None:
+    """No pod depends on reading cgroups (v1 nodes report the quota elsewhere)."""
+    objects, _ = render({"training": {"workers": 2}, **RWX})
+    limit = {
+        "name": "MNIST_PIPELINE_CPU_LIMIT",
+        "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}},
+    }
+    for component in ("train", "export"):
+        spec = pod_spec(find(objects, "Job", component))
+        (main,) = spec["containers"]
+        assert limit in main["env"], component
+    (check,) = [
+        c for c in pod_spec(find(objects, "Job", "train"))["initContainers"] if c.get("env")
+    ]
+    assert limit in check["env"]
+    extra = {"export": {"extraEnv": [{"name": "MNIST_PIPELINE_CPU_LIMIT", "value": "8"}]}}
+    assert "export.extraEnv sets MNIST_PIPELINE_CPU_LIMIT" in refusal(extra)

@@ -33,6 +33,7 @@ is better, and the new Triton serves it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -353,11 +354,29 @@ def container_env(
             else:
                 assert ref.get("optional"), f"Secret {ref['name']} has no key {ref['key']}"
             continue
+        if "resourceFieldRef" in var["valueFrom"]:
+            env[var["name"]] = resource_field(container, var["valueFrom"]["resourceFieldRef"])
+            continue
         path = var["valueFrom"]["fieldRef"]["fieldPath"]
         field = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
         assert field, f"the rehearsal does not resolve fieldPath {path}"
         env[var["name"]] = pod["metadata"][field[1]][field[2]]
     return env
+
+
+def resource_field(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """The downward API's limits.cpu as the kubelet gives it: the container's limit over the
+    divisor, rounded up; without a limit, the node's CPUs (this machine's)."""
+    assert ref["resource"] == "limits.cpu", f"the rehearsal does not resolve {ref}"
+    limit = container.get("resources", {}).get("limits", {}).get("cpu")
+    if limit is None:
+        return str(os.cpu_count())
+    divisor = cpu_quantity(str(ref.get("divisor", "1")))
+    return str(math.ceil(cpu_quantity(str(limit)) / divisor))
+
+
+def cpu_quantity(q: str) -> float:
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
 def expand(value: str, env: dict[str, str]) -> str:

@@ -150,6 +150,17 @@ automountServiceAccountToken: false
 {{- toYaml $r }}
 {{- end }}
 
+{{/* The container's own CPU limit in whole CPUs (rounded up; the node's allocatable CPUs
+without a limit), from the downward API: the threads a pod starts never depend on reading
+its cgroup (v1 nodes, nested runtimes). The CLI caps its CPU count with it. */}}
+{{- define "mnist-pipeline.cpuLimitEnv" -}}
+- name: MNIST_PIPELINE_CPU_LIMIT
+  valueFrom:
+    resourceFieldRef:
+      resource: limits.cpu
+      divisor: "1"
+{{- end }}
+
 {{/* A resource quantity ("500m", "2", 1.5, "1Gi", "512Mi") as a plain number. */}}
 {{- define "mnist-pipeline.quantity" -}}
 {{- $q := toString . }}

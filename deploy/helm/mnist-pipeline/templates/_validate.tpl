@@ -78,7 +78,7 @@ its message, check-train before any rank starts.
 {{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
 {{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}
-{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION")) "triton" (list (dict "name" "HOME")) }}
+{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION") (dict "name" "MNIST_PIPELINE_CPU_LIMIT")) "triton" (list (dict "name" "HOME")) }}
 {{- range $component := list "training" "export" "triton" "client" }}
 {{- $set := list }}
 {{- range (get $chartEnv $component | default list) }}{{ $set = append $set .name }}{{ end }}
