@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import helm_python
+import kubernetes_validate
 import pytest
+import yaml
 from test_chart_cluster import NVIDIA_TRITON, RWX, merge
 
 from mnist_pipeline.serve import LocalTriton
-from support.chart import containers, find, pod_spec, render, workloads
+from support.chart import containers, find, lint, pod_spec, render, workloads
 from support.ports import free_ports
 
 IMAGES = ("pipeline", "client", "triton")
@@ -263,3 +265,33 @@ def test_training_and_export_get_their_cpu_limit_from_the_downward_api() -> None
     assert limit in check["env"]
     extra = {"export": {"extraEnv": [{"name": "MNIST_PIPELINE_CPU_LIMIT", "value": "8"}]}}
     assert "export.extraEnv sets MNIST_PIPELINE_CPU_LIMIT" in refusal(extra)
+
+
+# First install on EKS / GKE / OpenShift / kind -------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values"
+
+
+@pytest.mark.parametrize("cluster", ["eks", "gke", "openshift", "kind"])
+def test_each_clusters_values_example_installs_as_printed(cluster: str) -> None:
+    """The files docs/KUBERNETES.md's first-install section names, with the --set its
+    command line adds: they render, validate against the API's schema and pass lint."""
+    values = yaml.safe_load((EXAMPLES / f"{cluster}.yaml").read_text())
+    header = (EXAMPLES / f"{cluster}.yaml").read_text()
+    if cluster != "kind":
+        assert "--set images.registry=" in header
+        values = merge(values, {"images": {"registry": "registry.example.com/ml"}})
+    objects, notes = render(values, local_images=False)
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+    result = lint(values)
+    assert result["errors"] == [] and not [m for m in result["messages"] if m["severity"] > 1]
+    claim = find(objects, "PersistentVolumeClaim")
+    if cluster in ("eks", "gke"):
+        assert claim["spec"]["storageClassName"] == values["persistence"]["storageClass"]
+        assert "names no storageClass" not in notes
+    else:
+        assert "names no storageClass" in notes
+    if cluster == "openshift":
+        for o in workloads(objects):
+            assert "runAsUser" not in pod_spec(o)["securityContext"]
