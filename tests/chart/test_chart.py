@@ -28,6 +28,7 @@ from support.chart import (
     render,
     workloads,
 )
+from support.failure_policy import action, failed_pod
 
 DIGEST = "sha256:" + "ab" * 32
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -584,3 +585,31 @@ def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
         if doc
     )
     assert kinds == sorted(o["kind"] for o in render()[0])
+
+
+@pytest.mark.parametrize("scenario", ["default", "object-storage"])
+def test_a_killed_pod_is_retried_and_only_a_failed_stage_fails_its_job(scenario: str) -> None:
+    """A pod deleted, drained or OOM-killed exits 143 or 137, in a wait as in the stage: that
+    is retried (counted against backoffLimit), or ignored when the pod carries DisruptionTarget.
+    Exit 1 (the stage, or what the wait waits for, failed) and 2 (bad input) of the waits and
+    the export fail the Job at once; the client's 1 (Triton unreachable) is retried."""
+    objects, _ = render(SCENARIOS[scenario])
+    for job in (o for o in objects if o["kind"] == "Job"):
+        spec = pod_spec(job)
+        for init in (True, False):
+            for c in spec["initContainers" if init else "containers"]:
+                for killed in (137, 143):
+                    pod = failed_pod(c["name"], killed, init=init)
+                    assert action(job, pod) == "Count", (job["metadata"]["name"], c["name"])
+                    evicted = failed_pod(c["name"], killed, init, ["DisruptionTarget"])
+                    assert action(job, evicted) == "Ignore", c["name"]
+    fails = {"export": ["wait-for-training", "export"], "client": ["wait-for-serving"]}
+    for component, names in fails.items():
+        job = find(objects, "Job", component)
+        for name in names:
+            init = name.startswith("wait-")
+            for failed in (1, 2):
+                assert action(job, failed_pod(name, failed, init=init)) == "FailJob", name
+    client = find(objects, "Job", "client")
+    assert action(client, failed_pod("client", 1, init=False)) == "Count"
+    assert action(client, failed_pod("client", 2, init=False)) == "FailJob"
