@@ -312,10 +312,18 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     target = f"dns:///{headless['metadata']['name']}.ml.svc.cluster.local:{grpc['port']}"
     assert infer["args"][0] == "infer" and arg(infer, "url") == target
 
+    # helm test waits as the client does, within its own bound (under helm test's 5 min).
+    (test_wait,) = pod_spec(find(default, "Pod", "test"))["initContainers"]
+    assert test_wait["args"][:2] == ["wait", "serving"]
+    for name in ("run-id", "http-url", "model-version", "model-name"):
+        assert arg(test_wait, name) == arg(wait, name), name
     for obj in workloads(default):
+        bound = "--wait-timeout=240" if obj["kind"] == "Pod" else "--wait-timeout=21600"
         for c in containers(pod_spec(obj)):
             timeouts = [a for a in c["args"] if a.startswith("--wait-timeout=")]
-            assert not c["name"].startswith("wait-") or timeouts == ["--wait-timeout=21600"]
+            assert not c["name"].startswith("wait-") or timeouts == [bound]
+    serve_only = render({"serveOnly": True, "triton": {"servedVersion": 3}})[0]
+    assert "initContainers" not in pod_spec(find(serve_only, "Pod", "test"))  # no run to wait on
 
 
 def test_run_ids_follow_the_install_and_the_training_settings(
@@ -402,9 +410,10 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"]["drop"] == ["ALL"]
             assert sc["runAsNonRoot"] is True
-            # The API token goes to the waits only.
+            # The API token goes to the waits only (not helm test's: its pod has none).
             has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
-            assert has_token == c["name"].startswith("wait-"), c["name"]
+            wait = c["name"].startswith("wait-") and obj["kind"] != "Pod"
+            assert has_token == wait, c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
     assert triton["command"] == ["tritonserver"]
     assert "--model-repository=/pinned" in triton["args"]
@@ -487,7 +496,8 @@ def test_rbac_is_least_privilege_and_off_the_default_account(
     ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     for obj in workloads(default):
-        uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
+        mounts = [m for c in containers(pod_spec(obj)) for m in c["volumeMounts"]]
+        uses_api = any(m["name"] == "api-token" for m in mounts)
         bound = pod_spec(obj).get("serviceAccountName") in accounts.values() and (
             pod_spec(obj)["serviceAccountName"] != accounts["training"]
         )

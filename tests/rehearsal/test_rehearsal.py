@@ -9,8 +9,9 @@ address is rewritten to local ports, and they run in the chart's order, either
 - in the built images (`container`, a real dockerd: support/engine.py), as the kubelet
   would run them: the rendered image, command (else the image's entrypoint), args, env,
   user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
-  escalation, CPU and memory limits, the claim as one folder mounted where the pod mounts
-  it (writable to fsGroup), each pod's emptyDirs its own. Containers share the host's
+  escalation, CPU and memory limits (no swap: past its limit a container is OOM-killed, as
+  on a node), the claim as one folder mounted where the pod mounts it (writable to fsGroup),
+  each pod's emptyDirs its own. Containers share the host's
   network (never a bridge): every address is 127.0.0.1. A wrong user, entrypoint, missing
   writable path or missing file in an image fails it. What only a cluster gives is left
   out: the service account token (the waits then read storage alone), scheduling,
@@ -38,13 +39,16 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
-from support.chart import REPO, containers, find, pod_spec, render
+from support.chart import REPO, arg, containers, find, pod_spec, render
 from support.engine import Container, Engine, cpus, memory
 from support.objectstore import LocalRadosgw
 from support.serving import free_ports
@@ -65,7 +69,7 @@ VALUES: dict[str, Any] = {
         "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3072"}],
     },
     "client": {"requests": 20, "concurrency": 2},
-    "tests": {"requests": 5, "minAccuracy": 0.5},
+    "tests": {"requests": 5, "minAccuracy": 0.5, "waitTimeoutSeconds": 600},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
     # A valid tritonserver flag that no wrapper knows: it must reach the server untouched.
     "triton": {"extraArgs": ["--pinned-memory-pool-byte-size=0"]},
@@ -210,7 +214,7 @@ class Rehearsal:
         if "cpu" in limits:
             options.append(f"--cpus={cpus(str(limits['cpu']))}")
         if "memory" in limits:
-            options.append(f"--memory={memory(str(limits['memory']))}")
+            options += memory(str(limits["memory"]))
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
@@ -368,6 +372,58 @@ def expand(value: str, env: dict[str, str]) -> str:
     )
 
 
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
+def probe_urls(r: Rehearsal, container: dict[str, Any]) -> dict[str, str]:
+    """Each probe's httpGet as the kubelet requests it: a named port is the container's port
+    of that name (here, the local port Triton listens on for it)."""
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    urls = {}
+    for probe in PROBES:
+        get = container[probe]["httpGet"]
+        port = named[get["port"]] if isinstance(get["port"], str) else get["port"]
+        scheme = get.get("scheme", "HTTP").lower()
+        urls[probe] = f"{scheme}://127.0.0.1:{r.local_port[port]}{get['path']}"
+    return urls
+
+
+def http_status(url: str, timeout: float) -> int | None:
+    """The status the kubelet would see: an answer's, or None (refused, timed out)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def check_probes(r: Rehearsal, container: dict[str, Any], server: Running, model: str) -> None:
+    """The rendered probes against the rehearsed Triton, in the kubelet's order: the startup
+    probe answers 200 within its budget (else the kubelet restarts the container), then the
+    liveness probe; the readiness probe answers 200 only once `model` (<name>/versions/<v>)
+    is loaded and ready."""
+    urls = probe_urls(r, container)
+    startup = container["startupProbe"]
+    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * (
+        startup.get("failureThreshold", 3)
+    )
+    deadline = time.monotonic() + budget
+    while http_status(urls["startupProbe"], startup.get("timeoutSeconds", 1)) != 200:
+        assert server.poll() is None, r.log("tritonserver")
+        assert time.monotonic() < deadline, f"startup probe {urls['startupProbe']}: no 200"
+        time.sleep(0.2)
+    live = container["livenessProbe"].get("timeoutSeconds", 1)
+    assert http_status(urls["livenessProbe"], live) == 200, urls["livenessProbe"]
+    readiness = container["readinessProbe"]
+    model_ready = urls["readinessProbe"].split("/v2/")[0] + f"/v2/models/{model}/ready"
+    while http_status(urls["readinessProbe"], readiness.get("timeoutSeconds", 1)) != 200:
+        assert server.poll() is None and time.monotonic() < deadline, r.log("tritonserver")
+        time.sleep(0.2)
+    assert http_status(model_ready, 5) == 200, f"ready before {model_ready} was"
+
+
 def wait_exit(process: Running, timeout: float) -> int | None:
     try:
         return process.wait(timeout)
@@ -402,10 +458,13 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     (wait_training,) = export["initContainers"]
     wait_export, pin = triton["initContainers"]
     wait_serving, prune = client["initContainers"]
+    # `helm test` run before export finishes: its pod waits as the client's does.
+    (test_wait,) = helm_test["spec"]["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, export_pod, "wait-for-training"),
         "wait-for-export": r.start(wait_export, triton_pod, "wait-for-export"),
         "wait-for-serving": r.start(wait_serving, client_pod, "wait-for-serving"),
+        "helm-test-wait": r.start(test_wait, helm_test, "helm-test-wait"),
     }
     server = None
     try:
@@ -427,10 +486,13 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         outcome = read(r.storage / "checkpoints" / run_id / "export.json")
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
+        assert waits["helm-test-wait"].poll() is None, "helm test's wait let it start early"
 
         r.run(pin, triton_pod, "pin-version")  # the repository Triton serves, into its emptyDir
         (tritonserver,) = triton["containers"]
         server = r.start(tritonserver, triton_pod, "tritonserver")
+        model = f"{arg(pin, 'model-name')}/versions/{outcome['version']}"
+        check_probes(r, tritonserver, server, model)
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
 
         r.run(prune, client_pod, "prune")  # retention, before the client's results arrive
@@ -445,6 +507,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         # `helm test`: the hook Pod's command line against the same Service. It checks the
         # served version and the accuracy floor, and writes nothing to the volume.
         (test_container,) = helm_test["spec"]["containers"]
+        assert wait_exit(waits["helm-test-wait"], 60) == 0, r.log("helm-test-wait")
         r.run(test_container, helm_test, "helm-test")
         (tested,) = (r.pod_tmp(helm_test) / "helm-test").iterdir()
         assert read(tested / "latency.json")["model_version_served"] == str(outcome["version"])
@@ -601,6 +664,22 @@ def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> 
     process = r.start(wait, export_pod, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()
+
+
+def test_helm_test_before_export_waits_then_gives_up_in_one_line(tmp_path: Path) -> None:
+    """`helm test` right after an install: its pod waits for Triton to serve the run (rehearse
+    lets it through once served). Before, its client failed at once, the run not yet exported.
+    With nothing coming it gives up at tests.waitTimeoutSeconds: one line, exit 1."""
+    values = {**VALUES, "tests": {**VALUES["tests"], "waitTimeoutSeconds": 2}}
+    objects, _ = render(values, release="rehearsal", namespace="ml")
+    (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
+    (test_wait,) = helm_test["spec"]["initContainers"]
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects, engine=None)
+    r.storage.mkdir()
+    assert r.start(test_wait, helm_test, "helm-test-wait").wait(60) == 1
+    log = (r.logs / "helm-test-wait.log").read_text()
+    assert "gave up after 2 s, still waiting for" in log and "Traceback" not in log, log
+    assert "metrics.json to appear" in log.splitlines()[-1], log
 
 
 def test_a_flag_tritonserver_rejects_fails_the_rehearsal(
