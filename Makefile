@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STORAGE ?= storage
-# Container images (make images REGISTRY=registry.example.com/ml TAG=0.2.0)
-REGISTRY ?= mnist-pipeline
+# Container images: mnist-pipeline/<image>:$(TAG), under $(REGISTRY)/ when set (make images
+# REGISTRY=registry.example.com/ml TAG=0.2.0); the chart's images.registry takes the same value.
+REGISTRY ?=
+IMAGE_PREFIX := $(if $(REGISTRY),$(REGISTRY:%/=%)/)mnist-pipeline
 TAG      ?= 0.2.0
 DOCKER   ?= docker
 IMAGES   := pipeline client triton
@@ -94,10 +96,10 @@ test: test-deps lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_a
 images: $(addprefix image-,$(IMAGES))
 
 $(addprefix image-,$(IMAGES)): image-%:
-	$(DOCKER) build $(BUILD_ARGS) -f docker/$*.Dockerfile -t $(REGISTRY)/$*:$(TAG) .
+	$(DOCKER) build $(BUILD_ARGS) -f docker/$*.Dockerfile -t $(IMAGE_PREFIX)/$*:$(TAG) .
 
 push-images: images
-	for image in $(IMAGES); do $(DOCKER) push $(REGISTRY)/$$image:$(TAG) || exit 1; done
+	for image in $(IMAGES); do $(DOCKER) push $(IMAGE_PREFIX)/$$image:$(TAG) || exit 1; done
 
 # The images built and run in a real container engine, and the chart's rehearsal in them
 # (tests/rehearsal/test_containers.py, the [container] cases of tests/rehearsal/test_rehearsal.py): as root;

@@ -52,5 +52,6 @@ ENV PATH=/opt/tritonserver/bin:$PATH \
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000 8001 8002
-ENTRYPOINT ["tritonserver"]
-CMD ["--help"]
+# No entrypoint, as NVIDIA's image (whose entrypoint execs its arguments): the chart's args,
+# `tritonserver --model-repository=...`, run unchanged on either image.
+CMD ["tritonserver", "--help"]

@@ -18,6 +18,7 @@ import yaml
 from support.chart import (
     CHART,
     KUBE_VERSION,
+    LOCAL_IMAGES,
     REPO,
     arg,
     containers,
@@ -415,7 +416,8 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             wait = c["name"].startswith("wait-") and obj["kind"] != "Pod"
             assert has_token == wait, c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
-    assert triton["command"] == ["tritonserver"]
+    # The image's entrypoint (NVIDIA's sets up CUDA compatibility) runs tritonserver.
+    assert "command" not in triton and triton["args"][0] == "tritonserver"
     assert "--model-repository=/pinned" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
     assert triton["image"] == "mnist-pipeline/triton:0.2.0"
@@ -586,7 +588,7 @@ def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
     archive = Path(helm_python.package(str(CHART), destination=tmp_path))
     assert archive.name == "mnist-pipeline-0.2.0.tgz"
     with helm_python.Chart.load(str(archive)) as chart:
-        files = chart.render({}, name="demo", namespace="ml")
+        files = chart.render(LOCAL_IMAGES, name="demo", namespace="ml")
     kinds = sorted(
         doc["kind"]
         for path, text in files.items()

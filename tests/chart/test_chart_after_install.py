@@ -18,7 +18,17 @@ import pytest
 import yaml
 from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
 
-from support.chart import CHART, KUBE_VERSION, REPO, arg, find, install_manifest, pod_spec, render
+from support.chart import (
+    CHART,
+    KUBE_VERSION,
+    REPO,
+    arg,
+    find,
+    install_manifest,
+    pod_spec,
+    render,
+    with_local_images,
+)
 
 # Settings every rank would reject: check-train refuses them before torchrun ------------------
 
@@ -295,7 +305,7 @@ def render_chart(chart: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_a_chart_version_bump_keeps_job_names_and_pod_templates(tmp_path: Path) -> None:
-    pinned = {"run": {"id": "prod"}}
+    pinned = with_local_images({"run": {"id": "prod"}})
     bumped = tmp_path / "mnist-pipeline"
     shutil.copytree(CHART, bumped)
     meta = yaml.safe_load((bumped / "Chart.yaml").read_text())

@@ -33,6 +33,8 @@ from support.chart import (
 from support.chart import workloads as all_workloads
 
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
+# GPU serving: NVIDIA's image (the project's Triton image is CPU only).
+NVIDIA_TRITON = {"repository": "nvcr.io/nvidia/tritonserver", "tag": "24.10-py3", "cuda": True}
 PINNED = {"run": {"id": "prod"}}
 
 
@@ -107,7 +109,7 @@ SERVING_ONLY = {
     # The pin writes these into the config Triton serves; no new run.
     "triton-cpus": {"triton": {"resources": {"limits": {"cpu": "4"}}}},
     "instances": {"triton": {"instanceCount": 4}},
-    "triton-gpus": {"triton": {"gpus": 1}},
+    "triton-gpus": {"triton": {"gpus": 1}, "images": {"triton": NVIDIA_TRITON}},
 }
 
 
@@ -374,15 +376,19 @@ def test_triton_runs_tritonserver_from_path_with_valid_flags() -> None:
     objects, _ = render({"triton": {"extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}]}})
     spec = pod_spec(find(objects, "Deployment", "triton"))
     (triton,) = spec["containers"]
-    assert triton["command"] == ["tritonserver"]
+    assert "command" not in triton and triton["args"][0] == "tritonserver"
     assert "--pinned-memory-pool-byte-size=0" in triton["args"]
-    assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": "1"}]
+    # HOME on the writable /tmp: the image's user may have none (NVIDIA's image).
+    assert triton["env"] == [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+    ]
     for init in spec["initContainers"]:  # the wait and the pin: no torch to pull
         assert init["image"] == "mnist-pipeline/client:0.2.0"
     # Every flag is one the real tritonserver 2.51 (the nvidia-pytriton wheel) knows.
     known = tritonserver_help()
     assert "--pinned-memory-pool-byte-size" in known
-    for a in triton["args"]:
+    for a in triton["args"][1:]:
         assert f"{a.split('=')[0]} <" in known, a
 
 
@@ -538,7 +544,7 @@ def test_multi_worker_training_needs_rwx() -> None:
 
 
 def test_gpus_render_resources_device_and_instance_kind() -> None:
-    cuda = {"images": {"pipeline": {"cuda": True}}}
+    cuda = {"images": {"pipeline": {"cuda": True}, "triton": NVIDIA_TRITON}}
     objects, _ = render(merge(cuda, {"training": {"gpus": 1}, "triton": {"gpus": 1}}))
     (train,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -694,7 +700,11 @@ def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Pa
     storage = tmp_path / "storage"
     published = repository.TritonConfig(instance_count=4, instance_kind="KIND_GPU", server_cpus=8)
     publish_versions(storage, published, 1)
-    gpu = {"run": {"id": "prod"}, "triton": {"gpus": 1, "servedVersion": 1}}
+    gpu = {
+        "run": {"id": "prod"},
+        "triton": {"gpus": 1, "servedVersion": 1},
+        "images": {"triton": NVIDIA_TRITON},
+    }
     cpu = merge(
         gpu,
         {"triton": {"gpus": 0, "instanceCount": 1, "resources": {"limits": {"cpu": "3"}}}},

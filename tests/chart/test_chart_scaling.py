@@ -91,7 +91,8 @@ def test_the_contracts_env_reaches_exactly_the_pods_that_use_the_bucket() -> Non
         for c in containers(pod_spec(obj)):
             if c["name"] not in users:
                 assert not CONTRACT_ENV & set(env_of(c)), c["name"]
-    assert triton["args"][0] == "--model-repository=/pinned"  # never the bucket itself
+    # Never the bucket itself.
+    assert triton["args"][:2] == ["tritonserver", "--model-repository=/pinned"]
 
 
 def test_the_volume_mode_keeps_triton_on_the_claim_and_its_node() -> None:

@@ -34,23 +34,29 @@ RESTRICTED = [
 
 
 @pytest.mark.parametrize(
-    ("name", "entrypoint"),
-    [("pipeline", "mnist-pipeline"), ("client", "mnist-pipeline"), ("triton", "tritonserver")],
+    ("name", "entrypoint", "command"),
+    [
+        ("pipeline", ["mnist-pipeline"], ["--help"]),
+        ("client", ["mnist-pipeline"], ["--help"]),
+        # As NVIDIA's image: the chart's args are the whole command (`tritonserver ...`).
+        ("triton", None, ["tritonserver", "--help"]),
+    ],
 )
 def test_image_runs_as_its_user_with_its_entrypoint(
-    container_engine: Engine, name: str, entrypoint: str
+    container_engine: Engine, name: str, entrypoint: list[str] | None, command: list[str]
 ) -> None:
     config = json.loads(
         container_engine.docker("image", "inspect", "-f", "{{json .Config}}", image(name)).stdout
     )
     assert config["User"] == "10001:10001"
-    assert config["Entrypoint"] == [entrypoint]
-    # The entrypoint runs as that user, with nothing writable but /tmp (tritonserver's
-    # --help exits 1: its usage text is the proof).
+    assert config["Entrypoint"] == entrypoint
+    # It runs as that user, with nothing writable but /tmp (tritonserver's --help exits 1:
+    # its usage text is the proof).
     helped = container_engine.docker(
-        "run", "--rm", "--network=none", *RESTRICTED, image(name), "--help", check=False
+        "run", "--rm", "--network=none", *RESTRICTED, image(name), *command, check=False
     )
-    assert f"Usage: {entrypoint}" in helped.stdout + helped.stderr, helped
+    program = (entrypoint or command)[0]
+    assert f"Usage: {program}" in helped.stdout + helped.stderr, helped
 
 
 def run(engine: Engine, storage: Path, network: str, *args: str) -> str:

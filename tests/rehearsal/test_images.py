@@ -23,7 +23,13 @@ DOCKERFILES = {
     "client": REPO / "docker" / "client.Dockerfile",
     "triton": REPO / "docker" / "triton.Dockerfile",
 }
-ENTRYPOINTS = {"pipeline": "mnist-pipeline", "client": "mnist-pipeline", "triton": "tritonserver"}
+# Triton's image has none, as NVIDIA's (whose entrypoint execs its args): the chart's args
+# start with `tritonserver` and run on either.
+ENTRYPOINTS = {
+    "pipeline": ['ENTRYPOINT ["mnist-pipeline"]', 'CMD ["--help"]'],
+    "client": ['ENTRYPOINT ["mnist-pipeline"]', 'CMD ["--help"]'],
+    "triton": ['CMD ["tritonserver", "--help"]'],
+}
 
 
 def hadolint() -> str:
@@ -76,7 +82,7 @@ def test_pinned_multi_stage_non_root(image: str) -> None:
     assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit(), "numeric non-root user"
     # The final stage installs nothing: no package manager, hence no compiler.
     assert not [a for k, a in final if k == "RUN"]
-    assert [a for k, a in final if k == "ENTRYPOINT"] == [f'["{ENTRYPOINTS[image]}"]']
+    assert [f"{k} {a}" for k, a in final if k in ("ENTRYPOINT", "CMD")] == ENTRYPOINTS[image]
     for k, a in steps:
         if k == "RUN" and "pip install" in a:
             assert "--no-cache-dir" in a
@@ -186,7 +192,8 @@ def test_make_images_builds_all_three_with_registry_and_tag() -> None:
     commands = [" ".join(line.split()) for line in result.stdout.splitlines()]
     for name in DOCKERFILES:
         assert (
-            f"docker build -f docker/{name}.Dockerfile -t registry.example/ml/{name}:9.9.9 ."
+            f"docker build -f docker/{name}.Dockerfile "
+            f"-t registry.example/ml/mnist-pipeline/{name}:9.9.9 ."
             in commands
         )
 
@@ -195,11 +202,13 @@ def test_chart_defaults_name_the_images_make_builds() -> None:
     values = yaml.safe_load((REPO / "deploy/helm/mnist-pipeline/values.yaml").read_text())
     chart = yaml.safe_load((REPO / "deploy/helm/mnist-pipeline/Chart.yaml").read_text())
     makefile = (REPO / "Makefile").read_text()
-    registry = re.search(r"^REGISTRY \?= (\S+)", makefile, re.M)
+    # make images REGISTRY=R builds R/mnist-pipeline/<name>, what images.registry=R names.
+    assert re.search(r"^REGISTRY \?=$", makefile, re.M)
+    assert re.search(r"^IMAGE_PREFIX := .*mnist-pipeline$", makefile, re.M)
     tag = re.search(r"^TAG\s+\?= (\S+)", makefile, re.M)
-    assert registry and tag
+    assert tag
     for name in DOCKERFILES:
-        assert values["images"][name]["repository"] == f"{registry[1]}/{name}"
+        assert values["images"][name]["repository"] == f"mnist-pipeline/{name}"
         assert values["images"][name]["tag"] == tag[1] == chart["appVersion"]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]

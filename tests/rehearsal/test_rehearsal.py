@@ -159,8 +159,8 @@ class Rehearsal:
             for a in args:
                 flag, _, value = a.partition("=")
                 if flag.endswith("-port"):
-                    value = str(self.local_port[int(value)])
-                remapped.append(f"{flag}={value}")
+                    a = f"{flag}={self.local_port[int(value)]}"
+                remapped.append(a)
             args = remapped
         return {**container, "args": args}, env
 
@@ -170,11 +170,12 @@ class Rehearsal:
         """The host process that stands for the container."""
         container, declared = self.resolve(container, pod)
         env = {**self.env, **declared}
-        command, args = container["command"], container["args"]
-        if command == ["tritonserver"]:
-            # The real tritonserver, as rendered; the image has the backend built in.
+        command, args = container.get("command"), container["args"]
+        if command is None and args[0] == "tritonserver":
+            # No command: the image's entrypoint runs the args; for Triton's images, that is
+            # the real tritonserver, as rendered, with the backend built in.
             backends = check_backend(DEFAULT_BACKEND_DIR)
-            return [str(locate_tritonserver()), *args, f"--backend-directory={backends}"], env
+            return [str(locate_tritonserver()), *args[1:], f"--backend-directory={backends}"], env
         if command == ["torchrun"]:  # the console script of this module
             return [sys.executable, "-m", "torch.distributed.run", *args], env
         assert command == ["mnist-pipeline"], command

@@ -11,11 +11,25 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "mnist-pipeline"
 KUBE_VERSION = "1.30.0"
+# The tests run the images `make images` builds and loads, as on kind: the chart refuses
+# those registry-less names unless told (its default, for real clusters, is to refuse).
+LOCAL_IMAGES: dict[str, Any] = {"images": {"localNames": True}}
+
+
+def with_local_images(values: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` over LOCAL_IMAGES: what the tests render unless they test the refusal."""
+    merged = {**LOCAL_IMAGES, **(values or {})}
+    merged["images"] = {**LOCAL_IMAGES["images"], **(values or {}).get("images", {})}
+    return merged
 
 
 def lint(values: dict[str, Any] | None = None, namespace: str = "ml") -> dict[str, Any]:
     return helm_python.lint(
-        str(CHART), values or {}, strict=True, kube_version=f"v{KUBE_VERSION}", namespace=namespace
+        str(CHART),
+        with_local_images(values),
+        strict=True,
+        kube_version=f"v{KUBE_VERSION}",
+        namespace=namespace,
     )
 
 
@@ -24,7 +38,7 @@ def install_manifest(
 ) -> str:
     """What `helm install --dry-run=client` would apply, in Helm's install order."""
     with helm_python.Config(storage_driver="memory", namespace=namespace) as config:
-        rendered = config.install(str(CHART), release, values or {}, dry_run="client")
+        rendered = config.install(str(CHART), release, with_local_images(values), dry_run="client")
     return str(rendered["manifest"])
 
 
@@ -33,11 +47,12 @@ def render(
     release: str = "demo",
     namespace: str = "ml",
     revision: int = 1,
+    local_images: bool = True,
 ) -> tuple[list[dict[str, Any]], str]:
     """Every object the chart renders, hooks (helm test) included, and the NOTES."""
     with helm_python.Chart.load(str(CHART)) as chart:
         files = chart.render(
-            values or {},
+            with_local_images(values) if local_images else values or {},
             name=release,
             namespace=namespace,
             revision=revision,

@@ -1,11 +1,26 @@
 {{/* Pod and container settings every workload shares. */}}
 
+{{/* An image reference: pass (dict "ctx" $ "name" "pipeline"|"client"|"triton").
+images.registry goes before a repository that names no registry host of its own. */}}
 {{- define "mnist-pipeline.image" -}}
-{{- if .digest }}
-{{- printf "%s@%s" .repository .digest }}
-{{- else }}
-{{- printf "%s:%s" .repository .tag }}
+{{- $images := .ctx.Values.images }}
+{{- $image := get $images .name }}
+{{- $repository := $image.repository }}
+{{- if and $images.registry (not (include "mnist-pipeline.namesRegistry" $repository)) }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $images.registry) $repository }}
 {{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository $image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when a repository's first component is a registry host, as container runtimes
+tell it: it has a dot or a port, or is localhost. Anything else is pulled from Docker Hub. */}}
+{{- define "mnist-pipeline.namesRegistry" -}}
+{{- $first := regexFind "^[^/]+" . }}
+{{- if and (contains "/" .) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}true{{ end }}
 {{- end }}
 
 {{/*

@@ -44,7 +44,7 @@ alone: Triton's pin-version initContainer writes them into the config it serves.
   "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm")
   "export" (pick .Values.export "precision" "extraEnv")
   "model" .Values.model.name
-  "pipelineImage" (include "mnist-pipeline.image" .Values.images.pipeline)) }}
+  "pipelineImage" (include "mnist-pipeline.image" (dict "ctx" . "name" "pipeline"))) }}
 {{- end }}
 
 {{/* Run id: <install token or run.id>-<hash of the run's inputs>; at most 64 characters

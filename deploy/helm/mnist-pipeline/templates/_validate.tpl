@@ -72,7 +72,7 @@ its message, check-train before any rank starts.
 {{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
 {{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}
-{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION")) }}
+{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION")) "triton" (list (dict "name" "HOME")) }}
 {{- range $component := list "training" "export" "triton" "client" }}
 {{- $set := list }}
 {{- range (get $chartEnv $component | default list) }}{{ $set = append $set .name }}{{ end }}
@@ -86,7 +86,22 @@ its message, check-train before any rank starts.
 {{- $extra = append $extra .name }}
 {{- end }}
 {{- end }}
-{{- range $image, $v := .Values.images }}
+{{- $images := .Values.images }}
+{{- $dockerHub := list }}
+{{- range $image := list "pipeline" "client" "triton" }}
+{{- $v := get $images $image }}
+{{- if not (or $images.registry $images.localNames (include "mnist-pipeline.namesRegistry" $v.repository)) }}
+{{- $dockerHub = append $dockerHub (printf "images.%s.repository %q" $image $v.repository) }}
+{{- end }}
+{{- end }}
+{{- with $dockerHub }}
+{{- $errors = append $errors (printf "%s name(s) no registry, so every node would pull them from Docker Hub, where anyone may own that namespace: set images.registry to where `make push-images REGISTRY=...` pushed them (or name a registry host in each repository); only where the images are loaded into the nodes (kind load docker-image, minikube image load), set images.localNames=true" (join ", " .)) }}
+{{- end }}
+{{- if and (gt (int64 .Values.triton.gpus) 0) (not $images.triton.cuda) }}
+{{- $errors = append $errors "triton.gpus > 0, but images.triton is the project's CPU-only Triton: set images.triton.repository nvcr.io/nvidia/tritonserver, images.triton.tag 24.10-py3 and images.triton.cuda=true (docs/KUBERNETES.md, GPUs)" }}
+{{- end }}
+{{- range $image := list "pipeline" "client" "triton" }}
+{{- $v := get $images $image }}
 {{- if and (eq (toString $v.tag) "latest") (not $v.digest) }}
 {{- $errors = append $errors (printf "images.%s.tag is \"latest\", a tag that moves: nodes that pulled it at different times would run different code, and IfNotPresent never updates it; set a version tag or images.%s.digest" $image $image) }}
 {{- end }}

@@ -1,6 +1,6 @@
 {{/* The wait initContainers that run the stages in order. */}}
 
-{{/* A wait initContainer: pass (dict "ctx" $ "image" $.Values.images.pipeline "target"
+{{/* A wait initContainer: pass (dict "ctx" $ "image" "pipeline" "target"
 "training" "job" <job name> "args" <extra args>); "objectStorage" true: it reads the
 object-storage repository, without the volume. With an object-storage repository every wait
 after the export gets its env, so it reads the export's record from the bucket. "timeout"
@@ -8,8 +8,8 @@ replaces waits.timeoutSeconds; "noToken" true: a pod without the API token (helm
 {{- define "mnist-pipeline.waitContainer" -}}
 {{- $ctx := .ctx }}
 - name: wait-for-{{ .target }}
-  image: {{ include "mnist-pipeline.image" .image | quote }}
-  imagePullPolicy: {{ .image.pullPolicy }}
+  image: {{ include "mnist-pipeline.image" (dict "ctx" .ctx "name" .image) | quote }}
+  imagePullPolicy: {{ (get $ctx.Values.images .image).pullPolicy }}
   command: ["mnist-pipeline"]
   args:
     - wait
