@@ -75,4 +75,3 @@ def test_triton_keeps_the_images_entrypoint_and_a_writable_home() -> None:
     assert {"name": "HOME", "value": "/tmp"} in triton["env"]
     assert {"name": "tmp", "mountPath": "/tmp"} in triton["volumeMounts"]
     assert "HOME" in refusal({"triton": {"extraEnv": [{"name": "HOME", "value": "/"}]}})
-

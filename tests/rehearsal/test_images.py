@@ -193,8 +193,7 @@ def test_make_images_builds_all_three_with_registry_and_tag() -> None:
     for name in DOCKERFILES:
         assert (
             f"docker build -f docker/{name}.Dockerfile "
-            f"-t registry.example/ml/mnist-pipeline/{name}:9.9.9 ."
-            in commands
+            f"-t registry.example/ml/mnist-pipeline/{name}:9.9.9 ." in commands
         )
 
 
