@@ -114,6 +114,7 @@ def test_pipeline_to_triton_to_client_in_the_images(
             *RESTRICTED,
             f"--mount=type=bind,source={storage},target=/storage,readonly",
             image("triton"),
+            "tritonserver",  # no entrypoint, as NVIDIA's image: the command is the args
             "--model-repository=/storage/models",
             "--model-control-mode=none",
             f"--http-port={http}",
