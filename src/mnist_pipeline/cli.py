@@ -534,6 +534,10 @@ def wait() -> None:
 def waiting(what: str, o: dict[str, Any]) -> Any:
     from mnist_pipeline import waits
 
+    # A deleted or drained pod's wait exits 143 at once, never 1 (its Job's podFailurePolicy
+    # fails the Job on 1 and retries 143). As a container's PID 1 it would otherwise ignore
+    # SIGTERM until the kubelet's SIGKILL (137), a grace period later.
+    unwind_on_sigterm()
     return waits.make_wait(
         what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"], o["visibility_grace"]
     )

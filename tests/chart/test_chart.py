@@ -29,6 +29,7 @@ from support.chart import (
     render,
     workloads,
 )
+from support.failure_policy import action, failed_pod
 
 DIGEST = "sha256:" + "ab" * 32
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -312,10 +313,18 @@ def test_each_wait_targets_this_revisions_run_and_the_right_job(
     target = f"dns:///{headless['metadata']['name']}.ml.svc.cluster.local:{grpc['port']}"
     assert infer["args"][0] == "infer" and arg(infer, "url") == target
 
+    # helm test waits as the client does, within its own bound (under helm test's 5 min).
+    (test_wait,) = pod_spec(find(default, "Pod", "test"))["initContainers"]
+    assert test_wait["args"][:2] == ["wait", "serving"]
+    for name in ("run-id", "http-url", "model-version", "model-name"):
+        assert arg(test_wait, name) == arg(wait, name), name
     for obj in workloads(default):
+        bound = "--wait-timeout=240" if obj["kind"] == "Pod" else "--wait-timeout=21600"
         for c in containers(pod_spec(obj)):
             timeouts = [a for a in c["args"] if a.startswith("--wait-timeout=")]
-            assert not c["name"].startswith("wait-") or timeouts == ["--wait-timeout=21600"]
+            assert not c["name"].startswith("wait-") or timeouts == [bound]
+    serve_only = render({"serveOnly": True, "triton": {"servedVersion": 3}})[0]
+    assert "initContainers" not in pod_spec(find(serve_only, "Pod", "test"))  # no run to wait on
 
 
 def test_run_ids_follow_the_install_and_the_training_settings(
@@ -402,9 +411,10 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"]["drop"] == ["ALL"]
             assert sc["runAsNonRoot"] is True
-            # The API token goes to the waits only.
+            # The API token goes to the waits only (not helm test's: its pod has none).
             has_token = any(m["name"] == "api-token" for m in c["volumeMounts"])
-            assert has_token == c["name"].startswith("wait-"), c["name"]
+            wait = c["name"].startswith("wait-") and obj["kind"] != "Pod"
+            assert has_token == wait, c["name"]
     triton = pod_spec(find(default, "Deployment", "triton"))["containers"][0]
     # The image's entrypoint (NVIDIA's sets up CUDA compatibility) runs tritonserver.
     assert "command" not in triton and triton["args"][0] == "tritonserver"
@@ -493,7 +503,8 @@ def test_rbac_is_least_privilege_and_off_the_default_account(
             for c in readers[stage]
         ]
     for obj in workloads(default):
-        uses_api = any(c["name"].startswith("wait-") for c in containers(pod_spec(obj)))
+        mounts = [m for c in containers(pod_spec(obj)) for m in c["volumeMounts"]]
+        uses_api = any(m["name"] == "api-token" for m in mounts)
         bound = pod_spec(obj).get("serviceAccountName") in accounts.values() and (
             pod_spec(obj)["serviceAccountName"] != accounts["training"]
         )
@@ -591,3 +602,31 @@ def test_the_packaged_chart_renders_the_same_objects(tmp_path: Path) -> None:
         if doc
     )
     assert kinds == sorted(o["kind"] for o in render()[0])
+
+
+@pytest.mark.parametrize("scenario", ["default", "object-storage"])
+def test_a_killed_pod_is_retried_and_only_a_failed_stage_fails_its_job(scenario: str) -> None:
+    """A pod deleted, drained or OOM-killed exits 143 or 137, in a wait as in the stage: that
+    is retried (counted against backoffLimit), or ignored when the pod carries DisruptionTarget.
+    Exit 1 (the stage, or what the wait waits for, failed) and 2 (bad input) of the waits and
+    the export fail the Job at once; the client's 1 (Triton unreachable) is retried."""
+    objects, _ = render(SCENARIOS[scenario])
+    for job in (o for o in objects if o["kind"] == "Job"):
+        spec = pod_spec(job)
+        for init in (True, False):
+            for c in spec["initContainers" if init else "containers"]:
+                for killed in (137, 143):
+                    pod = failed_pod(c["name"], killed, init=init)
+                    assert action(job, pod) == "Count", (job["metadata"]["name"], c["name"])
+                    evicted = failed_pod(c["name"], killed, init, ["DisruptionTarget"])
+                    assert action(job, evicted) == "Ignore", c["name"]
+    fails = {"export": ["wait-for-training", "export"], "client": ["wait-for-serving"]}
+    for component, names in fails.items():
+        job = find(objects, "Job", component)
+        for name in names:
+            init = name.startswith("wait-")
+            for failed in (1, 2):
+                assert action(job, failed_pod(name, failed, init=init)) == "FailJob", name
+    client = find(objects, "Job", "client")
+    assert action(client, failed_pod("client", 1, init=False)) == "Count"
+    assert action(client, failed_pod("client", 2, init=False)) == "FailJob"

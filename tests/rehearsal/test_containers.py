@@ -10,11 +10,16 @@ the exported repository through its onnxruntime backend, READY, and the client i
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
+from test_rehearsal import VALUES, Rehearsal, job_pods, wait_exit
 
+from support.chart import find, render
 from support.engine import Container, Engine, image
+from support.failure_policy import action, failed_pod
 from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
@@ -109,6 +114,7 @@ def test_pipeline_to_triton_to_client_in_the_images(
             *RESTRICTED,
             f"--mount=type=bind,source={storage},target=/storage,readonly",
             image("triton"),
+            "tritonserver",  # no entrypoint, as NVIDIA's image: the command is the args
             "--model-repository=/storage/models",
             "--model-control-mode=none",
             f"--http-port={http}",
@@ -151,3 +157,54 @@ def test_pipeline_to_triton_to_client_in_the_images(
     (result,) = (storage / "inference").iterdir()
     latency = json.loads((result / "latency.json").read_text())
     assert latency["count"] == 20 and latency["model_version_served"] == "1", answered
+
+
+# The wait of each Job, and the artifact whose failure it reports (exit 1).
+WAITED = {"export": "metrics.json", "client": "export.json"}
+
+
+@pytest.mark.parametrize("stage", WAITED)
+def test_a_waiting_pod_deleted_or_oom_killed_is_retried_a_failed_stage_fails_the_job(
+    container_engine: Engine, tmp_path: Path, stage: str
+) -> None:
+    """The Job's wait, in its image with the rendered command line and limits, stopped while
+    it waits as the kubelet stops a deleted or drained pod (SIGTERM, then SIGKILL after the
+    grace period) and SIGKILLed as the OOM killer does: the exit codes it returns fall to no
+    FailJob rule of the rendered Job (retried). Before, the wait ignored SIGTERM as PID 1
+    (137 after the grace period) and `NotIn [0]` failed the Job on any code. What it waits
+    for having failed, it exits 1: that fails the Job at once."""
+    objects, _ = render(VALUES, release="rehearsal", namespace="ml")
+    job = find(objects, "Job", stage)
+    (pod,) = job_pods(job)
+    wait = pod["spec"]["initContainers"][0]
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects, container_engine)
+    run_id = job["metadata"]["annotations"]["mnist-pipeline/run-id"]
+    for how in ("stop", "oom"):
+        waiting = r.start(wait, pod, f"wait-{how}")
+        assert isinstance(waiting, Container)
+        log = r.logs / f"wait-{how}.log"
+        deadline = time.monotonic() + 60
+        while "waiting for" not in log.read_text() and waiting.poll() is None:
+            assert time.monotonic() < deadline, r.log(f"wait-{how}")
+            time.sleep(0.2)
+        limits = json.loads(
+            container_engine.docker("inspect", "-f", "{{json .HostConfig}}", waiting.name).stdout
+        )
+        # As on a node: the memory limit holds memory and swap together (no swap).
+        assert limits["Memory"] == limits["MemorySwap"] == 128 * 2**20, limits
+        if how == "stop":
+            started = time.monotonic()
+            code = waiting.stop(grace=30)
+            assert time.monotonic() - started < 20, "the wait ignored SIGTERM until SIGKILL"
+        else:
+            waiting.send_signal(signal.SIGKILL)
+            code = wait_exit(waiting, 30)
+        assert code == {"stop": 143, "oom": 137}[how], r.log(f"wait-{how}")
+        assert action(job, failed_pod(wait["name"], code)) == "Count", code
+    record = r.storage / "checkpoints" / run_id / WAITED[stage]
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"status": "failed", "error": "a test", "reason": "a test"}))
+    record.chmod(0o644)
+    code = r.start(wait, pod, "wait-failed").wait(60)
+    assert code == 1, r.log("wait-failed")
+    assert action(job, failed_pod(wait["name"], code)) == "FailJob"

@@ -1,24 +1,33 @@
 """Rehearse the chart: its own command lines drive the whole pipeline, in two ways.
 
-Each container's command, args and env are taken from the rendered manifests, the Service
-address is rewritten to local ports, and they run in the chart's order, either
+Each container's command, args and env are taken from the rendered manifests and they run
+in the chart's order, either
 
 - as host processes (`host`): /storage is rewritten to a temporary folder; the
   tritonserver container runs the real `tritonserver` 2.51 (from the nvidia-pytriton
-  wheel) with `--backend-directory` pointing at the locally built onnxruntime backend; or
+  wheel) with `--backend-directory` pointing at the locally built onnxruntime backend. The
+  pods that talk to each other (Triton's, the client's, helm test's) each get a network
+  namespace and address of their own and the kubelet's resolv.conf; a real dnsmasq
+  resolves the Services' names to them (pod_network). Triton listens on its rendered
+  ports, and the probes, the waits and the client reach it by address and name as on a
+  cluster; or
 - in the built images (`container`, a real dockerd: support/engine.py), as the kubelet
   would run them: the rendered image, command (else the image's entrypoint), args, env,
   user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
-  escalation, CPU and memory limits, the claim as one folder mounted where the pod mounts
-  it (writable to fsGroup), each pod's emptyDirs its own. Containers share the host's
-  network (never a bridge): every address is 127.0.0.1. A wrong user, entrypoint, missing
-  writable path or missing file in an image fails it. What only a cluster gives is left
-  out: the service account token (the waits then read storage alone), scheduling,
-  volume drivers, admission.
+  escalation, CPU and memory limits (no swap: past its limit a container is OOM-killed, as
+  on a node), the claim as one folder mounted where the pod mounts it (writable to fsGroup),
+  each pod's emptyDirs its own. Containers share the host's network (never a bridge): the
+  Services' addresses are rewritten to Triton's local ports on 127.0.0.1. A wrong user,
+  entrypoint, missing writable path or missing file in an image fails it.
 
-A flag tritonserver rejects fails the rehearsal. The waits (initContainers) are
-started FIRST, before what they wait for, and must hold until their stage is done, then
-let it through.
+What only a cluster gives is left out: the service account token (the waits then read
+storage alone), scheduling, volume drivers, admission, kube-proxy (a Service's port must
+be its pod's).
+
+A flag tritonserver rejects fails the rehearsal. The waits (initContainers), helm test's
+included, are started FIRST, before what they wait for, and must hold until their stage is
+done, then let it through. Triton's startup, liveness and readiness probes are requested as
+rendered (path, named port) and must answer 200, readiness once the model is ready.
 
 With `training.workers: 2` the train Job is Indexed: both worker pods run at once, with
 what Kubernetes gives them (JOB_COMPLETION_INDEX, the job-name label, `$(VAR)` expanded in
@@ -35,19 +44,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
-from support.chart import REPO, containers, find, pod_spec, render
+from support.chart import REPO, arg, containers, find, pod_spec, render
 from support.engine import Container, Engine, cpus, memory
 from support.objectstore import LocalRadosgw
+from support.replicas import Network, require_tools
 from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
@@ -66,7 +81,7 @@ VALUES: dict[str, Any] = {
         "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3072"}],
     },
     "client": {"requests": 20, "concurrency": 2},
-    "tests": {"requests": 5, "minAccuracy": 0.5},
+    "tests": {"requests": 5, "minAccuracy": 0.5, "waitTimeoutSeconds": 600},
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
     # A valid tritonserver flag that no wrapper knows: it must reach the server untouched.
     "triton": {"extraArgs": ["--pinned-memory-pool-byte-size=0"]},
@@ -81,6 +96,25 @@ def engine(request: pytest.FixtureRequest) -> Engine | None:
     return request.getfixturevalue("container_engine")
 
 
+@pytest.fixture
+def pod_network() -> Iterator[Network | None]:
+    """The pods that talk to each other (Triton's, the client's, helm test's) each in a
+    network namespace of its own, the Services' names resolved to them by a real dnsmasq on
+    the bridge (port 53, as resolv.conf requires): a wrong port, a loopback-only bind or a
+    wrong name fails as on a cluster. Where the machine cannot (not root, no iproute2 or
+    dnsmasq) all share its loopback, except in CI, where that fails."""
+    try:
+        require_tools()
+    except (PermissionError, FileNotFoundError) as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the rehearsal's pod network must run in CI: {error}")
+        yield None
+        return
+    subnet = f"10.79.{random.randrange(1, 250)}"
+    with Network("mpr", subnet, dns_address="gateway", dns_port=53) as network:
+        yield network
+
+
 class Rehearsal:
     def __init__(
         self,
@@ -89,6 +123,7 @@ class Rehearsal:
         objects: list[dict[str, Any]],
         engine: Engine | None,
         secrets: dict[str, dict[str, str]] | None = None,
+        network: Network | None = None,
     ) -> None:
         self.storage = storage
         self.secrets = secrets or {}
@@ -98,7 +133,27 @@ class Rehearsal:
         self.empty_dirs: dict[tuple[int, str], Path] = {}
         self.tmp = logs / "tmp"
         self.tmp.mkdir()
+        self.objects = objects
+        assert network is None or engine is None, "pods in namespaces run as host processes"
+        self.network = network
+        self.pod_netns: dict[int, tuple[str, str]] = {}  # id(pod) → (namespace, address)
         triton = pod_spec(find(objects, "Deployment", "triton"))["containers"][0]
+        self.addresses: dict[str, str] = {}
+        if network is not None:
+            # Placed pods have ports and names of their own (place()): nothing to rewrite.
+            self.local_port = {p["containerPort"]: p["containerPort"] for p in triton["ports"]}
+        else:
+            self._local_services(objects, triton)
+        # Every pod name the cluster DNS would resolve (a multi-worker Job's): this machine.
+        self.addresses |= dict.fromkeys(dns_names(objects), "127.0.0.1")
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(logs),
+            "PYTHONPATH": str(REPO / "src"),
+        }
+
+    def _local_services(self, objects: list[dict[str, Any]], triton: dict[str, Any]) -> None:
+        """Triton on free local ports, and the Services' addresses rewritten to them."""
         service = find(objects, "Service", "triton")
         local = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
         self.local_port = {p["containerPort"]: local[p["name"]] for p in triton["ports"]}
@@ -118,13 +173,45 @@ class Rehearsal:
             )
             for p in headless["spec"]["ports"]
         }
-        # Every pod name the cluster DNS would resolve (a multi-worker Job's): this machine.
-        self.addresses |= dict.fromkeys(dns_names(objects), "127.0.0.1")
-        self.env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(logs),
-            "PYTHONPATH": str(REPO / "src"),
-        }
+
+    def place(self, pod: dict[str, Any]) -> str:
+        """Give `pod` a network namespace and address of its own, with the kubelet's
+        resolv.conf, and to every Service selecting it the cluster DNS name
+        <service>.<namespace>.svc.cluster.local, resolving to it; its address. A ClusterIP
+        Service stands for its pod here (no kube-proxy): its ports must be the pod's."""
+        assert self.network is not None
+        namespace = next(o["metadata"]["namespace"] for o in self.objects if o["kind"] == "Job")
+        search = [f"{namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+        netns, address = self.network.add_namespace(search)
+        self.pod_netns[id(pod)] = (netns, address)
+        labels = pod["metadata"]["labels"].items()
+        names = []
+        for service in (o for o in self.objects if o["kind"] == "Service"):
+            if not service["spec"].get("selector", {}).items() <= labels:
+                continue
+            meta = service["metadata"]
+            names.append(f"{meta['name']}.{meta['namespace']}.svc.cluster.local")
+            for port in service["spec"]["ports"]:
+                number = self.container_port(pod, port.get("targetPort", port["port"]))
+                assert port["port"] == number, f"{meta['name']}: port {port} needs kube-proxy"
+        if names:
+            self.network.add_name(address, *names, only=True)
+        return address
+
+    def container_port(self, pod: dict[str, Any], port: int | str) -> int:
+        """A port by number, or by name through the pod's containers' ports."""
+        if isinstance(port, int):
+            return port
+        named = {p["name"]: p["containerPort"] for c in containers(pod["spec"])
+                 for p in c.get("ports", [])}  # fmt: skip
+        return named[port]
+
+    def reach(self, pod: dict[str, Any], port: int | str) -> str:
+        """host:port where the kubelet (this machine's namespace) reaches `port` of `pod`."""
+        number = self.container_port(pod, port)
+        if id(pod) in self.pod_netns:
+            return f"{self.pod_netns[id(pod)][1]}:{number}"
+        return f"127.0.0.1:{self.local_port[number]}"
 
     def rewrite(self, value: str) -> str:
         for address, here in self.addresses.items():
@@ -151,7 +238,7 @@ class Rehearsal:
         declared = container_env(container, pod, self.secrets)
         env = {name: self.rewrite(value) for name, value in declared.items()}
         args = [self.rewrite(expand(a, declared)) for a in container.get("args", [])]
-        if container["name"] == "tritonserver":
+        if container["name"] == "tritonserver" and id(pod) not in self.pod_netns:
             remapped = []
             for a in args:
                 flag, _, value = a.partition("=")
@@ -212,7 +299,7 @@ class Rehearsal:
         if "cpu" in limits:
             options.append(f"--cpus={cpus(str(limits['cpu']))}")
         if "memory" in limits:
-            options.append(f"--memory={memory(str(limits['memory']))}")
+            options += memory(str(limits["memory"]))
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
@@ -260,6 +347,8 @@ class Rehearsal:
             name = f"rehearsal-{self.logs.parent.name}-{self.logs.name}-{tag}"
             return Container(self.engine, name, self.run_args(container, pod), log)
         argv, env = self.argv_env(container, pod)
+        if id(pod) in self.pod_netns:  # `ip netns exec` execs it: same process
+            argv = ["ip", "netns", "exec", self.pod_netns[id(pod)][0], *argv]
         with open(log, "wb") as out:
             return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -388,6 +477,58 @@ def expand(value: str, env: dict[str, str]) -> str:
     )
 
 
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
+def probe_urls(r: Rehearsal, container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
+    """Each probe's httpGet as the kubelet requests it: a named port is the container's port
+    of that name, on the pod's address (else the local port Triton listens on for it)."""
+    urls = {}
+    for probe in PROBES:
+        get = container[probe]["httpGet"]
+        scheme = get.get("scheme", "HTTP").lower()
+        urls[probe] = f"{scheme}://{r.reach(pod, get['port'])}{get['path']}"
+    return urls
+
+
+def http_status(url: str, timeout: float) -> int | None:
+    """The status the kubelet would see: an answer's, or None (refused, timed out)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def check_probes(
+    r: Rehearsal, container: dict[str, Any], pod: dict[str, Any], server: Running, model: str
+) -> None:
+    """The rendered probes against the rehearsed Triton, in the kubelet's order: the startup
+    probe answers 200 within its budget (else the kubelet restarts the container), then the
+    liveness probe; the readiness probe answers 200 only once `model` (<name>/versions/<v>)
+    is loaded and ready."""
+    urls = probe_urls(r, container, pod)
+    startup = container["startupProbe"]
+    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * (
+        startup.get("failureThreshold", 3)
+    )
+    deadline = time.monotonic() + budget
+    while http_status(urls["startupProbe"], startup.get("timeoutSeconds", 1)) != 200:
+        assert server.poll() is None, r.log("tritonserver")
+        assert time.monotonic() < deadline, f"startup probe {urls['startupProbe']}: no 200"
+        time.sleep(0.2)
+    live = container["livenessProbe"].get("timeoutSeconds", 1)
+    assert http_status(urls["livenessProbe"], live) == 200, urls["livenessProbe"]
+    readiness = container["readinessProbe"]
+    model_ready = f"http://{r.reach(pod, 'http')}/v2/models/{model}/ready"
+    while http_status(urls["readinessProbe"], readiness.get("timeoutSeconds", 1)) != 200:
+        assert server.poll() is None and time.monotonic() < deadline, r.log("tritonserver")
+        time.sleep(0.2)
+    assert http_status(model_ready, 5) == 200, f"ready before {model_ready} was"
+
+
 def wait_exit(process: Running, timeout: float) -> int | None:
     try:
         return process.wait(timeout)
@@ -416,16 +557,22 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
     run_id = find(objects, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
     inference = r.storage / "inference"
     results_before = set(inference.iterdir()) if inference.is_dir() else set()
+    if r.network is not None:  # the pods that talk to each other, each on its own address
+        for pod in (triton_pod, client_pod, helm_test):
+            r.place(pod)
 
     # Every wait starts now, before anything it waits for exists (whatever an earlier
     # revision left on the volume).
     (wait_training,) = export["initContainers"]
     wait_export, pin = triton["initContainers"]
     wait_serving, prune = client["initContainers"]
+    # `helm test` run before export finishes: its pod waits as the client's does.
+    (test_wait,) = helm_test["spec"]["initContainers"]
     waits = {
         "wait-for-training": r.start(wait_training, export_pod, "wait-for-training"),
         "wait-for-export": r.start(wait_export, triton_pod, "wait-for-export"),
         "wait-for-serving": r.start(wait_serving, client_pod, "wait-for-serving"),
+        "helm-test-wait": r.start(test_wait, helm_test, "helm-test-wait"),
     }
     server = None
     try:
@@ -447,10 +594,13 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         outcome = read(r.storage / "checkpoints" / run_id / "export.json")
         assert wait_exit(waits["wait-for-export"], 30) == 0, r.log("wait-for-export")
         assert waits["wait-for-serving"].poll() is None, "the client's wait let it start early"
+        assert waits["helm-test-wait"].poll() is None, "helm test's wait let it start early"
 
         r.run(pin, triton_pod, "pin-version")  # the repository Triton serves, into its emptyDir
         (tritonserver,) = triton["containers"]
         server = r.start(tritonserver, triton_pod, "tritonserver")
+        model = f"{arg(pin, 'model-name')}/versions/{outcome['version']}"
+        check_probes(r, tritonserver, triton_pod, server, model)
         assert wait_exit(waits["wait-for-serving"], 240) == 0, r.log("wait-for-serving")
 
         r.run(prune, client_pod, "prune")  # retention, before the client's results arrive
@@ -465,6 +615,7 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         # `helm test`: the hook Pod's command line against the same Service. It checks the
         # served version and the accuracy floor, and writes nothing to the volume.
         (test_container,) = helm_test["spec"]["containers"]
+        assert wait_exit(waits["helm-test-wait"], 60) == 0, r.log("helm-test-wait")
         r.run(test_container, helm_test, "helm-test")
         (tested,) = (r.pod_tmp(helm_test) / "helm-test").iterdir()
         assert read(tested / "latency.json")["model_version_served"] == str(outcome["version"])
@@ -489,11 +640,13 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_install_then_upgrade_run_from_the_charts_command_lines(
-    tmp_path: Path, engine: Engine | None
+    tmp_path: Path, engine: Engine | None, request: pytest.FixtureRequest
 ) -> None:
+    """As host processes the talking pods have their own addresses and DNS (pod_network)."""
+    network = request.getfixturevalue("pod_network") if engine is None else None
     storage = tmp_path / "storage"
     install, _ = render(VALUES, release="rehearsal", namespace="ml")
-    first = rehearse(Rehearsal(storage, tmp_path / "r1", install, engine), install)
+    first = rehearse(Rehearsal(storage, tmp_path / "r1", install, engine, network=network), install)
     assert first["status"] == "published" and first["version"] == 1, first
 
     # helm upgrade with more training data: a new run, trained, exported as version 2 since
@@ -506,7 +659,8 @@ def test_install_then_upgrade_run_from_the_charts_command_lines(
         },
     }
     upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
-    second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade, engine), upgrade)
+    r2 = Rehearsal(storage, tmp_path / "r2", upgrade, engine, network=network)
+    second = rehearse(r2, upgrade)
     assert second["status"] == "published" and second["version"] == 2, second
     assert sorted(p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()) == sorted(
         find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
@@ -621,6 +775,52 @@ def test_a_new_run_waits_for_its_own_artifacts_not_the_first(tmp_path: Path) -> 
     process = r.start(wait, export_pod, "wait")
     assert process.wait(60) == 1
     assert "gave up after 2 s" in (r.logs / "wait.log").read_text()
+
+
+def test_helm_test_before_export_waits_then_gives_up_in_one_line(tmp_path: Path) -> None:
+    """`helm test` right after an install: its pod waits for Triton to serve the run (rehearse
+    lets it through once served). Before, its client failed at once, the run not yet exported.
+    With nothing coming it gives up at tests.waitTimeoutSeconds: one line, exit 1."""
+    values = {**VALUES, "tests": {**VALUES["tests"], "waitTimeoutSeconds": 2}}
+    objects, _ = render(values, release="rehearsal", namespace="ml")
+    (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
+    (test_wait,) = helm_test["spec"]["initContainers"]
+    r = Rehearsal(tmp_path / "storage", tmp_path / "logs", objects, engine=None)
+    r.storage.mkdir()
+    assert r.start(test_wait, helm_test, "helm-test-wait").wait(60) == 1
+    log = (r.logs / "helm-test-wait.log").read_text()
+    assert "gave up after 2 s, still waiting for" in log and "Traceback" not in log, log
+    assert "metrics.json to appear" in log.splitlines()[-1], log
+
+
+def test_a_triton_bound_to_loopback_fails_the_kubelets_probes(
+    tmp_path: Path, pod_network: Network | None
+) -> None:
+    """In a namespace of its own, as on a cluster, Triton must listen on the pod's address:
+    bound to loopback alone (--http-address=127.0.0.1) it starts, and the kubelet's probes,
+    from outside the pod, get no answer; the chart's own arguments answer 200. (Sharing this
+    machine's loopback, the rehearsal passed both.) An empty repository: no model to load."""
+    assert pod_network is not None, "needs the pod network (root, iproute2, dnsmasq)"
+    for extra, expected in (([], 200), (["--http-address=127.0.0.1"], None)):
+        args = [*VALUES["triton"]["extraArgs"], *extra]
+        objects, _ = render({**VALUES, "triton": {"extraArgs": args}})
+        logs = tmp_path / f"logs-{len(extra)}"
+        r = Rehearsal(tmp_path / "storage", logs, objects, None, network=pod_network)
+        (logs / "pinned").mkdir()
+        pod = find(objects, "Deployment", "triton")["spec"]["template"]
+        r.place(pod)
+        (tritonserver,) = pod["spec"]["containers"]
+        server = r.start(tritonserver, pod, "tritonserver")
+        try:
+            deadline = time.monotonic() + 60
+            while "Started HTTPService at" not in (logs / "tritonserver.log").read_text():
+                assert server.poll() is None and time.monotonic() < deadline, r.log("tritonserver")
+                time.sleep(0.2)
+            for url in probe_urls(r, tritonserver, pod).values():
+                assert http_status(url, 1) == expected, (url, extra)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
 
 
 def test_a_flag_tritonserver_rejects_fails_the_rehearsal(

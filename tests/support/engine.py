@@ -258,11 +258,20 @@ class Container:
         self.send_signal(signal.SIGKILL)
         self.process.wait(60)
 
+    def stop(self, grace: int) -> int:
+        """As the kubelet stops a container (a pod deleted, drained): SIGTERM, then SIGKILL
+        after `grace` seconds; its exit code."""
+        self.engine.docker("stop", f"--time={grace}", self.name, check=False)
+        return self.process.wait(60)
 
-def memory(quantity: str) -> str:
-    """A Kubernetes memory quantity (4Gi, 512Mi) as docker's --memory (4g, 512m)."""
+
+def memory(quantity: str) -> list[str]:
+    """A Kubernetes memory limit (4Gi, 512Mi) as docker's options (4g, 512m). A node's
+    container never swaps (the kubelet refuses swap by default): past its limit it is
+    OOM-killed, so --memory-swap, memory and swap together, is the limit itself."""
     units = {"Ki": "k", "Mi": "m", "Gi": "g"}
-    return quantity[:-2] + units[quantity[-2:]] if quantity[-2:] in units else quantity
+    limit = quantity[:-2] + units[quantity[-2:]] if quantity[-2:] in units else quantity
+    return [f"--memory={limit}", f"--memory-swap={limit}"]
 
 
 def cpus(quantity: str) -> str:

@@ -3,7 +3,8 @@ network namespace with its own address (a veth pair to a bridge in the root name
 on the same ports, and a name with one A record per replica from a real dnsmasq on a free
 loopback port (a headless Service in miniature). Needs root (ip netns); tests and the
 replica benchmark share it. Everything is named <prefix>..., with a per-instance tag, and
-removed by close(), also after a failure.
+removed by close(), also after a failure. Network, the namespaces and the DNS, is the
+rehearsal's pod network too (test_rehearsal.py).
 """
 
 from __future__ import annotations
@@ -44,40 +45,32 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-class Replicas:
-    """with Replicas(repository, extra_args=[...]) as r: r.add(); r.add(); r.target ..."""
+class Network:
+    """A pod network and its DNS in miniature: a bridge in the root namespace with the
+    subnet's .1, network namespaces on it (a veth pair each, the next free address), and a
+    real dnsmasq answering the names given to add_name() from a hosts file, on
+    `dns_address` (one of this machine's, or the bridge's: "gateway") and `dns_port` (0: a
+    free one). Everything is named <prefix><tag>..., and removed by close(), also after a
+    failure. Use it as a context manager."""
 
     def __init__(
-        self,
-        repository: Path,
-        extra_args: Sequence[str] = (),
-        prefix: str = "sc",
-        cpus: Sequence[str] = (),
+        self, prefix: str, subnet: str, dns_address: str = "127.0.0.1", dns_port: int = 0
     ) -> None:
-        self.repository, self.extra_args = repository, list(extra_args)
-        self.cpus = list(cpus)  # taskset CPU list of replica i (cycled); none: unpinned
         self.tag = f"{prefix}{random.randrange(16**4):04x}"  # interface names: 15 chars
-        self.subnet = f"10.77.{random.randrange(1, 250)}"
+        self.subnet = subnet  # the first three octets: "10.77.5"
         self.bridge = f"{self.tag}br"
+        self.gateway = f"{subnet}.1"
+        self.dns_address = self.gateway if dns_address == "gateway" else dns_address
+        self.dns_port = dns_port
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.hosts = self.workdir / "hosts"
         self.namespaces: list[str] = []
-        self.servers: list[subprocess.Popen[bytes]] = []
         self.dns: subprocess.Popen[bytes] | None = None
-        self.dns_port = 0
 
-    @property
-    def target(self) -> str:
-        """The gRPC target of every replica: dns://<dnsmasq>/<name>:<port>."""
-        return f"dns://127.0.0.1:{self.dns_port}/{NAME}:{GRPC}"
-
-    def address(self, i: int) -> str:
-        return f"{self.subnet}.{11 + i}"
-
-    def __enter__(self) -> Replicas:
+    def __enter__(self) -> Network:
         try:
             ip("link", "add", self.bridge, "type", "bridge")
-            ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+            ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
             self.hosts.write_text("")
             self._start_dns()
@@ -95,11 +88,14 @@ class Replicas:
         self.close()
 
     def _start_dns(self) -> None:
-        (self.dns_port,) = free_ports(1)
+        if not self.dns_port:
+            (self.dns_port,) = free_ports(1)
         command = [
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-            "--no-hosts", f"--addn-hosts={self.hosts}", "--listen-address=127.0.0.1",
-            "--bind-interfaces", f"--port={self.dns_port}", "--user=root",
+            "--no-hosts", f"--addn-hosts={self.hosts}", f"--listen-address={self.dns_address}",
+            # Every name it does not hold does not exist (NXDOMAIN), so a resolver goes on to
+            # the next search domain instead of failing (REFUSED, with no upstream).
+            "--local=/#/", "--bind-interfaces", f"--port={self.dns_port}", "--user=root",
             f"--pid-file={self.workdir / 'dnsmasq.pid'}",
             f"--log-facility={self.workdir / 'dnsmasq.log'}",
         ]  # fmt: skip
@@ -107,8 +103,13 @@ class Replicas:
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
 
-    def add(self, ready_timeout: float = 120.0) -> int:
-        """Start one more replica and, once it is ready, add it to the name; its index."""
+    def address(self, i: int) -> str:
+        return f"{self.subnet}.{11 + i}"
+
+    def add_namespace(self, search: Sequence[str] = ()) -> tuple[str, str]:
+        """One more namespace on the bridge: its name and address. With `search` domains its
+        processes (`ip netns exec`) resolve through the dnsmasq as a kubelet's resolv.conf
+        makes a pod do (ndots:5); the dnsmasq must then be on port 53."""
         i = len(self.namespaces)
         ns, veth = f"{self.tag}-{i}", f"{self.tag}v{i}"
         self.namespaces.append(ns)
@@ -122,6 +123,77 @@ class Replicas:
             ("link", "set", "lo", "up"),
         ):
             ip("-n", ns, *args)
+        if search:
+            assert self.dns_port == 53, "resolv.conf names no port"
+            etc = Path("/etc/netns") / ns  # `ip netns exec` mounts it over /etc/resolv.conf
+            etc.mkdir(parents=True)
+            (etc / "resolv.conf").write_text(
+                f"nameserver {self.dns_address}\nsearch {' '.join(search)}\noptions ndots:5\n"
+            )
+        return ns, self.address(i)
+
+    def add_name(self, address: str, *names: str, only: bool = False) -> None:
+        """`names` resolve to `address` too (one more A record: a headless Service's next
+        pod), or, `only`, to it alone (a Service whose pod was replaced)."""
+        lines = self.hosts.read_text().splitlines()
+        if only:
+            lines = [line for line in lines if not set(line.split()[1:]) & set(names)]
+        self.hosts.write_text(
+            "".join(f"{line}\n" for line in [*lines, f"{address} {' '.join(names)}"])
+        )
+        assert self.dns is not None
+        self.dns.send_signal(signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
+
+    def close(self) -> None:
+        if self.dns is not None:
+            self.dns.kill()
+            self.dns.wait()
+        for ns in self.namespaces:  # its veth end goes with it, and so the pair
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Replicas:
+    """with Replicas(repository, extra_args=[...]) as r: r.add(); r.add(); r.target ..."""
+
+    def __init__(
+        self,
+        repository: Path,
+        extra_args: Sequence[str] = (),
+        prefix: str = "sc",
+        cpus: Sequence[str] = (),
+    ) -> None:
+        self.repository, self.extra_args = repository, list(extra_args)
+        self.cpus = list(cpus)  # taskset CPU list of replica i (cycled); none: unpinned
+        self.network = Network(prefix, f"10.77.{random.randrange(1, 250)}")
+        self.servers: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def target(self) -> str:
+        """The gRPC target of every replica: dns://<dnsmasq>/<name>:<port>."""
+        return f"dns://127.0.0.1:{self.network.dns_port}/{NAME}:{GRPC}"
+
+    def address(self, i: int) -> str:
+        return self.network.address(i)
+
+    def __enter__(self) -> Replicas:
+        self.network.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def add(self, ready_timeout: float = 120.0) -> int:
+        """Start one more replica and, once it is ready, add it to the name; its index."""
+        i = len(self.servers)
+        ns, address = self.network.add_namespace()
         pin = ["taskset", "-c", self.cpus[i % len(self.cpus)]] if self.cpus else []
         command = [
             "ip", "netns", "exec", ns, *pin, str(locate_tritonserver()),
@@ -131,7 +203,7 @@ class Replicas:
             f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
             *self.extra_args,
         ]  # fmt: skip
-        with open(self.workdir / f"triton-{i}.log", "wb") as log:
+        with open(self.network.workdir / f"triton-{i}.log", "wb") as log:
             # Its own session: close() kills it (ip and taskset exec it) by its group.
             server = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -139,17 +211,14 @@ class Replicas:
             )  # fmt: skip
         self.servers.append(server)
         self._wait_ready(i, ready_timeout)
-        with self.hosts.open("a") as hosts:
-            hosts.write(f"{self.address(i)} {NAME}\n")
-        assert self.dns is not None
-        self.dns.send_signal(signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
+        self.network.add_name(address, NAME)
         return i
 
     def _wait_ready(self, i: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self._get(i, "/v2/health/ready", ok_only=True) is None:
             if self.servers[i].poll() is not None or time.monotonic() > deadline:
-                log = (self.workdir / f"triton-{i}.log").read_text(errors="replace")
+                log = (self.network.workdir / f"triton-{i}.log").read_text(errors="replace")
                 raise AssertionError(f"replica {i} not ready:\n{log[-3000:]}")
             time.sleep(0.2)
 
@@ -180,10 +249,4 @@ class Replicas:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        if self.dns is not None:
-            self.dns.kill()
-            self.dns.wait()
-        for ns in self.namespaces:  # its veth end goes with it, and so the pair
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.network.close()

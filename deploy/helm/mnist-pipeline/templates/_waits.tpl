@@ -3,7 +3,8 @@
 {{/* A wait initContainer: pass (dict "ctx" $ "image" "pipeline" "target"
 "training" "job" <job name> "args" <extra args>); "objectStorage" true: it reads the
 object-storage repository, without the volume. With an object-storage repository every wait
-after the export gets its env, so it reads the export's record from the bucket. */}}
+after the export gets its env, so it reads the export's record from the bucket. "timeout"
+replaces waits.timeoutSeconds; "noToken" true: a pod without the API token (helm test's). */}}
 {{- define "mnist-pipeline.waitContainer" -}}
 {{- $ctx := .ctx }}
 - name: wait-for-{{ .target }}
@@ -19,7 +20,7 @@ after the export gets its env, so it reads the export's record from the bucket. 
     - --run-id={{ include "mnist-pipeline.runId" $ctx }}
     - --job={{ .job }}
     - --namespace={{ $ctx.Release.Namespace }}
-    - --wait-timeout={{ int64 $ctx.Values.waits.timeoutSeconds }}
+    - --wait-timeout={{ int64 (.timeout | default $ctx.Values.waits.timeoutSeconds) }}
     - --wait-interval={{ $ctx.Values.waits.intervalSeconds }}
     - --visibility-grace={{ $ctx.Values.waits.visibilitySeconds }}
     {{- range .args }}
@@ -35,7 +36,7 @@ after the export gets its env, so it reads the export's record from the bucket. 
     {{- toYaml $ctx.Values.waits.resources | nindent 4 }}
   volumeMounts:
     {{- include "mnist-pipeline.storageMounts" (dict "ctx" $ctx "readOnly" true "noClaim" .objectStorage) | nindent 4 }}
-    {{- if $ctx.Values.waits.kubernetesApi }}
+    {{- if and $ctx.Values.waits.kubernetesApi (not .noToken) }}
     - name: api-token
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount
       readOnly: true
