@@ -285,7 +285,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
-    distributed.launch(nproc_per_node, argv + command_line((*s.TRAIN, *s.RANK), values))
+    argv += command_line((*s.TRAIN, *s.RANK), values)
+    distributed.launch(nproc_per_node, argv, o["max_restarts"])
     run_dir = disk.run_dir(storage, run_id)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:

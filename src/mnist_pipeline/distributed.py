@@ -5,7 +5,10 @@ environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER
 Without WORLD_SIZE the process is a world of one and nothing here touches
 torch.distributed, so single-process training is exactly what it was.
 
-Every collective has a timeout: a rank that dies makes the others fail, never wait forever.
+Every collective has a timeout (--collective-timeout): a rank that dies makes the others
+fail, never wait forever. Such a failure is the attempt's, not the run's: the ranks record
+"retrying" when torchrun (--max-restarts) or the Kubernetes Job will start them again,
+each resuming from the last checkpoint (docs/DISTRIBUTED.md, "Lost workers").
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from torch import nn
 
 from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
 
-# Long enough for rank 0 to write a ~90 MB resume.pth to a slow volume while the others
-# wait in the next all-reduce; short enough that a lost rank ends the job in minutes.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# Set by launch() for its ranks: no one starts them again once torchrun's restarts are spent.
+LAST_LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHED_LOCALLY"
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,32 @@ def from_environment() -> World:
     return World(rank, size, local_rank, max(1, local_size))
 
 
-def start(world: World, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo between CPUs."""
+def start(world: World, device: torch.device, timeout: float = 300) -> None:
+    """Join the process group: NCCL between GPUs, gloo between CPUs. `timeout` (seconds)
+    bounds every collective: long enough for rank 0 to write a ~90 MB resume.pth to a slow
+    volume while the others wait in the next all-reduce, short enough that a lost rank
+    ends the attempt in minutes."""
     if world.distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank went away (died,
+    partitioned, timed out): gloo reports a closed or silent connection as a RuntimeError
+    from its sources, the c10d store as a DistError."""
+    if isinstance(e, dist.DistError):
+        return True
+    return type(e) is RuntimeError and "/gloo/" in str(e)
+
+
+def retried() -> bool:
+    """Whether a failed attempt of this rank will be started again: torchrun has restarts
+    left, or torchrun was started by something that retries it (the chart's Job); only
+    `train --nproc-per-node`, once its torchrun's restarts are spent, is the last word."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    limit = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return restarts < limit or LAST_LAUNCHER_ENV not in os.environ
 
 
 def stop(world: World) -> None:
@@ -113,22 +136,25 @@ def wrap(net: nn.Module, world: World, device: torch.device, sync_bn: bool) -> n
     return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
 
 
-def launch(nproc_per_node: int, argv: list[str]) -> None:
+def launch(nproc_per_node: int, argv: list[str], max_restarts: int = 0) -> None:
     """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine, as torchrun
-    --standalone would (it picks a free port itself)."""
+    --standalone would (it picks a free port itself); torchrun restarts them all up to
+    `max_restarts` times after one fails."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc_per_node}",
+        f"--max-restarts={max_restarts}",
         "-m",
         "mnist_pipeline",
         *argv,
     ]
     # Each rank sets its own thread count; set here, OMP_NUM_THREADS also spares us
     # torchrun's warning about it.
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, available_cpus() // nproc_per_node))}
+    threads = str(max(1, available_cpus() // nproc_per_node))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, LAST_LAUNCHER_ENV: "1"}
     with subprocess.Popen(command, env=env) as launcher:
         try:
             code = launcher.wait()

@@ -343,6 +343,22 @@ NPROC_PER_NODE = Setting(
     "torchrun, which sets the world itself.",
     min=1,
 )
+MAX_RESTARTS = Setting(
+    "max_restarts",
+    0,
+    "With --nproc-per-node: times torchrun restarts all ranks after one fails (each "
+    "resumes from the last checkpoint) before training fails.",
+    min=0,
+    max=100,
+)
+COLLECTIVE_TIMEOUT = Setting(
+    "collective_timeout",
+    300,
+    "Seconds a rank waits in a collective (a gradient all-reduce) for the others before "
+    "it gives them up as lost; it must cover rank 0 writing a checkpoint.",
+    min=1,
+    max=86400,
+)
 WORLD_SIZE = Setting("world_size", 1, "Ranks the settings must work for.", min=1)
 
 # export: whether to publish
@@ -546,8 +562,9 @@ TRAIN = (
     EPOCHS, BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, WEIGHT_DECAY, LABEL_SMOOTHING, SEED,
     LIMIT_TRAIN, LIMIT_TEST, SYNC_BN,
 )  # fmt: skip
-RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY)  # how each rank trains, besides the device
-TRAIN_HOW = (RUN_ID, DEVICE, *RANK, NPROC_PER_NODE)
+# how each rank trains, besides the device
+RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY, COLLECTIVE_TIMEOUT)
+TRAIN_HOW = (RUN_ID, DEVICE, *RANK, NPROC_PER_NODE, MAX_RESTARTS)
 PUBLISH = (MIN_IMPROVEMENT, PRECISION)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip

@@ -73,8 +73,9 @@ class RunStatus(StrEnum):
 
     RUNNING = "running"
     COMPLETE = "complete"
-    FAILED = "failed"
+    FAILED = "failed"  # for good: the waits give up
     INTERRUPTED = "interrupted"
+    RETRYING = "retrying"  # this attempt lost a rank; torchrun or the Job starts another
 
 
 class ExportStatus(StrEnum):

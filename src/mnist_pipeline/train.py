@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import time
@@ -231,18 +232,20 @@ def train(
     threads: int = 0,
     checkpoint_every: int = 200,
     eval_every: int = 0,
+    collective_timeout: float = 300,
 ) -> dict[str, Any]:
     """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
 
     Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
     test accuracy is measured too (metrics["evals"], for accuracy-against-time curves).
-    Under torchrun every rank calls this with the same arguments; rank 0 writes."""
+    Under torchrun every rank calls this with the same arguments; rank 0 writes. A
+    collective that waits `collective_timeout` seconds for a lost rank fails the attempt."""
     cfg.validate()
     world = distributed.from_environment()
     check_batch(cfg, world.size)
     check_cpu_counts(threads, world.local_size)
     dev = resolve_device(device, world)
-    distributed.start(world, dev)
+    distributed.start(world, dev, collective_timeout)
     try:
         run_id = run_id or default_run_id(cfg)
         out = run_dir(storage, run_id)
@@ -790,8 +793,10 @@ def remove_stale_temp_files(out: Path) -> None:
 @contextlib.contextmanager
 def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Iterator[None]:
     """metrics.json says "failed" (with the error) or, after Ctrl-C or SIGTERM (which the
-    command line turns into SystemExit 143), "interrupted". SIGKILL leaves "running"; every
-    case keeps resume.pth, for the same command to go on from."""
+    command line turns into SystemExit 143), "interrupted". A rank lost to the others ends
+    the attempt "retrying" when it will be started again (distributed.retried), else
+    "failed", in one line. SIGKILL leaves "running"; every case keeps resume.pth, for
+    the same command to go on from."""
     try:
         yield
     except KeyboardInterrupt:
@@ -805,10 +810,26 @@ def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Itera
             log.error("%s (SIGTERM)", interrupted_message(out))
         raise
     except Exception as e:
+        lost = world.distributed and distributed.lost_peer(e)
+        status = RunStatus.RETRYING if lost and distributed.retried() else RunStatus.FAILED
+        error = f"{type(e).__name__}: {e}"
+        if lost:
+            error = f"rank {world.rank} lost contact with the other ranks ({first_line(e)})"
         if world.writer:
-            error = f"{type(e).__name__}: {e}"
-            record_outcome(out, {**metrics, "status": RunStatus.FAILED, "error": error})
+            record_outcome(out, {**metrics, "status": status, "error": error})
+        if lost:
+            then = "being retried" if status == RunStatus.RETRYING else "no retries left"
+            raise PipelineFailure(
+                f"training attempt failed: {error}; {then}: the same command resumes from "
+                "the last checkpoint"
+            ) from e
         raise
+
+
+def first_line(e: BaseException) -> str:
+    """gloo's message without its source location or the C++ stack torch appends."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", line)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

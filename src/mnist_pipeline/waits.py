@@ -9,7 +9,8 @@ every release revision, so nothing left on the volume by an earlier release can 
     serving   Triton answers ready over HTTP, serving the --model-version asked for
               (run: the version export chose; N: a pinned one; nothing: any)
 
-A stage that fails writes "failed" into its artifact and the wait fails at once. A stage
+A stage that fails writes "failed" into its artifact and the wait fails at once; a training
+attempt that lost a worker writes "retrying", which is no answer (the Job retries). A stage
 whose pods die without writing anything (OOM-killed until its Job's backoffLimit, an
 activeDeadlineSeconds) is seen through the Kubernetes API when the pod has a service
 account token: the Job's Failed condition fails the wait too. A Job that no longer exists
@@ -222,6 +223,12 @@ def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
         if status == RunStatus.FAILED:
             raise PipelineFailure(f"training run {run_id} failed: {metrics.get('error', '?')}")
         epochs = len(metrics.get("history") or [])
+        if status == RunStatus.RETRYING:
+            # Not final: the Job's Failed condition (Wait.run) ends the wait if no retry comes.
+            return (
+                f"training run {run_id}: an attempt failed and is being retried "
+                f"({metrics.get('error', '?')}; {epochs} epoch(s) done)"
+            )
         return f"training run {run_id} is {status} ({epochs} epoch(s) done)"
 
     return check

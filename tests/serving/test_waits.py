@@ -352,3 +352,43 @@ def test_an_unreachable_api_is_named_at_every_progress_line(
     progress = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
     assert len(progress) >= 2
     assert all("Kubernetes API unreachable" in line for line in progress), progress
+
+
+def test_a_retried_training_attempt_keeps_the_waits_going(
+    tmp_path: Path, api: waits.KubeApi
+) -> None:
+    """A worker lost mid-run: rank 0 wrote "retrying", the Job retries, the retry
+    completes; neither the training nor the export wait gives up meanwhile."""
+    write_metrics(tmp_path, RUN, "retrying", error="rank 0 lost contact with the other ranks")
+    FakeJobs.jobs["demo-train-r1"] = job(None)
+    check = waits.training_check(tmp_path, RUN)
+    assert "being retried" in (check() or "") and "lost contact" in (check() or "")
+    exported = waits.export_check(tmp_path, RUN, DEFAULT_MODEL_NAME)
+    assert "being retried" in (exported() or "")
+
+    def retry_completes() -> None:
+        write_metrics(tmp_path, RUN, "complete")
+        write_export(tmp_path, RUN, "published", 1)
+        publish_version(tmp_path, 1)
+
+    threading.Timer(0.5, retry_completes).start()
+    w = waits.Wait("export", timeout=20, interval=0.1, api=api, job="demo-train-r1")
+    w.run(exported)
+
+
+def test_retrying_ends_when_the_job_has_failed_for_good(tmp_path: Path, api: waits.KubeApi) -> None:
+    write_metrics(tmp_path, RUN, "retrying", error="rank 1 lost contact with the other ranks")
+    FakeJobs.jobs["demo-train-r1"] = job("Failed", "BackoffLimitExceeded")
+    w = waits.Wait("export", timeout=30, interval=0.1, api=api, job="demo-train-r1")
+    with pytest.raises(PipelineFailure, match="BackoffLimitExceeded"):
+        w.run(waits.export_check(tmp_path, RUN, DEFAULT_MODEL_NAME))
+
+
+def test_retrying_without_an_api_waits_until_the_timeout(tmp_path: Path) -> None:
+    """No token: only a for-good record would end the wait; "retrying" is not one."""
+    write_metrics(tmp_path, RUN, "retrying", error="rank 1 lost contact")
+    r = wait_cli(
+        "export", f"--storage={tmp_path}", f"--run-id={RUN}", "--wait-timeout=1.5",
+        "--wait-interval=0.2",
+    )  # fmt: skip
+    assert r.returncode == 1 and "gave up after" in r.stderr and "being retried" in r.stderr
