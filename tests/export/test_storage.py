@@ -108,7 +108,13 @@ def test_a_damaged_record_reaches_the_user_as_exit_2_without_a_traceback(tmp_pat
 
 def test_status_words_are_the_strings_on_disk() -> None:
     assert json.dumps([RunStatus.INTERRUPTED, ExportStatus.SKIPPED]) == '["interrupted", "skipped"]'
-    assert {s.value for s in RunStatus} == {"running", "complete", "failed", "interrupted"}
+    assert {s.value for s in RunStatus} == {
+        "running",
+        "complete",
+        "failed",
+        "interrupted",
+        "retrying",
+    }
     assert {s.value for s in ExportStatus} == {"published", "skipped", "failed"}
 
 
