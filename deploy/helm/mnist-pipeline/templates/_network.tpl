@@ -43,8 +43,13 @@ listen on 5353 behind port 53) or, for caches on the node, its address.
 and with auto, whenever something outside the release can reach Triton. */}}
 {{- define "mnist-pipeline.tritonRestricted" -}}
 {{- $r := .Values.triton.restrictedApis }}
-{{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
-{{- if or (eq (toString $r.enabled) "true") (and (eq (toString $r.enabled) "auto") $exposed) }}true{{ end }}
+{{- if or (eq (toString $r.enabled) "true") (and (eq (toString $r.enabled) "auto") (include "mnist-pipeline.tritonExposed" .)) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when something outside the release can reach Triton: a NodePort or
+LoadBalancer Service, or the Ingress. */}}
+{{- define "mnist-pipeline.tritonExposed" -}}
+{{- if or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}true{{ end }}
 {{- end }}
 
 {{- define "mnist-pipeline.tritonAdminSecret" -}}

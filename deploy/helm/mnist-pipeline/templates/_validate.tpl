@@ -66,8 +66,7 @@ its message, check-train before any rank starts.
 {{- end }}
 {{- end }}
 {{- $np := .Values.networkPolicy }}
-{{- $exposed := or (ne .Values.triton.service.type "ClusterIP") .Values.triton.ingress.enabled }}
-{{- if and $np.enabled $exposed (not $np.tritonIngressFrom) }}
+{{- if and $np.enabled (include "mnist-pipeline.tritonExposed" .) (not $np.tritonIngressFrom) }}
 {{- $errors = append $errors "triton.service.type is NodePort/LoadBalancer or triton.ingress is on, but the NetworkPolicy admits only this release's pods: add the sources (ingress controller namespace, node or load-balancer CIDRs) to networkPolicy.tritonIngressFrom, or set networkPolicy.enabled=false" }}
 {{- end }}
 {{- with $np.egress.dns }}
