@@ -245,7 +245,6 @@ def cli(verbose: bool) -> None:
       mnist-pipeline wait     until a run's training, export or serving is done (Kubernetes)
       mnist-pipeline prune    delete old runs, model versions and inference results
       mnist-pipeline pin      write the repository one Triton pod serves (Kubernetes)
-      mnist-pipeline check-train  check train's settings for N ranks, train nothing
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -277,16 +276,21 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
 
     how = {spec.name: o[spec.name] for spec in s.RANK}
     nproc_per_node = o["nproc_per_node"]
-    if nproc_per_node == 1 or distributed.launched_by_torchrun():
+    rendezvous = distributed.Rendezvous(
+        o["nnodes"], o["node_rank"], o["master_addr"], o["master_port"], o["rendezvous_timeout"]
+    )
+    alone = nproc_per_node == 1 and rendezvous.nnodes == 1
+    if alone or distributed.launched_by_torchrun():
         return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
     cfg.validate()  # bad input exits 2 here, not as a failed rank
+    rendezvous.check()
     train_stage.check_cpu_counts(o["threads"], nproc_per_node)
-    train_stage.check_batch(cfg, nproc_per_node)
+    train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
     argv += command_line((*s.TRAIN, *s.RANK), values)
-    distributed.launch(nproc_per_node, argv, o["max_restarts"])
+    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous)
     run_dir = disk.run_dir(storage, run_id)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:
@@ -319,33 +323,13 @@ def train(storage: Path, **o: Any) -> None:
     \b
     Data-parallel (PyTorch DDP; --batch-size stays the global batch):
       mnist-pipeline train --nproc-per-node 2 ...          on this machine
-      torchrun --nnodes N --nproc-per-node 1 --node-rank I \\
-        --master-addr HOST --master-port 29500 -m mnist_pipeline train ...
+      mnist-pipeline train --nnodes N --node-rank I --master-addr HOST ...
+                                                           on machine I of N
     """
     from mnist_pipeline.train import TrainConfig
 
     unwind_on_sigterm()  # a stopped pod marks the run interrupted, as Ctrl-C does
     train_locally(storage, config(TrainConfig, o), o)
-
-
-@cli.command("check-train")
-@options(s.STORAGE, s.TRAIN, s.TRAIN_HOW, s.WORLD_SIZE)
-@stage
-def check_train(storage: Path, world_size: int, device: str, **o: Any) -> None:
-    """Check `train`'s settings for --world-size ranks, train nothing: exit 2 on bad input.
-
-    The chart runs it in each worker pod before torchrun, which turns a rank's exit 2
-    into 1 (retried) so that settings every rank rejects would fail the Job only after
-    backoffLimit × workers pods.
-    """
-    from mnist_pipeline import train as train_stage
-
-    cfg = config(train_stage.TrainConfig, o)
-    cfg.validate()
-    # SyncBatchNorm's CUDA check belongs to the ranks, which get the GPUs.
-    sync_bn = cfg.sync_bn and device != "cuda"
-    train_stage.check_batch(dataclasses.replace(cfg, sync_bn=sync_bn), world_size)
-    log.info("training settings are valid for %d rank(s)", world_size)
 
 
 @cli.command()

@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
 
 # Set by launch() for its ranks: no one starts them again once torchrun's restarts are spent.
 LAST_LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHED_LOCALLY"
+ATTEMPTS_KEY = "mnist-pipeline/attempts"  # in torchrun's store: see attempt_store
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,50 @@ def start(world: World, device: torch.device, timeout: float = 300) -> None:
     bounds every collective: long enough for rank 0 to write a ~90 MB resume.pth to a slow
     volume while the others wait in the next all-reduce, short enough that a lost rank
     ends the attempt in minutes."""
-    if world.distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    if not world.distributed:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    limit = timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        store = attempt_store(world, limit)
+        dist.init_process_group(
+            backend, store=store, rank=world.rank, world_size=world.size, timeout=limit
+        )
+    else:
+        dist.init_process_group(backend, timeout=limit)
+
+
+def attempt_store(world: World, timeout: timedelta) -> dist.Store:
+    """The key-value store of this attempt's process group, inside torchrun's.
+
+    torchrun's agent keeps one store across its restarts, and torch puts every attempt's
+    keys in it under the same names: a restarted rank read the address a rank of the
+    failed attempt had left there, gloo connected to a dead port, and the restart was
+    spent (seen in network namespaces, tests/training/test_lost_workers.py). So each
+    attempt gets its own prefix. Rank 0 opens a new one each time it starts; every other
+    rank waits for one newer than the last it joined, so a rank that restarts more often
+    than rank 0 (or less) still meets rank 0's current attempt.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    if world.rank == 0:
+        attempt = store.add(ATTEMPTS_KEY, 1)
+    else:
+        joined = f"{ATTEMPTS_KEY}/joined-by-rank-{world.rank}"
+        last = store.add(joined, 0)
+        deadline = time.monotonic() + timeout.total_seconds()
+        while (attempt := store.add(ATTEMPTS_KEY, 0)) <= last:
+            if time.monotonic() > deadline:
+                raise dist.DistStoreError(
+                    f"rank 0 started no new attempt within {timeout.total_seconds():g} s"
+                )
+            time.sleep(0.1)
+        store.set(joined, str(attempt))
+    return dist.PrefixStore(f"{ATTEMPTS_KEY}/{attempt}", store)
 
 
 def lost_peer(e: BaseException) -> bool:
@@ -136,35 +180,115 @@ def wrap(net: nn.Module, world: World, device: torch.device, sync_bn: bool) -> n
     return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
 
 
-def launch(nproc_per_node: int, argv: list[str], max_restarts: int = 0) -> None:
-    """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine, as torchrun
-    --standalone would (it picks a free port itself); torchrun restarts them all up to
-    `max_restarts` times after one fails."""
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the machines of a multi-node job meet: node 0 hosts torchrun's store."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 29500
+    timeout: float = 600
+
+    def check(self) -> None:
+        if self.nnodes > 1 and not self.master_addr:
+            raise UsageError("--nnodes > 1 needs --master-addr: the name of node 0")
+        if self.node_rank >= self.nnodes:
+            raise UsageError(f"--node-rank {self.node_rank}: 0 to {self.nnodes - 1}")
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes == 1:
+            return ["--standalone"]  # torchrun picks a free port itself
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            f"--master-addr={self.master_addr}",
+            f"--master-port={self.master_port}",
+            f"--rdzv-conf=timeout={self.timeout:g}",
+        ]
+
+
+ALONE = Rendezvous()
+
+
+def launch(
+    nproc_per_node: int,
+    argv: list[str],
+    max_restarts: int = 0,
+    rendezvous: Rendezvous = ALONE,
+) -> None:
+    """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine through torchrun,
+    alone or as one node of `rendezvous`; torchrun restarts all the ranks up to
+    `max_restarts` times after one fails.
+
+    A multi-node torchrun can hang between attempts: its agent waits on node 0's store
+    over a connection a partition left open, which only the kernel's TCP retransmission
+    limit ends (about 15 minutes). So when no rank has run for the rendezvous timeout
+    plus a margin, the attempt is ended here, in one line."""
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc_per_node}",
-        f"--max-restarts={max_restarts}",
-        "-m",
-        "mnist_pipeline",
-        *argv,
+        *(sys.executable, "-m", "torch.distributed.run", *rendezvous.torchrun_args()),
+        *(f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"),
+        *("-m", "mnist_pipeline", *argv),
     ]
     # Each rank sets its own thread count; set here, OMP_NUM_THREADS also spares us
     # torchrun's warning about it.
     threads = str(max(1, available_cpus() // nproc_per_node))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, LAST_LAUNCHER_ENV: "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    if rendezvous.nnodes == 1:
+        env[LAST_LAUNCHER_ENV] = "1"  # else the job's scheduler (the chart's Job) retries
     with subprocess.Popen(command, env=env) as launcher:
         try:
-            code = launcher.wait()
+            code = supervise(launcher, rendezvous.timeout + STUCK_MARGIN_SECONDS)
         except BaseException:
             # Ctrl-C or SIGTERM here: torchrun stops its ranks on SIGTERM and exits.
             launcher.terminate()
-            launcher.wait()
+            try:
+                launcher.wait(timeout=STUCK_MARGIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
             raise
+    if code is None:
+        raise PipelineFailure(
+            f"node {rendezvous.node_rank}: no rank has run for "
+            f"{rendezvous.timeout + STUCK_MARGIN_SECONDS:g} s: node 0's rendezvous at "
+            f"{rendezvous.master_addr}:{rendezvous.master_port} is out of reach (partitioned, "
+            "or gone); this attempt is over"
+        )
     if code != 0:
         raise PipelineFailure(
             f"distributed training failed (torchrun exit {code}; its report above names the "
             "rank); run the same command again to resume from the last checkpoint"
         )
+
+
+STUCK_MARGIN_SECONDS = 30
+
+
+def supervise(launcher: subprocess.Popen[bytes], idle_limit: float) -> int | None:
+    """torchrun's exit code, or None after it ran no rank for `idle_limit` seconds (it is
+    then killed: stuck in C++, it would not handle SIGTERM)."""
+    idle_since = time.monotonic()
+    while True:
+        try:
+            return launcher.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        if children(launcher.pid):
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_limit:
+            launcher.kill()
+            launcher.wait()
+            return None
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's ranks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found

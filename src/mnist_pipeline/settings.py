@@ -343,11 +343,32 @@ NPROC_PER_NODE = Setting(
     "torchrun, which sets the world itself.",
     min=1,
 )
+NNODES = Setting(
+    "nnodes",
+    1,
+    "Machines in the data-parallel job; each runs this command with its own --node-rank "
+    "(torchrun is started for you, rendezvous at --master-addr).",
+    min=1,
+    max=1024,
+)
+NODE_RANK = Setting("node_rank", 0, "This machine's index, 0 to --nnodes - 1.", min=0)
+MASTER_ADDR = Setting(
+    "master_addr", "", "With --nnodes > 1: the name of node 0, which hosts the rendezvous."
+)
+MASTER_PORT = Setting("master_port", 29500, "The rendezvous port on node 0.", min=1, max=65535)
+RENDEZVOUS_TIMEOUT = Setting(
+    "rendezvous_timeout",
+    600,
+    "With --nnodes > 1: seconds this machine waits for all the others at each "
+    "(re)start before it fails; it must cover the slowest machine's start.",
+    min=1,
+    max=86400,
+)
 MAX_RESTARTS = Setting(
     "max_restarts",
     0,
-    "With --nproc-per-node: times torchrun restarts all ranks after one fails (each "
-    "resumes from the last checkpoint) before training fails.",
+    "Times torchrun restarts all ranks after one fails (each resumes from the last "
+    "checkpoint) before this attempt fails.",
     min=0,
     max=100,
 )
@@ -359,7 +380,6 @@ COLLECTIVE_TIMEOUT = Setting(
     min=1,
     max=86400,
 )
-WORLD_SIZE = Setting("world_size", 1, "Ranks the settings must work for.", min=1)
 
 # export: whether to publish
 MIN_IMPROVEMENT = Setting(
@@ -564,7 +584,10 @@ TRAIN = (
 )  # fmt: skip
 # how each rank trains, besides the device
 RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY, COLLECTIVE_TIMEOUT)
-TRAIN_HOW = (RUN_ID, DEVICE, *RANK, NPROC_PER_NODE, MAX_RESTARTS)
+# how the ranks are started
+LAUNCH = (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RENDEZVOUS_TIMEOUT,
+          MAX_RESTARTS)  # fmt: skip
+TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
 PUBLISH = (MIN_IMPROVEMENT, PRECISION)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip

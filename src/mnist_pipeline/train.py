@@ -245,7 +245,15 @@ def train(
     check_batch(cfg, world.size)
     check_cpu_counts(threads, world.local_size)
     dev = resolve_device(device, world)
-    distributed.start(world, dev, collective_timeout)
+    try:
+        distributed.start(world, dev, collective_timeout)
+    except Exception as e:
+        if not distributed.lost_peer(e):
+            raise
+        raise PipelineFailure(
+            f"rank {world.rank} could not join the other ranks within {collective_timeout:g} "
+            f"s ({first_line(e)})"
+        ) from e
     try:
         run_id = run_id or default_run_id(cfg)
         out = run_dir(storage, run_id)

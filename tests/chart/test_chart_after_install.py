@@ -30,18 +30,21 @@ from support.chart import (
     with_local_images,
 )
 
-# Settings every rank would reject: check-train refuses them before torchrun ------------------
+# Settings every rank would reject: the train container refuses them before torchrun -------
 
 WORKERS = merge(RWX, {"training": {"workers": 2}})
 
 
-def check_settings(values: dict[str, Any], storage: Path) -> subprocess.CompletedProcess[str]:
-    """Run worker 0's check-settings initContainer as rendered (env and args)."""
+def train_container(values: dict[str, Any], storage: Path) -> subprocess.CompletedProcess[str]:
+    """Run worker 0's train container as rendered (env and args, the pod's fields filled)."""
     job = find(render(values)[0], "Job", "train")
-    (check,) = [c for c in pod_spec(job)["initContainers"] if c["name"] == "check-settings"]
-    assert check["command"] == ["mnist-pipeline"]
-    env = {e["name"]: e["value"] for e in check["env"] if "value" in e}
-    args = [a.replace("=/storage", f"={storage}") for a in check["args"]]
+    (train,) = pod_spec(job)["containers"]
+    assert train["command"] == ["mnist-pipeline"]
+    env = {e["name"]: e["value"] for e in train["env"] if "value" in e}
+    fields = {"$(JOB_COMPLETION_INDEX)": "0", "$(JOB_NAME)": "train"}
+    args = [a.replace("=/storage", f"={storage}") for a in train["args"]]
+    for field, value in fields.items():
+        args = [a.replace(field, value) for a in args]
     return subprocess.run(
         [sys.executable, "-m", "mnist_pipeline", *args],
         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO / "src"), **env},
@@ -53,23 +56,23 @@ def check_settings(values: dict[str, Any], storage: Path) -> subprocess.Complete
 
 def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) -> None:
     """torchrun turns a rank's exit 2 into 1 (retried, backoffLimit × workers times): the
-    check runs before it, in each worker pod, where exit 2 fails the Job at once."""
+    train container checks the settings before it starts torchrun, and its exit 2 fails
+    the Job at once."""
     job = find(render(WORKERS)[0], "Job", "train")
     rules = [
         r["onExitCodes"] for r in job["spec"]["podFailurePolicy"]["rules"] if "onExitCodes" in r
     ]
-    assert {"containerName": "check-settings", "operator": "In", "values": [1, 2]} in rules
-    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["seed-data", "check-settings"]
+    assert {"containerName": "train", "operator": "In", "values": [2]} in rules
+    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["seed-data"]
     # What the render cannot see: extraEnv. 3 images over 2 workers is 1 per rank a step.
     tiny = merge(
         WORKERS, {"training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "3"}]}}
     )
-    bad = check_settings(tiny, tmp_path)
+    bad = train_container(tiny, tmp_path)
     assert bad.returncode == 2, bad.stderr
     assert "at least 4 images" in bad.stderr
-    good = check_settings(WORKERS, tmp_path)
-    assert good.returncode == 0, good.stderr
-    assert not (tmp_path / "checkpoints").exists()  # a check, not a run
+    assert "torch.distributed" not in bad.stderr  # refused before torchrun started
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -92,15 +95,15 @@ def test_torchrun_workers_check_their_settings_first_and_exit_2(tmp_path: Path) 
         ),
     ],
 )
-def test_settings_every_rank_rejects_reach_check_train_unchanged(
+def test_settings_every_rank_rejects_reach_the_train_container_unchanged(
     values: dict[str, Any], env: tuple[str, str], reason: str, tmp_path: Path
 ) -> None:
-    """The chart renders them as given; check-train, in each worker pod before torchrun,
+    """The chart renders them as given; the train container, before it starts torchrun,
     refuses them with the CLI's own message (exit 2: the Job fails at once)."""
     job = find(render(values)[0], "Job", "train")
-    for container in pod_spec(job)["initContainers"][1:] + pod_spec(job)["containers"]:
+    for container in pod_spec(job)["containers"]:
         assert {"name": env[0], "value": env[1]} in container["env"], container["name"]
-    refused_here = check_settings(values, tmp_path)
+    refused_here = train_container(values, tmp_path)
     assert refused_here.returncode == 2, refused_here.stderr
     assert reason in refused_here.stderr
 

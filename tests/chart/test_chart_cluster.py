@@ -512,13 +512,17 @@ def test_multi_worker_training_is_an_indexed_job_with_a_headless_service() -> No
     assert service["spec"]["selector"].items() <= pod_labels(job).items()
     assert service["spec"]["publishNotReadyAddresses"] is True
     (train,) = spec["containers"]
-    assert train["command"] == ["torchrun"]
-    assert arg(train, "nnodes") == "3" and arg(train, "nproc-per-node") == "1"
+    assert train["command"] == ["mnist-pipeline"] and train["args"][0] == "train"
+    assert arg(train, "nnodes") == "3"
     assert arg(train, "node-rank") == "$(JOB_COMPLETION_INDEX)"
     # Worker 0's DNS name: <job name>-0.<service>, the job name from the pod's own label.
     assert arg(train, "master-addr") == f"$(JOB_NAME)-0.{service['metadata']['name']}"
     assert arg(train, "master-port") == "29500"
-    assert train["args"][-5:-2] == ["-m", "mnist_pipeline", "train"]
+    # torchrun restarts the ranks of every pod after a lost one before the pod fails.
+    env = {e["name"]: e.get("value") for e in train["env"]}
+    assert env["MNIST_PIPELINE_MAX_RESTARTS"] == "3"
+    assert env["MNIST_PIPELINE_RENDEZVOUS_TIMEOUT"] == "600"
+    assert env["MNIST_PIPELINE_COLLECTIVE_TIMEOUT"] == "300"
     (job_name,) = [e for e in train["env"] if e["name"] == "JOB_NAME"]
     assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == ("metadata.labels['job-name']")
     # A peer's death makes the others exit 1: that is retried (all resume), not final.

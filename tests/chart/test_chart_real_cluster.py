@@ -259,10 +259,6 @@ def test_training_and_export_get_their_cpu_limit_from_the_downward_api() -> None
         spec = pod_spec(find(objects, "Job", component))
         (main,) = spec["containers"]
         assert limit in main["env"], component
-    (check,) = [
-        c for c in pod_spec(find(objects, "Job", "train"))["initContainers"] if c.get("env")
-    ]
-    assert limit in check["env"]
     extra = {"export": {"extraEnv": [{"name": "MNIST_PIPELINE_CPU_LIMIT", "value": "8"}]}}
     assert "export.extraEnv sets MNIST_PIPELINE_CPU_LIMIT" in refusal(extra)
 

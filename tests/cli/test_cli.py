@@ -258,9 +258,9 @@ def test_unprefixed_variables_are_ignored(tmp_path: Path) -> None:
     """What a shell or a pod happens to hold (a Service named grpc injects GRPC_PORT) never
     feeds the CLI: only MNIST_PIPELINE_ variables do."""
     storage = tmp_path / "s"
-    ignored = cli("check-train", "--storage", storage, env={"EPOCHS": "0", "BATCH_SIZE": "1"})
-    assert ignored.returncode == 0, ignored.stderr
-    refused = cli("check-train", "--storage", storage, env={"MNIST_PIPELINE_BATCH_SIZE": "1"})
+    ignored = cli("train", "--storage", storage, env={"EPOCHS": "0", "NNODES": "2"})
+    assert ignored.returncode == 2 and "missing; run `mnist-pipeline data" in ignored.stderr
+    refused = cli("train", "--storage", storage, env={"MNIST_PIPELINE_BATCH_SIZE": "1"})
     assert refused.returncode == 2 and "MNIST_PIPELINE_BATCH_SIZE='1'" in refused.stderr
 
 

@@ -260,8 +260,6 @@ class Rehearsal:
             # the real tritonserver, as rendered, with the backend built in.
             backends = check_backend(DEFAULT_BACKEND_DIR)
             return [str(locate_tritonserver()), *args[1:], f"--backend-directory={backends}"], env
-        if command == ["torchrun"]:  # the console script of this module
-            return [sys.executable, "-m", "torch.distributed.run", *args], env
         assert command == ["mnist-pipeline"], command
         return [sys.executable, "-m", "mnist_pipeline", *args], env
 
@@ -698,10 +696,10 @@ def test_an_object_storage_repository_is_rehearsed_against_radosgw(
 def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
     tmp_path: Path, engine: Engine | None
 ) -> None:
-    """training.workers: 2 — both pods of the Indexed Job run the rendered torchrun command
-    line at once, with what Kubernetes injects (JOB_COMPLETION_INDEX, JOB_NAME from the
-    pod's label) and worker 0's DNS name resolving to this machine; then the same export,
-    Triton and client as one worker."""
+    """training.workers: 2 — both pods of the Indexed Job run the rendered command line
+    (which starts torchrun) at once, with what Kubernetes injects (JOB_COMPLETION_INDEX,
+    JOB_NAME from the pod's label) and worker 0's DNS name resolving to this machine; then
+    the same export, Triton and client as one worker."""
     (port,) = free_ports(1)  # the rendezvous: masterPort is a value
     extra_env = [
         {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "1024"},

@@ -6,7 +6,7 @@ helpful message, after some objects exist) and what it would accept but leave th
 hanging or broken. Every message is collected and the render fails once, with all of them,
 as bitnami's validateValues does. Training, export and serving settings (batch sizes,
 learning rate, precision, ...) are not repeated here: the pods' own CLI refuses them with
-its message, check-train before any rank starts.
+its message, before any rank starts.
 */}}
 {{- define "mnist-pipeline.validate" -}}
 {{- $errors := list }}
