@@ -25,6 +25,9 @@ from typing import Any
 from common import load_average, machine
 from mnist_pipeline import data, model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.netnodes import Link, Nodes  # noqa: E402 (the tests' harness, shared)
+
 NODES = (1, 2, 4, 8, 16)
 NETWORKS_GBPS = (10, 25, 100)
 
@@ -52,6 +55,72 @@ def train(storage: Path, run_id: str, args: list[str]) -> dict[str, Any]:
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
+
+
+LINKS_MBIT = (100, 1000, 2500, 0)  # 0: the veth unshaped, as fast as 2 cores move bytes
+VARIANTS = "fp32:25,fp16:25,fp32:100"  # hook : bucket_cap_mb (25: its default); bf16 needs CUDA
+
+
+def link_sweep(gradient_bytes: int, steps: int) -> list[dict[str, Any]]:
+    """2 ranks, each in its own network namespace, over a link of each rate: the real DDP
+    step with and without its gradient synchronisation (benchmarks/ddp_sync.py)."""
+    rows = []
+    for mbit in LINKS_MBIT:
+        with Nodes(2, Link(mbit), cpus=["0", "1"]) as nodes, tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "sync.json"
+            workers = [
+                nodes.popen(
+                    i,
+                    [
+                        *(sys.executable, "-m", "torch.distributed.run", "--nnodes=2"),
+                        *("--nproc-per-node=1", f"--node-rank={i}"),
+                        *(f"--master-addr={nodes.name(0)}", "--master-port=29500"),
+                        str(Path(__file__).with_name("ddp_sync.py")),
+                        *("--variants", VARIANTS, "--steps", str(steps), "--out", str(out)),
+                    ],
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+                for i in range(2)
+            ]
+            for worker in workers:
+                output = worker.communicate(timeout=1200)[0]
+                if worker.returncode != 0:
+                    raise RuntimeError(f"link {mbit} Mbit/s: {output[-3000:]}")
+            for r in json.loads(out.read_text()):
+                sync = max(0.0, r["step_s"] - r["compute_s"])
+                modelled = ring_allreduce_seconds(2, gradient_bytes, mbit / 1000) if mbit else None
+                rows.append({"link_mbit": mbit, **r, "sync_s": round(sync, 4),
+                             "modelled_sync_s": modelled and round(modelled, 4)})  # fmt: skip
+        print(f"link {mbit or 'unshaped'} Mbit/s measured", file=sys.stderr, flush=True)
+    return rows
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| link | hook | bucket MB | compute ms | step ms | sync ms (measured) | "
+        "sync ms (first model) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        modelled = f"{r['modelled_sync_s'] * 1000:.0f}" if r["modelled_sync_s"] else "–"
+        lines.append(
+            f"| {r['link_mbit'] or 'unshaped'} Mbit/s | {r['hook']} | {r['bucket_mb']:g} | "
+            f"{r['compute_s'] * 1000:.0f} | {r['step_s'] * 1000:.0f} | "
+            f"{r['sync_s'] * 1000:.0f} | {modelled} |"
+        )
+    return "\n".join(lines)
+
+
+def links_only(out: Path, gradient_bytes: int, measured_on: dict[str, Any]) -> int:
+    rows = link_sweep(gradient_bytes, steps=5)
+    results = {"machine": {**measured_on, "load_average_end": load_average()}, "links": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "links.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(f"machine: {m['cpu_model']}, load average {m['load_average_start']} → "
+          f"{m['load_average_end']}")  # fmt: skip
+    print(sweep_table(rows))
+    return 0
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,8 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder for distributed.json (default: docs/benchmarks; with --quick, a temp folder)",
     )
+    parser.add_argument(
+        "--links-only",
+        action="store_true",
+        help="only the sweep over network-namespace links (needs root): links.json",
+    )
     args = parser.parse_args(argv)
     measured_on = machine()
+    gradient_bytes = sum(p.numel() for p in model.build().parameters()) * 4
+    if args.links_only:
+        return links_only(args.out or Path("docs/benchmarks"), gradient_bytes, measured_on)
     images = 1024 if args.quick else args.limit_train
     repeats = 1 if args.quick else args.repeats
     batch = 128
