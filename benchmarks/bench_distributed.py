@@ -26,7 +26,7 @@ from common import load_average, machine
 from mnist_pipeline import data, model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.netnodes import Link, Nodes  # noqa: E402 (the tests' harness, shared)
+from support.netnodes import Link, Nodes
 
 NODES = (1, 2, 4, 8, 16)
 NETWORKS_GBPS = (10, 25, 100)
