@@ -74,7 +74,8 @@ $(PERF_VENV)/bin/perf_analyzer:
 	$(PERF_VENV)/bin/pip install --quiet --upgrade pip
 	$(PERF_VENV)/bin/pip install --quiet 'tritonclient[all]==2.51.0' nvidia-cuda-runtime-cu12==12.9.79
 
-# 1 process x 2 threads against 2 DDP ranks x 1 thread, and the multi-node scaling model
+# 1 process x 2 threads against 2 DDP ranks x 1 thread, and the multi-node scaling model; the
+# link sweep and the compression accuracies are its --links-only and --compression-accuracy
 # (docs/DISTRIBUTED.md): writes docs/benchmarks/distributed.json.
 bench-distributed: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_distributed.py

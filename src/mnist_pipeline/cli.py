@@ -287,11 +287,20 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     train_stage.check_cpu_counts(o["threads"], nproc_per_node)
     train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
+    run_dir = disk.run_dir(storage, run_id)
+    # A pod replaced after the others completed the run: no one is left to meet.
+    completed = train_stage.completed_run(run_dir, cfg, run_id)
+    if completed is not None:
+        return completed
+
+    def finished() -> bool:
+        metrics = disk.read_metrics(run_dir) or {}
+        return metrics.get("status") == disk.RunStatus.COMPLETE
+
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
     argv += command_line((*s.TRAIN, *s.RANK), values)
-    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous)
-    run_dir = disk.run_dir(storage, run_id)
+    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:
         raise PipelineFailure(f"{run_dir}: the ranks ended without writing {disk.METRICS_FILE}")

@@ -13,10 +13,12 @@ each resuming from the last checkpoint (docs/DISTRIBUTED.md, "Lost workers").
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,8 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
+
+log = logging.getLogger(__name__)
 
 # Set by launch() for its ranks: no one starts them again once torchrun's restarts are spent.
 LAST_LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHED_LOCALLY"
@@ -170,14 +175,19 @@ def sync_buffers(net: nn.Module, world: World) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def wrap(net: nn.Module, world: World, device: torch.device, sync_bn: bool) -> nn.Module:
+def wrap(
+    net: nn.Module, world: World, device: torch.device, sync_bn: bool, compression: str
+) -> nn.Module:
     """The module the training step calls: DDP averages gradients over the ranks."""
     if not world.distributed:
         return net
     if sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    ddp = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if compression == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    return ddp
 
 
 @dataclass(frozen=True)
@@ -216,15 +226,20 @@ def launch(
     argv: list[str],
     max_restarts: int = 0,
     rendezvous: Rendezvous = ALONE,
+    finished: Callable[[], bool] = lambda: False,
 ) -> None:
     """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine through torchrun,
     alone or as one node of `rendezvous`; torchrun restarts all the ranks up to
-    `max_restarts` times after one fails.
+    `max_restarts` times after one fails. `finished` says whether the run is complete
+    (rank 0 has written the model): from then on nothing torchrun does can lose it.
 
     A multi-node torchrun can hang between attempts: its agent waits on node 0's store
     over a connection a partition left open, which only the kernel's TCP retransmission
     limit ends (about 15 minutes). So when no rank has run for the rendezvous timeout
-    plus a margin, the attempt is ended here, in one line."""
+    plus a margin, the attempt is ended here, in one line. After its ranks have finished
+    the run, torchrun waits for every other node's torchrun to say so too, and a node
+    lost at that moment (its pod killed, a replacement started) never does: then it is
+    ended after a short grace, and the run is done."""
     command = [
         *(sys.executable, "-m", "torch.distributed.run", *rendezvous.torchrun_args()),
         *(f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"),
@@ -238,7 +253,7 @@ def launch(
         env[LAST_LAUNCHER_ENV] = "1"  # else the job's scheduler (the chart's Job) retries
     with subprocess.Popen(command, env=env) as launcher:
         try:
-            code = supervise(launcher, rendezvous.timeout + STUCK_MARGIN_SECONDS)
+            code = supervise(launcher, rendezvous.timeout + STUCK_MARGIN_SECONDS, finished)
         except BaseException:
             # Ctrl-C or SIGTERM here: torchrun stops its ranks on SIGTERM and exits.
             launcher.terminate()
@@ -247,6 +262,14 @@ def launch(
             except subprocess.TimeoutExpired:
                 launcher.kill()
             raise
+    if code != 0 and finished():
+        log.warning(
+            "node %d: torchrun %s after the run was complete (rank 0 wrote the model): "
+            "another node was lost at the end; the run is done",
+            rendezvous.node_rank,
+            "was ended" if code is None else f"exited {code}",
+        )
+        return
     if code is None:
         raise PipelineFailure(
             f"node {rendezvous.node_rank}: no rank has run for "
@@ -262,20 +285,27 @@ def launch(
 
 
 STUCK_MARGIN_SECONDS = 30
+# How long torchrun may wait for the other nodes once the run is complete: they finish
+# within a second of each other unless one was lost.
+EXIT_BARRIER_GRACE_SECONDS = 10
 
 
-def supervise(launcher: subprocess.Popen[bytes], idle_limit: float) -> int | None:
-    """torchrun's exit code, or None after it ran no rank for `idle_limit` seconds (it is
-    then killed: stuck in C++, it would not handle SIGTERM)."""
+def supervise(
+    launcher: subprocess.Popen[bytes], idle_limit: float, finished: Callable[[], bool]
+) -> int | None:
+    """torchrun's exit code, or None after it ran no rank for `idle_limit` seconds, or for
+    the exit barrier's grace once the run is finished (it is then killed: stuck in C++, it
+    would not handle SIGTERM)."""
     idle_since = time.monotonic()
     while True:
         try:
             return launcher.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+        idle = time.monotonic() - idle_since
         if children(launcher.pid):
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > idle_limit:
+        elif idle > idle_limit or (idle > EXIT_BARRIER_GRACE_SECONDS and finished()):
             launcher.kill()
             launcher.wait()
             return None

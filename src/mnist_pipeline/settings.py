@@ -223,6 +223,7 @@ def parse_model_repository(value: str) -> ModelRepository:
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+GRADIENT_COMPRESSIONS = ("none", "fp16")
 PRECISIONS = ("fp32", "int8")
 INSTANCE_KINDS = ("cpu", "gpu")
 LB_POLICIES = ("auto", "round_robin", "pick_first")
@@ -321,6 +322,13 @@ SYNC_BN = Setting(
     False,
     "With several processes, BatchNorm statistics over all of them (CUDA only); default: "
     "each process its own.",
+)
+GRADIENT_COMPRESSION = Setting(
+    "gradient_compression",
+    "none",
+    "With several processes, the gradients sent between them: fp16 halves the bytes of every "
+    "all-reduce (DDP's fp16 compression hook; the sum is cast back to fp32).",
+    choices=GRADIENT_COMPRESSIONS,
 )
 # train: how it runs (not in the run id)
 DEVICE = Setting("device", "auto", "Where to train: auto picks CUDA when present.", choices=DEVICES)
@@ -580,7 +588,7 @@ SERVED_REPOSITORY = Setting(
 # The groups commands share: a command takes a group, so the same flags mean the same.
 TRAIN = (
     EPOCHS, BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, WEIGHT_DECAY, LABEL_SMOOTHING, SEED,
-    LIMIT_TRAIN, LIMIT_TEST, SYNC_BN,
+    LIMIT_TRAIN, LIMIT_TEST, SYNC_BN, GRADIENT_COMPRESSION,
 )  # fmt: skip
 # how each rank trains, besides the device
 RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY, COLLECTIVE_TIMEOUT)

@@ -78,6 +78,7 @@ class TrainConfig:
     limit_train: int = settings.LIMIT_TRAIN.field()  # 0: all 60000 images
     limit_test: int = settings.LIMIT_TEST.field()  # 0: all 10000; quick runs evaluate on fewer
     sync_bn: bool = settings.SYNC_BN.field()  # BatchNorm statistics over all ranks (CUDA DDP)
+    gradient_compression: str = settings.GRADIENT_COMPRESSION.field()
 
     def __post_init__(self) -> None:
         # A limit covering a whole split is the whole split: the same model, so the same
@@ -578,7 +579,7 @@ class Run:
             log.info("cpu threads: %d", torch.get_num_threads())
         run.write_metrics()
         # Wrapped after loading the state: DDP starts from rank 0's weights.
-        run.ddp = distributed.wrap(net, world, device, cfg.sync_bn)
+        run.ddp = distributed.wrap(net, world, device, cfg.sync_bn, cfg.gradient_compression)
         return run
 
     @property

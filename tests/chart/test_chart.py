@@ -197,6 +197,7 @@ SCHEMA_REFUSES = {
     "unknown key": {"trainning": {"epochs": 3}},
     "bad service type": {"triton": {"service": {"type": "External"}}},
     "bad ingress port": {"triton": {"ingress": {"port": "metrics"}}},
+    "unknown gradient compression": {"training": {"gradientCompression": "zstd"}},
 }
 
 
@@ -365,6 +366,21 @@ def test_precision_reaches_the_export_job_and_is_part_of_the_run(
     assert {"name": "MNIST_PIPELINE_PRECISION", "value": "int8"} in export["env"]
     # An export setting: the new run exports again (and so trains again, like any).
     assert run_id_of(int8) != run_id_of(render(pinned)[0])
+
+
+def test_gradient_compression_reaches_every_worker_and_is_part_of_the_run() -> None:
+    pinned = {
+        "run": {"id": "demo"},
+        "persistence": {"accessModes": ["ReadWriteMany"]},
+        "training": {"workers": 2},
+    }
+    plain = render(pinned)[0]
+    train = pod_spec(find(plain, "Job", "train"))["containers"][0]
+    assert not [e for e in train["env"] if e["name"] == "MNIST_PIPELINE_GRADIENT_COMPRESSION"]
+    fp16 = render({**pinned, "training": {"workers": 2, "gradientCompression": "fp16"}})[0]
+    train = pod_spec(find(fp16, "Job", "train"))["containers"][0]
+    assert {"name": "MNIST_PIPELINE_GRADIENT_COMPRESSION", "value": "fp16"} in train["env"]
+    assert run_id_of(fp16) != run_id_of(plain)  # other gradients, another model
 
 
 def job_name(objects: list[dict[str, Any]], stage: str) -> str:

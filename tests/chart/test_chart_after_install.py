@@ -212,6 +212,11 @@ def test_large_integers_render_without_scientific_notation() -> None:
             {"waits": {"resources": {"requests": {"cpu": "200m"}}}},
             "waits.resources: the cpu request (200m) is above its limit (100m)",
         ),
+        (
+            {"training": {"gradientCompression": "fp16"}},
+            "training.gradientCompression fp16 compresses what the workers send each other: "
+            "it needs training.workers > 1",
+        ),
     ],
 )
 def test_combinations_the_api_server_refuses_fail_with_the_reason(

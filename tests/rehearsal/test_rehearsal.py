@@ -32,7 +32,9 @@ rendered (path, named port) and must answer 200, readiness once the model is rea
 With `training.workers: 2` the train Job is Indexed: both worker pods run at once, with
 what Kubernetes gives them (JOB_COMPLETION_INDEX, the job-name label, `$(VAR)` expanded in
 args) and the pod names cluster DNS would resolve through the headless Service mapped to
-127.0.0.1, so the rendered torchrun command lines rendezvous for real.
+127.0.0.1, so the rendered torchrun command lines rendezvous for real. Worker 1's pod is
+lost mid-run (every process in it SIGKILLed, its container killed) and a new pod for its
+index joins: the run completes, and export's wait never gives up meanwhile.
 
 Then the same for an upgrade (revision 2, more training data: a new run id) on the same
 volume: its waits ignore the first run's artifacts, export publishes version 2 because it
@@ -62,6 +64,7 @@ from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_trit
 from support.chart import REPO, arg, containers, find, pod_spec, render
 from support.engine import Container, Engine, cpus, memory
 from support.objectstore import LocalRadosgw
+from support.processes import kill_tree
 from support.replicas import Network, require_tools
 from support.serving import free_ports
 
@@ -369,6 +372,14 @@ class Rehearsal:
                     process.kill()
                     process.wait()
 
+    def lose(self, process: Running) -> None:
+        """The pod is lost (its node gone, or OOM-killed): every process in it at once."""
+        if isinstance(process, Container):
+            process.kill()
+        else:
+            kill_tree(process.pid)
+        process.wait()
+
     def log(self, tag: str) -> str:
         return f"{tag} failed:\n" + (self.logs / f"{tag}.log").read_text()[-4000:]
 
@@ -544,8 +555,11 @@ def read(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
-    """One release revision, in the chart's order; return its export outcome."""
+def rehearse(
+    r: Rehearsal, objects: list[dict[str, Any]], lose_worker: int | None = None
+) -> dict[str, Any]:
+    """One release revision, in the chart's order; return its export outcome. With
+    `lose_worker`, that worker's pod is lost mid-training and replaced."""
     train_pods = job_pods(find(objects, "Job", "train"))
     (export_pod,) = job_pods(find(objects, "Job", "export"))
     triton_pod = find(objects, "Deployment", "triton")["spec"]["template"]
@@ -577,12 +591,14 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
         # seed-data, then train, in every worker's pod at once (one pod unless workers > 1)
         for step in zip(*(containers(pod["spec"]) for pod in train_pods), strict=True):
             assert waits["wait-for-training"].poll() is None, "export started before training"
-            r.run_together(
-                [
-                    (container, pod, pod_tag("train", pod, container))
-                    for container, pod in zip(step, train_pods, strict=True)
-                ]
-            )
+            runs = [
+                (container, pod, pod_tag("train", pod, container))
+                for container, pod in zip(step, train_pods, strict=True)
+            ]
+            if lose_worker is not None and step[0]["name"] == "train":
+                replace_a_lost_worker(r, runs, lose_worker, run_id, waits["wait-for-training"])
+            else:
+                r.run_together(runs)
         assert read(r.storage / "checkpoints" / run_id / "metrics.json")["status"] == "complete"
         assert wait_exit(waits["wait-for-training"], 30) == 0, r.log("wait-for-training")
         assert waits["wait-for-export"].poll() is None, "Triton's wait let it start before export"
@@ -635,6 +651,41 @@ def rehearse(r: Rehearsal, objects: list[dict[str, Any]]) -> dict[str, Any]:
                 server.kill()
     assert server.returncode == 0, r.log("tritonserver")
     return outcome
+
+
+def replace_a_lost_worker(
+    r: Rehearsal,
+    runs: list[tuple[dict[str, Any], dict[str, Any], str]],
+    lost: int,
+    run_id: str,
+    wait_training: Running,
+) -> None:
+    """Worker `lost`'s pod is lost after the first checkpoint; the Indexed Job starts a new
+    pod for its index (the chart's podFailurePolicy retries what is not a usage error).
+    Worker 0's torchrun restarts its rank, the new pod joins the same rendezvous, and both
+    resume the run; export's wait holds throughout (the run says "retrying", not failed)."""
+    out = r.storage / "checkpoints" / run_id
+    processes = [r.start(*run) for run in runs]
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "resume.pth").exists():
+            assert all(p.poll() is None for p in processes), [r.log(t) for *_, t in runs]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        r.lose(processes[lost])
+        deadline = time.monotonic() + 120
+        while read(out / "metrics.json")["status"] != "retrying":
+            assert time.monotonic() < deadline, read(out / "metrics.json")
+            time.sleep(0.2)
+        assert wait_training.poll() is None, "export's wait gave up on a retried training"
+        container, pod, tag = runs[lost]
+        processes[lost] = r.start(container, pod, f"{tag}-replacement")
+        for process, (*_, tag) in zip(processes, runs, strict=True):
+            assert process.wait(600) == 0, r.log(tag)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                r.lose(process)
 
 
 def test_install_then_upgrade_run_from_the_charts_command_lines(
@@ -693,13 +744,14 @@ def test_an_object_storage_repository_is_rehearsed_against_radosgw(
     assert not (storage / "models").exists()  # the volume holds checkpoints and data only
 
 
-def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
+def test_two_workers_train_one_run_through_a_lost_worker_then_it_is_served(
     tmp_path: Path, engine: Engine | None
 ) -> None:
     """training.workers: 2 — both pods of the Indexed Job run the rendered command line
     (which starts torchrun) at once, with what Kubernetes injects (JOB_COMPLETION_INDEX,
-    JOB_NAME from the pod's label) and worker 0's DNS name resolving to this machine; then
-    the same export, Triton and client as one worker."""
+    JOB_NAME from the pod's label) and worker 0's DNS name resolving to this machine;
+    worker 1's pod is lost after the first checkpoint and replaced, and the run resumes;
+    then the same export, Triton and client as one worker."""
     (port,) = free_ports(1)  # the rendezvous: masterPort is a value
     extra_env = [
         {"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "1024"},
@@ -729,7 +781,7 @@ def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
     for pod in job_pods(find(objects, "Job", "train")):
         container, _ = r.resolve(pod["spec"]["containers"][0], pod)
         assert "--master-addr=127.0.0.1" in container["args"], container["args"]
-    outcome = rehearse(r, objects)
+    outcome = rehearse(r, objects, lose_worker=1)
     assert outcome["status"] == "published" and outcome["version"] == 1, outcome
 
     run_id = find(objects, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
@@ -742,7 +794,11 @@ def test_two_workers_train_one_run_under_torchrun_then_it_is_served(
         "model.pth",
         "train.log",
     ]
-    logs = [(r.logs / f"train-{index}-train.log").read_text() for index in (0, 1)]
+    names = ("train-0-train.log", "train-1-train-replacement.log")
+    logs = [(r.logs / name).read_text() for name in names]
+    # Worker 0's torchrun restarted its rank, which resumed with the replacement pod's.
+    for rank, log in enumerate(logs):
+        assert re.search(rf"rank {rank}: resuming run {run_id} at epoch \d+, step", log), log
     # Rank 0 alone wrote model.pth; both ranks ended with the same parameters.
     assert "rank 0: final test accuracy" in logs[0] and "final test accuracy" not in logs[1]
     assert "rank 1: done; rank 0 wrote" in logs[1]

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli
+from conftest import REPO, cli
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
 from support.ports import free_ports
+from support.processes import descendants
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 # Two ranks differ from one process only in BatchNorm (batch statistics over 32 images
@@ -76,23 +77,6 @@ def test_two_ranks_train_one_model_like_one_process(storage: Path) -> None:
     # The DDP-trained model is an ordinary run: export publishes it.
     cli("export", "--storage", storage, "--run-id", "ddp", check=True)
     assert (storage / "models" / "resnet18_mnist" / "1" / "model.onnx").is_file()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rank_of(pid: int) -> int | None:
@@ -197,6 +181,25 @@ def test_benchmark_quick_run_prints_figures(tmp_path: Path) -> None:
     assert "2 ranks / 1 process:" in result.stdout and "| 100 Gb/s | 16 |" in result.stdout
 
 
+def test_the_recorded_link_sweep_is_what_the_corrected_model_makes_of_it() -> None:
+    """docs/DISTRIBUTED.md quotes docs/benchmarks/links.json: its fit, its predictions and
+    its projections are the benchmark's own functions applied to its measured rows."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_distributed as bench
+
+    results = json.loads((REPO / "docs" / "benchmarks" / "links.json").read_text())
+    gradient_bytes = 4 * 11_175_370
+    fit = bench.corrected_model(results["links"], gradient_bytes)
+    assert fit == results["fit"]
+    for row in results["links"]:
+        predicted = bench.predicted_sync_seconds(row, gradient_bytes, fit)
+        assert row["corrected_sync_s"] == (predicted if predicted is None else round(predicted, 4))
+    step = results["node_step_seconds"]
+    assert results["projection"] == bench.scaling_model(step, 128, gradient_bytes, fit)
+    assert results["projection_fp16"] == bench.scaling_model(step, 128, gradient_bytes // 2, fit)
+    assert results["first_model"] == bench.scaling_model(step, 128, gradient_bytes)
+
+
 @pytest.mark.slow
 def test_run_interrupted_alone_resumes_on_two_ranks(storage: Path) -> None:
     """The saved state counts global steps, so another world size can pick it up."""
@@ -218,3 +221,20 @@ def test_run_interrupted_alone_resumes_on_two_ranks(storage: Path) -> None:
     )
     metrics = json.loads((run_dir(storage, "grow") / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_fp16_gradient_compression_reaches_every_rank_and_changes_the_model(storage: Path) -> None:
+    """The hook is DDP's own; what is ours is that the setting reaches it on every rank."""
+    args = ["--storage", str(storage), "--limit-train", "512", "--limit-test", "500"]
+    args += ["--batch-size", "64", "--epochs", "2", "--nproc-per-node", "2"]
+    digests = {}
+    for compression in ("none", "fp16"):
+        run_id = f"grad-{compression}"
+        cli("train", *args, "--run-id", run_id, "--gradient-compression", compression, check=True)
+        metrics = json.loads((run_dir(storage, run_id) / "metrics.json").read_text())
+        assert metrics["hyperparameters"]["gradient_compression"] == compression
+        assert metrics["status"] == "complete"
+        digests[compression] = metrics["parameters_sha256"]
+    # fp16 rounding of every all-reduced gradient: the same recipe ends in another model.
+    assert digests["none"] != digests["fp16"]

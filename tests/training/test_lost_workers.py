@@ -51,18 +51,20 @@ def nodes() -> Iterator[Nodes]:
 
 def start(nodes: Nodes, storage: Path, run_id: str, *args: str) -> list[subprocess.Popen[str]]:
     """Both workers, as the chart's Indexed Job starts them; their output in storage/."""
-    workers = []
-    for i in range(2):
-        command = [
-            *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
-            *("--run-id", run_id, "--nnodes", "2", "--node-rank", str(i)),
-            *("--master-addr", nodes.name(0), "--collective-timeout", str(COLLECTIVE_TIMEOUT)),
-            *TRAINING,
-            *args,
-        ]
-        log = storage / f"worker-{i}.log"
-        workers.append(nodes.popen(i, command, env={**os.environ}, log=log))
-    return workers
+    return [worker(nodes, storage, run_id, i, *args) for i in range(2)]
+
+
+def worker(
+    nodes: Nodes, storage: Path, run_id: str, i: int, *args: str, log: str = ""
+) -> subprocess.Popen[str]:
+    command = [
+        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
+        *("--run-id", run_id, "--nnodes", "2", "--node-rank", str(i)),
+        *("--master-addr", nodes.name(0), "--collective-timeout", str(COLLECTIVE_TIMEOUT)),
+        *TRAINING,
+        *args,
+    ]
+    return nodes.popen(i, command, env={**os.environ}, log=storage / (log or f"worker-{i}.log"))
 
 
 def logs(storage: Path) -> list[str]:
@@ -152,3 +154,30 @@ def test_a_partition_that_outlasts_the_restarts_ends_both_machines_in_bounded_ti
     metrics = json.loads((run_dir(storage, "parted") / "metrics.json").read_text())
     assert metrics["status"] == "retrying", metrics
     assert (run_dir(storage, "parted") / "resume.pth").is_file()
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.slow
+def test_a_machine_lost_as_the_run_completes_fails_nothing(
+    nodes: Nodes, storage: Path, uninterrupted: str
+) -> None:
+    """Node 1's torchrun is killed while its rank trains on: what node 0 sees when a pod is
+    lost just as the run completes. Node 0's torchrun then waits for a peer that will never
+    say it has finished; the run is complete, so node 0 succeeds soon after, and the pod
+    the Job starts for index 1 finds the run complete and succeeds at once."""
+    workers = start(nodes, storage, "lost-at-end")
+    first_checkpoint(storage, "lost-at-end", workers)
+    os.kill(parent(rank_process(nodes, 1)), signal.SIGKILL)
+    assert workers[1].wait(timeout=60) == 1  # this pod failed: the Job starts another
+    assert workers[0].wait(timeout=300) == 0, logs(storage)[0][-4000:]
+    metrics = json.loads((run_dir(storage, "lost-at-end") / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["parameters_sha256"] == uninterrupted
+    assert "another node was lost at the end; the run is done" in logs(storage)[0]
+
+    replacement = worker(nodes, storage, "lost-at-end", 1, log="replacement.log")
+    assert replacement.wait(timeout=120) == 0  # no rendezvous: node 0 is gone
+    output = (storage / "replacement.log").read_text()
+    assert "run lost-at-end is already complete (test accuracy" in output

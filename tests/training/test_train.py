@@ -235,6 +235,9 @@ def test_ctrl_c_on_a_terminal_records_the_interruption_and_says_how_to_resume(
         stdin=subprocess.DEVNULL,
         stdout=terminal,
         stderr=terminal,
+        # As in a terminal's foreground: a shell without job control starts its background
+        # commands (CI run with `&`) with SIGINT ignored, which Python then honours.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(terminal)
     chunks: list[bytes] = []

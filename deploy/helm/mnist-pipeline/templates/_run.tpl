@@ -41,7 +41,7 @@ alone: Triton's pin-version initContainer writes them into the config it serves.
 {{- define "mnist-pipeline.runInputs" -}}
 {{- $t := .Values.training }}
 {{- toJson (dict
-  "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm")
+  "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm" "gradientCompression")
   "export" (pick .Values.export "precision" "extraEnv")
   "model" .Values.model.name
   "pipelineImage" (include "mnist-pipeline.image" (dict "ctx" . "name" "pipeline"))) }}

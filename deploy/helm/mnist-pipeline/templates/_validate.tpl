@@ -37,6 +37,9 @@ its message, before any rank starts.
 {{- $errors = append $errors "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}
 {{- end }}
 {{- end }}
+{{- if and (ne .Values.training.gradientCompression "none") (le (int .Values.training.workers) 1) }}
+{{- $errors = append $errors (printf "training.gradientCompression %s compresses what the workers send each other: it needs training.workers > 1" .Values.training.gradientCompression) }}
+{{- end }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.placement" . | fromYamlArray) }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.claim" . | fromYamlArray) }}
 {{- range $stage := list "export" "client" }}
