@@ -124,13 +124,18 @@ def attempt_store(world: World, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"{ATTEMPTS_KEY}/{attempt}", store)
 
 
+# How gloo's RuntimeErrors say a peer went away: most name gloo's source file; a pair closed
+# because another operation on it timed out says only this (seen after a cut link).
+GLOO_LOST_PEER = ("/gloo/", "Application timeout caused pair closure")
+
+
 def lost_peer(e: BaseException) -> bool:
     """Whether `e` is a collective that failed because another rank went away (died,
-    partitioned, timed out): gloo reports a closed or silent connection as a RuntimeError
-    from its sources, the c10d store as a DistError."""
+    partitioned, timed out): gloo reports a closed or silent connection as a RuntimeError,
+    the c10d store as a DistError."""
     if isinstance(e, dist.DistError):
         return True
-    return type(e) is RuntimeError and "/gloo/" in str(e)
+    return type(e) is RuntimeError and any(sign in str(e) for sign in GLOO_LOST_PEER)
 
 
 def retried() -> bool:

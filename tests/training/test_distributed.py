@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, cli
+from mnist_pipeline import distributed
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
 from support.ports import free_ports
@@ -179,6 +180,22 @@ def test_benchmark_quick_run_prints_figures(tmp_path: Path) -> None:
         (gbps, nodes) for gbps in (10, 25, 100) for nodes in (1, 2, 4, 8, 16)
     }
     assert "2 ranks / 1 process:" in result.stdout and "| 100 Gb/s | 16 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        # gloo's words, as its ranks raised them in tests/training/test_lost_workers.py
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error"), True),
+        (RuntimeError("Application timeout caused pair closure"), True),
+        (torch.distributed.DistError("wait timeout after 10000ms"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("/gloo/ in a message of another kind"), False),
+    ],
+)
+def test_a_lost_peer_is_told_from_other_failures(error: BaseException, lost: bool) -> None:
+    """A lost peer is retried (`retrying`); anything else is a failure of the run itself."""
+    assert distributed.lost_peer(error) is lost
 
 
 def test_the_recorded_link_sweep_is_what_the_corrected_model_makes_of_it() -> None:
