@@ -23,6 +23,7 @@ without fp16 gradients on every seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +113,9 @@ def corrected_model(rows: list[dict[str, Any]], gradient_bytes: int) -> dict[str
     achieves (one bucket: nothing overlaps, the all-reduce is all there is to see) and the
     share of the compute that hides the all-reduce (DDP's default buckets)."""
     shaped = [r for r in rows if r["link_mbit"] and r["hook"] == "fp32"]
-    whole = [r for r in shaped if r["bucket_mb"] * 1e6 >= gradient_bytes]
+    whole = [r for r in shaped if one_bucket(r, gradient_bytes)]
     efficiency = statistics.median(r["modelled_sync_s"] / r["sync_s"] for r in whole)
-    bucketed = [r for r in shaped if r["bucket_mb"] * 1e6 < gradient_bytes]
+    bucketed = [r for r in shaped if not one_bucket(r, gradient_bytes)]
     hidden = statistics.median(
         max(0.0, r["modelled_sync_s"] / efficiency - r["sync_s"]) / r["compute_s"] for r in bucketed
     )
@@ -122,6 +124,11 @@ def corrected_model(rows: list[dict[str, Any]], gradient_bytes: int) -> dict[str
         "hidden_share": round(hidden, 3),
         "last_bucket_share": round(last_bucket_share(), 3),
     }
+
+
+def one_bucket(row: dict[str, Any], gradient_bytes: int) -> bool:
+    """Whether the row's bucket cap holds every gradient: one all-reduce, after the backward."""
+    return bool(row["bucket_mb"] * 1e6 >= gradient_bytes)
 
 
 def last_bucket_share(bucket_mb: float = 25) -> float:
@@ -151,7 +158,7 @@ def predicted_sync_seconds(
         return None
     sent = gradient_bytes // 2 if row["hook"] == "fp16" else gradient_bytes
     allreduce = ring_allreduce_seconds(2, sent, row["link_mbit"] / 1000) / fit["efficiency"]
-    if row["bucket_mb"] * 1e6 >= gradient_bytes:
+    if one_bucket(row, gradient_bytes):
         return allreduce
     return exposed_seconds(allreduce, row["compute_s"], fit)
 
@@ -224,6 +231,17 @@ def projection_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def own_thread_counts() -> Iterator[None]:
+    """Without OMP_NUM_THREADS, for each run's --threads / --nproc-per-node to set its own."""
+    saved = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
 SEEDS = (0, 1, 2)
 COMPRESSIONS = ("none", "fp16")
 
@@ -232,21 +250,16 @@ def compression_accuracy(out: Path, measured_on: dict[str, Any]) -> int:
     """The default recipe (all 60 000 images, 1 epoch) on 2 ranks, with and without fp16
     gradient compression, on every seed: the accuracy a default must keep (>= 99.0%)."""
     runs = []
-    env_threads = os.environ.pop("OMP_NUM_THREADS", None)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
-            storage = Path(tmp)
-            data.place(storage)
-            for seed in SEEDS:
-                for compression in COMPRESSIONS:
-                    print(f"seed {seed}: {compression} …", file=sys.stderr, flush=True)
-                    args = ["--nproc-per-node", "2", "--seed", str(seed),
-                            "--gradient-compression", compression]  # fmt: skip
-                    run = train(storage, f"{compression}-{seed}", args)
-                    runs.append({"seed": seed, "gradient_compression": compression, **run})
-    finally:
-        if env_threads is not None:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    with own_thread_counts(), tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
+        storage = Path(tmp)
+        data.place(storage)
+        for seed in SEEDS:
+            for compression in COMPRESSIONS:
+                print(f"seed {seed}: {compression} …", file=sys.stderr, flush=True)
+                args = ["--nproc-per-node", "2", "--seed", str(seed),
+                        "--gradient-compression", compression]  # fmt: skip
+                run = train(storage, f"{compression}-{seed}", args)
+                runs.append({"seed": seed, "gradient_compression": compression, **run})
     results = {"machine": {**measured_on, "load_average_end": load_average()}, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     measured_on = machine()
     if args.compression_accuracy:
         return compression_accuracy(args.out or Path("docs/benchmarks"), measured_on)
-    gradient_bytes = sum(p.numel() for p in model.build().parameters()) * 4
+    parameters = sum(p.numel() for p in model.build().parameters())
+    gradient_bytes = parameters * 4
     if args.links_only:
         return links_only(args.out or Path("docs/benchmarks"), gradient_bytes, measured_on)
     images = 1024 if args.quick else args.limit_train
@@ -350,22 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         "two_ranks_1_thread": [*recipe, "--nproc-per-node", "2"],
     }
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    env_threads = os.environ.pop("OMP_NUM_THREADS", None)  # each config sets its own
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
-            storage = Path(tmp)
-            data.place(storage)
-            for i in range(repeats):
-                # Alternate the order: on a shared machine the load drifts between runs.
-                for name in sorted(configs, reverse=bool(i % 2)):
-                    print(f"round {i + 1}: {name} …", file=sys.stderr, flush=True)
-                    rounds[name].append(train(storage, f"{name}-{i}", configs[name]))
-    finally:
-        if env_threads is not None:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    with own_thread_counts(), tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
+        storage = Path(tmp)
+        data.place(storage)
+        for i in range(repeats):
+            # Alternate the order: on a shared machine the load drifts between runs.
+            for name in sorted(configs, reverse=bool(i % 2)):
+                print(f"round {i + 1}: {name} …", file=sys.stderr, flush=True)
+                rounds[name].append(train(storage, f"{name}-{i}", configs[name]))
     one, two = (median_run(rounds[name]) for name in configs)
-    parameters = sum(p.numel() for p in model.build().parameters())
-    gradient_bytes = parameters * 4
     step_seconds = batch / one["images_per_s"]
     results = {
         "machine": {**measured_on, "load_average_end": load_average()},

@@ -24,6 +24,7 @@ import pytest
 from conftest import cli
 from mnist_pipeline.storage import run_dir
 from support.netnodes import Link, Nodes
+from support.processes import parent
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 TRAINING = ["--threads", "1", "--checkpoint-every", "4", *SUBSET]
@@ -157,10 +158,6 @@ def test_a_partition_that_outlasts_the_restarts_ends_both_machines_in_bounded_ti
     metrics = json.loads((run_dir(storage, "parted") / "metrics.json").read_text())
     assert metrics["status"] == "retrying", metrics
     assert (run_dir(storage, "parted") / "resume.pth").is_file()
-
-
-def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 @pytest.mark.slow
