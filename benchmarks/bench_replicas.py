@@ -42,6 +42,7 @@ def pinned_repository(storage: Path, dest: Path) -> Path:
         sys.executable, "-m", "mnist_pipeline", "pin", "--storage", str(storage),
         "--served-repository", str(dest), "--model-name", MODEL, "--model-version", "",
         "--server-cpus", "1", "--instance-count", "1", "--instance-kind", "cpu",
+        "--triton-backend", "python",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
     return dest

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -383,23 +384,34 @@ def export(
     )
 
 
-def local_triton(repository: Path, o: dict[str, Any], **more: Any) -> Any:
+def local_triton(served: Path, o: dict[str, Any], **more: Any) -> Any:
     from mnist_pipeline.serve import LocalTriton
 
     return LocalTriton(
-        repository,
+        served,
         host=o["host"],
         http_port=o["http_port"],
         grpc_port=o["grpc_port"],
         metrics_port=o["metrics_port"],
         ready_timeout=o["ready_timeout"],
-        backend_dir=o["backend_directory"],
         **more,
     )
 
 
+def pin_config(o: dict[str, Any]) -> Any:
+    """The Triton settings pin writes: the repository's config but for these."""
+    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
+
+    return TritonConfig(
+        name=o["model_name"],
+        instance_count=o["instance_count"],
+        instance_kind=INSTANCE_KINDS[o["instance_kind"]],
+        server_cpus=o["server_cpus"],
+    )
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
-@options(s.STORAGE, s.MODEL_REPOSITORY, s.WORKDIR, s.SERVER, s.LOG_VERBOSE)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.PIN, s.WORKDIR, s.SERVER, s.LOG_VERBOSE)
 @click.argument("triton_args", nargs=-1, type=click.UNPROCESSED)
 @stage
 def serve(
@@ -410,23 +422,26 @@ def serve(
     triton_args: tuple[str, ...],
     **o: Any,
 ) -> None:
-    """Serve the model repository with a local Triton Inference Server until stopped.
+    """Serve a model of the repository with a local Triton Inference Server until stopped.
 
     \b
-    Runs the tritonserver 2.51 bundled in the nvidia-pytriton wheel with Triton's own
-    onnxruntime backend (r24.10, ONNX Runtime 1.19.2, as in the tritonserver:24.10-py3
-    image), on the repository as it is. Other options (TRITON_ARGS, e.g.
-    --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
-    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C. An object-storage
-    repository is first downloaded (each model's config and newest version, checked)
-    into a temporary folder, removed on exit.
+    Pins the model's --model-version (the newest by default) into the work folder as
+    `pin --triton-backend python` does (checked against its metadata.json), then runs
+    the tritonserver 2.51 bundled in the nvidia-pytriton wheel on it: Triton's python
+    backend running the exported model.onnx with ONNX Runtime. Other options
+    (TRITON_ARGS, e.g. --pinned-memory-pool-byte-size=0) go to tritonserver untouched.
+    Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C. From an
+    object-storage repository the version is downloaded and checked.
     """
-    from mnist_pipeline.serve import serve_forever, served_from
-    from mnist_pipeline.storage import repository_at
+    from mnist_pipeline.serve import pinned, serve_forever
 
     more = {"workdir": workdir, "log_verbose": log_verbose, "extra_args": triton_args}
-    with served_from(repository_at(model_repository, storage)) as folder:
-        serve_forever(local_triton(folder, o, **more))
+    with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
+        served = pinned(
+            storage, Path(temp), pin_config(o), o["model_version"], o["run_id"],
+            repo=model_repository,
+        )  # fmt: skip
+        serve_forever(local_triton(served, o, **more))
 
 
 @cli.command()
@@ -468,13 +483,13 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
     from mnist_pipeline import export as export_stage
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
-    from mnist_pipeline.serve import check_backend, check_port_free
-    from mnist_pipeline.storage import models_dir
+    from mnist_pipeline.serve import check_port_free, pinned, wheel_server
 
     cfg = config(train_stage.TrainConfig, o)
     triton = triton_config(o)
     unwind_on_sigterm()
-    check_backend(o["backend_directory"])  # before minutes of training, not after
+    with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
+        wheel_server(Path(temp))  # a missing server: before minutes of training, not after
     for port in (o["http_port"], o["grpc_port"], o["metrics_port"]):
         check_port_free(o["host"], port)  # before minutes of training, not after
     place(storage, source)
@@ -483,9 +498,11 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
     metrics = train_locally(storage, cfg, o)
     publish = {"min_improvement": o["min_improvement"], "precision": o["precision"]}
     outcome = export_stage.export(storage, triton, run_id=run_id, **publish)
-    with local_triton(models_dir(storage), o) as server:
-        infer_cfg = config(client.InferConfig, o, url=server.grpc_url)
-        report = client.infer(storage, infer_cfg, run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
+        served = pinned(storage, Path(temp), pin_config(o), "run", run_id)
+        with local_triton(served, o) as server:
+            infer_cfg = config(client.InferConfig, o, url=server.grpc_url)
+            report = client.infer(storage, infer_cfg, run_id=run_id)
     click.echo(summary(storage, run_id, metrics, outcome, report))
 
 
@@ -625,8 +642,7 @@ def prune(
 
 
 @cli.command()
-@options(s.STORAGE, s.MODEL_REPOSITORY, s.SERVED_REPOSITORY, s.MODEL_VERSION, s.RUN_ID)
-@options(s.MODEL_NAME, s.SERVER_CPUS, s.INSTANCE_COUNT, s.INSTANCE_KIND)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.SERVED_REPOSITORY, s.PIN, s.TRITON_BACKEND)
 @stage
 def pin(
     storage: Path,
@@ -634,37 +650,38 @@ def pin(
     served_repository: Path,
     model_version: str,
     run_id: str | None,
+    triton_backend: str,
     **o: Any,
 ) -> None:
-    """Write the model repository one Triton pod serves: one version, this pod's settings.
+    """Write the model repository one Triton serves: one version, this server's settings.
 
-    SERVED_REPOSITORY/MODEL_NAME/config.pbtxt is the volume's, with this pod's instance
-    groups (--instance-count of --instance-kind), ONNX Runtime threads (max(1,
+    SERVED_REPOSITORY/MODEL_NAME/config.pbtxt is the repository's, with this server's
+    instance groups (--instance-count of --instance-kind), ONNX Runtime threads (max(1,
     --server-cpus // --instance-count)) and a version_policy naming the one version
-    (--model-version), linked from the volume. The chart's Triton initContainer runs it,
-    so `helm rollback` re-serves the old run's version and serving settings reach Triton
-    without retraining. Re-runnable. With an object-storage --model-repository the
-    version (and, for --model-version run, the run's record) is read from the bucket
-    and its files downloaded into SERVED_REPOSITORY, each checked against the sha256
-    metadata.json records: no volume needed.
+    (--model-version), whose files are linked from the volume once checked against the
+    sha256 its metadata.json records. --triton-backend says what the server runs it
+    with: onnxruntime (NVIDIA's tritonserver images) serves the config as exported;
+    python (the nvidia-pytriton wheel's tritonserver, the project's CPU image) adds the
+    project's model.py and names Triton's python backend instead, every other field
+    unchanged. The chart's Triton initContainer runs it, so `helm rollback` re-serves the
+    old run's version and serving settings reach Triton without retraining; `serve` runs
+    it into its work folder. Re-runnable. With an object-storage --model-repository the
+    version (and, for --model-version run, the run's record) is read from the bucket and
+    its files downloaded and checked: no volume needed.
     """
-    from mnist_pipeline.repository import (
-        INSTANCE_KINDS,
-        TritonConfig,
-        locked,
-        write_served_repository,
-    )
+    from mnist_pipeline.repository import locked, write_served_repository
 
-    cfg = TritonConfig(
-        name=o["model_name"],
-        instance_count=o["instance_count"],
-        instance_kind=INSTANCE_KINDS[o["instance_kind"]],
-        server_cpus=o["server_cpus"],
-    )
+    cfg = pin_config(o)
     # Shared: pins read at once; an export or prune changing the versions waits for them.
     with locked(storage, cfg.name, shared=True):
         write_served_repository(
-            storage, served_repository, cfg, model_version, run_id, repo=model_repository
+            storage,
+            served_repository,
+            cfg,
+            model_version,
+            run_id,
+            repo=model_repository,
+            backend=triton_backend,
         )
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -485,33 +484,3 @@ class S3Model:
         assert meta is not None
         atomic_write_json(dest / METADATA_FILE, meta)
         return meta
-
-
-def download_repository(repo: ModelRepository, dest: Path) -> list[str]:
-    """Every model under the prefix with its config.pbtxt and its newest version, checked,
-    into the folder `dest`: what `serve` starts Triton on. Returns the model names."""
-    bucket = Bucket(repo)
-    names = []
-    for name in bucket.folders(repo.key() + "/" if repo.prefix else ""):
-        if name.startswith("."):
-            continue
-        model = S3Model(repo, name)
-        found = model.versions()
-        if not found:
-            continue
-        atomic_write_text(dest / name / CONFIG_FILE, model.config_text())
-        model.download_version(found[-1], dest / name / str(found[-1]))
-        log.info("downloaded %s version %d", model.url(), found[-1])
-        names.append(name)
-    if not names:
-        raise UsageError(
-            f"model repository {repo} holds no servable model; run `mnist-pipeline export`"
-        )
-    return names
-
-
-def staging_folder(parent: Path, prefix: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o755)  # readable by a Triton running as another user
-    return path

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,6 +61,12 @@ from mnist_pipeline.storage import (
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
+# Triton's python backend model that serves PLATFORM's model for a server without the
+# onnxruntime backend, shipped in the package and placed beside model.onnx by pin.
+PYTHON_MODEL_PATH = "python_backend/model.py"
+PYTHON_MODEL_FILE = "model.py"
+# Where pin assembles a version before renaming it into place (Triton skips dot-names).
+PLACING_PREFIX = ".placing-"
 # export --instance-kind → config.pbtxt instance_group kind.
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
@@ -444,53 +451,66 @@ def write_served_repository(
     wanted: str,
     run_id: str | None = None,
     repo: ModelRepository | None = None,
+    backend: str = "onnxruntime",
 ) -> int:
-    """Write the repository one Triton pod serves into `out` (the pod's emptyDir): the
-    repository's config.pbtxt with this pod's instance groups and ONNX Runtime threads
-    (cfg) and a version_policy naming one version, plus that version: a link to it on the
-    volume, or with an object-storage repository its files, downloaded and checked.
+    """Write the repository one Triton serves into `out` (a pod's emptyDir, `serve`'s work
+    folder): the repository's config.pbtxt with this server's instance groups and ONNX
+    Runtime threads (cfg), its `backend` and a version_policy naming one version, plus that
+    version, checked against its metadata.json: a link to it on the volume, or with an
+    object-storage repository its files, downloaded and checked.
 
     `wanted` is a --model-version: "run" (the version `run_id`'s export chose), N, or ""
-    (the newest). Settings of the pod, not of the run, so they reach Triton without a new
-    export. Re-runnable on the same `out` (init containers re-run when a pod sandbox is
-    re-created): every file is replaced, other versions removed.
+    (the newest). `backend` is what the server runs the model with: "onnxruntime" serves
+    the repository as exported; "python" (a tritonserver without that backend) serves the
+    same model through the project's model.py, placed in the version folder. Settings of
+    the server, not of the run, so they reach Triton without a new export. Re-runnable on
+    the same `out` (init containers re-run when a pod sandbox is re-created): every file is
+    replaced, other versions removed.
     """
     cfg.validate()
+    if backend == "python" and cfg.instance_kind != INSTANCE_KINDS["cpu"]:
+        raise UsageError(
+            "--instance-kind gpu needs --triton-backend onnxruntime: the python backend's "
+            "model.py runs ONNX Runtime on the CPU"
+        )
     repo = repo or ModelRepository(folder=models_dir(storage))
     records = export_records(storage, repo, cfg.name)
     resolved = resolve_served_version(storage, cfg.name, wanted, run_id, records)
     served = out / cfg.name
     served.mkdir(parents=True, exist_ok=True)
-    if repo.is_s3:
-        from mnist_pipeline import objectstore
+    staging = placing_folder(served)
+    try:
+        if repo.is_s3:
+            from mnist_pipeline import objectstore
 
-        model = objectstore.S3Model(repo, cfg.name)
-        version = served_version(model.versions(), resolved, model.url())
-        config_text = model.config_text()
-        download = objectstore.staging_folder(served, f".download-{version}-")
-        try:
-            model.download_version(version, download)
-            atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version))
-            place_only_version(served, download, version)
-        finally:
-            shutil.rmtree(download, ignore_errors=True)
-    else:
-        assert repo.folder is not None
-        model_path = repo.folder / cfg.name
-        version = served_version(servable_versions(model_path), resolved, str(model_path))
-        for why in (version_damage(model_path / str(version)), config_damage(model_path)):
-            if why:  # Triton would refuse it and, with model control mode none, not start
-                raise PipelineFailure(
-                    f"cannot serve version {version} of {cfg.name}: {why}; "
-                    + republish_hint(partial(folder_metadata, model_path), version)
-                )
-        config_text = (model_path / CONFIG_FILE).read_text()
-        atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version))
-        link_only_version(served, model_path / str(version))
+            model = objectstore.S3Model(repo, cfg.name)
+            version = served_version(model.versions(), resolved, model.url())
+            config_text = model.config_text()
+            model.download_version(version, staging)
+        else:
+            assert repo.folder is not None
+            model_path = repo.folder / cfg.name
+            version = served_version(servable_versions(model_path), resolved, str(model_path))
+            for why in (version_damage(model_path / str(version)), config_damage(model_path)):
+                if why:  # Triton would refuse it and, with model control mode none, not start
+                    raise PipelineFailure(
+                        f"cannot serve version {version} of {cfg.name}: {why}; "
+                        + republish_hint(partial(folder_metadata, model_path), version)
+                    )
+            config_text = (model_path / CONFIG_FILE).read_text()
+            link_files(staging, (model_path / str(version)).resolve())
+        if backend == "python":
+            atomic_write_text(staging / PYTHON_MODEL_FILE, python_model_source())
+        atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version, backend))
+        place_only_version(served, staging, version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info(
-        "serving %s version %d alone: %d %s instance(s), %d thread(s) each",
+        "serving %s version %d alone with Triton's %s backend: %d %s instance(s), "
+        "%d thread(s) each",
         cfg.name,
         version,
+        backend,
         cfg.instance_count,
         cfg.instance_kind,
         cfg.intra_op_threads,
@@ -498,11 +518,36 @@ def write_served_repository(
     return version
 
 
-def pod_config(config_text: str, cfg: TritonConfig, version: int) -> str:
-    """The repository's config.pbtxt with this pod's instance groups, threads and version."""
+def placing_folder(served: Path) -> Path:
+    """A folder beside the served versions where the next one is assembled (Triton skips
+    its name), readable by a Triton running as another user."""
+    path = Path(tempfile.mkdtemp(dir=served, prefix=PLACING_PREFIX))
+    os.chmod(path, 0o755)
+    return path
+
+
+def link_files(folder: Path, version_path: Path) -> None:
+    """Link each file of a published version into `folder`: absolute links, which resolve
+    wherever the served repository is read from."""
+    for path in sorted(version_path.iterdir()):
+        if path.is_file():
+            (folder / path.name).symlink_to(path)
+
+
+def python_model_source() -> str:
+    """The model.py of Triton's python backend that runs the model on ONNX Runtime."""
+    return resources.files("mnist_pipeline").joinpath(PYTHON_MODEL_PATH).read_text()
+
+
+def pod_config(config_text: str, cfg: TritonConfig, version: int, backend: str) -> str:
+    """The repository's config.pbtxt with this server's backend, instance groups, threads
+    and version; every other field (name, batching, tensors) as exported."""
     from google.protobuf import text_format
 
     config = parse_config(config_text)
+    if backend == "python":
+        config.platform = ""
+        config.backend = "python"
     del config.instance_group[:]
     config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
     config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
@@ -524,27 +569,15 @@ def served_version(found: list[int], resolved: str, where: str) -> int:
     return int(resolved)
 
 
-def place_only_version(served: Path, download: Path, version: int) -> None:
-    """Rename the downloaded folder to `served/<version>`, the only version there."""
+def place_only_version(served: Path, staging: Path, version: int) -> None:
+    """Rename the assembled folder to `served/<version>`, the only version there."""
     for stale in served.iterdir():
-        if is_version_name(stale.name) or stale.name.startswith(".download-"):
-            if stale == download:
-                continue
+        if stale == staging:
+            continue
+        if is_version_name(stale.name) or stale.name.startswith(PLACING_PREFIX):
             if stale.is_symlink() or not stale.is_dir():
                 stale.unlink()
             else:
                 shutil.rmtree(stale)
-    os.rename(download, served / str(version))
+    os.rename(staging, served / str(version))
     fsync_dir(served)
-
-
-def link_only_version(served: Path, version_path: Path) -> None:
-    """Make `served/<version>` a link to `version_path`, and the only version there."""
-    link = served / version_path.name
-    for stale in served.iterdir():
-        if is_version_name(stale.name) and stale != link:
-            stale.unlink()
-    temp = served / f".link-{version_path.name}"
-    temp.unlink(missing_ok=True)
-    temp.symlink_to(version_path)
-    os.replace(temp, link)

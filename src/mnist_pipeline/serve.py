@@ -1,10 +1,10 @@
-"""Serve the Triton model repository with a real, local Triton Inference Server.
+"""Serve the model with a real, local Triton Inference Server.
 
-Locally as in Kubernetes: the `tritonserver` 2.51 binary bundled in the nvidia-pytriton
-wheel serves the repository as it is (`platform: "onnxruntime_onnx"`) with Triton's own
-ONNX Runtime backend (release r24.10, the one of the chart's tritonserver:24.10-py3
-image), built CPU-only by scripts/build_triton_backend.sh into `BACKEND_DIR/onnxruntime/`
-against that image's ONNX Runtime 1.19.2.
+The `tritonserver` 2.51 bundled in the nvidia-pytriton wheel has one backend, Triton's
+python backend: what it serves is a repository `pin` wrote with `--triton-backend python`
+(the exported model, its config as exported but for the backend, and the project's
+model.py running ONNX Runtime from PyPI). `serve` and `run` pin into their work folder,
+then start it; the chart's pods do the same in two containers.
 
 `LocalTriton` is the reusable piece (used by `serve`, `run`, the tests and benchmarks):
 it starts tritonserver in its own process group (killed with it if this process dies),
@@ -21,33 +21,28 @@ import logging
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from mnist_pipeline import repository, settings, storage
 from mnist_pipeline.storage import PipelineFailure, UsageError
-
-if TYPE_CHECKING:
-    from tritonclient.grpc import model_config_pb2
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = settings.HTTP_PORT.default
 DEFAULT_GRPC_PORT = settings.GRPC_PORT.default
 DEFAULT_METRICS_PORT = settings.METRICS_PORT.default
-ONNX_BACKEND = "onnxruntime"
-BACKEND_LIBRARY = "libtriton_onnxruntime.so"
-DEFAULT_BACKEND_DIR: Path = settings.BACKEND_DIRECTORY.default
-BUILD_REMEDY = "build it with `make backend` (scripts/build_triton_backend.sh DIR)"
 PR_SET_PDEATHSIG = 1
 
 
@@ -61,61 +56,52 @@ def locate_tritonserver() -> Path:
     return binary
 
 
-def check_backend(backend_dir: Path) -> Path:
-    """The backend directory, once it holds the built onnxruntime backend; exit 2 if not."""
-    library = backend_dir / ONNX_BACKEND / BACKEND_LIBRARY
-    if not library.is_file():
-        raise UsageError(f"no Triton onnxruntime backend at {library}: {BUILD_REMEDY}")
-    return backend_dir
+def wheel_server(backends: Path) -> tuple[list[str], dict[str, str]]:
+    """The wheel's tritonserver with its python backend: the command line's start and the
+    environment to add. `backends` becomes its --backend-directory: python/ holding the
+    backend, its utilities and the stub for this Python, linked from the wheel."""
+    binary = locate_tritonserver()
+    wheel = binary.parents[1]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    files = [
+        wheel / "backends" / "python" / "libtriton_python.so",
+        wheel / "backends" / "python" / "triton_python_backend_utils.py",
+        wheel / "python_backend_stubs" / python / "triton_python_backend_stub",
+    ]
+    folder = backends / "python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"{path}: missing from the nvidia-pytriton wheel (Python {python})")
+        link = folder / path.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(path)
+    # The stub links libpython and the wheel's CUDA runtime; model.py finds onnxruntime
+    # in this environment's site-packages through PYTHONPATH.
+    libraries = [
+        sysconfig.get_config_var("LIBDIR"),
+        str(binary.parents[3] / "nvidia_pytriton.libs"),
+    ]
+    env = {
+        "LD_LIBRARY_PATH": search_path(libraries, "LD_LIBRARY_PATH"),
+        "PYTHONPATH": search_path(site.getsitepackages(), "PYTHONPATH"),
+    }
+    return [str(binary), f"--backend-directory={backends.resolve()}"], env
 
 
-def read_config(path: Path) -> model_config_pb2.ModelConfig:
-    """Parse config.pbtxt with Triton's own schema; a typo is an error naming the file."""
-    from google.protobuf import text_format
-
-    try:
-        return repository.parse_config(path.read_text())
-    except text_format.ParseError as e:
-        raise UsageError(f"{path}: not a valid Triton model config: {e}") from e
+def search_path(first: list[str], variable: str) -> str:
+    """`first`, then what the variable already holds."""
+    inherited = [p for p in os.environ.get(variable, "").split(os.pathsep) if p]
+    return os.pathsep.join([*first, *inherited])
 
 
-def check_repository(source: Path) -> list[str]:
-    """The names of the models Triton will load from `source`; UsageError (exit 2) for
-    what cannot be served, before a server is started."""
-    if not source.is_dir():
-        raise UsageError(f"model repository {source} does not exist; run `mnist-pipeline export`")
-    names = []
-    for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        if model_dir.name.startswith("."):
-            continue  # an interrupted export's staging folder, which Triton ignores too
-        config_path = model_dir / storage.CONFIG_FILE
-        if not config_path.is_file():
-            raise UsageError(f"{model_dir}: no {storage.CONFIG_FILE}")
-        config = read_config(config_path)
-        if config.platform != repository.PLATFORM and config.backend != ONNX_BACKEND:
-            raise UsageError(
-                f"{config_path}: platform {config.platform!r} backend {config.backend!r}: the "
-                f"local Triton serves only {repository.PLATFORM} models"
-            )
-        found = storage.versions(model_dir)
-        if not found:
-            raise UsageError(f"{model_dir}: no version folder (1/, 2/, …)")
-        newest = model_dir / str(found[-1])
-        # Only a version that records its checksum can be checked: a repository
-        # another tool wrote is Triton's to judge.
-        recorded = (newest / storage.METADATA_FILE).is_file()
-        if recorded and (why := repository.version_damage(newest)):
-            # Triton would refuse the version it serves and, with model control mode none,
-            # not start at all.
-            raise PipelineFailure(
-                f"the version Triton would serve is damaged: {why}; "
-                + repository.republish_hint(
-                    functools.partial(repository.folder_metadata, model_dir), found[-1]
-                )
-            )
-        names.append(config.name or model_dir.name)
+def served_models(served: Path) -> list[str]:
+    """The models of a repository pin wrote; UsageError (exit 2) if there are none."""
+    names = sorted(
+        p.name for p in served.glob("*") if p.is_dir() and (p / storage.CONFIG_FILE).is_file()
+    )
     if not names:
-        raise UsageError(f"model repository {source} holds no model; run `mnist-pipeline export`")
+        raise UsageError(f"{served} holds no model: write it with `mnist-pipeline pin`")
     return names
 
 
@@ -170,15 +156,16 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 class LocalTriton:
-    """A tritonserver process serving `model_repository` with the onnxruntime backend.
+    """A tritonserver process serving `served`, a repository `pin` wrote for the python
+    backend (`pinned` below).
 
-    with LocalTriton(storage / "models", grpc_port=8001) as server:
+    with LocalTriton(served, grpc_port=8001) as server:
         ... server.grpc_url ...
     """
 
     def __init__(
         self,
-        model_repository: Path,
+        served: Path,
         workdir: Path | None = None,
         host: str = "127.0.0.1",
         http_port: int = DEFAULT_HTTP_PORT,
@@ -186,11 +173,9 @@ class LocalTriton:
         metrics_port: int = DEFAULT_METRICS_PORT,
         log_verbose: int = 0,
         ready_timeout: float = 120.0,
-        backend_dir: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.model_repository = model_repository
-        self.backend_dir = backend_dir or DEFAULT_BACKEND_DIR
+        self.served = served
         # Passed to tritonserver untouched, after ours: for a repeated flag the last wins.
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
@@ -234,18 +219,16 @@ class LocalTriton:
     def start(self) -> None:
         if self.process is not None:
             raise RuntimeError("this LocalTriton is already started")
-        binary = locate_tritonserver()
-        backends = check_backend(self.backend_dir)
-        self.models = check_repository(self.model_repository)
+        self.models = served_models(self.served)
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             check_port_free(self.host, port)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="mnist-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        server, env = wheel_server(self.workdir / "backends")
         cmd = [
-            str(binary),
-            f"--model-repository={self.model_repository.resolve()}",
-            f"--backend-directory={backends.resolve()}",
+            *server,
+            f"--model-repository={self.served.resolve()}",
             "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -265,6 +248,7 @@ class LocalTriton:
             self.process = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **env},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
@@ -345,23 +329,20 @@ class LocalTriton:
         self.stop()
 
 
-@contextlib.contextmanager
-def served_from(repo: storage.ModelRepository) -> Iterator[Path]:
-    """The folder Triton serves for `repo`: the folder itself, or for object storage a
-    temporary folder with each model's config and newest version, downloaded and checked
-    (removed on exit)."""
-    if not repo.is_s3:
-        assert repo.folder is not None
-        yield repo.folder
-        return
-    from mnist_pipeline import objectstore
-
-    folder = Path(tempfile.mkdtemp(prefix="mnist-served-"))
-    try:
-        objectstore.download_repository(repo, folder)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def pinned(
+    storage: Path,
+    served: Path,
+    cfg: repository.TritonConfig,
+    wanted: str = "",
+    run_id: str | None = None,
+    repo: storage.ModelRepository | None = None,
+) -> Path:
+    """`served` with `cfg.name`'s version `wanted` pinned for this server (`pin`'s
+    --triton-backend python): what LocalTriton starts on."""
+    repository.write_served_repository(
+        storage, served, cfg, wanted, run_id, repo=repo, backend="python"
+    )
+    return served
 
 
 def serve_forever(server: LocalTriton) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +226,7 @@ GRADIENT_COMPRESSIONS = ("none", "fp16")
 PRECISIONS = ("fp32", "int8")
 INSTANCE_KINDS = ("cpu", "gpu")
 LB_POLICIES = ("auto", "round_robin", "pick_first")
+TRITON_BACKENDS = ("onnxruntime", "python")
 
 
 def _port(name: str, default: int, what: str) -> Setting:
@@ -446,13 +446,14 @@ METRICS_PORT = _port("metrics_port", 8002, "Prometheus metrics")
 READY_TIMEOUT = Setting(
     "ready_timeout", 120.0, "Seconds to wait for Triton to load the models.", min=1
 )
-BACKEND_DIRECTORY = Setting(
-    "backend_directory",
-    Path(sys.prefix) / "triton-backends",  # where `make backend` builds it
-    "Triton backends folder holding onnxruntime/libtriton_onnxruntime.so (built by `make "
-    "backend`).",
-    default_text="triton-backends in the Python environment",
-    path="dir",
+TRITON_BACKEND = Setting(
+    "triton_backend",
+    "onnxruntime",
+    "What the serving tritonserver runs the model with: onnxruntime (NVIDIA's tritonserver "
+    "images: config.pbtxt as exported) or python (the nvidia-pytriton wheel's tritonserver, "
+    "the project's CPU image: its python backend running the project's model.py on ONNX "
+    "Runtime; CPU only).",
+    choices=TRITON_BACKENDS,
 )
 MODEL_REPOSITORY = Setting(
     "model_repository",
@@ -599,7 +600,10 @@ TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
 PUBLISH = (MIN_IMPROVEMENT, PRECISION)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
-SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT, BACKEND_DIRECTORY)
+SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT)
+# What pin (and serve, which pins first) writes for one Triton: its model, version and share
+# of CPUs.
+PIN = (MODEL_NAME, MODEL_VERSION, RUN_ID, SERVER_CPUS, INSTANCE_COUNT, INSTANCE_KIND)
 INFER = (MODEL_NAME, MODEL_VERSION, LB_POLICY, REQUESTS, CONCURRENCY, IMAGES_PER_REQUEST, WARMUP,
          TIMEOUT, REQUEST_TIMEOUT, MAX_SECONDS, OUTPUT, MIN_ACCURACY)  # fmt: skip
 WAIT = (STORAGE, dataclasses.replace(RUN_ID, required=True), WAIT_TIMEOUT, WAIT_INTERVAL,

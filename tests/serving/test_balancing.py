@@ -6,7 +6,6 @@ the shared pipeline fixture: three server starts and about 4000 requests."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import MODEL, PipelineRun
+from mnist_pipeline.repository import TritonConfig
+from mnist_pipeline.serve import pinned
 from support.replicas import Replicas, require_tools
 
 AGE_MS = 1000  # the chart's default is a minute: short here, so the test is
@@ -23,8 +24,7 @@ AGE_MS = 1000  # the chart's default is a minute: short here, so the test is
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun) -> Iterator[Replicas]:
     require_tools()
-    repository = tmp_path_factory.mktemp("replicas")
-    shutil.copytree(pipeline.storage / "models" / MODEL, repository / MODEL, symlinks=True)
+    repository = pinned(pipeline.storage, tmp_path_factory.mktemp("replicas"), TritonConfig())
     age = [f"--grpc-max-connection-age={AGE_MS}", f"--grpc-max-connection-age-grace={AGE_MS}"]
     with Replicas(repository, extra_args=age) as r:
         r.add()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
+from mnist_pipeline.serve import wheel_server
 from support.ports import free_ports
 
 NAME = "triton.replicas.test"  # the name dnsmasq answers, as the cluster DNS would
@@ -156,7 +156,10 @@ class Network:
 
 
 class Replicas:
-    """with Replicas(repository, extra_args=[...]) as r: r.add(); r.add(); r.target ..."""
+    """with Replicas(served, extra_args=[...]) as r: r.add(); r.add(); r.target ...
+
+    `served`: a repository pinned for the python backend (serve.pinned), as the wheel's
+    tritonserver serves."""
 
     def __init__(
         self,
@@ -195,21 +198,21 @@ class Replicas:
         i = len(self.servers)
         ns, address = self.network.add_namespace()
         pin = ["taskset", "-c", self.cpus[i % len(self.cpus)]] if self.cpus else []
+        server, env = wheel_server(self.network.workdir / "backends")
         command = [
-            "ip", "netns", "exec", ns, *pin, str(locate_tritonserver()),
+            "ip", "netns", "exec", ns, *pin, *server,
             f"--model-repository={self.repository}",
-            f"--backend-directory={check_backend(DEFAULT_BACKEND_DIR).resolve()}",
             "--model-control-mode=none", "--allow-gpu-metrics=false",
             f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
             *self.extra_args,
         ]  # fmt: skip
         with open(self.network.workdir / f"triton-{i}.log", "wb") as log:
             # Its own session: close() kills it (ip and taskset exec it) by its group.
-            server = subprocess.Popen(
+            process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, **env},
             )  # fmt: skip
-        self.servers.append(server)
+        self.servers.append(process)
         self._wait_ready(i, ready_timeout)
         self.network.add_name(address, NAME)
         return i

@@ -1,0 +1,55 @@
+"""Triton's python backend serving the exported ONNX model with ONNX Runtime.
+
+`mnist-pipeline pin --triton-backend python` (and `serve`, which pins first) places this
+file beside model.onnx for a tritonserver without the onnxruntime backend: the one of the
+nvidia-pytriton wheel and the project's CPU image. It honours what config.pbtxt says: the
+input and output names, the ONNX Runtime threads (intra_op_thread_count,
+inter_op_thread_count) and dynamic batching: the requests of one `execute` are one
+ONNX Runtime call.
+"""
+
+import json
+import os
+import sys
+
+# The backend's stub embeds an interpreter that ignores PYTHONPATH, though the variable
+# reaches it: the server's environment names where onnxruntime is installed this way.
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import onnxruntime  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "1"))
+        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "1"))
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = onnxruntime.InferenceSession(
+            path, options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests: list) -> list:
+        batches = [
+            pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            for request in requests
+        ]
+        feed = {self.input_name: np.concatenate(batches)}
+        try:
+            (outputs,) = self.session.run([self.output_name], feed)
+        except Exception as e:  # each request of the batch answers ONNX Runtime's message
+            error = pb_utils.TritonError(f"onnxruntime: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        ends = np.cumsum([len(batch) for batch in batches])[:-1]
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, part)])
+            for part in np.split(outputs, ends)
+        ]
