@@ -17,11 +17,6 @@ BUILD_ARGS ?=
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-# Triton's onnxruntime backend, built from source (scripts/build_triton_backend.sh; skipped
-# when its pins are unchanged). TRITON_SOURCES=DIR builds from the archives in DIR, checked
-# against DIR/SHA256SUMS (CI: ../shared/vendor; make triton-sources assembles one); unset,
-# the sources come from GitHub.
-BACKEND_DIR ?= $(abspath $(VENV)/triton-backends)
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
 # What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d),
@@ -33,7 +28,7 @@ TEST_DEBS ?= libb64-0d prometheus radosgw ceph-mon ceph-osd ceph-common dnsmasq
 # without root they cannot run anyway, and test-deps says so instead of stopping.
 CONTAINER_DEBS ?= docker.io mmdebstrap
 
-.PHONY: run test test-deps triton-sources lint bench bench-distributed backend images push-images container-check clean $(addprefix image-,$(IMAGES))
+.PHONY: run test test-deps lint bench bench-distributed images push-images container-check clean $(addprefix image-,$(IMAGES))
 
 $(BIN)/.installed: pyproject.toml
 	@echo "Installing mnist-pipeline into $(VENV) (torch CPU, onnxruntime, tritonserver: 1-3 minutes, about 2 GB)"
@@ -43,17 +38,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-backend: $(BIN)/.installed
-	PYTHON=$(BIN)/python scripts/build_triton_backend.sh $(BACKEND_DIR)
-
-# On a machine with GitHub: the backend's pinned sources as a TRITON_SOURCES folder to carry
-# to an offline one (make triton-sources SOURCES_DIR=/media/usb/triton-sources).
-SOURCES_DIR ?= triton-sources
-triton-sources:
-	scripts/fetch_triton_sources.sh $(SOURCES_DIR)
-
-run: backend
-	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) $(BIN)/mnist-pipeline run --storage $(STORAGE)
+run: $(BIN)/.installed
+	$(BIN)/mnist-pipeline run --storage $(STORAGE)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks scripts
@@ -63,8 +49,8 @@ lint: $(BIN)/.installed
 # The benchmark suite (several minutes): docs/BENCHMARKS.md, docs/benchmarks/*.png and
 # results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
 BENCH_ARGS ?= --out docs
-bench: backend $(PERF_VENV)/bin/perf_analyzer
-	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+bench: $(BIN)/.installed $(PERF_VENV)/bin/perf_analyzer
+	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Needs libb64.so.0d at load (TEST_DEBS); libcudart comes from the wheel below.
@@ -90,8 +76,8 @@ test-deps:
 	@scripts/install_debs.sh $(TEST_DEBS)
 	@scripts/install_debs.sh --optional "the container checks will not run" $(CONTAINER_DEBS)
 
-test: test-deps lint backend $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
-	MNIST_PIPELINE_BACKEND_DIRECTORY=$(BACKEND_DIR) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+test: test-deps lint $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
+	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/pytest
 
 images: $(addprefix image-,$(IMAGES))
@@ -105,7 +91,6 @@ push-images: images
 # The images built and run in a real container engine, and the chart's rehearsal in them
 # (tests/rehearsal/test_containers.py, the [container] cases of tests/rehearsal/test_rehearsal.py): as root;
 # installs CONTAINER_DEBS when missing. CI runs them within `make test` (CI=true).
-# TRITON_SOURCES=DIR: the Triton image's sources from DIR instead of GitHub.
 container-check: test-deps $(BIN)/.installed
 	$(BIN)/pytest -k container tests/rehearsal/test_containers.py tests/rehearsal/test_rehearsal.py
 

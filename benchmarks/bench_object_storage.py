@@ -10,8 +10,10 @@ two alternating round by round:
   checks from the bucket) plus tritonserver's start until it answers ready;
 - steady state: `mnist-pipeline infer` over gRPC once loaded, p50/p99 per request.
 
-Prints both and writes docs/benchmarks/object_storage.json (with the machine). Needs the
-Ceph packages of tests/support/objectstore.py and the built Triton backend.
+Both are pinned with `--triton-backend python` and served by the nvidia-pytriton wheel's
+tritonserver (its python backend running the project's model.py). Prints both and writes
+docs/benchmarks/object_storage.json (with the machine). Needs the Ceph packages of
+tests/support/objectstore.py.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from common import free_ports, load_average, machine
 from mnist_pipeline import objectstore
 from mnist_pipeline.serve import LocalTriton
-from mnist_pipeline.settings import BACKEND_DIRECTORY, parse_model_repository
+from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import CONFIG_FILE, MODEL_FILE, read_metadata
 from support.objectstore import LocalRadosgw
 
@@ -72,17 +74,16 @@ def prepare(work: Path, rgw: LocalRadosgw) -> tuple[Path, str]:
     return storage, url
 
 
-def time_to_ready(storage: Path, url: str | None, served: Path, backends: Path) -> dict[str, Any]:
+def time_to_ready(storage: Path, url: str | None, served: Path) -> dict[str, Any]:
     """Seconds for pin, then for tritonserver to load and answer ready; the server stays up."""
     shutil.rmtree(served, ignore_errors=True)
     env = {} if url is None else {"MNIST_PIPELINE_MODEL_REPOSITORY": url}
     start = time.perf_counter()
-    cli("pin", "--storage", storage, "--served-repository", served, env=env)
+    cli("pin", "--storage", storage, "--served-repository", served, "--triton-backend",
+        "python", env=env)  # fmt: skip
     pinned = time.perf_counter()
     http, grpc, metrics = free_ports(3)
-    server = LocalTriton(
-        served, http_port=http, grpc_port=grpc, metrics_port=metrics, backend_dir=backends
-    )
+    server = LocalTriton(served, http_port=http, grpc_port=grpc, metrics_port=metrics)
     server.start()
     server.wait_ready()
     ready = time.perf_counter()
@@ -103,18 +104,20 @@ def steady_latency(
 
 
 def measure(rounds: int, requests: int) -> dict[str, Any]:
-    backends = Path(os.environ.get("MNIST_PIPELINE_BACKEND_DIRECTORY", BACKEND_DIRECTORY.default))
     work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     try:
         with LocalRadosgw(work / "radosgw") as rgw:
-            os.environ.update(rgw.env)
+            # The credentials, and AWS_EC2_METADATA_DISABLED=true: every S3 client here
+            # (pin, and Triton, which inherits this environment) asks nothing of an
+            # instance metadata service.
+            os.environ.update({**rgw.env, "AWS_EC2_METADATA_DISABLED": "true"})
             storage, url = prepare(work, rgw)
             model_bytes = (storage / "models" / NAME / "1" / MODEL_FILE).stat().st_size
             load_before = load_average()
             rows: dict[str, list[dict[str, float]]] = {"volume": [], "s3": []}
             for _ in range(rounds):
                 for label, source in (("volume", None), ("s3", url)):
-                    result = time_to_ready(storage, source, work / f"served-{label}", backends)
+                    result = time_to_ready(storage, source, work / f"served-{label}")
                     server = result.pop("server")
                     try:
                         result |= steady_latency(storage, server, requests, work / "inference")

@@ -1,7 +1,9 @@
 """Serving measurements for the suite (benchmarks/run.py): the exported model in-process
-with onnxruntime, and served by Triton over gRPC, measured two ways: the pipeline's own
-client (mnist_pipeline.client) and NVIDIA's perf_analyzer, with Triton's statistics, and
-the chart's Grafana dashboard drawn from a local Prometheus scraping Triton meanwhile.
+with onnxruntime, and served by Triton over gRPC (the nvidia-pytriton wheel's tritonserver,
+its python backend running the project's model.py on the same onnxruntime), measured two
+ways: the pipeline's own client (mnist_pipeline.client) and NVIDIA's perf_analyzer, with
+Triton's statistics, and the chart's Grafana dashboard drawn from a local Prometheus
+scraping Triton meanwhile.
 
 perf_analyzer ships in the tritonclient 2.51.0 wheel (`make bench` installs it into
 .venv-perf; PERF_ANALYZER names the binary). At load it needs libb64.so.0d (Debian
@@ -10,6 +12,7 @@ libb64-0d) and libcudart.so.12, taken from the nvidia-cuda-runtime-cu12 wheel be
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -28,6 +31,7 @@ from common import percentiles
 from mnist_pipeline import client, repository
 from mnist_pipeline.storage import CONFIG_FILE, versions
 from support import prometheus as monitoring
+from support.processes import descendants
 
 MODEL = "resnet18_mnist"
 
@@ -168,7 +172,7 @@ def statistics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
 
 def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Path:
     """A copy of the model repository `source` whose configs (Triton's ModelConfig
-    messages) `edit` changed; the ONNX files are linked, not copied."""
+    messages) `edit` changed; the versions' files (model.onnx, model.py) are linked."""
     from google.protobuf import text_format
 
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
@@ -185,32 +189,25 @@ def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Pat
 
 
 def clearing(field: str) -> Callable[[Any], None]:
-    """An edit dropping `field` (dynamic_batching: each request runs alone; parameters:
-    ONNX Runtime's default threads)."""
+    """An edit dropping `field` (dynamic_batching: each request runs alone)."""
     return lambda config: config.ClearField(field)
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """The same exported model served another way: `edit` changes a copy of its
-    config.pbtxt, `server_args` are added to tritonserver's command line."""
+    """The same exported model served another way: `pin` overrides what `mnist-pipeline
+    pin` is given (TritonConfig's fields: instance_count, server_cpus, whose quotient is
+    each instance's ONNX Runtime threads), `edit` then changes a copy of the pinned
+    config.pbtxt (the dynamic batcher's settings, which pin keeps as exported)."""
 
     name: str
     edit: Callable[[Any], None] | None = None
-    server_args: tuple[str, ...] = ()
+    pin: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def queue_delay(microseconds: int) -> Callable[[Any], None]:
     def edit(config: Any) -> None:
         config.dynamic_batching.max_queue_delay_microseconds = microseconds
-
-    return edit
-
-
-def instances(count: int, threads: int) -> Callable[[Any], None]:
-    def edit(config: Any) -> None:
-        config.instance_group[0].count = count
-        config.parameters["intra_op_thread_count"].string_value = str(threads)
 
     return edit
 
@@ -222,46 +219,28 @@ def preferred_sizes(*sizes: int) -> Callable[[Any], None]:
     return edit
 
 
-def global_threadpool(threads: int) -> tuple[str, ...]:
-    """The onnxruntime backend's one pool shared by every instance's session (the
-    config's per-session thread parameters are then ignored)."""
-    return tuple(
-        f"--backend-config=onnxruntime,{key}={value}"
-        for key, value in (
-            ("enable-global-threadpool", 1),
-            ("intra_op_thread_count", threads),
-            ("inter_op_thread_count", 1),
-        )
-    )
-
-
-def combined(*edits: Callable[[Any], None]) -> Callable[[Any], None]:
-    def edit(config: Any) -> None:
-        for each in edits:
-            each(config)
-
-    return edit
+def instances(count: int, server_cpus: int) -> dict[str, int]:
+    """pin --instance-count COUNT --server-cpus SERVER_CPUS: COUNT python backend stubs of
+    max(1, SERVER_CPUS // COUNT) ONNX Runtime threads each."""
+    return {"instance_count": count, "server_cpus": server_cpus}
 
 
 BASELINE = Variant("baseline (exported config)")
 DELAY_500 = Variant("max_queue_delay 500 µs", queue_delay(500))
-GLOBAL_POOL = Variant("2 instances, global pool of 2 threads", server_args=global_threadpool(2))
+ONE_INSTANCE = Variant("1 instance × 2 threads", pin=instances(1, 2))
 VARIANTS = (
     BASELINE,
     Variant("max_queue_delay 100 µs", queue_delay(100)),
     DELAY_500,
     Variant("max_queue_delay 2000 µs", queue_delay(2000)),
-    Variant("1 instance × 2 threads", instances(1, 2)),
-    Variant(
-        "1 instance × 2 threads, max_queue_delay 500 µs",
-        combined(instances(1, 2), queue_delay(500)),
-    ),
-    GLOBAL_POOL,
+    ONE_INSTANCE,
+    Variant("1 instance × 2 threads, max_queue_delay 500 µs", queue_delay(500), instances(1, 2)),
+    Variant("1 instance × 1 thread", pin=instances(1, 1)),
+    Variant("4 instances × 1 thread", pin=instances(4, 4)),
     Variant("preferred [4, 8, 16]", preferred_sizes(4, 8, 16)),
-    Variant("no thread parameters (ONNX Runtime default)", clearing("parameters")),
 )
-# Quick mode: one config edit and one server option, enough to exercise both paths.
-QUICK_VARIANTS = (BASELINE, DELAY_500, GLOBAL_POOL)
+# Quick mode: one config edit and one pin setting, enough to exercise both paths.
+QUICK_VARIANTS = (BASELINE, DELAY_500, ONE_INSTANCE)
 
 
 def perf_analyzer_binary() -> Path:
@@ -340,6 +319,17 @@ def process_cpu_seconds(pid: int) -> float:
     # 12th and 13th, in clock ticks.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of tritonserver `pid` and the processes below it: the
+    python backend runs each instance's model.py in a stub process of its own, started
+    with the server and running until it stops."""
+    total = 0.0
+    for process in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            total += process_cpu_seconds(process)
+    return total
 
 
 # What the chart's Triton runs with: latency summaries for the dashboard's p50/p99.

@@ -468,12 +468,8 @@ def inprocess_ms(executed: dict[str, int], batch_ms: dict[str, float]) -> float:
 
 
 def instance_threads(row: dict[str, Any], default: int) -> int:
-    """The ONNX Runtime threads a variant's batches run on: the backend's global pool
-    when tritonserver has one, else the config's intra-op parameter, else ONNX Runtime's
-    default (every CPU, `default`)."""
-    for arg in row["server_args"]:
-        if ",intra_op_thread_count=" in arg:
-            return int(arg.rpartition("=")[2])
+    """The ONNX Runtime threads a variant's batches run on: the config's intra-op
+    parameter (what model.py gives its session), else `default`."""
     parameter = (row["config"].get("parameters") or {}).get("intra_op_thread_count")
     return int(parameter["string_value"]) if parameter else default
 
@@ -605,8 +601,8 @@ def machine_table(results: dict[str, Any]) -> str:
         ],
         [
             "tritonserver",
-            f"{m['tritonserver']} (nvidia-pytriton wheel) with its onnxruntime backend "
-            "(r24.10, built here, ONNX Runtime 1.19.2)",
+            f"{m['tritonserver']} (nvidia-pytriton wheel) with its python backend: the "
+            f"project's model.py on PyPI onnxruntime {m['onnxruntime']}, as in-process",
         ],
         ["suite wall time", f"{results['suite_seconds']:.0f} s ({results['mode']} mode)"],
     ]

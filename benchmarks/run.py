@@ -12,16 +12,18 @@ docs/benchmarks/results.json` renders it again without measuring). Every timing 
             original one (Adam 1e-3, batch 64); --stretch adds the default over 3 epochs
   export    the ONNX graph before and after optimisation: nodes, size, onnxruntime
             batch-1 latency and batch-16 throughput
-  serving   in-process onnxruntime against the local Triton (its onnxruntime backend)
-            over gRPC: NVIDIA's perf_analyzer at concurrency 1-16, and the pipeline's own
-            client with the repository's dynamic batching and without it: sequential
-            latency, throughput and p99 at each concurrency, the batch sizes Triton
-            executed; meanwhile a local Prometheus scrapes Triton, and the chart's Grafana
-            dashboard is drawn from it over perf_analyzer's sweep. Then the serving
-            variants: the exported repository served with edits of its config.pbtxt or
-            tritonserver options (bench_serving.VARIANTS), the baseline repeated between
-            them, through perf_analyzer at concurrency 1, 8 and 16, with where the time
-            and the CPU go (Triton's statistics, both processes' CPU time)
+  serving   in-process onnxruntime against the local Triton over gRPC: the wheel's
+            tritonserver serving what `pin --triton-backend python` writes (its python
+            backend running the project's model.py on the same onnxruntime): NVIDIA's
+            perf_analyzer at concurrency 1-16, and the pipeline's own client with the
+            repository's dynamic batching and without it: sequential latency, throughput
+            and p99 at each concurrency, the batch sizes Triton executed; meanwhile a
+            local Prometheus scrapes Triton, and the chart's Grafana dashboard is drawn
+            from it over perf_analyzer's sweep. Then the serving variants: the model
+            pinned with other instance counts and server CPUs, or its pinned config.pbtxt
+            edited (the dynamic batcher: bench_serving.VARIANTS), the baseline repeated
+            between them, through perf_analyzer at concurrency 1, 8 and 16, with where the
+            time and the CPU go (Triton's statistics, both processes' CPU time)
 
 --only serving re-measures the serving section alone (a small model is trained for it:
 serving speed does not depend on the weights) and keeps the training and export sections
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import statistics
 import sys
@@ -52,7 +53,7 @@ import verdicts
 from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
 from mnist_pipeline import client, data, repository
 from mnist_pipeline.export import export
-from mnist_pipeline.serve import LocalTriton
+from mnist_pipeline.serve import LocalTriton, pinned
 from mnist_pipeline.storage import (
     CONFIG_FILE,
     DEFAULT_MODEL_NAME,
@@ -202,11 +203,11 @@ def perf_level(server: LocalTriton, concurrency: int, window_ms: int) -> dict[st
     CPU time say about the same requests."""
     assert server.process is not None
     before = bench_serving.inference_statistics(server.grpc_url, MODEL)
-    cpu_before = bench_serving.process_cpu_seconds(server.process.pid)
+    cpu_before = bench_serving.server_cpu_seconds(server.process.pid)
     figures = bench_serving.perf_analyzer(server.grpc_url, MODEL, concurrency, window_ms)
     # Triton may count a request just after its response has left.
     time.sleep(0.2)
-    server_cpu_s = bench_serving.process_cpu_seconds(server.process.pid) - cpu_before
+    server_cpu_s = bench_serving.server_cpu_seconds(server.process.pid) - cpu_before
     after = bench_serving.inference_statistics(server.grpc_url, MODEL)
     return {
         **figures,
@@ -234,7 +235,9 @@ def bench_serving_section(
     swept: dict[str, Path],
 ) -> dict[str, Any]:
     load_before = load_average()
-    config = repository.parse_config((storage / "models" / MODEL / CONFIG_FILE).read_text())
+    # What the chart's Triton serves with the wheel's tritonserver: pin's defaults.
+    served = pinned(storage, storage / "served", repository.TritonConfig())
+    config = repository.parse_config((served / MODEL / CONFIG_FILE).read_text())
     instances = sum(max(1, g.count) for g in config.instance_group)
     instance_threads = int(config.parameters["intra_op_thread_count"].string_value)
     inprocess = []
@@ -258,10 +261,10 @@ def bench_serving_section(
             }
         )
     repositories = {
-        "batching_on": storage / "models",
+        "batching_on": served,
         "batching_off": bench_serving.config_variant(
-            storage / "models",
-            storage / "models-no-batching",
+            served,
+            storage / "served-no-batching",
             bench_serving.clearing("dynamic_batching"),
         ),
     }
@@ -311,24 +314,20 @@ def variant_schedule(
     return [*order, bench_serving.BASELINE]
 
 
-def serving_variants(repositories: dict[str, Path], s: Settings) -> list[dict[str, Any]]:
-    """Each repository served with each variant, back to back with the baseline
+def serving_variants(storages: dict[str, Path], s: Settings) -> list[dict[str, Any]]:
+    """Each storage's model served with each variant, back to back with the baseline
     repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput). The first
-    repository gets the whole sweep, the others (another precision) the baseline and
-    the queue delay: the comparison between models, not the search again."""
+    gets the whole sweep, the others (another precision) the baseline and the queue
+    delay: the comparison between models, not the search again."""
     window_ms = 300 if s.quick else 1000
     rows = []
-    for index, (name, source) in enumerate(repositories.items()):
+    for index, (name, storage) in enumerate(storages.items()):
         variants = bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
         if index:
             variants = (bench_serving.BASELINE, bench_serving.DELAY_500)
         schedule = variant_schedule(variants, len(variants) if s.quick else 3)
         served = {
-            v.name: source
-            if v.edit is None
-            else bench_serving.config_variant(
-                source, source.with_name(f"{source.name}-variant-{i}"), v.edit
-            )
+            v.name: variant_repository(storage, storage / f"served-{name}-variant-{i}", v)
             for i, v in enumerate(variants)
         }
         for order, variant in enumerate(schedule, 1):
@@ -338,29 +337,40 @@ def serving_variants(repositories: dict[str, Path], s: Settings) -> list[dict[st
     return rows
 
 
-def int8_repository(storage: Path, checkpoint: Path) -> Path | str:
+def variant_repository(storage: Path, dest: Path, variant: bench_serving.Variant) -> Path:
+    """The repository `variant` is served from: `storage`'s model pinned with the
+    variant's pin settings (pin's defaults else), then its config edited in a copy."""
+    served = pinned(storage, dest / "pinned", repository.TritonConfig(**variant.pin))
+    if variant.edit is None:
+        return served
+    return bench_serving.config_variant(served, dest / "edited", variant.edit)
+
+
+def int8_storage(storage: Path, checkpoint: Path) -> Path | str:
     """`export --precision int8` of the served checkpoint into a storage of its own (the
-    same data and checkpoints, linked): its repository, served beside the fp32 one; or
-    why export refused it (more than 0.1 pp lost: quick mode's barely trained model)."""
-    int8_storage = storage / "int8-storage"
-    int8_storage.mkdir(exist_ok=True)
-    for folder in ("data", "checkpoints"):
-        link = int8_storage / folder
+    same data and checkpoints, linked): that storage, whose model is served beside the
+    fp32 one; or why export refused it (more than 0.1 pp lost: quick mode's barely
+    trained model)."""
+    folder = storage / "int8-storage"
+    folder.mkdir(exist_ok=True)
+    for shared in ("data", "checkpoints"):
+        link = folder / shared
         if not link.exists():
-            link.symlink_to(storage / folder)
+            link.symlink_to(storage / shared)
     print("export: int8 …", file=sys.stderr, flush=True)
     try:
-        export(int8_storage, repository.TritonConfig(), checkpoint=checkpoint, precision="int8")
+        export(folder, repository.TritonConfig(), checkpoint=checkpoint, precision="int8")
     except PipelineFailure as e:
         print(f"export: int8 refused: {e}", file=sys.stderr, flush=True)
         return str(e)
-    return int8_storage / "models"
+    return folder
 
 
-def served_models(repositories: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """What each swept repository serves: precision and accuracy from its metadata.json."""
+def served_models(storages: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """What each swept storage serves: precision and accuracy from its metadata.json."""
     models = {}
-    for name, models_dir in repositories.items():
+    for name, storage in storages.items():
+        models_dir = storage / "models"
         meta = read_json(models_dir / MODEL / "1" / METADATA_FILE)
         models[name] = {
             "precision": meta.get("precision", "fp32"),
@@ -371,29 +381,33 @@ def served_models(repositories: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return models
 
 
-def local_triton(repo: Path, extra_args: tuple[str, ...]) -> LocalTriton:
+def local_triton(served: Path, extra_args: tuple[str, ...] = ()) -> LocalTriton:
+    """The wheel's tritonserver on `served` (a pinned repository), on free loopback ports."""
     http, grpc, metrics = free_ports(3)
-    # The backend `make bench` built, named as the CLI's --backend-directory reads it.
-    backend = os.environ.get("MNIST_PIPELINE_BACKEND_DIRECTORY")
     return LocalTriton(
-        repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        extra_args=extra_args,
-        backend_dir=Path(backend) if backend else None,
+        served, http_port=http, grpc_port=grpc, metrics_port=metrics, extra_args=extra_args
     )
 
 
-def variant_run(repo: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
-    with local_triton(repo, variant.server_args) as server:
+def variant_run(served: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
+    with local_triton(served) as server:
         return {
             "variant": variant.name,
-            "server_args": list(variant.server_args),
+            "pin": pin_settings(variant),
             "config": served_config(server.grpc_url),
             "load_average": load_average(),
             "levels": [perf_level(server, c, window_ms) for c in VARIANT_CONCURRENCIES],
         }
+
+
+def pin_settings(variant: bench_serving.Variant) -> dict[str, int]:
+    """What the variant's repository was pinned with: pin's defaults but for its own."""
+    cfg = repository.TritonConfig(**variant.pin)
+    return {
+        "instance_count": cfg.instance_count,
+        "server_cpus": cfg.server_cpus,
+        "intra_op_threads": cfg.intra_op_threads,
+    }
 
 
 def served_config(url: str) -> dict[str, Any]:
@@ -403,7 +417,7 @@ def served_config(url: str) -> dict[str, Any]:
         config = grpc_client.get_model_config(MODEL, as_json=True)["config"]
     finally:
         grpc_client.close()
-    fields = ("instance_group", "dynamic_batching", "parameters", "max_batch_size")
+    fields = ("backend", "instance_group", "dynamic_batching", "parameters", "max_batch_size")
     return {key: config.get(key) for key in fields}
 
 
@@ -579,10 +593,11 @@ def main(argv: list[str] | None = None) -> int:
             results["export"] = bench_export.compare(
                 checkpoint, onnx_path, storage / "export", x, s.requests, s.repeats
             )
-        # The repositories the serving variants are swept over, by name: fp32 and the
-        # int8 export of the same checkpoint, each with its accuracy on all test images.
-        int8 = int8_repository(storage, checkpoint)
-        swept = {"fp32": storage / "models"}
+        # The storages whose models the serving variants are swept over, by name: fp32
+        # and the int8 export of the same checkpoint, each with its accuracy on all test
+        # images.
+        int8 = int8_storage(storage, checkpoint)
+        swept = {"fp32": storage}
         if isinstance(int8, Path):
             swept["int8"] = int8
         results["serving"] = bench_serving_section(storage, onnx_path, x, labels, s, swept)

@@ -8,6 +8,7 @@ also when a test fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,10 +22,11 @@ from subprocess import CompletedProcess
 import pytest
 
 from mnist_pipeline import data
+from mnist_pipeline.repository import TritonConfig
 from mnist_pipeline.serve import LocalTriton
 from support.engine import HOW_TO_RUN, Engine, EngineUnavailable
 from support.objectstore import radosgw  # noqa: F401 (one radosgw for the whole session)
-from support.serving import free_ports
+from support.serving import free_ports, pinned_models
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_SOURCE = REPO / "data" / "mnist"
@@ -35,6 +37,7 @@ def cli(
     check: bool = False,
     timeout: float = 600,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `mnist-pipeline ARGS` as a user would, in a child process."""
     result = subprocess.run(
@@ -43,6 +46,7 @@ def cli(
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -177,6 +181,15 @@ def failing_onnx_model() -> bytes:
     return bytes(model.SerializeToString())
 
 
+def publish_by_hand(version: Path, model: bytes) -> None:
+    """`model` as version folder `version`, with the metadata.json that pin checks it
+    against: what export would publish, without export's own checks."""
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.onnx").write_bytes(model)
+    sha256 = hashlib.sha256(model).hexdigest()
+    (version / "metadata.json").write_text(json.dumps({"sha256": sha256, "accuracy": 0.0}))
+
+
 @pytest.fixture(scope="session")
 def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun) -> Path:
     """The exported model, plus `failing`: a model whose every request fails inside
@@ -185,7 +198,7 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: Pipeline
     shutil.copytree(pipeline.storage / "models" / MODEL, repo / MODEL, symlinks=True)
     failing = repo / "failing"
     (failing / "1").mkdir(parents=True)
-    (failing / "1" / "model.onnx").write_bytes(failing_onnx_model())
+    publish_by_hand(failing / "1", failing_onnx_model())
     config = (repo / MODEL / "config.pbtxt").read_text()
     (failing / "config.pbtxt").write_text(
         config.replace(f'name: "{MODEL}"', 'name: "failing"')
@@ -197,13 +210,21 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: Pipeline
     return repo
 
 
+def pin_test_repository(test_repository: Path, out: Path) -> Path:
+    """Both models of `test_repository` pinned into `out` for the local Triton."""
+    for name, instances in ((MODEL, 2), ("failing", 1)):
+        cfg = TritonConfig(name=name, instance_count=instances)
+        pinned_models(test_repository, out, cfg)
+    return out
+
+
 @pytest.fixture(scope="session")
 def served(
     tmp_path_factory: pytest.TempPathFactory, test_repository: Path
 ) -> Iterator[LocalTriton]:
     http, grpc, metrics = free_ports(3)
     server = LocalTriton(
-        test_repository,
+        pin_test_repository(test_repository, tmp_path_factory.mktemp("served")),
         workdir=tmp_path_factory.mktemp("triton"),
         http_port=http,
         grpc_port=grpc,

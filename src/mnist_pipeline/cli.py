@@ -669,20 +669,17 @@ def pin(
     version (and, for --model-version run, the run's record) is read from the bucket and
     its files downloaded and checked: no volume needed.
     """
-    from mnist_pipeline.repository import locked, write_served_repository
+    from mnist_pipeline.repository import write_served_repository
 
-    cfg = pin_config(o)
-    # Shared: pins read at once; an export or prune changing the versions waits for them.
-    with locked(storage, cfg.name, shared=True):
-        write_served_repository(
-            storage,
-            served_repository,
-            cfg,
-            model_version,
-            run_id,
-            repo=model_repository,
-            backend=triton_backend,
-        )
+    write_served_repository(
+        storage,
+        served_repository,
+        pin_config(o),
+        model_version,
+        run_id,
+        repo=model_repository,
+        backend=triton_backend,
+    )
 
 
 def main() -> None:

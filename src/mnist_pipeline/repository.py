@@ -470,9 +470,34 @@ def write_served_repository(
     cfg.validate()
     if backend == "python" and cfg.instance_kind != INSTANCE_KINDS["cpu"]:
         raise UsageError(
-            "--instance-kind gpu needs --triton-backend onnxruntime: the python backend's "
-            "model.py runs ONNX Runtime on the CPU"
+            "--instance-kind gpu needs --triton-backend onnxruntime (NVIDIA's tritonserver "
+            "images): the python backend's model.py runs ONNX Runtime on the CPU"
         )
+    # Shared: pins read at once; an export or prune changing the versions waits for them.
+    with locked(storage, cfg.name, shared=True):
+        version = _write_served(storage, out, cfg, wanted, run_id, repo, backend)
+    log.info(
+        "serving %s version %d alone with Triton's %s backend: %d %s instance(s), "
+        "%d thread(s) each",
+        cfg.name,
+        version,
+        backend,
+        cfg.instance_count,
+        cfg.instance_kind,
+        cfg.intra_op_threads,
+    )
+    return version
+
+
+def _write_served(
+    storage: Path,
+    out: Path,
+    cfg: TritonConfig,
+    wanted: str,
+    run_id: str | None,
+    repo: ModelRepository | None,
+    backend: str,
+) -> int:
     repo = repo or ModelRepository(folder=models_dir(storage))
     records = export_records(storage, repo, cfg.name)
     resolved = resolve_served_version(storage, cfg.name, wanted, run_id, records)
@@ -505,16 +530,6 @@ def write_served_repository(
         place_only_version(served, staging, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info(
-        "serving %s version %d alone with Triton's %s backend: %d %s instance(s), "
-        "%d thread(s) each",
-        cfg.name,
-        version,
-        backend,
-        cfg.instance_count,
-        cfg.instance_kind,
-        cfg.intra_op_threads,
-    )
     return version
 
 

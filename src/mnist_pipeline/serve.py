@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import functools
 import importlib.util
 import logging
@@ -87,6 +88,22 @@ def wheel_server(backends: Path) -> tuple[list[str], dict[str, str]]:
         "PYTHONPATH": search_path(site.getsitepackages(), "PYTHONPATH"),
     }
     return [str(binary), f"--backend-directory={backends.resolve()}"], env
+
+
+def check_libpython() -> None:
+    """The stub embeds this Python through its shared library, which not every Python
+    installs: UsageError naming the remedy where it is missing."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    library = f"libpython{version}.so.1.0"
+    if (Path(sysconfig.get_config_var("LIBDIR")) / library).is_file():
+        return
+    if ctypes.util.find_library(f"python{version}"):
+        return
+    raise UsageError(
+        f"Triton's python backend needs {library}, which this Python lacks: install it "
+        f"(Debian/Ubuntu: apt-get install libpython{version}; pyenv: build with "
+        "PYTHON_CONFIGURE_OPTS=--enable-shared)"
+    )
 
 
 def search_path(first: list[str], variable: str) -> str:

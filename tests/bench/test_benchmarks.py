@@ -99,7 +99,7 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
             assert sum(size * n for size, n in executed.items()) == level["requests"]
             assert all(1 <= size <= 16 for size in executed)
     on = serving["servers"]["batching_on"]
-    assert on["backend"] == "onnxruntime"
+    assert on["backend"] == "python"
     perf = on["perf_analyzer"]
     assert [p["concurrency"] for p in perf] == [1, 2, 4, 8, 16]
     for level in perf:
@@ -153,11 +153,23 @@ def check_variants(rows: list[dict[str, Any]]) -> None:
     assert rows[0]["variant"] == rows[-1]["variant"] == "baseline (exported config)"
     assert len({r["variant"] for r in rows}) >= 3
     baseline = rows[0]["config"]
+    assert baseline["backend"] == "python"
     assert baseline["max_batch_size"] == 16
     assert [g["count"] for g in baseline["instance_group"]] == [2]
+    assert baseline["parameters"]["intra_op_thread_count"]["string_value"] == "1"
     assert baseline["dynamic_batching"]["preferred_batch_size"] == [2, 4, 8]
-    assert any(r["server_args"] for r in rows)
-    assert any(r["config"] != baseline for r in rows)
+    assert rows[0]["pin"] == {"instance_count": 2, "server_cpus": 2, "intra_op_threads": 1}
+    # Both ways a variant is made: pinned otherwise, and its pinned config edited.
+    pinned = [r for r in rows if r["pin"] != rows[0]["pin"]]
+    assert pinned and all(
+        sum(g["count"] for g in r["config"]["instance_group"]) == r["pin"]["instance_count"]
+        for r in pinned
+    )
+    assert any(
+        r["pin"] == rows[0]["pin"]
+        and r["config"]["dynamic_batching"] != baseline["dynamic_batching"]
+        for r in rows
+    )
     for row in rows:
         assert len(row["load_average"]) == 3
         assert [level["concurrency"] for level in row["levels"]] == [1, 8, 16]

@@ -22,6 +22,8 @@ import yaml
 from mnist_pipeline import repository
 from support.chart import (
     KUBE_VERSION,
+    NVIDIA_TRITON,
+    PROJECT_TRITON,
     arg,
     containers,
     find,
@@ -33,8 +35,6 @@ from support.chart import (
 from support.chart import workloads as all_workloads
 
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
-# GPU serving: NVIDIA's image (the project's Triton image is CPU only).
-NVIDIA_TRITON = {"repository": "nvcr.io/nvidia/tritonserver", "tag": "24.10-py3", "cuda": True}
 PINNED = {"run": {"id": "prod"}}
 
 

@@ -17,10 +17,20 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from test_chart_cluster import NVIDIA_TRITON, RWX, merge
+from conftest import pin_test_repository
+from test_chart_cluster import RWX, merge
 
 from mnist_pipeline.serve import LocalTriton
-from support.chart import containers, find, lint, pod_spec, render, workloads
+from support.chart import (
+    NVIDIA_TRITON,
+    PROJECT_TRITON,
+    containers,
+    find,
+    lint,
+    pod_spec,
+    render,
+    workloads,
+)
 from support.ports import free_ports
 
 IMAGES = ("pipeline", "client", "triton")

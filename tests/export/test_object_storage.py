@@ -24,14 +24,13 @@ from typing import Any
 
 import pytest
 
-from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, LocalTriton, locate_tritonserver
+from mnist_pipeline.serve import LocalTriton, wheel_server
 from support.objectstore import LocalRadosgw
 from support.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
 NAME = "resnet18_mnist"
-BACKENDS = os.environ.get("MNIST_PIPELINE_BACKEND_DIRECTORY", str(DEFAULT_BACKEND_DIR))
 PREFIX = "repo/models"
 
 
@@ -100,7 +99,8 @@ def record(rgw: LocalRadosgw, bucket: str, run_id: str) -> dict[str, Any]:
 def pin(env: dict[str, str], out: Path, *more: str) -> subprocess.CompletedProcess[str]:
     return cli(
         "pin", "--storage", "/nonexistent-volume", "--served-repository", out,
-        "--instance-count", "1", "--server-cpus", "1", *more, env=env,
+        "--instance-count", "1", "--server-cpus", "1", "--triton-backend", "python", *more,
+        env=env,
     )  # fmt: skip
 
 
@@ -199,7 +199,6 @@ def test_pin_downloads_the_checked_version_and_triton_serves_it_at_its_accuracy(
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
-        backend_dir=Path(BACKENDS),
     ) as server:
         result = ok(
             cli(
@@ -337,7 +336,6 @@ def test_serve_downloads_the_newest_version_and_removes_it_on_exit(
     command = [
         sys.executable, "-m", "mnist_pipeline", "serve", "--storage", "/nonexistent-volume",
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--backend-directory", BACKENDS,
     ]  # fmt: skip
     env = {**os.environ, **story["env"], "TMPDIR": str(tmp_path)}
     server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -373,29 +371,40 @@ def test_wait_export_reads_the_bucket_without_a_volume(story: dict[str, Any]) ->
     assert ".export/runs/never.json to appear" in error_lines(result)[0]
 
 
-def test_the_bucket_layout_is_served_by_tritonserver_itself(story: dict[str, Any]) -> None:
-    """Triton reads the prefix directly (its .export folder is no version to it)."""
+def test_the_bucket_layout_is_read_by_tritonserver_itself(
+    story: dict[str, Any], tmp_path: Path
+) -> None:
+    """Triton reads the prefix directly, as NVIDIA's image does: it finds the model and its
+    newest version (its .export folder is no model to it). Loading it takes the onnxruntime
+    backend of NVIDIA's image, which the wheel's tritonserver lacks: it says so by name."""
     http, grpc, metrics = free_ports(3)
     rgw, bucket = story["rgw"], story["bucket"]
+    server_command, server_env = wheel_server(tmp_path / "backends")
     cmd = [
-        str(locate_tritonserver()), f"--model-repository={rgw.url(bucket, PREFIX)}",
-        f"--backend-directory={BACKENDS}",
-        "--model-control-mode=none", "--exit-on-error=true", f"--http-port={http}",
+        *server_command, f"--model-repository={rgw.url(bucket, PREFIX)}",
+        "--model-control-mode=none", "--exit-on-error=false", f"--http-port={http}",
         f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--allow-gpu-metrics=false",
         "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
     ]  # fmt: skip
     version = servable(story["after_worse"])[-1]
-    url = f"http://127.0.0.1:{http}/v2/models/{NAME}/versions/{version}/ready"
     server = subprocess.Popen(
-        cmd, env={**os.environ, **rgw.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        cmd, env={**os.environ, **server_env, **rgw.env}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        assert ready(url, server), f"not ready: exit {server.poll()}"
+        assert ready(f"http://127.0.0.1:{http}/v2/health/live", server), server.poll()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v2/repository/index", data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            index = json.loads(response.read())
     finally:
         os.killpg(server.pid, 9)
         out = server.communicate()[0]
-        assert b"Unable to create S3" not in out, out[-2000:]
+    assert b"Unable to create S3" not in out, out[-2000:]
+    (model,) = index
+    assert (model["name"], model["version"]) == (NAME, str(version)), index
+    assert "backend library for backend 'onnxruntime'" in model["reason"], index
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ from mnist_pipeline.storage import (
     temp_files,
     versions,
 )
-from support.serving import free_ports, snapshot, triton_processes
+from support.serving import free_ports, pinned_models, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -188,11 +188,16 @@ def answers_right(url: str, base: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def triton(repo: Path, workdir: Path) -> Iterator[LocalTriton]:
-    """The real local Triton (what `mnist-pipeline serve` runs) on free loopback ports."""
+def triton(models: Path, workdir: Path) -> Iterator[LocalTriton]:
+    """The real local Triton (what `mnist-pipeline serve` runs) on free loopback ports,
+    serving the newest version of the repository folder `models`."""
     http, grpc, metrics = free_ports(3)
     server = LocalTriton(
-        repo, workdir=workdir, http_port=http, grpc_port=grpc, metrics_port=metrics
+        pinned_models(models, workdir.parent / f"{workdir.name}-served"),
+        workdir=workdir,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
     )
     try:
         with server:
@@ -490,7 +495,7 @@ def test_server_ready_late_is_waited_for(base: dict[str, Any], tmp_path: Path) -
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     server = LocalTriton(
-        storage / "models",
+        pinned_models(storage / "models", tmp_path / "served"),
         workdir=tmp_path / "triton",
         http_port=http,
         grpc_port=grpc,
@@ -557,8 +562,9 @@ def test_server_restarted_mid_run_lets_the_client_finish(
     """A Triton pod restarted under the client: requests are retried until it is back."""
     storage = copy_storage(base, tmp_path / "s")
     ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
-    first = LocalTriton(storage / "models", workdir=tmp_path / "t1", **ports)
-    second = LocalTriton(storage / "models", workdir=tmp_path / "t2", **ports)
+    served = pinned_models(storage / "models", tmp_path / "served")
+    first = LocalTriton(served, workdir=tmp_path / "t1", **ports)
+    second = LocalTriton(served, workdir=tmp_path / "t2", **ports)
     client = None
     try:
         with first:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODEL
+from conftest import MODEL, pin_test_repository
 from mnist_pipeline import client
 from mnist_pipeline.serve import LocalTriton
 from support.chart import REPO, find, install_manifest, render
@@ -342,7 +342,7 @@ def monitored(
     assert chart_metrics_args, "the chart's Triton exposes no latency summaries"
     http, grpc, metrics, prom_port = free_ports(4)
     triton = LocalTriton(
-        test_repository,
+        pin_test_repository(test_repository, tmp_path_factory.mktemp("monitored-served")),
         workdir=tmp_path_factory.mktemp("monitored-triton"),
         http_port=http,
         grpc_port=grpc,

@@ -8,12 +8,29 @@ from typing import Any
 import helm_python
 import yaml
 
+from mnist_pipeline import __version__
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "mnist-pipeline"
 KUBE_VERSION = "1.30.0"
 # The tests run the images `make images` builds and loads, as on kind: the chart refuses
 # those registry-less names unless told (its default, for real clusters, is to refuse).
 LOCAL_IMAGES: dict[str, Any] = {"images": {"localNames": True}}
+# images.triton: NVIDIA's image (the chart's default) serves the exported repository as it
+# is, on CPUs or GPUs; the project's CPU image (docker/triton.Dockerfile, what `make images`
+# builds) serves it through Triton's python backend.
+NVIDIA_TRITON: dict[str, Any] = {
+    "repository": "nvcr.io/nvidia/tritonserver",
+    "tag": "24.10-py3",
+    "cuda": True,
+    "backend": "onnxruntime",
+}
+PROJECT_TRITON: dict[str, Any] = {
+    "repository": "mnist-pipeline/triton",
+    "tag": __version__,
+    "cuda": False,
+    "backend": "python",
+}
 
 
 def with_local_images(values: dict[str, Any] | None) -> dict[str, Any]:

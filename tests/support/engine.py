@@ -8,14 +8,16 @@ engine (CONTAINER_DEBS) when missing.
 
 No registry is reachable, so no base image is pulled: a stand-in for python:3.11-slim
 is bootstrapped from Debian's packages with mmdebstrap (with this machine's CA bundle, which
-pip needs here). It exists for these checks only and is never published. PyTorch's index
-is unreachable too: the CPU torch wheel that pip finds on this machine and the Triton
-sources (TRITON_SOURCES) are served to the builds on 127.0.0.1.
+pip needs here, and libpython3.11, which the python backend's stub in the Triton image links
+as python:3.11-slim's /usr/local/lib holds it). It exists for these checks only and is never
+published. PyTorch's index is unreachable too: the CPU torch wheel that pip finds on this
+machine is served to the builds on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import os
 import shutil
@@ -36,7 +38,13 @@ ENGINE_DIR = Path(os.environ.get("CONTAINER_ENGINE_DIR", "/var/lib/mnist-pipelin
 # Debian's client: a newer static client, if any, comes first on PATH and misses the
 # legacy builder's cache.
 DOCKER = "/usr/bin/docker"
-BASE = "mnist-pipeline-ci/python:3.11-bookworm"
+# What the stand-in for python:3.11-slim holds; its tag changes with the list, so that a
+# base bootstrapped before a change is not reused.
+BASE_PACKAGES = "python3,python3-venv,python-is-python3,libpython3.11,ca-certificates"
+BASE = (
+    "mnist-pipeline-ci/python:3.11-bookworm-"
+    + hashlib.sha256(BASE_PACKAGES.encode()).hexdigest()[:8]
+)
 IMAGES = ("pipeline", "client", "triton")
 HOW_TO_RUN = "run them with `make container-check` as root (CI=true runs them in `make test`)"
 
@@ -127,7 +135,7 @@ class Engine:
                 "--quiet",
                 "--mode=root",
                 "--variant=minbase",
-                "--include=python3,python3-venv,python-is-python3,ca-certificates",
+                f"--include={BASE_PACKAGES}",
                 '--customize-hook=cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/"',
                 "bookworm",
                 "-",
@@ -151,9 +159,6 @@ class Engine:
                 "--build-arg=TORCH_INDEX_URL=https://pypi.org/simple",
                 f"--build-arg=TORCH_FIND_LINKS={url}/wheels/",
             ]
-            # Without TRITON_SOURCES the Triton build fetches them from GitHub by commit.
-            if os.environ.get("TRITON_SOURCES"):
-                build_args.append(f"--build-arg=TRITON_SOURCES_URL={url}/vendor")
             for name in IMAGES:
                 started = time.monotonic()
                 with open(logs / f"build-{name}.log", "w") as log:
@@ -178,7 +183,7 @@ class Engine:
 
 @contextlib.contextmanager
 def loopback_sources(port_file: Path) -> Iterator[str]:
-    """Serve, on 127.0.0.1, the CPU torch wheel (wheels/) and the Triton sources (vendor/).
+    """Serve, on 127.0.0.1, the CPU torch wheel (wheels/).
 
     The URL is a build argument, hence part of the layer cache's key: the port of the last
     run (port_file) is taken again when it is free, so that an unchanged image rebuilds
@@ -201,9 +206,6 @@ def loopback_sources(port_file: Path) -> Iterator[str]:
             ],
             check=True,
         )
-        sources = os.environ.get("TRITON_SOURCES")
-        if sources:
-            (root / "vendor").symlink_to(Path(sources).resolve())
         handler = partial(QuietHandler, directory=folder)
         try:
             server = http.server.ThreadingHTTPServer(

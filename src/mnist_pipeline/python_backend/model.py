@@ -23,6 +23,29 @@ import onnxruntime  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 
+def check_shape(tensor: dict, onnx_tensors: list, what: str) -> None:
+    """Refuse the model when config.pbtxt's tensor is not the ONNX model's (as Triton's
+    onnxruntime backend does when it loads it): both shapes, batch dimension first."""
+    config_shape = [-1, *(int(d) for d in tensor["dims"])]
+    for onnx in onnx_tensors:
+        if onnx.name == tensor["name"]:
+            model_shape = [d if isinstance(d, int) else -1 for d in onnx.shape]
+            if model_shape != config_shape:
+                raise pb_utils.TritonModelException(
+                    f"{what} '{onnx.name}': model.onnx has shape {shape(model_shape)}, "
+                    f"config.pbtxt {shape(config_shape)}"
+                )
+            return
+    names = ", ".join(t.name for t in onnx_tensors)
+    raise pb_utils.TritonModelException(
+        f"config.pbtxt names {what} '{tensor['name']}', model.onnx has {names}"
+    )
+
+
+def shape(dims: list) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -34,8 +57,10 @@ class TritonPythonModel:
         self.session = onnxruntime.InferenceSession(
             path, options, providers=["CPUExecutionProvider"]
         )
-        self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        (tensor_in,), (tensor_out,) = config["input"], config["output"]
+        check_shape(tensor_in, self.session.get_inputs(), "input")
+        check_shape(tensor_out, self.session.get_outputs(), "output")
+        self.input_name, self.output_name = tensor_in["name"], tensor_out["name"]
 
     def execute(self, requests: list) -> list:
         batches = [

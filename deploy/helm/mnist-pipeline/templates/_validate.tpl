@@ -105,8 +105,16 @@ its message, before any rank starts.
 {{- with $dockerHub }}
 {{- $errors = append $errors (printf "%s name(s) no registry, so every node would pull them from Docker Hub, where anyone may own that namespace: set images.registry to where `make push-images REGISTRY=...` pushed them (or name a registry host in each repository); only where the images are loaded into the nodes (kind load docker-image, minikube image load), set images.localNames=true" (join ", " .)) }}
 {{- end }}
-{{- if and (gt (int64 .Values.triton.gpus) 0) (not $images.triton.cuda) }}
-{{- $errors = append $errors "triton.gpus > 0, but images.triton is the project's CPU-only Triton: set images.triton.repository nvcr.io/nvidia/tritonserver, images.triton.tag 24.10-py3 and images.triton.cuda=true (docs/KUBERNETES.md, GPUs)" }}
+{{- $t := $images.triton }}
+{{- if and (hasSuffix "mnist-pipeline/triton" $t.repository) (ne $t.backend "python") }}
+{{- $errors = append $errors (printf "images.triton.repository %q is the project's CPU image: it has no onnxruntime backend, only Triton's python backend running the project's model.py on ONNX Runtime; set images.triton.backend=python, or serve with NVIDIA's image (images.triton.repository nvcr.io/nvidia/tritonserver, tag 24.10-py3, backend onnxruntime: the defaults)" $t.repository) }}
+{{- else if and (contains "nvidia/tritonserver" $t.repository) (eq $t.backend "python") }}
+{{- $errors = append $errors (printf "images.triton.repository %q is NVIDIA's tritonserver, which serves the exported repository as it is with its onnxruntime backend: set images.triton.backend=onnxruntime (python is for the project's image, mnist-pipeline/triton)" $t.repository) }}
+{{- end }}
+{{- if and (gt (int64 .Values.triton.gpus) 0) (eq $t.backend "python") }}
+{{- $errors = append $errors (printf "triton.gpus is %d (KIND_GPU instances), but images.triton.backend python runs the model on CPUs only: set triton.gpus=0, or serve with NVIDIA's image and backend onnxruntime (the defaults; docs/KUBERNETES.md, GPUs)" (int64 .Values.triton.gpus)) }}
+{{- else if and (gt (int64 .Values.triton.gpus) 0) (not $t.cuda) }}
+{{- $errors = append $errors "triton.gpus > 0, but images.triton.cuda is false (a tritonserver without CUDA): serve with NVIDIA's image, images.triton.repository nvcr.io/nvidia/tritonserver, tag 24.10-py3, cuda=true and backend onnxruntime (the defaults; docs/KUBERNETES.md, GPUs)" }}
 {{- end }}
 {{- range $image := list "pipeline" "client" "triton" }}
 {{- $v := get $images $image }}
