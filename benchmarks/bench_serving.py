@@ -76,6 +76,35 @@ def inprocess_throughput(
     return {"images_per_s": batches * batch_size / (time.perf_counter() - t0)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Yardstick:
+    """In-process onnxruntime measured right before and right after each served figure,
+    for the ratios the targets judge: on a shared machine whose load moves within
+    minutes, only figures taken together compare. `one`: a session on one instance's
+    threads (batch-1 p50: the latency target's reference); `budget`: on the server's
+    whole thread budget (batch-16 images/s: the throughput target's)."""
+
+    one: ort.InferenceSession
+    budget: ort.InferenceSession
+    x: np.ndarray
+    requests: int
+
+    def measure(self) -> dict[str, float]:
+        return {
+            "inprocess_p50_ms": inprocess_latency(self.one, self.x, self.requests)["p50_ms"],
+            "inprocess_batch16_images_per_s": inprocess_throughput(
+                self.budget, self.x, max(1, self.requests // 16)
+            )["images_per_s"],
+        }
+
+    def around(self, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`measure`'s figures with the mean of the in-process figures before and after."""
+        before = self.measure()
+        figures = measure()
+        after = self.measure()
+        return {**figures, **{key: (before[key] + after[key]) / 2 for key in before}}
+
+
 def served_latencies(
     url: str,
     model: str,

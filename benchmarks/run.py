@@ -25,9 +25,12 @@ docs/benchmarks/results.json` renders it again without measuring). Every timing 
             between them, through perf_analyzer at concurrency 1, 8 and 16, with where the
             time and the CPU go (Triton's statistics, both processes' CPU time)
 
---only serving re-measures the serving section alone (a small model is trained for it:
-serving speed does not depend on the weights) and keeps the training and export sections
-of OUT/benchmarks/results.json, noting when and where each was measured.
+--only serving re-measures the serving section alone and keeps the training and export
+sections of OUT/benchmarks/results.json, noting when and where each was measured. The
+model it serves is the default recipe's on seed 0, as a full run serves (quick mode: a
+small one): serving speed does not depend on the weights, but the int8 export served
+beside it is refused when quantisation loses more than 0.1 pp, as a barely trained
+model's does.
 """
 
 from __future__ import annotations
@@ -151,19 +154,22 @@ def add_flop_figures(training: dict[str, Any], run: dict[str, Any]) -> None:
     run["matmul_epochs"] = run["train_seconds"] * rate / (flops * EPOCH_IMAGES)
 
 
-def measure_server(url: str, x: np.ndarray, labels: np.ndarray, s: Settings) -> dict[str, Any]:
-    """Sequential latencies, then each concurrency's throughput, p99 and executed batches."""
+def measure_server(
+    url: str, x: np.ndarray, labels: np.ndarray, s: Settings, yardstick: bench_serving.Yardstick
+) -> dict[str, Any]:
+    """Sequential latencies, then each concurrency's throughput, p99 and executed batches;
+    each round with the in-process figures measured beside it."""
     latencies, _ = bench_serving.served_latencies(url, MODEL, x, labels, s.requests, 1)
-    sequential = median_of(
-        s.repeats, partial(bench_serving.served, url, MODEL, x, labels, s.requests, 1)
-    )
+
+    def beside(concurrency: int) -> dict[str, float]:
+        served = partial(bench_serving.served, url, MODEL, x, labels, s.requests, concurrency)
+        return median_of(s.repeats, partial(yardstick.around, served))
+
+    sequential = beside(1)
     levels = []
     for concurrency in CONCURRENCIES:
         before = bench_serving.inference_statistics(url, MODEL)
-        figures = median_of(
-            s.repeats,
-            partial(bench_serving.served, url, MODEL, x, labels, s.requests, concurrency),
-        )
+        figures = beside(concurrency)
         # Triton may count a request just after its response has left.
         time.sleep(0.2)
         after = bench_serving.inference_statistics(url, MODEL)
@@ -177,7 +183,9 @@ def measure_server(url: str, x: np.ndarray, labels: np.ndarray, s: Settings) -> 
     return {"sequential": sequential, "latencies_ms": latencies, "concurrency": levels}
 
 
-def watched_perf_sweep(server: LocalTriton, s: Settings) -> tuple[list[dict[str, Any]], Any]:
+def watched_perf_sweep(
+    server: LocalTriton, s: Settings, yardstick: bench_serving.Yardstick
+) -> tuple[list[dict[str, Any]], Any]:
     """perf_analyzer at each concurrency while a local Prometheus scrapes Triton each
     second: the sweep's figures, and the dashboard's panels over the sweep."""
     (port,) = free_ports(1)
@@ -192,28 +200,35 @@ def watched_perf_sweep(server: LocalTriton, s: Settings) -> tuple[list[dict[str,
             print(
                 f"serving: perf_analyzer, concurrency {concurrency} …", file=sys.stderr, flush=True
             )
-            levels.append(perf_level(server, concurrency, window_ms))
+            levels.append(perf_level(server, concurrency, window_ms, yardstick))
         time.sleep(3)  # the last scrapes of the sweep
         dashboard = bench_serving.dashboard_over(prometheus, start, time.time(), 2)
     return levels, dashboard
 
 
-def perf_level(server: LocalTriton, concurrency: int, window_ms: int) -> dict[str, Any]:
+def perf_level(
+    server: LocalTriton, concurrency: int, window_ms: int, yardstick: bench_serving.Yardstick
+) -> dict[str, Any]:
     """perf_analyzer at `concurrency`, with what Triton's statistics and the server's
-    CPU time say about the same requests."""
+    CPU time say about the same requests, and the in-process figures beside it."""
     assert server.process is not None
-    before = bench_serving.inference_statistics(server.grpc_url, MODEL)
-    cpu_before = bench_serving.server_cpu_seconds(server.process.pid)
-    figures = bench_serving.perf_analyzer(server.grpc_url, MODEL, concurrency, window_ms)
-    # Triton may count a request just after its response has left.
-    time.sleep(0.2)
-    server_cpu_s = bench_serving.server_cpu_seconds(server.process.pid) - cpu_before
-    after = bench_serving.inference_statistics(server.grpc_url, MODEL)
-    return {
-        **figures,
-        "server_cpu_s": server_cpu_s,
-        **bench_serving.statistics_delta(before, after),
-    }
+    pid = server.process.pid
+
+    def measure() -> dict[str, Any]:
+        before = bench_serving.inference_statistics(server.grpc_url, MODEL)
+        cpu_before = bench_serving.server_cpu_seconds(pid)
+        figures = bench_serving.perf_analyzer(server.grpc_url, MODEL, concurrency, window_ms)
+        # Triton may count a request just after its response has left.
+        time.sleep(0.2)
+        server_cpu_s = bench_serving.server_cpu_seconds(pid) - cpu_before
+        after = bench_serving.inference_statistics(server.grpc_url, MODEL)
+        return {
+            **figures,
+            "server_cpu_s": server_cpu_s,
+            **bench_serving.statistics_delta(before, after),
+        }
+
+    return yardstick.around(measure)
 
 
 def batch_costs(sess: Any, x: np.ndarray, s: Settings) -> dict[str, float]:
@@ -241,9 +256,10 @@ def bench_serving_section(
     instances = sum(max(1, g.count) for g in config.instance_group)
     instance_threads = int(config.parameters["intra_op_thread_count"].string_value)
     inprocess = []
+    sessions = {}
     # One instance's threads (what a lone request gets) and the server's whole budget.
     for threads in sorted({instances * instance_threads, instance_threads}, reverse=True):
-        sess = bench_serving.session(onnx_path, threads)
+        sess = sessions[threads] = bench_serving.session(onnx_path, threads)
         raw = bench_serving.inprocess_latencies(sess, x, s.requests)
         inprocess.append(
             {
@@ -260,6 +276,10 @@ def bench_serving_section(
                 "batch_ms": batch_costs(sess, x, s),
             }
         )
+    # Beside each served figure: half the requests for the p50, as many images at batch 16.
+    yardstick = bench_serving.Yardstick(
+        sessions[instance_threads], sessions[instances * instance_threads], x, s.requests // 2
+    )
     repositories = {
         "batching_on": served,
         "batching_off": bench_serving.config_variant(
@@ -284,15 +304,15 @@ def bench_serving_section(
                 "backend": config["backend"],
                 "instances": instances,
                 "intra_op_threads": instance_threads,
-                **measure_server(server.grpc_url, x, labels, s),
+                **measure_server(server.grpc_url, x, labels, s, yardstick),
             }
             if name == "batching_on":
-                perf, servers[name]["dashboard"] = watched_perf_sweep(server, s)
+                perf, servers[name]["dashboard"] = watched_perf_sweep(server, s, yardstick)
                 servers[name]["perf_analyzer"] = perf
     return {
         "inprocess": inprocess,
         "servers": servers,
-        "variants": serving_variants(swept, s),
+        "variants": serving_variants(swept, s, yardstick),
         "models": served_models(swept),
         "triton_version": triton_version,
         "requests": s.requests,
@@ -314,7 +334,9 @@ def variant_schedule(
     return [*order, bench_serving.BASELINE]
 
 
-def serving_variants(storages: dict[str, Path], s: Settings) -> list[dict[str, Any]]:
+def serving_variants(
+    storages: dict[str, Path], s: Settings, yardstick: bench_serving.Yardstick
+) -> list[dict[str, Any]]:
     """Each storage's model served with each variant, back to back with the baseline
     repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput). The first
     gets the whole sweep, the others (another precision) the baseline and the queue
@@ -322,7 +344,9 @@ def serving_variants(storages: dict[str, Path], s: Settings) -> list[dict[str, A
     window_ms = 300 if s.quick else 1000
     rows = []
     for index, (name, storage) in enumerate(storages.items()):
-        variants = bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
+        variants: tuple[bench_serving.Variant, ...] = (
+            bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
+        )
         if index:
             variants = (bench_serving.BASELINE, bench_serving.DELAY_500)
         schedule = variant_schedule(variants, len(variants) if s.quick else 3)
@@ -332,7 +356,7 @@ def serving_variants(storages: dict[str, Path], s: Settings) -> list[dict[str, A
         }
         for order, variant in enumerate(schedule, 1):
             print(f"serving: {name}, {variant.name} …", file=sys.stderr, flush=True)
-            run = variant_run(served[variant.name], variant, window_ms)
+            run = variant_run(served[variant.name], variant, window_ms, yardstick)
             rows.append({"repository": name, "order": order, **run})
     return rows
 
@@ -389,14 +413,16 @@ def local_triton(served: Path, extra_args: tuple[str, ...] = ()) -> LocalTriton:
     )
 
 
-def variant_run(served: Path, variant: bench_serving.Variant, window_ms: int) -> dict[str, Any]:
+def variant_run(
+    served: Path, variant: bench_serving.Variant, window_ms: int, yardstick: bench_serving.Yardstick
+) -> dict[str, Any]:
     with local_triton(served) as server:
         return {
             "variant": variant.name,
             "pin": pin_settings(variant),
             "config": served_config(server.grpc_url),
             "load_average": load_average(),
-            "levels": [perf_level(server, c, window_ms) for c in VARIANT_CONCURRENCIES],
+            "levels": [perf_level(server, c, window_ms, yardstick) for c in VARIANT_CONCURRENCIES],
         }
 
 
@@ -481,34 +507,55 @@ def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def serving_targets(serving: dict[str, Any]) -> list[dict[str, Any]]:
-    """The serving targets: perf_analyzer against in-process onnxruntime, same threads."""
+    """The serving targets, perf_analyzer's then the pipeline's client's: each served
+    figure against in-process onnxruntime on the same threads, measured beside it and at
+    its best in the run (report.best_inprocess). Met only against both: a reference that
+    the machine's load dragged down beside a figure does not meet a target."""
     on = serving["servers"]["batching_on"]
     one, budget = report.references(serving)
+    best_p50, best_b16 = report.best_inprocess(serving)
     c1, c8 = (next(p for p in on["perf_analyzer"] if p["concurrency"] == c) for c in (1, 8))
-    gap = c1["p50_ms"] - one["p50_ms"]
-    ratio = c8["images_per_s"] / budget["batch16_images_per_s"]
-    return [
-        {
-            "target": f"perf_analyzer concurrency-1 p50 <= in-process p50 "
-            f"({one['threads']} thread(s)) + {verdicts.C1_P50_GAP_MS:g} ms",
-            "measured": f"{c1['p50_ms']:.2f} ms vs {one['p50_ms']:.2f} ms ({gap:+.2f} ms)",
-            "met": gap <= verdicts.C1_P50_GAP_MS,
-        },
-        {
-            "target": f"perf_analyzer concurrency-1 p99 <= {verdicts.C1_P99_RATIO:g} × its p50",
-            "measured": f"p99 {c1['p99_ms']:.2f} ms, p50 {c1['p50_ms']:.2f} ms "
-            f"({c1['p99_ms'] / c1['p50_ms']:.1f}×)",
-            "met": c1["p99_ms"] <= verdicts.C1_P99_RATIO * c1["p50_ms"],
-        },
-        {
-            "target": f"perf_analyzer concurrency-8 throughput >= {verdicts.C8_SHARE:.0%} of "
-            "in-process batch 16 "
-            f"({budget['threads']} thread(s))",
-            "measured": f"{c8['images_per_s']:.0f} vs {budget['batch16_images_per_s']:.0f} "
-            f"images/s ({ratio:.0%})",
-            "met": ratio >= verdicts.C8_SHARE,
-        },
-    ]
+    client1 = on["sequential"]
+    client8 = next(p for p in on["concurrency"] if p["concurrency"] == 8)
+    out = []
+    for who, latency, throughput in (
+        ("perf_analyzer", c1, c8),
+        ("the pipeline's client", client1, client8),
+    ):
+        p50 = latency["p50_ms"]
+        gap, worst_gap = p50 - latency[report.P50], p50 - best_p50
+        images = throughput["images_per_s"]
+        share, worst_share = images / throughput[report.B16], images / best_b16
+        out.append(
+            {
+                "target": f"{who}: concurrency-1 p50 <= in-process p50 "
+                f"({one['threads']} thread(s)) + {verdicts.C1_P50_GAP_MS:g} ms",
+                "measured": f"{p50:.2f} ms vs {latency[report.P50]:.2f} ms beside it "
+                f"({gap:+.2f} ms); vs the run's best in-process {best_p50:.2f} ms "
+                f"({worst_gap:+.2f} ms)",
+                "met": max(gap, worst_gap) <= verdicts.C1_P50_GAP_MS,
+            }
+        )
+        if who == "perf_analyzer":
+            out.append(
+                {
+                    "target": f"{who}: concurrency-1 p99 <= {verdicts.C1_P99_RATIO:g} × its p50",
+                    "measured": f"p99 {c1['p99_ms']:.2f} ms, p50 {c1['p50_ms']:.2f} ms "
+                    f"({c1['p99_ms'] / c1['p50_ms']:.1f}×)",
+                    "met": c1["p99_ms"] <= verdicts.C1_P99_RATIO * c1["p50_ms"],
+                }
+            )
+        out.append(
+            {
+                "target": f"{who}: concurrency-8 throughput >= {verdicts.C8_SHARE:.0%} of "
+                f"in-process batch 16 ({budget['threads']} thread(s))",
+                "measured": f"{images:.0f} vs {throughput[report.B16]:.0f} images/s beside it "
+                f"({share:.0%}); vs the run's best in-process {best_b16:.0f} images/s "
+                f"({worst_share:.0%})",
+                "met": min(share, worst_share) >= verdicts.C8_SHARE,
+            }
+        )
+    return out
 
 
 def keep_earlier_sections(results: dict[str, Any], out: Path) -> None:
@@ -578,8 +625,13 @@ def main(argv: list[str] | None = None) -> int:
         data.place(storage)
         if args.only == "serving":
             keep_earlier_sections(results, out)
-            print("training a small model to serve …", file=sys.stderr, flush=True)
-            train(storage, TrainConfig(limit_train=2000, limit_test=1000), run_id="default-seed0")
+            print("training the model to serve …", file=sys.stderr, flush=True)
+            limits = (2000, 1000) if s.quick else (s.limit_train, s.limit_test)
+            train(
+                storage,
+                TrainConfig(limit_train=limits[0], limit_test=limits[1], seed=0),
+                run_id="default-seed0",
+            )
         else:
             results["training"] = bench_training_section(storage, s)
 

@@ -92,8 +92,10 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
     assert serving["servers"]["batching_off"]["dynamic_batching"] is None
     for server in serving["servers"].values():
         assert [c["concurrency"] for c in server["concurrency"]] == [1, 2, 4, 8, 16]
+        assert beside(server["sequential"])
         for level in server["concurrency"]:
             assert number(level["images_per_s"]) and number(level["p99_ms"])
+            assert beside(level)
             executed = {int(k): v for k, v in level["executed_batch_sizes"].items()}
             # Triton's own count: every request ran, in batches no larger than max_batch_size.
             assert sum(size * n for size, n in executed.items()) == level["requests"]
@@ -106,6 +108,7 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
         for key in ("images_per_s", "p50_ms", "p99_ms", "server_compute_infer_ms"):
             assert number(level[key]), key
         assert level["p50_ms"] <= level["p99_ms"]
+        assert beside(level)
     # The chart's dashboard over the sweep: every panel drew something from Prometheus.
     panels = on["dashboard"]["panels"]
     assert [p["title"] for p in panels] == [p.title for p in dashboard_panels()]
@@ -121,8 +124,16 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
     check_models(serving)
     off = serving["servers"]["batching_off"]["concurrency"]
     assert all(set(level["executed_batch_sizes"]) == {"1"} for level in off)
-    assert len(results["targets"]) >= 3
+    # perf_analyzer's three targets, then the pipeline's client's c1 p50 and c8.
+    assert [t["target"].partition(":")[0] for t in results["targets"]][-5:] == [
+        "perf_analyzer"
+    ] * 3 + ["the pipeline's client"] * 2
     assert all(isinstance(t["met"], bool) for t in results["targets"])
+
+
+def beside(figures: dict[str, Any]) -> bool:
+    """A served figure carries the in-process figures measured right beside it."""
+    return number(figures["inprocess_p50_ms"]) and figures["inprocess_batch16_images_per_s"] > 0
 
 
 def check_models(serving: dict[str, Any]) -> None:
@@ -177,6 +188,7 @@ def check_variants(rows: list[dict[str, Any]]) -> None:
             for key in ("images_per_s", "p50_ms", "p99_ms", "server_queue_ms", "wall_s"):
                 assert number(level[key]), key
             assert level["requests"] > 0 and level["executions"] > 0
+            assert beside(level)
             assert number(level["server_cpu_s"]) and number(level["client_cpu_s"])
 
 
