@@ -23,7 +23,6 @@ from mnist_pipeline import repository
 from support.chart import (
     KUBE_VERSION,
     NVIDIA_TRITON,
-    PROJECT_TRITON,
     arg,
     containers,
     find,

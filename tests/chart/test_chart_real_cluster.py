@@ -17,13 +17,11 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import pin_test_repository
 from test_chart_cluster import RWX, merge
 
 from mnist_pipeline.serve import LocalTriton
 from support.chart import (
     NVIDIA_TRITON,
-    PROJECT_TRITON,
     containers,
     find,
     lint,

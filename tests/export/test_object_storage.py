@@ -319,6 +319,8 @@ def test_prune_deletes_old_versions_from_the_bucket(story: dict[str, Any]) -> No
     before, after = servable(story["after_concurrent"]), servable(story["after_prune"])
     assert after == before[-1:]
     assert not [k for k in story["after_prune"] if k.startswith(f"{PREFIX}/{NAME}/1/")]
+    removals = [line for line in story["prune"].stderr.splitlines() if " removed s3://" in line]
+    assert len(removals) == len(before) - 1, removals  # each said once
 
 
 def test_a_worse_model_is_not_published(story: dict[str, Any]) -> None:
