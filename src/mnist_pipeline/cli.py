@@ -525,7 +525,7 @@ def summary(
     if outcome.status == "published":
         exported = f"version {outcome.version} ({outcome.reason})"
     else:
-        exported = f"skipped: {outcome.reason}"
+        exported = f"nothing published, {outcome.reason}"
     return "\n".join(
         [
             "mnist-pipeline run: done",
