@@ -20,8 +20,6 @@ RUN python -m venv /opt/venv \
 # /stage becomes /opt/tritonserver: bin/tritonserver finds lib/ (the wheel's libraries)
 # through its RPATH, $ORIGIN/../lib, and backends/ is its default --backend-directory:
 # python/ holds the backend, its utilities and the stub built for this image's Python.
-# The stub embeds an isolated interpreter (no PYTHONPATH) that imports numpy before
-# model.py: a .pth file in each of the base Python's site folders names the venv's.
 RUN SP=$(/opt/pytriton/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
     && WHEEL="$SP/pytriton/tritonserver" \
     && PY=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
@@ -30,11 +28,7 @@ RUN SP=$(/opt/pytriton/bin/python -c 'import sysconfig; print(sysconfig.get_path
     && cp -r "$SP/nvidia_pytriton.libs" /stage/lib \
     && cp "$WHEEL/backends/python/libtriton_python.so" \
           "$WHEEL/backends/python/triton_python_backend_utils.py" \
-          "$WHEEL/python_backend_stubs/$PY/triton_python_backend_stub" /stage/backends/python/ \
-    && VENV=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
-    && for dir in $(python -c 'import site; print(" ".join(site.getsitepackages()))'); do \
-           mkdir -p "/site$dir" && echo "$VENV" > "/site$dir/mnist-pipeline.pth"; \
-       done
+          "$WHEEL/python_backend_stubs/$PY/triton_python_backend_stub" /stage/backends/python/
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="mnist-pipeline-triton" \
@@ -43,9 +37,9 @@ LABEL org.opencontainers.image.title="mnist-pipeline-triton" \
       org.opencontainers.image.licenses="Apache-2.0 AND BSD-3-Clause AND MIT"
 COPY --from=build /stage /opt/tritonserver
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /site/ /
 # The backend and its stub (a process of its own) load the wheel's libraries from lib/, the
-# stub libpython from the base image. model.py also reads PYTHONPATH itself.
+# stub libpython from the base image. The stub's interpreter is the base image's Python:
+# model.py puts PYTHONPATH, the venv's packages, on its sys.path.
 # ONNX Runtime writes a small cache under $HOME: /tmp is the only writable path.
 ENV PATH=/opt/tritonserver/bin:$PATH \
     LD_LIBRARY_PATH=/opt/tritonserver/lib \

@@ -61,6 +61,7 @@ def wheel_server(backends: Path) -> tuple[list[str], dict[str, str]]:
     environment to add. `backends` becomes its --backend-directory: python/ holding the
     backend, its utilities and the stub for this Python, linked from the wheel."""
     binary = locate_tritonserver()
+    check_libpython()
     wheel = binary.parents[1]
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     files = [

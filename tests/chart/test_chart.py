@@ -19,6 +19,7 @@ from support.chart import (
     CHART,
     KUBE_VERSION,
     LOCAL_IMAGES,
+    PROJECT_TRITON,
     REPO,
     arg,
     containers,
@@ -42,6 +43,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "client": {"enabled": False},
         "networkPolicy": {"enabled": False},
     },
+    # The project's CPU Triton image: Triton's python backend.
+    "project-triton": {"images": {"triton": PROJECT_TRITON}},
     "digests": {
         "images": {name: {"digest": DIGEST} for name in ("pipeline", "client", "triton")},
         "training": {"extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "512"}]},
@@ -436,7 +439,14 @@ def test_resources_probes_and_security_everywhere(default: list[dict[str, Any]])
     assert "command" not in triton and triton["args"][0] == "tritonserver"
     assert "--model-repository=/pinned" in triton["args"]
     assert "--model-control-mode=none" in triton["args"]
-    assert triton["image"] == "mnist-pipeline/triton:0.2.0"
+    # NVIDIA's image serves the exported repository as it is: its onnxruntime backend.
+    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    (pin,) = [
+        c
+        for c in pod_spec(find(default, "Deployment", "triton"))["initContainers"]
+        if c["name"] == "pin-version"
+    ]
+    assert arg(pin, "triton-backend") == "onnxruntime"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"

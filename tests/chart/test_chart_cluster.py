@@ -657,8 +657,21 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     served = tmp_path / "a" / "resnet18_mnist"
     config = served_config(tmp_path / "a")
     assert list(config.version_policy.specific.versions) == [2]  # Triton's own schema
-    assert (served / "2").resolve() == (model / "2").resolve()
+    assert config.platform == "onnxruntime_onnx" and not config.backend  # NVIDIA's image
     assert sorted(p.name for p in served.iterdir()) == ["2", "config.pbtxt"]
+    for name in ("metadata.json", "model.onnx"):  # links to the volume's files
+        assert (served / "2" / name).resolve() == (model / "2" / name).resolve()
+    assert sorted(p.name for p in (served / "2").iterdir()) == ["metadata.json", "model.onnx"]
+
+    # The project's image: its python backend runs the project's model.py beside them.
+    pin, _ = pin_container({"triton": {"servedVersion": 2}, "images": {"triton": PROJECT_TRITON}})
+    assert arg(pin, "triton-backend") == "python"
+    assert run_pin(pin, storage, tmp_path / "python").returncode == 0
+    config = served_config(tmp_path / "python")
+    assert config.backend == "python" and not config.platform
+    version = tmp_path / "python" / "resnet18_mnist" / "2"
+    assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.py"]
+    assert "class TritonPythonModel" in (version / "model.py").read_text()
 
     # "run" (the default): the version this run's export chose (what `helm rollback`
     # restores), though a newer one is on the volume.

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from test_chart_cluster import RWX, merge
 
+from conftest import pin_test_repository
 from mnist_pipeline.serve import LocalTriton
 from support.chart import (
     NVIDIA_TRITON,
@@ -54,16 +55,21 @@ def images_of(objects: list[dict[str, Any]]) -> set[str]:
 
 
 def test_default_images_are_refused_without_a_registry() -> None:
-    """Unqualified names are Docker Hub's: ImagePullBackOff, or someone else's code."""
+    """Unqualified names are Docker Hub's: ImagePullBackOff, or someone else's code.
+    NVIDIA's Triton image, the default, names its registry (nvcr.io)."""
     message = refusal({}, local_images=False)
+    for name in ("pipeline", "client"):
+        assert f'images.{name}.repository "mnist-pipeline/{name}"' in message
+    assert "images.triton" not in message
+    assert "images.registry" in message and "images.localNames=true" in message
+    message = refusal({"images": {"triton": PROJECT_TRITON}}, local_images=False)
     for name in IMAGES:
         assert f'images.{name}.repository "mnist-pipeline/{name}"' in message
-    assert "images.registry" in message and "images.localNames=true" in message
     assert message.count("Docker Hub") == 1  # one message for the three images
 
 
 def test_the_registry_prefixes_every_image_but_one_with_its_own_host() -> None:
-    values = {"images": {"registry": "registry.example.com/ml/", "triton": NVIDIA_TRITON}}
+    values = {"images": {"registry": "registry.example.com/ml/"}}
     gpu = {"triton": {"gpus": 1, "updateStrategy": "Recreate"}}
     objects, _ = render(merge(values, gpu), local_images=False)
     assert images_of(objects) == {
@@ -71,19 +77,79 @@ def test_the_registry_prefixes_every_image_but_one_with_its_own_host() -> None:
         "registry.example.com/ml/mnist-pipeline/client:0.2.0",
         "nvcr.io/nvidia/tritonserver:24.10-py3",
     }
+    # The project's Triton image is pushed beside the others.
+    objects, _ = render(merge(values, {"images": {"triton": PROJECT_TRITON}}), local_images=False)
+    assert "registry.example.com/ml/mnist-pipeline/triton:0.2.0" in images_of(objects)
     # A repository naming a host (a dot, a port or localhost) needs no registry setting.
     own = {n: {"repository": f"localhost:5000/mnist-pipeline/{n}"} for n in IMAGES}
+    own["triton"] = {**PROJECT_TRITON, **own["triton"]}
     objects, _ = render({"images": own}, local_images=False)
     assert all(i.startswith("localhost:5000/") for i in images_of(objects))
 
 
 def test_kind_accepts_the_local_names_as_built() -> None:
-    objects, _ = render({"images": {"localNames": True}}, local_images=False)
+    local = {"images": {"localNames": True, "triton": PROJECT_TRITON}}
+    objects, _ = render(local, local_images=False)
     assert images_of(objects) == {f"mnist-pipeline/{n}:0.2.0" for n in IMAGES}
 
 
+def test_the_default_triton_is_nvidias_serving_the_export_as_it_is() -> None:
+    """NVIDIA's image has the onnxruntime backend: pin writes the config as exported."""
+    objects, _ = render()
+    spec = pod_spec(find(objects, "Deployment", "triton"))
+    (triton,) = spec["containers"]
+    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    (pin,) = [c for c in spec["initContainers"] if c["name"] == "pin-version"]
+    assert "--triton-backend=onnxruntime" in pin["args"]
+    objects, _ = render({"images": {"triton": PROJECT_TRITON}})
+    spec = pod_spec(find(objects, "Deployment", "triton"))
+    assert spec["containers"][0]["image"] == "mnist-pipeline/triton:0.2.0"
+    (pin,) = [c for c in spec["initContainers"] if c["name"] == "pin-version"]
+    assert "--triton-backend=python" in pin["args"]
+
+
+# Each wrong pairing of images.triton and its backend, refused with one message.
+WRONG_PAIRINGS = {
+    "project image, onnxruntime": (
+        {"images": {"triton": {**PROJECT_TRITON, "backend": "onnxruntime"}}},
+        'images.triton.repository "mnist-pipeline/triton" is the project\'s CPU image: '
+        "it has no onnxruntime backend",
+    ),
+    "project image from a registry, onnxruntime": (
+        {
+            "images": {
+                "triton": {
+                    **PROJECT_TRITON,
+                    "repository": "registry.example.com/ml/mnist-pipeline/triton",
+                    "backend": "onnxruntime",
+                }
+            }
+        },
+        "is the project's CPU image: it has no onnxruntime backend",
+    ),
+    "NVIDIA's image, python": (
+        {"images": {"triton": {**NVIDIA_TRITON, "backend": "python"}}},
+        'images.triton.repository "nvcr.io/nvidia/tritonserver" is NVIDIA\'s tritonserver',
+    ),
+    "python backend on GPUs": (
+        {"images": {"triton": PROJECT_TRITON}, "triton": {"gpus": 1, "updateStrategy": "Recreate"}},
+        "triton.gpus is 1 (KIND_GPU instances), but images.triton.backend python runs the "
+        "model on CPUs only",
+    ),
+}
+
+
+@pytest.mark.parametrize("pairing", WRONG_PAIRINGS)
+def test_a_wrong_triton_image_and_backend_pairing_is_refused(pairing: str) -> None:
+    values, expected = WRONG_PAIRINGS[pairing]
+    message = refusal(values)
+    assert expected in message
+    assert message.count("\n- ") == 1, message  # that one message, nothing else
+
+
 def test_gpu_triton_needs_a_cuda_image() -> None:
-    assert "images.triton is the project's CPU-only Triton" in refusal({"triton": {"gpus": 1}})
+    no_cuda = {"images": {"triton": {"cuda": False}}, "triton": {"gpus": 1}}
+    assert "triton.gpus > 0, but images.triton.cuda is false" in refusal(no_cuda)
     objects, _ = render(GPU_TRITON)
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -222,8 +288,9 @@ def test_an_exposed_triton_restricts_its_admin_apis_in_the_real_server(
     key = "k" * 40
     http, grpc, metrics = free_ports(3)
     expanded = [a.replace("$(TRITON_ADMIN_KEY)", key) for a in args]
+    served = pin_test_repository(test_repository, tmp_path / "served")
     with LocalTriton(
-        test_repository, tmp_path, http_port=http, grpc_port=grpc, metrics_port=metrics,
+        served, tmp_path, http_port=http, grpc_port=grpc, metrics_port=metrics,
         extra_args=expanded,
     ) as server:  # fmt: skip
         base = f"http://127.0.0.1:{server.http_port}"

@@ -2,9 +2,10 @@
 
 Each runs what the chart runs it for, with the chart's restrictions: user 10001, read-only
 root filesystem with /tmp the only writable path, every capability dropped, no privilege
-escalation. data, train and export run with no network at all; the Triton image serves
-the exported repository through its onnxruntime backend, READY, and the client image's
-`infer` gets answers. The chart's pods in these images: test_rehearsal.py.
+escalation. data, train and export run with no network at all; the client image pins the
+exported version for Triton's python backend (as the chart's pin initContainer does with
+images.triton.backend python), the Triton image serves it through that backend, READY, and
+the client image's `infer` gets answers. The chart's pods in these images: test_rehearsal.py.
 """
 
 from __future__ import annotations
@@ -59,15 +60,14 @@ def test_image_runs_as_its_user_with_its_entrypoint(
     assert f"Usage: {program}" in helped.stdout + helped.stderr, helped
 
 
-def run(engine: Engine, storage: Path, network: str, *args: str) -> str:
+def run(engine: Engine, storage: Path, network: str, *args: str, served: Path | None = None) -> str:
+    """`docker run` of the image and command in `args`, restricted, the storage at /storage
+    (and `served` at /served)."""
+    mounts = [f"--mount=type=bind,source={storage},target=/storage"]
+    if served is not None:
+        mounts.append(f"--mount=type=bind,source={served},target=/served")
     done = engine.docker(
-        "run",
-        "--rm",
-        f"--network={network}",
-        *RESTRICTED,
-        f"--mount=type=bind,source={storage},target=/storage",
-        *args,
-        check=False,
+        "run", "--rm", f"--network={network}", *RESTRICTED, *mounts, *args, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -104,6 +104,27 @@ def test_pipeline_to_triton_to_client_in_the_images(
         "--run-id=smoke",
     )
     assert (storage / "models" / "resnet18_mnist" / "1" / "model.onnx").is_file(), exported
+    # As the chart's pin-version initContainer with images.triton.backend python: the
+    # version's files linked by their /storage paths, config.pbtxt and model.py in a folder
+    # of its own, which the Triton container mounts beside the storage at the same paths.
+    served = tmp_path / "served"
+    served.mkdir()
+    served.chmod(0o777)
+    client = image("client")
+    pinned = run(
+        container_engine,
+        storage,
+        "none",
+        client,
+        "pin",
+        "--storage=/storage",
+        "--served-repository=/served",
+        "--triton-backend=python",
+        served=served,
+    )
+    version = served / "resnet18_mnist" / "1"
+    assert (version / "model.py").is_file(), pinned
+    assert str((version / "model.onnx").readlink()).startswith("/storage/"), pinned
 
     http, grpc, metrics = free_ports(3)
     server = Container(
@@ -113,9 +134,10 @@ def test_pipeline_to_triton_to_client_in_the_images(
             "--network=host",
             *RESTRICTED,
             f"--mount=type=bind,source={storage},target=/storage,readonly",
+            f"--mount=type=bind,source={served},target=/served,readonly",
             image("triton"),
             "tritonserver",  # no entrypoint, as NVIDIA's image: the command is the args
-            "--model-repository=/storage/models",
+            "--model-repository=/served",
             "--model-control-mode=none",
             f"--http-port={http}",
             f"--grpc-port={grpc}",
@@ -125,7 +147,6 @@ def test_pipeline_to_triton_to_client_in_the_images(
         tmp_path / "triton.log",
     )
     try:
-        client = image("client")
         run(
             container_engine,
             storage,
@@ -153,7 +174,9 @@ def test_pipeline_to_triton_to_client_in_the_images(
         server.wait(60)
     log = (tmp_path / "triton.log").read_text()
     assert server.returncode == 0, log[-3000:]
-    assert "onnxruntime" in log and "READY" in log, log[-3000:]
+    # The python backend, from tritonserver's default backend directory, served the model.
+    assert "/opt/tritonserver/backends/python/libtriton_python.so" in log, log[-3000:]
+    assert "READY" in log, log[-3000:]
     (result,) = (storage / "inference").iterdir()
     latency = json.loads((result / "latency.json").read_text())
     assert latency["count"] == 20 and latency["model_version_served"] == "1", answered

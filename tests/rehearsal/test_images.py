@@ -163,22 +163,50 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert lines[0] == "*"
-    assert {
+    assert set(lines[1:]) == {
         "!pyproject.toml",
         "!README.md",
         "!src/",
         "!data/mnist/",
-        "!scripts/build_triton_backend.sh",
-    } <= set(lines)
+        "**/__pycache__",
+        "**/*.pyc",
+    }
 
 
-def test_triton_image_builds_the_backend_and_serves_from_its_own_folder() -> None:
+def test_triton_image_is_assembled_from_registry_packages_alone() -> None:
+    """The wheel's tritonserver and python backend, ONNX Runtime and numpy from PyPI, at
+    the project's pins: nothing is built from sources, nothing fetched but through pip."""
     steps = instructions(DOCKERFILES["triton"])
     runs = " ".join(a for k, a in steps if k == "RUN")
-    assert "nvidia-pytriton==0.7.0" in runs and "build_triton_backend.sh" in runs
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [*pins["dependencies"], *pins["optional-dependencies"]["export"]]
+    declared += pins["optional-dependencies"]["serve"]
+    for package in ("nvidia-pytriton", "numpy", "onnxruntime"):
+        (pin,) = {d for d in declared if d.startswith(f"{package}==")}
+        assert f" {pin}" in runs, pin
+    installs = re.findall(r"pip install ([^&]*)", runs)
+    assert installs and all("--no-cache-dir" in i for i in installs)
+    # pip alone fetches: no package manager, compiler, git, curl or build script.
+    for tool in ("apt-get", "g++", "cmake", "make ", "git ", "curl", "wget", ".sh"):
+        assert tool not in runs, tool
+    assert not [a for k, a in steps if k in ("ADD",) or (k == "COPY" and "--from" not in a)]
+    # The python backend where tritonserver looks with no flag (its default
+    # --backend-directory, /opt/tritonserver/backends): the backend, its utilities and the
+    # stub of the image's Python; lib/ beside bin/ for the binary's RPATH $ORIGIN/../lib.
+    for path in (
+        "libtriton_python.so",
+        "triton_python_backend_utils.py",
+        'python_backend_stubs/$PY/triton_python_backend_stub" /stage/backends/python/',
+        '"$SP/nvidia_pytriton.libs" /stage/lib',
+    ):
+        assert path in runs, path
     final = final_stage(DOCKERFILES["triton"])
-    # tritonserver's default --backend-directory is /opt/tritonserver/backends.
     assert ("COPY", "--from=build /stage /opt/tritonserver") in final
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in final
+    env = " ".join(a for k, a in final if k == "ENV")
+    assert "LD_LIBRARY_PATH=/opt/tritonserver/lib" in env and "HOME=/tmp" in env
+    # model.py puts PYTHONPATH on the stub's sys.path: where ONNX Runtime is.
+    assert "PYTHONPATH=/opt/venv/lib/python3.11/site-packages" in env
 
 
 def test_make_images_builds_all_three_with_registry_and_tag() -> None:
@@ -206,8 +234,18 @@ def test_chart_defaults_name_the_images_make_builds() -> None:
     assert re.search(r"^IMAGE_PREFIX := .*mnist-pipeline$", makefile, re.M)
     tag = re.search(r"^TAG\s+\?= (\S+)", makefile, re.M)
     assert tag
-    for name in DOCKERFILES:
+    for name in ("pipeline", "client"):
         assert values["images"][name]["repository"] == f"mnist-pipeline/{name}"
         assert values["images"][name]["tag"] == tag[1] == chart["appVersion"]
+    # Triton's default is NVIDIA's image; kind's values name the one make builds.
+    triton = values["images"]["triton"]
+    assert (triton["repository"], triton["tag"], triton["backend"]) == (
+        "nvcr.io/nvidia/tritonserver",
+        "24.10-py3",
+        "onnxruntime",
+    )
+    kind = yaml.safe_load((REPO / "deploy/helm/values/kind.yaml").read_text())["images"]
+    assert kind["triton"]["repository"] == "mnist-pipeline/triton"
+    assert kind["triton"]["tag"] == tag[1] and kind["triton"]["backend"] == "python"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]

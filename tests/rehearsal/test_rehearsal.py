@@ -1,16 +1,19 @@
 """Rehearse the chart: its own command lines drive the whole pipeline, in two ways.
 
 Each container's command, args and env are taken from the rendered manifests and they run
-in the chart's order, either
+in the chart's order, with the project's Triton image (images.triton.backend python: the
+pin writes the repository for Triton's python backend; NVIDIA's image, the chart's default,
+cannot be pulled here), either
 
 - as host processes (`host`): /storage is rewritten to a temporary folder; the
-  tritonserver container runs the real `tritonserver` 2.51 (from the nvidia-pytriton
-  wheel) with `--backend-directory` pointing at the locally built onnxruntime backend. The
-  pods that talk to each other (Triton's, the client's, helm test's) each get a network
-  namespace and address of their own and the kubelet's resolv.conf; a real dnsmasq
-  resolves the Services' names to them (pod_network). Triton listens on its rendered
-  ports, and the probes, the waits and the client reach it by address and name as on a
-  cluster; or
+  tritonserver container runs the real `tritonserver` 2.51 of the nvidia-pytriton wheel,
+  the image's: its python backend assembled from the wheel (`wheel_server`), with the
+  rendered args and env and what that server needs besides (its backend directory, library
+  path, and this environment's ONNX Runtime). The pods that talk to each other (Triton's,
+  the client's, helm test's) each get a network namespace and address of their own and the
+  kubelet's resolv.conf; a real dnsmasq resolves the Services' names to them
+  (pod_network). Triton listens on its rendered ports, and the probes, the waits and the
+  client reach it by address and name as on a cluster; or
 - in the built images (`container`, a real dockerd: support/engine.py), as the kubelet
   would run them: the rendered image, command (else the image's entrypoint), args, env,
   user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
@@ -60,8 +63,8 @@ from typing import Any
 
 import pytest
 
-from mnist_pipeline.serve import DEFAULT_BACKEND_DIR, check_backend, locate_tritonserver
-from support.chart import REPO, arg, containers, find, pod_spec, render
+from mnist_pipeline.serve import wheel_server
+from support.chart import PROJECT_TRITON, REPO, arg, containers, find, pod_spec, render
 from support.engine import Container, Engine, cpus, memory
 from support.objectstore import LocalRadosgw
 from support.processes import kill_tree
@@ -88,6 +91,8 @@ VALUES: dict[str, Any] = {
     "waits": {"intervalSeconds": 1, "timeoutSeconds": 600},
     # A valid tritonserver flag that no wrapper knows: it must reach the server untouched.
     "triton": {"extraArgs": ["--pinned-memory-pool-byte-size=0"]},
+    # The project's CPU image, which the engine builds (and the host variant stands for).
+    "images": {"triton": PROJECT_TRITON},
 }
 
 
@@ -259,10 +264,12 @@ class Rehearsal:
         env = {**self.env, **declared}
         command, args = container.get("command"), container["args"]
         if command is None and args[0] == "tritonserver":
-            # No command: the image's entrypoint runs the args; for Triton's images, that is
-            # the real tritonserver, as rendered, with the backend built in.
-            backends = check_backend(DEFAULT_BACKEND_DIR)
-            return [str(locate_tritonserver()), *args[1:], f"--backend-directory={backends}"], env
+            # No command: the image's entrypoint runs the args, the image's tritonserver with
+            # its python backend: here the wheel's, as the image has it, with the rendered
+            # args after the backend directory (a repeated flag: the last wins).
+            assert container["image"].startswith(f"{PROJECT_TRITON['repository']}:")
+            prefix, server_env = wheel_server(self.logs / "backends")
+            return [*prefix, *args[1:]], {**env, **server_env}
         assert command == ["mnist-pipeline"], command
         return [sys.executable, "-m", "mnist_pipeline", *args], env
 

@@ -169,7 +169,8 @@ def test_failing_requests_keep_what_was_measured(
         pipeline, served.grpc_url, "--model-name", "failing", "--warmup", "0", "--requests", "5"
     )
     assert result.returncode == 1
-    # ONNX Runtime's own error, through Triton's onnxruntime backend.
+    # ONNX Runtime's own error, through the python backend's model.py (worded as NVIDIA's
+    # onnxruntime backend words it).
     assert "request" in result.stderr and "onnx runtime error" in result.stderr
     assert "Gather node" in result.stderr
     report = json.loads((out / "latency.json").read_text())

@@ -155,6 +155,14 @@ class Network:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def free_subnet(first: str) -> str:
+    """A /24 under `first` (two octets) that no interface of this machine is on, so that
+    networks made at the same time never share a route."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    free = [n for n in range(1, 250) if f" {first}.{n}." not in used]
+    return f"{first}.{random.choice(free)}"
+
+
 class Replicas:
     """with Replicas(served, extra_args=[...]) as r: r.add(); r.add(); r.target ...
 
@@ -170,7 +178,7 @@ class Replicas:
     ) -> None:
         self.repository, self.extra_args = repository, list(extra_args)
         self.cpus = list(cpus)  # taskset CPU list of replica i (cycled); none: unpinned
-        self.network = Network(prefix, f"10.77.{random.randrange(1, 250)}")
+        self.network = Network(prefix, free_subnet("10.77"))
         self.servers: list[subprocess.Popen[bytes]] = []
 
     @property

@@ -70,9 +70,11 @@ class TritonPythonModel:
         feed = {self.input_name: np.concatenate(batches)}
         try:
             (outputs,) = self.session.run([self.output_name], feed)
-        except Exception as e:  # each request of the batch answers ONNX Runtime's message
-            error = pb_utils.TritonError(f"onnxruntime: {e}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        except Exception as e:
+            # Raised, not answered: every request of the batch gets ONNX Runtime's message and
+            # counts as a backend failure in Triton's metrics (an error response would count
+            # as a success), as with NVIDIA's onnxruntime backend.
+            raise pb_utils.TritonModelException(f"onnx runtime error: {e}") from None
         ends = np.cumsum([len(batch) for batch in batches])[:-1]
         return [
             pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, part)])
