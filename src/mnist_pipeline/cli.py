@@ -283,6 +283,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     rendezvous = distributed.Rendezvous(
         o["nnodes"], o["node_rank"], o["master_addr"], o["master_port"], o["rendezvous_timeout"]
     )
+    if not distributed.launched_by_torchrun():
+        rendezvous.check()  # also alone: --node-rank 1 of 1 machine is a mistake
     alone = nproc_per_node == 1 and rendezvous.nnodes == 1
     if alone and cfg.gradient_compression != "none":
         log.warning(
@@ -293,7 +295,6 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     if alone or distributed.launched_by_torchrun():
         return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
     cfg.validate()  # bad input exits 2 here, not as a failed rank
-    rendezvous.check()
     train_stage.check_cpu_counts(o["threads"], nproc_per_node)
     train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
@@ -310,7 +311,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
     argv += command_line((*s.TRAIN, *s.RANK), values)
-    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished)
+    resume = run_dir / disk.RESUME_FILE
+    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished, resume)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:
         raise PipelineFailure(f"{run_dir}: the ranks ended without writing {disk.METRICS_FILE}")

@@ -390,9 +390,9 @@ RENDEZVOUS_TIMEOUT = Setting(
 )
 MAX_RESTARTS = Setting(
     "max_restarts",
-    0,
+    3,
     "Times torchrun restarts all ranks after one fails (each resumes from the last "
-    "checkpoint) before this attempt fails.",
+    "checkpoint) before this attempt fails; the default is the chart's training.maxRestarts.",
     min=0,
     max=100,
 )
