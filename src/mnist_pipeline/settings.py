@@ -23,6 +23,7 @@ from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     DEFAULT_STORAGE,
     MAX_EPOCHS,
+    NAME_PATTERN,
     ModelRepository,
     UsageError,
     check_model_version,
@@ -120,8 +121,20 @@ def check_fields(cfg: Any) -> None:
         spec.check(getattr(cfg, attr))
 
 
-def _name_rule(what: str) -> Callable[[str], str]:
-    return lambda value: validate_name(value, what)
+@dataclass(frozen=True)
+class NameRule:
+    """The parse of a name that becomes a path (storage.validate_name): declared rather than
+    a lambda, so that the Helm chart applies the same pattern (scripts/chart_settings.py)."""
+
+    what: str  # "model name": how the message calls the value
+
+    @property
+    def pattern(self) -> str:
+        """The regular expression validate_name applies (RE2-compatible, anchored)."""
+        return NAME_PATTERN
+
+    def __call__(self, value: str) -> str:
+        return validate_name(value, self.what)
 
 
 def parse_batch_sizes(value: str) -> tuple[int, ...]:
@@ -270,13 +283,13 @@ RUN_ID = Setting(
     "this run's checkpoint. wait, pin, prune, infer: the run whose artifacts, version or "
     "folders they look at.",
     type=str,
-    parse=_name_rule("run id"),
+    parse=NameRule("run id"),
 )
 MODEL_NAME = Setting(
     "model_name",
     DEFAULT_MODEL_NAME,
     "Model name in the Triton repository (and in config.pbtxt).",
-    parse=_name_rule("model name"),
+    parse=NameRule("model name"),
 )
 MODEL_VERSION = Setting(
     "model_version",

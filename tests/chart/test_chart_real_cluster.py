@@ -23,6 +23,7 @@ from conftest import pin_test_repository
 from mnist_pipeline.serve import LocalTriton
 from support.chart import (
     NVIDIA_TRITON,
+    PROJECT_TRITON,
     containers,
     find,
     lint,
