@@ -266,10 +266,9 @@ def test_unset_values_pass_no_variable_and_the_cli_defaults_apply() -> None:
     objects, notes = render(merge(RWX, {"training": {"workers": 2}}))
     train, export = env_of(objects, "train"), env_of(objects, "export")
     for value in chart_settings.VALUES:
-        if value.passed == "env" and value.path != "training.maxRestarts":
+        if value.passed == "env":
             assert value.setting.envvar not in {**train, **export}, value.path
-    assert train == {"MNIST_PIPELINE_MAX_RESTARTS": "3"}  # the chart's own choice
-    assert export == {}
+    assert train == export == {}
     assert "train 1 epoch(s)" in notes  # the CLI's default, as it reads it
     (container,) = pod_spec(find(objects, "Job", "train"))["containers"]
     assert arg(container, "master-port") == str(s.MASTER_PORT.default)
@@ -290,8 +289,7 @@ def test_unset_values_pass_no_variable_and_the_cli_defaults_apply() -> None:
 
 def test_values_yaml_repeats_no_default_of_the_cli() -> None:
     """A value passed as its variable is null in values.yaml unless the chart means
-    another value than the CLI's (maxRestarts: 3, so pods survive a lost peer), and its
-    @param says the CLI's default."""
+    another value than the CLI's, and its @param says the CLI's default."""
     text = (CHART / "values.yaml").read_text()
     values = yaml.safe_load(text)
     for value in chart_settings.VALUES:

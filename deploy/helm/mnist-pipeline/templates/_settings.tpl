@@ -244,9 +244,9 @@ passes): pass (dict "path" <path> "value" <value> "decl" <declaration>). */}}
 {{- include "mnist-pipeline.settings.refusal" (dict "path" "training.masterPort" "value" $value "decl" $decl) }}
 {{- end }}
 
-{{/* training.maxRestarts: --max-restarts (its variable, when set): an integer, 0<=x<=100; default: the CLI's, 0 */}}
+{{/* training.maxRestarts: --max-restarts (its variable, when set): an integer, 0<=x<=100; default: the CLI's, 3 */}}
 {{- define "mnist-pipeline.settings.declaration.training.maxRestarts" -}}
-{{- `{"default": "0", "emptyIsUnset": false, "env": "MNIST_PIPELINE_MAX_RESTARTS", "flag": "--max-restarts", "integer": true, "kind": "number", "max": 100.0, "maxOpen": false, "messages": {"finite": "'{value}' is not a valid integer range", "range": "{value} is not in the range 0<=x<=100", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid integer range"}, "min": 0.0, "minOpen": false, "numberPattern": "^[+-]?[0-9]+$", "passed": "env", "required": false, "runDefining": false, "setting": "max_restarts"}` }}
+{{- `{"default": "3", "emptyIsUnset": false, "env": "MNIST_PIPELINE_MAX_RESTARTS", "flag": "--max-restarts", "integer": true, "kind": "number", "max": 100.0, "maxOpen": false, "messages": {"finite": "'{value}' is not a valid integer range", "range": "{value} is not in the range 0<=x<=100", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid integer range"}, "min": 0.0, "minOpen": false, "numberPattern": "^[+-]?[0-9]+$", "passed": "env", "required": false, "runDefining": false, "setting": "max_restarts"}` }}
 {{- end }}
 {{- define "mnist-pipeline.settings.check.training.maxRestarts" -}}
 {{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "training.maxRestarts") | fromJson) "v" }}
