@@ -584,7 +584,8 @@ def served_version(found: list[int], resolved: str, where: str) -> int:
     """The servable version `resolved` names ("" the newest) among `found`, in `where`."""
     if not resolved:
         if not found:
-            raise PipelineFailure(f"{where} holds no version to serve")
+            # Nothing was exported yet (or it all went): a step missing, not a failure.
+            raise UsageError(f"{where} holds no version to serve; run `mnist-pipeline export`")
         return found[-1]
     if int(resolved) not in found:
         raise PipelineFailure(
