@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from mnist_pipeline import __version__
+from mnist_pipeline import __version__, interrupts
 from mnist_pipeline import settings as s
 from mnist_pipeline.settings import Setting
 from mnist_pipeline.storage import ModelRepository, PipelineFailure, UsageError
@@ -177,25 +176,34 @@ class EnvGroup(click.Group):
 
 
 def stage(f: F) -> F:
-    """Map the project's errors onto exit codes, with one clear line instead of a traceback."""
+    """Map the project's errors onto exit codes, with one clear line instead of a traceback;
+    Ctrl-C and SIGTERM, at any moment, end as interrupts (130, 143), never as failures."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        interrupts.catch()
         try:
             return f(*args, **kwargs)
-        except UsageError as e:
-            log.error("%s", e)
-            sys.exit(2)
-        except PipelineFailure as e:
-            log.error("%s", e)
-            sys.exit(1)
-        except KeyboardInterrupt as e:  # Ctrl-C: the shell's code for SIGINT, documented
-            log.error("%s", e or "interrupted")
-            sys.exit(130)
-        except OSError as e:
-            # Storage read-only, full or missing: say which file and why, not a traceback.
-            log.error("%s", describe_os_error(e))
-            sys.exit(1)
+        except SystemExit:
+            raise
+        except BaseException as e:
+            interrupt = interrupts.as_interrupt(e)
+            if interrupt is not None:
+                command = click.get_current_context().command_path
+                what = interrupt.what or f"{command} interrupted: the same command continues"
+                log.error("%s (%s)", what, interrupt.name)
+                sys.exit(interrupt.exit_code)
+            if isinstance(e, UsageError):
+                log.error("%s", e)
+                sys.exit(2)
+            if isinstance(e, PipelineFailure):
+                log.error("%s", e)
+                sys.exit(1)
+            if isinstance(e, OSError):
+                # Storage read-only, full or missing: say which file and why, not a traceback.
+                log.error("%s", describe_os_error(e))
+                sys.exit(1)
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -206,11 +214,6 @@ def describe_os_error(e: OSError) -> str:
     if e.strerror and e.filename is not None:
         return f"{e.strerror}: {e.filename}"
     return str(e)
-
-
-def unwind_on_sigterm() -> None:
-    """Let SIGTERM (a pod stopped, `kill`) unwind like Ctrl-C: servers stop, results are kept."""
-    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
 def config(cls: Any, values: dict[str, Any], **given: Any) -> Any:
@@ -280,11 +283,18 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     rendezvous = distributed.Rendezvous(
         o["nnodes"], o["node_rank"], o["master_addr"], o["master_port"], o["rendezvous_timeout"]
     )
+    if not distributed.launched_by_torchrun():
+        rendezvous.check()  # also alone: --node-rank 1 of 1 machine is a mistake
     alone = nproc_per_node == 1 and rendezvous.nnodes == 1
+    if alone and cfg.gradient_compression != "none":
+        log.warning(
+            "--gradient-compression %s compresses what DDP ranks send each other: with one "
+            "process nothing is sent, so it changes nothing but the run id",
+            cfg.gradient_compression,
+        )
     if alone or distributed.launched_by_torchrun():
         return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
     cfg.validate()  # bad input exits 2 here, not as a failed rank
-    rendezvous.check()
     train_stage.check_cpu_counts(o["threads"], nproc_per_node)
     train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
     run_id = o["run_id"] or train_stage.default_run_id(cfg)
@@ -301,7 +311,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
     values = {**dataclasses.asdict(cfg), **how}
     argv += command_line((*s.TRAIN, *s.RANK), values)
-    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished)
+    resume = run_dir / disk.RESUME_FILE
+    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished, resume)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:
         raise PipelineFailure(f"{run_dir}: the ranks ended without writing {disk.METRICS_FILE}")
@@ -338,7 +349,6 @@ def train(storage: Path, **o: Any) -> None:
     """
     from mnist_pipeline.train import TrainConfig
 
-    unwind_on_sigterm()  # a stopped pod marks the run interrupted, as Ctrl-C does
     train_locally(storage, config(TrainConfig, o), o)
 
 
@@ -379,6 +389,7 @@ def export(
         checkpoint=checkpoint,
         run_id=run_id,
         min_improvement=o["min_improvement"],
+        min_accuracy=o["publish_min_accuracy"],
         precision=o["precision"],
         repo=model_repository,
     )
@@ -459,7 +470,6 @@ def infer(storage: Path, run_id: str | None, **o: Any) -> None:
     """
     from mnist_pipeline import client
 
-    unwind_on_sigterm()
     client.infer(storage, config(client.InferConfig, o), run_id=run_id)
 
 
@@ -487,7 +497,6 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
 
     cfg = config(train_stage.TrainConfig, o)
     triton = triton_config(o)
-    unwind_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
         wheel_server(Path(temp))  # a missing server: before minutes of training, not after
     for port in (o["http_port"], o["grpc_port"], o["metrics_port"]):
@@ -496,7 +505,11 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
     run_id = o["run_id"] = o["run_id"] or train_stage.default_run_id(cfg)
     log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
     metrics = train_locally(storage, cfg, o)
-    publish = {"min_improvement": o["min_improvement"], "precision": o["precision"]}
+    publish = {
+        "min_improvement": o["min_improvement"],
+        "min_accuracy": o["publish_min_accuracy"],
+        "precision": o["precision"],
+    }
     outcome = export_stage.export(storage, triton, run_id=run_id, **publish)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
         served = pinned(storage, Path(temp), pin_config(o), "run", run_id)
@@ -514,7 +527,7 @@ def summary(
     if outcome.status == "published":
         exported = f"version {outcome.version} ({outcome.reason})"
     else:
-        exported = f"skipped: {outcome.reason}"
+        exported = f"nothing published, {outcome.reason}"
     return "\n".join(
         [
             "mnist-pipeline run: done",
@@ -545,10 +558,9 @@ def wait() -> None:
 def waiting(what: str, o: dict[str, Any]) -> Any:
     from mnist_pipeline import waits
 
-    # A deleted or drained pod's wait exits 143 at once, never 1 (its Job's podFailurePolicy
-    # fails the Job on 1 and retries 143). As a container's PID 1 it would otherwise ignore
-    # SIGTERM until the kubelet's SIGKILL (137), a grace period later.
-    unwind_on_sigterm()
+    # A deleted or drained pod's wait exits 143 at once (stage), never 1: its Job's
+    # podFailurePolicy fails the Job on 1 and retries 143. As a container's PID 1 without
+    # a handler it would ignore SIGTERM until the kubelet's SIGKILL (137).
     return waits.make_wait(
         what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"], o["visibility_grace"]
     )

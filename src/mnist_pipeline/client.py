@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_pipeline import data, settings
+from mnist_pipeline import data, interrupts, settings
 from mnist_pipeline.storage import (
     PipelineFailure,
     UsageError,
@@ -454,12 +454,18 @@ def infer(storage: Path, cfg: InferConfig, run_id: str | None = None) -> dict[st
         log.info("inference run %s against %s: %s", out.name, cfg.url, asdict(cfg))
         return _infer(cfg, x, labels, out)
     except BaseException as e:
-        why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e), str(e))
+        why = stopped_by(e) or str(e)
         log_error_to(handler, log, "inference failed: %s", why)
         raise
     finally:
         logging.getLogger("mnist_pipeline").removeHandler(handler)
         atomic_write_text(out / "inference.log", buffer.getvalue())
+
+
+def stopped_by(error: BaseException) -> str | None:
+    """ "interrupted (Ctrl-C)" or "interrupted (SIGTERM)" when `error` is an interrupt's."""
+    interrupt = None if isinstance(error, SystemExit) else interrupts.as_interrupt(error)
+    return f"interrupted ({interrupt.name})" if interrupt else None
 
 
 class Results:
@@ -524,8 +530,7 @@ def _infer(cfg: InferConfig, x: np.ndarray, labels: np.ndarray, out: Path) -> di
     except BaseException as e:  # Ctrl-C or SIGTERM: keep what was measured
         driver.stop.set()
         results.measured(driver, time.perf_counter() - driver.started)
-        kind = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(e))
-        results.finish(kind or f"{type(e).__name__}: {e}")
+        results.finish(stopped_by(e) or f"{type(e).__name__}: {e}")
         raise
     finally:
         driver.close()

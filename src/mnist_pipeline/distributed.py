@@ -13,10 +13,14 @@ each resuming from the last checkpoint (docs/DISTRIBUTED.md, "Lost workers").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
+from mnist_pipeline.torchrun import TORCHRUN_FAILURE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +211,43 @@ class Rendezvous:
     timeout: float = 600
 
     def check(self) -> None:
+        """Refuse what cannot meet, before torchrun starts."""
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UsageError(
+                f"--node-rank {self.node_rank} with --nnodes {self.nnodes}: each machine's "
+                f"--node-rank is one of 0 to {self.nnodes - 1}, its own (--nnodes counts the "
+                "machines)"
+            )
         if self.nnodes > 1 and not self.master_addr:
             raise UsageError("--nnodes > 1 needs --master-addr: the name of node 0")
-        if self.node_rank >= self.nnodes:
-            raise UsageError(f"--node-rank {self.node_rank}: 0 to {self.nnodes - 1}")
+
+    @property
+    def others(self) -> str:
+        """The --node-rank values the other machines have."""
+        ranks = [r for r in range(self.nnodes) if r != self.node_rank]
+        return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"
+
+    def port_taken(self) -> str:
+        return (
+            f"node 0: port {self.master_port} on this machine is taken, so node 0 cannot host "
+            "the rendezvous there: another node here already runs with --node-rank 0 (each "
+            f"node needs its own, 0 to {self.nnodes - 1}), or another program holds the port "
+            "(choose a free --master-port, the same on every node)"
+        )
+
+    def taken(self) -> str | None:
+        """Why this node 0 cannot host the rendezvous, where something already answers at
+        --master-addr:--master-port: another node 0, or another program on the port."""
+        if not answers(self.master_addr, self.master_port):
+            return None
+        if names_this_machine(self.master_addr):
+            return self.port_taken()
+        return (
+            f"node 0: {self.master_addr}:{self.master_port} already answers, and "
+            f"{self.master_addr} is not this machine: another node already runs there with "
+            f"--node-rank 0 (give this one its own --node-rank, {self.others}), or something "
+            "else holds that port"
+        )
 
     def torchrun_args(self) -> list[str]:
         if self.nnodes == 1:
@@ -226,17 +264,51 @@ class Rendezvous:
 ALONE = Rendezvous()
 
 
+def answers(host: str, port: int, timeout: float = 2) -> bool:
+    """Whether something accepts connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def addresses(host: str) -> list[tuple[Any, ...]]:
+    """(family, address) of each address `host` resolves to; none if it does not resolve."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [(family, address) for family, _, _, _, address in found]
+
+
+def names_this_machine(host: str) -> bool:
+    """Whether `host` is an address of this machine (of this network namespace): one
+    that a socket can be bound to here."""
+    for family, address in addresses(host):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address[0], 0, *address[2:]))
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def launch(
     nproc_per_node: int,
     argv: list[str],
     max_restarts: int = 0,
     rendezvous: Rendezvous = ALONE,
     finished: Callable[[], bool] = lambda: False,
+    checkpoint: Path | None = None,
 ) -> None:
     """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine through torchrun,
     alone or as one node of `rendezvous`; torchrun restarts all the ranks up to
     `max_restarts` times after one fails. `finished` says whether the run is complete
-    (rank 0 has written the model): from then on nothing torchrun does can lose it.
+    (rank 0 has written the model): from then on nothing torchrun does can lose it. A
+    failure ends in one line naming its cause; it says the same command resumes only
+    where `checkpoint` (the run's resume.pth) exists.
 
     A multi-node torchrun can hang between attempts: its agent waits on node 0's store
     over a connection a partition left open, which only the kernel's TCP retransmission
@@ -245,8 +317,12 @@ def launch(
     the run, torchrun waits for every other node's torchrun to say so too, and a node
     lost at that moment (its pod killed, a replacement started) never does: then it is
     ended after a short grace, and the run is done."""
+    if rendezvous.nnodes > 1 and rendezvous.node_rank == 0:
+        taken = rendezvous.taken()  # another node 0 would only be found out at the timeout
+        if taken is not None:
+            raise PipelineFailure(taken)
     command = [
-        *(sys.executable, "-m", "torch.distributed.run", *rendezvous.torchrun_args()),
+        *(sys.executable, "-m", "mnist_pipeline.torchrun", *rendezvous.torchrun_args()),
         *(f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"),
         *("-m", "mnist_pipeline", *argv),
     ]
@@ -256,17 +332,11 @@ def launch(
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     if rendezvous.nnodes == 1:
         env[LAST_LAUNCHER_ENV] = "1"  # else the job's scheduler (the chart's Job) retries
-    with subprocess.Popen(command, env=env) as launcher:
-        try:
-            code = supervise(launcher, rendezvous.timeout + STUCK_MARGIN_SECONDS, finished)
-        except BaseException:
-            # Ctrl-C or SIGTERM here: torchrun stops its ranks on SIGTERM and exits.
-            launcher.terminate()
-            try:
-                launcher.wait(timeout=STUCK_MARGIN_SECONDS)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
-            raise
+    with tempfile.TemporaryDirectory(prefix="mnist-pipeline-torchrun-") as folder:
+        failure_file = Path(folder) / "failure.json"
+        env[TORCHRUN_FAILURE_ENV] = str(failure_file)
+        code = run_torchrun(command, env, rendezvous.timeout + STUCK_MARGIN_SECONDS, finished)
+        failure = read_failure(failure_file)
     if code != 0 and finished():
         log.warning(
             "node %d: torchrun %s after the run was complete (rank 0 wrote the model): "
@@ -283,10 +353,100 @@ def launch(
             "or gone); this attempt is over"
         )
     if code != 0:
-        raise PipelineFailure(
-            f"distributed training failed (torchrun exit {code}; its report above names the "
-            "rank); run the same command again to resume from the last checkpoint"
+        log.debug("torchrun failed: %s", failure.get("traceback", failure))
+        resume = checkpoint if checkpoint is not None and checkpoint.is_file() else None
+        raise PipelineFailure(failure_message(failure, code, max_restarts, rendezvous, resume))
+
+
+def run_torchrun(
+    command: list[str], env: dict[str, str], idle_limit: float, finished: Callable[[], bool]
+) -> int | None:
+    """torchrun's exit code, or None where supervise() ended it."""
+    with subprocess.Popen(command, env=env) as launcher:
+        try:
+            return supervise(launcher, idle_limit, finished)
+        except BaseException:
+            # Ctrl-C or SIGTERM here: torchrun stops its ranks on SIGTERM and exits.
+            launcher.terminate()
+            try:
+                launcher.wait(timeout=STUCK_MARGIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+            raise
+
+
+def read_failure(path: Path) -> dict[str, Any]:
+    """What mnist_pipeline.torchrun wrote of its failure; empty if nothing (it was killed)."""
+    try:
+        failure = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return failure if isinstance(failure, dict) else {}
+
+
+def failure_message(
+    failure: dict[str, Any],
+    code: int,
+    max_restarts: int,
+    rendezvous: Rendezvous,
+    resume: Path | None,
+) -> str:
+    """One line: why torchrun failed, and what to do; `resume`: the checkpoint to resume."""
+    if "rank" in failure:
+        signal = failure.get("signal")
+        how = f"was killed by {signal}" if signal else f"exited {failure.get('exitcode')}"
+        spent = f" and torchrun's {max_restarts} restart(s) are spent" if max_restarts else ""
+        again = f"resume from the last checkpoint, {resume}" if resume else "start over"
+        return (
+            f"distributed training failed: rank {failure['rank']} {how}{spent} (torchrun's "
+            f"report above); run the same command again to {again}"
         )
+    message = str(failure.get("message", ""))
+    cause = rendezvous_failure(message, rendezvous)
+    if cause is None:
+        said = message.strip().splitlines()[0] if message.strip() else "its output is above"
+        cause = f"distributed training failed: torchrun exit {code} ({said})"
+    if resume is not None:
+        cause += f"; then the same command resumes from the last checkpoint, {resume}"
+    return cause
+
+
+def rendezvous_failure(message: str, rendezvous: Rendezvous) -> str | None:
+    """What torchrun's own failure `message` (torch's words) means for this node, in the
+    words of its settings; None where it is not a failure to meet the other nodes."""
+    node, nnodes, port = rendezvous.node_rank, rendezvous.nnodes, rendezvous.master_port
+    within = f"within {rendezvous.timeout:g} s (--rendezvous-timeout)"
+    joined = re.search(r"(\d+)/\d+ clients joined", message)
+    if "EADDRINUSE" in message:
+        return rendezvous.port_taken()
+    if joined:
+        return rendezvous.taken() or (
+            f"node 0: {int(joined[1]) - 1} of the other {nnodes - 1} node(s) came to the "
+            f"rendezvous at port {port} {within}: start each with --master-addr naming this "
+            f"machine, --master-port {port} and its --node-rank ({rendezvous.others}), or "
+            "raise --rendezvous-timeout if they start later"
+        )
+    if "trying to connect to" in message:
+        where = f"{rendezvous.master_addr}:{port}"
+        unresolved = "" if addresses(rendezvous.master_addr) else " (the name does not resolve)"
+        return (
+            f"node {node}: node 0's rendezvous at {where}{unresolved} did not answer {within}: "
+            "start node 0 (--node-rank 0) there, check --master-addr and --master-port (the "
+            "same on every node) and that the port is open to this machine, or raise "
+            "--rendezvous-timeout"
+        )
+    # Node 0 waits for every node to report its rank; the others wait for node 0's answer.
+    if "torchelastic/role_info/" in message or "torchelastic/assigned_ranks/" in message:
+        what = (
+            f"the nodes came, but not one of each --node-rank 0 to {nnodes - 1}"
+            if node == 0
+            else "node 0 did not give this node its ranks"
+        )
+        return (
+            f"node {node}: {what} {within}: two nodes share a --node-rank, or their --nnodes "
+            "differ; give each node its own --node-rank and the same --nnodes"
+        )
+    return None
 
 
 STUCK_MARGIN_SECONDS = 30

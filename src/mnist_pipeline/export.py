@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_pipeline import data, model, quantize, repository
+from mnist_pipeline import data, interrupts, model, quantize, repository, settings
 from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -149,7 +149,12 @@ class Outcome:
     reason: str
 
 
-def failed(error: Exception) -> Outcome:
+def failed(error: BaseException) -> Outcome:
+    """What `error` ended: an interrupt, even where a library wrapped it, or a failure."""
+    interrupt = interrupts.as_interrupt(error)
+    if interrupt is not None:
+        why = f"interrupted ({interrupt.name}): the same command exports again"
+        return Outcome(ExportStatus.INTERRUPTED, None, None, None, why)
     return Outcome(ExportStatus.FAILED, None, None, None, str(error))
 
 
@@ -164,6 +169,7 @@ class Request:
     precision: str
     min_improvement: float
     store: repository.Store
+    min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default
 
     def record(self, outcome: Outcome) -> Outcome:
         """Write `outcome` into the owner's export.json, and into the repository where it
@@ -175,7 +181,7 @@ class Request:
         try:
             self.store.write_record(self.owner, attempt)
         except (PipelineFailure, UsageError) as e:
-            if outcome.status != ExportStatus.FAILED:
+            if outcome.status not in (ExportStatus.FAILED, ExportStatus.INTERRUPTED):
                 raise
             log.warning("the failure is recorded on the volume only: %s", e)
         return outcome
@@ -657,6 +663,7 @@ def export(
     min_improvement: float = 0.0,
     precision: str = "fp32",
     repo: ModelRepository | None = None,
+    min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default,
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure.
 
@@ -670,7 +677,19 @@ def export(
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
     store = repository.model_store(storage, repository_at(repo, storage), cfg.name)
-    request = Request(storage, cfg, owner, precision, min_improvement, store)
+    request = Request(storage, cfg, owner, precision, min_improvement, store, min_accuracy)
+    try:
+        return export_request(request, path)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: "interrupted", never "failed"
+        with repository.locked(storage, cfg.name):
+            request.record(failed(e))
+        raise
+
+
+def export_request(request: Request, path: Path) -> Outcome:
+    """Load the checkpoint at `path`, gate it and publish it if better, recording the
+    outcome (export() records an interrupt)."""
+    storage, cfg = request.storage, request.cfg
     try:
         candidate = load_candidate(path)
         check_architecture(candidate, cfg)
@@ -729,6 +748,14 @@ def decide(
     if same is not None:
         refuse_if_served_damaged(request, damaged)
         return skip_identical(request, same, champion)
+    if built.evaluation.accuracy < request.min_accuracy:
+        error = PipelineFailure(
+            f"not published: accuracy {built.evaluation.accuracy:.4f} on all "
+            f"{built.evaluation.images} test images is below the publishing floor "
+            f"{request.min_accuracy:g} (--publish-min-accuracy): the model did not learn enough"
+        )
+        request.record(failed(error))
+        raise error
     found = store.versions()
     twin = identical_version(store, weights, request.precision, None, set(found) - set(damaged))
     if twin is not None and twin == found[-1]:  # the served version, damaged

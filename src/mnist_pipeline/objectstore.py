@@ -461,7 +461,6 @@ class S3Model:
         files = sorted(self.bucket.objects(f"{self.root}{version}/"))
         files.sort(key=lambda k: k != METADATA_FILE)
         self.bucket.delete([f"{self.root}{version}/{k}" for k in files])
-        log.info("removed %s", self.url(str(version)))
 
     def download_version(self, version: int, dest: Path) -> dict[str, Any]:
         """Download a version's files into the folder `dest`, each checked against the

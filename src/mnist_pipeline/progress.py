@@ -127,29 +127,39 @@ def run_logging(out: Path, world: World) -> Iterator[None]:
             file_log.close()
 
 
-def network_bytes() -> tuple[int, int]:
-    """Bytes received and sent so far through the interfaces NETWORK_SCOPE names (from
+PROC_NET_DEV = Path("/proc/net/dev")
+
+
+def interface_bytes(path: Path = PROC_NET_DEV) -> dict[str, tuple[int, int]]:
+    """Bytes received and sent so far by each interface NETWORK_SCOPE names (from
     /proc/net/dev): Linux keeps no per-process count, so other processes' traffic is in it."""
-    rx = tx = 0
     try:
-        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+        lines = path.read_text().splitlines()[2:]
     except OSError:
-        return 0, 0
+        return {}
+    counts = {}
     for line in lines:
         name, _, counters = line.partition(":")
-        if name.strip() == "lo":
-            continue
-        fields = counters.split()
-        rx, tx = rx + int(fields[0]), tx + int(fields[8])
-    return rx, tx
+        if name.strip() != "lo":
+            fields = counters.split()
+            counts[name.strip()] = (int(fields[0]), int(fields[8]))
+    return counts
 
 
 class NetworkMeter:
-    """The traffic NETWORK_SCOPE names since the meter was made."""
+    """The traffic NETWORK_SCOPE names since the meter was made, interface by interface:
+    one that appeared since counts from zero, one that went away takes its count with it
+    (a sum over all of them went negative when a busy one disappeared)."""
 
-    def __init__(self) -> None:
-        self.received, self.sent = network_bytes()
+    def __init__(self, path: Path = PROC_NET_DEV) -> None:
+        self.path = path
+        self.start = interface_bytes(path)
 
     def so_far(self) -> dict[str, int]:
-        received, sent = network_bytes()
-        return {"received": received - self.received, "sent": sent - self.sent}
+        received = sent = 0
+        for name, (rx, tx) in interface_bytes(self.path).items():
+            rx0, tx0 = self.start.get(name, (0, 0))
+            # Below its start: the interface was made again under the same name.
+            received += rx - rx0 if rx >= rx0 else rx
+            sent += tx - tx0 if tx >= tx0 else tx
+        return {"received": received, "sent": sent}

@@ -473,6 +473,12 @@ def write_served_repository(
             "--instance-kind gpu needs --triton-backend onnxruntime (NVIDIA's tritonserver "
             "images): the python backend's model.py runs ONNX Runtime on the CPU"
         )
+    repo = repo or ModelRepository(folder=models_dir(storage))
+    if repo.folder is not None and out.resolve().is_relative_to(repo.folder.resolve()):
+        raise UsageError(
+            f"--served-repository {out} is inside the model repository {repo.folder}: "
+            "pin would rewrite the exported config there; choose a folder outside it"
+        )
     # Shared: pins read at once; an export or prune changing the versions waits for them.
     with locked(storage, cfg.name, shared=True):
         version = _write_served(storage, out, cfg, wanted, run_id, repo, backend)
@@ -495,10 +501,9 @@ def _write_served(
     cfg: TritonConfig,
     wanted: str,
     run_id: str | None,
-    repo: ModelRepository | None,
+    repo: ModelRepository,
     backend: str,
 ) -> int:
-    repo = repo or ModelRepository(folder=models_dir(storage))
     records = export_records(storage, repo, cfg.name)
     resolved = resolve_served_version(storage, cfg.name, wanted, run_id, records)
     served = out / cfg.name
@@ -530,6 +535,10 @@ def _write_served(
         place_only_version(served, staging, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # What Triton will read, looked at through the links: each must resolve from here.
+    dangling = [p.name for p in (served / str(version)).iterdir() if not p.is_file()]
+    if dangling:
+        raise PipelineFailure(f"{served / str(version)}: {', '.join(dangling)} do not resolve")
     return version
 
 
@@ -575,7 +584,8 @@ def served_version(found: list[int], resolved: str, where: str) -> int:
     """The servable version `resolved` names ("" the newest) among `found`, in `where`."""
     if not resolved:
         if not found:
-            raise PipelineFailure(f"{where} holds no version to serve")
+            # Nothing was exported yet (or it all went): a step missing, not a failure.
+            raise UsageError(f"{where} holds no version to serve; run `mnist-pipeline export`")
         return found[-1]
     if int(resolved) not in found:
         raise PipelineFailure(

@@ -114,6 +114,7 @@ def _chosen_by(
     if record.get("model_name") != model_name or record.get("status") in (
         None,
         ExportStatus.FAILED,
+        ExportStatus.INTERRUPTED,
     ):
         return set()
     return {int(resolve_served_version(storage, model_name, "run", run_id, records))}

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mnist_pipeline import repository, settings, storage
+from mnist_pipeline import interrupts, repository, settings, storage
 from mnist_pipeline.storage import PipelineFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -364,23 +363,19 @@ def pinned(
 
 
 def serve_forever(server: LocalTriton) -> None:
-    """Run until SIGTERM/SIGINT, or until tritonserver dies (PipelineFailure)."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s; stopping Triton", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    """Run until Ctrl-C or SIGTERM (Interrupted, once Triton is stopped), or until
+    tritonserver dies (PipelineFailure)."""
     try:
         server.start()
         server.wait_ready()
-        while not stop.wait(0.5):
+        while True:
             assert server.process is not None
             code = server.process.poll()
             if code is not None:
                 raise server.failure(f"tritonserver exited unexpectedly with code {code}")
+            time.sleep(0.5)
+    except interrupts.Interrupted as e:
+        log.info("received %s; stopping Triton", e.name)
+        raise e.saying("serve interrupted: Triton stopped; the same command serves again") from None
     finally:
         server.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)

@@ -10,6 +10,7 @@ dataclass runs on itself (`check_fields`), and docs/CLI.md.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import urllib.parse
@@ -22,6 +23,7 @@ from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     DEFAULT_STORAGE,
     MAX_EPOCHS,
+    NAME_PATTERN,
     ModelRepository,
     UsageError,
     check_model_version,
@@ -119,8 +121,20 @@ def check_fields(cfg: Any) -> None:
         spec.check(getattr(cfg, attr))
 
 
-def _name_rule(what: str) -> Callable[[str], str]:
-    return lambda value: validate_name(value, what)
+@dataclass(frozen=True)
+class NameRule:
+    """The parse of a name that becomes a path (storage.validate_name): declared rather than
+    a lambda, so that the Helm chart applies the same pattern (scripts/chart_settings.py)."""
+
+    what: str  # "model name": how the message calls the value
+
+    @property
+    def pattern(self) -> str:
+        """The regular expression validate_name applies (RE2-compatible, anchored)."""
+        return NAME_PATTERN
+
+    def __call__(self, value: str) -> str:
+        return validate_name(value, self.what)
 
 
 def parse_batch_sizes(value: str) -> tuple[int, ...]:
@@ -183,6 +197,14 @@ S3_FORMS = (
 BUCKET_PATTERN = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
 
 
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_model_repository(value: str) -> ModelRepository:
     """A folder, or Triton's S3 URL form: s3://[http://|https://]host[:port]/bucket/prefix
     or s3://bucket/prefix (AWS). Without a scheme, the first part is an endpoint only when
@@ -208,6 +230,13 @@ def parse_model_repository(value: str) -> ModelRepository:
         if not host or parts.username or parts.path:
             raise UsageError(f"model repository {value!r}: no endpoint host; {S3_FORMS}")
     bucket, _, prefix = rest.partition("/")
+    if not host and (bucket == "localhost" or is_ip_address(bucket)):
+        # As a bucket name, AWS S3 would get it: the requests would leave for Amazon.
+        raise UsageError(
+            f"model repository {value!r}: {bucket!r} names a host, not an AWS S3 bucket; "
+            f"did you mean s3://{bucket}:PORT/{rest.partition('/')[2] or 'BUCKET'} (plain "
+            f"HTTP) or s3://https://{bucket}/...? Forms: {S3_FORMS}"
+        )
     if not re.fullmatch(BUCKET_PATTERN, bucket, re.ASCII):
         raise UsageError(
             f"model repository {value!r}: bucket {bucket!r} is not an S3 bucket name (3-63 "
@@ -254,13 +283,13 @@ RUN_ID = Setting(
     "this run's checkpoint. wait, pin, prune, infer: the run whose artifacts, version or "
     "folders they look at.",
     type=str,
-    parse=_name_rule("run id"),
+    parse=NameRule("run id"),
 )
 MODEL_NAME = Setting(
     "model_name",
     DEFAULT_MODEL_NAME,
     "Model name in the Triton repository (and in config.pbtxt).",
-    parse=_name_rule("model name"),
+    parse=NameRule("model name"),
 )
 MODEL_VERSION = Setting(
     "model_version",
@@ -374,9 +403,9 @@ RENDEZVOUS_TIMEOUT = Setting(
 )
 MAX_RESTARTS = Setting(
     "max_restarts",
-    0,
+    3,
     "Times torchrun restarts all ranks after one fails (each resumes from the last "
-    "checkpoint) before this attempt fails.",
+    "checkpoint) before this attempt fails; the default is the chart's training.maxRestarts.",
     min=0,
     max=100,
 )
@@ -394,8 +423,18 @@ MIN_IMPROVEMENT = Setting(
     "min_improvement",
     0.0,
     "Publish only if the test accuracy beats the published model's by more than this (both "
-    "measured on all 10000 test images).",
+    "measured on all 10000 test images; accuracies are fractions, so below 1).",
     min=0,
+    max=1,
+    max_open=True,
+)
+PUBLISH_MIN_ACCURACY = Setting(
+    "publish_min_accuracy",
+    0.5,
+    "Never publish a model below this test accuracy (on all 10000 test images): the export "
+    "fails instead. Real training reaches 0.99; a model that learnt nothing scores 0.1.",
+    min=0,
+    max=1,
 )
 PRECISION = Setting(
     "precision",
@@ -597,7 +636,7 @@ RANK = (THREADS, CHECKPOINT_EVERY, EVAL_EVERY, COLLECTIVE_TIMEOUT)
 LAUNCH = (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RENDEZVOUS_TIMEOUT,
           MAX_RESTARTS)  # fmt: skip
 TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
-PUBLISH = (MIN_IMPROVEMENT, PRECISION)
+PUBLISH = (MIN_IMPROVEMENT, PUBLISH_MIN_ACCURACY, PRECISION)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT)

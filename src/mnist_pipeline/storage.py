@@ -84,6 +84,7 @@ class ExportStatus(StrEnum):
     PUBLISHED = "published"
     SKIPPED = "skipped"  # not better, or identical: the published version stays
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: not final, the same command goes on
 
 
 class UsageError(Exception):

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import data, distributed, model, settings
+from mnist_pipeline import data, distributed, interrupts, model, settings
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
 from mnist_pipeline.progress import NETWORK_SCOPE, NetworkMeter, Progress, run_logging
 from mnist_pipeline.storage import (
@@ -801,48 +800,47 @@ def remove_stale_temp_files(out: Path) -> None:
 
 @contextlib.contextmanager
 def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Iterator[None]:
-    """metrics.json says "failed" (with the error) or, after Ctrl-C or SIGTERM (which the
-    command line turns into SystemExit 143), "interrupted". A rank lost to the others ends
-    the attempt "retrying" when it will be started again (distributed.retried), else
-    "failed", in one line. SIGKILL leaves "running"; every case keeps resume.pth, for
-    the same command to go on from."""
+    """metrics.json says "failed" (with the error) or, after Ctrl-C or SIGTERM at any
+    moment (Interrupted), "interrupted". A rank lost to the others ends the attempt
+    "retrying" when it will be started again (distributed.retried), else "failed", in one
+    line. SIGKILL leaves "running"; every case keeps resume.pth, for the same command to go
+    on from."""
     try:
         yield
-    except KeyboardInterrupt:
-        if world.writer:
-            record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
-        raise TrainingInterrupted(interrupted_message(out)) from None
-    except SystemExit as e:
-        if e.code == 128 + signal.SIGTERM:
+    except SystemExit:
+        raise
+    except BaseException as e:
+        interrupt = interrupts.as_interrupt(e)
+        if interrupt is not None:
             if world.writer:
                 record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
-            log.error("%s (SIGTERM)", interrupted_message(out))
+            raise interrupt.saying(interrupted_message(out)) from None
+        if isinstance(e, Exception):
+            record_failure(out, metrics, world, e)
         raise
-    except Exception as e:
-        lost = world.distributed and distributed.lost_peer(e)
-        status = RunStatus.RETRYING if lost and distributed.retried() else RunStatus.FAILED
-        error = f"{type(e).__name__}: {e}"
-        if lost:
-            error = f"rank {world.rank} lost contact with the other ranks ({first_line(e)})"
-        if world.writer:
-            record_outcome(out, {**metrics, "status": status, "error": error})
-        if lost:
-            then = "being retried" if status == RunStatus.RETRYING else "no retries left"
-            raise PipelineFailure(
-                f"training attempt failed: {error}; {then}: the same command resumes from "
-                "the last checkpoint"
-            ) from e
-        raise
+
+
+def record_failure(out: Path, metrics: dict[str, Any], world: World, e: Exception) -> None:
+    """Record `e` as the attempt's end; a lost peer becomes one line (PipelineFailure)."""
+    lost = world.distributed and distributed.lost_peer(e)
+    status = RunStatus.RETRYING if lost and distributed.retried() else RunStatus.FAILED
+    error = f"{type(e).__name__}: {e}"
+    if lost:
+        error = f"rank {world.rank} lost contact with the other ranks ({first_line(e)})"
+    if world.writer:
+        record_outcome(out, {**metrics, "status": status, "error": error})
+    if lost:
+        then = "being retried" if status == RunStatus.RETRYING else "no retries left"
+        raise PipelineFailure(
+            f"training attempt failed: {error}; {then}: the same command resumes from "
+            "the last checkpoint"
+        ) from e
 
 
 def first_line(e: BaseException) -> str:
     """gloo's message without its source location or the C++ stack torch appends."""
     line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return re.sub(r"^\[[^\]]*\] ", "", line)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, saying what to do next (the command line exits 130)."""
 
 
 def interrupted_message(out: Path) -> str:

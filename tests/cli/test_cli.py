@@ -12,6 +12,7 @@ import pytest
 
 from conftest import cli
 from mnist_pipeline.cli import cli as group
+from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import UsageError, validate_name
 
 # Every way a name could escape checkpoints/ or break a path.
@@ -274,3 +275,20 @@ def test_python_configs_are_checked_as_the_cli_checks_them() -> None:
         TrainConfig(optimizer="adamw").validate()
     with pytest.raises(UsageError, match="--min-accuracy 2: must be >= 0 and <= 1"):
         InferConfig(min_accuracy=2).validate()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3"])
+def test_an_s3_url_naming_a_local_host_without_a_port_never_means_aws(
+    tmp_path: Path, host: str
+) -> None:
+    """s3://127.0.0.1/bucket read as AWS would be a bucket named 127.0.0.1 at Amazon's
+    endpoint: refused before any request, with the form the user meant."""
+    url = f"s3://{host}/models"
+    env = {"MNIST_PIPELINE_MODEL_REPOSITORY": url, "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    result = cli("pin", "--storage", tmp_path, "--served-repository", tmp_path / "served", env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"{host!r} names a host, not an AWS S3 bucket" in result.stderr
+    assert f"did you mean s3://{host}:PORT/models" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert parse_model_repository("s3://my-models/prefix").host == ""  # AWS, as before

@@ -59,7 +59,9 @@ def test_a_second_run_reuses_the_completed_run_and_says_so(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run {run_id}: completed before: reusing it, not training again" in result.stderr
-    assert "export           skipped: identical to the published version 1" in result.stdout
+    assert "export           nothing published, identical to the published version 1" in (
+        result.stdout
+    )
     after = snapshot(storage / "checkpoints" / run_id)
     del after["export.json"], model_before["export.json"]  # the skip is recorded, nothing else
     assert after == model_before

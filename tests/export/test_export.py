@@ -25,6 +25,7 @@ from conftest import TrainedRun
 from mnist_pipeline import data, export, quantize, repository
 from mnist_pipeline.model import build, checkpoint_payload
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
+from mnist_pipeline.settings import PUBLISH_MIN_ACCURACY
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     PipelineFailure,
@@ -844,3 +845,25 @@ def test_an_int8_model_losing_accuracy_is_refused(quantisable: TrainedRun, tmp_p
     assert not (storage / "models").exists()
     record = marker(storage, "outlier")
     assert record["status"] == "failed" and "int8 model refused" in record["reason"]
+
+
+def test_a_model_below_the_publishing_floor_is_never_published(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """A model that learnt too little (a broken recipe, a tiny run) fails its export, so
+    `run` and the chart stop there instead of serving it; the floor's default is 0.5."""
+    storage = tmp_path / "storage"
+    shutil.copytree(trained["storage"], storage, symlinks=True)
+    floor = {"MNIST_PIPELINE_PUBLISH_MIN_ACCURACY": "0.999"}
+    result = cli("export", "--storage", storage, "--run-id", "r256", env=floor, check=1)
+    (error,) = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert "is below the publishing floor 0.999 (--publish-min-accuracy)" in error
+    assert marker(storage, "r256")["status"] == "failed"
+    assert not (storage / "models").exists()
+    assert PUBLISH_MIN_ACCURACY.default == 0.5
+
+
+@pytest.mark.parametrize("value", ["1", "5", "-0.1"])
+def test_a_min_improvement_no_accuracy_could_clear_is_refused(tmp_path: Path, value: str) -> None:
+    result = cli("export", "--storage", tmp_path, "--min-improvement", value, check=2)
+    assert "--min-improvement" in result.stderr

@@ -319,6 +319,8 @@ def test_prune_deletes_old_versions_from_the_bucket(story: dict[str, Any]) -> No
     before, after = servable(story["after_concurrent"]), servable(story["after_prune"])
     assert after == before[-1:]
     assert not [k for k in story["after_prune"] if k.startswith(f"{PREFIX}/{NAME}/1/")]
+    removals = [line for line in story["prune"].stderr.splitlines() if " removed s3://" in line]
+    assert len(removals) == len(before) - 1, removals  # each said once
 
 
 def test_a_worse_model_is_not_published(story: dict[str, Any]) -> None:
@@ -347,7 +349,7 @@ def test_serve_downloads_the_newest_version_and_removes_it_on_exit(
     finally:
         server.terminate()
         server.communicate(timeout=60)
-    assert server.returncode == 0
+    assert server.returncode == 143  # SIGTERM, as documented
     assert not list(tmp_path.glob("mnist-served-*"))
 
 

@@ -115,7 +115,7 @@ def test_status_words_are_the_strings_on_disk() -> None:
         "interrupted",
         "retrying",
     }
-    assert {s.value for s in ExportStatus} == {"published", "skipped", "failed"}
+    assert {s.value for s in ExportStatus} == {"published", "skipped", "failed", "interrupted"}
 
 
 # Version folders ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -266,3 +267,28 @@ def test_infer_writes_where_told_asks_for_the_run_s_version_and_holds_an_accurac
     assert "is below --min-accuracy 1" in result.stderr
     (out,) = (tmp_path / "failed").iterdir()
     assert json.loads((out / "latency.json").read_text())["status"] == "failed"
+
+
+def test_a_client_stopped_by_sigterm_keeps_what_it_measured_and_says_so(
+    served: LocalTriton, pipeline: PipelineRun
+) -> None:
+    """A client pod deleted mid-run: exit 143, one line, latency.json names the interrupt."""
+    root = pipeline.storage / "inference"
+    before = set(root.iterdir())
+    client = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", "infer", "--storage", str(pipeline.storage),
+         "--url", served.grpc_url, "--requests", "1000000", "--warmup", "0"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stderr is not None
+    for line in client.stderr:
+        if "inference run" in line:
+            time.sleep(1)  # sending by now
+            client.send_signal(signal.SIGTERM)
+            break
+    err = client.stderr.read()
+    assert client.wait(timeout=60) == 143, err
+    assert "Traceback" not in err
+    (out,) = set(root.iterdir()) - before
+    report = json.loads((out / "latency.json").read_text())
+    assert report["reason"] == "interrupted (SIGTERM)" and report["count"] > 0, report

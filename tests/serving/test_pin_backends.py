@@ -5,6 +5,7 @@ the nvidia-pytriton wheel and the project's CPU image; and the wheel's server as
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from conftest import MODEL, PipelineRun, cli
 from mnist_pipeline import repository
 from mnist_pipeline.serve import wheel_server
+from support.serving import snapshot
 
 # What pin sets for the server it writes for; every other field stays as exported.
 SERVER_FIELDS = ("platform", "backend", "instance_group", "parameters", "version_policy")
@@ -87,3 +89,19 @@ def test_the_wheel_server_gets_its_python_backend_and_libraries(tmp_path: Path) 
     assert any(Path(p, "onnxruntime").is_dir() for p in env["PYTHONPATH"].split(os.pathsep))
     again, _ = wheel_server(tmp_path / "backends")  # re-runnable over its own links
     assert again == command
+
+
+@pytest.mark.parametrize("inside", ["", "resnet18_mnist", "served"])
+def test_a_served_repository_inside_the_model_repository_is_refused(
+    pipeline: PipelineRun, tmp_path: Path, inside: str
+) -> None:
+    """It would rewrite the exported config.pbtxt and leave files Triton takes for models."""
+    models = tmp_path / "models"
+    shutil.copytree(pipeline.storage / "models", models)
+    before = snapshot(models)
+    out = models / inside if inside else models
+    result = cli("pin", "--storage", pipeline.storage, "--model-repository", models,
+                 "--served-repository", out)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"--served-repository {out} is inside the model repository {models}" in result.stderr
+    assert snapshot(models) == before

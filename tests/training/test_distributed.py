@@ -7,10 +7,12 @@ images both one process and two ranks scored 10-20%.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,13 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, cli
-from mnist_pipeline import distributed
+from mnist_pipeline import distributed, settings
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
 from support.ports import free_ports
-from support.processes import descendants
+from support.processes import descendants, kill_tree
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 # Two ranks differ from one process only in BatchNorm (batch statistics over 32 images
@@ -99,11 +102,13 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_killed_rank_fails_the_job_and_the_rerun_resumes(storage: Path) -> None:
-    """SIGKILL rank 1 mid-epoch: the job ends (no hang) naming the failure, nothing is left
-    running, and the same command again resumes from the checkpoint and completes."""
+    """SIGKILL rank 1 mid-epoch, without restarts: the job ends (no hang) naming the
+    failure, nothing is left running, and the same command again resumes from the
+    checkpoint and completes."""
     command = [
         *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
         *("--run-id", "fault", "--nproc-per-node", "2", "--checkpoint-every", "4", *SUBSET),
+        *("--max-restarts", "0"),
     ]
     job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -122,7 +127,18 @@ def test_killed_rank_fails_the_job_and_the_rerun_resumes(storage: Path) -> None:
     assert job.returncode == 1, stderr[-3000:]
     # torchrun's report names the rank that died first, and how.
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", stderr), stderr[-3000:]
-    assert "run the same command again to resume" in stderr
+    # The last line says it, and that the same command resumes: there is a checkpoint.
+    checkpoint = run_dir(storage, "fault") / "resume.pth"
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "ERROR mnist_pipeline: distributed training failed: rank 1 was killed by SIGKILL "
+            "(torchrun's report above); run the same command again to resume from the last "
+            f"checkpoint, {checkpoint}"
+        )
+    ), stderr[-3000:]
+    assert "Traceback" not in stderr
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -158,6 +174,182 @@ def test_distributed_settings_that_cannot_work_are_usage_errors(
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (storage / "checkpoints").exists()
+
+
+def node(storage: Path, nnodes: int, node_rank: int, port: int, *args: str) -> list[str]:
+    """`mnist-pipeline train` as machine `node_rank` of `nnodes`, all of them this one."""
+    return [
+        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
+        *("--nnodes", str(nnodes), "--node-rank", str(node_rank)),
+        *("--master-addr", "127.0.0.1", "--master-port", str(port)),
+        *("--limit-train", "512", "--limit-test", "500", *args),
+    ]
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--nnodes", "1", "--node-rank", "1"],
+            "--node-rank 1 with --nnodes 1: each machine's --node-rank is one of 0 to 0",
+        ),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"],
+            "--node-rank 2 with --nnodes 2: each machine's --node-rank is one of 0 to 1",
+        ),
+        (["--node-rank", "-1"], "-1 is not in the range x>=0"),
+    ],
+)
+def test_impossible_node_ranks_are_refused_before_torchrun(
+    storage: Path, args: list[str], message: str
+) -> None:
+    result = cli("train", "--storage", storage, "--limit-train", "64", *args)
+    assert result.returncode == 2 and message in last_line(result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and "torch.distributed" not in result.stderr
+    assert not (storage / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("node_rank", [0, 1])
+def test_a_node_whose_peer_never_comes_names_it_in_one_line(storage: Path, node_rank: int) -> None:
+    """Node 0 alone waits for node 1, node 1 alone for node 0: at the rendezvous timeout
+    each says whom it waited for and what to check, without torchrun's traceback; it
+    says the same command resumes only where the run has a checkpoint (node 1's here)."""
+    (port,) = free_ports(1)
+    checkpoint = run_dir(storage, "alone") / "resume.pth"
+    if node_rank == 1:
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")  # only its presence counts: no rank starts
+    command = node(storage, 2, node_rank, port, "--run-id", "alone", "--rendezvous-timeout", "2")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result.stderr)
+    if node_rank == 0:
+        assert (
+            f"ERROR mnist_pipeline: node 0: 0 of the other 1 node(s) came to the rendezvous at "
+            f"port {port} within 2 s (--rendezvous-timeout): start each with --master-addr "
+        ) in line
+        assert "resume" not in line
+    else:
+        assert (
+            f"ERROR mnist_pipeline: node 1: node 0's rendezvous at 127.0.0.1:{port} did not "
+            "answer within 2 s (--rendezvous-timeout): start node 0 (--node-rank 0) there"
+        ) in line
+        assert line.endswith(
+            f"; then the same command resumes from the last checkpoint, {checkpoint}"
+        )
+
+
+def test_a_rendezvous_port_taken_on_this_machine_is_named(storage: Path) -> None:
+    """Bound by another program but not listening: only torchrun's own bind finds it taken."""
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        port = holder.getsockname()[1]
+        command = node(storage, 2, 0, port, "--rendezvous-timeout", "60")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result.stderr)
+    assert f"ERROR mnist_pipeline: node 0: port {port} on this machine is taken" in line
+    assert line.endswith("(choose a free --master-port, the same on every node)")
+
+
+def test_a_second_node_0_is_refused_at_once(storage: Path) -> None:
+    """Two machines both told --node-rank 0 (here one): the second finds the first's
+    rendezvous up and says so before its torchrun starts, not at the timeout."""
+    (port,) = free_ports(1)
+    first = subprocess.Popen(
+        node(storage, 2, 0, port, "--rendezvous-timeout", "300"), stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the first's rendezvous is up
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            assert first.poll() is None and time.monotonic() < deadline, "no rendezvous"
+            time.sleep(0.1)
+        command = node(storage, 2, 0, port, "--rendezvous-timeout", "300")
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        kill_tree(first.pid)
+        first.wait()
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert "torch.distributed" not in second.stderr  # refused before its torchrun started
+    assert last_line(second.stderr).endswith(
+        f"ERROR mnist_pipeline: node 0: port {port} on this machine is taken, so node 0 cannot "
+        "host the rendezvous there: another node here already runs with --node-rank 0 (each "
+        "node needs its own, 0 to 1), or another program holds the port (choose a free "
+        "--master-port, the same on every node)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("node_rank", "words", "says"),
+    [
+        (
+            0,
+            "wait timeout after 10000ms, keys: /none/torchelastic/role_info/0, "
+            "/none/torchelastic/role_info/1, /none/torchelastic/role_info/2",
+            "node 0: the nodes came, but not one of each --node-rank 0 to 2 within 10 s",
+        ),
+        (
+            1,
+            "wait timeout after 10000ms, keys: /none/torchelastic/assigned_ranks/1",
+            "node 1: node 0 did not give this node its ranks within 10 s",
+        ),
+    ],
+)
+def test_two_nodes_of_one_rank_are_named(node_rank: int, words: str, says: str) -> None:
+    """Three nodes, two of them --node-rank 1: torchrun's agents time out waiting for these
+    keys of its store (its words, as node 0 and both nodes 1 said them on this machine)."""
+    rendezvous = distributed.Rendezvous(3, node_rank, "127.0.0.1", 29500, timeout=10)
+    failure = {"error": "DistStoreError", "message": words}
+    line = distributed.failure_message(failure, 1, 3, rendezvous, None)
+    assert line.startswith(says), line
+    assert "two nodes share a --node-rank, or their --nnodes differ" in line
+
+
+def test_the_cli_restarts_lost_ranks_as_the_chart_does() -> None:
+    """The chart passes training.maxRestarts only when given: its pods get the CLI's
+    default, so local runs recover a lost rank as the chart's do."""
+    values = yaml.safe_load(
+        (REPO / "deploy" / "helm" / "mnist-pipeline" / "values.yaml").read_text()
+    )
+    assert values["training"]["maxRestarts"] is None
+    assert settings.MAX_RESTARTS.default == 3
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_restarted_by_default(storage: Path) -> None:
+    """Without --max-restarts, as in the chart: torchrun starts both ranks again, they
+    resume from the checkpoint, and the run completes without anyone running it again."""
+    command = [
+        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
+        *("--run-id", "again", "--nproc-per-node", "2", "--checkpoint-every", "2"),
+        *("--limit-train", "512", "--limit-test", "500", "--batch-size", "64", "--epochs", "2"),
+    ]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir(storage, "again") / "resume.pth").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        (victim,) = [pid for pid in descendants(job.pid) if rank_of(pid) == 1]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, stderr[-3000:]
+    assert "rank 0: resuming run again at epoch" in stderr
+    assert "rank 1: resuming run again at epoch" in stderr
+    metrics = json.loads((run_dir(storage, "again") / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["world_size"] == 2
 
 
 @pytest.mark.slow

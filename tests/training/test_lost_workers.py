@@ -151,7 +151,10 @@ def test_a_partition_that_outlasts_the_restarts_ends_both_machines_in_bounded_ti
     assert codes == [1, 1], logs(storage)
     assert took < bound, f"{took:.0f} s"
     last_lines = [log.strip().splitlines()[-1] for log in logs(storage)]
-    assert "distributed training failed (torchrun exit 1" in last_lines[0]
+    assert (
+        "distributed training failed: rank 0 exited 1 and torchrun's 1 restart(s) are spent"
+        in last_lines[0]
+    )
     assert "node 1: no rank has run for 50 s: node 0's rendezvous at" in last_lines[1]
     assert "is out of reach (partitioned, or gone)" in last_lines[1]
     # Nothing is lost: the Job retries the pods, which resume from the checkpoint.

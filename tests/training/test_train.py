@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from conftest import cli
-from mnist_pipeline import model
+from mnist_pipeline import model, progress
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import TrainConfig, default_run_id, run_state
 
@@ -329,3 +329,21 @@ def test_sigterm_records_the_interruption_and_says_how_to_resume(storage: Path) 
     assert "run the same command again to resume it from its last checkpoint (SIGTERM)" in err
     assert "Traceback" not in err
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_network_traffic_never_goes_negative_as_interfaces_come_and_go(tmp_path: Path) -> None:
+    """A busy interface that disappears, one that appears, one made again under its name:
+    each counts only its own traffic since the start, never less than nothing."""
+    header = "Inter-|   Receive ...\n face |bytes ...\n"
+
+    def dev(**interfaces: tuple[int, int]) -> None:
+        rows = [
+            f"{name}: {rx} 0 0 0 0 0 0 0 {tx} 0 0 0 0 0 0 0"
+            for name, (rx, tx) in interfaces.items()
+        ]
+        (tmp_path / "dev").write_text(header + "\n".join(rows) + "\n")
+
+    dev(lo=(10**9, 10**9), eth0=(1000, 500), veth1=(4_465_205, 302_152), veth2=(50, 50))
+    meter = progress.NetworkMeter(tmp_path / "dev")
+    dev(lo=(2 * 10**9, 10**9), eth0=(1500, 700), veth3=(30, 20), veth2=(5, 5))
+    assert meter.so_far() == {"received": 500 + 30 + 5, "sent": 200 + 20 + 5}

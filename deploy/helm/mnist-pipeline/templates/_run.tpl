@@ -34,15 +34,19 @@ value would otherwise give a different one.
 
 {{/*
 What training and export consume: the run id changes when, and only when, one of these
-does. Serving settings (replicas, probes, Service, client, Triton's CPU limit, instance
-count and GPUs) are not in it, so changing them leaves the run, its Jobs and the model
-alone: Triton's pin-version initContainer writes them into the config it serves.
+does. Training: what the CLI's own run id is made of (train.default_run_id hashes
+TrainConfig), as templates/_settings.tpl lists it from the same declaration, so the two
+cannot disagree: a value the CLI's run id leaves out (checkpointEvery, workers, gpus,
+timeouts) resumes or reuses the run, as the CLI does. Export: its settings and the model's
+name; and the pipeline image (other code, another model). Serving settings (replicas,
+probes, Service, client, Triton's CPU limit, instance count and GPUs) are not in it, so
+changing them leaves the run, its Jobs and the model alone: Triton's pin-version
+initContainer writes them into the config it serves.
 */}}
 {{- define "mnist-pipeline.runInputs" -}}
-{{- $t := .Values.training }}
 {{- toJson (dict
-  "training" (pick $t "epochs" "batchSize" "lr" "checkpointEvery" "extraEnv" "workers" "gpus" "syncBatchNorm" "gradientCompression")
-  "export" (pick .Values.export "precision" "extraEnv")
+  "training" (include "mnist-pipeline.settings.trainingRun" . | fromJson)
+  "export" (dict "precision" (include "mnist-pipeline.settings.text" (dict "ctx" . "path" "export.precision")) "extraEnv" .Values.export.extraEnv)
   "model" .Values.model.name
   "pipelineImage" (include "mnist-pipeline.image" (dict "ctx" . "name" "pipeline"))) }}
 {{- end }}
@@ -55,12 +59,17 @@ what its stages write, and every wait looks only there. */}}
 {{- printf "%s-%s" $token (include "mnist-pipeline.runInputs" . | sha256sum | trunc 8) }}
 {{- end }}
 
-{{/* training.epochs as the CLI reads it: a whole number without a fraction or exponent
-(1000000, never 1e+06), a fraction or a string as it is (0.8: the share of one pass;
-anything else is the CLI's to refuse). */}}
+{{/* training.epochs as the CLI reads it (the CLI's default when unset): a whole number
+without a fraction or exponent (1000000, never 1e+06), a fraction as it is (0.8: the share
+of one pass). */}}
 {{- define "mnist-pipeline.epochs" -}}
-{{- $e := .Values.training.epochs }}
-{{- if and (not (kindIs "string" $e)) (eq (float64 $e) (floor $e)) }}{{ int64 $e }}{{ else }}{{ $e }}{{ end }}
+{{- include "mnist-pipeline.settings.text" (dict "ctx" . "path" "training.epochs") }}
+{{- end }}
+
+{{/* torchrun's rendezvous port on worker 0 (the CLI's default when unset): the flag, the
+container port and the workers' Service agree. */}}
+{{- define "mnist-pipeline.masterPort" -}}
+{{- include "mnist-pipeline.settings.text" (dict "ctx" . "path" "training.masterPort") }}
 {{- end }}
 
 {{/* triton.servedVersion as the pin and the client read it: "run" (this run's version;

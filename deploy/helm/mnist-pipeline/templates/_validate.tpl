@@ -1,15 +1,17 @@
 {{/* Values the API server would refuse, or that would leave the release hanging. */}}
 
 {{/*
-The values checked at render time: only what the API server would refuse (with a less
-helpful message, after some objects exist) and what it would accept but leave the release
+The values checked at render time: what the pods' CLI would refuse (every value that
+becomes a MNIST_PIPELINE_ variable or a flag, checked from the CLI's own declarations in
+templates/_settings.tpl, with its words), what the API server would refuse (with a less
+helpful message, after some objects exist), and what it would accept but leave the release
 hanging or broken. Every message is collected and the render fails once, with all of them,
-as bitnami's validateValues does. Training, export and serving settings (batch sizes,
-learning rate, precision, ...) are not repeated here: the pods' own CLI refuses them with
-its message, before any rank starts.
+as bitnami's validateValues does. What only the pods can see (a batch that does not split
+over the workers, syncBatchNorm without CUDA, the variables of extraEnv) is still theirs to
+refuse, before any rank starts.
 */}}
 {{- define "mnist-pipeline.validate" -}}
-{{- $errors := list }}
+{{- $errors := include "mnist-pipeline.settings.checks" . | fromYamlArray }}
 {{- $name := include "mnist-pipeline.tritonName" . }}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
 {{- $errors = append $errors (printf "release name %q gives the Service name %q, which Kubernetes refuses (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter): choose another release name or set fullnameOverride" .Release.Name $name) }}
@@ -37,8 +39,10 @@ its message, before any rank starts.
 {{- $errors = append $errors "training.workers > 1 needs persistence.accessModes [ReadWriteMany]: the workers run on different nodes and all write the volume" }}
 {{- end }}
 {{- end }}
-{{- if and (ne .Values.training.gradientCompression "none") (le (int .Values.training.workers) 1) }}
-{{- $errors = append $errors (printf "training.gradientCompression %s compresses what the workers send each other: it needs training.workers > 1" .Values.training.gradientCompression) }}
+{{- $compression := include "mnist-pipeline.settings.text" (dict "ctx" . "path" "training.gradientCompression") }}
+{{- $compressions := (include "mnist-pipeline.settings.declaration.training.gradientCompression" . | fromJson).choices }}
+{{- if and (ne $compression "none") (has $compression $compressions) (le (int .Values.training.workers) 1) }}
+{{- $errors = append $errors (printf "training.gradientCompression %s compresses what the workers send each other: it needs training.workers > 1" $compression) }}
 {{- end }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.placement" . | fromYamlArray) }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.claim" . | fromYamlArray) }}
@@ -80,14 +84,16 @@ its message, before any rank starts.
 {{- if and .Values.triton.ingress.enabled (not .Values.triton.ingress.hosts) }}
 {{- $errors = append $errors "triton.ingress.enabled needs at least one entry in triton.ingress.hosts (host and paths): an Ingress without rules is refused" }}
 {{- end }}
-{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_PRECISION") (dict "name" "MNIST_PIPELINE_CPU_LIMIT")) "triton" (list (dict "name" "HOME")) }}
+{{- $chartEnv := dict "training" (include "mnist-pipeline.train.chartEnv" . | fromYamlArray) "export" (list (dict "name" "MNIST_PIPELINE_CPU_LIMIT")) "triton" (list (dict "name" "HOME")) }}
+{{- $settingVariables := include "mnist-pipeline.settings.variables" . | fromJson }}
 {{- range $component := list "training" "export" "triton" "client" }}
-{{- $set := list }}
+{{- $fromValues := get $settingVariables $component | default dict }}
+{{- $set := keys $fromValues }}
 {{- range (get $chartEnv $component | default list) }}{{ $set = append $set .name }}{{ end }}
 {{- $extra := list }}
 {{- range (get $.Values $component).extraEnv }}
 {{- if has .name $set }}
-{{- $errors = append $errors (printf "%s.extraEnv sets %s, which the chart already sets from %s.* (the container would keep only the last of the two): use that value instead" $component .name $component) }}
+{{- $errors = append $errors (printf "%s.extraEnv sets %s, which the chart already sets from %s (the container would keep only the last of the two): use that value instead" $component .name (get $fromValues .name | default (printf "%s.*" $component))) }}
 {{- else if has .name $extra }}
 {{- $errors = append $errors (printf "%s.extraEnv sets %s twice (the container would keep only the last)" $component .name) }}
 {{- end }}

@@ -20,9 +20,9 @@ replaces waits.timeoutSeconds; "noToken" true: a pod without the API token (helm
     - --run-id={{ include "mnist-pipeline.runId" $ctx }}
     - --job={{ .job }}
     - --namespace={{ $ctx.Release.Namespace }}
-    - --wait-timeout={{ int64 (.timeout | default $ctx.Values.waits.timeoutSeconds) }}
-    - --wait-interval={{ $ctx.Values.waits.intervalSeconds }}
-    - --visibility-grace={{ $ctx.Values.waits.visibilitySeconds }}
+    - --wait-timeout={{ include "mnist-pipeline.settings.format" (.timeout | default $ctx.Values.waits.timeoutSeconds) }}
+    - --wait-interval={{ include "mnist-pipeline.settings.format" $ctx.Values.waits.intervalSeconds }}
+    - --visibility-grace={{ include "mnist-pipeline.settings.format" $ctx.Values.waits.visibilitySeconds }}
     {{- range .args }}
     - {{ . | quote }}
     {{- end }}
