@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mnist_pipeline import train as train_stage
+from mnist_pipeline.interrupts import Interrupted
 from mnist_pipeline.progress import Progress
 from mnist_pipeline.storage import UsageError, run_dir
-from mnist_pipeline.train import ResumeState, TrainConfig, TrainingInterrupted, train
+from mnist_pipeline.train import ResumeState, TrainConfig, train
 
 # 4 steps an epoch, 8 in all.
 TINY = TrainConfig(epochs=2, batch_size=50, limit_train=200, limit_test=100)
@@ -99,7 +100,7 @@ def test_same_seed_same_model_and_resuming_changes_nothing(
 
     with monkeypatch.context() as patched:
         patched.setattr(train_stage, "Progress", interrupting_at(3))
-        with pytest.raises(TrainingInterrupted, match="run the same command again"):
+        with pytest.raises(Interrupted, match="run the same command again"):
             train(storage, TINY, run_id="resumed", **how)
     out = run_dir(storage, "resumed")
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
