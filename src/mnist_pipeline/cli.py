@@ -204,6 +204,8 @@ def stage(f: F) -> F:
                 log.error("%s", describe_os_error(e))
                 sys.exit(1)
             raise
+        finally:
+            interrupts.release()
 
     return wrapper  # type: ignore[return-value]
 

@@ -52,6 +52,15 @@ def catch() -> None:
             signal.signal(signum, _raise)
 
 
+def release() -> None:
+    """Back to the signals' defaults once a stage is over: a second SIGTERM while the
+    interpreter shuts down (torchrun stopping a rank) ends the process as the signal
+    does, without a traceback from wherever it landed."""
+    for signum in NAMES:
+        if signal.getsignal(signum) is _raise:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def received() -> Interrupted | None:
     """The first interrupt this process received, if any."""
     return Interrupted(_received[0]) if _received else None
