@@ -26,8 +26,9 @@ from click.core import ParameterSource
 
 from mnist_pipeline import __version__, interrupts
 from mnist_pipeline import settings as s
+from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.settings import Setting
-from mnist_pipeline.storage import ModelRepository, PipelineFailure, UsageError
+from mnist_pipeline.storage import ModelRepository
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -225,7 +226,7 @@ def config(cls: Any, values: dict[str, Any], **given: Any) -> Any:
 
 
 def triton_config(values: dict[str, Any]) -> Any:
-    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
+    from mnist_pipeline.tritonconfig import INSTANCE_KINDS, TritonConfig
 
     kind = INSTANCE_KINDS[values["instance_kind"]]
     return config(TritonConfig, values, instance_kind=kind)
@@ -375,13 +376,13 @@ def export(
     outputs on real test images. A model identical to a published version is never
     published again. A version appears whole or not at all; concurrent exports are
     serialised. checkpoints/best_model.pth then points at the published checkpoint.
-    Not better: logged, exit 0, repository unchanged. A training run's outcome is also
-    written to checkpoints/RUN_ID/export.json, with every attempt in its history.
-    With --precision int8 the fp32 export is quantised and held to that export's
-    accuracy first; the int8 and fp32 exports of one checkpoint are different models.
-    With an object-storage --model-repository the version is uploaded there (its
-    metadata.json last, the marker that makes it count) and the run's record too;
-    checkpoints, data and the export lock stay on STORAGE.
+    Not better: logged, exit 0, repository unchanged. A training run's outcome is
+    recorded in the repository (MODEL_NAME/.export/runs/RUN_ID.json, every attempt in
+    its history; `mnist-pipeline status` shows it). The champion's record is checked
+    against the repository's ledger and its model.onnx against its sha256 first. With
+    --precision int8 the fp32 export is quantised and held to that export's accuracy
+    first; the int8 and fp32 exports of one checkpoint are different models. The same
+    holds for an object-storage --model-repository.
     """
     from mnist_pipeline import export as export_stage
 
@@ -413,7 +414,7 @@ def local_triton(served: Path, o: dict[str, Any], **more: Any) -> Any:
 
 def pin_config(o: dict[str, Any]) -> Any:
     """The Triton settings pin writes: the repository's config but for these."""
-    from mnist_pipeline.repository import INSTANCE_KINDS, TritonConfig
+    from mnist_pipeline.tritonconfig import INSTANCE_KINDS, TritonConfig
 
     return TritonConfig(
         name=o["model_name"],
@@ -447,20 +448,21 @@ def serve(
     object-storage repository the version is downloaded and checked.
     """
     from mnist_pipeline.serve import pinned, serve_forever
+    from mnist_pipeline.storage import repository_at
 
     more = {"workdir": workdir, "log_verbose": log_verbose, "extra_args": triton_args}
+    location = repository_at(model_repository, storage)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
-        served = pinned(
-            storage, Path(temp), pin_config(o), o["model_version"], o["run_id"],
-            repo=model_repository,
-        )  # fmt: skip
+        served = pinned(location, Path(temp), pin_config(o), o["model_version"], o["run_id"])
         serve_forever(local_triton(served, o, **more))
 
 
 @cli.command()
-@options(s.URL, s.STORAGE, s.RUN_ID, s.INFER)
+@options(s.URL, s.STORAGE, s.MODEL_REPOSITORY, s.RUN_ID, s.INFER)
 @stage
-def infer(storage: Path, run_id: str | None, **o: Any) -> None:
+def infer(
+    storage: Path, model_repository: ModelRepository | None, run_id: str | None, **o: Any
+) -> None:
     """Send real MNIST test images to Triton over gRPC; save predictions and latency.
 
     Waits (with backoff, up to --timeout) for the server and the model, then sends
@@ -472,13 +474,16 @@ def infer(storage: Path, run_id: str | None, **o: Any) -> None:
     """
     from mnist_pipeline import client
 
-    client.infer(storage, config(client.InferConfig, o), run_id=run_id)
+    client.infer(storage, config(client.InferConfig, o), run_id, model_repository)
 
 
 @cli.command()
-@options(s.STORAGE, s.SOURCE, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON, s.SERVER, s.INFER)
+@options(s.STORAGE, s.SOURCE, s.MODEL_REPOSITORY, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON)
+@options(s.SERVER, s.INFER)
 @stage
-def run(storage: Path, source: Path | None, **o: Any) -> None:
+def run(
+    storage: Path, source: Path | None, model_repository: ModelRepository | None, **o: Any
+) -> None:
     """Run every stage locally: data, train, export, serve, infer, then stop the server.
 
     `make run`: on the defaults it trains one epoch on all 60000 images (1 to 8 minutes
@@ -496,7 +501,9 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
     from mnist_pipeline.serve import check_port_free, pinned, wheel_server
+    from mnist_pipeline.storage import repository_at
 
+    location = repository_at(model_repository, storage)
     cfg = config(train_stage.TrainConfig, o)
     triton = triton_config(o)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
@@ -512,19 +519,24 @@ def run(storage: Path, source: Path | None, **o: Any) -> None:
         "min_accuracy": o["publish_min_accuracy"],
         "precision": o["precision"],
     }
-    outcome = export_stage.export(storage, triton, run_id=run_id, **publish)
+    outcome = export_stage.export(storage, triton, run_id=run_id, repo=location, **publish)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
-        served = pinned(storage, Path(temp), pin_config(o), "run", run_id)
+        served = pinned(location, Path(temp), pin_config(o), "run", run_id)
         with local_triton(served, o) as server:
             infer_cfg = config(client.InferConfig, o, url=server.grpc_url)
-            report = client.infer(storage, infer_cfg, run_id=run_id)
-    click.echo(summary(storage, run_id, metrics, outcome, report))
+            report = client.infer(storage, infer_cfg, run_id, location)
+    click.echo(summary(storage, location, run_id, metrics, outcome, report))
 
 
 def summary(
-    storage: Path, run_id: str, metrics: dict[str, Any], outcome: Any, report: dict[str, Any]
+    storage: Path,
+    location: ModelRepository,
+    run_id: str,
+    metrics: dict[str, Any],
+    outcome: Any,
+    report: dict[str, Any],
 ) -> str:
-    from mnist_pipeline.storage import models_dir, run_dir
+    from mnist_pipeline.storage import run_dir
 
     if outcome.status == "published":
         exported = f"version {outcome.version} ({outcome.reason})"
@@ -541,7 +553,7 @@ def summary(
             f"({report['count']} requests, concurrency {report['concurrency']}, "
             f"{report['throughput_images_per_s']:.0f} images/s)",
             f"  checkpoint       {run_dir(storage, run_id)}",
-            f"  model repository {models_dir(storage)}",
+            f"  model repository {location}",
             f"  inference        {report['output_dir']}",
         ]
     )
@@ -633,11 +645,13 @@ def prune(
 ) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
 
-    Never deletes the newest version (Triton serves it), a --keep-version, the run
-    checkpoints/best_model.pth points at, --run-id, the versions those two published, or
-    a run still marked running (unless untouched for --abandoned-after seconds). The chart
-    runs it before its client Job. Versions on object storage are deleted marker first,
-    so that a half-deleted version no longer counts.
+    Never deletes the newest version, a --keep-version, a version a pin or serve still
+    holds (recorded in the repository; another host's record counts until it is
+    --abandoned-after seconds old), the run checkpoints/best_model.pth points at,
+    --run-id, the versions those two published, or a run still marked running (unless
+    untouched for --abandoned-after seconds). The chart runs it before its client Job.
+    A version is deleted marker first, so that half deleted it no longer counts; its
+    number is never given again.
     """
     from mnist_pipeline import retention
 
@@ -651,7 +665,7 @@ def prune(
         run_id=run_id,
         keep_versions=o["keep_version"],
         abandoned_after=o["abandoned_after"],
-        repo=model_repository,
+        location=model_repository,
     )
 
 
@@ -683,17 +697,38 @@ def pin(
     version (and, for --model-version run, the run's record) is read from the bucket and
     its files downloaded and checked: no volume needed.
     """
-    from mnist_pipeline.repository import write_served_repository
+    from mnist_pipeline.pinning import write_served_repository
+    from mnist_pipeline.storage import repository_at
 
+    location = repository_at(model_repository, storage)
     write_served_repository(
-        storage,
-        served_repository,
-        pin_config(o),
-        model_version,
-        run_id,
-        repo=model_repository,
-        backend=triton_backend,
+        location, served_repository, pin_config(o), model_version, run_id, triton_backend
     )
+
+
+@cli.command()
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, s.JSON)
+@stage
+def status(
+    storage: Path, model_repository: ModelRepository | None, model_name: str, json: bool
+) -> None:
+    """Show the model repository: its versions, what each run's export decided, damage,
+    the versions servers hold and who holds the lock.
+
+    \b
+    Each version with the run that published it, its accuracy (as recorded when it was
+    published) and its state: published, damaged (with the command that publishes its
+    model again), or deleted (its number is never given again). Reads only; works the same
+    on a folder and on an object-storage --model-repository. Exit 1 when a version is
+    damaged.
+    """
+    from mnist_pipeline import status as status_report
+    from mnist_pipeline.storage import repository_at
+
+    report = status_report.report(repository_at(model_repository, storage), model_name)
+    click.echo(status_report.as_json(report) if json else status_report.as_text(report))
+    if report["damaged"]:
+        raise PipelineFailure(f"{len(report['damaged'])} damaged version(s): see above")
 
 
 def main() -> None:

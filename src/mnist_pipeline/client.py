@@ -28,15 +28,16 @@ from typing import Any
 import numpy as np
 
 from mnist_pipeline import data, interrupts, settings
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.repository import open_repository, resolve_version
 from mnist_pipeline.storage import (
-    PipelineFailure,
-    UsageError,
+    ModelRepository,
     atomic_open,
     atomic_write_json,
     atomic_write_text,
     inference_dir,
     log_error_to,
-    resolve_served_version,
+    repository_at,
 )
 
 log = logging.getLogger(__name__)
@@ -435,14 +436,19 @@ def plot_latency(latencies_ms: list[float], title: str, images_per_s: float, pat
     plt.close(fig)
 
 
-def infer(storage: Path, cfg: InferConfig, run_id: str | None = None) -> dict[str, Any]:
+def infer(
+    storage: Path,
+    cfg: InferConfig,
+    run_id: str | None = None,
+    location: ModelRepository | None = None,
+) -> dict[str, Any]:
     """Run the client; return latency.json's content. Raises PipelineFailure when it failed,
     after writing what was measured so far. --model-version run asks for the version
-    `run_id`'s export published."""
+    `run_id`'s export chose, as the repository (`location`) records it."""
     cfg.validate()
     if cfg.model_version == "run":
-        version = resolve_served_version(storage, cfg.model_name, "run", run_id)
-        cfg = replace(cfg, model_version=version)
+        repo = open_repository(repository_at(location, storage), cfg.model_name)
+        cfg = replace(cfg, model_version=resolve_version(repo, "run", run_id))
     images, labels = data.load(storage, "test")
     x = data.normalize(images)
     out = new_output_dir(cfg.output or inference_dir(storage))

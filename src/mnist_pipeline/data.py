@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.storage import UsageError, fsync_dir, naming, raw_data_dir
+from mnist_pipeline.errors import UsageError
+from mnist_pipeline.storage import fsync_dir, naming, raw_data_dir
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from mnist_pipeline.storage import PipelineFailure, UsageError, available_cpus
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.storage import available_cpus
 from mnist_pipeline.torchrun import TORCHRUN_FAILURE_ENV
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,13 @@ both win against the same champion.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,30 +35,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_pipeline import data, interrupts, model, quantize, repository, settings
+from mnist_pipeline import data, gate, interrupts, model, quantize, settings
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.repository import PUBLISHED, Repository, Scan, Version, open_repository
 from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
-    EXPORT_FILE,
     METRICS_FILE,
     MODEL_FILE,
     ExportStatus,
     ModelRepository,
-    PipelineFailure,
     RunStatus,
-    UsageError,
-    atomic_write_json,
     available_cpus,
     best_model_link,
     checkpoints_dir,
     fsync_dir,
-    read_export_record,
     read_metrics,
     repository_at,
     run_dir,
-    standing_record,
     validate_name,
 )
+from mnist_pipeline.tritonconfig import TritonConfig, parse_config, render_config
 
 log = logging.getLogger(__name__)
 
@@ -159,32 +157,41 @@ def failed(error: BaseException) -> Outcome:
 
 
 @dataclass(frozen=True)
-class Request:
-    """One export: of which training run's checkpoint (`owner`, if any), to which model
-    and repository (`store`), how, and what it takes to replace the published version."""
+class Job:
+    """One export: of which training run's checkpoint (`owner`, if any), to which
+    repository, how, and what it takes to replace the published version."""
 
     storage: Path
-    cfg: repository.TritonConfig
+    cfg: TritonConfig
     owner: str | None
     precision: str
-    min_improvement: float
-    store: repository.Store
-    min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default
+    rules: gate.Rules
+    repo: Repository
 
     def record(self, outcome: Outcome) -> Outcome:
-        """Write `outcome` into the owner's export.json, and into the repository where it
-        keeps its own copy (a bucket: Triton pods have no volume); call only under the
-        export lock. A failure is recorded on the volume even when the bucket cannot be."""
-        attempt = write_marker(self.storage, self.owner, self.cfg.name, outcome)
-        if attempt is None or self.owner is None:
+        """Add `outcome` to the owner's record in the repository (under its lock)."""
+        if self.owner is None:
             return outcome
-        try:
-            self.store.write_record(self.owner, attempt)
-        except (PipelineFailure, UsageError) as e:
-            if outcome.status not in (ExportStatus.FAILED, ExportStatus.INTERRUPTED):
-                raise
-            log.warning("the failure is recorded on the volume only: %s", e)
+        attempt = {
+            "status": outcome.status,
+            "model_name": self.cfg.name,
+            "version": outcome.version,
+            "accuracy": outcome.accuracy,
+            "champion_accuracy": outcome.champion_accuracy,
+            "reason": outcome.reason,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        with self.repo.lock.held("export"):
+            self.repo.record(self.owner, attempt)
         return outcome
+
+    def record_failure(self, error: BaseException) -> None:
+        """Record what ended the export; a repository that cannot take it is named, and the
+        original error still ends the stage."""
+        try:
+            self.record(failed(error))
+        except (PipelineFailure, UsageError, OSError) as e:
+            log.warning("the outcome could not be recorded: %s", e)
 
 
 def newest_completed_run(storage: Path) -> str:
@@ -276,7 +283,7 @@ def load_candidate(path: Path) -> Candidate:
     return Candidate(path, float(accuracy), net, payload, model.weights_sha256(net))
 
 
-def check_architecture(candidate: Candidate, cfg: repository.TritonConfig) -> None:
+def check_architecture(candidate: Candidate, cfg: TritonConfig) -> None:
     """Refuse a checkpoint whose model cannot answer the served contract: a classifier
     with more outputs than config.pbtxt declares would pass the gate on its first ten and
     then stop the whole Triton server at load."""
@@ -291,13 +298,13 @@ def check_architecture(candidate: Candidate, cfg: repository.TritonConfig) -> No
         )
 
 
-def check_contract(onnx_model: Any, cfg: repository.TritonConfig) -> None:
+def check_contract(onnx_model: Any, cfg: TritonConfig) -> None:
     """Raise UsageError unless the graph's inputs and outputs are exactly what config.pbtxt
     declares (names, FP32, the batch dimension then the declared dims): Triton refuses a
     model that differs, and with model control mode none the server then does not start."""
     import onnx
 
-    declared = repository.parse_config(repository.render_config(cfg))
+    declared = parse_config(render_config(cfg))
     weights = {t.name for t in onnx_model.graph.initializer}
     for kind, tensors, graph_tensors in (
         ("input", declared.input, [t for t in onnx_model.graph.input if t.name not in weights]),
@@ -450,46 +457,30 @@ def check_parity(
     return max_diff
 
 
-def update_best_link(storage: Path, checkpoint: Path) -> None:
-    """Point checkpoints/best_model.pth at `checkpoint` with a relative symlink, atomically."""
-    link = best_model_link(storage)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(checkpoint.resolve(), link.parent.resolve())
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_dir(link.parent)
-
-
-def repair_best_link(storage: Path, champion: repository.Champion) -> None:
-    """Point best_model.pth at the served version's checkpoint if it does not: an export
-    killed between publishing a version and moving the link leaves it on the one before."""
-    source = champion.metadata.get("source_model")
-    if not isinstance(source, str):
+def point_best_model(storage: Path, champion: Version | None) -> None:
+    """Point checkpoints/best_model.pth at the checkpoint the repository's champion (its
+    newest published version) was exported from, when this volume holds it."""
+    source = None if champion is None else champion.metadata.get("source_model")
+    if champion is None or not isinstance(source, str):
         return
     checkpoint = Path(source) if Path(source).is_absolute() else storage / source
     link = best_model_link(storage)
     if not checkpoint.is_file():
-        log.warning(
-            "%s, the checkpoint of the served version %d, is gone: that model can no longer "
-            "be exported again",
-            checkpoint,
-            champion.version,
-        )
+        log.info("%s, the champion version %d's checkpoint, is not on this volume: %s "
+                 "unchanged", checkpoint, champion.number, link)  # fmt: skip
         if link.is_symlink() and not link.exists():
             log.warning("%s pointed at a file that is gone: removed", link)
             link.unlink()
         return
     if link.is_symlink() and link.resolve() == checkpoint.resolve():
         return
-    log.warning(
-        "%s did not point at %s, the checkpoint of the served version %d: repaired",
-        link,
-        checkpoint,
-        champion.version,
-    )
-    update_best_link(storage, checkpoint)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(checkpoint.resolve(), link.parent.resolve()), tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+    log.info("%s -> %s (version %d)", link, checkpoint, champion.number)
 
 
 def relative_to_storage(storage: Path, path: Path) -> str:
@@ -601,63 +592,9 @@ def check_accuracy_loss(int8: Evaluation, fp32: Evaluation) -> None:
         )
 
 
-def identical_version(
-    store: repository.Store,
-    weights: str,
-    precision: str,
-    onnx_sha256: str | None,
-    skip: Collection[int] = (),
-) -> int | None:
-    """A published version (not in `skip`) holding the same model (same weights at the
-    same precision, or the same ONNX bytes). The int8 and fp32 exports of one checkpoint
-    are two models, each gated on its own accuracy."""
-    for version in store.versions():
-        if version in skip:
-            continue
-        meta = store.metadata(version) or {}
-        same_weights = meta.get("weights_sha256") == weights
-        if (same_weights and meta.get("precision") == precision) or (
-            onnx_sha256 is not None and meta.get("sha256") == onnx_sha256
-        ):
-            return version
-    return None
-
-
-def write_marker(
-    storage: Path, run_id: str | None, model_name: str, outcome: Outcome
-) -> dict[str, Any] | None:
-    """checkpoints/<run_id>/export.json: what export decided about this training run.
-    Call only while holding the model's export lock (a read-modify-write).
-
-    Its top-level fields are the run's standing outcome: once a run is published, a later
-    attempt (skipped, failed) never erases that record; every attempt is kept in order
-    under "history". Returns this attempt."""
-    if run_id is None or not run_dir(storage, run_id).is_dir():
-        return None
-    run = run_dir(storage, run_id)
-    attempt = {
-        "status": outcome.status,
-        "model_name": model_name,
-        "version": outcome.version,
-        "accuracy": outcome.accuracy,
-        "champion_accuracy": outcome.champion_accuracy,
-        "reason": outcome.reason,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    try:
-        previous = read_export_record(run) or {}
-    except UsageError as e:
-        # export.json is this stage's own record: refusing to write it would leave the
-        # run without an outcome for good, so a damaged one is started again.
-        log.warning("%s: starting it again", e)
-        previous = {}
-    atomic_write_json(run / EXPORT_FILE, standing_record(previous, attempt))
-    return attempt
-
-
 def export(
     storage: Path,
-    cfg: repository.TritonConfig,
+    cfg: TritonConfig,
     checkpoint: Path | None = None,
     run_id: str | None = None,
     min_improvement: float = 0.0,
@@ -667,8 +604,8 @@ def export(
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure.
 
-    `repo` is where versions are published (default STORAGE/models); the checkpoints,
-    the data and the export lock stay on the volume."""
+    `repo` is where versions are published (default STORAGE/models); the checkpoints
+    and the data stay on the volume."""
     try:
         cfg.validate()
     except ValueError as e:
@@ -676,130 +613,109 @@ def export(
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
-    store = repository.model_store(storage, repository_at(repo, storage), cfg.name)
-    request = Request(storage, cfg, owner, precision, min_improvement, store, min_accuracy)
+    repository = open_repository(repository_at(repo, storage), cfg.name)
+    job = Job(storage, cfg, owner, precision, gate.Rules(min_improvement, min_accuracy), repository)
     try:
-        return export_request(request, path)
+        return export_job(job, path)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: "interrupted", never "failed"
-        with repository.locked(storage, cfg.name):
-            request.record(failed(e))
+        job.record_failure(e)
         raise
 
 
-def export_request(request: Request, path: Path) -> Outcome:
-    """Load the checkpoint at `path`, gate it and publish it if better, recording the
-    outcome (export() records an interrupt)."""
-    storage, cfg = request.storage, request.cfg
+def export_job(job: Job, path: Path) -> Outcome:
+    """Load the checkpoint at `path`; under the repository's lock, judge it by its weights
+    alone (a model already published needs no export), else build and measure it outside
+    the lock and judge it again under it; apply the decision."""
     try:
         candidate = load_candidate(path)
-        check_architecture(candidate, cfg)
+        check_architecture(candidate, job.cfg)
     except UsageError as e:
-        with repository.locked(storage, cfg.name):  # export.json is only written under it
-            request.record(failed(e))
+        job.record_failure(e)
         raise
     log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
-    with repository.locked(storage, cfg.name):
-        try:
-            return gate_and_publish(request, candidate)
-        except OSError as e:  # a full or read-only volume: the waits must see the outcome
-            with contextlib.suppress(OSError):  # the record may not fit either
-                request.record(failed(PipelineFailure(f"{e.strerror or e}: {e.filename}")))
-            raise
-
-
-def gate_and_publish(request: Request, candidate: Candidate) -> Outcome:
-    """Publish the candidate if it is a new model better than the published version.
-    Call while holding the model's export lock."""
-    store = request.store
-    store.clean_stale()
-    repair_config(request)
-    # A damaged version is no champion and no twin: the candidate is gated against the
-    # newest intact one, and a copy of a damaged served version is published again.
-    damaged = repository.damaged_versions(store)
-    champion = repository.champion(store, damaged)
-    if champion is not None:
-        repair_best_link(request.storage, champion)
-    weights = candidate.weights_sha256
-    # The cheap check first: the same weights need no export to be recognised.
-    same = identical_version(store, weights, request.precision, None, damaged)
-    if same is not None:
-        refuse_if_served_damaged(request, damaged)
-        return skip_identical(request, same, champion)
+    offer = gate.Candidate(job.owner, candidate.weights_sha256, job.precision)
     try:
-        built = build_measured(request, candidate)
-    except (PipelineFailure, UsageError) as e:
-        request.record(failed(e))
+        with job.repo.lock.held("export"):
+            scan, decision = judge(job, offer)
+            if decision.action != gate.BUILD:
+                return apply(job, candidate, None, scan, decision)
+        try:
+            built = build_measured(job, candidate)
+        except (PipelineFailure, UsageError) as e:
+            job.record_failure(e)
+            raise
+        offer = dataclasses.replace(offer, sha256=built.sha256, accuracy=built.evaluation.accuracy,
+                                    images=built.evaluation.images)  # fmt: skip
+        with job.repo.lock.held("export"):
+            scan, decision = judge(job, offer)
+            return apply(job, candidate, built, scan, decision)
+    except OSError as e:  # a full or read-only volume: the waits must see the outcome
+        job.record_failure(PipelineFailure(f"{e.strerror or e}: {e.filename}"))
         raise
-    # Object storage: exports from other volumes gate and publish one at a time too.
-    with store.exclusive():
-        return decide(request, candidate, built, repository.champion(store, damaged), damaged)
 
 
-def decide(
-    request: Request,
-    candidate: Candidate,
-    built: Built,
-    champion: repository.Champion | None,
-    damaged: dict[int, str],
+def judge(job: Job, offer: gate.Candidate) -> tuple[Scan, gate.Decision]:
+    """The repository repaired and scanned, its champion verified byte for byte (its
+    metadata.json against the ledger, its model.onnx against metadata.json), and the
+    gate's decision on it. Call holding the repository's lock."""
+    scan = job.repo.repair()
+    if scan.config_damage:
+        log.warning("%s; rewritten from this export's settings", scan.config_damage)
+        job.repo.write_config(render_config(job.cfg))
+        scan = job.repo.scan()
+    champion = scan.newest
+    mismatch = (
+        None if champion is None or champion.state != PUBLISHED else job.repo.verify(champion)
+    )
+    if champion is not None and mismatch:
+        scan = scan.damaging(champion.number, mismatch)
+    for number, why in scan.damaged.items():
+        log.error("damaged model version %s: %s", job.repo.url(str(number)), why)
+    record = None if job.owner is None else job.repo.read_record(job.owner)
+    return scan, gate.decide(offer, scan, record, job.rules)
+
+
+def apply(
+    job: Job, candidate: Candidate, built: Built | None, scan: Scan, decision: gate.Decision
 ) -> Outcome:
-    """Publish or skip the built candidate; call holding every lock of the repository."""
-    store, weights = request.store, candidate.weights_sha256
-    same = identical_version(store, weights, request.precision, built.sha256, damaged)
-    if same is not None:
-        refuse_if_served_damaged(request, damaged)
-        return skip_identical(request, same, champion)
-    if built.evaluation.accuracy < request.min_accuracy:
-        error = PipelineFailure(
-            f"not published: accuracy {built.evaluation.accuracy:.4f} on all "
-            f"{built.evaluation.images} test images is below the publishing floor "
-            f"{request.min_accuracy:g} (--publish-min-accuracy): the model did not learn enough"
-        )
-        request.record(failed(error))
+    """Carry out the gate's decision and record it. Call holding the repository's lock."""
+    champion = decision.champion
+    best = None if champion is None else champion.accuracy
+    if decision.action == gate.REFUSE:
+        error = PipelineFailure(decision.reason)
+        job.record(failed(error))
         raise error
-    found = store.versions()
-    twin = identical_version(store, weights, request.precision, None, set(found) - set(damaged))
-    if twin is not None and twin == found[-1]:  # the served version, damaged
-        return publish(request, candidate, built, champion, f"republished: {damaged[twin]}")
-    if champion is not None and not (
-        built.evaluation.accuracy > champion.accuracy + request.min_improvement
-    ):
-        refuse_if_served_damaged(request, damaged)
-        return skip_not_better(request, built, champion)
-    return publish(request, candidate, built, champion)
-
-
-def refuse_if_served_damaged(request: Request, damaged: dict[int, str]) -> None:
-    """Before a skip: Triton serves the newest version, so skipping over a damaged one
-    would leave the repository unservable with exit 0."""
-    found = request.store.versions()
-    if found and found[-1] in damaged:
-        newest = found[-1]
-        error = PipelineFailure(
-            f"not published, and the served version {newest} is damaged: {damaged[newest]}; "
-            + repository.republish_hint(request.store.metadata, newest)
+    if decision.action in (gate.SKIP, gate.RECORD):
+        log.info("not exported: %s", decision.reason)
+        status = ExportStatus.SKIPPED if decision.action == gate.SKIP else ExportStatus.PUBLISHED
+        point_best_model(job.storage, scan.newest)
+        return job.record(
+            Outcome(status, decision.version, decision.accuracy, best, decision.reason)
         )
-        request.record(failed(error))
-        raise error
+    assert decision.action == gate.PUBLISH and built is not None
+    metadata = version_metadata(job, candidate, built, best)
+    try:
+        config = render_config(job.cfg)
+        version = job.repo.publish(config, {MODEL_FILE: built.content}, metadata)
+    except (PipelineFailure, UsageError, OSError) as e:
+        job.record(failed(PipelineFailure(f"publication failed: {e}")))
+        raise
+    log.info("published %s version %d (%s) to %s", job.cfg.name, version, decision.reason,
+             job.repo.url(str(version)))  # fmt: skip
+    point_best_model(job.storage, job.repo.scan().versions[version])
+    outcome = Outcome(ExportStatus.PUBLISHED, version, decision.accuracy, best, decision.reason)
+    return job.record(outcome)
 
 
-def repair_config(request: Request) -> None:
-    """Rewrite a config.pbtxt that no longer parses: it is derived from the export's
-    settings alone, and every version is unservable without it."""
-    why = request.store.config_damage()
-    if why:
-        log.warning("%s; rewritten from this export's settings", why)
-        request.store.write_config(repository.render_config(request.cfg))
-
-
-def build_measured(request: Request, candidate: Candidate) -> Built:
+def build_measured(job: Job, candidate: Candidate) -> Built:
     import onnx
 
-    images, labels = data.load(request.storage, "test")
-    built = build(request.storage, candidate, request.precision, images, labels)
-    check_contract(onnx.load_from_string(built.content), request.cfg)
+    images, labels = data.load(job.storage, "test")
+    built = build(job.storage, candidate, job.precision, images, labels)
+    check_contract(onnx.load_from_string(built.content), job.cfg)
     log.info(
         "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
-        request.precision,
+        job.precision,
         built.evaluation.accuracy,
         built.evaluation.images,
         built.evaluation.source,
@@ -807,111 +723,20 @@ def build_measured(request: Request, candidate: Candidate) -> Built:
     return built
 
 
-def skip_identical(request: Request, same: int, champion: repository.Champion | None) -> Outcome:
-    """Never publish a model twice: it would only add a version serving the same thing."""
-    meta = request.store.metadata(same) or {}
-    accuracy = float(meta["accuracy"])
-    if request.owner is not None and meta.get("run_id") == request.owner:
-        # The repository's record: on object storage another volume's export of a run of
-        # the same name may have published it.
-        record = request.store.read_record(request.owner)[0] or {}
-        if (record.get("status"), record.get("version")) != (ExportStatus.PUBLISHED, same):
-            # An export killed between publishing and recording: the version is this run's.
-            reason = f"published as version {same} by an earlier export whose record was lost"
-            log.info("%s: recorded now", reason)
-            return request.record(Outcome(ExportStatus.PUBLISHED, same, accuracy, None, reason))
-    reason = f"identical to the published version {same} (same model), not published again"
-    log.info("not exported: %s", reason)
-    champion_acc = None if champion is None else champion.accuracy
-    version = None if champion is None else champion.version
-    return request.record(Outcome(ExportStatus.SKIPPED, version, accuracy, champion_acc, reason))
-
-
-def skip_not_better(request: Request, built: Built, champion: repository.Champion) -> Outcome:
-    accuracy, best = built.evaluation.accuracy, champion.accuracy
-    reason = (
-        f"not better: accuracy {accuracy:.4f} ({request.precision}) does not beat "
-        f"the published version {champion.version}'s {best:.4f} "
-        f"({champion.metadata.get('precision')})"
-        + (f" by more than {request.min_improvement:g}" if request.min_improvement else "")
-        + f" (both on all {built.evaluation.images} test images)"
-    )
-    log.info("not exported: %s", reason)
-    return request.record(Outcome(ExportStatus.SKIPPED, champion.version, accuracy, best, reason))
-
-
-def publish(
-    request: Request,
-    candidate: Candidate,
-    built: Built,
-    champion: repository.Champion | None,
-    reason: str | None = None,
-) -> Outcome:
-    """Publish the built model as the next version, point best_model.pth at it, record it."""
-    version = publish_version(request, candidate, built, champion)
-    return published(request, candidate, built, champion, version, reason)
-
-
-def publish_version(
-    request: Request, candidate: Candidate, built: Built, champion: repository.Champion | None
-) -> int:
-    """Publish the built model as the next version; a failure is recorded, then raised."""
-    best = None if champion is None else champion.accuracy
-    metadata = version_metadata(request, candidate, built, best)
-    try:
-        return request.store.publish(
-            repository.render_config(request.cfg), {MODEL_FILE: built.content}, metadata
-        )
-    except (PipelineFailure, UsageError, OSError) as e:
-        request.record(failed(PipelineFailure(f"publication failed: {e}")))
-        raise
-
-
-def published(
-    request: Request,
-    candidate: Candidate,
-    built: Built,
-    champion: repository.Champion | None,
-    version: int,
-    reason: str | None = None,
-) -> Outcome:
-    """Point best_model.pth at the published checkpoint and record the publication."""
-    update_best_link(request.storage, candidate.path)
-    best = None if champion is None else champion.accuracy
-    accuracy, images = built.evaluation.accuracy, built.evaluation.images
-    if reason is None:
-        reason = (
-            ("first export" if version == 1 else "no intact version to beat")
-            if champion is None
-            else f"accuracy {accuracy:.4f} ({request.precision}) beats version "
-            f"{champion.version}'s {best:.4f} (both on all {images} test images)"
-        )
-    log.info(
-        "published %s version %d (%s) to %s",
-        request.cfg.name,
-        version,
-        reason,
-        request.store.url(str(version)),
-    )
-    # Still under the lock: export.json is read, extended and rewritten, and a
-    # concurrent export of the same run must see the publication, not overwrite it.
-    return request.record(Outcome(ExportStatus.PUBLISHED, version, accuracy, best, reason))
-
-
 def version_metadata(
-    request: Request, candidate: Candidate, built: Built, previous_accuracy: float | None
+    job: Job, candidate: Candidate, built: Built, previous_accuracy: float | None
 ) -> dict[str, Any]:
     """metadata.json of the version about to be published (publish adds "version")."""
     import onnxruntime
 
     return {
-        "model_name": request.cfg.name,
+        "model_name": job.cfg.name,
         "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
         "accuracy": built.evaluation.accuracy,
         "evaluation": built.evaluation.record(),
         "training_reported_accuracy": candidate.accuracy,
-        "source_model": relative_to_storage(request.storage, candidate.path),
-        "run_id": candidate.payload.get("run_id", request.owner),
+        "source_model": relative_to_storage(job.storage, candidate.path),
+        "run_id": candidate.payload.get("run_id", job.owner),
         "sha256": built.sha256,
         "weights_sha256": candidate.weights_sha256,
         **built.record,

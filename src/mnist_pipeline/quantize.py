@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
 )
 
 from mnist_pipeline import data
-from mnist_pipeline.storage import PipelineFailure
+from mnist_pipeline.errors import PipelineFailure
 
 # 512 images: activation ranges stop moving well before that (measured on a 93% model:
 # 16 images already gave the same test accuracy), and calibration takes a few seconds.

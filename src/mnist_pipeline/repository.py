@@ -1,608 +1,398 @@
-"""The Triton model repository: layout, config.pbtxt, versions, and safe publication.
+"""The model repository: published versions, the records that say where they came from,
+and the guarantees, the same on a folder and on a bucket.
 
-    models/<name>/config.pbtxt
-    models/<name>/<version>/{model.onnx,metadata.json}
+    <name>/config.pbtxt
+    <name>/<version>/{model.onnx,metadata.json}
+    <name>/.export/versions/<version>.json   the ledger: each number ever given, and its state
+    <name>/.export/runs/<run_id>.json        what each run's export decided, every attempt
+    <name>/.export/served/<holder>.json      versions a pin or serve placed for a server
+    <name>/.export/lock.json                 the lock (locks.py)
 
-Triton may be reading the repository at any moment, so nothing in it is ever half
-written. A new version is built in a folder whose name Triton ignores (it only
-loads all-digit folder names as versions) and renamed into place; the very first
-publication builds the whole model folder outside the repository and renames it in,
-because a model folder without a version would stop Triton from starting.
-Concurrent exports serialise on a lock file. The lock and that first staging folder
-live in STORAGE/.export/<name>/, outside the repository, where Triton would take any
-folder for a model. The same repository on object storage is objectstore.py's; export
-sees either as a `Store`, and `pin` writes a pod's repository from either.
+Triton ignores .export (not a version number). What is guaranteed:
+- A version appears whole or not at all: its files are written first and its metadata.json
+  last, the marker without which no stage counts it.
+- Numbers only go up: a number is claimed in the ledger (created only if absent) before
+  anything is written, and the ledger keeps it after damage, deletion or prune.
+- Damage is kept and reported: only a version the ledger says its export never finished
+  (or a prune never finished deleting) is cleaned; a version the ledger says was published
+  that lost files is damaged, with the command that publishes its model again.
+- The ledger keeps the sha256 of each version's metadata.json, so an edited record
+  (its accuracy lowered, say) is damage, never a champion to beat.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import dataclasses
 import hashlib
+import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
-from functools import partial
-from importlib import resources
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from mnist_pipeline import settings
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.files import Entry, Files
+from mnist_pipeline.locks import Lock
 from mnist_pipeline.storage import (
     CONFIG_FILE,
-    EXPORT_LOCK_FILE,
-    EXPORT_WORK_DIR,
     METADATA_FILE,
     MODEL_FILE,
-    STAGING_PREFIX,
+    ExportStatus,
     ModelRepository,
-    PipelineFailure,
-    UsageError,
-    atomic_write_json,
-    atomic_write_text,
-    export_records,
-    export_work_dir,
-    file_records,
-    fsync_dir,
+    check_model_version,
     is_version_name,
-    models_dir,
-    naming,
-    read_metadata,
-    resolve_served_version,
-    servable_versions,
+    parse_record,
+    standing_record,
     validate_name,
-    versions,
-    volume_records,
 )
+from mnist_pipeline.tritonconfig import config_damage
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "onnxruntime_onnx"
-# Triton's python backend model that serves PLATFORM's model for a server without the
-# onnxruntime backend, shipped in the package and placed beside model.onnx by pin.
-PYTHON_MODEL_PATH = "python_backend/model.py"
-PYTHON_MODEL_FILE = "model.py"
-# Where pin assembles a version before renaming it into place (Triton skips dot-names).
-PLACING_PREFIX = ".placing-"
-# export --instance-kind → config.pbtxt instance_group kind.
-INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+LEDGER = ".export/versions"
+RUNS = ".export/runs"
+SERVED = ".export/served"
+
+PUBLISHED, DAMAGED, LEFTOVER, GONE = "published", "damaged", "leftover", "gone"
+
+
+def open_repository(location: ModelRepository, name: str) -> Repository:
+    """The repository at `location` (a folder, or a bucket and prefix) for model `name`."""
+    validate_name(name, "model name")
+    if location.is_s3:
+        from mnist_pipeline.objectstore import BucketFiles
+
+        return Repository(BucketFiles(location, name), name)
+    from mnist_pipeline.folder import FolderFiles
+
+    assert location.folder is not None
+    return Repository(FolderFiles(location.folder / name), name)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 @dataclass(frozen=True)
-class TritonConfig:
-    """What config.pbtxt says; the defaults are the original deployment's values."""
-
-    name: str = settings.MODEL_NAME.field()
-    max_batch_size: int = settings.MAX_BATCH_SIZE.field()
-    instance_count: int = settings.INSTANCE_COUNT.field()
-    instance_kind: str = "KIND_CPU"  # Triton's name of --instance-kind's choice
-    preferred_batch_sizes: tuple[int, ...] = settings.PREFERRED_BATCH_SIZES.field()
-    pinned_memory: bool = settings.PINNED_MEMORY.field()
-    input_name: str = "input"
-    input_dims: tuple[int, ...] = (1, 28, 28)
-    output_name: str = "output"
-    output_dims: tuple[int, ...] = (10,)
-    # The CPUs the server gets (the chart's Triton CPU limit): shared out between the
-    # instances as ONNX Runtime threads, so that concurrent batches do not oversubscribe.
-    server_cpus: int = settings.SERVER_CPUS.field()
+class Version:
+    number: int
+    state: str  # PUBLISHED, DAMAGED, LEFTOVER (cleaned under the lock), GONE (history)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    why: str = ""  # what is damaged, or whose leftover it is
+    ledger: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def intra_op_threads(self) -> int:
-        return max(1, self.server_cpus // self.instance_count)
+    def run_id(self) -> str | None:
+        run = self.metadata.get("run_id", self.ledger.get("run_id"))
+        return run if isinstance(run, str) else None
 
-    def validate(self) -> None:
-        try:
-            validate_name(self.name, "model name")
-        except UsageError as e:
-            raise ValueError(str(e)) from None
-        if self.max_batch_size < 1:
-            raise ValueError("max batch size must be at least 1")
-        if self.instance_count < 1:
-            raise ValueError("instance count must be at least 1")
-        if self.server_cpus < 1:
-            raise ValueError("server CPUs must be at least 1")
-        if self.instance_kind not in INSTANCE_KINDS.values():
-            raise ValueError(f"instance kind {self.instance_kind!r}: one of {INSTANCE_KINDS}")
-        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
-        if too_big:
-            raise ValueError(
-                f"preferred batch sizes {too_big} are outside "
-                f"1..max batch size {self.max_batch_size}"
-            )
+    @property
+    def accuracy(self) -> float | None:
+        """The accuracy recorded when it was published: the ledger's, which an edit of
+        metadata.json cannot change (metadata.json's for a version the ledger lacks)."""
+        accuracy = self.ledger.get("accuracy", self.metadata.get("accuracy"))
+        if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
+            return float(accuracy)
+        return None
 
 
-def render_config(cfg: TritonConfig) -> str:
-    """config.pbtxt in protobuf text format (dims exclude the batch dimension)."""
-    cfg.validate()
+@dataclass(frozen=True)
+class Scan:
+    """The repository at one moment: every version number ever given, and its state."""
 
-    def dims(d: Sequence[int]) -> str:
-        return ", ".join(str(x) for x in d)
+    versions: dict[int, Version]
+    config_damage: str | None
 
-    text = f"""name: "{cfg.name}"
-platform: "{PLATFORM}"
-max_batch_size: {cfg.max_batch_size}
-input [
-  {{
-    name: "{cfg.input_name}"
-    data_type: TYPE_FP32
-    dims: [ {dims(cfg.input_dims)} ]
-  }}
-]
-output [
-  {{
-    name: "{cfg.output_name}"
-    data_type: TYPE_FP32
-    dims: [ {dims(cfg.output_dims)} ]
-  }}
-]
-instance_group [
-  {{
-    count: {cfg.instance_count}
-    kind: {cfg.instance_kind}
-  }}
-]
-"""
-    if cfg.preferred_batch_sizes:
-        text += f"""dynamic_batching {{
-  preferred_batch_size: [ {dims(cfg.preferred_batch_sizes)} ]
-}}
-"""
-    else:
-        text += "dynamic_batching { }\n"
-    if cfg.pinned_memory:
-        text += """optimization {
-  input_pinned_memory { enable: true }
-  output_pinned_memory { enable: true }
-}
-"""
-    # Read by Triton's onnxruntime backend; without them every instance starts one thread
-    # per core of the node.
-    text += f"""parameters {{
-  key: "intra_op_thread_count"
-  value {{ string_value: "{cfg.intra_op_threads}" }}
-}}
-parameters {{
-  key: "inter_op_thread_count"
-  value {{ string_value: "1" }}
-}}
-"""
-    return text
+    def having(self, *states: str) -> list[Version]:
+        return [v for _, v in sorted(self.versions.items()) if v.state in states]
+
+    @property
+    def servable(self) -> list[int]:
+        return [] if self.config_damage else [v.number for v in self.having(PUBLISHED)]
+
+    @property
+    def damaged(self) -> dict[int, str]:
+        return {v.number: v.why for v in self.having(DAMAGED)}
+
+    @property
+    def newest(self) -> Version | None:
+        """The newest version that was published, intact or damaged (a folder no export
+        recorded is reported, never counted)."""
+        recorded = [v for v in self.having(PUBLISHED, DAMAGED) if v.ledger or v.metadata]
+        return recorded[-1] if recorded else None
+
+    @property
+    def high_water(self) -> int:
+        return max(self.versions, default=0)
+
+    def damaging(self, number: int, why: str) -> Scan:
+        """This scan with version `number` found damaged (by a closer look)."""
+        damaged = dataclasses.replace(self.versions[number], state=DAMAGED, why=why)
+        return Scan({**self.versions, number: damaged}, self.config_damage)
 
 
-def parse_config(text: str) -> Any:
-    """Parse config.pbtxt with Triton's own ModelConfig message (from tritonclient)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def version_damage(version_path: Path) -> str | None:
-    """Why a published version is not what its metadata.json records (None: intact): a
-    truncated or replaced model.onnx would stop Triton loading it."""
-    try:
-        meta = read_metadata(version_path)
-    except UsageError as e:
-        return str(e)
-    model_file = version_path / MODEL_FILE
-    if meta is None or not model_file.is_file():
-        return f"{version_path} lacks {METADATA_FILE if meta is None else MODEL_FILE}"
-    if file_sha256(model_file) != meta.get("sha256"):
-        return f"{model_file} does not match the sha256 its {METADATA_FILE} records"
-    return None
-
-
-def damaged_versions(store: Store) -> dict[int, str]:
-    """{version: what is wrong} for every damaged version of the model, each logged."""
-    damaged = {}
-    for version in store.versions():
-        if why := store.damage(version):
-            damaged[version] = why
-            log.error("damaged model version %s: %s", store.url(str(version)), why)
-    return damaged
-
-
-def folder_metadata(model_path: Path, version: int) -> dict[str, Any] | None:
-    """metadata.json of a version in a model folder."""
-    return read_metadata(model_path / str(version))
-
-
-def republish_hint(metadata: Callable[[int], dict[str, Any] | None], version: int) -> str:
-    """What the operator runs to serve a damaged version's model again (`metadata`: a
-    store's reader of metadata.json)."""
-    run_id = None
-    with contextlib.suppress(UsageError):
-        run_id = (metadata(version) or {}).get("run_id")
-    if isinstance(run_id, str):
-        return f"re-export the run it came from: mnist-pipeline export --run-id {run_id}"
+def republish_hint(version: Version) -> str:
+    """What the operator runs to publish a damaged version's model again."""
+    if version.run_id:
+        return f"re-export the run it came from: mnist-pipeline export --run-id {version.run_id}"
     return "export its checkpoint again (mnist-pipeline export --checkpoint PATH)"
 
 
-def config_damage(model_path: Path) -> str | None:
-    """Why the model's config.pbtxt cannot be served (None: it parses)."""
-    from google.protobuf import text_format
+def file_damage(files: Files, number: int, meta: dict[str, Any], found: dict[str, Entry]) -> str:
+    """Why a marked version's files are not what its metadata.json records ("": intact)."""
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict) or MODEL_FILE not in recorded:
+        return f"{files.url(f'{number}/{METADATA_FILE}')} records no file checksums"
+    for name, record in recorded.items():
+        entry = found.get(name)
+        if entry is None or entry.size != record.get("bytes"):
+            is_now = "missing" if entry is None else f"{entry.size} bytes"
+            return (
+                f"{files.url(f'{number}/{name}')} is {is_now}, not the "
+                f"{record.get('bytes')} bytes {METADATA_FILE} records"
+            )
+    return ""
 
-    path = model_path / CONFIG_FILE
+
+def classify(files: Files, number: int, found: dict[str, Entry], ledger: dict[str, Any]) -> Version:
+    """One version's state from its files and its ledger entry."""
+    state = ledger.get("state")
+    marker = files.url(f"{number}/{METADATA_FILE}")
+    if state in ("deleting", "deleted", "abandoned"):
+        return Version(number, LEFTOVER if found else GONE, why=f"{state} ({ledger.get('at')})",
+                       ledger=ledger)  # fmt: skip
+    if METADATA_FILE not in found:
+        if state == "published":
+            return Version(number, DAMAGED, why=f"{marker} is missing", ledger=ledger)
+        if state == "claimed":
+            why = f"left by an export that did not finish ({ledger.get('at')})"
+            return Version(number, LEFTOVER if found else GONE, why=why, ledger=ledger)
+        why = f"{files.url(str(number))} holds no {METADATA_FILE} and no export recorded it"
+        return Version(number, DAMAGED, why=why)
+    body = files.get(f"{number}/{METADATA_FILE}") or b""
     try:
-        parse_config(path.read_text())
-    except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
-        return f"{path}: {e}"
-    return None
+        meta = parse_record(body, marker, "version metadata") or {}
+    except UsageError as e:
+        return Version(number, DAMAGED, why=str(e), ledger=ledger)
+    expected = ledger.get("metadata_sha256")
+    if expected and sha256(body) != expected:
+        why = f"{marker} changed since publication (its sha256 is not the ledger's)"
+        return Version(number, DAMAGED, meta, why, ledger)
+    why = file_damage(files, number, meta, found)
+    return Version(number, DAMAGED if why else PUBLISHED, meta, why, ledger)
 
 
-@dataclass(frozen=True)
-class Champion:
-    version: int
-    accuracy: float
-    metadata: dict[str, Any]
+class Repository:
+    """One model's repository; `files` hold it (a folder's or a bucket's)."""
 
+    def __init__(self, files: Files, name: str) -> None:
+        self.files, self.name = files, name
+        self.lock = Lock(files)
 
-class Store(Protocol):
-    """A model's published versions as export sees them: FolderModel, objectstore.S3Model."""
+    def url(self, key: str = "") -> str:
+        return self.files.url(key)
 
-    def versions(self) -> list[int]: ...
-    def metadata(self, version: int) -> dict[str, Any] | None: ...
-    def url(self, *parts: str) -> str: ...
-    def clean_stale(self) -> None: ...
-    def publish(
-        self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]
-    ) -> int: ...
-    def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
-    def write_record(self, run_id: str, attempt: dict[str, Any]) -> None: ...
-    def read_record(self, run_id: str) -> tuple[dict[str, Any] | None, str]: ...
-    def damage(self, version: int) -> str | None: ...
-    def config_damage(self) -> str | None: ...
-    def write_config(self, config_text: str) -> None: ...
+    def __str__(self) -> str:
+        return self.url()
 
+    # Reading ------------------------------------------------------------------------
 
-class FolderModel:
-    """A model's folder in a repository folder (STORAGE/models by default). Publication
-    is a rename, so every version folder counts; the volume's lock serialises exports."""
+    def scan(self) -> Scan:
+        listing = self.files.listing()
+        by_version: dict[int, dict[str, Entry]] = {}
+        for key, entry in listing.items():
+            top, _, rest = key.partition("/")
+            if is_version_name(top) and rest:
+                by_version.setdefault(int(top), {})[rest] = entry
+        ledger = {}
+        for key in listing:
+            if key.startswith(f"{LEDGER}/") and is_version_name(key[len(LEDGER) + 1 : -5]):
+                ledger[int(key[len(LEDGER) + 1 : -5])] = self._read(key, "ledger entry") or {}
+        versions = {
+            n: classify(self.files, n, by_version.get(n, {}), ledger.get(n, {}))
+            for n in sorted({*by_version, *ledger})
+        }
+        damage = config_damage(self.files.get(CONFIG_FILE), self.url(CONFIG_FILE))
+        return Scan(versions, damage)
 
-    def __init__(self, storage: Path, root: Path, name: str) -> None:
-        self.storage, self.root, self.name = storage, root, name
-        self.path = root / name
+    def _read(self, key: str, what: str) -> dict[str, Any] | None:
+        return parse_record(self.files.get(key), self.url(key), what)
 
-    def versions(self) -> list[int]:
-        return versions(self.path)
+    def config_text(self) -> str:
+        content = self.files.get(CONFIG_FILE)
+        if content is None:
+            raise PipelineFailure(f"{self.url(CONFIG_FILE)} does not exist")
+        return content.decode()
 
-    def metadata(self, version: int) -> dict[str, Any] | None:
-        return folder_metadata(self.path, version)
+    def read_record(self, run_id: str) -> dict[str, Any] | None:
+        return self._read(self.record_key(run_id), "export record")
 
-    def url(self, *parts: str) -> str:
-        return str(self.path.joinpath(*parts))
+    def record_key(self, run_id: str) -> str:
+        return f"{RUNS}/{validate_name(run_id)}.json"
 
-    def clean_stale(self) -> None:
-        clean_stale(self.storage, self.name, self.root)
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every run's export record, by run id; a damaged one as {"damaged": why}."""
+        found = {}
+        for key in sorted(self.files.listing(f"{RUNS}/")):
+            run_id = key[len(RUNS) + 1 : -5]
+            try:
+                found[run_id] = self._read(key, "export record") or {}
+            except UsageError as e:
+                found[run_id] = {"damaged": str(e)}
+        return found
+
+    def verify(self, version: Version) -> str | None:
+        """Why the model.onnx of a published version is not the one its metadata.json
+        records (None: its sha256 matches), reading every byte."""
+        content = self.files.get(f"{version.number}/{MODEL_FILE}")
+        if content is None or sha256(content) != version.metadata.get("sha256"):
+            return f"{self.url(f'{version.number}/{MODEL_FILE}')} does not match its sha256"
+        return None
+
+    # Changing (hold self.lock) ------------------------------------------------------------
+
+    def repair(self) -> Scan:
+        """Clean what unfinished exports and prunes left, record versions published before
+        the ledger existed, and return the repository as it is then."""
+        scan = self.scan()
+        for version in scan.having(LEFTOVER):
+            log.warning("removing %s: %s", self.url(str(version.number)), version.why)
+            self.delete_version(version.number)
+        for version in scan.having(PUBLISHED, DAMAGED):
+            if version.metadata and version.ledger.get("state") != "published":
+                body = self.files.get(f"{version.number}/{METADATA_FILE}") or b""
+                self._ledger(version.number, "published", version.metadata, sha256(body))
+        return self.scan()
+
+    def _ledger(self, number: int, state: str, of: dict[str, Any], meta_sha: str | None,
+                create: bool = False) -> bool:  # fmt: skip
+        """Write version `number`'s ledger entry; `of` is its metadata (run id, accuracy)."""
+        entry = {"version": number, "state": state, "run_id": of.get("run_id"), "at": now(),
+                 "accuracy": of.get("accuracy"), "metadata_sha256": meta_sha}  # fmt: skip
+        key = f"{LEDGER}/{number}.json"
+        if create:
+            return self.files.create(key, json_bytes(entry))
+        self.files.put(key, json_bytes(entry))
+        return True
 
     def publish(self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]) -> int:
-        return publish_folder(self.path, self._staging_parent(), config_text, files, metadata)
+        """Publish `files` as a new version, metadata.json last; return its number."""
+        self.lock.check()
+        number = self.scan().high_water + 1
+        while True:
+            marker = json_bytes({**metadata, "version": number, "files": {
+                name: {"bytes": len(content), "sha256": sha256(content)}
+                for name, content in files.items()
+            }})  # fmt: skip
+            if self._ledger(number, "claimed", metadata, sha256(marker), create=True):
+                break
+            number += 1  # claimed meanwhile by a writer that ignored the lock
+        # The config goes first: options may change (batch sizes), the tensors never do,
+        # so the version being served keeps working with it.
+        self.files.put(CONFIG_FILE, config_text.encode())
+        for name, content in files.items():
+            self.files.put(f"{number}/{name}", content)
+        self.lock.check()
+        if not self.files.create(f"{number}/{METADATA_FILE}", marker):
+            raise PipelineFailure(f"{self.url(str(number))} was marked by another writer")
+        version = self.scan().versions[number]
+        if version.state != PUBLISHED:
+            self.files.delete([f"{number}/{METADATA_FILE}"])  # it stops counting at once
+            raise PipelineFailure(
+                f"{self.url(str(number))} changed during publication: {version.why}"
+            )
+        self._ledger(number, "published", metadata, sha256(marker))
+        return number
 
-    def _staging_parent(self) -> Path:
-        """Where a first publication is built: beside the repository, on its file system."""
-        return self.root.parent / EXPORT_WORK_DIR / self.name
+    def delete_version(self, number: int) -> None:
+        """Delete a version, marker first: half deleted, it counts no more; its number stays
+        in the ledger."""
+        known = self.scan().versions.get(number)
+        of = {} if known is None else {"run_id": known.run_id, "accuracy": known.accuracy}
+        self._ledger(number, "deleting", of, None)
+        keys = sorted(
+            self.files.listing(f"{number}/"), key=lambda k: k != f"{number}/{METADATA_FILE}"
+        )
+        self.files.delete(keys)
+        self._ledger(number, "deleted", of, None)
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing more to hold: every export into this folder holds the volume's lock."""
-        return contextlib.nullcontext()
-
-    def write_record(self, run_id: str, attempt: dict[str, Any]) -> None:
-        """The run's export.json on the volume is the record."""
-
-    def read_record(self, run_id: str) -> tuple[dict[str, Any] | None, str]:
-        return volume_records(self.storage)(run_id)
-
-    def damage(self, version: int) -> str | None:
-        return version_damage(self.path / str(version))
-
-    def config_damage(self) -> str | None:
-        return config_damage(self.path) if (self.path / CONFIG_FILE).exists() else None
+    def record(self, run_id: str, attempt: dict[str, Any]) -> None:
+        """Add an export attempt to the run's record (storage.standing_record)."""
+        try:
+            previous = self.read_record(run_id) or {}
+        except UsageError as e:
+            log.warning("%s: starting it again", e)
+            previous = {}
+        self.files.put(self.record_key(run_id), json_bytes(standing_record(previous, attempt)))
 
     def write_config(self, config_text: str) -> None:
-        atomic_write_text(self.path / CONFIG_FILE, config_text)
+        self.files.put(CONFIG_FILE, config_text.encode())
+
+    # What servers use -------------------------------------------------------------------
+
+    def served(self) -> dict[str, dict[str, Any]]:
+        """The served records (what pins and serves placed), by key."""
+        found = {}
+        for key in self.files.listing(f"{SERVED}/"):
+            try:
+                found[key] = self._read(key, "served record") or {}
+            except UsageError as e:
+                log.warning("%s: ignored", e)
+        return found
+
+    def mark_served(self, holder: str, record: dict[str, Any]) -> str:
+        key = f"{SERVED}/{holder}.json"
+        self.files.put(key, json_bytes(record))
+        return key
+
+    def unmark_served(self, key: str) -> None:
+        self.files.delete([key])
+
+    def place(self, version: Version, folder: Path) -> Iterator[str]:
+        """Place the version's files in `folder` for a server; yields each file's name."""
+        for name in version.metadata.get("files", {}):
+            validate_name(name, "file name")
+            self.files.place(f"{version.number}/{name}", folder / name)
+            yield name
 
 
-def model_store(storage: Path, repo: ModelRepository, name: str) -> Store:
-    """The export's view of `repo`: a folder, or a bucket (claims remembered on the volume)."""
-    if repo.is_s3:
-        from mnist_pipeline import objectstore
-
-        return objectstore.S3Model(repo, name, work=export_work_dir(storage, name))
-    assert repo.folder is not None
-    return FolderModel(storage, repo.folder, name)
-
-
-def champion(store: Store, damaged: Collection[int] = ()) -> Champion | None:
-    """The newest published version (of those not `damaged`) and its accuracy: what a
-    candidate has to beat."""
-    found = [v for v in store.versions() if v not in damaged]
-    if not found:
-        return None
-    newest = found[-1]
-    # Never guess: overwriting the served model because its record is unreadable could
-    # replace a better model with a worse one.
-    meta = store.metadata(newest)
-    if meta is None:
-        raise PipelineFailure(f"the served version {store.url(str(newest))} has no {METADATA_FILE}")
-    accuracy = meta.get("accuracy")
-    if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
-        raise PipelineFailure(
-            f"the served version's {store.url(str(newest), METADATA_FILE)} records no accuracy "
-            f"(found {accuracy!r})"
-        )
-    return Champion(newest, float(accuracy), meta)
-
-
-@contextlib.contextmanager
-def locked(storage: Path, name: str, shared: bool = False) -> Iterator[None]:
-    """Hold the model's export lock (released by the kernel if the process dies): exclusive
-    for what changes the published versions or what backs them (export, prune), shared for
-    readers (pin), which may have the volume read-only."""
-    work = export_work_dir(storage, name)
-    if shared and not (work / EXPORT_LOCK_FILE).is_file():
-        yield  # nothing was ever exported or pruned here: nothing to wait for
-        return
-    if not shared:
-        work.mkdir(parents=True, exist_ok=True)
-    # On NFS volumes flock is emulated with POSIX locks: exclusive needs the file open for
-    # writing, shared for reading.
-    with open(work / EXPORT_LOCK_FILE, "r" if shared else "a") as lock_file:
-        log.debug("waiting for the export lock of %s", name)
-        fcntl.flock(lock_file, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def clean_stale(storage: Path, name: str, root: Path | None = None) -> None:
-    """Remove staging folders a crashed export left; call only while holding the lock."""
-    root = models_dir(storage) if root is None else root
-    model_path = root / name
-    stale = [p for p in model_path.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    work = root.parent / EXPORT_WORK_DIR / name
-    stale += [p for p in work.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    for path in stale:
-        log.warning("removing %s, left by an interrupted export", path)
-        shutil.rmtree(path)
-
-
-def _fill_version(folder: Path, files: dict[str, bytes], metadata: dict[str, Any]) -> None:
-    for filename, content in files.items():
-        with naming(folder / filename), open(folder / filename, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write_json(folder / METADATA_FILE, metadata)
-    fsync_dir(folder)
-
-
-def _staging(parent: Path, prefix: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o755)  # mkdtemp's 0700 would hide the model from Triton running as another user
-    return path
-
-
-def publish(
-    storage: Path, cfg: TritonConfig, files: dict[str, bytes], metadata: dict[str, Any]
-) -> int:
-    """Add a version holding `files` and metadata.json to STORAGE/models; return its number.
-
-    Call while holding `locked(storage, cfg.name)`: the version number is chosen here.
-    """
-    store = FolderModel(storage, models_dir(storage), cfg.name)
-    return store.publish(render_config(cfg), files, metadata)
-
-
-def publish_folder(
-    model_path: Path,
-    staging_parent: Path,
-    config_text: str,
-    files: dict[str, bytes],
-    metadata: dict[str, Any],
-) -> int:
-    """FolderModel.publish: a version folder built under a dot-name and renamed into place."""
-    version = (versions(model_path) or [0])[-1] + 1
-    metadata = {**metadata, "version": version, "files": file_records(files)}
-
-    if model_path.is_dir():
-        staging = _staging(model_path, STAGING_PREFIX)
-        try:
-            _fill_version(staging, files, metadata)
-            # The config goes first: options may change (batch sizes), the tensors never do,
-            # so the version being served keeps working with it.
-            atomic_write_text(model_path / CONFIG_FILE, config_text)
-            os.rename(staging, model_path / str(version))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        fsync_dir(model_path)
-    else:
-        staging = _staging(staging_parent, STAGING_PREFIX)
-        try:
-            (staging / str(version)).mkdir(mode=0o755)
-            _fill_version(staging / str(version), files, metadata)
-            atomic_write_text(staging / CONFIG_FILE, config_text)
-            model_path.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staging, model_path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        fsync_dir(model_path.parent)
-    return version
-
-
-def write_served_repository(
-    storage: Path,
-    out: Path,
-    cfg: TritonConfig,
-    wanted: str,
-    run_id: str | None = None,
-    repo: ModelRepository | None = None,
-    backend: str = "onnxruntime",
-) -> int:
-    """Write the repository one Triton serves into `out` (a pod's emptyDir, `serve`'s work
-    folder): the repository's config.pbtxt with this server's instance groups and ONNX
-    Runtime threads (cfg), its `backend` and a version_policy naming one version, plus that
-    version, checked against its metadata.json: a link to it on the volume, or with an
-    object-storage repository its files, downloaded and checked.
-
-    `wanted` is a --model-version: "run" (the version `run_id`'s export chose), N, or ""
-    (the newest). `backend` is what the server runs the model with: "onnxruntime" serves
-    the repository as exported; "python" (a tritonserver without that backend) serves the
-    same model through the project's model.py, placed in the version folder. Settings of
-    the server, not of the run, so they reach Triton without a new export. Re-runnable on
-    the same `out` (init containers re-run when a pod sandbox is re-created): every file is
-    replaced, other versions removed.
-    """
-    cfg.validate()
-    if backend == "python" and cfg.instance_kind != INSTANCE_KINDS["cpu"]:
+def exported_version(repo: Repository, run_id: str) -> int:
+    """The version run `run_id`'s export chose: the one it published, or the better one
+    it kept (skipped)."""
+    record = repo.read_record(run_id)
+    if record is None:
         raise UsageError(
-            "--instance-kind gpu needs --triton-backend onnxruntime (NVIDIA's tritonserver "
-            "images): the python backend's model.py runs ONNX Runtime on the CPU"
+            f"training run {run_id} has not been exported ({repo.url(repo.record_key(run_id))} "
+            f"does not exist): run `mnist-pipeline export --run-id {run_id}` first"
         )
-    repo = repo or ModelRepository(folder=models_dir(storage))
-    if repo.folder is not None and out.resolve().is_relative_to(repo.folder.resolve()):
-        raise UsageError(
-            f"--served-repository {out} is inside the model repository {repo.folder}: "
-            "pin would rewrite the exported config there; choose a folder outside it"
-        )
-    # Shared: pins read at once; an export or prune changing the versions waits for them.
-    with locked(storage, cfg.name, shared=True):
-        version = _write_served(storage, out, cfg, wanted, run_id, repo, backend)
-    log.info(
-        "serving %s version %d alone with Triton's %s backend: %d %s instance(s), "
-        "%d thread(s) each",
-        cfg.name,
-        version,
-        backend,
-        cfg.instance_count,
-        cfg.instance_kind,
-        cfg.intra_op_threads,
-    )
-    return version
-
-
-def _write_served(
-    storage: Path,
-    out: Path,
-    cfg: TritonConfig,
-    wanted: str,
-    run_id: str | None,
-    repo: ModelRepository,
-    backend: str,
-) -> int:
-    records = export_records(storage, repo, cfg.name)
-    resolved = resolve_served_version(storage, cfg.name, wanted, run_id, records)
-    served = out / cfg.name
-    served.mkdir(parents=True, exist_ok=True)
-    staging = placing_folder(served)
-    try:
-        if repo.is_s3:
-            from mnist_pipeline import objectstore
-
-            model = objectstore.S3Model(repo, cfg.name)
-            version = served_version(model.versions(), resolved, model.url())
-            config_text = model.config_text()
-            model.download_version(version, staging)
-        else:
-            assert repo.folder is not None
-            model_path = repo.folder / cfg.name
-            version = served_version(servable_versions(model_path), resolved, str(model_path))
-            for why in (version_damage(model_path / str(version)), config_damage(model_path)):
-                if why:  # Triton would refuse it and, with model control mode none, not start
-                    raise PipelineFailure(
-                        f"cannot serve version {version} of {cfg.name}: {why}; "
-                        + republish_hint(partial(folder_metadata, model_path), version)
-                    )
-            config_text = (model_path / CONFIG_FILE).read_text()
-            link_files(staging, (model_path / str(version)).resolve())
-        if backend == "python":
-            atomic_write_text(staging / PYTHON_MODEL_FILE, python_model_source())
-        atomic_write_text(served / CONFIG_FILE, pod_config(config_text, cfg, version, backend))
-        place_only_version(served, staging, version)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    # What Triton will read, looked at through the links: each must resolve from here.
-    dangling = [p.name for p in (served / str(version)).iterdir() if not p.is_file()]
-    if dangling:
-        raise PipelineFailure(f"{served / str(version)}: {', '.join(dangling)} do not resolve")
-    return version
-
-
-def placing_folder(served: Path) -> Path:
-    """A folder beside the served versions where the next one is assembled (Triton skips
-    its name), readable by a Triton running as another user."""
-    path = Path(tempfile.mkdtemp(dir=served, prefix=PLACING_PREFIX))
-    os.chmod(path, 0o755)
-    return path
-
-
-def link_files(folder: Path, version_path: Path) -> None:
-    """Link each file of a published version into `folder`: absolute links, which resolve
-    wherever the served repository is read from."""
-    for path in sorted(version_path.iterdir()):
-        if path.is_file():
-            (folder / path.name).symlink_to(path)
-
-
-def python_model_source() -> str:
-    """The model.py of Triton's python backend that runs the model on ONNX Runtime."""
-    return resources.files("mnist_pipeline").joinpath(PYTHON_MODEL_PATH).read_text()
-
-
-def pod_config(config_text: str, cfg: TritonConfig, version: int, backend: str) -> str:
-    """The repository's config.pbtxt with this server's backend, instance groups, threads
-    and version; every other field (name, batching, tensors) as exported."""
-    from google.protobuf import text_format
-
-    config = parse_config(config_text)
-    if backend == "python":
-        config.platform = ""
-        config.backend = "python"
-    del config.instance_group[:]
-    config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
-    config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
-    config.parameters["inter_op_thread_count"].string_value = "1"
-    config.version_policy.specific.versions[:] = [version]
-    return str(text_format.MessageToString(config))
-
-
-def served_version(found: list[int], resolved: str, where: str) -> int:
-    """The servable version `resolved` names ("" the newest) among `found`, in `where`."""
-    if not resolved:
-        if not found:
-            # Nothing was exported yet (or it all went): a step missing, not a failure.
-            raise UsageError(f"{where} holds no version to serve; run `mnist-pipeline export`")
-        return found[-1]
-    if int(resolved) not in found:
+    status, version = record.get("status"), record.get("version")
+    chose = status in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED)
+    if not chose or not isinstance(version, int) or not is_version_name(str(version)):
+        reason = f": {record['reason']}" if record.get("reason") else ""
         raise PipelineFailure(
-            f"version {resolved} is not in {where} (servable versions: {found or 'none'})"
+            f"the export of training run {run_id} chose no version (status {status!r}{reason})"
         )
-    return int(resolved)
+    return version
 
 
-def place_only_version(served: Path, staging: Path, version: int) -> None:
-    """Rename the assembled folder to `served/<version>`, the only version there."""
-    for stale in served.iterdir():
-        if stale == staging:
-            continue
-        if is_version_name(stale.name) or stale.name.startswith(PLACING_PREFIX):
-            if stale.is_symlink() or not stale.is_dir():
-                stale.unlink()
-            else:
-                shutil.rmtree(stale)
-    os.rename(staging, served / str(version))
-    fsync_dir(served)
+def resolve_version(repo: Repository, wanted: str, run_id: str | None) -> str:
+    """The version to serve or query, as a version number, or "" for the newest.
+
+    `wanted` is "run" (the version run `run_id`'s export chose; the newest without a
+    run, as in serve-only mode), a version number, or "" (the newest)."""
+    check_model_version(wanted)
+    if wanted != "run":
+        return wanted
+    if run_id is None:
+        return ""
+    return str(exported_version(repo, run_id))

@@ -5,21 +5,23 @@ A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leave
 whatever the limits: the newest version (Triton serves it), any version asked to be
 kept (a pinned servedVersion), the run that checkpoints/best_model.pth points at, the
 current run, the versions those two published, the version the current run's export
-chose (published or kept), and runs still marked "running" or
+chose (published or kept), versions a pin or serve still holds (repository.py's served
+records), and runs still marked "running" or
 "interrupted" (they may resume), unless nothing in them changed for `abandoned_after`
 seconds: a run whose pods were deleted (`helm uninstall` mid-training) stays "running"
 forever otherwise.
 
-Deletion first renames a folder to a dot-name (ignored by Triton and by every stage),
-then removes it, so a reader never sees half a folder; a version on object storage loses
-its marker (metadata.json) first. Standard library only (boto3 for an object-storage
-repository): the lean client image runs it.
+Deletion first renames a folder to a dot-name (ignored by every stage), then removes
+it, so a reader never sees half a folder; a version loses its marker (metadata.json)
+first and keeps its number in the repository's ledger. Standard library only (boto3
+for an object-storage repository): the lean client image runs it.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,24 +29,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.repository import locked
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.repository import (
+    DAMAGED,
+    PUBLISHED,
+    Repository,
+    Version,
+    exported_version,
+    open_repository,
+)
 from mnist_pipeline.storage import (
     DELETING_PREFIX,
     ExportStatus,
     ModelRepository,
-    PipelineFailure,
-    RecordReader,
     RunStatus,
-    UsageError,
     best_model_link,
     checkpoints_dir,
-    export_records,
     inference_dir,
-    read_metadata,
     read_metrics,
     repository_at,
-    resolve_served_version,
-    version_dirs,
 )
 
 log = logging.getLogger(__name__)
@@ -98,26 +101,39 @@ def _best_run(storage: Path) -> str | None:
     )
 
 
-def _published_by(meta: dict[str, Any] | None) -> str | None:
-    run_id = (meta or {}).get("run_id")
-    return run_id if isinstance(run_id, str) else None
-
-
-def _chosen_by(
-    storage: Path, model_name: str, run_id: str | None, records: RecordReader
-) -> set[int]:
-    """The version of `model_name` run `run_id`'s export chose (published, or kept as
-    better), if it chose one: the version that run's pods serve."""
-    if run_id is None or not checkpoints_dir(storage).joinpath(run_id).is_dir():
-        return set()
-    record = records(run_id)[0] or {}
-    if record.get("model_name") != model_name or record.get("status") in (
-        None,
-        ExportStatus.FAILED,
-        ExportStatus.INTERRUPTED,
+def _chosen_by(repo: Repository, run_id: str | None) -> set[int]:
+    """The version run `run_id`'s export chose (published, or kept as better), if it
+    chose one: the version that run's pods serve."""
+    record = None if run_id is None else repo.read_record(run_id)
+    if (
+        run_id is None
+        or record is None
+        or record.get("status")
+        in (
+            ExportStatus.FAILED,
+            ExportStatus.INTERRUPTED,
+        )
     ):
         return set()
-    return {int(resolve_served_version(storage, model_name, "run", run_id, records))}
+    return {exported_version(repo, run_id)}
+
+
+def _served(repo: Repository, abandoned_after: float) -> set[int]:
+    """The versions pins and serves placed and still hold. A record whose folder is on
+    this host and no longer holds its version is dropped; another host's is believed,
+    unless older than `abandoned_after` (when set)."""
+    held = set()
+    for key, record in repo.served().items():
+        version, folder = record.get("version"), record.get("folder")
+        here = record.get("host") == socket.gethostname()
+        gone = here and not (Path(str(folder)) / str(version)).is_dir()
+        stale = abandoned_after and time.time() - float(record.get("since", 0)) > abandoned_after
+        if gone or (not here and stale):
+            log.info("%s: %s no longer serves version %s", repo.url(key), folder, version)
+            repo.unmark_served(key)
+        elif isinstance(version, int):
+            held.add(version)
+    return held
 
 
 class Removal:
@@ -175,29 +191,29 @@ def prune(
     run_id: str | None = None,
     keep_versions: tuple[int, ...] = (),
     abandoned_after: float = 0,
-    repo: ModelRepository | None = None,
+    location: ModelRepository | None = None,
 ) -> list[str]:
     """Delete what is beyond the limits; return what was deleted (paths, or URLs of
-    versions on object storage). Runs and inference results are on the volume. Raises
-    PipelineFailure naming everything it could not remove, after removing all it could."""
+    versions). Runs and inference results are on the volume. Raises PipelineFailure
+    naming everything it could not remove, after removing all it could."""
     if not storage.is_dir():  # a mistyped --storage must not look like a clean volume
         raise UsageError(
             f"storage {storage} does not exist: check --storage (MNIST_PIPELINE_STORAGE)"
         )
     removal = Removal()
-    repo = repository_at(repo, storage)
-    # Under the export lock: an export publishing an older run's checkpoint at this moment
-    # would otherwise lose that checkpoint, and best_model.pth with it.
-    with locked(storage, model_name):
-        folders = [repo.folder / model_name] if repo.folder is not None else []
-        removal.finish_interrupted(*folders, checkpoints_dir(storage), inference_dir(storage))
+    repo = open_repository(repository_at(location, storage), model_name)
+    # Under the repository's lock: an export publishing an older run's checkpoint at this
+    # moment would otherwise lose that checkpoint, and best_model.pth with it.
+    with repo.lock.held("prune"):
+        removal.finish_interrupted(checkpoints_dir(storage), inference_dir(storage))
+        scan = repo.repair()
         best = _best_run(storage)
         protected_runs = {best, run_id} - {None}
-        records = export_records(storage, repo, model_name)
-        kept = {*keep_versions, *_chosen_by(storage, model_name, run_id, records)}
-        _prune_versions(removal, _versions(repo, model_name), limits.versions, kept, protected_runs)
+        kept = {*keep_versions, *_chosen_by(repo, run_id), *_served(repo, abandoned_after)}
+        recorded = [v for v in scan.having(PUBLISHED, DAMAGED) if v.ledger or v.metadata]
+        _prune_versions(removal, repo, recorded, limits.versions, kept, protected_runs)
         # A version that stays keeps the checkpoint it was exported from.
-        backing = {v.published_by for v in _versions(repo, model_name)} - {None}
+        backing = {v.run_id for v in repo.scan().having(PUBLISHED, DAMAGED)} - {None}
         _prune_runs(removal, storage, limits.runs, protected_runs | backing, abandoned_after)
     _prune_inference(removal, storage, limits.inference)
     log.info("retention: removed %d folder(s), keeping %s", len(removal.removed), limits)
@@ -206,57 +222,22 @@ def prune(
     return removal.removed
 
 
-@dataclass(frozen=True)
-class Version:
-    number: int
-    published_by: str | None
-    where: str
-    remove: Callable[[], None] | None  # None: a folder, which Removal.remove deletes
-
-
-def _versions(repo: ModelRepository, model_name: str) -> list[Version]:
-    """The model's versions, ascending: folders, or versions on object storage that count
-    (their marker first to go when one is deleted, so that half deleted it counts no more)."""
-    if repo.is_s3:
-        from mnist_pipeline import objectstore
-
-        model = objectstore.S3Model(repo, model_name)
-        return [
-            Version(
-                n,
-                _published_by(model.metadata(n)),
-                model.url(str(n)),
-                partial(model.delete_version, n),
-            )
-            for n in model.versions()
-        ]
-    assert repo.folder is not None
-    return [
-        Version(int(p.name), _published_by(read_metadata(p)), str(p), None)
-        for p in version_dirs(repo.folder / model_name)
-    ]
-
-
 def _prune_versions(
     removal: Removal,
+    repo: Repository,
     found: list[Version],
     limit: int,
     kept: set[int],
     protected_runs: set[str | None],
 ) -> None:
     """Beyond the newest `limit` versions, those neither kept nor published by a
-    protected run; the newest (Triton serves it) always stays."""
+    protected run; the newest always stays. Their numbers stay in the ledger."""
     if not limit or not found:
         return
     for version in found[:-limit]:
-        if version is found[-1] or version.number in kept:
+        if version is found[-1] or version.number in kept or version.run_id in protected_runs:
             continue
-        if version.published_by in protected_runs:
-            continue
-        if version.remove is None:
-            removal.remove(Path(version.where))
-        else:
-            removal.run(version.where, version.remove)
+        removal.run(repo.url(str(version.number)), partial(repo.delete_version, version.number))
 
 
 def _prune_runs(

@@ -35,8 +35,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mnist_pipeline import interrupts, repository, settings, storage
-from mnist_pipeline.storage import PipelineFailure, UsageError
+from mnist_pipeline import interrupts, settings, storage
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.pinning import write_served_repository
+from mnist_pipeline.tritonconfig import TritonConfig
 
 log = logging.getLogger(__name__)
 
@@ -347,18 +349,15 @@ class LocalTriton:
 
 
 def pinned(
-    storage: Path,
+    location: storage.ModelRepository,
     served: Path,
-    cfg: repository.TritonConfig,
+    cfg: TritonConfig,
     wanted: str = "",
     run_id: str | None = None,
-    repo: storage.ModelRepository | None = None,
 ) -> Path:
-    """`served` with `cfg.name`'s version `wanted` pinned for this server (`pin`'s
-    --triton-backend python): what LocalTriton starts on."""
-    repository.write_served_repository(
-        storage, served, cfg, wanted, run_id, repo=repo, backend="python"
-    )
+    """`served` with `cfg.name`'s version `wanted` of the repository at `location` pinned
+    for this server (`pin`'s --triton-backend python): what LocalTriton starts on."""
+    write_served_repository(location, served, cfg, wanted, run_id, backend="python")
     return served
 
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline.errors import UsageError
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     DEFAULT_STORAGE,
     MAX_EPOCHS,
     NAME_PATTERN,
     ModelRepository,
-    UsageError,
     check_model_version,
     validate_name,
 )
@@ -624,6 +624,9 @@ SERVED_REPOSITORY = Setting(
     path="dir",
     required=True,
 )
+
+# status
+JSON = Setting("json", False, "Print one JSON object instead of text.")
 
 # The groups commands share: a command takes a group, so the same flags mean the same.
 TRAIN = (

@@ -3,11 +3,9 @@
 One folder (a local directory, or the PVC mounted at /storage) holds everything:
 
     data/MNIST/raw/*-ubyte                          MNIST, placed by `data`
-    checkpoints/<run_id>/{model.pth,resume.pth,train.log,metrics.json,export.json}
-    checkpoints/best_model.pth                      relative symlink to the best model.pth
-    models/<name>/config.pbtxt                      Triton model repository
-    models/<name>/<version>/{model.onnx,metadata.json}
-    .export/<name>/{lock,.staging-*}                export's lock and first-publication staging
+    checkpoints/<run_id>/{model.pth,resume.pth,train.log,metrics.json}   written by train alone
+    checkpoints/best_model.pth                      relative symlink to the champion's model.pth
+    models/<name>/...                               the model repository (repository.py)
     inference/<timestamp>/...                       client results
 
 Every name another stage reads is defined here once, with the one reader of each record
@@ -19,18 +17,19 @@ and renamed into place.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
+
+from mnist_pipeline.errors import UsageError, one_line
 
 DEFAULT_STORAGE = "storage"
 # ResNet-18 reaches 99.5% on MNIST in 3 epochs: far more is a typo (an ETA of 8e20 h), not
@@ -44,7 +43,6 @@ NAME_RULE = "1-64 characters: letters, digits, '_', '-' and '.', not starting wi
 
 
 METRICS_FILE = "metrics.json"
-EXPORT_FILE = "export.json"
 CHECKPOINT_FILE = "model.pth"
 RESUME_FILE = "resume.pth"
 TRAIN_LOG_FILE = "train.log"
@@ -52,13 +50,9 @@ BEST_MODEL_FILE = "best_model.pth"
 CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
-EXPORT_WORK_DIR = ".export"
-EXPORT_LOCK_FILE = "lock"
 # Held by the one process training a run (rank 0 of a DDP job), for as long as it trains.
 TRAIN_LOCK_FILE = ".train.lock"
-# Dot-names: Triton and every stage ignore them, so a half-built or half-deleted folder
-# is never read.
-STAGING_PREFIX = ".staging-"
+# A dot-name: every stage ignores it, so a half-deleted folder is never read.
 DELETING_PREFIX = ".deleting-"
 
 DEFAULT_MODEL_NAME = "resnet18_mnist"
@@ -85,14 +79,6 @@ class ExportStatus(StrEnum):
     SKIPPED = "skipped"  # not better, or identical: the published version stays
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: not final, the same command goes on
-
-
-class UsageError(Exception):
-    """Bad input: a wrong file, a bad option, a foreign checkpoint. Exit code 2."""
-
-
-class PipelineFailure(Exception):
-    """The stage could not finish for a reason other than its input. Exit code 1."""
 
 
 def validate_name(name: str, what: str = "run id") -> str:
@@ -158,12 +144,6 @@ def models_dir(storage: Path) -> Path:
 
 def model_dir(storage: Path, name: str) -> Path:
     return models_dir(storage) / name
-
-
-def export_work_dir(storage: Path, name: str) -> Path:
-    """Where a model's export lock and first-publication staging live: beside the
-    repository, not in it, since Triton treats every folder in the repository as a model."""
-    return storage / EXPORT_WORK_DIR / name
 
 
 def inference_dir(storage: Path) -> Path:
@@ -252,6 +232,11 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(content)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
@@ -281,14 +266,6 @@ def log_error_to(handler: logging.Handler, logger: logging.Logger, msg: str, *ar
     handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, args, None))
 
 
-def file_records(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-    """What metadata.json records of a version's files ("files"), checked by downloads."""
-    return {
-        name: {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-        for name, content in files.items()
-    }
-
-
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -298,37 +275,37 @@ def read_json(path: Path) -> Any:
 
 
 def read_record(path: Path, what: str) -> dict[str, Any] | None:
-    """The JSON object at `path`; None when there is no such file.
-
-    Writers rename whole files into place, so an empty, torn or non-object file is damage
-    (or a foreign writer), never a write in progress: UsageError naming the file."""
+    """The JSON object at `path`; None when there is no such file (parse_record)."""
     try:
         content = path.read_bytes()
     except FileNotFoundError:
         return None
+    return parse_record(content, str(path), what)
+
+
+def parse_record(content: bytes | None, where: str, what: str) -> dict[str, Any] | None:
+    """The JSON object in `content` (from `where`); None when there is no content.
+
+    Writers replace whole files, so an empty, torn or non-object record is damage (or a
+    foreign writer), never a write in progress: UsageError naming it."""
+    if content is None:
+        return None
     if not content.strip():
-        raise UsageError(f"{what} {path} is empty")
+        raise UsageError(f"{what} {where} is empty")
     try:
         record = json.loads(content)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        raise UsageError(f"{what} {path} is damaged: {one_line(e)}") from None
+        raise UsageError(f"{what} {where} is damaged: {one_line(e)}") from None
     if not isinstance(record, dict):
-        raise UsageError(f"{what} {path} is damaged: a JSON {type(record).__name__}, not an object")
+        raise UsageError(
+            f"{what} {where} is damaged: a JSON {type(record).__name__}, not an object"
+        )
     return record
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def read_metrics(run: Path) -> dict[str, Any] | None:
     """A training run's metrics.json (its status, history, accuracy)."""
     return read_record(run / METRICS_FILE, "training record")
-
-
-def read_export_record(run: Path) -> dict[str, Any] | None:
-    """A training run's export.json: what export decided about it."""
-    return read_record(run / EXPORT_FILE, "export record")
 
 
 def standing_record(previous: dict[str, Any], attempt: dict[str, Any]) -> dict[str, Any]:
@@ -341,11 +318,6 @@ def standing_record(previous: dict[str, Any], attempt: dict[str, Any]) -> dict[s
     return {**standing, "history": history}
 
 
-def read_metadata(version: Path) -> dict[str, Any] | None:
-    """A published version's metadata.json."""
-    return read_record(version / METADATA_FILE, "version metadata")
-
-
 # Versions -------------------------------------------------------------------------------
 
 
@@ -353,46 +325,6 @@ def is_version_name(name: str) -> bool:
     """A folder name that is a model version: a positive number without a leading zero
     (one folder per number: "01" would be another folder for version 1), below 2**63."""
     return re.fullmatch(VERSION_PATTERN, name, re.ASCII) is not None and int(name) < VERSION_LIMIT
-
-
-def version_dirs(model: Path) -> list[Path]:
-    """The version folders of a model folder, in ascending version order."""
-    if not model.is_dir():
-        return []
-    found = [p for p in model.iterdir() if is_version_name(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name))
-
-
-def versions(model: Path) -> list[int]:
-    """The version numbers of a model folder, ascending."""
-    return [int(p.name) for p in version_dirs(model)]
-
-
-def servable_in(paths: Iterable[str]) -> list[int]:
-    """The versions Triton can load and the pipeline can describe, from the files of a
-    model folder ("config.pbtxt", "3/model.onnx", ...: a folder's, or a bucket listing's):
-    the model has its config.pbtxt, the version its model.onnx and its metadata.json. On
-    object storage metadata.json is uploaded last, so it is the marker that makes a
-    version count; a version without it is an upload in progress or a failed one."""
-    files = set(paths)
-    if CONFIG_FILE not in files:
-        return []
-    names = {p.split("/", 1)[0] for p in files if "/" in p}
-    return sorted(
-        int(name)
-        for name in names
-        if is_version_name(name)
-        and f"{name}/{MODEL_FILE}" in files
-        and f"{name}/{METADATA_FILE}" in files
-    )
-
-
-def servable_versions(model: Path) -> list[int]:
-    """servable_in for a model folder."""
-    files = [CONFIG_FILE] if (model / CONFIG_FILE).is_file() else []
-    for version in version_dirs(model):
-        files += [f"{version.name}/{p.name}" for p in version.iterdir() if p.is_file()]
-    return servable_in(files)
 
 
 def check_model_version(value: str) -> str:
@@ -403,73 +335,3 @@ def check_model_version(value: str) -> str:
         f"model version {value!r}: expected run, a version number such as 1 (Triton numbers "
         "versions 1, 2, ...), or nothing for the newest"
     )
-
-
-RecordReader = Callable[[str], tuple[dict[str, Any] | None, str]]
-
-
-def volume_records(storage: Path) -> RecordReader:
-    """Reads a run's export record (and says where) from the training volume."""
-
-    def read(run_id: str) -> tuple[dict[str, Any] | None, str]:
-        run = run_dir(storage, run_id)
-        if not run.is_dir():
-            raise UsageError(f"training run {run_id} does not exist in {checkpoints_dir(storage)}")
-        return read_export_record(run), str(run / EXPORT_FILE)
-
-    return read
-
-
-def export_records(storage: Path, repo: ModelRepository | None, model_name: str) -> RecordReader:
-    """Where a run's export record is read: the volume, or with an object-storage
-    repository the bucket (the export writes it to both; a Triton pod has no volume)."""
-    if repo is not None and repo.is_s3:
-        from mnist_pipeline import objectstore
-
-        return objectstore.S3Model(repo, model_name).read_record
-    return volume_records(storage)
-
-
-def exported_version(
-    storage: Path, model_name: str, run_id: str, records: RecordReader | None = None
-) -> int:
-    """The version of `model_name` that run `run_id`'s export chose: the one it published,
-    or the better one it kept (skipped)."""
-    record, where = (records or volume_records(storage))(run_id)
-    if record is None:
-        raise UsageError(
-            f"training run {run_id} has not been exported ({where} does not "
-            f"exist): run `mnist-pipeline export --run-id {run_id}` first"
-        )
-    status, version = record.get("status"), record.get("version")
-    chose = status in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED)
-    if not chose or not isinstance(version, int) or not is_version_name(str(version)):
-        reason = f": {record['reason']}" if record.get("reason") else ""
-        raise PipelineFailure(
-            f"the export of training run {run_id} chose no version (status {status!r}{reason})"
-        )
-    if record.get("model_name") != model_name:
-        raise UsageError(
-            f"training run {run_id} was exported as model {record.get('model_name')!r}, "
-            f"not {model_name!r}"
-        )
-    return version
-
-
-def resolve_served_version(
-    storage: Path,
-    model_name: str,
-    wanted: str,
-    run_id: str | None,
-    records: RecordReader | None = None,
-) -> str:
-    """The version to serve or query, as a version number, or "" for the newest.
-
-    `wanted` is "run" (the version run `run_id`'s export chose; the newest without a
-    run, as in serve-only mode), a version number, or "" (the newest)."""
-    check_model_version(wanted)
-    if wanted != "run":
-        return wanted
-    if run_id is None:
-        return ""
-    return str(exported_version(storage, model_name, run_id, records))

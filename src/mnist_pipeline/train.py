@@ -41,15 +41,14 @@ from torch import nn
 
 from mnist_pipeline import data, distributed, interrupts, model, settings
 from mnist_pipeline.distributed import ONE_PROCESS, World, all_sum, sync_buffers
+from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.progress import NETWORK_SCOPE, NetworkMeter, Progress, run_logging
 from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
     METRICS_FILE,
     RESUME_FILE,
     TRAIN_LOCK_FILE,
-    PipelineFailure,
     RunStatus,
-    UsageError,
     atomic_open,
     atomic_write_json,
     available_cpus,

@@ -4,8 +4,8 @@ Each wait watches an ARTIFACT on the shared storage, keyed by the run id the cha
 every release revision, so nothing left on the volume by an earlier release can satisfy it:
 
     training  checkpoints/<run_id>/metrics.json has status "complete"
-    export    checkpoints/<run_id>/export.json is "published" or "skipped", and
-              models/<name>/ holds a servable version for Triton to load
+    export    the run's export record in the repository is "published" or "skipped",
+              and the version it names is servable
     serving   Triton answers ready over HTTP, serving the --model-version asked for
               (run: the version export chose; N: a pinned one; nothing: any)
 
@@ -35,23 +35,18 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from mnist_pipeline.errors import PipelineFailure
+from mnist_pipeline.repository import open_repository, resolve_version
 from mnist_pipeline.storage import (
-    EXPORT_FILE,
     METRICS_FILE,
     ExportStatus,
     ModelRepository,
-    PipelineFailure,
     RunStatus,
     check_model_version,
-    export_records,
-    read_export_record,
     read_metrics,
     repository_at,
-    resolve_served_version,
     run_dir,
-    servable_versions,
 )
 
 log = logging.getLogger(__name__)
@@ -235,52 +230,33 @@ def training_check(storage: Path, run_id: str) -> Callable[[], str | None]:
 
 
 def export_check(
-    storage: Path, run_id: str, model_name: str, repo: ModelRepository | None = None
+    storage: Path, run_id: str, model_name: str, location: ModelRepository | None = None
 ) -> Callable[[], str | None]:
-    """With an object-storage `repo` everything is read from the bucket (the record the
-    export writes there too): the Triton pod that waits has no volume."""
-    repo = repository_at(repo, storage)
-    run = run_dir(storage, run_id)
+    """The run's export record and the version it names, read from the repository (a
+    bucket needs no volume: the Triton pod that waits has none)."""
+    repo = open_repository(repository_at(location, storage), model_name)
     trained = training_check(storage, run_id)
-    servable: Callable[[], list[int]]
-    if repo.is_s3:
-        from mnist_pipeline import objectstore
-
-        model = objectstore.S3Model(repo, model_name)
-        servable, where = model.versions, model.url()
-    else:
-        assert repo.folder is not None
-        folder = repo.folder / model_name
-        servable, where = (lambda: servable_versions(folder)), str(folder)
-
-    def outcome() -> tuple[dict[str, Any] | None, str | None]:
-        """The record, or what the wait is still waiting for."""
-        if repo.is_s3:
-            record, record_at = model.read_record(run_id)
-            return record, None if record else f"waiting for {record_at} to appear"
-        record = read_export_record(run)
-        if record is not None:
-            return record, None
-        # A failed training run means no export will come: say so now, not at the timeout.
-        return None, trained() or f"waiting for {run / EXPORT_FILE} to appear"
 
     def check() -> str | None:
-        record, waiting_for = outcome()
+        record = repo.read_record(run_id)
         if record is None:
-            return waiting_for
+            waiting = f"waiting for {repo.url(repo.record_key(run_id))} to appear"
+            # A failed training run means no export will come: say so now, not at the
+            # timeout (where the volume is mounted).
+            return (trained() or waiting) if storage.is_dir() else waiting
         status = record.get("status")
         if status == ExportStatus.FAILED:
             raise PipelineFailure(f"export of run {run_id} failed: {record.get('reason', '?')}")
         if status not in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED):
             return f"export of run {run_id} is {status}"
-        versions = servable()
+        versions = repo.scan().servable
         version = record.get("version")
         # Published: the new version; skipped: the better one already there. Either is in
         # the repository by now, so a missing one will not come later.
         if version not in versions:
             raise PipelineFailure(
                 f"export of run {run_id} was {status} naming version {version} of "
-                f"{model_name}, but {where} holds {versions or 'no servable version'}: "
+                f"{model_name}, but {repo} holds {versions or 'no servable version'}: "
                 "Triton would not serve it"
             )
         log.debug("export %s; servable versions of %s: %s", status, model_name, versions)
@@ -309,14 +285,14 @@ def serving_check(
     for this run (new or kept), N that version (a pinned triton.servedVersion), "" any."""
     check_model_version(version)  # a typo fails now, not at the timeout
     exported = export_check(storage, run_id, model_name, repo)
-    records = export_records(storage, repository_at(repo, storage), model_name)
+    repository = open_repository(repository_at(repo, storage), model_name)
     base = (url if "://" in url else f"http://{url}").rstrip("/")
 
     def check() -> str | None:
         if (waiting_for := exported()) is not None:
             return waiting_for
         model_url = f"{base}/v2/models/{model_name}"
-        if wanted := resolve_served_version(storage, model_name, version, run_id, records):
+        if wanted := resolve_version(repository, version, run_id):
             model_url += f"/versions/{wanted}"
         if not http_ready(f"{base}/v2/health/ready"):
             return f"waiting for Triton at {base} to be ready"
