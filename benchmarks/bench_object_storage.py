@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from common import free_ports, load_average, machine
-from mnist_pipeline import objectstore
+from mnist_pipeline.repository import open_repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.settings import parse_model_repository
-from mnist_pipeline.storage import CONFIG_FILE, MODEL_FILE, read_metadata
+from mnist_pipeline.storage import CONFIG_FILE, METADATA_FILE, MODEL_FILE
 from support.objectstore import LocalRadosgw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +64,10 @@ def prepare(work: Path, rgw: LocalRadosgw) -> tuple[Path, str]:
     cli("export", "--storage", storage, "--run-id", "bench", "--publish-min-accuracy", "0")
     url = rgw.url(rgw.new_bucket(), "models")
     version = storage / "models" / NAME / "1"
-    store = objectstore.S3Model(parse_model_repository(url), NAME, work=work / "locks")
-    meta = read_metadata(version) or {}
-    with store.exclusive():
-        store.publish(
+    repo = open_repository(parse_model_repository(url), NAME)
+    meta = json.loads((version / METADATA_FILE).read_text())
+    with repo.lock.held("export"):
+        repo.publish(
             (version.parent / CONFIG_FILE).read_text(),
             {MODEL_FILE: (version / MODEL_FILE).read_bytes()},
             {k: v for k, v in meta.items() if k not in ("version", "files")},

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from common import percentiles
-from mnist_pipeline import client, repository
+from mnist_pipeline import client, tritonconfig
 from mnist_pipeline.storage import CONFIG_FILE, versions
 from support import prometheus as monitoring
 from support.processes import descendants
@@ -205,7 +205,7 @@ def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Pat
     from google.protobuf import text_format
 
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[0] != "."):
-        config = repository.parse_config((model_dir / CONFIG_FILE).read_text())
+        config = tritonconfig.parse_config((model_dir / CONFIG_FILE).read_text())
         edit(config)
         out = dest / model_dir.name
         out.mkdir(parents=True)

@@ -54,7 +54,8 @@ import bench_training
 import report
 import verdicts
 from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
-from mnist_pipeline import client, data, repository
+from mnist_pipeline import client, data, tritonconfig
+from mnist_pipeline.errors import PipelineFailure
 from mnist_pipeline.export import export
 from mnist_pipeline.serve import LocalTriton, pinned
 from mnist_pipeline.storage import (
@@ -62,7 +63,7 @@ from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     METADATA_FILE,
     MODEL_FILE,
-    PipelineFailure,
+    ModelRepository,
     read_json,
 )
 from mnist_pipeline.train import TrainConfig, train
@@ -254,8 +255,8 @@ def bench_serving_section(
 ) -> dict[str, Any]:
     load_before = load_average()
     # What the chart's Triton serves with the wheel's tritonserver: pin's defaults.
-    served = pinned(storage, storage / "served", repository.TritonConfig())
-    config = repository.parse_config((served / MODEL / CONFIG_FILE).read_text())
+    served = pinned(local_models(storage), storage / "served", tritonconfig.TritonConfig())
+    config = tritonconfig.parse_config((served / MODEL / CONFIG_FILE).read_text())
     instances = sum(max(1, g.count) for g in config.instance_group)
     instance_threads = int(config.parameters["intra_op_thread_count"].string_value)
     inprocess = []
@@ -364,10 +365,16 @@ def serving_variants(
     return rows
 
 
+def local_models(storage: Path) -> ModelRepository:
+    return ModelRepository(folder=storage / "models")
+
+
 def variant_repository(storage: Path, dest: Path, variant: bench_serving.Variant) -> Path:
     """The repository `variant` is served from: `storage`'s model pinned with the
     variant's pin settings (pin's defaults else), then its config edited in a copy."""
-    served = pinned(storage, dest / "pinned", repository.TritonConfig(**variant.pin))
+    served = pinned(
+        local_models(storage), dest / "pinned", tritonconfig.TritonConfig(**variant.pin)
+    )
     if variant.edit is None:
         return served
     return bench_serving.config_variant(served, dest / "edited", variant.edit)
@@ -388,7 +395,7 @@ def int8_storage(storage: Path, checkpoint: Path) -> Path | str:
     try:
         export(
             folder,
-            repository.TritonConfig(),
+            tritonconfig.TritonConfig(),
             checkpoint=checkpoint,
             precision="int8",
             min_accuracy=PUBLISH_ANY,
@@ -437,7 +444,7 @@ def variant_run(
 
 def pin_settings(variant: bench_serving.Variant) -> dict[str, int]:
     """What the variant's repository was pinned with: pin's defaults but for its own."""
-    cfg = repository.TritonConfig(**variant.pin)
+    cfg = tritonconfig.TritonConfig(**variant.pin)
     return {
         "instance_count": cfg.instance_count,
         "server_cpus": cfg.server_cpus,
@@ -646,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("export …", file=sys.stderr, flush=True)
         checkpoint = storage / "checkpoints" / "default-seed0" / "model.pth"
-        export(storage, repository.TritonConfig(), checkpoint=checkpoint, min_accuracy=PUBLISH_ANY)
+        export(
+            storage, tritonconfig.TritonConfig(), checkpoint=checkpoint, min_accuracy=PUBLISH_ANY
+        )
         onnx_path = storage / "models" / MODEL / "1" / MODEL_FILE
         images, labels = data.load(storage, "test")
         x = data.normalize(images)

@@ -22,8 +22,8 @@ from subprocess import CompletedProcess
 import pytest
 
 from mnist_pipeline import data
-from mnist_pipeline.repository import TritonConfig
 from mnist_pipeline.serve import LocalTriton
+from mnist_pipeline.tritonconfig import TritonConfig
 from support.engine import HOW_TO_RUN, Engine, EngineUnavailable
 from support.objectstore import radosgw  # noqa: F401 (one radosgw for the whole session)
 from support.serving import free_ports, pinned_models
@@ -191,7 +191,9 @@ def publish_by_hand(version: Path, model: bytes) -> None:
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.onnx").write_bytes(model)
     sha256 = hashlib.sha256(model).hexdigest()
-    (version / "metadata.json").write_text(json.dumps({"sha256": sha256, "accuracy": 0.0}))
+    files = {"model.onnx": {"bytes": len(model), "sha256": sha256}}
+    metadata = {"sha256": sha256, "accuracy": 0.0, "files": files}
+    (version / "metadata.json").write_text(json.dumps(metadata))
 
 
 @pytest.fixture(scope="session")

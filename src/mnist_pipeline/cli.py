@@ -252,6 +252,7 @@ def cli(verbose: bool) -> None:
       mnist-pipeline wait     until a run's training, export or serving is done (Kubernetes)
       mnist-pipeline prune    delete old runs, model versions and inference results
       mnist-pipeline pin      write the repository one Triton pod serves (Kubernetes)
+      mnist-pipeline status   the repository's versions, runs, damage and lock
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -478,8 +479,10 @@ def infer(
 
 
 @cli.command()
-@options(s.STORAGE, s.SOURCE, s.MODEL_REPOSITORY, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON)
-@options(s.SERVER, s.INFER)
+@options(
+    s.STORAGE, s.SOURCE, s.MODEL_REPOSITORY, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON, s.SERVER,
+    s.INFER,
+)  # fmt: skip
 @stage
 def run(
     storage: Path, source: Path | None, model_repository: ModelRepository | None, **o: Any

@@ -327,8 +327,7 @@ def launch(
         *(f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"),
         *("-m", "mnist_pipeline", *argv),
     ]
-    # Each rank sets its own thread count; set here, OMP_NUM_THREADS also spares us
-    # torchrun's warning about it.
+    # Each rank sets its own; OMP_NUM_THREADS also spares us torchrun's warning about it.
     threads = str(max(1, available_cpus() // nproc_per_node))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     if rendezvous.nnodes == 1:

@@ -37,7 +37,14 @@ import torch
 
 from mnist_pipeline import data, gate, interrupts, model, quantize, settings
 from mnist_pipeline.errors import PipelineFailure, UsageError
-from mnist_pipeline.repository import PUBLISHED, Repository, Scan, Version, open_repository
+from mnist_pipeline.repository import (
+    PUBLISHED,
+    Repository,
+    Scan,
+    Version,
+    open_repository,
+    republish_hint,
+)
 from mnist_pipeline.storage import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -650,8 +657,15 @@ def export_job(job: Job, path: Path) -> Outcome:
             scan, decision = judge(job, offer)
             return apply(job, candidate, built, scan, decision)
     except OSError as e:  # a full or read-only volume: the waits must see the outcome
-        job.record_failure(PipelineFailure(f"{e.strerror or e}: {e.filename}"))
+        job.record_failure(PipelineFailure(describe_error(e)))
         raise
+
+
+def describe_error(e: Exception) -> str:
+    """'No space left on device: PATH' rather than Python's "[Errno 28] …: 'PATH'"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
 
 
 def judge(job: Job, offer: gate.Candidate) -> tuple[Scan, gate.Decision]:
@@ -669,8 +683,9 @@ def judge(job: Job, offer: gate.Candidate) -> tuple[Scan, gate.Decision]:
     )
     if champion is not None and mismatch:
         scan = scan.damaging(champion.number, mismatch)
-    for number, why in scan.damaged.items():
-        log.error("damaged model version %s: %s", job.repo.url(str(number)), why)
+    for number, why in scan.damaged.items() if offer.accuracy is None else ():  # once
+        hint = republish_hint(scan.versions[number])
+        log.error("damaged model version %s: %s; %s", job.repo.url(str(number)), why, hint)
     record = None if job.owner is None else job.repo.read_record(job.owner)
     return scan, gate.decide(offer, scan, record, job.rules)
 
@@ -698,8 +713,9 @@ def apply(
         config = render_config(job.cfg)
         version = job.repo.publish(config, {MODEL_FILE: built.content}, metadata)
     except (PipelineFailure, UsageError, OSError) as e:
-        job.record(failed(PipelineFailure(f"publication failed: {e}")))
-        raise
+        error = PipelineFailure(f"publication failed: {describe_error(e)}")
+        job.record_failure(error)
+        raise error from e
     log.info("published %s version %d (%s) to %s", job.cfg.name, version, decision.reason,
              job.repo.url(str(version)))  # fmt: skip
     point_best_model(job.storage, job.repo.scan().versions[version])

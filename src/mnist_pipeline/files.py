@@ -45,6 +45,10 @@ class Files(Protocol):
         """Delete `keys` in the order given (missing ones are no error)."""
         ...
 
+    def holds(self, path: Path) -> bool:
+        """Whether `path`, on this machine, lies in the storage the repository is in."""
+        ...
+
     def place(self, key: str, path: Path) -> None:
         """Make `path` read as `key` for a server on this machine: a link to the file,
         or a downloaded copy."""

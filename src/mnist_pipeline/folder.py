@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from mnist_pipeline.files import Entry
-from mnist_pipeline.storage import atomic_write_bytes, fsync_dir, naming
+from mnist_pipeline.storage import atomic_write_bytes, fsync_dir, is_version_name, naming
 
 
 class FolderFiles:
@@ -63,27 +63,34 @@ class FolderFiles:
             except FileExistsError:
                 return False
             finally:
-                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         fsync_dir(path.parent)
         return True
 
     def delete(self, keys: list[str]) -> None:
-        parents = set()
+        """A key ending in "/" is a version folder: it goes once emptied, with what a
+        killed write left in it (the lock's holder is the one writer of a version)."""
+        folders = set()
         for key in keys:
             path = self.root / key
+            if key.endswith("/"):
+                folders.add(path)
+                continue
             with naming(path):
                 path.unlink(missing_ok=True)
-            parents.add(path.parent)
-        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-            # An emptied version folder goes too; one with foreign files stays.
-            while parent != self.root and parent.is_dir():
-                for leftover in parent.glob(".*.tmp"):  # a write killed midway
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            if folder == self.root or not folder.is_dir():
+                continue
+            if is_version_name(folder.relative_to(self.root).as_posix()):
+                for leftover in folder.glob(".*.tmp"):
                     leftover.unlink(missing_ok=True)
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-                parent = parent.parent
+            with contextlib.suppress(OSError):  # foreign files keep it
+                folder.rmdir()
+
+    def holds(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.root.parent.resolve())
 
     def place(self, key: str, path: Path) -> None:
         # Absolute: it resolves wherever the served repository is read from.

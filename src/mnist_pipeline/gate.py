@@ -50,7 +50,7 @@ def twin(
     """A version holding the same model: the same weights at the same precision (the int8
     and fp32 exports of one checkpoint are two models), or the same ONNX bytes."""
     for version in scan.having(*states):
-        meta = version.metadata
+        meta = version.identity
         same_weights = meta.get("weights_sha256") == candidate.weights_sha256
         if (same_weights and meta.get("precision") == candidate.precision) or (
             candidate.sha256 is not None and meta.get("sha256") == candidate.sha256

@@ -131,7 +131,12 @@ class Lock:
         if self.holder is not None:
             yield
             return
-        self._take(Holder.me(purpose, self.lease))
+        me = Holder.me(purpose, self.lease)
+        try:
+            self._take(me)
+        except BaseException:
+            Lock.tokens.discard(me.token)
+            raise
         try:
             yield
         finally:

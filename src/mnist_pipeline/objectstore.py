@@ -152,6 +152,9 @@ class BucketFiles:
             with self.answering(f"deleting {self.url(key)}"):
                 self.client.delete_object(Bucket=self.repo.bucket, Key=self.root + key)
 
+    def holds(self, path: Path) -> bool:
+        return False  # a bucket is no folder of this machine
+
     def place(self, key: str, path: Path) -> None:
         with self.answering(f"reading {self.url(key)}"), naming(path), open(path, "wb") as f:
             body = self.client.get_object(Bucket=self.repo.bucket, Key=self.root + key)["Body"]

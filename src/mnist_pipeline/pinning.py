@@ -25,7 +25,6 @@ from mnist_pipeline.repository import (
     DAMAGED,
     Repository,
     Scan,
-    json_bytes,
     now,
     open_repository,
     republish_hint,
@@ -35,7 +34,6 @@ from mnist_pipeline.storage import (
     CONFIG_FILE,
     METADATA_FILE,
     ModelRepository,
-    atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
     is_version_name,
@@ -77,12 +75,12 @@ def write_served_repository(
             "--instance-kind gpu needs --triton-backend onnxruntime (NVIDIA's tritonserver "
             "images): the python backend's model.py runs ONNX Runtime on the CPU"
         )
-    if location.folder is not None and out.resolve().is_relative_to(location.folder.resolve()):
+    repo = open_repository(location, cfg.name)
+    if repo.files.holds(out):
         raise UsageError(
-            f"--served-repository {out} is inside the model repository {location.folder}: "
+            f"--served-repository {out} is inside the model repository {location}: "
             "pin would rewrite the exported config there; choose a folder outside it"
         )
-    repo = open_repository(location, cfg.name)
     version = chosen(repo, repo.scan(), resolve_version(repo, wanted, run_id))
     served = out / cfg.name
     served.mkdir(parents=True, exist_ok=True)
@@ -161,7 +159,6 @@ def place_checked(repo: Repository, scan: Scan, number: int, folder: Path) -> No
                 f"is {size} bytes, sha256 {digest.hexdigest()}, but {METADATA_FILE} records "
                 f"{record.get('bytes')} bytes, {record.get('sha256')}; " + republish_hint(version)
             )
-    atomic_write_bytes(folder / METADATA_FILE, json_bytes(version.metadata))
 
 
 def place_only_version(served: Path, staging: Path, version: int) -> None:

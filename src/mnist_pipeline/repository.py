@@ -34,7 +34,9 @@ from typing import Any
 
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.files import Entry, Files
+from mnist_pipeline.folder import FolderFiles
 from mnist_pipeline.locks import Lock
+from mnist_pipeline.objectstore import BucketFiles
 from mnist_pipeline.storage import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -56,17 +58,15 @@ RUNS = ".export/runs"
 SERVED = ".export/served"
 
 PUBLISHED, DAMAGED, LEFTOVER, GONE = "published", "damaged", "leftover", "gone"
+# What the ledger keeps of each version's metadata.json.
+IDENTITY = ("run_id", "accuracy", "precision", "sha256", "weights_sha256")
 
 
 def open_repository(location: ModelRepository, name: str) -> Repository:
     """The repository at `location` (a folder, or a bucket and prefix) for model `name`."""
     validate_name(name, "model name")
     if location.is_s3:
-        from mnist_pipeline.objectstore import BucketFiles
-
         return Repository(BucketFiles(location, name), name)
-    from mnist_pipeline.folder import FolderFiles
-
     assert location.folder is not None
     return Repository(FolderFiles(location.folder / name), name)
 
@@ -90,6 +90,11 @@ class Version:
     metadata: dict[str, Any] = field(default_factory=dict)
     why: str = ""  # what is damaged, or whose leftover it is
     ledger: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Its run, accuracy and hashes: metadata.json's, or the ledger's once it is lost."""
+        return {key: self.metadata.get(key, self.ledger.get(key)) for key in IDENTITY}
 
     @property
     def run_id(self) -> str | None:
@@ -168,15 +173,17 @@ def classify(files: Files, number: int, found: dict[str, Entry], ledger: dict[st
     """One version's state from its files and its ledger entry."""
     state = ledger.get("state")
     marker = files.url(f"{number}/{METADATA_FILE}")
-    if state in ("deleting", "deleted", "abandoned"):
-        return Version(number, LEFTOVER if found else GONE, why=f"{state} ({ledger.get('at')})",
+    if state == "deleting":  # a prune that did not finish: it finishes now
+        return Version(number, LEFTOVER, why=f"deleting ({ledger.get('at')})", ledger=ledger)
+    if state == "deleted":
+        return Version(number, LEFTOVER if found else GONE, why=f"deleted ({ledger.get('at')})",
                        ledger=ledger)  # fmt: skip
     if METADATA_FILE not in found:
         if state == "published":
             return Version(number, DAMAGED, why=f"{marker} is missing", ledger=ledger)
         if state == "claimed":
             why = f"left by an export that did not finish ({ledger.get('at')})"
-            return Version(number, LEFTOVER if found else GONE, why=why, ledger=ledger)
+            return Version(number, LEFTOVER, why=why, ledger=ledger)
         why = f"{files.url(str(number))} holds no {METADATA_FILE} and no export recorded it"
         return Version(number, DAMAGED, why=why)
     body = files.get(f"{number}/{METADATA_FILE}") or b""
@@ -222,7 +229,10 @@ class Repository:
             n: classify(self.files, n, by_version.get(n, {}), ledger.get(n, {}))
             for n in sorted({*by_version, *ledger})
         }
-        damage = config_damage(self.files.get(CONFIG_FILE), self.url(CONFIG_FILE))
+        config = self.files.get(CONFIG_FILE)
+        damage = config_damage(config, self.url(CONFIG_FILE))
+        if config is None and by_version:  # Triton loads no version without it
+            damage = f"{self.url(CONFIG_FILE)} is missing"
         return Scan(versions, damage)
 
     def _read(self, key: str, what: str) -> dict[str, Any] | None:
@@ -276,9 +286,10 @@ class Repository:
 
     def _ledger(self, number: int, state: str, of: dict[str, Any], meta_sha: str | None,
                 create: bool = False) -> bool:  # fmt: skip
-        """Write version `number`'s ledger entry; `of` is its metadata (run id, accuracy)."""
-        entry = {"version": number, "state": state, "run_id": of.get("run_id"), "at": now(),
-                 "accuracy": of.get("accuracy"), "metadata_sha256": meta_sha}  # fmt: skip
+        """Write version `number`'s ledger entry from `of`, its metadata: what it was, kept
+        after its files are gone (its model is still known by its hashes)."""
+        entry = {"version": number, "state": state, "at": now(), "metadata_sha256": meta_sha,
+                 **{key: of.get(key) for key in IDENTITY}}  # fmt: skip
         key = f"{LEDGER}/{number}.json"
         if create:
             return self.files.create(key, json_bytes(entry))
@@ -297,6 +308,12 @@ class Repository:
             if self._ledger(number, "claimed", metadata, sha256(marker), create=True):
                 break
             number += 1  # claimed meanwhile by a writer that ignored the lock
+        # A failure leaves the claim and what was written: the next repair removes them.
+        self._fill(number, config_text, files, marker)
+        self._ledger(number, "published", metadata, sha256(marker))
+        return number
+
+    def _fill(self, number: int, config_text: str, files: dict[str, bytes], marker: bytes) -> None:
         # The config goes first: options may change (batch sizes), the tensors never do,
         # so the version being served keeps working with it.
         self.files.put(CONFIG_FILE, config_text.encode())
@@ -307,23 +324,20 @@ class Repository:
             raise PipelineFailure(f"{self.url(str(number))} was marked by another writer")
         version = self.scan().versions[number]
         if version.state != PUBLISHED:
-            self.files.delete([f"{number}/{METADATA_FILE}"])  # it stops counting at once
             raise PipelineFailure(
                 f"{self.url(str(number))} changed during publication: {version.why}"
             )
-        self._ledger(number, "published", metadata, sha256(marker))
-        return number
 
     def delete_version(self, number: int) -> None:
         """Delete a version, marker first: half deleted, it counts no more; its number stays
         in the ledger."""
         known = self.scan().versions.get(number)
-        of = {} if known is None else {"run_id": known.run_id, "accuracy": known.accuracy}
+        of = {} if known is None else {**known.ledger, **known.metadata}
         self._ledger(number, "deleting", of, None)
         keys = sorted(
             self.files.listing(f"{number}/"), key=lambda k: k != f"{number}/{METADATA_FILE}"
         )
-        self.files.delete(keys)
+        self.files.delete([*keys, f"{number}/"])
         self._ledger(number, "deleted", of, None)
 
     def record(self, run_id: str, attempt: dict[str, Any]) -> None:
@@ -359,11 +373,13 @@ class Repository:
         self.files.delete([key])
 
     def place(self, version: Version, folder: Path) -> Iterator[str]:
-        """Place the version's files in `folder` for a server; yields each file's name."""
+        """Place the version's files in `folder` for a server, yielding each file's name to
+        be checked, then its metadata.json (checked against the ledger when scanned)."""
         for name in version.metadata.get("files", {}):
             validate_name(name, "file name")
             self.files.place(f"{version.number}/{name}", folder / name)
             yield name
+        self.files.place(f"{version.number}/{METADATA_FILE}", folder / METADATA_FILE)
 
 
 def exported_version(repo: Repository, run_id: str) -> int:

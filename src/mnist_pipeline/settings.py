@@ -497,8 +497,8 @@ TRITON_BACKEND = Setting(
 MODEL_REPOSITORY = Setting(
     "model_repository",
     None,
-    "The Triton model repository export publishes to and pin, serve, prune and wait "
-    f"export read: a folder, or object storage: {S3_FORMS}; credentials from "
+    "The Triton model repository export and run publish to, and pin, serve, infer, prune, "
+    f"status and the waits read: a folder, or object storage: {S3_FORMS}; credentials from "
     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).",
     type=str,
     parse=parse_model_repository,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline.errors import PipelineFailure
-from mnist_pipeline.repository import open_repository, resolve_version
+from mnist_pipeline.repository import open_repository, republish_hint, resolve_version
 from mnist_pipeline.storage import (
     METRICS_FILE,
     ExportStatus,
@@ -249,8 +249,13 @@ def export_check(
             raise PipelineFailure(f"export of run {run_id} failed: {record.get('reason', '?')}")
         if status not in (ExportStatus.PUBLISHED, ExportStatus.SKIPPED):
             return f"export of run {run_id} is {status}"
-        versions = repo.scan().servable
-        version = record.get("version")
+        scan = repo.scan()
+        versions, version = scan.servable, record.get("version")
+        if isinstance(version, int) and version in scan.damaged:
+            raise PipelineFailure(
+                f"export of run {run_id} chose version {version} of {model_name}, which is "
+                f"damaged: {scan.damaged[version]}; {republish_hint(scan.versions[version])}"
+            )
         # Published: the new version; skipped: the better one already there. Either is in
         # the repository by now, so a missing one will not come later.
         if version not in versions:

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mnist_pipeline import repository
+from mnist_pipeline import tritonconfig
 from support.chart import (
     KUBE_VERSION,
     NVIDIA_TRITON,
@@ -639,25 +639,27 @@ def run_pin(pin: dict[str, Any], storage: Path, out: Path) -> subprocess.Complet
     )
 
 
-def publish_versions(storage: Path, config: repository.TritonConfig, count: int) -> Path:
+def publish_versions(storage: Path, config: tritonconfig.TritonConfig, count: int) -> Path:
     """A repository as export leaves it: `count` versions, config.pbtxt from `config`."""
     model = storage / "models" / "resnet18_mnist"
     for version in range(1, count + 1):
         (model / str(version)).mkdir(parents=True)
         (model / str(version) / "model.onnx").write_bytes(b"onnx")
-        meta = {"version": version, "sha256": hashlib.sha256(b"onnx").hexdigest()}
-        (model / str(version) / "metadata.json").write_text(json.dumps(meta))  # pin checks it
-    (model / "config.pbtxt").write_text(repository.render_config(config))
+        sha256 = hashlib.sha256(b"onnx").hexdigest()
+        files = {"model.onnx": {"bytes": 4, "sha256": sha256}}  # what pin checks
+        meta = {"version": version, "sha256": sha256, "files": files}
+        (model / str(version) / "metadata.json").write_text(json.dumps(meta))
+    (model / "config.pbtxt").write_text(tritonconfig.render_config(config))
     return model
 
 
 def served_config(out: Path) -> Any:
-    return repository.parse_config((out / "resnet18_mnist" / "config.pbtxt").read_text())
+    return tritonconfig.parse_config((out / "resnet18_mnist" / "config.pbtxt").read_text())
 
 
 def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
-    model = publish_versions(storage, repository.TritonConfig(), 3)
+    model = publish_versions(storage, tritonconfig.TritonConfig(), 3)
     pin, triton = pin_container({"triton": {"servedVersion": 2}})
     assert "--model-repository=/pinned" in triton["args"]
     assert run_pin(pin, storage, tmp_path / "a").returncode == 0
@@ -666,8 +668,11 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     assert list(config.version_policy.specific.versions) == [2]  # Triton's own schema
     assert config.platform == "onnxruntime_onnx" and not config.backend  # NVIDIA's image
     assert sorted(p.name for p in served.iterdir()) == ["2", "config.pbtxt"]
-    for name in ("metadata.json", "model.onnx"):  # links to the volume's files
-        assert (served / "2" / name).resolve() == (model / "2" / name).resolve()
+    # A link to the volume's model; the metadata it was checked against, copied.
+    assert (served / "2" / "model.onnx").resolve() == (model / "2" / "model.onnx").resolve()
+    assert (served / "2" / "metadata.json").read_text() == (
+        model / "2" / "metadata.json"
+    ).read_text()
     assert sorted(p.name for p in (served / "2").iterdir()) == ["metadata.json", "model.onnx"]
 
     # The project's image: its python backend runs the project's model.py beside them.
@@ -684,9 +689,9 @@ def test_served_version_pins_triton_to_one_version(tmp_path: Path) -> None:
     # restores), though a newer one is on the volume.
     pin, _ = pin_container({"run": {"id": "old"}})
     assert arg(pin, "model-version") == "run"
-    run_dir = storage / "checkpoints" / arg(pin, "run-id")
-    run_dir.mkdir(parents=True)
-    (run_dir / "export.json").write_text(
+    records = model / ".export" / "runs"  # the run's export record, in the repository
+    records.mkdir(parents=True)
+    (records / f"{arg(pin, 'run-id')}.json").write_text(
         '{"status": "skipped", "version": 1, "model_name": "resnet18_mnist"}'
     )
     assert run_pin(pin, storage, tmp_path / "b").returncode == 0
@@ -711,7 +716,7 @@ def test_the_pin_is_idempotent_on_the_same_empty_dir(tmp_path: Path) -> None:
     """Init containers re-run when a pod sandbox is re-created (node reboot): the pin must
     succeed again on the emptyDir it already filled (it raised FileExistsError)."""
     storage = tmp_path / "storage"
-    publish_versions(storage, repository.TritonConfig(), 2)
+    publish_versions(storage, tritonconfig.TritonConfig(), 2)
     out = tmp_path / "pinned"
     for version in (2, 2, 1):
         pin, _ = pin_container({"triton": {"servedVersion": version}})
@@ -725,7 +730,7 @@ def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Pa
     """Triton's CPU limit, instanceCount and gpus: written by the pin from the pod's values,
     whatever config.pbtxt export left on the volume (here a KIND_GPU one, 4 instances)."""
     storage = tmp_path / "storage"
-    published = repository.TritonConfig(instance_count=4, instance_kind="KIND_GPU", server_cpus=8)
+    published = tritonconfig.TritonConfig(instance_count=4, instance_kind="KIND_GPU", server_cpus=8)
     publish_versions(storage, published, 1)
     gpu = {
         "run": {"id": "prod"},

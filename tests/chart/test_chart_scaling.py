@@ -71,10 +71,12 @@ def test_the_contracts_env_reaches_exactly_the_pods_that_use_the_bucket() -> Non
     wait, pin = pod_spec(find(objects, "Deployment", "triton"))["initContainers"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    # The client's wait reads the export's record from the bucket, as Triton's does.
+    # The client's wait and the client read the export's record from the bucket, as
+    # Triton's wait does.
     wait_serving, prune = pod_spec(find(objects, "Job", "client"))["initContainers"]
-    users = {"wait-for-export", "pin-version", "export", "wait-for-serving", "prune"}
-    for c in (wait, pin, export, wait_serving, prune):
+    (client,) = pod_spec(find(objects, "Job", "client"))["containers"]
+    users = {"wait-for-export", "pin-version", "export", "wait-for-serving", "prune", "client"}
+    for c in (wait, pin, export, wait_serving, prune, client):
         env = env_of(c)
         assert set(env) >= CONTRACT_ENV, c["name"]
         assert env["MNIST_PIPELINE_MODEL_REPOSITORY"]["value"] == S3["url"]

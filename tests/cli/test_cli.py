@@ -12,8 +12,9 @@ import pytest
 
 from conftest import cli
 from mnist_pipeline.cli import cli as group
+from mnist_pipeline.errors import UsageError
 from mnist_pipeline.settings import parse_model_repository
-from mnist_pipeline.storage import UsageError, validate_name
+from mnist_pipeline.storage import validate_name
 
 # Every way a name could escape checkpoints/ or break a path.
 BAD_NAMES = ["..", ".", "../escape", "a/b", "a b", "a\tb", "a\\b", "-x", ".hidden", "é", "x" * 65]

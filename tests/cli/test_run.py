@@ -11,6 +11,7 @@ import pytest
 
 from conftest import LIMIT_TRAIN, MODEL, PipelineRun, cli
 from mnist_pipeline.train import TrainConfig, default_run_id
+from support.objectstore import LocalRadosgw
 from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,9 @@ def test_run_goes_from_data_to_measured_serving(pipeline: PipelineRun) -> None:
 
     (run,) = [p for p in (storage / "checkpoints").iterdir() if p.is_dir()]
     assert (run / "model.pth").is_file()
-    assert json.loads((run / "export.json").read_text())["status"] == "published"
+    record = storage / "models" / MODEL / ".export" / "runs" / f"{run.name}.json"
+    assert json.loads(record.read_text())["status"] == "published"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model.pth", "train.log"]
     assert (storage / "models" / MODEL / "1" / "model.onnx").is_file()
 
     inference = pipeline.inference
@@ -63,6 +66,49 @@ def test_a_second_run_reuses_the_completed_run_and_says_so(
         result.stdout
     )
     after = snapshot(storage / "checkpoints" / run_id)
-    del after["export.json"], model_before["export.json"]  # the skip is recorded, nothing else
-    assert after == model_before
-    assert [p.name for p in (storage / "models" / MODEL).iterdir() if p.is_dir()] == ["1"]
+    assert after == model_before  # train's folder: export writes nothing there
+    assert [p.name for p in (storage / "models" / MODEL).iterdir() if p.is_dir()] == [
+        ".export",
+        "1",
+    ]
+    record = json.loads(
+        (storage / "models" / MODEL / ".export" / "runs" / f"{run_id}.json").read_text()
+    )
+    assert [a["status"] for a in record["history"]] == ["published", "skipped"]
+
+
+def test_run_publishes_to_and_serves_from_a_bucket(
+    mnist_storage: Path, radosgw: LocalRadosgw, tmp_path: Path
+) -> None:
+    """--model-repository s3://… (or its variable) takes every stage of `run` to the
+    bucket: the version, the run's record and the ledger are there, the volume keeps the
+    checkpoints alone, and the client is served the bucket's version."""
+    storage = tmp_path / "storage"
+    shutil.copytree(mnist_storage, storage)
+    bucket = radosgw.new_bucket()
+    http, grpc, metrics = free_ports(3)
+    env = {
+        **os.environ,
+        **radosgw.env,
+        "MNIST_PIPELINE_MODEL_REPOSITORY": radosgw.url(bucket, "models"),
+        "MNIST_PIPELINE_HTTP_PORT": str(http),
+        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
+        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
+    }
+    result = cli(
+        "run", "--storage", storage, "--limit-train", "300", "--limit-test", "100",
+        "--requests", "10", "--min-accuracy", "0", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model repository s3://" in result.stdout
+    objects = set(radosgw.bucket_objects(bucket))
+    (run,) = [p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()]
+    assert {
+        f"models/{MODEL}/1/model.onnx",
+        f"models/{MODEL}/1/metadata.json",
+        f"models/{MODEL}/.export/versions/1.json",
+        f"models/{MODEL}/.export/runs/{run}.json",
+    } <= objects, objects
+    assert not (storage / "models").exists()
+    (inference,) = (storage / "inference").iterdir()
+    assert json.loads((inference / "latency.json").read_text())["model_version_served"] == "1"

@@ -3,13 +3,13 @@ runs (tiny), torch's exporter, onnxruntime, and Triton's own model-config protob
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,13 @@ import torch
 from onnx import numpy_helper
 
 from conftest import TrainedRun
-from mnist_pipeline import data, export, quantize, repository
+from mnist_pipeline import data, export, quantize, tritonconfig
+from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.model import build, checkpoint_payload
 from mnist_pipeline.model import weights_sha256 as model_weights_sha256
+from mnist_pipeline.repository import GONE, LEFTOVER, Repository, open_repository
 from mnist_pipeline.settings import PUBLISH_MIN_ACCURACY
-from mnist_pipeline.storage import (
-    DEFAULT_MODEL_NAME,
-    PipelineFailure,
-    UsageError,
-    export_work_dir,
-    versions,
-)
+from mnist_pipeline.storage import DEFAULT_MODEL_NAME, ModelRepository
 from support.serving import snapshot
 
 pytestmark = pytest.mark.slow
@@ -60,8 +56,21 @@ def copy_storage(source: Path, dest: Path) -> Path:
     return dest
 
 
+def repository(storage: Path, name: str = NAME) -> Repository:
+    return open_repository(ModelRepository(folder=storage / "models"), name)
+
+
 def marker(storage: Path, run_id: str) -> dict[str, Any]:
-    return json.loads((storage / "checkpoints" / run_id / "export.json").read_text())
+    """The run's export record, kept in the repository."""
+    record = repository(storage).read_record(run_id)
+    assert record is not None, f"no export record for {run_id}"
+    return record
+
+
+def published_state(models: Path) -> dict[str, Any]:
+    """Every file of the repository but the runs' export records, which every export
+    extends: versions, ledger, config.pbtxt."""
+    return {k: v for k, v in snapshot(models).items() if "/.export/runs" not in f"/{k}"}
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +129,9 @@ def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
 
     steps["first"] = cli("export", "--storage", storage, "--run-id", low)
     steps["first_marker"] = marker(storage, low)
-    before = snapshot(models)
+    before = published_state(models)
     steps["repeat"] = cli("export", "--storage", storage, "--run-id", low)
-    steps["repeat_unchanged"] = snapshot(models) == before
+    steps["repeat_unchanged"] = published_state(models) == before
     steps["repeat_marker"] = marker(storage, low)
 
     # Options also come from the environment, as the Helm chart sets them.
@@ -134,17 +143,13 @@ def published(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
         high,
         env={"MNIST_PIPELINE_MIN_IMPROVEMENT": "0.99"},
     )
-    steps["margin_unchanged"] = snapshot(models) == before
-    # What a crashed export leaves behind; the next export must clear it.
-    (models / NAME / ".staging-crashed").mkdir()
-    (models / NAME / ".staging-crashed" / "model.onnx").write_bytes(b"partial")
-    (export_work_dir(storage, NAME) / ".staging-crashed").mkdir()
+    steps["margin_unchanged"] = published_state(models) == before
     steps["better"] = cli("export", "--storage", storage, "--run-id", high)
     steps["better_marker"] = marker(storage, high)
 
-    before = snapshot(models)
+    before = published_state(models)
     steps["worse"] = cli("export", "--storage", storage, "--run-id", low)
-    steps["worse_unchanged"] = snapshot(models) == before
+    steps["worse_unchanged"] = published_state(models) == before
     steps["worse_marker"] = marker(storage, low)
     return {**trained, **steps, "storage": storage}
 
@@ -186,7 +191,7 @@ def test_min_improvement_holds_back_a_small_gain(published: dict[str, Any]) -> N
 
 def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> None:
     model_path = published["storage"] / "models" / NAME
-    assert versions(model_path) == [1, 2]
+    assert repository(published["storage"]).scan().servable == [1, 2]
     meta = json.loads((model_path / "2" / "metadata.json").read_text())
     # Measured by export on the ONNX model; training measured the same 10000 images.
     assert meta["accuracy"] == pytest.approx(published["accuracy"][published["high"]], abs=2e-3)
@@ -197,10 +202,26 @@ def test_better_model_becomes_the_next_version(published: dict[str, Any]) -> Non
     assert published["better_marker"]["champion_accuracy"] == v1["accuracy"]
 
 
-def test_stale_staging_from_a_crashed_export_is_cleaned(published: dict[str, Any]) -> None:
-    storage = published["storage"]
-    assert not list((storage / "models" / NAME).glob(".staging-*"))
-    assert not list(export_work_dir(storage, NAME).glob(".staging-*"))
+def test_what_a_crashed_export_left_is_cleaned_and_its_number_never_given_again(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    """An export killed after claiming version 3 and writing part of it: the next export
+    (here a skip, which builds nothing) removes it under the lock; 3 stays taken."""
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    model_path = storage / "models" / NAME
+    claim = {"version": 3, "state": "claimed", "run_id": "crashed", "at": "2026-01-01T00:00Z"}
+    (model_path / ".export" / "versions" / "3.json").write_text(json.dumps(claim))
+    (model_path / "3").mkdir()
+    (model_path / "3" / "model.onnx").write_bytes(b"partial")
+    assert repository(storage).scan().versions[3].state == LEFTOVER
+    assert repository(storage).scan().servable == [1, 2]  # never counted meanwhile
+
+    result = cli("export", "--storage", storage, "--run-id", published["high"])
+    assert f"removing {model_path / '3'}: left by an export that did not finish" in result.stderr
+    assert not (model_path / "3").exists()
+    scan = repository(storage).scan()
+    assert scan.versions[3].state == GONE and scan.high_water == 3
+    assert scan.servable == [1, 2]
 
 
 def test_worse_model_is_skipped_and_changes_nothing(published: dict[str, Any]) -> None:
@@ -217,6 +238,24 @@ def test_best_model_link_is_relative_and_points_at_the_champion(published: dict[
         link.resolve()
         == (published["storage"] / "checkpoints" / published["high"] / "model.pth").resolve()
     )
+
+
+def test_best_model_link_is_derived_from_the_champion_by_every_export(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    """A link lost or pointed elsewhere is put back at the champion's checkpoint by the
+    next export, even one that publishes nothing."""
+    storage = copy_storage(published["storage"], tmp_path / "s")
+    link = storage / "checkpoints" / "best_model.pth"
+    champion = (storage / "checkpoints" / published["high"] / "model.pth").resolve()
+    link.unlink()
+    cli("export", "--storage", storage, "--run-id", published["low"])  # skipped: identical
+    assert link.is_symlink() and link.resolve() == champion
+    link.unlink()
+    link.symlink_to(f"{published['low']}/model.pth")
+    cli("export", "--storage", storage, "--run-id", published["high"])  # skipped: identical
+    assert link.resolve() == champion
+    assert not os.path.isabs(os.readlink(link))
 
 
 def test_metadata_describes_the_version(published: dict[str, Any]) -> None:
@@ -245,7 +284,7 @@ def test_config_parses_with_tritons_proto_and_has_the_original_values(
     published: dict[str, Any],
 ) -> None:
     text = (published["storage"] / "models" / NAME / "config.pbtxt").read_text()
-    config = repository.parse_config(text)
+    config = tritonconfig.parse_config(text)
     assert config.name == NAME
     assert config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 16
@@ -262,37 +301,50 @@ def test_config_parses_with_tritons_proto_and_has_the_original_values(
     assert threads == {"intra_op_thread_count": "1", "inter_op_thread_count": "1"}
 
 
-def test_a_failed_publication_leaves_the_repository_as_it_was(
+def test_a_failed_publication_is_never_counted_and_the_next_repair_removes_it(
     published: dict[str, Any], tmp_path: Path
 ) -> None:
+    """A file that cannot be written (here: under a name that is a file) ends the
+    publication before its marker: the version never counts, and what it wrote goes at
+    the next repair (every export and prune starts with one)."""
     storage = copy_storage(published["storage"], tmp_path / "s")
-    cfg = repository.TritonConfig()
-    unwritable = {"model.onnx": b"onnx", "no-such-folder/extra": b""}
-    before = snapshot(storage / "models")
-    with repository.locked(storage, cfg.name), pytest.raises(FileNotFoundError):
-        repository.publish(storage, cfg, unwritable, {})
-    assert snapshot(storage / "models") == before
+    unwritable = {"model.onnx": b"onnx", "model.onnx/extra": b""}
+    repo = repository(storage)
+    before = snapshot(storage / "models" / NAME)
+    with repo.lock.held("export"), pytest.raises(OSError):
+        repo.publish(repo.config_text(), unwritable, {"run_id": "x"})
+    scan = repo.scan()
+    assert scan.servable == [1, 2] and scan.versions[3].state == LEFTOVER
+    with repo.lock.held("prune"):
+        assert repo.repair().versions[3].state == GONE
+    after = snapshot(storage / "models" / NAME)
+    assert {k: v for k, v in after.items() if not k.startswith(".export")} == {
+        k: v for k, v in before.items() if not k.startswith(".export")
+    }
 
-    with repository.locked(storage, "fresh"), pytest.raises(FileNotFoundError):
-        repository.publish(storage, repository.TritonConfig(name="fresh"), unwritable, {})
-    assert not (storage / "models" / "fresh").exists()
-    assert not list(export_work_dir(storage, "fresh").glob(".staging-*"))
+    fresh = repository(storage, "fresh")
+    config = tritonconfig.render_config(tritonconfig.TritonConfig(name="fresh"))
+    with fresh.lock.held("export"), pytest.raises(OSError):
+        fresh.publish(config, unwritable, {"run_id": "x"})
+    with fresh.lock.held("prune"):
+        assert {n: v.state for n, v in fresh.repair().versions.items()} == {1: GONE}
+    assert not (storage / "models" / "fresh" / "1").exists()
 
 
 def test_config_options_override_each_value() -> None:
-    cfg = repository.TritonConfig(
+    cfg = tritonconfig.TritonConfig(
         name="digits",
         max_batch_size=32,
         instance_count=4,
         preferred_batch_sizes=(8, 16),
         pinned_memory=False,
     )
-    config = repository.parse_config(repository.render_config(cfg))
+    config = tritonconfig.parse_config(tritonconfig.render_config(cfg))
     assert (config.name, config.max_batch_size, config.instance_group[0].count) == ("digits", 32, 4)
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
     assert not config.HasField("optimization")
     with pytest.raises(ValueError, match="preferred batch sizes"):
-        repository.render_config(repository.TritonConfig(preferred_batch_sizes=(32,)))
+        tritonconfig.render_config(tritonconfig.TritonConfig(preferred_batch_sizes=(32,)))
 
 
 @pytest.mark.parametrize(
@@ -301,8 +353,8 @@ def test_config_options_override_each_value() -> None:
 def test_onnxruntime_threads_share_the_server_cpus_between_instances(
     server_cpus: int, instances: int, threads: int
 ) -> None:
-    cfg = repository.TritonConfig(server_cpus=server_cpus, instance_count=instances)
-    config = repository.parse_config(repository.render_config(cfg))
+    cfg = tritonconfig.TritonConfig(server_cpus=server_cpus, instance_count=instances)
+    config = tritonconfig.parse_config(tritonconfig.render_config(cfg))
     assert config.parameters["intra_op_thread_count"].string_value == str(threads)
     assert config.parameters["inter_op_thread_count"].string_value == "1"
 
@@ -315,11 +367,11 @@ def test_server_cpus_comes_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_instance_kind_gpu_writes_kind_gpu_groups(tmp_path: Path) -> None:
-    cfg = repository.TritonConfig(instance_kind=repository.INSTANCE_KINDS["gpu"])
-    (group,) = repository.parse_config(repository.render_config(cfg)).instance_group
+    cfg = tritonconfig.TritonConfig(instance_kind=tritonconfig.INSTANCE_KINDS["gpu"])
+    (group,) = tritonconfig.parse_config(tritonconfig.render_config(cfg)).instance_group
     assert group.kind == 1  # KIND_GPU
     with pytest.raises(ValueError, match="instance kind"):
-        repository.render_config(repository.TritonConfig(instance_kind="KIND_TPU"))
+        tritonconfig.render_config(tritonconfig.TritonConfig(instance_kind="KIND_TPU"))
     result = cli("export", "--help")
     assert "MNIST_PIPELINE_INSTANCE_KIND" in result.stdout
     env = {"MNIST_PIPELINE_INSTANCE_KIND": "tpu"}
@@ -392,12 +444,12 @@ def test_failed_parity_publishes_nothing(published: dict[str, Any], tmp_path: Pa
     torch.save(payload, run / "model.pth")
     metrics = json.loads((source / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "run_id": "huge"}))
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
     link_before = os.readlink(storage / "checkpoints" / "best_model.pth")
 
     result = cli("export", "--storage", storage, "--run-id", "huge", check=1)
     assert "parity check failed" in result.stderr
-    assert snapshot(storage / "models") == before
+    assert published_state(storage / "models") == before
     assert os.readlink(storage / "checkpoints" / "best_model.pth") == link_before
     assert marker(storage, "huge")["status"] == "failed"
     assert "parity" in marker(storage, "huge")["reason"]
@@ -411,14 +463,16 @@ def test_corrupt_checkpoint_is_refused_and_repository_untouched(
     shutil.copytree(storage / "checkpoints" / published["high"], run)
     (run / "model.pth").unlink()
     (run / "model.pth").write_bytes(os.urandom(4096))
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
 
     result = cli("export", "--storage", storage, "--run-id", "corrupt", check=2)
     assert "cannot load checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
-    assert snapshot(storage / "models") == before
-    # The copied folder carries high's publication record; this attempt is the last one.
-    assert marker(storage, "corrupt")["history"][-1]["status"] == "failed"
+    assert published_state(storage / "models") == before
+    # Recorded, so that the chart's `wait export` fails now instead of at its timeout.
+    record = marker(storage, "corrupt")
+    assert [a["status"] for a in record["history"]] == ["failed"]
+    assert record["reason"].startswith("cannot load checkpoint")
 
 
 class RunsCode:
@@ -490,7 +544,7 @@ def test_a_checkpoint_the_served_contract_cannot_take_is_refused(
 
 def test_a_graph_that_differs_from_config_pbtxt_is_refused() -> None:
     """The last line of defence, on the exported graph itself: names, types and dims."""
-    cfg = repository.TritonConfig()
+    cfg = tritonconfig.TritonConfig()
     export.check_contract(onnx.load_from_string(export.to_onnx(build()).content), cfg)
     wider = onnx.load_from_string(export.to_onnx(build(1, 11)).content)
     with pytest.raises(
@@ -569,7 +623,8 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
     outcomes = [marker(storage, run_id) for run_id in (trained["low"], trained["high"])]
     published_versions = sorted(o["version"] for o in outcomes if o["status"] == "published")
     model_path = storage / "models" / NAME
-    assert versions(model_path) == published_versions
+    scan = repository(storage).scan()
+    assert scan.servable == published_versions
     assert published_versions in ([1], [1, 2])
     for version in published_versions:
         meta = json.loads((model_path / str(version) / "metadata.json").read_text())
@@ -578,38 +633,40 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
             == hashlib.sha256((model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
         )
     # Whatever the order, the high-accuracy run ends up served.
-    champion = repository.champion(repository.FolderModel(storage, model_path.parent, NAME))
-    assert champion is not None and champion.metadata["run_id"] == trained["high"]
+    assert scan.newest is not None and scan.newest.run_id == trained["high"]
+    assert repository(storage).lock.holder_now() is None
 
 
-def test_the_publication_is_recorded_while_the_export_lock_is_held(
+def test_the_publication_is_recorded_while_the_repository_lock_is_held(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
     """A second export of the same run waits on the lock, then skips as identical and
-    extends export.json: the publication must already be in it by then, or the two
+    extends the run's record: the publication must already be in it by then, or the two
     read-modify-writes race and the record that was to stay says "skipped"."""
     storage = copy_storage(trained["storage"], tmp_path / "s")
     run_id = trained["low"]
-    lock_path = export_work_dir(storage, NAME) / "lock"
-    lock_path.parent.mkdir(parents=True)
     args = ["export", f"--storage={storage}", f"--run-id={run_id}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_pipeline", *args],
         stderr=subprocess.PIPE,
         text=True,
     )
+    # Reaped as soon as it exits: a dead holder is then seen as gone at once (a zombie
+    # would hold the lock until its lease ends).
+    ended: dict[str, str] = {}
+    reaper = threading.Thread(target=lambda: ended.update(err=proc.communicate()[1]))
+    reaper.start()
+    repo = repository(storage)
     record: dict[str, Any] | None = None
-    with open(lock_path, "a") as lock:
-        # Take the lock the moment the export lets go of it, as a waiting export would.
-        while proc.poll() is None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if versions(storage / "models" / NAME):
-                record = marker(storage, run_id)
+    # Take the lock each time the export lets go of it, as a waiting export would.
+    while reaper.is_alive():
+        with repo.lock.held("export"):
+            if repo.scan().servable:
+                record = repo.read_record(run_id)
                 break
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            time.sleep(0.01)  # let the export take it first
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+        time.sleep(0.01)  # let the export take it first
+    reaper.join(timeout=300)
+    assert proc.returncode == 0, ended["err"][-3000:]
     assert record is not None and record["status"] == "published", record
 
 
@@ -640,10 +697,10 @@ def test_gate_compares_accuracy_measured_on_the_full_test_set(
     storage = copy_storage(trained["storage"], tmp_path / "s")
     cli("export", "--storage", storage, "--run-id", trained["low"])
     shifted_copy(storage, trained["low"], "subset", reported=0.99)
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
 
     result = cli("export", "--storage", storage, "--run-id", "subset")
-    assert snapshot(storage / "models") == before
+    assert published_state(storage / "models") == before
     outcome = marker(storage, "subset")
     assert outcome["status"] == "skipped", result.stderr
     assert outcome["accuracy"] == outcome["champion_accuracy"] != 0.99
@@ -660,11 +717,11 @@ def test_the_same_weights_are_never_published_twice(
     payload["test_accuracy"] = 0.999
     copy = tmp_path / "copy.pth"
     torch.save(payload, copy)
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
 
     result = cli("export", "--storage", storage, "--checkpoint", copy)
     assert "identical to the published version 1" in result.stderr
-    assert snapshot(storage / "models") == before
+    assert published_state(storage / "models") == before
 
 
 def test_export_names_a_missing_or_unfinished_run(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -705,7 +762,7 @@ def int8(quantisable: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> d
         "export", "--storage", storage, "--run-id", run, env={"MNIST_PIPELINE_PRECISION": "fp32"}
     )
     fp32_marker = marker(storage, run)["history"][-1]
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
     again = cli(
         "export", "--storage", storage, "--run-id", run, env={"MNIST_PIPELINE_PRECISION": "int8"}
     )
@@ -717,7 +774,7 @@ def int8(quantisable: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> d
         "fp32": fp32,
         "fp32_marker": fp32_marker,
         "again": again,
-        "again_unchanged": snapshot(storage / "models") == before,
+        "again_unchanged": published_state(storage / "models") == before,
     }
 
 
@@ -842,7 +899,7 @@ def test_an_int8_model_losing_accuracy_is_refused(quantisable: TrainedRun, tmp_p
         message in result.stderr and "for the fp32 export of the same checkpoint" in result.stderr
     )
     assert "loses more than 0.1 percentage point" in result.stderr
-    assert not (storage / "models").exists()
+    assert repository(storage).scan().versions == {}
     record = marker(storage, "outlier")
     assert record["status"] == "failed" and "int8 model refused" in record["reason"]
 
@@ -859,7 +916,7 @@ def test_a_model_below_the_publishing_floor_is_never_published(
     (error,) = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert "is below the publishing floor 0.999 (--publish-min-accuracy)" in error
     assert marker(storage, "r256")["status"] == "failed"
-    assert not (storage / "models").exists()
+    assert repository(storage).scan().versions == {}
     assert PUBLISH_MIN_ACCURACY.default == 0.5
 
 

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mnist_pipeline.repository import GONE, PUBLISHED, Repository, open_repository
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME as MODEL
+from mnist_pipeline.storage import ModelRepository
+from mnist_pipeline.tritonconfig import TritonConfig, render_config
 
 REPO = Path(__file__).resolve().parents[2]
+# Holds the repository's lock as an export does, until a line comes on stdin.
+HOLDER = """
+import sys
+from pathlib import Path
+from mnist_pipeline.repository import open_repository
+from mnist_pipeline.storage import ModelRepository
+repo = open_repository(ModelRepository(folder=Path(sys.argv[1])), sys.argv[2])
+with repo.lock.held("export"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
 
 
-def make_storage(root: Path) -> Path:
+def repository(storage: Path) -> Repository:
+    return open_repository(ModelRepository(folder=storage / "models"), MODEL)
+
+
+def make_storage(root: Path, version_runs: dict[int, str] | None = None) -> Path:
+    """Six runs (run-c still running, best_model.pth at run-b) and six versions published
+    through the repository (2 by run-b, the others by runs no longer on the volume)."""
     checkpoints = root / "checkpoints"
     for i, run in enumerate(["run-a", "run-b", "run-c", "run-d", "run-e", "run-f"]):
         folder = checkpoints / run
@@ -25,13 +48,14 @@ def make_storage(root: Path) -> Path:
         (folder / "model.pth").write_bytes(b"weights")
         os.utime(folder, (1_000_000 + i, 1_000_000 + i))  # run-a oldest, run-f newest
     (checkpoints / "best_model.pth").symlink_to("run-b/model.pth")
-    for version in range(1, 7):
-        folder = root / "models" / MODEL / str(version)
-        folder.mkdir(parents=True)
-        (folder / "model.onnx").write_bytes(b"onnx")
-        run = "run-b" if version == 2 else f"other-{version}"
-        (folder / "metadata.json").write_text(json.dumps({"run_id": run}))
-    (root / "models" / MODEL / "config.pbtxt").write_text('name: "resnet18_mnist"\n')
+    runs = {v: "run-b" if v == 2 else f"other-{v}" for v in range(1, 7)} | (version_runs or {})
+    repo = repository(root)
+    with repo.lock.held("export"):
+        for version in range(1, 7):
+            model = f"onnx {version}".encode()
+            published = repo.publish(render_config(TritonConfig()), {"model.onnx": model},
+                                     {"run_id": runs[version]})  # fmt: skip
+            assert published == version
     for i in range(6):
         (root / "inference" / f"20261124T10000{i}Z").mkdir(parents=True)
     return root
@@ -48,7 +72,8 @@ def prune(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """What is in `folder`, but the repository's own records (.export)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".export"))
 
 
 def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
@@ -76,15 +101,19 @@ def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
     assert names(storage / "models" / MODEL) == ["1", "2", "5", "6", "config.pbtxt"]
     assert names(storage / "inference") == [f"20261124T10000{i}Z" for i in (3, 4, 5)]
     assert "removed" in result.stderr
+    # The ledger keeps the numbers of the versions deleted: they are never given again.
+    scan = repository(storage).scan()
+    assert {n: v.state for n, v in scan.versions.items()} == {
+        1: PUBLISHED, 2: PUBLISHED, 3: GONE, 4: GONE, 5: PUBLISHED, 6: PUBLISHED
+    }  # fmt: skip
+    assert scan.high_water == 6
 
 
 def test_defaults_keep_a_small_volume_whole(tmp_path: Path) -> None:
     storage = make_storage(tmp_path / "s")
 
-    def contents() -> list[str]:  # but the export lock prune takes, as every export does
-        return sorted(
-            str(p.relative_to(storage)) for p in storage.rglob("*") if ".export" not in p.parts
-        )
+    def contents() -> list[str]:  # the lock prune took is gone again: nothing changed
+        return sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
 
     before = contents()
     assert prune(storage, "--keep-versions=0", "--keep-runs=0").returncode == 0
@@ -141,11 +170,28 @@ def test_only_version_folders_count_as_versions(tmp_path: Path) -> None:
     assert names(storage / "models" / MODEL) == ["01", "2", "3", "4", "5", "6", "config.pbtxt"]
 
 
+def test_a_version_folder_no_export_recorded_is_reported_and_kept(tmp_path: Path) -> None:
+    """A folder without metadata.json that no export recorded (copied by hand, or a marker
+    lost): prune neither counts it nor removes it, and its number is never given again."""
+    storage = make_storage(tmp_path / "s")
+    stray = storage / "models" / MODEL / "7"
+    stray.mkdir()
+    (stray / "model.onnx").write_bytes(b"onnx")
+    result = prune(storage, "--keep-versions=1")
+    assert result.returncode == 0, result.stderr
+    assert names(storage / "models" / MODEL) == ["2", "6", "7", "config.pbtxt"]
+    assert (stray / "model.onnx").read_bytes() == b"onnx"
+    scan = repository(storage).scan()
+    assert scan.damaged == {7: f"{stray} holds no metadata.json and no export recorded it"}
+    assert scan.newest is not None and scan.newest.number == 6
+    assert scan.high_water == 7
+
+
 def test_the_version_the_current_runs_export_kept_is_kept(tmp_path: Path) -> None:
     """run-f's export was skipped, keeping version 3 (better): its pods serve 3."""
     storage = make_storage(tmp_path / "s")
     record = {"status": "skipped", "model_name": MODEL, "version": 3, "reason": "not better"}
-    (storage / "checkpoints" / "run-f" / "export.json").write_text(json.dumps(record))
+    repository(storage).record("run-f", record)
     assert prune(storage, "--keep-versions=1", "--run-id=run-f").returncode == 0
     assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
 
@@ -163,8 +209,7 @@ def test_a_damaged_run_record_stops_prune_naming_it(tmp_path: Path) -> None:
 
 def test_the_checkpoint_behind_a_kept_version_is_kept(tmp_path: Path) -> None:
     """A pinned version stays servable and re-exportable: the run it came from stays too."""
-    storage = make_storage(tmp_path / "s")
-    (storage / "models" / MODEL / "1" / "metadata.json").write_text(json.dumps({"run_id": "run-a"}))
+    storage = make_storage(tmp_path / "s", version_runs={1: "run-a"})
     assert prune(storage, "--keep-runs=1", "--keep-versions=1", "--keep-version=1").returncode == 0
     assert names(storage / "checkpoints") == ["best_model.pth", "run-a", "run-b", "run-c", "run-f"]
 
@@ -208,41 +253,88 @@ def test_a_folder_that_cannot_go_is_named_and_the_rest_still_goes(tmp_path: Path
     assert ".deleting-run-a" not in names(storage / "checkpoints")
 
 
-def test_prune_waits_for_an_export_in_progress(tmp_path: Path) -> None:
-    """An export holds the lock while it publishes an older run's checkpoint: prune must
-    not remove that run under it."""
-    storage = make_storage(tmp_path / "s")
+def hold_lock(storage: Path) -> subprocess.Popen[str]:
+    """Another process holding the repository's lock, as an export does."""
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from mnist_pipeline import repository\n"
-            f"with repository.locked(Path({str(storage)!r}), {MODEL!r}):\n"
-            "    print('held', flush=True); sys.stdin.readline()",
-        ],
+        [sys.executable, "-c", HOLDER, str(storage / "models"), MODEL],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def start_prune(storage: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", "prune", f"--storage={storage}", *args],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_prune_waits_for_an_export_in_progress_and_says_who_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    """An export holds the lock while it publishes an older run's checkpoint: prune must
+    not remove that run under it."""
+    storage = make_storage(tmp_path / "s")
+    holder = hold_lock(storage)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        pruning = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mnist_pipeline",
-                "prune",
-                f"--storage={storage}",
-                "--keep-runs=1",
-            ],
-            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-            stderr=subprocess.PIPE,
-        )
+        pruning = start_prune(storage, "--keep-runs=1")
         with pytest.raises(subprocess.TimeoutExpired):
             pruning.wait(timeout=3)
         assert (storage / "checkpoints" / "run-a").is_dir()
     finally:
         holder.communicate("\n", timeout=30)
-    assert pruning.wait(timeout=60) == 0
+    _, err = pruning.communicate(timeout=60)
+    assert pruning.returncode == 0, err
     assert not (storage / "checkpoints" / "run-a").exists()
+    lock = storage / "models" / MODEL / ".export" / "lock.json"
+    waiting = f"waiting for the repository lock {lock}: export by process {holder.pid} on "
+    assert f"{waiting}{socket.gethostname()} since " in err
+    assert not lock.exists()  # released when prune was done
+
+
+def test_the_lock_of_an_export_that_was_killed_is_taken_over_at_once(tmp_path: Path) -> None:
+    """A process that holds the lock no more (SIGKILL, OOM) cannot release it: on the same
+    host its death is proven, so prune takes the lock over instead of waiting out the lease."""
+    storage = make_storage(tmp_path / "s")
+    holder = hold_lock(storage)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    lock = storage / "models" / MODEL / ".export" / "lock.json"
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # left behind
+    result = prune(storage, "--keep-runs=1")
+    assert result.returncode == 0, result.stderr
+    assert f"taking over {lock}, held by export by process {holder.pid}" in result.stderr
+    assert f"process {holder.pid} is gone" in result.stderr
+    assert not (storage / "checkpoints" / "run-a").exists()
+    assert not lock.exists()
+
+
+def test_a_version_a_pin_still_holds_is_kept_until_its_folder_goes(tmp_path: Path) -> None:
+    """pin records the version it placed in the repository; prune keeps it while the
+    served folder on this host still holds it."""
+    storage = make_storage(tmp_path / "s")
+    served = tmp_path / "served"
+    pinned = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline", "pin", f"--storage={storage}",
+         f"--served-repository={served}", "--model-version=3"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert pinned.returncode == 0, pinned.stderr
+    assert (served / MODEL / "3" / "model.onnx").read_bytes() == b"onnx 3"
+    (record,) = repository(storage).served().values()
+    assert record["version"] == 3 and record["host"] == socket.gethostname()
+
+    assert prune(storage, "--keep-versions=1").returncode == 0
+    assert names(storage / "models" / MODEL) == ["2", "3", "6", "config.pbtxt"]
+
+    shutil.rmtree(served / MODEL / "3")  # the server moved on (a pod gone, another pin)
+    assert prune(storage, "--keep-versions=1").returncode == 0
+    assert names(storage / "models" / MODEL) == ["2", "6", "config.pbtxt"]
+    assert repository(storage).served() == {}

@@ -10,38 +10,36 @@ from pathlib import Path
 
 import pytest
 
+from conftest import publish_by_hand
+from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.repository import Repository, open_repository, resolve_version
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
-    EXPORT_FILE,
     METADATA_FILE,
     METRICS_FILE,
     ExportStatus,
-    PipelineFailure,
+    ModelRepository,
     RunStatus,
-    UsageError,
     check_model_version,
     is_version_name,
-    read_export_record,
-    read_metadata,
     read_metrics,
     read_record,
-    resolve_served_version,
-    run_dir,
-    servable_versions,
-    version_dirs,
-    versions,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "run-a"
 
 
-def write_export(storage: Path, run_id: str, **record: object) -> Path:
-    folder = run_dir(storage, run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"status": "published", "model_name": DEFAULT_MODEL_NAME, "version": 2, **record}
-    (folder / EXPORT_FILE).write_text(json.dumps(record))
-    return folder
+def repository(storage: Path) -> Repository:
+    return open_repository(ModelRepository(folder=storage / "models"), DEFAULT_MODEL_NAME)
+
+
+def write_export(storage: Path, run_id: str, **record: object) -> Repository:
+    """The run's export record, as export adds an attempt to it."""
+    repo = repository(storage)
+    attempt = {"status": "published", "model_name": DEFAULT_MODEL_NAME, "version": 2, **record}
+    repo.record(run_id, attempt)
+    return repo
 
 
 # Readers --------------------------------------------------------------------------------
@@ -49,8 +47,8 @@ def write_export(storage: Path, run_id: str, **record: object) -> Path:
 
 def test_a_missing_record_is_none(tmp_path: Path) -> None:
     assert read_metrics(tmp_path) is None
-    assert read_export_record(tmp_path) is None
-    assert read_metadata(tmp_path / "no-such-version") is None
+    assert read_record(tmp_path / "no-such-file.json", "inference report") is None
+    assert repository(tmp_path).read_record(RUN) is None
 
 
 def test_a_record_reads_as_its_object(tmp_path: Path) -> None:
@@ -72,12 +70,14 @@ def test_a_record_reads_as_its_object(tmp_path: Path) -> None:
 def test_a_damaged_record_is_a_one_line_usage_error_naming_it(
     tmp_path: Path, content: bytes, says: str
 ) -> None:
-    path = tmp_path / METADATA_FILE
+    repo = repository(tmp_path)
+    path = tmp_path / "models" / DEFAULT_MODEL_NAME / repo.record_key(RUN)
+    path.parent.mkdir(parents=True)
     path.write_bytes(content)
     with pytest.raises(UsageError) as raised:
-        read_metadata(tmp_path)
+        repo.read_record(RUN)
     message = str(raised.value)
-    assert message.startswith(f"version metadata {path} {says}")
+    assert message.startswith(f"export record {path} {says}")
     assert "\n" not in message
 
 
@@ -133,12 +133,20 @@ def test_not_version_names(name: str) -> None:
     assert not is_version_name(name)
 
 
+COMPLETE = ("model.onnx", METADATA_FILE)
+
+
 def make_model(root: Path, folders: dict[str, tuple[str, ...]], config: bool = True) -> Path:
+    """Version folders by hand: a complete one (model.onnx and metadata.json) as export
+    writes it, anything else with placeholder files."""
     model = root / "models" / DEFAULT_MODEL_NAME
     model.mkdir(parents=True)
     if config:
         (model / "config.pbtxt").write_text(f'name: "{DEFAULT_MODEL_NAME}"\n')
     for name, files in folders.items():
+        if files == COMPLETE:
+            publish_by_hand(model / name, b"onnx " + name.encode())
+            continue
         (model / name).mkdir()
         for file in files:
             (model / name / file).write_text("{}")
@@ -146,21 +154,43 @@ def make_model(root: Path, folders: dict[str, tuple[str, ...]], config: bool = T
 
 
 def test_versions_are_sorted_by_number_and_only_version_folders(tmp_path: Path) -> None:
-    both = ("model.onnx", METADATA_FILE)
     model = make_model(
-        tmp_path, {"10": both, "9": both, "01": both, ".staging-x": both, "2": ("model.onnx",)}
+        tmp_path,
+        {
+            "10": COMPLETE,
+            "9": COMPLETE,
+            "01": COMPLETE,
+            ".staging-x": COMPLETE,
+            "2": ("model.onnx",),
+        },
     )
     (model / "3").write_text("a file, not a folder")
-    assert [p.name for p in version_dirs(model)] == ["2", "9", "10"]
-    assert versions(model) == [2, 9, 10]
-    assert servable_versions(model) == [9, 10]  # 2 lacks its metadata
-    assert versions(tmp_path / "absent") == []
+    scan = repository(tmp_path).scan()
+    assert list(scan.versions) == [2, 9, 10]
+    assert scan.servable == [9, 10]
+    # 2 lacks its metadata and no export recorded it: reported and kept, never served.
+    assert scan.damaged == {2: f"{model / '2'} holds no {METADATA_FILE} and no export recorded it"}
+    assert scan.newest is not None and scan.newest.number == 10
+    assert scan.high_water == 10
+    assert repository(tmp_path / "absent").scan().versions == {}
 
 
 def test_without_a_config_nothing_is_servable(tmp_path: Path) -> None:
-    model = make_model(tmp_path, {"1": ("model.onnx", METADATA_FILE)}, config=False)
-    assert versions(model) == [1]
-    assert servable_versions(model) == []
+    model = make_model(tmp_path, {"1": COMPLETE}, config=False)
+    scan = repository(tmp_path).scan()
+    assert list(scan.versions) == [1]
+    assert scan.servable == []
+    assert scan.config_damage == f"{model / 'config.pbtxt'} is missing"
+
+
+def test_a_config_that_does_not_parse_makes_nothing_servable(tmp_path: Path) -> None:
+    model = make_model(tmp_path, {"1": COMPLETE})
+    (model / "config.pbtxt").write_text('name: "resnet18_mn')
+    scan = repository(tmp_path).scan()
+    assert list(scan.versions) == [1]
+    assert scan.servable == []
+    assert scan.config_damage is not None
+    assert scan.config_damage.startswith(f"{model / 'config.pbtxt'} does not parse")
 
 
 # The served version ---------------------------------------------------------------------
@@ -182,37 +212,45 @@ def test_model_versions_refused(value: str) -> None:
 
 
 def test_a_number_or_nothing_resolves_to_itself(tmp_path: Path) -> None:
-    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "3", RUN) == "3"
-    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "", RUN) == ""
-    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", None) == ""
+    repo = repository(tmp_path)
+    assert resolve_version(repo, "3", RUN) == "3"
+    assert resolve_version(repo, "", RUN) == ""
+    assert resolve_version(repo, "run", None) == ""
 
 
 @pytest.mark.parametrize("status", ["published", "skipped"])
 def test_run_resolves_to_the_version_its_export_chose(tmp_path: Path, status: str) -> None:
-    write_export(tmp_path, RUN, status=status, version=2)
-    assert resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN) == "2"
+    repo = write_export(tmp_path, RUN, status=status, version=2)
+    assert resolve_version(repo, "run", RUN) == "2"
+
+
+def test_run_resolves_to_its_publication_after_a_later_skip(tmp_path: Path) -> None:
+    """The standing outcome of the run's record: a skip never erases the publication."""
+    write_export(tmp_path, RUN, status="published", version=2)
+    repo = write_export(tmp_path, RUN, status="skipped", version=3, reason="not better")
+    assert resolve_version(repo, "run", RUN) == "2"
+    record = repo.read_record(RUN)
+    assert record is not None
+    assert [a["status"] for a in record["history"]] == ["published", "skipped"]
 
 
 def test_run_without_an_export_record_is_a_usage_error(tmp_path: Path) -> None:
-    run_dir(tmp_path, RUN).mkdir(parents=True)
-    with pytest.raises(UsageError, match=f"training run {RUN} has not been exported"):
-        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
-    with pytest.raises(UsageError, match="training run other does not exist"):
-        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", "other")
+    repo = repository(tmp_path)
+    record = tmp_path / "models" / DEFAULT_MODEL_NAME / ".export" / "runs" / f"{RUN}.json"
+    with pytest.raises(UsageError) as raised:
+        resolve_version(repo, "run", RUN)
+    assert str(raised.value) == (
+        f"training run {RUN} has not been exported ({record} does not exist): "
+        f"run `mnist-pipeline export --run-id {RUN}` first"
+    )
 
 
 def test_run_whose_export_chose_nothing_fails(tmp_path: Path) -> None:
-    write_export(tmp_path, RUN, status="failed", version=None, reason="parity check failed")
+    repo = write_export(tmp_path, RUN, status="failed", version=None, reason="parity check failed")
     with pytest.raises(PipelineFailure, match=r"chose no version .*parity check failed"):
-        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
-
-
-def test_run_exported_as_another_model_is_refused(tmp_path: Path) -> None:
-    write_export(tmp_path, RUN, model_name="other_model")
-    with pytest.raises(UsageError, match="exported as model 'other_model'"):
-        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "run", RUN)
+        resolve_version(repo, "run", RUN)
 
 
 def test_a_bad_wanted_version_is_refused_before_anything_is_read(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="model version '01'"):
-        resolve_served_version(tmp_path, DEFAULT_MODEL_NAME, "01", RUN)
+        resolve_version(repository(tmp_path), "01", RUN)

@@ -184,8 +184,12 @@ def test_pipeline_to_triton_to_client_in_the_images(
     assert latency["count"] == 20 and latency["model_version_served"] == "1", answered
 
 
-# The wait of each Job, and the artifact whose failure it reports (exit 1).
-WAITED = {"export": "metrics.json", "client": "export.json"}
+# The wait of each Job, and the artifact whose failure it reports (exit 1): training's
+# record on the volume, the export's in the repository.
+WAITED = {
+    "export": "checkpoints/{run}/metrics.json",
+    "client": "models/resnet18_mnist/.export/runs/{run}.json",
+}
 
 
 @pytest.mark.parametrize("stage", WAITED)
@@ -226,7 +230,7 @@ def test_a_waiting_pod_deleted_or_oom_killed_is_retried_a_failed_stage_fails_the
             code = wait_exit(waiting, 30)
         assert code == {"stop": 143, "oom": 137}[how], r.log(f"wait-{how}")
         assert action(job, failed_pod(wait["name"], code)) == "Count", code
-    record = r.storage / "checkpoints" / run_id / WAITED[stage]
+    record = r.storage / WAITED[stage].format(run=run_id)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"status": "failed", "error": "a test", "reason": "a test"}))
     record.chmod(0o644)

@@ -34,20 +34,19 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import cli
-from mnist_pipeline import data, model, repository
+from mnist_pipeline import data, model, tritonconfig
+from mnist_pipeline.repository import DAMAGED, LEFTOVER, Repository, open_repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.storage import (
     CONFIG_FILE,
     DEFAULT_MODEL_NAME,
     METADATA_FILE,
     MODEL_FILE,
-    export_work_dir,
-    is_version_name,
+    ModelRepository,
     model_dir,
     raw_data_dir,
     run_dir,
     temp_files,
-    versions,
 )
 from support.serving import free_ports, pinned_models, snapshot, triton_processes
 
@@ -110,20 +109,34 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
-def visible_versions_are_complete(storage: Path) -> list[int]:
-    """What Triton would see: every non-hidden entry is config.pbtxt or a complete version."""
+def repository(storage: Path) -> Repository:
+    return open_repository(ModelRepository(folder=storage / "models"), NAME)
+
+
+def export_record(storage: Path, run_id: str) -> dict[str, Any]:
+    record = repository(storage).read_record(run_id)
+    assert record is not None, f"no export record for {run_id}"
+    return record
+
+
+def servable_versions_are_complete(storage: Path) -> list[int]:
+    """What a server would be given (pin serves nothing else): config.pbtxt that parses,
+    and versions whose every byte is what their metadata.json records."""
     model_path = model_dir(storage, NAME)
-    for entry in model_path.iterdir():
-        if entry.name.startswith("."):
-            continue  # staging: Triton loads version folders only
-        if entry.name == CONFIG_FILE:
-            repository.parse_config(entry.read_text())
-            continue
-        assert entry.is_dir() and is_version_name(entry.name), f"unexpected {entry}"
-        meta = json.loads((entry / METADATA_FILE).read_text())
-        onnx = (entry / MODEL_FILE).read_bytes()
-        assert meta["sha256"] == hashlib.sha256(onnx).hexdigest(), f"{entry} is partial"
-    return versions(model_path)
+    scan = repository(storage).scan()
+    assert scan.config_damage is None
+    tritonconfig.parse_config((model_path / CONFIG_FILE).read_text())
+    for version in scan.servable:
+        meta = json.loads((model_path / str(version) / METADATA_FILE).read_text())
+        onnx = (model_path / str(version) / MODEL_FILE).read_bytes()
+        assert meta["sha256"] == hashlib.sha256(onnx).hexdigest(), f"{version} is partial"
+    return scan.servable
+
+
+def published_state(models: Path) -> dict[str, Any]:
+    """Every file of the repository but the runs' export records, which every export
+    extends: versions, ledger, config.pbtxt."""
+    return {k: v for k, v in snapshot(models).items() if "/.export/runs" not in f"/{k}"}
 
 
 # Fixtures ---------------------------------------------------------------------------------
@@ -248,15 +261,19 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(
 
 # 2. Export killed at each step --------------------------------------------------------------
 
+# (module, function, mode, nth): where the export process SIGKILLs itself; then the
+# servable versions, and the version the export of "better" publishes after it.
 EXPORT_KILLS = {
-    # ONNX built and optimised in memory, nothing written yet.
-    "onnx-built": ("mnist_pipeline.export", "check_parity", "before"),
-    # model.onnx written into the staging folder, metadata.json not yet.
-    "onnx-written": ("mnist_pipeline.repository", "atomic_write_json", "before"),
-    # config.pbtxt replaced, the version folder not yet renamed into place.
-    "config-written": ("mnist_pipeline.repository", "atomic_write_text", "after"),
-    # Version 2 published, best_model.pth and export.json not yet updated.
-    "version-published": ("mnist_pipeline.export", "update_best_link", "before"),
+    # ONNX built and optimised in memory, nothing written, the lock not held.
+    "onnx-built": (("mnist_pipeline.export", "check_parity", "before", 1), [1], 2),
+    # Version 2 claimed in the ledger and config.pbtxt written, no file of 2 yet.
+    "config-written": (("mnist_pipeline.folder", "atomic_write_bytes", "after", 1), [1], 3),
+    # 2/model.onnx written, its metadata.json (the marker) not yet: a leftover.
+    "onnx-written": (("mnist_pipeline.folder", "atomic_write_bytes", "after", 2), [1], 3),
+    # The marker written, the ledger still saying "claimed".
+    "marker-written": (("mnist_pipeline.folder", "atomic_write_bytes", "before", 3), [1, 2], 2),
+    # Version 2 published, best_model.pth and the run's record not yet updated.
+    "version-published": (("mnist_pipeline.export", "point_best_model", "before", 1), [1, 2], 2),
 }
 
 
@@ -266,35 +283,39 @@ def test_export_killed_at_each_step_leaves_a_servable_repository(
 ) -> None:
     storage = copy_storage(base, tmp_path / "s")
     version_1 = snapshot(model_dir(storage, NAME) / "1")
-    killed_at(*EXPORT_KILLS[step], 1, "export", "--storage", storage, "--run-id", "better")
+    kill, servable, republished = EXPORT_KILLS[step]
+    killed_at(*kill, "export", "--storage", storage, "--run-id", "better")
 
-    expected = [1, 2] if step == "version-published" else [1]
-    assert visible_versions_are_complete(storage) == expected
+    assert servable_versions_are_complete(storage) == servable
     assert snapshot(model_dir(storage, NAME) / "1") == version_1
     with triton(storage / "models", tmp_path / "triton") as server:
         answers_right(server.grpc_url, base)
 
     again = cli("export", "--storage", storage, "--run-id", "better", check=True)
     no_traceback(again)
-    assert visible_versions_are_complete(storage) == [1, 2]
-    assert not list(model_dir(storage, NAME).glob(".staging-*"))
+    if step != "onnx-built":  # killed holding the lock: its death is proven, no lease waited
+        assert "taking over" in again.stderr and "is gone" in again.stderr
+    assert servable_versions_are_complete(storage) == [1, republished]
+    scan = repository(storage).scan()
+    assert scan.having(LEFTOVER, DAMAGED) == []  # what the kill left went under the lock
+    assert scan.high_water == republished  # a number claimed once is never given again
     best = (storage / "checkpoints" / "best_model.pth").resolve()
     assert best == (run_dir(storage, "better") / "model.pth").resolve()
     # The record the kill lost is written now: published, never "skipped as identical".
-    record = json.loads((run_dir(storage, "better") / "export.json").read_text())
-    assert (record["status"], record["version"]) == ("published", 2)
+    record = export_record(storage, "better")
+    assert (record["status"], record["version"]) == ("published", republished)
 
 
-def test_first_export_killed_while_publishing_leaves_no_model_folder(
+def test_first_export_killed_while_publishing_leaves_nothing_to_serve(
     base: dict[str, Any], tmp_path: Path
 ) -> None:
     storage = copy_storage(base, tmp_path / "s")
     shutil.rmtree(storage / "models")
     (storage / "checkpoints" / "best_model.pth").unlink()
-    killed_at("mnist_pipeline.repository", "atomic_write_text", "after", 1, "export",
+    # Killed once config.pbtxt is written, before any file of version 1.
+    killed_at("mnist_pipeline.folder", "atomic_write_bytes", "after", 1, "export",
               "--storage", storage, "--run-id", "base")  # fmt: skip
-    # A model folder without a version would stop Triton from starting: none appears.
-    assert not model_dir(storage, NAME).exists()
+    assert repository(storage).scan().servable == []
     http, grpc, metrics = free_ports(3)  # whatever listens on Triton's default ports
     ports = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
     refused = cli("serve", "--storage", storage, *ports)
@@ -302,20 +323,23 @@ def test_first_export_killed_while_publishing_leaves_no_model_folder(
     no_traceback(refused)
 
     cli("export", "--storage", storage, "--run-id", "base", check=True)
-    assert visible_versions_are_complete(storage) == [1]
-    assert not list(export_work_dir(storage, NAME).glob(".staging-*"))
+    # 1 was claimed by the killed export: the next number.
+    assert servable_versions_are_complete(storage) == [2]
+    assert repository(storage).scan().having(LEFTOVER, DAMAGED) == []
 
 
 def test_a_damaged_published_version_is_noticed_refused_and_republished(
     base: dict[str, Any], tmp_path: Path
 ) -> None:
     """A truncated served model.onnx was called "identical" (exit 0) by a re-export of its
-    run and "not better" by a worse run: the repository stayed unservable."""
+    run and "not better" by a worse run: the repository stayed unservable. Damage is kept
+    and reported, never removed: its number is never given again."""
     storage = copy_storage(base, tmp_path / "s")
     cli("export", "--storage", storage, "--run-id", "better", check=True)  # version 2
     served = model_dir(storage, NAME) / "2" / "model.onnx"
+    size = served.stat().st_size
     served.write_bytes(served.read_bytes()[: 1 << 20])
-    damage = f"{served} does not match the sha256 its metadata.json records"
+    damage = f"{served} is {1 << 20} bytes, not the {size} bytes {METADATA_FILE} records"
     hint = "re-export the run it came from: mnist-pipeline export --run-id better"
 
     http, grpc, metrics = free_ports(3)
@@ -326,59 +350,67 @@ def test_a_damaged_published_version_is_noticed_refused_and_republished(
     pinned = cli("pin", "--storage", storage, "--served-repository", tmp_path / "pinned",
                  "--model-version", "2")  # fmt: skip
     assert pinned.returncode == 1 and damage in pinned.stderr and hint in pinned.stderr
+    status = cli("status", "--storage", storage, "--json")
+    assert status.returncode == 1, status.stderr[-3000:]
+    report = json.loads(status.stdout)
+    assert report["damaged"] == {"2": damage} and report["servable"] == [1]
+    assert [v["remedy"] for v in report["versions"]] == [None, hint]
 
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
     worse = cli("export", "--storage", storage, "--run-id", "base")  # identical to version 1
     assert worse.returncode == 1, worse.stderr[-3000:]
-    assert f"the served version 2 is damaged: {damage}; {hint}" in worse.stderr
-    assert snapshot(storage / "models") == before
-    assert (
-        json.loads((run_dir(storage, "base") / "export.json").read_text())["history"][-1]["status"]
-        == "failed"
-    )
+    assert f"the newest version 2 is damaged: {damage}; {hint}" in worse.stderr
+    assert published_state(storage / "models") == before
+    assert export_record(storage, "base")["history"][-1]["status"] == "failed"
 
     again = cli("export", "--storage", storage, "--run-id", "better", check=True)
     assert "identical to the published version" not in again.stderr
-    record = json.loads((run_dir(storage, "better") / "export.json").read_text())
+    record = export_record(storage, "better")
     assert (record["status"], record["version"]) == ("published", 3)
     assert record["reason"].startswith(f"republished: {damage}")
+    scan = repository(storage).scan()
+    assert scan.servable == [1, 3] and scan.damaged == {2: damage}
+    assert served.stat().st_size == 1 << 20  # kept as it was found, for the operator
 
     # A config.pbtxt cut short is rewritten from the export's settings, even on a skip.
     config = model_dir(storage, NAME) / CONFIG_FILE
     config.write_text(config.read_text()[:40])
     skipped = cli("export", "--storage", storage, "--run-id", "better", check=True)
     assert "rewritten from this export's settings" in skipped.stderr
-    repository.parse_config(config.read_text())
+    tritonconfig.parse_config(config.read_text())
     with triton(storage / "models", tmp_path / "triton") as server:
         answers_right(server.grpc_url, base)
 
 
-def test_pin_reads_under_the_export_lock(base: dict[str, Any], tmp_path: Path) -> None:
-    """A pin resolving and linking a version while an export or prune changes the versions
-    waits for it; pins share the lock with each other."""
+def test_pin_neither_waits_for_nor_takes_the_repository_lock(
+    base: dict[str, Any], tmp_path: Path
+) -> None:
+    """Readers never lock: a version appears whole (its marker written last) or not at
+    all, and pin checks every byte it places. A pin (a Triton pod starting) goes on while
+    an export or prune holds the lock."""
     storage = copy_storage(base, tmp_path / "s")
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from mnist_pipeline import repository\n"
-         f"with repository.locked(Path({str(storage)!r}), {NAME!r}):\n"
+         "import sys; from pathlib import Path\n"
+         "from mnist_pipeline.repository import open_repository\n"
+         "from mnist_pipeline.storage import ModelRepository\n"
+         f"repo = open_repository(ModelRepository(folder=Path({str(storage / 'models')!r})), "
+         f"{NAME!r})\n"
+         "with repo.lock.held('export'):\n"
          "    print('held', flush=True); sys.stdin.readline()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     pinned = tmp_path / "pinned"
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        pin = subprocess.Popen(
-            [sys.executable, "-m", "mnist_pipeline", "pin", "--storage", str(storage),
-             "--served-repository", str(pinned)],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        with pytest.raises(subprocess.TimeoutExpired):
-            pin.wait(timeout=3)
-        assert not (pinned / NAME).exists()
+        pin = cli("pin", "--storage", storage, "--served-repository", pinned, timeout=60)
+        assert pin.returncode == 0, pin.stderr[-3000:]
+        assert (pinned / NAME / "1" / "model.onnx").is_file()
+        lock = repository(storage).lock.holder_now()
+        assert lock is not None and lock.pid == holder.pid  # still the export's
     finally:
         holder.communicate("\n", timeout=30)
-    assert pin.wait(timeout=60) == 0
-    assert (pinned / NAME / "1" / "model.onnx").is_file()
+    assert repository(storage).lock.holder_now() is None
 
 
 # 3. Bad data reaching the stages that read it from storage ---------------------------------
@@ -415,12 +447,12 @@ def test_export_on_damaged_storage_data_names_the_file(
     storage = copy_storage(base, tmp_path / "s")
     images = raw_data_dir(storage) / "t10k-images-idx3-ubyte"
     _damage(images, 2, 0x09)  # magic number
-    before = snapshot(storage / "models")
+    before = published_state(storage / "models")
     result = cli("export", "--storage", storage, "--run-id", "better")
     assert result.returncode == 2
     assert f"{images}: wrong magic number" in result.stderr
     no_traceback(result)
-    assert snapshot(storage / "models") == before
+    assert published_state(storage / "models") == before
 
 
 # 4. A damaged resume.pth --------------------------------------------------------------------
@@ -795,19 +827,24 @@ def test_export_on_full_or_read_only_storage_changes_nothing(
     (storage / "data").symlink_to(base["storage"] / "data")
     shutil.copytree(base["storage"] / "checkpoints", storage / "checkpoints", symlinks=True)
     shutil.copytree(base["storage"] / "models", storage / "models")
-    before = snapshot(storage / "models")
+    version_1 = snapshot(model_dir(storage, NAME) / "1")
     fill(volume, leave=4 << 20)  # not enough for a second model.onnx (~45 MB)
 
     full = cli("export", "--storage", storage, "--run-id", "better")
     assert full.returncode == 1, full.stderr[-3000:]
     assert "No space left on device: " in full.stderr and "model.onnx" in full.stderr
     no_traceback(full)
-    assert snapshot(storage / "models") == before
+    assert snapshot(model_dir(storage, NAME) / "1") == version_1
+    scan = repository(storage).scan()
+    # Its claim of 2 is a leftover the next export's repair removes; never damage.
+    assert scan.servable == [1] and scan.damaged == {}
+    assert [v.number for v in scan.having(LEFTOVER)] in ([], [2])
     # Recorded, so that the chart's `wait export` fails now instead of at its timeout.
-    attempt = json.loads((storage / "checkpoints" / "better" / "export.json").read_text())
+    attempt = export_record(storage, "better")
     assert attempt["history"][-1]["status"] == "failed"
     assert "No space left on device" in attempt["history"][-1]["reason"]
-    assert not list(model_dir(storage, NAME).glob(".staging-*"))
+    assert_no_temp_files(storage / "models")
+    before = snapshot(storage / "models")
 
     (volume / "ballast").unlink()
     read_only(volume)

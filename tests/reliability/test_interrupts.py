@@ -5,7 +5,6 @@ final, and the same command then finishes the export."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -16,13 +15,18 @@ from pathlib import Path
 import pytest
 
 from conftest import TrainedRun, cli
-from mnist_pipeline.storage import run_dir
+from mnist_pipeline.repository import Repository, open_repository
+from mnist_pipeline.storage import DEFAULT_MODEL_NAME, ModelRepository
 
 pytestmark = pytest.mark.slow
 
 # Logged just before the model goes through torch.export (about 3 s on 2 cores), where an
 # interrupt used to surface as PyTorch's own failure ("please submit a PR"), exit 1.
 BEFORE_TORCH_EXPORT = "training reported test accuracy"
+
+
+def repository(storage: Path) -> Repository:
+    return open_repository(ModelRepository(folder=storage / "models"), DEFAULT_MODEL_NAME)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -53,9 +57,12 @@ def test_an_export_interrupted_in_torch_export_is_interrupted_not_failed(
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     assert error.rstrip().endswith(f"export interrupted: the same command continues ({name})")
     assert "Traceback" not in "".join(lines)
-    record = json.loads((run_dir(storage, quantisable.run_id) / "export.json").read_text())
+    repo = repository(storage)
+    record = repo.read_record(quantisable.run_id)
+    assert record is not None
     assert record["status"] == "interrupted" and name in record["reason"]
-    assert not (storage / "models" / "resnet18_mnist").exists()
+    assert repo.scan().versions == {}  # nothing published, no number taken
+    assert repo.lock.holder_now() is None  # released on the way out
 
     waited = cli("wait", "export", "--storage", storage, "--run-id", quantisable.run_id,
                  "--wait-timeout", "1", "--wait-interval", "0.2")  # fmt: skip
@@ -64,5 +71,6 @@ def test_an_export_interrupted_in_torch_export_is_interrupted_not_failed(
 
     again = cli("export", "--storage", storage, "--run-id", quantisable.run_id)
     assert again.returncode == 0, again.stderr[-3000:]
-    record = json.loads((run_dir(storage, quantisable.run_id) / "export.json").read_text())
-    assert (record["status"], record["version"]) == ("published", 1)
+    record = repo.read_record(quantisable.run_id)
+    assert record is not None and (record["status"], record["version"]) == ("published", 1)
+    assert [a["status"] for a in record["history"]] == ["interrupted", "published"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, PipelineRun
-from mnist_pipeline.repository import TritonConfig
 from mnist_pipeline.serve import pinned
+from mnist_pipeline.tritonconfig import TritonConfig
 from support.replicas import Replicas, require_tools
 
 AGE_MS = 1000  # the chart's default is a minute: short here, so the test is

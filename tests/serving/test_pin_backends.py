@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, PipelineRun, cli
-from mnist_pipeline import repository
+from mnist_pipeline import tritonconfig
 from mnist_pipeline.serve import wheel_server
 from support.serving import snapshot
 
@@ -41,8 +41,8 @@ def test_pin_writes_the_exported_config_for_the_backend_and_checked_links(
 ) -> None:
     served = pin(pipeline, tmp_path / "served", f"--triton-backend={backend}")
     published = pipeline.storage / "models" / MODEL
-    exported = repository.parse_config((published / "config.pbtxt").read_text())
-    written = repository.parse_config((served / "config.pbtxt").read_text())
+    exported = tritonconfig.parse_config((published / "config.pbtxt").read_text())
+    written = tritonconfig.parse_config((served / "config.pbtxt").read_text())
     assert without_server_fields(written) == without_server_fields(exported)
     assert list(written.version_policy.specific.versions) == [1]
     if backend == "python":

@@ -23,9 +23,9 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MODEL, PipelineRun, TrainedRun, publish_by_hand
 from mnist_pipeline import data
-from mnist_pipeline.repository import TritonConfig
 from mnist_pipeline.serve import LocalTriton, pinned, served_models
 from mnist_pipeline.storage import UsageError
+from mnist_pipeline.tritonconfig import TritonConfig
 from support.serving import cli, free_ports, pid_alive, triton_processes
 
 pytestmark = pytest.mark.slow

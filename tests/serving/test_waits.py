@@ -15,10 +15,9 @@ from typing import Any, ClassVar
 import pytest
 
 from mnist_pipeline import waits
+from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
-    PipelineFailure,
-    UsageError,
     atomic_write_json,
 )
 
@@ -44,8 +43,8 @@ def write_metrics(storage: Path, run_id: str, status: str, **extra: Any) -> None
 
 
 def write_export(storage: Path, run_id: str, status: str, version: int | None) -> None:
-    atomic_write_json(
-        storage / "checkpoints" / run_id / "export.json",
+    atomic_write_json(  # the run's record, which export keeps in the repository
+        storage / "models" / DEFAULT_MODEL_NAME / ".export" / "runs" / f"{run_id}.json",
         {
             "status": status,
             "model_name": DEFAULT_MODEL_NAME,
@@ -60,7 +59,10 @@ def publish_version(storage: Path, version: int, name: str = DEFAULT_MODEL_NAME)
     (model / str(version)).mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(f'name: "{name}"\n')
     (model / str(version) / "model.onnx").write_bytes(b"onnx")
-    (model / str(version) / "metadata.json").write_text(json.dumps({"version": version}))
+    files = {"model.onnx": {"bytes": 4}}  # what a version is checked against
+    (model / str(version) / "metadata.json").write_text(
+        json.dumps({"version": version, "files": files})
+    )
 
 
 def test_training_complete_passes(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.repository import TritonConfig
 from mnist_pipeline.serve import pinned
 from mnist_pipeline.storage import ModelRepository
+from mnist_pipeline.tritonconfig import TritonConfig
 from support.ports import free_ports
 
 __all__ = ["cli", "free_ports", "pid_alive", "pinned_models", "snapshot", "triton_processes"]
@@ -34,8 +34,7 @@ def cli(
 def pinned_models(models: Path, out: Path, cfg: TritonConfig | None = None) -> Path:
     """The newest version of a repository folder as exported, pinned into `out` for the
     local Triton (as `serve --model-repository MODELS` does)."""
-    repo = ModelRepository(folder=models)
-    return pinned(models.parent, out, cfg or TritonConfig(), repo=repo)
+    return pinned(ModelRepository(folder=models), out, cfg or TritonConfig())
 
 
 def triton_processes(marker: str) -> list[tuple[int, str]]:

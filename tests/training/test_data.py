@@ -8,7 +8,8 @@ import pytest
 
 from conftest import MNIST_SOURCE, cli
 from mnist_pipeline import data
-from mnist_pipeline.storage import UsageError, raw_data_dir
+from mnist_pipeline.errors import UsageError
+from mnist_pipeline.storage import raw_data_dir
 
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"

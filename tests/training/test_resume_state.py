@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mnist_pipeline import train as train_stage
+from mnist_pipeline.errors import UsageError
 from mnist_pipeline.interrupts import Interrupted
 from mnist_pipeline.progress import Progress
-from mnist_pipeline.storage import UsageError, run_dir
+from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import ResumeState, TrainConfig, train
 
 # 4 steps an epoch, 8 in all.
