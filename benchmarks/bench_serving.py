@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from common import percentiles
 from mnist_pipeline import client, tritonconfig
-from mnist_pipeline.storage import CONFIG_FILE, versions
+from mnist_pipeline.storage import CONFIG_FILE, is_version_name
 from support import prometheus as monitoring
 from support.processes import descendants
 
@@ -210,10 +210,10 @@ def config_variant(source: Path, dest: Path, edit: Callable[[Any], None]) -> Pat
         out = dest / model_dir.name
         out.mkdir(parents=True)
         (out / CONFIG_FILE).write_text(text_format.MessageToString(config))
-        for version in versions(model_dir):
-            (out / str(version)).mkdir()
-            for f in (model_dir / str(version)).iterdir():
-                (out / str(version) / f.name).symlink_to(f.resolve())
+        for version in (p for p in model_dir.iterdir() if is_version_name(p.name)):
+            (out / version.name).mkdir()
+            for f in version.iterdir():
+                (out / version.name / f.name).symlink_to(f.resolve())
     return dest
 
 

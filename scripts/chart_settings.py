@@ -30,8 +30,8 @@ import click
 
 from mnist_pipeline import settings as s
 from mnist_pipeline.cli import click_type
+from mnist_pipeline.errors import UsageError
 from mnist_pipeline.settings import NameRule, Setting, settings_of
-from mnist_pipeline.storage import UsageError
 from mnist_pipeline.train import TrainConfig
 
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "mnist-pipeline"

@@ -71,12 +71,15 @@ def test_the_contracts_env_reaches_exactly_the_pods_that_use_the_bucket() -> Non
     wait, pin = pod_spec(find(objects, "Deployment", "triton"))["initContainers"]
     (triton,) = pod_spec(find(objects, "Deployment", "triton"))["containers"]
     (export,) = pod_spec(find(objects, "Job", "export"))["containers"]
-    # The client's wait and the client read the export's record from the bucket, as
-    # Triton's wait does.
+    # The client's and helm test's waits and clients read the export's record from the
+    # bucket, as Triton's wait does.
     wait_serving, prune = pod_spec(find(objects, "Job", "client"))["initContainers"]
     (client,) = pod_spec(find(objects, "Job", "client"))["containers"]
-    users = {"wait-for-export", "pin-version", "export", "wait-for-serving", "prune", "client"}
-    for c in (wait, pin, export, wait_serving, prune, client):
+    (helm_test,) = [o for o in objects if o["kind"] == "Pod"]
+    test_wait, inference = (*helm_test["spec"]["initContainers"], *helm_test["spec"]["containers"])
+    users = {"wait-for-export", "pin-version", "export", "wait-for-serving", "prune", "client",
+             "inference"}  # fmt: skip
+    for c in (wait, pin, export, wait_serving, prune, client, test_wait, inference):
         env = env_of(c)
         assert set(env) >= CONTRACT_ENV, c["name"]
         assert env["MNIST_PIPELINE_MODEL_REPOSITORY"]["value"] == S3["url"]
@@ -208,7 +211,7 @@ def test_the_pods_that_use_the_bucket_may_reach_it(url: str, ports: list[int]) -
         e for e in policy["spec"]["podSelector"]["matchExpressions"]
         if e["key"] == "app.kubernetes.io/component"
     ]  # fmt: skip
-    assert set(selector["values"]) == {"export", "triton", "client"}
+    assert set(selector["values"]) == {"export", "triton", "client", "test"}  # helm test too
     (rule,) = policy["spec"]["egress"]
     assert [p["port"] for p in rule["ports"]] == ports and "to" not in rule
     values["networkPolicy"]["egress"]["objectStorage"] = {
