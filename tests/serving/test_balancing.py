@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, PipelineRun
-from mnist_pipeline.serve import pinned
-from mnist_pipeline.tritonconfig import TritonConfig
 from support.replicas import Replicas, require_tools
+from support.serving import pinned_models
 
 AGE_MS = 1000  # the chart's default is a minute: short here, so the test is
 
@@ -25,7 +24,7 @@ AGE_MS = 1000  # the chart's default is a minute: short here, so the test is
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory, pipeline: PipelineRun) -> Iterator[Replicas]:
     require_tools()
-    repository = pinned(pipeline.storage, tmp_path_factory.mktemp("replicas"), TritonConfig())
+    repository = pinned_models(pipeline.storage / "models", tmp_path_factory.mktemp("replicas"))
     age = [f"--grpc-max-connection-age={AGE_MS}", f"--grpc-max-connection-age-grace={AGE_MS}"]
     with Replicas(repository, extra_args=age) as r:
         r.add()
@@ -62,7 +61,7 @@ def test_round_robin_sends_each_replica_an_even_share(
 def test_pick_first_sends_everything_to_one_replica(tmp_path: Path, pipeline: PipelineRun) -> None:
     """Replicas of their own, whose connections never age: with the others' connection age
     a slow CPU would reconnect mid-run, and pick_first may then pick the other replica."""
-    with Replicas(pinned(pipeline.storage, tmp_path, TritonConfig()), prefix="pf") as replicas:
+    with Replicas(pinned_models(pipeline.storage / "models", tmp_path), prefix="pf") as replicas:
         replicas.add()
         replicas.add()
         counts = sent(replicas, "--requests", "200", "--lb-policy", "pick_first", pipeline=pipeline)

@@ -23,10 +23,9 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MODEL, PipelineRun, TrainedRun, publish_by_hand
 from mnist_pipeline import data
-from mnist_pipeline.serve import LocalTriton, pinned, served_models
-from mnist_pipeline.storage import UsageError
-from mnist_pipeline.tritonconfig import TritonConfig
-from support.serving import cli, free_ports, pid_alive, triton_processes
+from mnist_pipeline.errors import UsageError
+from mnist_pipeline.serve import LocalTriton, served_models
+from support.serving import cli, free_ports, pid_alive, pinned_models, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +43,9 @@ def test_serve_refuses_a_config_that_does_not_parse_before_starting(
     (repo / MODEL / "config.pbtxt").write_text('name: "m" max_batch_size: sixteen')
     result = cli(*_serve_args(repo, tmp_path / "work"), timeout=120)
     assert result.returncode == 1, result.stderr
-    assert "cannot serve version 1 of resnet18_mnist" in result.stderr
-    assert "config.pbtxt" in result.stderr and "starting tritonserver" not in result.stderr
+    assert "cannot serve resnet18_mnist: " in result.stderr and "; export again" in result.stderr
+    assert "config.pbtxt does not parse" in result.stderr
+    assert "starting tritonserver" not in result.stderr
 
 
 def test_served_bit_for_bit_like_onnxruntime_in_process_on_every_test_image(
@@ -107,7 +107,7 @@ def test_an_int8_export_is_served_like_onnxruntime_serves_it(
     x = data.normalize(images)
     http, grpc, metrics = free_ports(3)
     with LocalTriton(
-        pinned(storage, tmp_path / "served", TritonConfig()),
+        pinned_models(storage / "models", tmp_path / "served"),
         workdir=tmp_path / "triton",
         http_port=http,
         grpc_port=grpc,
@@ -322,7 +322,7 @@ def test_local_triton_leaves_nothing_behind_when_the_block_fails(
     pipeline: PipelineRun, tmp_path: Path
 ) -> None:
     http, grpc, metrics = free_ports(3)
-    served = pinned(pipeline.storage, tmp_path / "served", TritonConfig())
+    served = pinned_models(pipeline.storage / "models", tmp_path / "served")
     server = LocalTriton(served, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with pytest.raises(RuntimeError, match="boom"), server:
         assert server.workdir is not None and server.process is not None
