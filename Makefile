@@ -19,6 +19,11 @@ CHECKOV_VERSION := 3.3.30
 
 # perf_analyzer (make bench) lives in its own environment: tritonclient 2.51 ships it.
 PERF_VENV ?= .venv-perf
+# The tests' MLflow tracking server (tests/tracking) lives in its own environment: MLflow 3
+# needs protobuf 7 and numpy 2, the pipeline's packages older majors. The pipeline itself
+# speaks MLflow's REST API and needs none of it.
+MLFLOW_VENV    ?= .venv-mlflow
+MLFLOW_VERSION := 3.17.2
 # What make test needs from Debian: libb64-0d (perf_analyzer loads libb64.so.0d),
 # prometheus (with promtool: the tests start their own on free ports) and Ceph's radosgw
 # with one monitor and one OSD (a real S3 server, started fresh per test session). test-deps
@@ -72,12 +77,18 @@ $(CHECKOV_VENV)/bin/checkov:
 	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
+$(MLFLOW_VENV)/bin/mlflow:
+	@echo "Installing MLflow into $(MLFLOW_VENV) (the tests' tracking server: a minute or two)"
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLFLOW_VENV)/bin/pip install --quiet mlflow==$(MLFLOW_VERSION)
+
 test-deps:
 	@scripts/install_debs.sh $(TEST_DEBS)
 	@scripts/install_debs.sh --optional "the container checks will not run" $(CONTAINER_DEBS)
 
-test: test-deps lint $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer
-	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+test: test-deps lint $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer $(MLFLOW_VENV)/bin/mlflow
+	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer MLFLOW=$(abspath $(MLFLOW_VENV))/bin/mlflow \
 	    $(BIN)/pytest
 
 images: $(addprefix image-,$(IMAGES))
@@ -95,4 +106,4 @@ container-check: test-deps $(BIN)/.installed
 	$(BIN)/pytest -k container tests/rehearsal/test_containers.py tests/rehearsal/test_rehearsal.py
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PERF_VENV) $(MLFLOW_VENV) $(STORAGE) .pytest_cache .mypy_cache .ruff_cache

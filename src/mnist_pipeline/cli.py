@@ -29,6 +29,7 @@ from mnist_pipeline import settings as s
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.settings import Setting
 from mnist_pipeline.storage import ModelRepository
+from mnist_pipeline.tracking import Tracking
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,7 +81,8 @@ def parse_callback(spec: Setting) -> Callable[[click.Context, click.Parameter, A
 def click_option(spec: Setting) -> Callable[[F], F]:
     """The one click option of `spec`, its variable MNIST_PIPELINE_<FLAG>."""
     names = [spec.flag] + ([spec.short] if spec.short else [])
-    how: dict[str, Any] = {"envvar": spec.envvar, "show_envvar": True, "help": spec.help}
+    envvars = [spec.envvar, spec.fallback_envvar] if spec.fallback_envvar else spec.envvar
+    how: dict[str, Any] = {"envvar": envvars, "show_envvar": True, "help": spec.help}
     if spec.python_type is bool:
         if spec.default:
             names[0] = f"{spec.flag}/--no-{spec.flag[2:]}"
@@ -114,6 +116,12 @@ def options(*groups: Setting | Iterable[Setting]) -> Callable[[F], F]:
     return decorate
 
 
+def variable_set(param: click.Option) -> str | None:
+    """The variable an option's value came from: its own, else another tool's it reads."""
+    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+    return next((name for name in names if name in os.environ), None)
+
+
 def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
     """Make a bad value that came from the environment name its variable first, not the
     option the user never typed: "Invalid value for MNIST_PIPELINE_EPOCHS='0' (the variable
@@ -123,10 +131,10 @@ def env_error_hint(ctx: click.Context, e: click.BadParameter) -> None:
         return
     if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
         return
-    if isinstance(param.envvar, str):
+    variable = variable_set(param)
+    if variable is not None:
         flags = " / ".join(repr(o) for o in param.opts)
-        value = os.environ.get(param.envvar, "")
-        e.param_hint = f"{param.envvar}={value!r} (the variable of {flags})"
+        e.param_hint = f"{variable}={os.environ[variable]!r} (the variable of {flags})"
 
 
 def warn_shadowed_variables(ctx: click.Context) -> None:
@@ -134,9 +142,10 @@ def warn_shadowed_variables(ctx: click.Context) -> None:
     line, which wins: a chart's extraEnv repeating a flag the chart passes is otherwise
     silently ignored."""
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or not isinstance(param.envvar, str):
+        if not isinstance(param, click.Option) or param.name is None:
             continue
-        if param.name is None or param.envvar not in os.environ:
+        variable = variable_set(param)
+        if variable is None:
             continue
         if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
             continue
@@ -147,8 +156,8 @@ def warn_shadowed_variables(ctx: click.Context) -> None:
         if from_env != ctx.params.get(param.name):
             log.warning(
                 "%s=%r is ignored: %s on the command line wins",
-                param.envvar,
-                os.environ[param.envvar],
+                variable,
+                os.environ[variable],
                 param.opts[0],
             )
 
@@ -253,6 +262,8 @@ def cli(verbose: bool) -> None:
       mnist-pipeline prune    delete old runs, model versions and inference results
       mnist-pipeline pin      write the repository one Triton pod serves (Kubernetes)
       mnist-pipeline status   the repository's versions, runs, damage and lock
+      mnist-pipeline sync-registry
+                              the MLflow registry brought in line with the repository
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -296,8 +307,11 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
             "process nothing is sent, so it changes nothing but the run id",
             cfg.gradient_compression,
         )
+    tracking = Tracking(o["tracking_uri"], o["experiment"])
     if alone or distributed.launched_by_torchrun():
-        return train_stage.train(storage, cfg, run_id=o["run_id"], device=o["device"], **how)
+        return train_stage.train(
+            storage, cfg, run_id=o["run_id"], device=o["device"], tracking=tracking, **how
+        )
     cfg.validate()  # bad input exits 2 here, not as a failed rank
     train_stage.check_cpu_counts(o["threads"], nproc_per_node)
     train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
@@ -313,8 +327,8 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
         return metrics.get("status") == disk.RunStatus.COMPLETE
 
     argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
-    values = {**dataclasses.asdict(cfg), **how}
-    argv += command_line((*s.TRAIN, *s.RANK), values)
+    values = {**dataclasses.asdict(cfg), **how, **{spec.name: o[spec.name] for spec in s.TRACKING}}
+    argv += command_line((*s.TRAIN, *s.RANK, *s.TRACKING), values)
     resume = run_dir / disk.RESUME_FILE
     distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished, resume)
     metrics = disk.read_metrics(run_dir)
@@ -328,6 +342,8 @@ def command_line(specs: Iterable[Setting], values: dict[str, Any]) -> list[str]:
     argv = []
     for spec in specs:
         value = values[spec.name]
+        if value is None:
+            continue
         if isinstance(value, bool):
             argv.append(spec.flag if value else f"--no-{spec.flag[2:]}" if spec.default else "")
         else:
@@ -336,7 +352,7 @@ def command_line(specs: Iterable[Setting], values: dict[str, Any]) -> list[str]:
 
 
 @cli.command()
-@options(s.STORAGE, s.TRAIN, s.TRAIN_HOW)
+@options(s.STORAGE, s.TRAIN, s.TRAIN_HOW, s.TRACKING)
 @stage
 def train(storage: Path, **o: Any) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
@@ -357,7 +373,7 @@ def train(storage: Path, **o: Any) -> None:
 
 
 @cli.command()
-@options(s.STORAGE, s.MODEL_REPOSITORY, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON, s.TRACKING)
 @stage
 def export(
     storage: Path,
@@ -396,6 +412,7 @@ def export(
         min_accuracy=o["publish_min_accuracy"],
         precision=o["precision"],
         repo=model_repository,
+        tracking=Tracking(o["tracking_uri"], o["experiment"]),
     )
 
 
@@ -481,7 +498,7 @@ def infer(
 @cli.command()
 @options(
     s.STORAGE, s.SOURCE, s.MODEL_REPOSITORY, s.TRAIN, s.TRAIN_HOW, s.PUBLISH, s.TRITON, s.SERVER,
-    s.INFER,
+    s.INFER, s.TRACKING,
 )  # fmt: skip
 @stage
 def run(
@@ -522,7 +539,10 @@ def run(
         "min_accuracy": o["publish_min_accuracy"],
         "precision": o["precision"],
     }
-    outcome = export_stage.export(storage, triton, run_id=run_id, repo=location, **publish)
+    tracking = Tracking(o["tracking_uri"], o["experiment"])
+    outcome = export_stage.export(
+        storage, triton, run_id=run_id, repo=location, tracking=tracking, **publish
+    )
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
         served = pinned(location, Path(temp), pin_config(o), "run", run_id)
         with local_triton(served, o) as server:
@@ -710,10 +730,14 @@ def pin(
 
 
 @cli.command()
-@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, s.JSON)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, s.JSON, s.TRACKING_URI)
 @stage
 def status(
-    storage: Path, model_repository: ModelRepository | None, model_name: str, json: bool
+    storage: Path,
+    model_repository: ModelRepository | None,
+    model_name: str,
+    json: bool,
+    tracking_uri: str | None,
 ) -> None:
     """Show the model repository: its versions, what each run's export decided, damage,
     the versions servers hold and who holds the lock.
@@ -723,15 +747,50 @@ def status(
     published) and its state: published, damaged (with the command that publishes its
     model again), or deleted (its number is never given again). Reads only; works the same
     on a folder and on an object-storage --model-repository. Exit 1 when a version is
-    damaged.
+    damaged. With --tracking-uri, also the MLflow registry's aliases and what it lacks.
     """
     from mnist_pipeline import status as status_report
     from mnist_pipeline.storage import repository_at
 
-    report = status_report.report(repository_at(model_repository, storage), model_name)
+    location = repository_at(model_repository, storage)
+    report = status_report.report(location, model_name, Tracking(tracking_uri))
     click.echo(status_report.as_json(report) if json else status_report.as_text(report))
     if report["damaged"]:
         raise PipelineFailure(f"{len(report['damaged'])} damaged version(s): see above")
+
+
+@cli.command("sync-registry")
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, s.TRACKING)
+@stage
+def sync_registry(
+    storage: Path,
+    model_repository: ModelRepository | None,
+    model_name: str,
+    tracking_uri: str | None,
+    experiment: str,
+) -> None:
+    """Bring the MLflow model registry in line with the model repository.
+
+    \b
+    export does this after every decision; this repairs what an unreachable server made
+    it miss. Each published version is a model version of MODEL_NAME (its files copied
+    to its run's MLflow artifacts, its repository version, run, accuracy, precision and
+    sha256 as tags); a damaged or deleted one is tagged so; alias champion names the
+    newest servable version. The repository is never changed. Logs each change.
+    """
+    from mnist_pipeline import registry
+    from mnist_pipeline.repository import open_repository
+    from mnist_pipeline.storage import repository_at
+    from mnist_pipeline.tracking import TrackingError
+
+    if not tracking_uri:
+        raise UsageError("sync-registry needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    repo = open_repository(repository_at(model_repository, storage), model_name)
+    try:
+        done = registry.sync(repo, Tracking(tracking_uri, experiment))
+    except TrackingError as e:
+        raise PipelineFailure(str(e)) from e
+    click.echo(f"registry {tracking_uri}: up to date ({len(done)} change(s) made)")
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ import torch
 
 from mnist_pipeline import data, gate, interrupts, model, quantize, settings
 from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.registry import sync_after_export
 from mnist_pipeline.repository import (
     PUBLISHED,
     Repository,
@@ -62,6 +63,7 @@ from mnist_pipeline.storage import (
     run_dir,
     validate_name,
 )
+from mnist_pipeline.tracking import UNTRACKED, Tracking
 from mnist_pipeline.tritonconfig import TritonConfig, parse_config, render_config
 
 log = logging.getLogger(__name__)
@@ -608,11 +610,13 @@ def export(
     precision: str = "fp32",
     repo: ModelRepository | None = None,
     min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default,
+    tracking: Tracking = UNTRACKED,
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure.
 
     `repo` is where versions are published (default STORAGE/models); the checkpoints
-    and the data stay on the volume."""
+    and the data stay on the volume. With `tracking.uri` the MLflow registry is brought in
+    line with the repository afterwards (registry.py)."""
     try:
         cfg.validate()
     except ValueError as e:
@@ -623,10 +627,12 @@ def export(
     repository = open_repository(repository_at(repo, storage), cfg.name)
     job = Job(storage, cfg, owner, precision, gate.Rules(min_improvement, min_accuracy), repository)
     try:
-        return export_job(job, path)
+        outcome = export_job(job, path)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: "interrupted", never "failed"
         job.record_failure(e)
         raise
+    sync_after_export(repository, tracking)
+    return outcome
 
 
 def export_job(job: Job, path: Path) -> Outcome:

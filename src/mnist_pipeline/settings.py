@@ -57,6 +57,7 @@ class Setting:
     required: bool = False
     short: str | None = None  # a one-letter alias: -v
     default_text: str | None = None  # the default as --help shows it, where it is not fixed
+    fallback_envvar: str | None = None  # another tool's convention, read when ours is unset
 
     @property
     def flag(self) -> str:
@@ -203,6 +204,17 @@ def is_ip_address(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_tracking_uri(value: str) -> str:
+    """An MLflow server's address: the pipeline speaks its REST API, so http(s) only."""
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UsageError(
+            f"--tracking-uri {value!r}: an MLflow server's http:// or https:// address "
+            "(start one with `mlflow server`; file and database stores are not spoken here)"
+        )
+    return value.rstrip("/")
 
 
 def parse_model_repository(value: str) -> ModelRepository:
@@ -628,6 +640,24 @@ SERVED_REPOSITORY = Setting(
 # status
 JSON = Setting("json", False, "Print one JSON object instead of text.")
 
+# MLflow (tracking.py, registry.py)
+TRACKING_URI = Setting(
+    "tracking_uri",
+    None,
+    "MLflow tracking server, http(s)://HOST[:PORT][/PATH]: train mirrors each run there, "
+    "export registers every published version in its model registry, status shows the "
+    "registry. Unset: nothing is tracked. A server that cannot be reached fails nothing.",
+    type=str,
+    parse=parse_tracking_uri,
+    fallback_envvar="MLFLOW_TRACKING_URI",
+)
+EXPERIMENT = Setting(
+    "experiment",
+    "mnist-pipeline",
+    "MLflow experiment the training runs are tracked in (created when missing).",
+    fallback_envvar="MLFLOW_EXPERIMENT_NAME",
+)
+
 # The groups commands share: a command takes a group, so the same flags mean the same.
 TRAIN = (
     EPOCHS, BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, WEIGHT_DECAY, LABEL_SMOOTHING, SEED,
@@ -640,6 +670,7 @@ LAUNCH = (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RENDEZVOU
           MAX_RESTARTS)  # fmt: skip
 TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
 PUBLISH = (MIN_IMPROVEMENT, PUBLISH_MIN_ACCURACY, PRECISION)
+TRACKING = (TRACKING_URI, EXPERIMENT)
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT)

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mnist_pipeline.repository import DAMAGED, GONE, open_repository, republish_hint
+from mnist_pipeline.registry import Registry
+from mnist_pipeline.repository import (
+    DAMAGED,
+    GONE,
+    Repository,
+    Scan,
+    open_repository,
+    republish_hint,
+)
 from mnist_pipeline.storage import ModelRepository
+from mnist_pipeline.tracking import UNTRACKED, Tracking, TrackingError
 
 
-def report(location: ModelRepository, name: str) -> dict[str, Any]:
+def report(location: ModelRepository, name: str, tracking: Tracking = UNTRACKED) -> dict[str, Any]:
     repo = open_repository(location, name)
     scan = repo.scan()
     holder = repo.lock.holder_now()
@@ -39,7 +48,24 @@ def report(location: ModelRepository, name: str) -> dict[str, Any]:
         "runs": {run_id: summary(record) for run_id, record in repo.records().items()},
         "served": list(repo.served().values()),
         "lock": None if holder is None else {**holder.__dict__, "held": str(holder)},
+        "registry": registry_report(repo, scan, tracking),
     }
+
+
+def registry_report(repo: Repository, scan: Scan, tracking: Tracking) -> dict[str, Any] | None:
+    """The MLflow registry's aliases, and what `sync-registry` would change (or why the
+    server could not say)."""
+    if not tracking.uri:
+        return None
+    registry = Registry(repo, tracking)
+    try:
+        return {
+            "uri": tracking.uri,
+            "aliases": registry.aliases(),
+            "out_of_date": [change.says for change in registry.changes(scan)],
+        }
+    except TrackingError as e:
+        return {"uri": tracking.uri, "error": str(e)}
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -78,4 +104,17 @@ def as_text(report: dict[str, Any]) -> str:
     for s in report["served"]:
         lines.append(f"served: version {s.get('version')} in {s.get('folder')} on {s.get('host')}")
     lines.append(f"lock: {report['lock']['held'] if report['lock'] else 'free'}")
-    return "\n".join(lines)
+    return "\n".join(lines + registry_lines(report["registry"]))
+
+
+def registry_lines(registry: dict[str, Any] | None) -> list[str]:
+    if registry is None:
+        return []
+    if "error" in registry:
+        return [f"registry: {registry['error']}"]
+    aliases = ", ".join(f"{a} -> version {n}" for a, n in sorted(registry["aliases"].items()))
+    lines = [f"registry {registry['uri']}: {aliases or 'no aliases'}"]
+    if registry["out_of_date"]:
+        lines.append("  out of date (`mnist-pipeline sync-registry` applies these):")
+        lines += [f"    {change}" for change in registry["out_of_date"]]
+    return lines

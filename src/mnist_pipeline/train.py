@@ -56,6 +56,7 @@ from mnist_pipeline.storage import (
     run_dir,
     temp_files,
 )
+from mnist_pipeline.tracking import UNTRACKED, Tracker, Tracking
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +233,15 @@ def train(
     checkpoint_every: int = 200,
     eval_every: int = 0,
     collective_timeout: float = 300,
+    tracking: Tracking = UNTRACKED,
 ) -> dict[str, Any]:
     """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
 
     Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
     test accuracy is measured too (metrics["evals"], for accuracy-against-time curves).
     Under torchrun every rank calls this with the same arguments; rank 0 writes. A
-    collective that waits `collective_timeout` seconds for a lost rank fails the attempt."""
+    collective that waits `collective_timeout` seconds for a lost rank fails the attempt.
+    With `tracking.uri`, rank 0 mirrors metrics.json into an MLflow run (tracking.py)."""
     cfg.validate()
     world = distributed.from_environment()
     check_batch(cfg, world.size)
@@ -261,14 +264,15 @@ def train(
             return previous
         data.check_present(storage)  # before the run folder exists
         metrics = new_metrics(cfg, run_id, world)
+        tracker = Tracker(tracking if world.writer else UNTRACKED, run_id, out)
         with (
             one_trainer(out, world),
             run_logging(out, world),
-            recording_outcome(out, metrics, world),
+            recording_outcome(out, metrics, world, tracker),
         ):
             if world.writer:
                 remove_stale_temp_files(out)
-            run = Run.start(storage, cfg, run_id, out, dev, world, threads, metrics)
+            run = Run.start(storage, cfg, run_id, out, dev, world, threads, metrics, tracker)
             network = NetworkMeter()
             fit(run, checkpoint_every, eval_every)
             return finish(run, network.so_far())
@@ -538,6 +542,7 @@ class Run:
     ddp: nn.Module  # what a step calls: DDP around `net` in a world of several ranks
     optimizer: torch.optim.Optimizer
     metrics: dict[str, Any]
+    tracker: Tracker
     at: Position = dataclasses.field(default_factory=Position)
 
     @classmethod
@@ -551,6 +556,7 @@ class Run:
         world: World,
         threads: int,
         metrics: dict[str, Any],
+        tracker: Tracker,
     ) -> Run:
         """Threads, data, model and optimizer; the saved state if the run was interrupted."""
         if device.type == "cpu":
@@ -563,7 +569,8 @@ class Run:
         # Module.to accepts memory_format at run time; torch's stubs do not declare it.
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         optimizer = make_optimizer(cfg, net)
-        run = cls(cfg, run_id, out, world, device, tensors, plan, net, net, optimizer, metrics)
+        run = cls(cfg, run_id, out, world, device, tensors, plan, net, net, optimizer, metrics,
+                  tracker)  # fmt: skip
         if run.state_path.is_file():
             run.resume()
         else:
@@ -632,6 +639,7 @@ class Run:
     def write_metrics(self) -> None:
         if self.world.writer:
             atomic_write_json(self.out / METRICS_FILE, self.metrics)
+            self.tracker.mirror(self.metrics)
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.net, self.data.x_test, self.data.y_test, self.world)
@@ -798,7 +806,9 @@ def remove_stale_temp_files(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Iterator[None]:
+def recording_outcome(
+    out: Path, metrics: dict[str, Any], world: World, tracker: Tracker
+) -> Iterator[None]:
     """metrics.json says "failed" (with the error) or, after Ctrl-C or SIGTERM at any
     moment (Interrupted), "interrupted". A rank lost to the others ends the attempt
     "retrying" when it will be started again (distributed.retried), else "failed", in one
@@ -812,14 +822,16 @@ def recording_outcome(out: Path, metrics: dict[str, Any], world: World) -> Itera
         interrupt = interrupts.as_interrupt(e)
         if interrupt is not None:
             if world.writer:
-                record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED})
+                record_outcome(out, {**metrics, "status": RunStatus.INTERRUPTED}, tracker)
             raise interrupt.saying(interrupted_message(out)) from None
         if isinstance(e, Exception):
-            record_failure(out, metrics, world, e)
+            record_failure(out, metrics, world, e, tracker)
         raise
 
 
-def record_failure(out: Path, metrics: dict[str, Any], world: World, e: Exception) -> None:
+def record_failure(
+    out: Path, metrics: dict[str, Any], world: World, e: Exception, tracker: Tracker
+) -> None:
     """Record `e` as the attempt's end; a lost peer becomes one line (PipelineFailure)."""
     lost = world.distributed and distributed.lost_peer(e)
     status = RunStatus.RETRYING if lost and distributed.retried() else RunStatus.FAILED
@@ -827,7 +839,7 @@ def record_failure(out: Path, metrics: dict[str, Any], world: World, e: Exceptio
     if lost:
         error = f"rank {world.rank} lost contact with the other ranks ({first_line(e)})"
     if world.writer:
-        record_outcome(out, {**metrics, "status": status, "error": error})
+        record_outcome(out, {**metrics, "status": status, "error": error}, tracker)
     if lost:
         then = "being retried" if status == RunStatus.RETRYING else "no retries left"
         raise PipelineFailure(
@@ -854,8 +866,9 @@ def interrupted_message(out: Path) -> str:
     )
 
 
-def record_outcome(out: Path, metrics: dict[str, Any]) -> None:
+def record_outcome(out: Path, metrics: dict[str, Any], tracker: Tracker) -> None:
     try:
         atomic_write_json(out / METRICS_FILE, metrics)
     except OSError as record_error:  # a full volume: the original error matters
         log.warning("could not record the outcome in metrics.json: %s", record_error)
+    tracker.mirror(metrics)

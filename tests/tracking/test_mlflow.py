@@ -1,0 +1,131 @@
+"""Tracking and the model registry against a real `mlflow server` (sqlite backend,
+artifacts in a folder): what an MLflow user sees of a training run and of the published
+versions, and that a server that is down fails nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL, cli
+from support.mlflow import MlflowServer
+from support.ports import free_ports
+
+pytestmark = pytest.mark.slow
+
+QUICK = "--limit-train 1024 --limit-test 500 --epochs 2 --eval-every 4 --threads 1".split()
+EXPORT = ("--publish-min-accuracy", "0.05")  # two quick epochs score far below the default
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+def sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def test_a_run_is_tracked_and_its_published_version_registered(
+    storage: Path, mlflow: MlflowServer
+) -> None:
+    tracked = ("--tracking-uri", mlflow.uri, "--experiment", "tracked")
+    cli("train", "--storage", storage, *QUICK, "--run-id", "r1", *tracked, check=True)
+    metrics = json.loads((storage / "checkpoints/r1/metrics.json").read_text())
+
+    (run,) = mlflow.runs("tracked")
+    info, data = run["info"], run["data"]
+    assert (info["run_name"], info["status"]) == ("r1", "FINISHED")
+    params = {p["key"]: p["value"] for p in data["params"]}
+    assert params["lr"] == str(metrics["hyperparameters"]["lr"])
+    assert params["limit_train"] == "1024" and params["world_size"] == "1"
+    epochs = [(h["epoch"], h["test_accuracy"]) for h in metrics["history"]]
+    assert mlflow.history(info["run_id"], "test_accuracy") == epochs
+    evals = [(e["step"], e["test_accuracy"]) for e in metrics["evals"]]
+    assert mlflow.history(info["run_id"], "eval_test_accuracy") == evals
+    assert [s for s, _ in evals] == [4, 8, 12, 16]
+    final = mlflow.history(info["run_id"], "final_test_accuracy")
+    assert final == [(0, metrics["test_accuracy"])]
+    logged = mlflow.artifact(info["artifact_uri"], "train.log").decode()
+    assert logged and (storage / "checkpoints/r1/train.log").read_text().startswith(logged)
+
+    result = cli("export", "--storage", storage, "--run-id", "r1", *EXPORT, *tracked, check=True)
+    assert "move alias champion to repository version 1" in result.stderr
+    (mv,) = mlflow.model_versions(MODEL)
+    metadata = json.loads((storage / "models" / MODEL / "1/metadata.json").read_text())
+    assert mv["run_id"] == info["run_id"]  # the model version links to its training run
+    assert mv["tags"]["repository_version"] == "1"
+    assert mv["tags"]["repository"] == str(storage / "models" / MODEL / "1")
+    assert mv["tags"]["run_id"] == "r1" and mv["tags"]["state"] == "published"
+    assert mv["tags"]["accuracy"] == str(metadata["accuracy"])
+    assert mv["tags"]["sha256"] == metadata["sha256"]
+    assert mv["source"] == f"{info['artifact_uri']}/repository-version-1"
+    onnx = mlflow.artifact(mv["source"], "model.onnx")
+    assert sha256(onnx) == metadata["sha256"]
+    assert mlflow.aliases(MODEL) == {"champion": mv["version"]}
+
+    status = cli("status", "--storage", storage, "--tracking-uri", mlflow.uri, check=True)
+    assert f"registry {mlflow.uri}: champion -> version 1" in status.stdout
+    assert "out of date" not in status.stdout
+    again = cli("export", "--storage", storage, "--run-id", "r1", *EXPORT, *tracked, check=True)
+    assert "registry" not in again.stderr  # in line already: nothing to change
+    assert len(mlflow.model_versions(MODEL)) == 1
+
+
+def test_a_server_that_is_down_fails_nothing_and_sync_registry_catches_up(
+    storage: Path, mlflow: MlflowServer
+) -> None:
+    (dead_port,) = free_ports(1)
+    down = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{dead_port}"}  # MLflow's own variable
+    name = ("--model-name", "down_model")
+    trained = cli("train", "--storage", storage, *QUICK, "--run-id", "r2", env=down)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    warnings = [line for line in trained.stderr.splitlines() if "without tracking" in line]
+    assert len(warnings) == 1, trained.stderr  # said once, not once per epoch
+    assert f"MLflow at http://127.0.0.1:{dead_port} is unreachable" in warnings[0]
+    exported = cli("export", "--storage", storage, "--run-id", "r2", *EXPORT, *name, env=down)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "the registry missed this export; `mnist-pipeline sync-registry`" in exported.stderr
+
+    live = ("--tracking-uri", mlflow.uri)
+    status = cli("status", "--storage", storage, *name, *live, check=True)
+    assert "out of date (`mnist-pipeline sync-registry` applies these):" in status.stdout
+    assert "register repository version 1 (run r2)" in status.stdout
+    synced = cli("sync-registry", "--storage", storage, *name, *live, check=True)
+    assert "3 change(s) made" in synced.stdout  # the model, its version, the alias
+    (mv,) = mlflow.model_versions("down_model")
+    assert mlflow.aliases("down_model") == {"champion": mv["version"]}
+    assert "out of date" not in cli("status", "--storage", storage, *name, *live).stdout
+
+    # Damage in the repository is mirrored, never "repaired" in the registry's favour.
+    (storage / "models/down_model/1/model.onnx").unlink()
+    cli("sync-registry", "--storage", storage, *name, *live, check=True)
+    (mv,) = mlflow.model_versions("down_model")
+    assert mv["tags"]["state"] == "damaged"
+    assert mlflow.aliases("down_model") == {}  # nothing is servable: no champion
+    assert not (storage / "models/down_model/1/model.onnx").exists()
+
+
+def test_distributed_training_is_tracked_once(storage: Path, mlflow: MlflowServer) -> None:
+    tracked = ("--tracking-uri", mlflow.uri, "--experiment", "ddp")
+    cli("train", "--storage", storage, *QUICK, "--run-id", "r3", "--nproc-per-node", "2",
+        *tracked, check=True)  # fmt: skip
+    (run,) = mlflow.runs("ddp")
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert (run["info"]["status"], params["world_size"]) == ("FINISHED", "2")
+    assert [s for s, _ in mlflow.history(run["info"]["run_id"], "test_accuracy")] == [1, 2]
+
+
+def test_a_tracking_uri_mlflow_cannot_be_spoken_to_is_bad_input(storage: Path) -> None:
+    result = cli("train", "--storage", storage, env={"MLFLOW_TRACKING_URI": "sqlite:///m.db"})
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_URI='sqlite:///m.db' (the variable of '--tracking-uri')" in (
+        result.stderr
+    )
+    assert "an MLflow server's http:// or https:// address" in result.stderr
+    assert not (storage / "checkpoints").exists()
