@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import time
 import urllib.error
@@ -170,8 +171,11 @@ class Tracker:
         if not self.run:
             self.run = client.run_of(self.tracking.experiment, self.run_id)
             self.sent = already_logged(self.run)
+            # MLflow refuses to change a param: a run resumed with another world size keeps
+            # the first one's.
+            logged = {p["key"] for p in self.run.get("data", {}).get("params", [])}
             params = {**metrics["hyperparameters"], "world_size": metrics["world_size"]}
-            self.log(client, params=params)
+            self.log(client, params={k: v for k, v in params.items() if k not in logged})
             log.info("tracking run %s as MLflow run %s at %s", self.run_id,
                      self.run["info"]["run_id"], client.uri)  # fmt: skip
         self.log(client, values=self.new_values(metrics))
@@ -212,7 +216,7 @@ class Tracker:
         body: dict[str, Any] = {"run_id": self.run["info"]["run_id"]}
         stamp = now_ms()
         body["metrics"] = [{"key": k, "value": float(v), "step": int(s), "timestamp": stamp}
-                           for k, v, s in values]  # fmt: skip
+                           for k, v, s in values if math.isfinite(v)]  # fmt: skip
         body["params"] = [{"key": k, "value": str(v)} for k, v in (params or {}).items()]
         body["tags"] = [{"key": k, "value": v} for k, v in (tags or {}).items()]
         if body["metrics"] or body["params"] or body["tags"]:

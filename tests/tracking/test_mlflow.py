@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 
 from conftest import MODEL, cli
 from support.mlflow import MlflowServer
+from support.objectstore import LocalRadosgw
 from support.ports import free_ports
 
 pytestmark = pytest.mark.slow
@@ -77,38 +82,69 @@ def test_a_run_is_tracked_and_its_published_version_registered(
     assert len(mlflow.model_versions(MODEL)) == 1
 
 
+def test_a_resumed_run_goes_on_in_its_mlflow_run(storage: Path, mlflow: MlflowServer) -> None:
+    args = ["train", "--storage", storage, *QUICK, "--epochs", "3", "--run-id", "r4",
+            "--tracking-uri", mlflow.uri, "--experiment", "resumed"]  # fmt: skip
+    metrics = storage / "checkpoints/r4/metrics.json"
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *map(str, args)],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while not metrics.is_file() or not json.loads(metrics.read_text())["history"]:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # during epoch 2 of 3
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    (run,) = mlflow.runs("resumed")
+    assert run["info"]["status"] == "KILLED"
+    cli(*args, check=True)
+    (run,) = mlflow.runs("resumed")  # the same MLflow run, ended this time
+    assert run["info"]["status"] == "FINISHED"
+    steps = [s for s, _ in mlflow.history(run["info"]["run_id"], "test_accuracy")]
+    assert steps == [1, 2, 3]  # epoch 1 logged once, before and after the resume
+
+
 def test_a_server_that_is_down_fails_nothing_and_sync_registry_catches_up(
-    storage: Path, mlflow: MlflowServer
+    storage: Path, mlflow: MlflowServer, radosgw: LocalRadosgw
 ) -> None:
+    """On a bucket repository: the mirror reads what the registry lacks from the bucket."""
     (dead_port,) = free_ports(1)
-    down = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{dead_port}"}  # MLflow's own variable
-    name = ("--model-name", "down_model")
+    bucket = radosgw.new_bucket()
+    repo = ("--model-repository", radosgw.url(bucket), "--model-name", "down_model")
+    down = {**radosgw.env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{dead_port}"}  # MLflow's
     trained = cli("train", "--storage", storage, *QUICK, "--run-id", "r2", env=down)
     assert trained.returncode == 0, trained.stderr[-2000:]
     warnings = [line for line in trained.stderr.splitlines() if "without tracking" in line]
     assert len(warnings) == 1, trained.stderr  # said once, not once per epoch
     assert f"MLflow at http://127.0.0.1:{dead_port} is unreachable" in warnings[0]
-    exported = cli("export", "--storage", storage, "--run-id", "r2", *EXPORT, *name, env=down)
+    exported = cli("export", "--storage", storage, "--run-id", "r2", *EXPORT, *repo, env=down)
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert "the registry missed this export; `mnist-pipeline sync-registry`" in exported.stderr
 
-    live = ("--tracking-uri", mlflow.uri)
-    status = cli("status", "--storage", storage, *name, *live, check=True)
+    live = (*repo, "--tracking-uri", mlflow.uri)
+    status = cli("status", "--storage", storage, *live, env=radosgw.env, check=True)
     assert "out of date (`mnist-pipeline sync-registry` applies these):" in status.stdout
     assert "register repository version 1 (run r2)" in status.stdout
-    synced = cli("sync-registry", "--storage", storage, *name, *live, check=True)
+    synced = cli("sync-registry", "--storage", storage, *live, env=radosgw.env, check=True)
     assert "3 change(s) made" in synced.stdout  # the model, its version, the alias
     (mv,) = mlflow.model_versions("down_model")
+    assert mv["tags"]["repository"] == f"s3://{radosgw.endpoint}/{bucket}/models/down_model/1"
+    key = "models/down_model/1/model.onnx"
+    onnx = radosgw.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert sha256(mlflow.artifact(mv["source"], "model.onnx")) == sha256(onnx)
     assert mlflow.aliases("down_model") == {"champion": mv["version"]}
-    assert "out of date" not in cli("status", "--storage", storage, *name, *live).stdout
+    status = cli("status", "--storage", storage, *live, env=radosgw.env, check=True)
+    assert "out of date" not in status.stdout
 
     # Damage in the repository is mirrored, never "repaired" in the registry's favour.
-    (storage / "models/down_model/1/model.onnx").unlink()
-    cli("sync-registry", "--storage", storage, *name, *live, check=True)
+    radosgw.client().delete_object(Bucket=bucket, Key=key)
+    cli("sync-registry", "--storage", storage, *live, env=radosgw.env, check=True)
     (mv,) = mlflow.model_versions("down_model")
     assert mv["tags"]["state"] == "damaged"
     assert mlflow.aliases("down_model") == {}  # nothing is servable: no champion
-    assert not (storage / "models/down_model/1/model.onnx").exists()
+    assert key not in radosgw.bucket_objects(bucket)
 
 
 def test_distributed_training_is_tracked_once(storage: Path, mlflow: MlflowServer) -> None:
