@@ -147,22 +147,33 @@ def now_ms() -> int:
 
 
 class Tracker:
-    """Mirrors one training run's metrics.json into its MLflow run, each time it is written:
-    settings as params, each epoch's record and each evaluation as metrics, the outcome as
-    the run's status, with train.log and metrics.json as artifacts once it ends. Without a
-    URI it does nothing; after a failed call it says so once and does nothing more."""
+    """Mirrors one training run's metrics.json into its MLflow run each time it is written
+    (settings as params, each epoch's record and each evaluation as metrics), and once the
+    attempt is over (`close`) its outcome as the run's status, with train.log and
+    metrics.json as artifacts. Without a URI it does nothing; after a failed call it says
+    so once and does nothing more."""
 
     def __init__(self, tracking: Tracking, run_id: str, out: Path) -> None:
         self.tracking, self.run_id, self.out = tracking, run_id, out
         self.client = Mlflow(tracking.uri) if tracking.uri else None  # None: off, or down
         self.run: dict[str, Any] = {}
         self.sent = {"epoch": 0, "eval_step": -1}
+        self.status = RunStatus.RUNNING
 
     def mirror(self, metrics: dict[str, Any]) -> None:
+        self.status = metrics["status"]
+        self._safely(self._mirror, metrics)
+
+    def close(self) -> None:
+        """End the MLflow run as metrics.json last said, once train.log is complete."""
+        if self.run and self.status in ENDED:
+            self._safely(self._end)
+
+    def _safely(self, call: Any, *args: Any) -> None:
         if self.client is None:
             return
         try:
-            self._mirror(self.client, metrics)
+            call(self.client, *args)
         except TrackingError as e:
             log.warning("%s: training goes on without tracking", e)
             self.client = None
@@ -179,16 +190,16 @@ class Tracker:
             log.info("tracking run %s as MLflow run %s at %s", self.run_id,
                      self.run["info"]["run_id"], client.uri)  # fmt: skip
         self.log(client, values=self.new_values(metrics))
-        status = ENDED.get(metrics["status"])
-        if status is not None:
-            for name in ("train.log", "metrics.json"):
-                path = self.out / name
-                if path.is_file():
-                    client.upload(self.run["info"]["artifact_uri"], name, path.read_bytes())
-            if "error" in metrics:
-                self.log(client, tags={"error": str(metrics["error"])[:5000]})
-            client.call("runs/update", {"run_id": self.run["info"]["run_id"], "status": status,
-                                        "end_time": now_ms()})  # fmt: skip
+        if "error" in metrics:
+            self.log(client, tags={"error": str(metrics["error"])[:5000]})
+
+    def _end(self, client: Mlflow) -> None:
+        for name in ("train.log", "metrics.json"):
+            path = self.out / name
+            if path.is_file():
+                client.upload(self.run["info"]["artifact_uri"], name, path.read_bytes())
+        ended = {"status": ENDED[self.status], "end_time": now_ms()}
+        client.call("runs/update", {"run_id": self.run["info"]["run_id"], **ended})
 
     def new_values(self, metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
         """(metric, value, step) not logged yet: epochs by epoch, evaluations by step."""

@@ -266,6 +266,7 @@ def train(
         metrics = new_metrics(cfg, run_id, world)
         tracker = Tracker(tracking if world.writer else UNTRACKED, run_id, out)
         with (
+            contextlib.closing(tracker),  # train.log's last line in: the run's artifacts
             one_trainer(out, world),
             run_logging(out, world),
             recording_outcome(out, metrics, world, tracker),
