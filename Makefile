@@ -87,7 +87,12 @@ test-deps:
 	@scripts/install_debs.sh $(TEST_DEBS)
 	@scripts/install_debs.sh --optional "the container checks will not run" $(CONTAINER_DEBS)
 
-test: test-deps lint $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer $(MLFLOW_VENV)/bin/mlflow
+# The environments install side by side (pip mostly waits on downloads and disk), lint and
+# types checked once the project's own is in; then the tests.
+TEST_TOOLS := lint $(CHECKOV_VENV)/bin/checkov $(PERF_VENV)/bin/perf_analyzer $(MLFLOW_VENV)/bin/mlflow
+
+test: test-deps
+	$(MAKE) --jobs=4 --output-sync=target $(TEST_TOOLS)
 	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer MLFLOW=$(abspath $(MLFLOW_VENV))/bin/mlflow \
 	    $(BIN)/pytest
 

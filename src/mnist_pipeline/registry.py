@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mnist_pipeline.errors import PipelineFailure, UsageError, one_line
 from mnist_pipeline.repository import DAMAGED, GONE, PUBLISHED, Repository, Scan, Version
 from mnist_pipeline.storage import CONFIG_FILE, METADATA_FILE
 from mnist_pipeline.tracking import Mlflow, NotFound, Tracking, TrackingError
@@ -187,11 +188,12 @@ def sync(repo: Repository, tracking: Tracking) -> list[str]:
 
 
 def sync_after_export(repo: Repository, tracking: Tracking) -> None:
-    """export's mirror: a registry that is down fails nothing and says how to catch up."""
+    """export's mirror: the export's outcome stands whatever happens to the mirror (a
+    server down, the repository unreadable a moment later); it says how to catch up."""
     if not tracking.uri:
         return
     try:
         sync(repo, tracking)
-    except TrackingError as e:
+    except (TrackingError, PipelineFailure, UsageError, OSError) as e:
         log.warning("%s: the registry missed this export; `mnist-pipeline sync-registry` "
-                    "brings it up to date", e)  # fmt: skip
+                    "brings it up to date", one_line(e))  # fmt: skip
