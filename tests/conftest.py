@@ -159,25 +159,28 @@ def onnx_path(pipeline: PipelineRun) -> Path:
     return pipeline.storage / "models" / MODEL / "1" / "model.onnx"
 
 
-def failing_onnx_model() -> bytes:
-    """An ONNX model that loads, matches its config, and fails every request inside
-    ONNX Runtime: a Gather at an index past the end of each 784-pixel image."""
+def failing_onnx_model(image_dims: tuple[int, ...] = (784,)) -> bytes:
+    """An ONNX model that loads, matches its config (input [batch, *image_dims]), and
+    fails every request inside ONNX Runtime: a Gather at an index past the end of each
+    784-pixel image."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weights = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
     index = numpy_helper.from_array(np.array([784], np.int64), "past_the_end")
+    flat = numpy_helper.from_array(np.array([-1, 784], np.int64), "flat_shape")
     graph = helper.make_graph(
         [
-            helper.make_node("MatMul", ["input", "w"], ["logits"]),
-            helper.make_node("Gather", ["input", "past_the_end"], ["pixel"], axis=1),
+            helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+            helper.make_node("Gather", ["flat", "past_the_end"], ["pixel"], axis=1),
             helper.make_node("Add", ["logits", "pixel"], ["output"]),
         ],
         "failing",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 784])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *image_dims])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
-        [weights, index],
+        [weights, index, flat],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10

@@ -262,6 +262,7 @@ def cli(verbose: bool) -> None:
       mnist-pipeline prune    delete old runs, model versions and inference results
       mnist-pipeline pin      write the repository one Triton pod serves (Kubernetes)
       mnist-pipeline status   the repository's versions, runs, damage and lock
+      mnist-pipeline canary   promote a canary release's challenger or roll it back
       mnist-pipeline sync-registry
                               the MLflow registry brought in line with the repository
     """
@@ -373,7 +374,8 @@ def train(storage: Path, **o: Any) -> None:
 
 
 @cli.command()
-@options(s.STORAGE, s.MODEL_REPOSITORY, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.TRITON, s.TRACKING)
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.CHECKPOINT, s.RUN_ID, s.PUBLISH, s.CANARY, s.TRITON)
+@options(s.TRACKING)
 @stage
 def export(
     storage: Path,
@@ -413,6 +415,7 @@ def export(
         precision=o["precision"],
         repo=model_repository,
         tracking=Tracking(o["tracking_uri"], o["experiment"]),
+        canary=o["canary"],
     )
 
 
@@ -757,6 +760,48 @@ def status(
     click.echo(status_report.as_json(report) if json else status_report.as_text(report))
     if report["damaged"]:
         raise PipelineFailure(f"{len(report['damaged'])} damaged version(s): see above")
+
+
+@cli.command()
+@options(s.STORAGE, s.MODEL_REPOSITORY, s.MODEL_NAME, dataclasses.replace(s.RUN_ID, required=True))
+@options(s.URL, s.CANARY_ANALYSIS, s.TRACKING)
+@stage
+def canary(
+    storage: Path, model_repository: ModelRepository | None, model_name: str, run_id: str,
+    url: str, prometheus_url: str, tracking_uri: str | None, experiment: str, **o: Any,
+) -> None:  # fmt: skip
+    """Decide a canary release: promote run RUN_ID's version (the challenger, published
+    with `export --canary`) or roll it back, by measurements.
+
+    \b
+    Some Triton replicas serve the challenger beside the champion's replicas, behind the
+    name --url reaches (dns:///NAME:PORT: every address), clients sending each its share.
+    Watches Prometheus until the challenger answered --canary-requests requests or
+    --canary-window seconds passed; reads each version's requests, failures and p99
+    (Triton's metrics, by version label; tritonserver --metrics-config=
+    summary_latencies=true); sends --probe-requests labelled requests through --url and
+    measures each version's accuracy on those it answered. Rolls back when the
+    challenger's error rate, p99 ratio or accuracy drop exceeds its limit; else promotes.
+    The decision, its numbers and reasons go to the repository (the challenger's ledger
+    entry, the run's record), and the registry's aliases move (--tracking-uri). A promoted
+    version is served by default from the next start of a replica; a rolled-back one never
+    again by default. Exit 0 when decided, either way.
+    """
+    from mnist_pipeline import canary as release
+    from mnist_pipeline.repository import open_repository
+    from mnist_pipeline.storage import repository_at
+
+    limits = release.Thresholds(o["max_p99_ratio"], o["max_error_rate"], o["max_accuracy_drop"])
+    analysis = release.Analysis(
+        storage, open_repository(repository_at(model_repository, storage), model_name), run_id,
+        url, prometheus_url, o["canary_window"], o["canary_requests"], o["probe_requests"],
+        limits, Tracking(tracking_uri, experiment),
+    )  # fmt: skip
+    decision = release.analyse(analysis)
+    if decision.promote:
+        click.echo(f"promoted: run {run_id}'s version is the champion of {model_name}")
+    else:
+        click.echo(f"rolled back: run {run_id}'s version: " + "; ".join(decision.reasons))
 
 
 @cli.command("sync-registry")

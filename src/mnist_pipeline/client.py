@@ -267,6 +267,7 @@ class Driver:
         self.correct = self.images = 0
         self.errors: list[str] = []
         self.served_versions: set[str] = set()
+        self.tally: dict[str, list[int]] = {}  # version -> [correct, images]: canaries
         self.outputs: dict[int, np.ndarray] = {}  # test index → logits, for the samples
         self.next_request = 0
         self.stop = threading.Event()
@@ -375,8 +376,11 @@ class Driver:
         with self.lock:
             self.latencies_ms.append(elapsed_ms)
             self.images += len(idx)
-            self.correct += int((predicted == self.labels[idx]).sum())
+            correct = int((predicted == self.labels[idx]).sum())
+            self.correct += correct
             self.served_versions.add(version)
+            tally = self.tally.setdefault(version, [0, 0])
+            tally[0], tally[1] = tally[0] + correct, tally[1] + len(idx)
             for i, row in zip(idx.tolist(), logits, strict=True):
                 if i < SAMPLES:  # requests start at test image 0: the same samples every run
                     self.outputs[i] = row
@@ -604,6 +608,10 @@ def _measurements(driver: Driver, wall_s: float, labels: np.ndarray) -> dict[str
         "throughput_requests_per_s": count / wall_s if wall_s else 0.0,
         "images": driver.images,
         "accuracy": driver.correct / driver.images if driver.images else None,
+        # Replicas serving different versions (a canary release) behind one name:
+        "by_version": {
+            v: {"images": n, "accuracy": c / n} for v, (c, n) in sorted(driver.tally.items())
+        },
     }
 
 

@@ -39,6 +39,7 @@ from mnist_pipeline import data, gate, interrupts, model, quantize, settings
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.registry import sync_after_export
 from mnist_pipeline.repository import (
+    CHALLENGER,
     PUBLISHED,
     Repository,
     Scan,
@@ -176,6 +177,7 @@ class Job:
     precision: str
     rules: gate.Rules
     repo: Repository
+    canary: bool = False  # publish as the challenger of a canary release
 
     def record(self, outcome: Outcome) -> Outcome:
         """Add `outcome` to the owner's record in the repository (under its lock)."""
@@ -611,6 +613,7 @@ def export(
     repo: ModelRepository | None = None,
     min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default,
     tracking: Tracking = UNTRACKED,
+    canary: bool = False,
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure.
 
@@ -625,7 +628,8 @@ def export(
         raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     path, owner = resolve_checkpoint(storage, checkpoint, run_id)
     repository = open_repository(repository_at(repo, storage), cfg.name)
-    job = Job(storage, cfg, owner, precision, gate.Rules(min_improvement, min_accuracy), repository)
+    rules = gate.Rules(min_improvement, min_accuracy)
+    job = Job(storage, cfg, owner, precision, rules, repository, canary)
     try:
         outcome = export_job(job, path)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: "interrupted", never "failed"
@@ -683,7 +687,7 @@ def judge(job: Job, offer: gate.Candidate) -> tuple[Scan, gate.Decision]:
         log.warning("%s; rewritten from this export's settings", scan.config_damage)
         job.repo.write_config(render_config(job.cfg))
         scan = job.repo.scan()
-    champion = scan.newest
+    champion = scan.champion
     mismatch = (
         None if champion is None or champion.state != PUBLISHED else job.repo.verify(champion)
     )
@@ -709,23 +713,29 @@ def apply(
     if decision.action in (gate.SKIP, gate.RECORD):
         log.info("not exported: %s", decision.reason)
         status = ExportStatus.SKIPPED if decision.action == gate.SKIP else ExportStatus.PUBLISHED
-        point_best_model(job.storage, scan.newest)
+        point_best_model(job.storage, scan.champion)
         return job.record(
             Outcome(status, decision.version, decision.accuracy, best, decision.reason)
         )
     assert decision.action == gate.PUBLISH and built is not None
     metadata = version_metadata(job, candidate, built, best)
+    release = CHALLENGER if job.canary else None
     try:
         config = render_config(job.cfg)
-        version = job.repo.publish(config, {MODEL_FILE: built.content}, metadata)
+        version = job.repo.publish(config, {MODEL_FILE: built.content}, metadata, release)
     except (PipelineFailure, UsageError, OSError) as e:
         error = PipelineFailure(f"publication failed: {describe_error(e)}")
         job.record_failure(error)
         raise error from e
     log.info("published %s version %d (%s) to %s", job.cfg.name, version, decision.reason,
              job.repo.url(str(version)))  # fmt: skip
-    point_best_model(job.storage, job.repo.scan().versions[version])
-    outcome = Outcome(ExportStatus.PUBLISHED, version, decision.accuracy, best, decision.reason)
+    reason = decision.reason
+    if job.canary:
+        reason += "; the challenger of a canary release: `mnist-pipeline canary` decides"
+        log.info("version %d is the challenger: the champion stays served by default until "
+                 "`mnist-pipeline canary --run-id %s` promotes it", version, job.owner)  # fmt: skip
+    point_best_model(job.storage, job.repo.scan().champion)
+    outcome = Outcome(ExportStatus.PUBLISHED, version, decision.accuracy, best, reason)
     return job.record(outcome)
 
 

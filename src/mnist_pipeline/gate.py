@@ -66,7 +66,7 @@ def decide(
     STEP 3 the publishing floor; STEP 4 the newest version, damaged, is republished from
     its twin; STEP 5 the champion (the newest published version, at the accuracy recorded
     when it was published) must be beaten by more than min_improvement."""
-    newest = scan.newest
+    newest = scan.champion
     damaged_newest = newest if newest is not None and newest.state != PUBLISHED else None
     refusal = (
         None if damaged_newest is None

@@ -109,7 +109,7 @@ def chosen(repo: Repository, scan: Scan, resolved: str) -> int:
     config does not parse), since Triton would not start on it."""
     if scan.config_damage:
         raise PipelineFailure(f"cannot serve {repo.name}: {scan.config_damage}; export again")
-    version = scan.newest if not resolved else scan.versions.get(int(resolved))
+    version = scan.champion if not resolved else scan.versions.get(int(resolved))
     if version is None and not resolved:
         # Nothing was exported yet (or it all went): a step missing, not a failure.
         raise UsageError(f"{repo} holds no version to serve; run `mnist-pipeline export`")

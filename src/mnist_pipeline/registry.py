@@ -12,9 +12,9 @@ the repository says, and is idempotent: export calls it after every decision, an
   version's source: MLflow refuses a source outside its artifacts unless it is a bucket,
   and a volume is not one. A version damaged or deleted in the repository keeps its model
   version, tagged `state` damaged or deleted.
-- Alias `champion` is the version Triton serves by default: the newest servable one.
-  Alias `challenger` names a version published but not yet promoted; a publication
-  without a canary release is its promotion, so sync removes it.
+- Alias `champion` is the version Triton serves by default (Scan.champion), when it is
+  servable. Alias `challenger` is the version a canary release is deciding on
+  (export --canary; canary.py); without one the alias is removed.
 """
 
 from __future__ import annotations
@@ -115,17 +115,19 @@ class Registry:
     def alias_changes(
         self, scan: Scan, mirrored: dict[int, dict[str, Any]], aliases: dict[str, int]
     ) -> list[Change]:
-        champion = max(scan.servable, default=None)
+        servable = set(scan.servable)
+        wanted = {
+            CHAMPION: scan.champion.number if scan.champion else None,
+            CHALLENGER: scan.challenger.number if scan.challenger else None,
+        }
         out = []
-        if champion is not None and aliases.get(CHAMPION) != champion:
-            out.append(Change(f"move alias {CHAMPION} to repository version {champion}",
-                              lambda: self.set_alias(CHAMPION, champion)))  # fmt: skip
-        if champion is None and CHAMPION in aliases:
-            out.append(Change(f"remove alias {CHAMPION} (no version is servable)",
-                              lambda: self.delete_alias(CHAMPION)))  # fmt: skip
-        if CHALLENGER in aliases:
-            out.append(Change(f"remove alias {CHALLENGER} (promoted or gone)",
-                              lambda: self.delete_alias(CHALLENGER)))  # fmt: skip
+        for alias, number in wanted.items():
+            if number is not None and number in servable and aliases.get(alias) != number:
+                out.append(Change(f"move alias {alias} to repository version {number}",
+                                  functools.partial(self.set_alias, alias, number)))  # fmt: skip
+            elif (number is None or number not in servable) and alias in aliases:
+                out.append(Change(f"remove alias {alias} (no such servable version)",
+                                  functools.partial(self.delete_alias, alias)))  # fmt: skip
         return out
 
     # Writing ------------------------------------------------------------------------

@@ -60,6 +60,8 @@ SERVED = ".export/served"
 PUBLISHED, DAMAGED, LEFTOVER, GONE = "published", "damaged", "leftover", "gone"
 # What the ledger keeps of each version's metadata.json.
 IDENTITY = ("run_id", "accuracy", "precision", "sha256", "weights_sha256")
+# A version published for a canary release (export --canary): the ledger's "release".
+CHALLENGER, PROMOTED, ROLLED_BACK = "challenger", "promoted", "rolled back"
 
 
 def open_repository(location: ModelRepository, name: str) -> Repository:
@@ -97,6 +99,12 @@ class Version:
         return {key: self.metadata.get(key, self.ledger.get(key)) for key in IDENTITY}
 
     @property
+    def release(self) -> str | None:
+        """CHALLENGER, PROMOTED or ROLLED_BACK for a version published for a canary
+        release; None for one published as the champion at once."""
+        return self.ledger.get("release")
+
+    @property
     def run_id(self) -> str | None:
         run = self.metadata.get("run_id", self.ledger.get("run_id"))
         return run if isinstance(run, str) else None
@@ -130,11 +138,23 @@ class Scan:
         return {v.number: v.why for v in self.having(DAMAGED)}
 
     @property
-    def newest(self) -> Version | None:
-        """The newest version that was published, intact or damaged (a folder no export
-        recorded is reported, never counted)."""
-        recorded = [v for v in self.having(PUBLISHED, DAMAGED) if v.ledger or v.metadata]
+    def champion(self) -> Version | None:
+        """The champion: the newest version that was published, intact or damaged, and is
+        not a canary release's challenger or rolled back by one (a folder no export
+        recorded is reported, never counted). Served by default; what exports must beat."""
+        recorded = [
+            v for v in self.having(PUBLISHED, DAMAGED)
+            if (v.ledger or v.metadata) and v.release not in (CHALLENGER, ROLLED_BACK)
+        ]  # fmt: skip
         return recorded[-1] if recorded else None
+
+    @property
+    def challenger(self) -> Version | None:
+        """The version a canary release is deciding on: the newest challenger published
+        after the champion (an older one was superseded)."""
+        champion = self.champion.number if self.champion else 0
+        waiting = [v for v in self.having(PUBLISHED) if v.release == CHALLENGER]
+        return waiting[-1] if waiting and waiting[-1].number > champion else None
 
     @property
     def high_water(self) -> int:
@@ -286,32 +306,46 @@ class Repository:
 
     def _ledger(self, number: int, state: str, of: dict[str, Any], meta_sha: str | None,
                 create: bool = False) -> bool:  # fmt: skip
-        """Write version `number`'s ledger entry from `of`, its metadata: what it was, kept
-        after its files are gone (its model is still known by its hashes)."""
+        """Write version `number`'s ledger entry from `of`, its metadata (and release): what
+        it was, kept after its files are gone (its model is still known by its hashes)."""
         entry = {"version": number, "state": state, "at": now(), "metadata_sha256": meta_sha,
                  **{key: of.get(key) for key in IDENTITY}}  # fmt: skip
+        if of.get("release"):
+            entry.update(release=of["release"], release_why=of.get("release_why"))
         key = f"{LEDGER}/{number}.json"
         if create:
             return self.files.create(key, json_bytes(entry))
         self.files.put(key, json_bytes(entry))
         return True
 
-    def publish(self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any]) -> int:
+    def publish(
+        self,
+        config_text: str,
+        files: dict[str, bytes],
+        metadata: dict[str, Any],
+        release: str | None = None,
+    ) -> int:
         """Publish `files` as a new version, metadata.json last; return its number."""
         self.lock.check()
         number = self.scan().high_water + 1
+        ledger = {**metadata, "release": release}
         while True:
             marker = json_bytes({**metadata, "version": number, "files": {
                 name: {"bytes": len(content), "sha256": sha256(content)}
                 for name, content in files.items()
             }})  # fmt: skip
-            if self._ledger(number, "claimed", metadata, sha256(marker), create=True):
+            if self._ledger(number, "claimed", ledger, sha256(marker), create=True):
                 break
             number += 1  # claimed meanwhile by a writer that ignored the lock
         # A failure leaves the claim and what was written: the next repair removes them.
         self._fill(number, config_text, files, marker)
-        self._ledger(number, "published", metadata, sha256(marker))
+        self._ledger(number, "published", ledger, sha256(marker))
         return number
+
+    def set_release(self, version: Version, release: str, why: str) -> None:
+        """A canary release's decision: PROMOTED (the champion now) or ROLLED_BACK."""
+        entry = {**version.ledger, "release": release, "release_why": why, "release_at": now()}
+        self.files.put(f"{LEDGER}/{version.number}.json", json_bytes(entry))
 
     def _fill(self, number: int, config_text: str, files: dict[str, bytes], marker: bytes) -> None:
         # The config goes first: options may change (batch sizes), the tensors never do,
@@ -348,6 +382,11 @@ class Repository:
             log.warning("%s: starting it again", e)
             previous = {}
         self.files.put(self.record_key(run_id), json_bytes(standing_record(previous, attempt)))
+
+    def note(self, run_id: str, key: str, value: dict[str, Any]) -> None:
+        """Set `key` of the run's record: what happened to its version after the export."""
+        record = {**(self.read_record(run_id) or {}), key: value}
+        self.files.put(self.record_key(run_id), json_bytes(record))
 
     def write_config(self, config_text: str) -> None:
         self.files.put(CONFIG_FILE, config_text.encode())

@@ -640,6 +640,44 @@ SERVED_REPOSITORY = Setting(
 # status
 JSON = Setting("json", False, "Print one JSON object instead of text.")
 
+# canary releases (export --canary, canary.py)
+CANARY = Setting(
+    "canary",
+    False,
+    "Publish as the challenger of a canary release: the champion (the version served by "
+    "default) stays until `mnist-pipeline canary` promotes the challenger or rolls it back.",
+)
+PROMETHEUS_URL = Setting(
+    "prometheus_url", None, "Prometheus scraping every Triton, http(s)://HOST:PORT.",
+    type=str, required=True,
+)  # fmt: skip
+CANARY_WINDOW = Setting(
+    "canary_window", 300.0,
+    "Seconds to watch at most: decide then, or as soon as --canary-requests were counted.",
+    min=0,
+)  # fmt: skip
+CANARY_REQUESTS = Setting(
+    "canary_requests", 200,
+    "Requests the challenger must have answered (Prometheus' count) before deciding early.",
+    min=1,
+)  # fmt: skip
+MAX_P99_RATIO = Setting(
+    "max_p99_ratio", 1.5, "Roll back if the challenger's p99 latency exceeds the champion's "
+    "times this.", min=0, min_open=True,
+)  # fmt: skip
+MAX_ERROR_RATE = Setting(
+    "max_error_rate", 0.01, "Roll back if more than this share of the challenger's requests "
+    "failed.", min=0, max=1,
+)  # fmt: skip
+MAX_ACCURACY_DROP = Setting(
+    "max_accuracy_drop", 0.005, "Roll back if the challenger's accuracy on the probe's "
+    "labelled images is below the champion's by more than this.", min=0, max=1,
+)  # fmt: skip
+PROBE_REQUESTS = Setting(
+    "probe_requests", 400, "Labelled requests (8 test images each) the analysis sends "
+    "through --url; each version's accuracy is measured on those it answered.", min=1,
+)  # fmt: skip
+
 # MLflow (tracking.py, registry.py)
 TRACKING_URI = Setting(
     "tracking_uri",
@@ -671,6 +709,8 @@ LAUNCH = (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RENDEZVOU
 TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
 PUBLISH = (MIN_IMPROVEMENT, PUBLISH_MIN_ACCURACY, PRECISION)
 TRACKING = (TRACKING_URI, EXPERIMENT)
+CANARY_ANALYSIS = (PROMETHEUS_URL, CANARY_WINDOW, CANARY_REQUESTS, MAX_P99_RATIO,
+                   MAX_ERROR_RATE, MAX_ACCURACY_DROP, PROBE_REQUESTS)  # fmt: skip
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT)

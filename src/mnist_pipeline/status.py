@@ -31,17 +31,19 @@ def report(location: ModelRepository, name: str, tracking: Tracking = UNTRACKED)
             "precision": v.metadata.get("precision"),
             "exported": v.metadata.get("export_date"),
             "why": v.why or None,
+            "release": v.release,
             "remedy": republish_hint(v) if v.state == DAMAGED else None,
         }
         for v in scan.versions.values()
     ]
-    newest = scan.newest
+    champion = scan.champion
     return {
         "repository": str(repo),
         "model_name": name,
         "versions": versions,
         "servable": scan.servable,
-        "newest": None if newest is None else newest.number,
+        "champion": None if champion is None else champion.number,  # served by default
+        "challenger": None if scan.challenger is None else scan.challenger.number,
         "next_version": scan.high_water + 1,
         "damaged": {str(n): why for n, why in scan.damaged.items()},
         "config": scan.config_damage or "ok",
@@ -83,6 +85,8 @@ def as_text(report: dict[str, Any]) -> str:
         line = (
             f"  {v['version']:>4}  {v['state']:<9}  run {v['run_id'] or '?'}  accuracy {accuracy}"
         )
+        if v["release"]:
+            line += f"  ({v['release']})"
         if v["state"] in (DAMAGED, GONE) and v["why"]:
             line += f"  ({v['why']})"
         if v["remedy"]:
@@ -91,8 +95,9 @@ def as_text(report: dict[str, Any]) -> str:
     if not report["versions"]:
         lines.append("  none: run `mnist-pipeline export`")
     servable = ", ".join(map(str, report["servable"])) or "none"
+    challenger = f"; challenger: {report['challenger']}" if report["challenger"] else ""
     lines += [
-        f"newest: {report['newest'] or 'none'}; servable: {servable}; "
+        f"champion: {report['champion'] or 'none'}{challenger}; servable: {servable}; "
         f"next number: {report['next_version']}",
         f"config.pbtxt: {report['config']}",
         "runs:",

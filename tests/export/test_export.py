@@ -633,7 +633,7 @@ def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_p
             == hashlib.sha256((model_path / str(version) / "model.onnx").read_bytes()).hexdigest()
         )
     # Whatever the order, the high-accuracy run ends up served.
-    assert scan.newest is not None and scan.newest.run_id == trained["high"]
+    assert scan.champion is not None and scan.champion.run_id == trained["high"]
     assert repository(storage).lock.holder_now() is None
 
 

@@ -183,7 +183,7 @@ def test_a_version_folder_no_export_recorded_is_reported_and_kept(tmp_path: Path
     assert (stray / "model.onnx").read_bytes() == b"onnx"
     scan = repository(storage).scan()
     assert scan.damaged == {7: f"{stray} holds no metadata.json and no export recorded it"}
-    assert scan.newest is not None and scan.newest.number == 6
+    assert scan.champion is not None and scan.champion.number == 6
     assert scan.high_water == 7
 
 

@@ -170,7 +170,7 @@ def test_versions_are_sorted_by_number_and_only_version_folders(tmp_path: Path) 
     assert scan.servable == [9, 10]
     # 2 lacks its metadata and no export recorded it: reported and kept, never served.
     assert scan.damaged == {2: f"{model / '2'} holds no {METADATA_FILE} and no export recorded it"}
-    assert scan.newest is not None and scan.newest.number == 10
+    assert scan.champion is not None and scan.champion.number == 10
     assert scan.high_water == 10
     assert repository(tmp_path / "absent").scan().versions == {}
 

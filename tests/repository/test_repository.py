@@ -350,10 +350,10 @@ def test_a_version_that_lost_its_model_is_kept_reported_and_republished_as_a_new
     assert report["versions"][1] == {
         "version": 2, "state": "damaged", "run_id": "high", "accuracy": accuracy,
         "precision": "fp32", "exported": repo.metadata(2)["export_date"], "why": why,
-        "remedy": REMEDY_HIGH,
+        "remedy": REMEDY_HIGH, "release": None,
     }  # fmt: skip
     assert (report["damaged"], report["servable"]) == ({"2": why}, [1])
-    assert (report["newest"], report["next_version"]) == (2, 3)
+    assert (report["champion"], report["next_version"]) == (2, 3)
     text = repo.status()
     assert text.returncode == 1
     lines = [
@@ -421,7 +421,7 @@ def test_numbers_of_pruned_and_vanished_versions_stay_taken(repo: Repo) -> None:
     states = [(v["version"], v["state"], v["run_id"]) for v in report["versions"]]
     assert states == [(1, "gone", "low"), (2, "damaged", "high")]
     assert report["damaged"] == {"2": "<model>/2/metadata.json is missing"}
-    assert (report["servable"], report["newest"], report["next_version"]) == ([], 2, 3)
+    assert (report["servable"], report["champion"], report["next_version"]) == ([], 2, 3)
 
 
 def test_the_run_of_a_vanished_newest_version_republishes_it_under_a_new_number(
@@ -586,7 +586,7 @@ def test_status_reports_versions_runs_damage_and_the_lock_as_json_and_as_text(
         (1, "damaged", "low", low, why, remedy), (2, "published", "high", high, None, None)
     ]  # fmt: skip
     assert (report["repository"], report["model_name"]) == ("<model>", NAME)
-    assert (report["newest"], report["next_version"], report["servable"]) == (2, 3, [2])
+    assert (report["champion"], report["next_version"], report["servable"]) == (2, 3, [2])
     assert (report["damaged"], report["config"], report["served"]) == ({"1": why}, "ok", [])
     runs = {run: (r["status"], r["version"], r["accuracy"]) for run, r in report["runs"].items()}
     assert runs == {"low": ("published", 1, low), "high": ("published", 2, high)}
@@ -609,7 +609,7 @@ def test_status_reports_versions_runs_damage_and_the_lock_as_json_and_as_text(
         f"1 damaged run low accuracy {low:.4f} ({why}); {remedy}",
         f"2 published run high accuracy {high:.4f}",
     ]
-    assert "newest: 2; servable: 2; next number: 3" in lines
+    assert "champion: 2; servable: 2; next number: 3" in lines
     assert "config.pbtxt: ok" in lines
     assert "low published version 1: first export" in lines
     assert f"high published version 2: {report['runs']['high']['reason']}" in lines
@@ -654,7 +654,7 @@ def test_only_the_leftovers_of_an_unfinished_export_are_cleaned(repo: Repo) -> N
         (3, "gone"),
         (4, "damaged"),
     ]
-    assert (report["damaged"], report["newest"], report["next_version"]) == (
+    assert (report["damaged"], report["champion"], report["next_version"]) == (
         {"4": unrecorded},
         2,
         5,

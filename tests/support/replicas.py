@@ -201,15 +201,16 @@ class Replicas:
     ) -> None:
         self.close()
 
-    def add(self, ready_timeout: float = 120.0) -> int:
-        """Start one more replica and, once it is ready, add it to the name; its index."""
+    def add(self, ready_timeout: float = 120.0, repository: Path | None = None) -> int:
+        """Start one more replica and, once it is ready, add it to the name; its index.
+        `repository`: another than the replicas' own (a canary serving another version)."""
         i = len(self.servers)
         ns, address = self.network.add_namespace()
         pin = ["taskset", "-c", self.cpus[i % len(self.cpus)]] if self.cpus else []
         server, env = wheel_server(self.network.workdir / "backends")
         command = [
             "ip", "netns", "exec", ns, *pin, *server,
-            f"--model-repository={self.repository}",
+            f"--model-repository={repository or self.repository}",
             "--model-control-mode=none", "--allow-gpu-metrics=false",
             f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
             *self.extra_args,
