@@ -42,7 +42,7 @@ def release(
     require_tools()
     storage = tmp_path_factory.mktemp("canary") / "storage"
     shutil.copytree(mnist_storage / "data", storage / "data")
-    quick = "--limit-train 256 --limit-test 500 --checkpoint-every 0 --threads 1".split()
+    quick = "--limit-train 128 --limit-test 100 --checkpoint-every 0 --threads 1".split()
     cli("train", "--storage", storage, *quick, "--run-id", "weak", check=True)
     (first,) = [p for p in (pipeline.storage / "checkpoints").iterdir() if p.is_dir()]
     for run in (first, quantisable.storage / "checkpoints" / quantisable.run_id):
@@ -81,12 +81,12 @@ def traffic_and_canary(storage: Path, run_id: str, replicas: Replicas, prometheu
     """Clients' requests through the name (each replica answers with its own version), then
     the analysis; what it printed."""
     # Not checked: a broken challenger's first failure stops the client.
-    cli("infer", "--storage", storage, "--url", replicas.target, "--requests", "300",
+    cli("infer", "--storage", storage, "--url", replicas.target, "--requests", "150",
         "--warmup", "0", "--concurrency", "2")  # fmt: skip
     result = cli(
         "canary", "--storage", storage, "--run-id", run_id, "--url", replicas.target,
-        "--prometheus-url", prometheus_url, "--canary-requests", "100",
-        "--probe-requests", "100", *limits,
+        "--prometheus-url", prometheus_url, "--canary-requests", "50",
+        "--probe-requests", "60", *limits,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
