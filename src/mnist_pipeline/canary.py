@@ -8,7 +8,8 @@ then decides, top to bottom:
   STEP 1  which versions: the champion, and the run's version, which must be the challenger
   STEP 2  watch: until the challenger has answered --canary-requests requests, as
           Prometheus counts them, or --canary-window seconds have passed
-  STEP 3  serving, from Prometheus (Triton's metrics, by version): requests, failures, p99
+  STEP 3  serving, from Prometheus (Triton's metrics, by version): requests, failures, and
+          the highest p99 over the watch and the minute before it
   STEP 4  accuracy: labelled test images sent through the same name; each version is
           measured on the ones it answered
   STEP 5  decide (`decide`, pure) and record: promoted (the champion now, served by default
@@ -38,6 +39,8 @@ from mnist_pipeline.tracking import Tracking
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
+# How far before the watch p99 is read from: the minute Triton's summary keeps.
+SUMMARY_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def decide(champion: Measured, challenger: Measured, limits: Thresholds) -> Deci
     elif challenger.error_rate > limits.max_error_rate:
         reasons.append(f"error rate {challenger.error_rate:.2%} > {limits.max_error_rate:.2%}")
     if challenger.p99_ms is None or champion.p99_ms is None:
-        reasons.append("no p99 latency to compare (Triton's summary had no recent requests)")
+        reasons.append("no p99 latency to compare (no Triton summary reported one over the watch)")
     elif challenger.p99_ms > champion.p99_ms * limits.max_p99_ratio:
         ratio = challenger.p99_ms / champion.p99_ms
         reasons.append(f"p99 {challenger.p99_ms:.2f} ms is {ratio:.2f}x the champion's "
@@ -137,31 +140,37 @@ def prometheus_query(url: str, promql: str) -> dict[int, float]:
     return values
 
 
-def serving(url: str, model: str, number: int) -> Measured:
-    """A version's requests, failures and p99 over every replica serving it (Triton's
-    counters since each started; its summary's recent p99, the slowest replica's)."""
+def serving(url: str, model: str, number: int, seconds: int) -> Measured:
+    """A version's requests, failures and p99 over every replica serving it: Triton's
+    counters since each started, and the highest p99 its summary reported over the last
+    `seconds` (a summary covers about the last minute of requests, none once traffic pauses)."""
     where = f'model="{model}",version="{number}"'
+    p99 = f'nv_inference_request_summary_us{{{where},quantile="0.99"}}[{seconds}s]'
     success, failure, p99_us = (
         prometheus_query(url, promql).get(number)
         for promql in (
             f"sum by (version) (nv_inference_request_success{{{where}}})",
             f"sum by (version) (nv_inference_request_failure{{{where}}})",
-            f'max by (version) (nv_inference_request_summary_us{{{where},quantile="0.99"}})',
+            f"max by (version) (max_over_time({p99}))",
         )
     )
     requests, failures = int((success or 0) + (failure or 0)), int(failure or 0)
     return Measured(number, requests, failures, None if p99_us is None else p99_us / 1000)
 
 
-def watch(url: str, model: str, number: int, window: float, enough: int) -> None:
+def watch(url: str, model: str, number: int, window: float, enough: int) -> float:
+    """Seconds watched: until the version has answered `enough` requests or `window` passed."""
+    answers = (
+        f'{{__name__=~"nv_inference_request_(success|failure)",model="{model}",version="{number}"}}'
+    )
     started = time.monotonic()
     while True:
-        answered = serving(url, model, number).requests
+        answered = int(prometheus_query(url, f"sum by (version) ({answers})").get(number, 0))
         waited = time.monotonic() - started
         if answered >= enough or waited >= window:
             log.info("version %d answered %d request(s) in %.0f s of watching", number,
                      answered, waited)  # fmt: skip
-            return
+            return waited
         time.sleep(POLL_SECONDS)
 
 
@@ -220,8 +229,10 @@ def analyse(a: Analysis) -> Decision:
     name, numbers = a.repo.name, (champion.number, challenger.number)
     log.info("canary release of %s: champion version %d, challenger version %d (run %s)",
              name, *numbers, a.run_id)  # fmt: skip
-    watch(a.prometheus_url, name, challenger.number, a.window, a.enough_requests)  # STEP 2
-    measured = [serving(a.prometheus_url, name, n) for n in numbers]  # STEP 3
+    # STEP 2
+    watched = watch(a.prometheus_url, name, challenger.number, a.window, a.enough_requests)
+    seconds = math.ceil(watched) + SUMMARY_SECONDS  # STEP 3: the watch and the minute before
+    measured = [serving(a.prometheus_url, name, n, seconds) for n in numbers]
     cfg = client.InferConfig(url=a.url, model_name=name, model_version="", warmup=0,
                              requests=a.probe_requests, images_per_request=8,
                              concurrency=2, output=a.storage / "canary" / a.run_id)  # fmt: skip

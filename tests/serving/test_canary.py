@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,16 +80,23 @@ def serving(
 
 def traffic_and_canary(storage: Path, run_id: str, replicas: Replicas, prometheus_url: str,
                        *limits: str) -> str:  # fmt: skip
-    """Clients' requests through the name (each replica answers with its own version), then
-    the analysis; what it printed."""
-    # Not checked: a broken challenger's first failure stops the client.
-    cli("infer", "--storage", storage, "--url", replicas.target, "--requests", "150",
-        "--warmup", "0", "--concurrency", "2")  # fmt: skip
-    result = cli(
-        "canary", "--storage", storage, "--run-id", run_id, "--url", replicas.target,
-        "--prometheus-url", prometheus_url, "--canary-requests", "50",
-        "--probe-requests", "60", *limits,
+    """The analysis while clients send requests through the name, as in production (each
+    replica answers with its own version): what it printed."""
+    clients = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", "infer", "--storage", storage, "--url",
+         replicas.target, "--requests", "1000000", "--warmup", "0", "--concurrency", "2",
+         "--output", storage.parent / "clients"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    try:
+        result = cli(
+            "canary", "--storage", storage, "--run-id", run_id, "--url", replicas.target,
+            "--prometheus-url", prometheus_url, "--canary-requests", "50",
+            "--probe-requests", "60", *limits,
+        )  # fmt: skip
+    finally:  # a broken challenger's first failure has already stopped them
+        clients.terminate()
+        clients.wait(timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
