@@ -85,6 +85,14 @@ VALUES = (
     ChartValue("retention.versions", s.KEEP_VERSIONS, "flag"),
     ChartValue("retention.inference", s.KEEP_INFERENCE, "flag"),
     ChartValue("retention.abandonedAfterSeconds", s.ABANDONED_AFTER, "flag"),
+    # the canary analysis
+    ChartValue("canary.windowSeconds", s.CANARY_WINDOW, "flag"),
+    ChartValue("canary.requests", s.CANARY_REQUESTS, "flag"),
+    ChartValue("canary.probeRequests", s.PROBE_REQUESTS, "flag"),
+    ChartValue("canary.maxErrorRate", s.MAX_ERROR_RATE, "flag"),
+    ChartValue("canary.maxP99Ratio", s.MAX_P99_RATIO, "flag"),
+    ChartValue("canary.maxAccuracyDrop", s.MAX_ACCURACY_DROP, "flag"),
+    ChartValue("canary.override", s.OVERRIDE, "flag", optional=True, empty_is_unset=True),
     # every wait
     ChartValue("waits.timeoutSeconds", s.WAIT_TIMEOUT, "flag"),
     ChartValue("waits.intervalSeconds", s.WAIT_INTERVAL, "flag"),

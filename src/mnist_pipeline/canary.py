@@ -6,15 +6,16 @@ champion's, behind one name, so clients send them their share of requests. `anal
 then decides, top to bottom:
 
   STEP 1  which versions: the champion, and the run's version, which must be the challenger
-  STEP 2  watch: until the challenger has answered --canary-requests requests, as
-          Prometheus counts them, or --canary-window seconds have passed
+  STEP 2  watch: until the challenger has answered --canary-requests requests and the
+          champion some, as Prometheus counts them, or --canary-window seconds have passed
   STEP 3  serving, from Prometheus (Triton's metrics, by version): requests, failures, and
           the highest p99 over the watch and the minute before it
   STEP 4  accuracy: labelled test images sent through the same name; each version is
           measured on the ones it answered
   STEP 5  decide (`decide`, pure) and record: promoted (the champion now, served by default
           from the next start of a replica) or rolled back (never served by default), with
-          the numbers and reasons in the ledger and the run's record; registry aliases move
+          the numbers and reasons in the ledger and the run's record; registry aliases move;
+          on Kubernetes, the replicas whose pin changed restart
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ from typing import Any
 
 from mnist_pipeline import client
 from mnist_pipeline.errors import PipelineFailure, UsageError, one_line
+from mnist_pipeline.kube import KubeApi
 from mnist_pipeline.registry import sync_after_export
 from mnist_pipeline.repository import PROMOTED, ROLLED_BACK, Repository, Scan, Version, now
+from mnist_pipeline.storage import canary_dir
 from mnist_pipeline.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
+PROMOTE, ROLL_BACK = "promote", "roll-back"  # --override
+BY_HAND = "decided by hand (--override)"
 # How far before the watch p99 is read from: the minute Triton's summary keeps.
 SUMMARY_SECONDS = 60
 
@@ -86,7 +91,10 @@ def decide(champion: Measured, challenger: Measured, limits: Thresholds) -> Deci
         reasons.append("the challenger answered no request: no replica served it traffic")
     elif challenger.error_rate > limits.max_error_rate:
         reasons.append(f"error rate {challenger.error_rate:.2%} > {limits.max_error_rate:.2%}")
-    if challenger.p99_ms is None or champion.p99_ms is None:
+    if champion.requests == 0:
+        reasons.append("Prometheus counted no request answered by the champion: nothing to "
+                       "compare with (does it scrape every replica?)")  # fmt: skip
+    elif challenger.p99_ms is None or champion.p99_ms is None:
         reasons.append("no p99 latency to compare (no Triton summary reported one over the watch)")
     elif challenger.p99_ms > champion.p99_ms * limits.max_p99_ratio:
         ratio = challenger.p99_ms / champion.p99_ms
@@ -103,13 +111,19 @@ def decide(champion: Measured, challenger: Measured, limits: Thresholds) -> Deci
 # STEP 1 -------------------------------------------------------------------------------
 
 
-def versions(scan: Scan, repo: Repository, run_id: str) -> tuple[Version, Version]:
-    """(champion, challenger): the run's version must be the challenger awaiting a decision."""
+def versions(scan: Scan, repo: Repository, run_id: str) -> tuple[Version, Version] | str:
+    """(champion, challenger): the run's version must be the challenger awaiting a decision.
+    Why there is nothing to decide, when it is the champion (a first release, or an export
+    that kept the champion) or was decided on already."""
     challenger, champion = scan.challenger, scan.champion
     record = repo.read_record(run_id) or {}
     number = record.get("version")
+    theirs = scan.versions.get(number) if isinstance(number, int) else None
+    if champion is not None and number == champion.number:
+        return f"run {run_id}'s version is the champion of {repo.name}"
+    if theirs is not None and theirs.release in (PROMOTED, ROLLED_BACK):
+        return f"run {run_id}'s version {number} was {theirs.release} already"
     if challenger is None or number != challenger.number:
-        theirs = scan.versions.get(number) if isinstance(number, int) else None
         state = f"its release is {theirs.release!r}" if theirs else "it published none"
         raise UsageError(
             f"run {run_id}'s version is not the challenger of a canary release ({state}; the "
@@ -158,18 +172,20 @@ def serving(url: str, model: str, number: int, seconds: int) -> Measured:
     return Measured(number, requests, failures, None if p99_us is None else p99_us / 1000)
 
 
-def watch(url: str, model: str, number: int, window: float, enough: int) -> float:
-    """Seconds watched: until the version has answered `enough` requests or `window` passed."""
-    answers = (
-        f'{{__name__=~"nv_inference_request_(success|failure)",model="{model}",version="{number}"}}'
-    )
+def watch(url: str, model: str, numbers: tuple[int, int], window: float, enough: int) -> float:
+    """Seconds watched: until Prometheus has counted requests answered by the champion and
+    `enough` by the challenger (numbers: theirs), or `window` passed."""
+    champion, challenger = numbers
+    answers = (f'{{__name__=~"nv_inference_request_(success|failure)",model="{model}",'
+               f'version=~"{champion}|{challenger}"}}')  # fmt: skip
     started = time.monotonic()
     while True:
-        answered = int(prometheus_query(url, f"sum by (version) ({answers})").get(number, 0))
+        answered = prometheus_query(url, f"sum by (version) ({answers})")
         waited = time.monotonic() - started
-        if answered >= enough or waited >= window:
-            log.info("version %d answered %d request(s) in %.0f s of watching", number,
-                     answered, waited)  # fmt: skip
+        counts = [int(answered.get(n, 0)) for n in numbers]
+        if (counts[0] > 0 and counts[1] >= enough) or waited >= window:
+            log.info("versions %d and %d answered %d and %d request(s) in %.0f s of watching",
+                     *numbers, *counts, waited)  # fmt: skip
             return waited
         time.sleep(POLL_SECONDS)
 
@@ -190,12 +206,11 @@ def probe(storage: Path, cfg: client.InferConfig) -> tuple[dict[str, Any], str |
 # STEP 5 ----------------------------------------------------------------------------------
 
 
-def record(repo: Repository, run_id: str, challenger: Version, decision: Decision,
+def record(repo: Repository, run_id: str, challenger: Version, decision: Decision, why: str,
            numbers: dict[str, Any]) -> None:  # fmt: skip
     """The decision in the ledger (the challenger's release) and the run's record, under the
     lock, if the challenger still awaits one (another analysis may have decided)."""
     release = PROMOTED if decision.promote else ROLLED_BACK
-    why = "; ".join(decision.reasons) or "every measurement within its limit"
     with repo.lock.held("canary"):
         scan = repo.scan()
         if scan.challenger is None or scan.challenger.number != challenger.number:
@@ -205,7 +220,7 @@ def record(repo: Repository, run_id: str, challenger: Version, decision: Decisio
             )
         repo.set_release(scan.challenger, release, why)
         repo.note(run_id, "canary", {"decision": release, "reasons": list(decision.reasons),
-                                     **numbers, "at": now()})  # fmt: skip
+                                     "why": why, **numbers, "at": now()})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -222,20 +237,39 @@ class Analysis:
     probe_requests: int
     limits: Thresholds
     tracking: Tracking
+    kube: KubeApi | None = None  # where the Deployments below are
+    stable_deployment: str | None = None
+    canary_deployment: str | None = None
+    override: str | None = None  # PROMOTE or ROLL_BACK: decided by hand, nothing measured
 
 
-def analyse(a: Analysis) -> Decision:
-    champion, challenger = versions(a.repo.scan(), a.repo, a.run_id)  # STEP 1
+def restart_replicas(a: Analysis, decision: Decision) -> None:
+    """Roll the replicas whose pin the decision changed: the stable ones (--model-version
+    "") if the challenger is now the champion; the canary ones (challenger) either way."""
+    stable = a.stable_deployment if decision.promote else None
+    names = [name for name in (stable, a.canary_deployment) if name]
+    if not names:
+        return
+    if a.kube is None:
+        raise PipelineFailure(
+            f"the decision is recorded, but no Deployment was restarted (no service account "
+            f"token): restart {', '.join(names)} (kubectl rollout restart deployment/NAME)"
+        )
+    release = PROMOTED if decision.promote else ROLLED_BACK
+    for name in names:
+        a.kube.restart(name, {"mnist-pipeline/canary": f"run {a.run_id}: {release}"})
+
+
+def measure(a: Analysis, champion: Version, challenger: Version) -> tuple[Decision, dict[str, Any]]:
+    """STEP 2 to 5: the decision and the numbers it was made on."""
     name, numbers = a.repo.name, (champion.number, challenger.number)
-    log.info("canary release of %s: champion version %d, challenger version %d (run %s)",
-             name, *numbers, a.run_id)  # fmt: skip
     # STEP 2
-    watched = watch(a.prometheus_url, name, challenger.number, a.window, a.enough_requests)
+    watched = watch(a.prometheus_url, name, numbers, a.window, a.enough_requests)
     seconds = math.ceil(watched) + SUMMARY_SECONDS  # STEP 3: the watch and the minute before
     measured = [serving(a.prometheus_url, name, n, seconds) for n in numbers]
     cfg = client.InferConfig(url=a.url, model_name=name, model_version="", warmup=0,
                              requests=a.probe_requests, images_per_request=8,
-                             concurrency=2, output=a.storage / "canary" / a.run_id)  # fmt: skip
+                             concurrency=2, output=canary_dir(a.storage) / a.run_id)  # fmt: skip
     by_version, failed = probe(a.storage, cfg)  # STEP 4
     champ, chall = (
         replace(m, accuracy=by_version.get(str(m.version), {}).get("accuracy"),
@@ -247,8 +281,26 @@ def analyse(a: Analysis) -> Decision:
         decision = Decision(False, (*decision.reasons, f"the probe failed: {failed}"))
     for m in (champ, chall):
         log.info("canary %s", m.text())
-    numbers_kept = {"champion": asdict(champ), "challenger": asdict(chall),
-                    "limits": asdict(a.limits)}  # fmt: skip
-    record(a.repo, a.run_id, challenger, decision, numbers_kept)
+    return decision, {"champion": asdict(champ), "challenger": asdict(chall),
+                      "limits": asdict(a.limits)}  # fmt: skip
+
+
+def analyse(a: Analysis) -> Decision | str:
+    """The decision, recorded and applied; or why there was nothing to decide."""
+    chosen = versions(a.repo.scan(), a.repo, a.run_id)  # STEP 1
+    if isinstance(chosen, str):
+        return chosen
+    champion, challenger = chosen
+    log.info("canary release of %s: champion version %d, challenger version %d (run %s)",
+             a.repo.name, champion.number, challenger.number, a.run_id)  # fmt: skip
+    if a.override is None:
+        decision, numbers = measure(a, champion, challenger)
+        why = "; ".join(decision.reasons) or "every measurement within its limit"
+    else:  # an operator's call: nothing is measured
+        promote = a.override == PROMOTE
+        decision = Decision(promote, () if promote else (BY_HAND,))
+        numbers, why = {"champion": {"version": champion.number}}, BY_HAND
+    record(a.repo, a.run_id, challenger, decision, why, numbers)
     sync_after_export(a.repo, a.tracking)
+    restart_replicas(a, decision)
     return decision

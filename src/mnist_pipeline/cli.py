@@ -768,7 +768,7 @@ def status(
 @stage
 def canary(
     storage: Path, model_repository: ModelRepository | None, model_name: str, run_id: str,
-    url: str, prometheus_url: str, tracking_uri: str | None, experiment: str, **o: Any,
+    url: str, prometheus_url: str | None, tracking_uri: str | None, experiment: str, **o: Any,
 ) -> None:  # fmt: skip
     """Decide a canary release: promote run RUN_ID's version (the challenger, published
     with `export --canary`) or roll it back, by measurements.
@@ -785,20 +785,31 @@ def canary(
     The decision, its numbers and reasons go to the repository (the challenger's ledger
     entry, the run's record), and the registry's aliases move (--tracking-uri). A promoted
     version is served by default from the next start of a replica; a rolled-back one never
-    again by default. Exit 0 when decided, either way.
+    again by default. On Kubernetes, --stable-deployment restarts when the challenger is
+    promoted and --canary-deployment once decided, so each serves the new champion. Exit 0
+    when decided, either way, or when there is nothing to decide: RUN_ID's version is the
+    champion (a first release, or an export that kept the champion) or was decided on
+    already. --override promote (roll-back) decides by hand instead, measuring nothing.
     """
     from mnist_pipeline import canary as release
+    from mnist_pipeline.kube import KubeApi
     from mnist_pipeline.repository import open_repository
     from mnist_pipeline.storage import repository_at
 
+    if prometheus_url is None and o["override"] is None:
+        raise UsageError("--prometheus-url is needed to measure (or decide by hand: --override)")
     limits = release.Thresholds(o["max_p99_ratio"], o["max_error_rate"], o["max_accuracy_drop"])
     analysis = release.Analysis(
         storage, open_repository(repository_at(model_repository, storage), model_name), run_id,
-        url, prometheus_url, o["canary_window"], o["canary_requests"], o["probe_requests"],
-        limits, Tracking(tracking_uri, experiment),
+        url, prometheus_url or "", o["canary_window"], o["canary_requests"],
+        o["probe_requests"], limits, Tracking(tracking_uri, experiment),
+        KubeApi.in_cluster(o["namespace"]), o["stable_deployment"], o["canary_deployment"],
+        o["override"],
     )  # fmt: skip
     decision = release.analyse(analysis)
-    if decision.promote:
+    if isinstance(decision, str):
+        click.echo(f"nothing to decide: {decision}")
+    elif decision.promote:
         click.echo(f"promoted: run {run_id}'s version is the champion of {model_name}")
     else:
         click.echo(f"rolled back: run {run_id}'s version: " + "; ".join(decision.reasons))

@@ -447,12 +447,13 @@ def infer(
     location: ModelRepository | None = None,
 ) -> dict[str, Any]:
     """Run the client; return latency.json's content. Raises PipelineFailure when it failed,
-    after writing what was measured so far. --model-version run asks for the version
-    `run_id`'s export chose, as the repository (`location`) records it."""
+    after writing what was measured so far. --model-version run (challenger) asks for the
+    version `run_id`'s export chose (the challenger), as the repository (`location`)
+    records it."""
     cfg.validate()
-    if cfg.model_version == "run":
+    if cfg.model_version in ("run", "challenger"):
         repo = open_repository(repository_at(location, storage), cfg.model_name)
-        cfg = replace(cfg, model_version=resolve_version(repo, "run", run_id))
+        cfg = replace(cfg, model_version=resolve_version(repo, cfg.model_version, run_id))
     images, labels = data.load(storage, "test")
     x = data.normalize(images)
     out = new_output_dir(cfg.output or inference_dir(storage))

@@ -719,7 +719,9 @@ def apply(
         )
     assert decision.action == gate.PUBLISH and built is not None
     metadata = version_metadata(job, candidate, built, best)
-    release = CHALLENGER if job.canary else None
+    # A first release has nothing to compare a challenger with: it is the champion.
+    canary = job.canary and champion is not None
+    release = CHALLENGER if canary else None
     try:
         config = render_config(job.cfg)
         version = job.repo.publish(config, {MODEL_FILE: built.content}, metadata, release)
@@ -730,7 +732,7 @@ def apply(
     log.info("published %s version %d (%s) to %s", job.cfg.name, version, decision.reason,
              job.repo.url(str(version)))  # fmt: skip
     reason = decision.reason
-    if job.canary:
+    if canary:
         reason += "; the challenger of a canary release: `mnist-pipeline canary` decides"
         log.info("version %d is the challenger: the champion stays served by default until "
                  "`mnist-pipeline canary --run-id %s` promotes it", version, job.owner)  # fmt: skip

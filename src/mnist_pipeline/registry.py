@@ -72,24 +72,19 @@ class Registry:
             model = self.client.call("registered-models/get", name=self.name)
         except NotFound:
             return {}
-        by_mlflow = {str(mv["version"]): n for n, mv in self.model_versions().items()}
-        return {
-            a["alias"]: by_mlflow[str(a["version"])]
-            for a in model["registered_model"].get("aliases", [])
-            if str(a["version"]) in by_mlflow
-        }
+        return aliases_of(model, self.model_versions())
 
     def changes(self, scan: Scan) -> list[Change]:
         """What would make the registry say what `scan` says: nothing when it does."""
         try:
-            self.client.call("registered-models/get", name=self.name)
+            model = self.client.call("registered-models/get", name=self.name)
         except NotFound:
             return [Change(f"register model {self.name}", self.create_model),
-                    *self.version_changes(scan, {}), *self.alias_changes(scan, {}, {})]  # fmt: skip
+                    *self.version_changes(scan, {}), *self.alias_changes(scan, {})]  # fmt: skip
         mirrored = self.model_versions()
         return [
             *self.version_changes(scan, mirrored),
-            *self.alias_changes(scan, mirrored, self.aliases()),
+            *self.alias_changes(scan, aliases_of(model, mirrored)),
         ]
 
     def version_changes(self, scan: Scan, mirrored: dict[int, dict[str, Any]]) -> list[Change]:
@@ -112,9 +107,7 @@ class Registry:
                                   functools.partial(self.tag, mv, "state", state)))  # fmt: skip
         return out
 
-    def alias_changes(
-        self, scan: Scan, mirrored: dict[int, dict[str, Any]], aliases: dict[str, int]
-    ) -> list[Change]:
+    def alias_changes(self, scan: Scan, aliases: dict[str, int]) -> list[Change]:
         servable = set(scan.servable)
         wanted = {
             CHAMPION: scan.champion.number if scan.champion else None,
@@ -174,6 +167,16 @@ class Registry:
     def delete_alias(self, alias: str) -> None:
         self.client.call("registered-models/alias", {"name": self.name, "alias": alias},
                          method="DELETE")  # fmt: skip
+
+
+def aliases_of(model: dict[str, Any], mirrored: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """A registered model's aliases -> the repository versions their model versions mirror."""
+    by_mlflow = {str(mv["version"]): n for n, mv in mirrored.items()}
+    return {
+        a["alias"]: by_mlflow[str(a["version"])]
+        for a in model["registered_model"].get("aliases", [])
+        if str(a["version"]) in by_mlflow
+    }
 
 
 def sync(repo: Repository, tracking: Tracking) -> list[str]:

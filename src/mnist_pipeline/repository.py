@@ -318,13 +318,8 @@ class Repository:
         self.files.put(key, json_bytes(entry))
         return True
 
-    def publish(
-        self,
-        config_text: str,
-        files: dict[str, bytes],
-        metadata: dict[str, Any],
-        release: str | None = None,
-    ) -> int:
+    def publish(self, config_text: str, files: dict[str, bytes], metadata: dict[str, Any],
+                release: str | None = None) -> int:  # fmt: skip
         """Publish `files` as a new version, metadata.json last; return its number."""
         self.lock.check()
         number = self.scan().high_water + 1
@@ -344,6 +339,7 @@ class Repository:
 
     def set_release(self, version: Version, release: str, why: str) -> None:
         """A canary release's decision: PROMOTED (the champion now) or ROLLED_BACK."""
+        self.lock.check()
         entry = {**version.ledger, "release": release, "release_why": why, "release_at": now()}
         self.files.put(f"{LEDGER}/{version.number}.json", json_bytes(entry))
 
@@ -441,11 +437,16 @@ def exported_version(repo: Repository, run_id: str) -> int:
 
 
 def resolve_version(repo: Repository, wanted: str, run_id: str | None) -> str:
-    """The version to serve or query, as a version number, or "" for the newest.
+    """The version to serve or query, as a version number, or "" for the champion.
 
-    `wanted` is "run" (the version run `run_id`'s export chose; the newest without a
-    run, as in serve-only mode), a version number, or "" (the newest)."""
+    `wanted` is "run" (the version run `run_id`'s export chose; the champion without a
+    run, as in serve-only mode), "challenger" (the challenger of a canary release awaiting
+    its decision, else the champion: what a canary replica serves), a version number, or ""
+    (the champion)."""
     check_model_version(wanted)
+    if wanted == "challenger":
+        challenger = repo.scan().challenger
+        return "" if challenger is None else str(challenger.number)
     if wanted != "run":
         return wanted
     if run_id is None:

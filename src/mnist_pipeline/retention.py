@@ -1,4 +1,5 @@
-"""Bounded storage: keep the newest few runs, model versions and inference results.
+"""Bounded storage: keep the newest few runs, model versions and inference results (a
+canary analysis's probe results, canary/<run>, go with their run).
 
 A long-lived volume (the chart's 5 Gi claim) otherwise fills up: every run leaves an
 89 MB resume.pth and model.pth, every publication a version. What is never deleted,
@@ -44,6 +45,7 @@ from mnist_pipeline.storage import (
     ModelRepository,
     RunStatus,
     best_model_link,
+    canary_dir,
     checkpoints_dir,
     inference_dir,
     read_metrics,
@@ -205,7 +207,8 @@ def prune(
     # Under the repository's lock: an export publishing an older run's checkpoint at this
     # moment would otherwise lose that checkpoint, and best_model.pth with it.
     with repo.lock.held("prune"):
-        removal.finish_interrupted(checkpoints_dir(storage), inference_dir(storage))
+        removal.finish_interrupted(checkpoints_dir(storage), inference_dir(storage),
+                                   canary_dir(storage))  # fmt: skip
         scan = repo.repair()
         best = _best_run(storage)
         protected_runs = {best, run_id} - {None}
@@ -263,6 +266,8 @@ def _prune_runs(
         if _may_resume(run) and not _abandoned(run, abandoned_after):
             continue
         removal.remove(run)
+        if (probes := canary_dir(storage) / run.name).is_dir():
+            removal.remove(probes)
 
 
 def _prune_inference(removal: Removal, storage: Path, limit: int) -> None:

@@ -306,8 +306,9 @@ MODEL_NAME = Setting(
 MODEL_VERSION = Setting(
     "model_version",
     "",
-    "Model version: run (the one --run-id's export published; the newest without a run "
-    "id), N, or empty (the newest; for infer, the server's choice).",
+    "Model version: run (the one --run-id's export published; the champion without a run "
+    "id), challenger (the one a canary release is deciding on, else the champion), N, or "
+    "empty (the champion: the version served by default; for infer, the server's choice).",
     parse=check_model_version,
 )
 
@@ -604,7 +605,10 @@ JOB = Setting(
     "Read only where the pod has a service account token; a deleted Job is ignored.",
     type=str,
 )
-NAMESPACE = Setting("namespace", None, "Namespace of --job (default: the pod's own).", type=str)
+NAMESPACE = Setting(
+    "namespace", None, "Namespace of the Job or Deployments named (default: the pod's own).",
+    type=str,
+)  # fmt: skip
 HTTP_URL = Setting("http_url", None, "Triton's HTTP endpoint, HOST:PORT.", type=str, required=True)
 
 # prune
@@ -648,8 +652,8 @@ CANARY = Setting(
     "default) stays until `mnist-pipeline canary` promotes the challenger or rolls it back.",
 )
 PROMETHEUS_URL = Setting(
-    "prometheus_url", None, "Prometheus scraping every Triton, http(s)://HOST:PORT.",
-    type=str, required=True,
+    "prometheus_url", None, "Prometheus scraping every Triton, http(s)://HOST:PORT "
+    "(required unless --override).", type=str,
 )  # fmt: skip
 CANARY_WINDOW = Setting(
     "canary_window", 300.0,
@@ -676,6 +680,20 @@ MAX_ACCURACY_DROP = Setting(
 PROBE_REQUESTS = Setting(
     "probe_requests", 400, "Labelled requests (8 test images each) the analysis sends "
     "through --url; each version's accuracy is measured on those it answered.", min=1,
+)  # fmt: skip
+OVERRIDE = Setting(
+    "override", None, "Decide by hand, measuring nothing: promote the challenger, or roll "
+    "it back; recorded as decided by hand.", type=str, choices=("promote", "roll-back"),
+)  # fmt: skip
+STABLE_DEPLOYMENT = Setting(
+    "stable_deployment", None, "Kubernetes Deployment of the champion's replicas, restarted "
+    "when the challenger is promoted, so they serve it (patch on it, from the pod's service "
+    "account token).", type=str,
+)  # fmt: skip
+CANARY_DEPLOYMENT = Setting(
+    "canary_deployment", None, "Kubernetes Deployment of the challenger's replicas "
+    "(--model-version challenger), restarted once decided, so they serve the champion.",
+    type=str,
 )  # fmt: skip
 
 # MLflow (tracking.py, registry.py)
@@ -710,7 +728,8 @@ TRAIN_HOW = (RUN_ID, DEVICE, *RANK, *LAUNCH)
 PUBLISH = (MIN_IMPROVEMENT, PUBLISH_MIN_ACCURACY, PRECISION)
 TRACKING = (TRACKING_URI, EXPERIMENT)
 CANARY_ANALYSIS = (PROMETHEUS_URL, CANARY_WINDOW, CANARY_REQUESTS, MAX_P99_RATIO,
-                   MAX_ERROR_RATE, MAX_ACCURACY_DROP, PROBE_REQUESTS)  # fmt: skip
+                   MAX_ERROR_RATE, MAX_ACCURACY_DROP, PROBE_REQUESTS, OVERRIDE,
+                   STABLE_DEPLOYMENT, CANARY_DEPLOYMENT, NAMESPACE)  # fmt: skip
 TRITON = (MODEL_NAME, MAX_BATCH_SIZE, INSTANCE_COUNT, INSTANCE_KIND, SERVER_CPUS,
           PREFERRED_BATCH_SIZES, PINNED_MEMORY)  # fmt: skip
 SERVER = (HOST, GRPC_PORT, HTTP_PORT, METRICS_PORT, READY_TIMEOUT)

@@ -150,6 +150,11 @@ def inference_dir(storage: Path) -> Path:
     return storage / "inference"
 
 
+def canary_dir(storage: Path) -> Path:
+    """Canary analyses' probe results, a folder per run: pruned with the run."""
+    return storage / "canary"
+
+
 @dataclass(frozen=True)
 class ModelRepository:
     """Where the Triton model repository is: a folder, or a bucket and prefix on S3
@@ -328,10 +333,11 @@ def is_version_name(name: str) -> bool:
 
 
 def check_model_version(value: str) -> str:
-    """`value` if it names a served version: "run", a version number, or "" (the newest)."""
-    if value in ("", "run") or is_version_name(value):
+    """`value` if it names a served version: "run", "challenger", a version number, or ""
+    (the champion)."""
+    if value in ("", "run", "challenger") or is_version_name(value):
         return value
     raise UsageError(
-        f"model version {value!r}: expected run, a version number such as 1 (Triton numbers "
-        "versions 1, 2, ...), or nothing for the newest"
+        f"model version {value!r}: expected run, challenger, a version number such as 1 "
+        "(Triton numbers versions 1, 2, ...), or nothing for the champion"
     )

@@ -69,6 +69,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "egress": {"enabled": True, "objectStorage": {"cidrs": ["10.20.0.0/16"]}}
         },
     },
+    # A canary release: a second Triton Deployment, the analysis Job and its Role.
+    "canary": {
+        "persistence": {"accessModes": ["ReadWriteMany"]},
+        "triton": {"replicas": 3},
+        "canary": {"enabled": True, "prometheusUrl": "http://prometheus.monitoring:9090"},
+    },
     # Most of what a real cluster may need at once.
     "cluster": {
         "run": {"id": "prod"},
@@ -145,6 +151,7 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
         "existing-claim",
         "cluster",
         "object-storage",
+        "canary",
     )
     for scenario in scenarios:
         objects, _ = render(SCENARIOS[scenario])

@@ -185,7 +185,7 @@ def test_a_model_version_triton_cannot_have_is_refused_up_front(
     )
     assert result.returncode == 2, result.stderr
     assert f"MNIST_PIPELINE_MODEL_VERSION={version!r}" in result.stderr
-    assert "expected run, a version number such as 1" in result.stderr
+    assert "expected run, challenger, a version number such as 1" in result.stderr
     result = cli("run", "--storage", tmp_path / "s", "--model-version", version)
     assert result.returncode == 2 and "a version number such as 1" in result.stderr
     assert not (tmp_path / "s").exists()

@@ -78,6 +78,8 @@ def names(folder: Path) -> list[str]:
 
 def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
     storage = make_storage(tmp_path / "s")
+    for run in ("run-d", "run-e"):  # a canary analysis's probe results
+        (storage / "canary" / run / "20261124T100000Z").mkdir(parents=True)
     result = prune(
         storage,
         "--keep-runs=2",
@@ -97,6 +99,7 @@ def test_prune_keeps_the_limits_and_never_the_protected(tmp_path: Path) -> None:
         "run-f",
     ]
     assert (storage / "checkpoints" / "best_model.pth").resolve().is_file()
+    assert names(storage / "canary") == ["run-e"]  # pruned with their run
     # Versions: the two newest (6 serves), 1 asked to be kept, 2 published by the best run.
     assert names(storage / "models" / MODEL) == ["1", "2", "5", "6", "config.pbtxt"]
     assert names(storage / "inference") == [f"20261124T10000{i}Z" for i in (3, 4, 5)]

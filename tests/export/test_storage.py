@@ -196,7 +196,7 @@ def test_a_config_that_does_not_parse_makes_nothing_servable(tmp_path: Path) -> 
 # The served version ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["", "run", "1", "42"])
+@pytest.mark.parametrize("value", ["", "run", "challenger", "1", "42"])
 def test_model_versions_accepted(value: str) -> None:
     assert check_model_version(value) == value
 
@@ -206,8 +206,8 @@ def test_model_versions_refused(value: str) -> None:
     with pytest.raises(UsageError) as raised:
         check_model_version(value)
     assert str(raised.value) == (
-        f"model version {value!r}: expected run, a version number such as 1 (Triton numbers "
-        "versions 1, 2, ...), or nothing for the newest"
+        f"model version {value!r}: expected run, challenger, a version number such as 1 "
+        "(Triton numbers versions 1, 2, ...), or nothing for the champion"
     )
 
 
@@ -216,6 +216,8 @@ def test_a_number_or_nothing_resolves_to_itself(tmp_path: Path) -> None:
     assert resolve_version(repo, "3", RUN) == "3"
     assert resolve_version(repo, "", RUN) == ""
     assert resolve_version(repo, "run", None) == ""
+    # No canary release awaits a decision: a canary replica serves the champion.
+    assert resolve_version(repo, "challenger", RUN) == ""
 
 
 @pytest.mark.parametrize("status", ["published", "skipped"])

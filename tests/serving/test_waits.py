@@ -16,6 +16,7 @@ import pytest
 
 from mnist_pipeline import waits
 from mnist_pipeline.errors import PipelineFailure, UsageError
+from mnist_pipeline.kube import JobState, KubeApi
 from mnist_pipeline.storage import (
     DEFAULT_MODEL_NAME,
     atomic_write_json,
@@ -217,7 +218,7 @@ def test_serving_waits_for_the_version_the_run_exported(tmp_path: Path, triton_h
 
 
 def test_serving_refuses_a_malformed_version_at_once(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="model version '01': expected run, a version number"):
+    with pytest.raises(UsageError, match="model version '01': expected run, challenger"):
         waits.serving_check(tmp_path, RUN, DEFAULT_MODEL_NAME, "127.0.0.1:9", "01")
 
 
@@ -250,14 +251,14 @@ class FakeJobs(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[waits.KubeApi]:
+def api(tmp_path: Path) -> Iterator[KubeApi]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJobs)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     token = tmp_path / "token"
     token.write_text("secret-token\n")
     FakeJobs.jobs, FakeJobs.seen_auth = {}, []
-    yield waits.KubeApi(f"http://127.0.0.1:{server.server_port}", "ml", token_file=token)
+    yield KubeApi(f"http://127.0.0.1:{server.server_port}", "ml", token_file=token)
     server.shutdown()
 
 
@@ -267,7 +268,7 @@ def job(condition: str | None, reason: str = "") -> dict[str, Any]:
 
 
 def test_a_failed_job_fails_the_wait_although_its_artifact_says_running(
-    tmp_path: Path, api: waits.KubeApi
+    tmp_path: Path, api: KubeApi
 ) -> None:
     # OOM-killed until backoffLimit: the pod never got to write "failed".
     write_metrics(tmp_path, RUN, "running")
@@ -278,18 +279,18 @@ def test_a_failed_job_fails_the_wait_although_its_artifact_says_running(
     assert FakeJobs.seen_auth[-1] == "Bearer secret-token"
 
 
-def test_a_deleted_job_leaves_the_artifacts_to_decide(tmp_path: Path, api: waits.KubeApi) -> None:
+def test_a_deleted_job_leaves_the_artifacts_to_decide(tmp_path: Path, api: KubeApi) -> None:
     # ttlSecondsAfterFinished removed the Job long ago; the run's artifacts remain.
     write_metrics(tmp_path, RUN, "complete")
     write_export(tmp_path, RUN, "published", 1)
     publish_version(tmp_path, 1)
     w = waits.Wait("export", timeout=5, interval=0.1, api=api, job="demo-export-r1")
     w.run(waits.export_check(tmp_path, RUN, DEFAULT_MODEL_NAME))
-    assert waits.KubeApi.job_state(api, "demo-export-r1") == waits.JobState("absent")
+    assert KubeApi.job_state(api, "demo-export-r1") == JobState("absent")
 
 
 def test_a_complete_job_without_its_artifact_fails_after_the_grace(
-    tmp_path: Path, api: waits.KubeApi
+    tmp_path: Path, api: KubeApi
 ) -> None:
     FakeJobs.jobs["demo-train-r1"] = job("Complete")
     w = waits.Wait("training", 30, 0.1, api, "demo-train-r1", visibility_grace=1.0)
@@ -301,7 +302,7 @@ def test_a_complete_job_without_its_artifact_fails_after_the_grace(
 
 @pytest.mark.parametrize("stage", ["training", "export"])
 def test_an_artifact_shown_late_after_its_job_completed_is_waited_for(
-    tmp_path: Path, api: waits.KubeApi, stage: str
+    tmp_path: Path, api: KubeApi, stage: str
 ) -> None:
     """NFS (EFS, Filestore): another node's file appears after the attribute cache expires,
     though its Job is Complete already. Before the grace, this failed after 0.0 s."""
@@ -324,7 +325,7 @@ def test_an_artifact_shown_late_after_its_job_completed_is_waited_for(
     assert time.monotonic() - started >= 2.0
 
 
-def test_an_active_job_keeps_the_wait_going(tmp_path: Path, api: waits.KubeApi) -> None:
+def test_an_active_job_keeps_the_wait_going(tmp_path: Path, api: KubeApi) -> None:
     FakeJobs.jobs["demo-train-r1"] = job(None)
     threading.Timer(0.5, write_metrics, (tmp_path, RUN, "complete")).start()
     w = waits.Wait("training", timeout=20, interval=0.1, api=api, job="demo-train-r1")
@@ -333,10 +334,10 @@ def test_an_active_job_keeps_the_wait_going(tmp_path: Path, api: waits.KubeApi) 
 
 def test_in_cluster_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    assert waits.KubeApi.in_cluster(None, sa_dir=tmp_path) is None
+    assert KubeApi.in_cluster(None, sa_dir=tmp_path) is None
     (tmp_path / "token").write_text("t")
     (tmp_path / "namespace").write_text("team-b\n")
-    found = waits.KubeApi.in_cluster(None, sa_dir=tmp_path)
+    found = KubeApi.in_cluster(None, sa_dir=tmp_path)
     assert found is not None
     assert found.namespace == "team-b" and found.base_url == "https://10.0.0.1:443"
 
@@ -348,7 +349,7 @@ def test_an_unreachable_api_is_named_at_every_progress_line(
     from support.ports import free_ports
 
     (closed,) = free_ports(1)
-    api = waits.KubeApi(f"http://127.0.0.1:{closed}", "ml")
+    api = KubeApi(f"http://127.0.0.1:{closed}", "ml")
     w = waits.Wait("training", timeout=1, interval=0.2, api=api, job="j", report_every=0)
     with caplog.at_level("INFO"), pytest.raises(PipelineFailure, match="gave up"):
         w.run(waits.training_check(tmp_path, RUN))
@@ -357,9 +358,7 @@ def test_an_unreachable_api_is_named_at_every_progress_line(
     assert all("Kubernetes API unreachable" in line for line in progress), progress
 
 
-def test_a_retried_training_attempt_keeps_the_waits_going(
-    tmp_path: Path, api: waits.KubeApi
-) -> None:
+def test_a_retried_training_attempt_keeps_the_waits_going(tmp_path: Path, api: KubeApi) -> None:
     """A worker lost mid-run: rank 0 wrote "retrying", the Job retries, the retry
     completes; neither the training nor the export wait gives up meanwhile."""
     write_metrics(tmp_path, RUN, "retrying", error="rank 0 lost contact with the other ranks")
@@ -379,7 +378,7 @@ def test_a_retried_training_attempt_keeps_the_waits_going(
     w.run(exported)
 
 
-def test_retrying_ends_when_the_job_has_failed_for_good(tmp_path: Path, api: waits.KubeApi) -> None:
+def test_retrying_ends_when_the_job_has_failed_for_good(tmp_path: Path, api: KubeApi) -> None:
     write_metrics(tmp_path, RUN, "retrying", error="rank 1 lost contact with the other ranks")
     FakeJobs.jobs["demo-train-r1"] = job("Failed", "BackoffLimitExceeded")
     w = waits.Wait("export", timeout=30, interval=0.1, api=api, job="demo-train-r1")

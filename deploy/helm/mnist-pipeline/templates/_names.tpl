@@ -39,6 +39,11 @@ within a name's 63; Job names cut it further (mnist-pipeline.jobName).
 {{- printf "%s-triton" (include "mnist-pipeline.fullname" .) }}
 {{- end }}
 
+{{/* A Triton Deployment: pass (dict "ctx" $ "track" "stable") or "canary". */}}
+{{- define "mnist-pipeline.tritonDeploymentName" -}}
+{{- include "mnist-pipeline.tritonName" .ctx }}{{ if eq .track "canary" }}-canary{{ end }}
+{{- end }}
+
 {{/* The headless Service of Triton's gRPC port: its name resolves to every ready pod. */}}
 {{- define "mnist-pipeline.tritonGrpcName" -}}
 {{- printf "%s-grpc" (include "mnist-pipeline.tritonName" .) }}

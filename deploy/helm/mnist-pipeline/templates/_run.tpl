@@ -81,8 +81,23 @@ scientific notation). */}}
 {{- end }}
 
 {{/* The version a client asks Triton for: triton.servedVersion, except that serve-only
-mode has no run to resolve "run" against, and its pin serves the newest: "" asks for that. */}}
+mode has no run to resolve "run" against, and its pin serves the champion: "" asks for
+that; in a canary release, "" too: each replica answers with the version it serves. */}}
 {{- define "mnist-pipeline.requestedVersion" -}}
 {{- $v := include "mnist-pipeline.servedVersion" . }}
-{{- if and .Values.serveOnly (eq $v "run") }}{{ else }}{{ $v }}{{ end }}
+{{- if or (include "mnist-pipeline.canary" . | eq "true") (and .Values.serveOnly (eq $v "run")) }}{{ else }}{{ $v }}{{ end }}
+{{- end }}
+
+{{/* "true" when new runs are released through a canary (never in serve-only mode: no run). */}}
+{{- define "mnist-pipeline.canary" -}}
+{{- and .Values.canary.enabled (not .Values.serveOnly) }}
+{{- end }}
+
+{{/* The --model-version a Triton Deployment pins: pass (dict "ctx" $ "track" "stable") or
+"canary". In a canary release the stable pods serve the champion ("") and the canary pods
+the challenger; else triton.servedVersion. */}}
+{{- define "mnist-pipeline.pinnedVersion" -}}
+{{- if ne (include "mnist-pipeline.canary" .ctx) "true" }}{{ include "mnist-pipeline.servedVersion" .ctx }}
+{{- else if eq .track "canary" }}challenger
+{{- end }}
 {{- end }}

@@ -12,7 +12,7 @@ variable is set only when given (null: the CLI's default, the only default there
 {{/* Every check's message, a YAML list; templates/_validate.tpl adds them to its own. */}}
 {{- define "mnist-pipeline.settings.checks" -}}
 {{- $errors := list }}
-{{- range $path := (list "run.id" "model.name" "training.epochs" "training.batchSize" "training.lr" "training.checkpointEvery" "training.syncBatchNorm" "training.gradientCompression" "training.workers" "training.masterPort" "training.maxRestarts" "training.rendezvousTimeoutSeconds" "training.collectiveTimeoutSeconds" "export.precision" "images.triton.backend" "triton.instanceCount" "client.requests" "client.concurrency" "retention.runs" "retention.versions" "retention.inference" "retention.abandonedAfterSeconds" "waits.timeoutSeconds" "waits.intervalSeconds" "waits.visibilitySeconds" "tests.requests" "tests.minAccuracy" "tests.waitTimeoutSeconds") }}
+{{- range $path := (list "run.id" "model.name" "training.epochs" "training.batchSize" "training.lr" "training.checkpointEvery" "training.syncBatchNorm" "training.gradientCompression" "training.workers" "training.masterPort" "training.maxRestarts" "training.rendezvousTimeoutSeconds" "training.collectiveTimeoutSeconds" "export.precision" "images.triton.backend" "triton.instanceCount" "client.requests" "client.concurrency" "retention.runs" "retention.versions" "retention.inference" "retention.abandonedAfterSeconds" "canary.windowSeconds" "canary.requests" "canary.probeRequests" "canary.maxErrorRate" "canary.maxP99Ratio" "canary.maxAccuracyDrop" "canary.override" "waits.timeoutSeconds" "waits.intervalSeconds" "waits.visibilitySeconds" "tests.requests" "tests.minAccuracy" "tests.waitTimeoutSeconds") }}
 {{- with include (printf "mnist-pipeline.settings.check.%s" $path) $ }}
 {{- $errors = append $errors . }}
 {{- end }}
@@ -362,6 +362,76 @@ passes): pass (dict "path" <path> "value" <value> "decl" <declaration>). */}}
 {{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "retention.abandonedAfterSeconds") | fromJson) "v" }}
 {{- $decl := include "mnist-pipeline.settings.declaration.retention.abandonedAfterSeconds" . | fromJson }}
 {{- include "mnist-pipeline.settings.refusal" (dict "path" "retention.abandonedAfterSeconds" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.windowSeconds: --canary-window (the chart's command line): a number, x>=0 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.windowSeconds" -}}
+{{- `{"default": "300", "emptyIsUnset": false, "env": "MNIST_PIPELINE_CANARY_WINDOW", "flag": "--canary-window", "integer": false, "kind": "number", "messages": {"finite": "'{value}' is not a finite number", "range": "{value} is not in the range x>=0", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid float"}, "min": 0.0, "minOpen": false, "numberPattern": "^[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?$", "passed": "flag", "required": true, "runDefining": false, "setting": "canary_window"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.windowSeconds" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.windowSeconds") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.windowSeconds" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.windowSeconds" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.requests: --canary-requests (the chart's command line): an integer, x>=1 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.requests" -}}
+{{- `{"default": "200", "emptyIsUnset": false, "env": "MNIST_PIPELINE_CANARY_REQUESTS", "flag": "--canary-requests", "integer": true, "kind": "number", "messages": {"finite": "'{value}' is not a valid integer range", "range": "{value} is not in the range x>=1", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid integer range"}, "min": 1.0, "minOpen": false, "numberPattern": "^[+-]?[0-9]+$", "passed": "flag", "required": true, "runDefining": false, "setting": "canary_requests"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.requests" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.requests") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.requests" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.requests" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.probeRequests: --probe-requests (the chart's command line): an integer, x>=1 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.probeRequests" -}}
+{{- `{"default": "400", "emptyIsUnset": false, "env": "MNIST_PIPELINE_PROBE_REQUESTS", "flag": "--probe-requests", "integer": true, "kind": "number", "messages": {"finite": "'{value}' is not a valid integer range", "range": "{value} is not in the range x>=1", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid integer range"}, "min": 1.0, "minOpen": false, "numberPattern": "^[+-]?[0-9]+$", "passed": "flag", "required": true, "runDefining": false, "setting": "probe_requests"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.probeRequests" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.probeRequests") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.probeRequests" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.probeRequests" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.maxErrorRate: --max-error-rate (the chart's command line): a number, 0<=x<=1 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.maxErrorRate" -}}
+{{- `{"default": "0.01", "emptyIsUnset": false, "env": "MNIST_PIPELINE_MAX_ERROR_RATE", "flag": "--max-error-rate", "integer": false, "kind": "number", "max": 1.0, "maxOpen": false, "messages": {"finite": "'{value}' is not a finite number", "range": "{value} is not in the range 0<=x<=1", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid float"}, "min": 0.0, "minOpen": false, "numberPattern": "^[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?$", "passed": "flag", "required": true, "runDefining": false, "setting": "max_error_rate"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.maxErrorRate" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.maxErrorRate") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.maxErrorRate" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.maxErrorRate" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.maxP99Ratio: --max-p99-ratio (the chart's command line): a number, x>0 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.maxP99Ratio" -}}
+{{- `{"default": "1.5", "emptyIsUnset": false, "env": "MNIST_PIPELINE_MAX_P99_RATIO", "flag": "--max-p99-ratio", "integer": false, "kind": "number", "messages": {"finite": "'{value}' is not a finite number", "range": "{value} is not in the range x>0", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid float"}, "min": 0.0, "minOpen": true, "numberPattern": "^[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?$", "passed": "flag", "required": true, "runDefining": false, "setting": "max_p99_ratio"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.maxP99Ratio" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.maxP99Ratio") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.maxP99Ratio" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.maxP99Ratio" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.maxAccuracyDrop: --max-accuracy-drop (the chart's command line): a number, 0<=x<=1 */}}
+{{- define "mnist-pipeline.settings.declaration.canary.maxAccuracyDrop" -}}
+{{- `{"default": "0.005", "emptyIsUnset": false, "env": "MNIST_PIPELINE_MAX_ACCURACY_DROP", "flag": "--max-accuracy-drop", "integer": false, "kind": "number", "max": 1.0, "maxOpen": false, "messages": {"finite": "'{value}' is not a finite number", "range": "{value} is not in the range 0<=x<=1", "required": "not set, but the chart passes it on every pod's command line: give a value", "type": "'{value}' is not a valid float"}, "min": 0.0, "minOpen": false, "numberPattern": "^[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?$", "passed": "flag", "required": true, "runDefining": false, "setting": "max_accuracy_drop"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.maxAccuracyDrop" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.maxAccuracyDrop") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.maxAccuracyDrop" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.maxAccuracyDrop" "value" $value "decl" $decl) }}
+{{- end }}
+
+{{/* canary.override: --override (the chart's command line): one of promote, roll-back */}}
+{{- define "mnist-pipeline.settings.declaration.canary.override" -}}
+{{- `{"choices": ["promote", "roll-back"], "default": "", "emptyIsUnset": true, "env": "MNIST_PIPELINE_OVERRIDE", "flag": "--override", "kind": "choice", "messages": {"choice": "'{value}' is not one of 'promote', 'roll-back'", "required": "not set, but the chart passes it on every pod's command line: give a value"}, "passed": "flag", "required": false, "runDefining": false, "setting": "override"}` }}
+{{- end }}
+{{- define "mnist-pipeline.settings.check.canary.override" -}}
+{{- $value := get (include "mnist-pipeline.settings.lookup" (dict "ctx" . "path" "canary.override") | fromJson) "v" }}
+{{- $decl := include "mnist-pipeline.settings.declaration.canary.override" . | fromJson }}
+{{- include "mnist-pipeline.settings.refusal" (dict "path" "canary.override" "value" $value "decl" $decl) }}
 {{- end }}
 
 {{/* waits.timeoutSeconds: --wait-timeout (the chart's command line): a number, x>0 */}}

@@ -46,6 +46,7 @@ refuse, before any rank starts.
 {{- end }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.placement" . | fromYamlArray) }}
 {{- $errors = concat $errors (include "mnist-pipeline.validate.claim" . | fromYamlArray) }}
+{{- $errors = concat $errors (include "mnist-pipeline.validate.canary" . | fromYamlArray) }}
 {{- range $stage := list "export" "client" }}
 {{- $deadline := (get $.Values $stage).activeDeadlineSeconds }}
 {{- if and $deadline (lt (int $deadline) (int $.Values.waits.timeoutSeconds)) }}
@@ -203,6 +204,26 @@ they wait through training, and a RollingUpdate starts one more before an old on
 {{- else if ne $placement $firstPlacement }}
 {{- $errors = append $errors (printf "persistence.accessModes is ReadWriteOnce, so every pod runs on the one node the volume attaches to, but %s.nodeSelector/tolerations differ from %s's (%s against %s): one of them would stay Pending. Set nodeSelector and tolerations at the top level, for every pod (a GPU node for Triton means a GPU node for all), or give Triton an object-storage repository (modelRepository.url) or the volume ReadWriteMany" $component $first $placement $firstPlacement) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $errors }}
+{{- end }}
+
+{{/* A canary release needs a run to release, both versions served by default, and a
+Prometheus to read; a YAML list of messages. */}}
+{{- define "mnist-pipeline.validate.canary" -}}
+{{- $errors := list }}
+{{- $c := .Values.canary }}
+{{- if $c.enabled }}
+{{- if .Values.serveOnly }}
+{{- $errors = append $errors "canary.enabled releases a new run's version, but serveOnly has no run: turn one of them off" }}
+{{- end }}
+{{- if not (regexMatch "^https?://[^/]+" (toString $c.prometheusUrl)) }}
+{{- $errors = append $errors (printf "canary.prometheusUrl %q: the analysis needs the Prometheus that scrapes Triton's metrics, http(s)://HOST:PORT" (toString $c.prometheusUrl)) }}
+{{- end }}
+{{- $served := include "mnist-pipeline.servedVersion" . }}
+{{- if ne $served "run" }}
+{{- $errors = append $errors (printf "triton.servedVersion %q pins what every pod serves, but a canary release serves the champion and the challenger: leave it run, or turn canary.enabled off" $served) }}
 {{- end }}
 {{- end }}
 {{- toYaml $errors }}
