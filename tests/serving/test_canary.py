@@ -8,7 +8,8 @@ challenger whose every request fails is rolled back; a better one is promoted, a
 pins of both Deployments then serve it (what the analysis's restarts give them; no API
 server runs here: restart_replicas is tested against a stand-in in test_canary_decision).
 
-Costs about 2 minutes on 2 cores: a tiny training, three exports, four server starts."""
+In CI on an idle 2-core AMD EPYC Zen 4: 19 s of setup and 58 s for the test (a tiny
+training, three exports, four server starts)."""
 
 from __future__ import annotations
 
