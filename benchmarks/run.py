@@ -344,7 +344,8 @@ def serving_variants(
     """Each storage's model served with each variant, back to back with the baseline
     repeated: perf_analyzer at concurrency 1 (latency), 8 and 16 (throughput). The first
     gets the whole sweep, the others (another precision) the baseline and the queue
-    delay: the comparison between models, not the search again."""
+    delay (quick mode: the baseline alone): the comparison between models, not the search
+    again."""
     window_ms = 300 if s.quick else 1000
     rows = []
     for index, (name, storage) in enumerate(storages.items()):
@@ -352,7 +353,9 @@ def serving_variants(
             bench_serving.QUICK_VARIANTS if s.quick else bench_serving.VARIANTS
         )
         if index:
-            variants = (bench_serving.BASELINE, bench_serving.DELAY_500)
+            variants = (bench_serving.BASELINE,)
+            if not s.quick:
+                variants += (bench_serving.DELAY_500,)
         schedule = variant_schedule(variants, len(variants) if s.quick else 3)
         served = {
             v.name: variant_repository(storage, storage / f"served-{name}-variant-{i}", v)

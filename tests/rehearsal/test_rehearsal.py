@@ -39,9 +39,9 @@ args) and the pod names cluster DNS would resolve through the headless Service m
 lost mid-run (every process in it SIGKILLed, its container killed) and a new pod for its
 index joins: the run completes, and export's wait never gives up meanwhile.
 
-Then the same for an upgrade (revision 2, more training data: a new run id) on the same
-volume: its waits ignore the first run's artifacts, export publishes version 2 because it
-is better, and the new Triton serves it.
+An upgrade (a new run id on the same volume, its waits ignoring the first run's
+artifacts, export publishing version 2, the new Triton serving it) is rehearsed once, as
+host processes, by test_rehearsal_flows.py.
 """
 
 from __future__ import annotations
@@ -710,33 +710,15 @@ def replace_a_lost_worker(
                 r.lose(process)
 
 
-def test_install_then_upgrade_run_from_the_charts_command_lines(
+def test_install_runs_from_the_charts_command_lines(
     tmp_path: Path, engine: Engine | None, request: pytest.FixtureRequest
 ) -> None:
     """As host processes the talking pods have their own addresses and DNS (pod_network)."""
     network = request.getfixturevalue("pod_network") if engine is None else None
-    storage = tmp_path / "storage"
     install, _ = render(VALUES, release="rehearsal", namespace="ml")
-    first = rehearse(Rehearsal(storage, tmp_path / "r1", install, engine, network=network), install)
+    r = Rehearsal(tmp_path / "storage", tmp_path / "r1", install, engine, network=network)
+    first = rehearse(r, install)
     assert first["status"] == "published" and first["version"] == 1, first
-
-    # helm upgrade with more training data: a new run, trained, exported as version 2 since
-    # it is better, and the new Triton serves it.
-    more_data = {
-        **VALUES,
-        "training": {
-            **VALUES["training"],
-            "extraEnv": [{"name": "MNIST_PIPELINE_LIMIT_TRAIN", "value": "6144"}],
-        },
-    }
-    upgrade, _ = render(more_data, release="rehearsal", namespace="ml", revision=2)
-    r2 = Rehearsal(storage, tmp_path / "r2", upgrade, engine, network=network)
-    second = rehearse(r2, upgrade)
-    assert second["status"] == "published" and second["version"] == 2, second
-    assert sorted(p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()) == sorted(
-        find(o, "Job", "train")["metadata"]["annotations"]["mnist-pipeline/run-id"]
-        for o in (install, upgrade)
-    )
 
 
 def test_an_object_storage_repository_is_rehearsed_against_radosgw(

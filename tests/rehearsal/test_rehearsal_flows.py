@@ -94,6 +94,8 @@ def test_rollback_and_pinning_serve_what_the_client_and_helm_test_ask_for(tmp_pa
     second = rehearse(Rehearsal(storage, tmp_path / "r2", upgrade, None), upgrade)
     assert second["status"] == "published" and second["version"] == 2, second
     assert run_id_of(upgrade) != run_id_of(install)
+    trained = [p.name for p in (storage / "checkpoints").iterdir() if p.is_dir()]
+    assert sorted(trained) == sorted(map(run_id_of, (install, upgrade)))
 
     # `helm rollback flows 1`: revision 1's values, rendered again as revision 3. Run A's
     # artifacts are all there (its Jobs, kept or re-created, find it done): Triton rolls back
