@@ -135,13 +135,17 @@ def readme(chart: Path = CHART) -> str:
         "## Install",
         "",
         "```sh",
-        "make images   # the pipeline, client and Triton images the values name",
-        f"helm install mnist deploy/helm/{meta['name']} -n ml --create-namespace",
+        f"make push-images REGISTRY=registry.example.com/ml TAG={meta['appVersion']}",
+        f"helm install mnist deploy/helm/{meta['name']} -n ml --create-namespace \\",
+        "  --set images.registry=registry.example.com/ml",
         "helm test mnist -n ml",
         "```",
         "",
-        "How the stages run in order, GitOps, GPUs, scaling, monitoring and upgrades:"
-        " [docs/KUBERNETES.md](../../../docs/KUBERNETES.md).",
+        "Installing on EKS, GKE, OpenShift or kind, and operating a release (upgrades, results,"
+        " canary releases, scaling, monitoring, GitOps):"
+        " [docs/KUBERNETES.md](../../../docs/KUBERNETES.md). Why the chart is shaped so, and how"
+        " it is tested: [docs/CHART-DESIGN.md](../../../docs/CHART-DESIGN.md). The tables below"
+        " are the one list of the chart's values.",
         "",
         "## Parameters",
     ]
