@@ -3,10 +3,11 @@
     PYTHONPATH=src python benchmarks/run.py                # full: writes docs/
     PYTHONPATH=src python benchmarks/run.py --quick --out /tmp/bench   # smoke test
 
-Writes OUT/benchmarks/results.json, the plots OUT/benchmarks/*.png and OUT/BENCHMARKS.md,
-a document generated from the JSON (benchmarks/report.py; `python benchmarks/report.py
-docs/benchmarks/results.json` renders it again without measuring). Every timing is the median of
---repeats rounds; ratios compare figures of the same run.
+Writes OUT/benchmarks/results.json, the plots OUT/benchmarks/*.png and the tables of
+OUT/BENCHMARKS.md (docs/BENCHMARKS.md's hand-written text where OUT has none), rendered from
+the JSON by benchmarks/report.py (`python benchmarks/report.py docs` renders them again
+without measuring); the targets are judged by benchmarks/targets.py. Every timing is the
+median of --repeats rounds; ratios compare figures of the same run.
 
   training  images/s and test accuracy against training time, default recipe and the
             original one (Adam 1e-3, batch 64); --stretch adds the default over 3 epochs
@@ -52,7 +53,7 @@ import bench_export
 import bench_serving
 import bench_training
 import report
-import verdicts
+import targets
 from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
 from mnist_pipeline import client, data, tritonconfig
 from mnist_pipeline.errors import PipelineFailure
@@ -237,7 +238,7 @@ def perf_level(
 
 def batch_costs(sess: Any, x: np.ndarray, s: Settings) -> dict[str, float]:
     """Milliseconds per in-process batch of each size: what the batches Triton executes
-    would cost here (report.inprocess_ms)."""
+    would cost here (figures.inprocess_ms)."""
     costs = {}
     for b in (1, 2, 4, 8, 16):
         measure = partial(bench_serving.inprocess_throughput, sess, x, max(1, s.requests // b), b)
@@ -466,117 +467,6 @@ def served_config(url: str) -> dict[str, Any]:
     return {key: config.get(key) for key in fields}
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets, each with the measured figure and met / not met."""
-    out: list[dict[str, Any]] = []
-    training = results["training"]
-    if training is None:  # --only serving, no earlier run to keep
-        return serving_targets(results["serving"])
-    out += training_targets(training)
-    stretch = next((r for r in training["runs"] if r["name"] == "default-3-epochs"), None)
-    if stretch is not None:
-        reached = stretch["time_to_accuracy_s"]["0.995"]
-        out.append(
-            {
-                "target": "stretch: >= 99.5% test accuracy within 5 minutes of training",
-                "measured": (
-                    f"first reached after {reached:.0f} s"
-                    if reached is not None
-                    else f"not reached (final {stretch['test_accuracy']:.2%})"
-                ),
-                "met": training["full_dataset"] and reached is not None and reached <= 300,
-            }
-        )
-    return out + serving_targets(results["serving"])
-
-
-def training_targets(training: dict[str, Any]) -> list[dict[str, Any]]:
-    """Time to 99.0% on every seed against the previous default, same run;
-    for the default and for the shorter schedule tried beside it."""
-    runs = {r["name"]: r for r in training["runs"]}
-    previous = runs["previous-default"]
-    subset = "" if training["full_dataset"] else " (subset: not comparable)"
-    out = []
-    for recipe, what in (("default", "default recipe"), ("short", f"{SHORT_EPOCHS:g} epoch")):
-        seeds = [runs[f"{recipe}-seed{seed}"] for seed in SEEDS]
-        ratio = max(r["train_seconds"] for r in seeds) / previous["train_seconds"]
-        worst_matmul = max(r["matmul_epochs"] for r in seeds)
-        reached = all(r["test_accuracy"] >= verdicts.ACCURACY for r in seeds)
-        out += [
-            {
-                "target": f"{what}: >= 99.0% test accuracy on every seed ({len(seeds)}) in "
-                f"<= {verdicts.SECONDS_SHARE:g}× the training seconds of {verdicts.BASELINE} "
-                "(same run)",
-                "measured": " / ".join(f"{r['test_accuracy']:.2%}" for r in seeds)
-                + " in "
-                + " / ".join(f"{r['train_seconds']:.0f}" for r in seeds)
-                + f" s vs {previous['train_seconds']:.0f} s (at most {ratio:.2f}×)"
-                + subset,
-                "met": training["full_dataset"] and reached and ratio <= verdicts.SECONDS_SHARE,
-            },
-            {
-                "target": f"{what}: <= {verdicts.MATMUL_EPOCHS:g} matmul-epochs (training "
-                "seconds ÷ the time the machine's fp32 matmul rate needs for one epoch's FLOPs)",
-                "measured": f"at most {worst_matmul:.2f} "
-                f"({verdicts.BASELINE}: {previous['matmul_epochs']:.2f})" + subset,
-                "met": training["full_dataset"] and worst_matmul <= verdicts.MATMUL_EPOCHS,
-            },
-        ]
-    return out
-
-
-def serving_targets(serving: dict[str, Any]) -> list[dict[str, Any]]:
-    """The serving targets, perf_analyzer's then the pipeline's client's: each served
-    figure against in-process onnxruntime on the same threads, measured beside it and at
-    its best in the run (report.best_inprocess). Met only against both: a reference that
-    the machine's load dragged down beside a figure does not meet a target."""
-    on = serving["servers"]["batching_on"]
-    one, budget = report.references(serving)
-    best_p50, best_b16 = report.best_inprocess(serving)
-    c1, c8 = (next(p for p in on["perf_analyzer"] if p["concurrency"] == c) for c in (1, 8))
-    client1 = on["sequential"]
-    client8 = next(p for p in on["concurrency"] if p["concurrency"] == 8)
-    out = []
-    for who, latency, throughput in (
-        ("perf_analyzer", c1, c8),
-        ("the pipeline's client", client1, client8),
-    ):
-        p50 = latency["p50_ms"]
-        gap, worst_gap = p50 - latency[report.P50], p50 - best_p50
-        images = throughput["images_per_s"]
-        share, worst_share = images / throughput[report.B16], images / best_b16
-        out.append(
-            {
-                "target": f"{who}: concurrency-1 p50 <= in-process p50 "
-                f"({one['threads']} thread(s)) + {verdicts.C1_P50_GAP_MS:g} ms",
-                "measured": f"{p50:.2f} ms vs {latency[report.P50]:.2f} ms beside it "
-                f"({gap:+.2f} ms); vs the run's best in-process {best_p50:.2f} ms "
-                f"({worst_gap:+.2f} ms)",
-                "met": max(gap, worst_gap) <= verdicts.C1_P50_GAP_MS,
-            }
-        )
-        if who == "perf_analyzer":
-            out.append(
-                {
-                    "target": f"{who}: concurrency-1 p99 <= {verdicts.C1_P99_RATIO:g} × its p50",
-                    "measured": f"p99 {c1['p99_ms']:.2f} ms, p50 {c1['p50_ms']:.2f} ms "
-                    f"({c1['p99_ms'] / c1['p50_ms']:.1f}×)",
-                    "met": c1["p99_ms"] <= verdicts.C1_P99_RATIO * c1["p50_ms"],
-                }
-            )
-        out.append(
-            {
-                "target": f"{who}: concurrency-8 throughput >= {verdicts.C8_SHARE:.0%} of "
-                f"in-process batch 16 ({budget['threads']} thread(s))",
-                "measured": f"{images:.0f} vs {throughput[report.B16]:.0f} images/s beside it "
-                f"({share:.0%}); vs the run's best in-process {best_b16:.0f} images/s "
-                f"({worst_share:.0%})",
-                "met": min(share, worst_share) >= verdicts.C8_SHARE,
-            }
-        )
-    return out
-
-
 def keep_earlier_sections(results: dict[str, Any], out: Path) -> None:
     """Training and export from the last full run in `out`, saying when and where."""
     results["training"] = results["export"] = None
@@ -678,14 +568,14 @@ def main(argv: list[str] | None = None) -> int:
             results["serving"]["int8_refused"] = int8
         results["machine"]["tritonserver"] = results["serving"]["triton_version"]
         results["machine"]["load_average_end"] = load_average()
-        results["targets"] = targets(results)
+        results["targets"] = targets.records(results)
         results["suite_seconds"] = round(time.monotonic() - started, 1)
     finally:
         if own_workdir:
             shutil.rmtree(storage, ignore_errors=True)
 
     report.write(results, out)
-    print(report.summary(results))
+    print(targets.summary(results))
     print(f"wrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks'}/", file=sys.stderr)
     return 0
 

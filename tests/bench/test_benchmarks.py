@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,12 @@ def test_quick_run_writes_results_json(quick_run: tuple[Path, str]) -> None:
     assert all(isinstance(t["met"], bool) for t in results["targets"])
 
 
+def hand_written(document: str) -> str:
+    return re.sub(
+        r"(<!-- \[\[\[generated: \w+\]\]\] -->\n).*?(<!-- \[\[\[end)", r"\1\2", document, flags=re.S
+    )
+
+
 def beside(figures: dict[str, Any]) -> bool:
     """A served figure carries the in-process figures measured right beside it."""
     return number(figures["inprocess_p50_ms"]) and figures["inprocess_batch16_images_per_s"] > 0
@@ -211,17 +218,18 @@ def test_quick_run_writes_plots_and_document(quick_run: tuple[Path, str]) -> Non
     table_rows = [line for line in doc.splitlines() if line.startswith("| ")]
     for run in ("default-seed0", "default-seed1", "default-seed2", "previous-default"):
         assert any(line.startswith(f"| {run} |") for line in table_rows)
-    assert "Time to 99.0%" in doc or "no record" in doc
+    assert any(line.startswith("| Time to 99.0%") for line in table_rows)
     assert any(line.startswith("| 8 |") for line in table_rows)
-    assert "### perf_analyzer" in doc
-    assert (
-        "#### fp32 and int8 served side by side" in doc
-        or "int8 export of this model was refused" in doc
+    assert "### perf_analyzer" in doc and "### Serving variants" in doc
+    assert "int8 export of this model was refused" in doc or any(
+        line.startswith("| int8 |") for line in table_rows
     )
-    assert "### Serving variants" in doc and "#### Model repository: fp32" in doc
-    assert any(line.startswith("| 1 | baseline (exported config) |") for line in table_rows)
-    assert "**Verdict.**" in doc and "**Reading the baseline at concurrency 8**" in doc
-    assert "{" not in doc  # every template field filled
+    # The sweep's runs, in the targets' table and where the time goes at concurrency 8.
+    baseline = [line for line in table_rows if line.startswith("| fp32 | 1 | baseline (exported")]
+    assert len(baseline) == 2 and baseline[0].endswith(("no |", "**yes** |"))
+    assert "{" not in doc  # every cell's format string filled
+    # The hand-written text is docs/BENCHMARKS.md's: only the generated regions differ.
+    assert hand_written(doc) == hand_written((REPO / "docs" / "BENCHMARKS.md").read_text())
     # One verdict line per target, whatever the verdict (quick mode's tiny runs miss them).
     verdicts = [line for line in stdout.splitlines() if line.startswith(("met ", "NOT MET "))]
     targets = json.loads((out / "benchmarks" / "results.json").read_text())["targets"]
