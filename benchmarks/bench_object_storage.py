@@ -1,6 +1,6 @@
 """Serving from object storage against serving from the volume, side by side in one run.
 
-    python benchmarks/bench_object_storage.py [--rounds 3] [--requests 500]
+    PYTHONPATH=tests python benchmarks/bench_object_storage.py [--rounds 3] [--requests 500]
 
 One model (a tiny training run, exported once to a volume folder and uploaded to a real
 radosgw bucket with the export's own publication) is pinned and served both ways, the
@@ -13,7 +13,7 @@ two alternating round by round:
 Both are pinned with `--triton-backend python` and served by the nvidia-pytriton wheel's
 tritonserver (its python backend running the project's model.py). Prints both and writes
 docs/benchmarks/object_storage.json (with the machine). Needs the Ceph packages of
-tests/support/objectstore.py.
+tests/harness/objectstore.py.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import free_ports, load_average, machine
+from common import load_average, machine
+from harness.objectstore import LocalRadosgw
+from harness.ports import free_ports
 from mnist_pipeline.repository import open_repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import CONFIG_FILE, METADATA_FILE, MODEL_FILE
-from support.objectstore import LocalRadosgw
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "object_storage.json"

@@ -28,10 +28,10 @@ import numpy as np
 import onnxruntime as ort
 
 from common import percentiles
+from harness import prometheus as monitoring
+from harness.processes import descendants
 from mnist_pipeline import client, tritonconfig
 from mnist_pipeline.storage import CONFIG_FILE, is_version_name
-from support import prometheus as monitoring
-from support.processes import descendants
 
 MODEL = "resnet18_mnist"
 

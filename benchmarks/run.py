@@ -1,7 +1,7 @@
 """The benchmark suite: training, export and serving measured in one run on one machine.
 
-    PYTHONPATH=src python benchmarks/run.py                # full: writes docs/
-    PYTHONPATH=src python benchmarks/run.py --quick --out /tmp/bench   # smoke test
+    PYTHONPATH=src:tests python benchmarks/run.py                # full: writes docs/
+    PYTHONPATH=src:tests python benchmarks/run.py --quick --out /tmp/bench   # smoke test
 
 Writes OUT/benchmarks/results.json, the plots OUT/benchmarks/*.png and OUT/BENCHMARKS.md,
 a document generated from the JSON (benchmarks/report.py; `python benchmarks/report.py
@@ -53,7 +53,9 @@ import bench_serving
 import bench_training
 import report
 import verdicts
-from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
+from common import EPOCH_IMAGES, load_average, machine, median_of, percentiles
+from harness import prometheus as monitoring
+from harness.ports import free_ports
 from mnist_pipeline import client, data, tritonconfig
 from mnist_pipeline.errors import PipelineFailure
 from mnist_pipeline.export import export
@@ -67,7 +69,6 @@ from mnist_pipeline.storage import (
     read_json,
 )
 from mnist_pipeline.train import TrainConfig, train
-from support import prometheus as monitoring
 
 MODEL = DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)

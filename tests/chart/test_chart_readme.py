@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from support.chart import CHART, REPO
+from harness.chart import CHART, REPO
 
 
 def load_generator() -> ModuleType:

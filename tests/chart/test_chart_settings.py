@@ -23,10 +23,7 @@ import pytest
 import yaml
 from test_chart_cluster import PINNED, RWX, merge, refused, run_id
 
-from conftest import cli
-from mnist_pipeline import settings as s
-from mnist_pipeline.train import TrainConfig, default_run_id
-from support.chart import (
+from harness.chart import (
     CHART,
     REPO,
     arg,
@@ -37,6 +34,9 @@ from support.chart import (
     render,
     workloads,
 )
+from harness.pipeline import cli
+from mnist_pipeline import settings as s
+from mnist_pipeline.train import TrainConfig, default_run_id
 
 
 def load_generator() -> ModuleType:

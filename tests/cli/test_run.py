@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LIMIT_TRAIN, MODEL, PipelineRun, cli
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import LIMIT_TRAIN, MODEL, PipelineRun, cli, snapshot
+from harness.ports import free_ports
+from harness.serving import triton_processes
 from mnist_pipeline.train import TrainConfig, default_run_id
-from support.objectstore import LocalRadosgw
-from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 

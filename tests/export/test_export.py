@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TrainedRun
+from harness.pipeline import TrainedRun, snapshot
 from mnist_pipeline import data, export, quantize, tritonconfig
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.model import build, checkpoint_payload
@@ -29,7 +29,6 @@ from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.repository import GONE, LEFTOVER, Repository, open_repository
 from mnist_pipeline.settings import PUBLISH_MIN_ACCURACY
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME, ModelRepository
-from support.serving import snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
+from harness.objectstore import LocalRadosgw
+from harness.ports import free_ports
 from mnist_pipeline.serve import LocalTriton, wheel_server
-from support.objectstore import LocalRadosgw
-from support.ports import free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The model repository's guarantees, held the same on a folder and on a bucket.
 
 Every test runs twice: on a folder repository and on a bucket of a real radosgw (Ceph,
-tests/support/objectstore.py). Each gets a fresh copy of one repository where two real
+tests/harness/objectstore.py). Each gets a fresh copy of one repository where two real
 tiny training runs were exported through the CLI: `low` as version 1, `high` (better) as
 version 2. The tests then damage it as an operator's hand or a crash would (a file
 deleted, a record edited, a lock left behind) and run the real CLI on it: export, pin,
@@ -33,11 +33,11 @@ from typing import Any, Protocol
 
 import pytest
 
-from conftest import cli
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import cli
 from mnist_pipeline.repository import open_repository
 from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME as NAME
-from support.objectstore import LocalRadosgw
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,10 @@ import pytest
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODEL, pin_test_repository
-from mnist_pipeline import client
-from mnist_pipeline.serve import LocalTriton
-from support.chart import REPO, find, install_manifest, render
-from support.prometheus import (
+from harness.chart import REPO, find, install_manifest, render
+from harness.pipeline import MODEL
+from harness.ports import free_ports
+from harness.prometheus import (
     DASHBOARD,
     LocalPrometheus,
     dashboard_panels,
@@ -38,7 +37,9 @@ from support.prometheus import (
     locate,
     values,
 )
-from support.serving import free_ports
+from harness.serving import pin_test_repository
+from mnist_pipeline import client
+from mnist_pipeline.serve import LocalTriton
 
 CRDS = {"apiVersions": ["monitoring.coreos.com/v1"]}
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}

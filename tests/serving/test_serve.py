@@ -21,11 +21,12 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import MODEL, PipelineRun, TrainedRun, publish_by_hand
+from harness.pipeline import MODEL, PipelineRun, TrainedRun, cli, publish_by_hand
+from harness.ports import free_ports
+from harness.serving import pid_alive, pinned_models, triton_processes
 from mnist_pipeline import data
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.serve import LocalTriton, served_models
-from support.serving import cli, free_ports, pid_alive, pinned_models, triton_processes
 
 pytestmark = pytest.mark.slow
 

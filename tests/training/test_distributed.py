@@ -22,12 +22,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, cli
+import bench_distributed as bench
+from harness import REPO
+from harness.pipeline import cli
+from harness.ports import free_ports
+from harness.processes import descendants, kill_tree
 from mnist_pipeline import distributed, settings
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
-from support.ports import free_ports
-from support.processes import descendants, kill_tree
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 # Two ranks differ from one process only in BatchNorm (batch statistics over 32 images
@@ -393,9 +395,6 @@ def test_a_lost_peer_is_told_from_other_failures(error: BaseException, lost: boo
 def test_the_recorded_link_sweep_is_what_the_corrected_model_makes_of_it() -> None:
     """docs/DISTRIBUTED.md quotes docs/benchmarks/links.json: its fit, its predictions and
     its projections are the benchmark's own functions applied to its measured rows."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_distributed as bench
-
     results = json.loads((REPO / "docs" / "benchmarks" / "links.json").read_text())
     gradient_bytes = 4 * 11_175_370
     fit = bench.corrected_model(results["links"], gradient_bytes)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from support.ports import free_ports
+from harness.ports import free_ports
 
 DEBS = "radosgw ceph-mon ceph-osd ceph-common"
 ACCESS_KEY = "MNISTPIPELINETEST"

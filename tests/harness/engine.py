@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+from harness.chart import REPO
 from mnist_pipeline import __version__
-from support.chart import REPO
 
 ENGINE_DIR = Path(os.environ.get("CONTAINER_ENGINE_DIR", "/var/lib/mnist-pipeline-ci"))
 # Debian's client: a newer static client, if any, comes first on PATH and misses the

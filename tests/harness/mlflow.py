@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from support.ports import free_ports
-
-REPO = Path(__file__).resolve().parents[2]
+from harness import REPO
+from harness.ports import free_ports
 
 
 def mlflow_binary() -> Path:

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-DASHBOARD = (
-    Path(__file__).resolve().parents[2] / "deploy/helm/mnist-pipeline/dashboards/triton.json"
-)
+from harness import REPO
+
+DASHBOARD = REPO / "deploy/helm/mnist-pipeline/dashboards/triton.json"
 
 
 def locate(binary: str) -> Path:

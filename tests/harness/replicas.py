@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from harness.ports import free_ports
 from mnist_pipeline.serve import wheel_server
-from support.ports import free_ports
 
 NAME = "triton.replicas.test"  # the name dnsmasq answers, as the cluster DNS would
 HTTP, GRPC, METRICS = 8000, 8001, 8002  # each replica's own: its namespace has nothing else
