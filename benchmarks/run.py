@@ -56,6 +56,7 @@ import verdicts
 from common import EPOCH_IMAGES, load_average, machine, median_of, percentiles
 from harness import prometheus as monitoring
 from harness.ports import free_ports
+from harness.serving import local_triton
 from mnist_pipeline import client, data, tritonconfig
 from mnist_pipeline.errors import PipelineFailure
 from mnist_pipeline.export import export
@@ -420,14 +421,6 @@ def served_models(storages: dict[str, Path]) -> dict[str, dict[str, Any]]:
             "bytes": (models_dir / MODEL / "1" / MODEL_FILE).stat().st_size,
         }
     return models
-
-
-def local_triton(served: Path, extra_args: tuple[str, ...] = ()) -> LocalTriton:
-    """The wheel's tritonserver on `served` (a pinned repository), on free loopback ports."""
-    http, grpc, metrics = free_ports(3)
-    return LocalTriton(
-        served, http_port=http, grpc_port=grpc, metrics_port=metrics, extra_args=extra_args
-    )
 
 
 def variant_run(

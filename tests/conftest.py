@@ -27,10 +27,10 @@ from harness.pipeline import (
     TrainedRun,
     cli,
     failing_onnx_model,
+    port_variables,
     publish_by_hand,
 )
-from harness.ports import free_ports
-from harness.serving import pin_test_repository
+from harness.serving import local_triton, pin_test_repository
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton
 
@@ -51,7 +51,9 @@ def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engin
     engine = Engine()
     try:
         engine.start()
+        engine.wait_ready()
     except EngineUnavailable as error:
+        engine.stop()
         if os.environ.get("CI") == "true":
             pytest.fail(f"the container checks must run in CI: {error}")
         pytest.skip(f"container checks did NOT run ({error}); {HOW_TO_RUN}")
@@ -97,13 +99,7 @@ def storage(tmp_path: Path, mnist_storage: Path) -> Path:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     """`mnist-pipeline run` end to end on a small training subset, on free ports."""
     storage = tmp_path_factory.mktemp("pipeline") / "storage"
-    http, grpc, metrics = free_ports(3)
-    env = {
-        **os.environ,
-        "MNIST_PIPELINE_HTTP_PORT": str(http),
-        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
-        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
-    }
+    env = port_variables()
     result = cli(
         "run",
         "--storage",
@@ -118,7 +114,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (inference,) = list((storage / "inference").iterdir())
-    return PipelineRun(storage, result, grpc, inference)
+    return PipelineRun(storage, result, int(env["MNIST_PIPELINE_GRPC_PORT"]), inference)
 
 
 @pytest.fixture(scope="session")
@@ -150,13 +146,6 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: Pipeline
 def served(
     tmp_path_factory: pytest.TempPathFactory, test_repository: Path
 ) -> Iterator[LocalTriton]:
-    http, grpc, metrics = free_ports(3)
-    server = LocalTriton(
-        pin_test_repository(test_repository, tmp_path_factory.mktemp("served")),
-        workdir=tmp_path_factory.mktemp("triton"),
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-    )
-    with server:
+    served = pin_test_repository(test_repository, tmp_path_factory.mktemp("served"))
+    with local_triton(served, tmp_path_factory.mktemp("triton")) as server:
         yield server

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import REPO
+from harness.ports import free_ports
 
 MNIST_SOURCE = REPO / "data" / "mnist"
 MODEL = "resnet18_mnist"
@@ -39,6 +40,29 @@ def cli(
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def cli_background(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`mnist-pipeline ARGS` started, not waited for: its stderr piped, its output dropped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def port_variables() -> dict[str, str]:
+    """Three free loopback ports as the variables `run` and `serve` read them from."""
+    http, grpc, metrics = free_ports(3)
+    return {
+        "MNIST_PIPELINE_HTTP_PORT": str(http),
+        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
+        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
+    }
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.pipeline import MODEL
-from mnist_pipeline.serve import pinned
+from harness.ports import free_ports
+from mnist_pipeline.serve import LocalTriton, pinned
 from mnist_pipeline.storage import ModelRepository
 from mnist_pipeline.tritonconfig import TritonConfig
 
@@ -25,6 +27,17 @@ def pin_test_repository(test_repository: Path, out: Path) -> Path:
     return out
 
 
+def local_triton(
+    served: Path, workdir: Path | None = None, extra_args: Sequence[str] = ()
+) -> LocalTriton:
+    """The wheel's tritonserver on `served` (a pinned repository), on free loopback ports."""
+    http, grpc, metrics = free_ports(3)
+    return LocalTriton(
+        served, workdir, http_port=http, grpc_port=grpc, metrics_port=metrics,
+        extra_args=extra_args,
+    )  # fmt: skip
+
+
 def triton_processes(marker: str) -> list[tuple[int, str]]:
     """tritonserver processes whose command line or working folder mentions `marker`
     (a working folder or repository path unique to one server)."""
@@ -40,11 +53,3 @@ def triton_processes(marker: str) -> list[tuple[int, str]]:
         if "tritonserver" in cmdline.split(" ", 1)[0] and (marker in cmdline or marker in cwd):
             found.append((int(entry.name), cmdline))
     return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

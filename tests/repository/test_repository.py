@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import pytest
 
 from harness.objectstore import LocalRadosgw
-from harness.pipeline import cli
+from harness.pipeline import cli, cli_background
 from mnist_pipeline.repository import open_repository
 from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME as NAME
@@ -253,11 +253,8 @@ class Repo:
 
 def start_training(storage: Path, run: str, limit: str, seed: str) -> subprocess.Popen[str]:
     quick = ["--epochs", "1", "--limit-test", "100", "--threads", "1", "--checkpoint-every", "0"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage),
-         "--run-id", run, "--limit-train", limit, "--seed", seed, *quick],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return cli_background("train", "--storage", storage, "--run-id", run,
+                          "--limit-train", limit, "--seed", seed, *quick)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

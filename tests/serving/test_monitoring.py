@@ -37,7 +37,7 @@ from harness.prometheus import (
     locate,
     values,
 )
-from harness.serving import pin_test_repository
+from harness.serving import local_triton, pin_test_repository
 from mnist_pipeline import client
 from mnist_pipeline.serve import LocalTriton
 
@@ -341,18 +341,15 @@ def monitored(
     container = find(objects, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
     chart_metrics_args = [a for a in container["args"] if a.startswith("--metrics-config=")]
     assert chart_metrics_args, "the chart's Triton exposes no latency summaries"
-    http, grpc, metrics, prom_port = free_ports(4)
-    triton = LocalTriton(
+    (prom_port,) = free_ports(1)
+    triton = local_triton(
         pin_test_repository(test_repository, tmp_path_factory.mktemp("monitored-served")),
-        workdir=tmp_path_factory.mktemp("monitored-triton"),
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
+        tmp_path_factory.mktemp("monitored-triton"),
         # Triton refreshes its metrics once a second by default (--metrics-interval-ms).
         extra_args=chart_metrics_args,
     )
     with triton:
-        config = scrape_config(objects, metrics)
+        config = scrape_config(objects, triton.metrics_port)
         with LocalPrometheus(
             tmp_path_factory.mktemp("prometheus"), prom_port, [config]
         ) as prometheus:
