@@ -1,7 +1,7 @@
 """Servers in child processes: started, awaited until ready and stopped by their PID.
 
 LocalTriton (serve.py) is one; so is every server the tests and benchmarks start
-(tests/harness: Prometheus, radosgw, MLflow, Triton replicas, dnsmasq).
+(tests/harness: Prometheus, radosgw, MLflow, Triton replicas, dnsmasq, dockerd).
 """
 
 from __future__ import annotations
