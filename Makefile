@@ -51,11 +51,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 
+# The benchmarks import the test harness (tests/harness: local servers, free ports) as the
+# tests do; pytest finds it through pyproject.toml's pythonpath.
+HARNESS := PYTHONPATH=$(abspath tests)
+
 # The benchmark suite (several minutes): docs/BENCHMARKS.md, docs/benchmarks/*.png and
 # results.json. BENCH_ARGS=--quick for a smoke run into a temporary folder.
 BENCH_ARGS ?= --out docs
 bench: $(BIN)/.installed $(PERF_VENV)/bin/perf_analyzer
-	PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
+	$(HARNESS) PERF_ANALYZER=$(abspath $(PERF_VENV))/bin/perf_analyzer \
 	    $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Needs libb64.so.0d at load (TEST_DEBS); libcudart comes from the wheel below.
@@ -69,7 +73,7 @@ $(PERF_VENV)/bin/perf_analyzer:
 # link sweep and the compression accuracies are its --links-only and --compression-accuracy
 # (docs/DISTRIBUTED.md): writes docs/benchmarks/distributed.json.
 bench-distributed: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_distributed.py
+	$(HARNESS) $(BIN)/python benchmarks/bench_distributed.py
 
 $(CHECKOV_VENV)/bin/checkov:
 	@echo "Installing checkov into $(CHECKOV_VENV) (290 MB: a minute or two)"

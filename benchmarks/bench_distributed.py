@@ -1,9 +1,9 @@
 """Data-parallel training: on one machine, over shaped links, and a model of more machines.
 
     make bench-distributed     # = python benchmarks/bench_distributed.py: 12 800 images per config
-    python benchmarks/bench_distributed.py --quick --out /tmp/bench   # smoke test
-    python benchmarks/bench_distributed.py --links-only            # as root: links.json
-    python benchmarks/bench_distributed.py --compression-accuracy  # compression.json
+    PYTHONPATH=tests python benchmarks/bench_distributed.py --quick --out /tmp/bench   # smoke test
+    PYTHONPATH=tests python benchmarks/bench_distributed.py --links-only  # as root: links.json
+    PYTHONPATH=tests python benchmarks/bench_distributed.py --compression-accuracy
 
 By default, measures images/s of the same recipe as 1 process × 2 threads and as 2 ranks ×
 1 thread (torchrun, gloo) on the same 2 cores: the same silicon, so the ratio is DDP's
@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from common import load_average, machine
+from harness.netnodes import Link, Nodes
 from mnist_pipeline import data, model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.netnodes import Link, Nodes
 
 NODES = (1, 2, 4, 8, 16)
 NETWORKS_GBPS = (10, 25, 100)

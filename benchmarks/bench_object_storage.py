@@ -1,6 +1,6 @@
 """Serving from object storage against serving from the volume, side by side in one run.
 
-    python benchmarks/bench_object_storage.py [--rounds 3] [--requests 500]
+    PYTHONPATH=tests python benchmarks/bench_object_storage.py [--rounds 3] [--requests 500]
 
 One model (a tiny training run, exported once to a volume folder and uploaded to a real
 radosgw bucket with the export's own publication) is pinned and served both ways, the
@@ -13,7 +13,7 @@ two alternating round by round:
 Both are pinned with `--triton-backend python` and served by the nvidia-pytriton wheel's
 tritonserver (its python backend running the project's model.py). Prints both and writes
 docs/benchmarks/object_storage.json (with the machine). Needs the Ceph packages of
-tests/support/objectstore.py.
+tests/harness/objectstore.py.
 """
 
 from __future__ import annotations
@@ -23,35 +23,26 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import free_ports, load_average, machine
+from common import load_average, machine
+from harness import pipeline
+from harness.objectstore import LocalRadosgw
+from harness.serving import local_triton
 from mnist_pipeline.repository import open_repository
 from mnist_pipeline.serve import LocalTriton
 from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import CONFIG_FILE, METADATA_FILE, MODEL_FILE
-from support.objectstore import LocalRadosgw
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "object_storage.json"
 NAME = "resnet18_mnist"
 
-
-def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"mnist-pipeline {args[0]} failed:\n{result.stderr[-2000:]}")
-    return result
+cli = partial(pipeline.cli, check=True)
 
 
 def prepare(work: Path, rgw: LocalRadosgw) -> tuple[Path, str]:
@@ -83,8 +74,7 @@ def time_to_ready(storage: Path, url: str | None, served: Path) -> dict[str, Any
     cli("pin", "--storage", storage, "--served-repository", served, "--triton-backend",
         "python", env=env)  # fmt: skip
     pinned = time.perf_counter()
-    http, grpc, metrics = free_ports(3)
-    server = LocalTriton(served, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    server = local_triton(served)
     server.start()
     server.wait_ready()
     ready = time.perf_counter()

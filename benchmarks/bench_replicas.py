@@ -1,11 +1,11 @@
 """One Triton replica against two behind client-side round_robin, as the chart's headless
 Service has them: each tritonserver in its own network namespace with its own address and
 pinned to its own core (taskset), one name with an A record per replica from dnsmasq
-(tests/support/replicas.py), and the pipeline's own client (its Driver, a dns: target,
+(tests/harness/replicas.py), and the pipeline's own client (its Driver, a dns: target,
 round_robin) at a few concurrencies: images/s, p50/p99 and each replica's share, from its
 own metrics. Each replica serves what the chart's pin writes for a 1-CPU pod.
 
-    sudo .venv/bin/python benchmarks/bench_replicas.py --storage STORAGE   # ~1-2 min
+    sudo PYTHONPATH=tests .venv/bin/python benchmarks/bench_replicas.py --storage STORAGE  # 1-2 min
 
 perf_analyzer (2.51) takes a dns: target (-u dns:///ADDRESS:8001 works) but always balances
 pick_first: measured here, every request of a run went to one replica. Hence the
@@ -29,8 +29,8 @@ from typing import Any
 
 from bench_serving import served_latencies
 from common import machine, percentiles
+from harness.replicas import Replicas, require_tools
 from mnist_pipeline import data
-from support.replicas import Replicas, require_tools
 
 MODEL = "resnet18_mnist"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "replicas.json"

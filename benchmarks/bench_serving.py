@@ -28,10 +28,10 @@ import numpy as np
 import onnxruntime as ort
 
 from common import percentiles
+from harness import prometheus as monitoring
+from harness.processes import descendants
 from mnist_pipeline import client, tritonconfig
 from mnist_pipeline.storage import CONFIG_FILE, is_version_name
-from support import prometheus as monitoring
-from support.processes import descendants
 
 MODEL = "resnet18_mnist"
 
@@ -136,16 +136,9 @@ def served_latencies(
     return driver.latencies_ms, driver.images / wall_s
 
 
-def served(
-    url: str,
-    model: str,
-    x: np.ndarray,
-    labels: np.ndarray,
-    requests: int,
-    concurrency: int,
-    warmup: int = 20,
-) -> dict[str, float]:
-    latencies, images_per_s = served_latencies(url, model, x, labels, requests, concurrency, warmup)
+def served(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """served_latencies (same arguments) as percentiles and images/s."""
+    latencies, images_per_s = served_latencies(*args, **kwargs)
     return {**percentiles(latencies), "images_per_s": images_per_s}
 
 

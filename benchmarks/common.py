@@ -1,23 +1,16 @@
-"""Helpers shared by the benchmark suite: percentiles, medians of repeats, ports, the machine."""
+"""Helpers shared by the benchmark suite: percentiles, medians of repeats, the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-# The tests' support code (free ports, the local Prometheus) serves the benchmarks too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.ports import free_ports
-
-__all__ = ["EPOCH_IMAGES", "free_ports", "load_average", "machine", "median_of", "percentiles"]
 
 
 def percentiles(latencies_ms: list[float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The benchmark suite: training, export and serving measured in one run on one machine.
 
-    PYTHONPATH=src python benchmarks/run.py                # full: writes docs/
-    PYTHONPATH=src python benchmarks/run.py --quick --out /tmp/bench   # smoke test
+    PYTHONPATH=src:tests python benchmarks/run.py                # full: writes docs/
+    PYTHONPATH=src:tests python benchmarks/run.py --quick --out /tmp/bench   # smoke test
 
 Writes OUT/benchmarks/results.json, the plots OUT/benchmarks/*.png and the tables of
 OUT/BENCHMARKS.md (docs/BENCHMARKS.md's hand-written text where OUT has none), rendered from
@@ -54,7 +54,10 @@ import bench_serving
 import bench_training
 import report
 import targets
-from common import EPOCH_IMAGES, free_ports, load_average, machine, median_of, percentiles
+from common import EPOCH_IMAGES, load_average, machine, median_of, percentiles
+from harness import prometheus as monitoring
+from harness.ports import free_ports
+from harness.serving import local_triton
 from mnist_pipeline import client, data, tritonconfig
 from mnist_pipeline.errors import PipelineFailure
 from mnist_pipeline.export import export
@@ -68,7 +71,6 @@ from mnist_pipeline.storage import (
     read_json,
 )
 from mnist_pipeline.train import TrainConfig, train
-from support import prometheus as monitoring
 
 MODEL = DEFAULT_MODEL_NAME
 CONCURRENCIES = (1, 2, 4, 8, 16)
@@ -423,14 +425,6 @@ def served_models(storages: dict[str, Path]) -> dict[str, dict[str, Any]]:
             "bytes": (models_dir / MODEL / "1" / MODEL_FILE).stat().st_size,
         }
     return models
-
-
-def local_triton(served: Path, extra_args: tuple[str, ...] = ()) -> LocalTriton:
-    """The wheel's tritonserver on `served` (a pinned repository), on free loopback ports."""
-    http, grpc, metrics = free_ports(3)
-    return LocalTriton(
-        served, http_port=http, grpc_port=grpc, metrics_port=metrics, extra_args=extra_args
-    )
 
 
 def variant_run(

@@ -8,53 +8,40 @@ also when a test fails.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from subprocess import CompletedProcess
 
 import pytest
 
+from harness import REPO
+from harness.engine import HOW_TO_RUN, Engine, EngineUnavailable
+from harness.objectstore import radosgw  # noqa: F401 (one radosgw for the whole session)
+from harness.pipeline import (
+    LIMIT_TRAIN,
+    MNIST_SOURCE,
+    MODEL,
+    PipelineRun,
+    TrainedRun,
+    cli,
+    failing_onnx_model,
+    port_variables,
+    publish_by_hand,
+)
+from harness.serving import local_triton, pin_test_repository
 from mnist_pipeline import data
 from mnist_pipeline.serve import LocalTriton
-from mnist_pipeline.tritonconfig import TritonConfig
-from support.engine import HOW_TO_RUN, Engine, EngineUnavailable
-from support.objectstore import radosgw  # noqa: F401 (one radosgw for the whole session)
-from support.serving import free_ports, pinned_models
 
-REPO = Path(__file__).resolve().parents[1]
-MNIST_SOURCE = REPO / "data" / "mnist"
+# Child Pythons the tests start (the benchmarks) import the harness as the tests do.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])
+)
 # The tests export models trained on a few hundred images, which can land below the
 # publishing floor real training clears by far: every command they run publishes whatever
 # it is given, unless a test sets the floor itself (test_export.py's floor test).
 os.environ["MNIST_PIPELINE_PUBLISH_MIN_ACCURACY"] = "0"
-
-
-def cli(
-    *args: str | os.PathLike[str],
-    check: bool = False,
-    timeout: float = 600,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run `mnist-pipeline ARGS` as a user would, in a child process."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +51,9 @@ def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engin
     engine = Engine()
     try:
         engine.start()
+        engine.wait_ready()
     except EngineUnavailable as error:
+        engine.stop()
         if os.environ.get("CI") == "true":
             pytest.fail(f"the container checks must run in CI: {error}")
         pytest.skip(f"container checks did NOT run ({error}); {HOW_TO_RUN}")
@@ -83,13 +72,6 @@ def mnist_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mnist-storage")
     data.place(root, MNIST_SOURCE)
     return root
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    storage: Path
-    run_id: str
-    accuracy: float  # on all 10 000 test images
 
 
 @pytest.fixture(scope="session")
@@ -113,30 +95,11 @@ def storage(tmp_path: Path, mnist_storage: Path) -> Path:
     return root
 
 
-MODEL = "resnet18_mnist"
-# Trains in seconds and still scores well above 80% on the test set.
-LIMIT_TRAIN = "5000"
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    storage: Path
-    result: CompletedProcess[str]
-    grpc_port: int
-    inference: Path  # the folder its client wrote
-
-
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     """`mnist-pipeline run` end to end on a small training subset, on free ports."""
     storage = tmp_path_factory.mktemp("pipeline") / "storage"
-    http, grpc, metrics = free_ports(3)
-    env = {
-        **os.environ,
-        "MNIST_PIPELINE_HTTP_PORT": str(http),
-        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
-        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
-    }
+    env = port_variables()
     result = cli(
         "run",
         "--storage",
@@ -151,52 +114,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (inference,) = list((storage / "inference").iterdir())
-    return PipelineRun(storage, result, grpc, inference)
+    return PipelineRun(storage, result, int(env["MNIST_PIPELINE_GRPC_PORT"]), inference)
 
 
 @pytest.fixture(scope="session")
 def onnx_path(pipeline: PipelineRun) -> Path:
     return pipeline.storage / "models" / MODEL / "1" / "model.onnx"
-
-
-def failing_onnx_model(image_dims: tuple[int, ...] = (784,)) -> bytes:
-    """An ONNX model that loads, matches its config (input [batch, *image_dims]), and
-    fails every request inside ONNX Runtime: a Gather at an index past the end of each
-    784-pixel image."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
-    index = numpy_helper.from_array(np.array([784], np.int64), "past_the_end")
-    flat = numpy_helper.from_array(np.array([-1, 784], np.int64), "flat_shape")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-            helper.make_node("Gather", ["flat", "past_the_end"], ["pixel"], axis=1),
-            helper.make_node("Add", ["logits", "pixel"], ["output"]),
-        ],
-        "failing",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *image_dims])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
-        [weights, index, flat],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
-
-
-def publish_by_hand(version: Path, model: bytes) -> None:
-    """`model` as version folder `version`, with the metadata.json that pin checks it
-    against: what export would publish, without export's own checks."""
-    version.mkdir(parents=True, exist_ok=True)
-    (version / "model.onnx").write_bytes(model)
-    sha256 = hashlib.sha256(model).hexdigest()
-    files = {"model.onnx": {"bytes": len(model), "sha256": sha256}}
-    metadata = {"sha256": sha256, "accuracy": 0.0, "files": files}
-    (version / "metadata.json").write_text(json.dumps(metadata))
 
 
 @pytest.fixture(scope="session")
@@ -219,25 +142,10 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, pipeline: Pipeline
     return repo
 
 
-def pin_test_repository(test_repository: Path, out: Path) -> Path:
-    """Both models of `test_repository` pinned into `out` for the local Triton."""
-    for name, instances in ((MODEL, 2), ("failing", 1)):
-        cfg = TritonConfig(name=name, instance_count=instances)
-        pinned_models(test_repository, out, cfg)
-    return out
-
-
 @pytest.fixture(scope="session")
 def served(
     tmp_path_factory: pytest.TempPathFactory, test_repository: Path
 ) -> Iterator[LocalTriton]:
-    http, grpc, metrics = free_ports(3)
-    server = LocalTriton(
-        pin_test_repository(test_repository, tmp_path_factory.mktemp("served")),
-        workdir=tmp_path_factory.mktemp("triton"),
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-    )
-    with server:
+    served = pin_test_repository(test_repository, tmp_path_factory.mktemp("served"))
+    with local_triton(served, tmp_path_factory.mktemp("triton")) as server:
         yield server

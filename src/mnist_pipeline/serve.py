@@ -6,38 +6,33 @@ python backend: what it serves is a repository `pin` wrote with `--triton-backen
 model.py running ONNX Runtime from PyPI). `serve` and `run` pin into their work folder,
 then start it; the chart's pods do the same in two containers.
 
-`LocalTriton` is the reusable piece (used by `serve`, `run`, the tests and benchmarks):
-it starts tritonserver in its own process group (killed with it if this process dies),
-waits until it is ready, and stops it.
+`LocalTriton` is the reusable piece (used by `serve`, `run`, the tests and benchmarks): a
+ManagedProcess (processes.py) in its own process group, killed with it if this process
+dies.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import ctypes.util
-import functools
 import importlib.util
 import logging
 import os
 import shutil
-import signal
 import site
 import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from mnist_pipeline import interrupts, settings, storage
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.pinning import write_served_repository
+from mnist_pipeline.processes import ManagedProcess
 from mnist_pipeline.tritonconfig import TritonConfig
 
 log = logging.getLogger(__name__)
@@ -45,7 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_HTTP_PORT = settings.HTTP_PORT.default
 DEFAULT_GRPC_PORT = settings.GRPC_PORT.default
 DEFAULT_METRICS_PORT = settings.METRICS_PORT.default
-PR_SET_PDEATHSIG = 1
 
 
 def locate_tritonserver() -> Path:
@@ -124,14 +118,6 @@ def served_models(served: Path) -> list[str]:
     return names
 
 
-def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
-    """In the child before exec: its own process group, and SIGTERM when the parent dies."""
-    os.setpgid(0, 0)
-    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def check_port_free(host: str, port: int) -> None:
     # Without this, a server already on the port would answer our readiness probe.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -174,13 +160,17 @@ def log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(chosen[-lines:]) or "(empty log)"
 
 
-class LocalTriton:
+class LocalTriton(ManagedProcess):
     """A tritonserver process serving `served`, a repository `pin` wrote for the python
     backend (`pinned` below).
 
     with LocalTriton(served, grpc_port=8001) as server:
         ... server.grpc_url ...
     """
+
+    name = "tritonserver"
+    grace = 20.0
+    die_with_parent = True
 
     def __init__(
         self,
@@ -194,6 +184,7 @@ class LocalTriton:
         ready_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
     ) -> None:
+        super().__init__()
         self.served = served
         # Passed to tritonserver untouched, after ours: for a repeated flag the last wins.
         self.extra_args = list(extra_args)
@@ -204,7 +195,6 @@ class LocalTriton:
         self._own_workdir = workdir is None
         self._failed = False  # a temporary workdir is kept then: the error names its log
         self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
         self.models: list[str] = []
 
     @property
@@ -223,29 +213,23 @@ class LocalTriton:
     def metrics_url(self) -> str:
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
-    @property
-    def log_path(self) -> Path:
-        assert self.workdir is not None
-        return self.workdir / "triton.log"
-
     def failure(self, what: str) -> PipelineFailure:
         """`what` happened: the error, with Triton's own explanation and where its whole
         log is; a temporary workdir then outlives stop(), so that path stays readable."""
         self._failed = True
         kept = " (kept)" if self._own_workdir else ""
+        assert self.log_path is not None
         return PipelineFailure(f"{what}. From {self.log_path}{kept}:\n{log_tail(self.log_path)}")
 
     def start(self) -> None:
-        if self.process is not None:
-            raise RuntimeError("this LocalTriton is already started")
         self.models = served_models(self.served)
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             check_port_free(self.host, port)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="mnist-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        server, env = wheel_server(self.workdir / "backends")
-        cmd = [
+        server, self.environment = wheel_server(self.workdir / "backends")
+        self.command = [
             *server,
             f"--model-repository={self.served.resolve()}",
             "--model-control-mode=none",
@@ -262,23 +246,11 @@ class LocalTriton:
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
+        self.cwd, self.log_path = self.workdir, self.workdir / "triton.log"
         log.info("starting tritonserver (log: %s)", self.log_path)
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                # preexec_fn only makes two system calls: safe even with threads running.
-                # libc is looked up here, in the parent: lookups are not fork-safe.
-                preexec_fn=functools.partial(
-                    _die_with_parent, ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-                ),
-            )
+        super().start()
 
-    def is_ready(self) -> bool:
+    def ready(self) -> bool:
         try:
             url = f"http://{self.http_url}/v2/health/ready"
             with urllib.request.urlopen(url, timeout=2) as response:
@@ -288,64 +260,21 @@ class LocalTriton:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every model is loaded; raise PipelineFailure with Triton's log if not."""
-        assert self.process is not None, "start() first"
-        timeout = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        delay = 0.1
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                raise self.failure(f"tritonserver exited with code {code} before it was ready")
-            if self.is_ready():
-                log.info(
-                    "Triton ready: gRPC %s, HTTP %s, metrics %s; models %s",
-                    self.grpc_url,
-                    self.http_url,
-                    self.metrics_url,
-                    ", ".join(self.models),
-                )
-                return
-            if time.monotonic() > deadline:
-                raise self.failure(f"tritonserver not ready after {timeout:.0f} s")
-            time.sleep(delay)
-            delay = min(1.0, delay * 1.5)
+        super().wait_ready(timeout)
+        log.info(
+            "Triton ready: gRPC %s, HTTP %s, metrics %s; models %s",
+            self.grpc_url,
+            self.http_url,
+            self.metrics_url,
+            ", ".join(self.models),
+        )
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL what outlives it."""
-        process, self.process = self.process, None
-        if process is not None:
-            pgid = process.pid
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout)
-            # Anything it started that is still shutting down goes too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            process.wait()
-            log.info("tritonserver stopped (exit code %s)", process.returncode)
+        super().stop()
         if self._own_workdir and self.workdir is not None and not self._failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-    def __enter__(self) -> LocalTriton:
-        try:
-            self.start()
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def pinned(

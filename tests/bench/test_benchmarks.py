@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support.prometheus import dashboard_panels
+from harness.prometheus import dashboard_panels
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from support.chart import (
+from harness.chart import (
     CHART,
     KUBE_VERSION,
     LOCAL_IMAGES,
@@ -30,7 +30,7 @@ from support.chart import (
     render,
     workloads,
 )
-from support.failure_policy import action, failed_pod
+from harness.failure_policy import action, failed_pod
 
 DIGEST = "sha256:" + "ab" * 32
 SCENARIOS: dict[str, dict[str, Any]] = {

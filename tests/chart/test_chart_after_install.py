@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_chart_cluster import RWX, job_names, merge, pod_requests, refused
 
-from support.chart import (
+from harness.chart import (
     CHART,
     KUBE_VERSION,
     REPO,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from support.chart import arg, containers, find, pod_spec, render
+from harness.chart import arg, containers, find, pod_spec, render
 
 PROMETHEUS = "http://prometheus.monitoring:9090"
 CANARY: dict[str, Any] = {

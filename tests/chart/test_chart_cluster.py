@@ -19,8 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mnist_pipeline import tritonconfig
-from support.chart import (
+from harness.chart import (
     KUBE_VERSION,
     NVIDIA_TRITON,
     PROJECT_TRITON,
@@ -32,7 +31,8 @@ from support.chart import (
     pod_spec,
     render,
 )
-from support.chart import workloads as all_workloads
+from harness.chart import workloads as all_workloads
+from mnist_pipeline import tritonconfig
 
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
 PINNED = {"run": {"id": "prod"}}

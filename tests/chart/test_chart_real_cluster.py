@@ -19,9 +19,7 @@ import pytest
 import yaml
 from test_chart_cluster import RWX, merge
 
-from conftest import pin_test_repository
-from mnist_pipeline.serve import LocalTriton
-from support.chart import (
+from harness.chart import (
     NVIDIA_TRITON,
     PROJECT_TRITON,
     containers,
@@ -31,7 +29,9 @@ from support.chart import (
     render,
     workloads,
 )
-from support.ports import free_ports
+from harness.ports import free_ports
+from harness.serving import pin_test_repository
+from mnist_pipeline.serve import LocalTriton
 
 IMAGES = ("pipeline", "client", "triton")
 MODEL = "resnet18_mnist"

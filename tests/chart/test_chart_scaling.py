@@ -11,7 +11,7 @@ import helm_python
 import pytest
 
 from chart.test_chart_cluster import tritonserver_help
-from support.chart import arg, containers, find, install_manifest, pod_spec, render, workloads
+from harness.chart import arg, containers, find, install_manifest, pod_spec, render, workloads
 
 S3 = {"url": "s3://http://minio.store:9000/models/mnist", "existingSecret": "s3-creds"}
 OBJECT_STORAGE = {"modelRepository": S3, "triton": {"replicas": 3}}

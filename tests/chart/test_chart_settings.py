@@ -10,12 +10,9 @@ id moves exactly when the CLI's would.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import helm_python
@@ -23,12 +20,9 @@ import pytest
 import yaml
 from test_chart_cluster import PINNED, RWX, merge, refused, run_id
 
-from conftest import cli
-from mnist_pipeline import settings as s
-from mnist_pipeline.train import TrainConfig, default_run_id
-from support.chart import (
+import chart_settings
+from harness.chart import (
     CHART,
-    REPO,
     arg,
     containers,
     find,
@@ -37,20 +31,10 @@ from support.chart import (
     render,
     workloads,
 )
+from harness.pipeline import cli
+from mnist_pipeline import settings as s
+from mnist_pipeline.train import TrainConfig, default_run_id
 
-
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "chart_settings", REPO / "scripts" / "chart_settings.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-chart_settings = load_generator()
 VALUES_BY_PATH = {v.path: v for v in chart_settings.VALUES}
 
 
@@ -110,88 +94,69 @@ def test_every_value_the_pods_get_is_a_checked_setting() -> None:
 
 # What the CLI refuses, the chart refuses at render time, in the CLI's words -------------
 
-# (values, the CLI's command, how the pods pass it, the phrase both say)
-REFUSED: dict[str, tuple[dict[str, Any], list[str], str]] = {
-    "epochs -1": ({"training": {"epochs": -1}}, ["train"], "is not in the range 0<x<=1000"),
-    "epochs three": ({"training": {"epochs": "three"}}, ["train"], "is not a valid float"),
-    "epochs 1001": ({"training": {"epochs": 1001}}, ["train"], "is not in the range 0<x<=1000"),
-    "batchSize -5": ({"training": {"batchSize": -5}}, ["train"], "is not in the range x>=2"),
-    "batchSize 2.5": ({"training": {"batchSize": 2.5}}, ["train"], "is not a valid integer"),
-    "lr shell": (
-        {"training": {"lr": "0.1; rm -rf /"}},
-        ["train"],
-        "'0.1; rm -rf /' is not a valid float",
-    ),
-    "lr 0": ({"training": {"lr": 0}}, ["train"], "is not in the range x>0"),
+PIN = ["pin", "--served-repository=SERVED"]
+# (the value's path, the value, the CLI's command, the phrase both say)
+REFUSED: dict[str, tuple[str, Any, list[str], str]] = {
+    "epochs -1": ("training.epochs", -1, ["train"], "is not in the range 0<x<=1000"),
+    "epochs three": ("training.epochs", "three", ["train"], "is not a valid float"),
+    "epochs 1001": ("training.epochs", 1001, ["train"], "is not in the range 0<x<=1000"),
+    "batchSize -5": ("training.batchSize", -5, ["train"], "is not in the range x>=2"),
+    "batchSize 2.5": ("training.batchSize", 2.5, ["train"], "is not a valid integer"),
+    "lr shell": ("training.lr", "0.1; rm -rf /", ["train"], "'0.1; rm -rf /' is not a valid float"),
+    "lr 0": ("training.lr", 0, ["train"], "is not in the range x>0"),
     "precision fp64": (
-        {"export": {"precision": "fp64"}},
+        "export.precision",
+        "fp64",
         ["export"],
         "'fp64' is not one of 'fp32', 'int8'",
     ),
     "model name empty": (
-        {"model": {"name": ""}},
+        "model.name",
+        "",
         ["export"],
         "model name '' is not allowed: use 1-64 characters",
     ),
     "model name with a space": (
-        {"model": {"name": "my model"}},
+        "model.name",
+        "my model",
         ["export"],
         "model name 'my model' is not allowed",
     ),
-    "model name ..": ({"model": {"name": ".."}}, ["export"], "model name '..' is not allowed"),
-    "workers 0": ({"training": {"workers": 0}}, ["train"], "is not in the range 1<=x<=1024"),
-    "instanceCount 0": (
-        {"triton": {"instanceCount": 0}},
-        ["pin", "--served-repository=SERVED"],
-        "is not in the range x>=1",
-    ),
+    "model name ..": ("model.name", "..", ["export"], "model name '..' is not allowed"),
+    "workers 0": ("training.workers", 0, ["train"], "is not in the range 1<=x<=1024"),
+    "instanceCount 0": ("triton.instanceCount", 0, PIN, "is not in the range x>=1"),
     "gradientCompression zstd": (
-        {"training": {"gradientCompression": "zstd"}},
+        "training.gradientCompression",
+        "zstd",
         ["train"],
         "'zstd' is not one of 'none', 'fp16'",
     ),
-    "checkpointEvery -1": (
-        {"training": {"checkpointEvery": -1}},
-        ["train"],
-        "is not in the range x>=0",
-    ),
-    "maxRestarts 101": (
-        {"training": {"maxRestarts": 101}},
-        ["train"],
-        "is not in the range 0<=x<=100",
-    ),
-    "masterPort 0": ({"training": {"masterPort": 0}}, ["train"], "is not in the range 1<=x<=65535"),
-    "run id ..": ({"run": {"id": "../x"}}, ["train"], "run id '../x' is not allowed"),
+    "checkpointEvery -1": ("training.checkpointEvery", -1, ["train"], "is not in the range x>=0"),
+    "maxRestarts 101": ("training.maxRestarts", 101, ["train"], "is not in the range 0<=x<=100"),
+    "masterPort 0": ("training.masterPort", 0, ["train"], "is not in the range 1<=x<=65535"),
+    "run id ..": ("run.id", "../x", ["train"], "run id '../x' is not allowed"),
     "triton backend": (
-        {"images": {"triton": {"backend": "tensorrt"}}},
-        ["pin", "--served-repository=SERVED"],
+        "images.triton.backend",
+        "tensorrt",
+        PIN,
         "'tensorrt' is not one of 'onnxruntime', 'python'",
     ),
     "wait timeout 0": (
-        {"waits": {"timeoutSeconds": 0}},
+        "waits.timeoutSeconds",
+        0,
         ["wait", "training", "--run-id=r"],
         "is not in the range x>0",
     ),
-    "client concurrency 0": (
-        {"client": {"concurrency": 0}},
-        ["infer"],
-        "is not in the range 1<=x<=256",
-    ),
-    "test accuracy 2": ({"tests": {"minAccuracy": 2}}, ["infer"], "is not in the range 0<=x<=1"),
+    "client concurrency 0": ("client.concurrency", 0, ["infer"], "is not in the range 1<=x<=256"),
+    "test accuracy 2": ("tests.minAccuracy", 2, ["infer"], "is not in the range 0<=x<=1"),
 }
 
 
-def leaf(values: dict[str, Any], path: str = "") -> tuple[str, Any]:
-    """The one value a case sets that is a checked setting (its dotted path)."""
-    found = []
-    for key, value in values.items():
-        where = f"{path}.{key}" if path else key
-        if isinstance(value, dict):
-            found.append(leaf(value, where))
-        elif where in VALUES_BY_PATH:
-            found.append((where, value))
-    (only,) = found
-    return only
+def nested(path: str, value: Any) -> dict[str, Any]:
+    """{"a": {"b": value}} for the dotted path "a.b"."""
+    for key in reversed(path.split(".")):
+        value = {key: value}
+    return dict(value)
 
 
 def as_the_pod_passes(path: str, value: Any) -> tuple[list[str], dict[str, str]]:
@@ -205,8 +170,8 @@ def as_the_pod_passes(path: str, value: Any) -> tuple[list[str], dict[str, str]]
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_what_the_cli_refuses_the_chart_refuses_in_its_words(case: str, tmp_path: Path) -> None:
-    values, command, phrase = REFUSED[case]
-    path, value = leaf(values)
+    path, value, command, phrase = REFUSED[case]
+    values = nested(path, value)
     message = refused(values)
     assert message.count("VALUES VALIDATION") == 1
     (line,) = [line for line in message.splitlines() if line.startswith(f"- {path} ")]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support.chart import REPO, containers, pod_spec, render, workloads
+from harness.chart import REPO, containers, pod_spec, render, workloads
 
 WORKFLOW = REPO / ".github" / "workflows" / "kind.yaml"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import cli
+from harness.pipeline import cli
 from mnist_pipeline.cli import cli as group
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.settings import parse_model_repository

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LIMIT_TRAIN, MODEL, PipelineRun, cli
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import LIMIT_TRAIN, MODEL, PipelineRun, cli, port_variables, snapshot
+from harness.serving import triton_processes
 from mnist_pipeline.train import TrainConfig, default_run_id
-from support.objectstore import LocalRadosgw
-from support.serving import free_ports, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,7 @@ def test_a_second_run_reuses_the_completed_run_and_says_so(
     storage = tmp_path / "storage"
     shutil.copytree(pipeline.storage, storage, symlinks=True)
     model_before = snapshot(storage / "checkpoints" / run_id)
-    http, grpc, metrics = free_ports(3)
-    ports = {
-        "MNIST_PIPELINE_HTTP_PORT": str(http),
-        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
-        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
-    }
+    ports = port_variables()
     result = cli(
         "run", "--storage", storage, "--limit-train", LIMIT_TRAIN, "--requests", "20",
         env={**os.environ, **ports},
@@ -86,14 +81,10 @@ def test_run_publishes_to_and_serves_from_a_bucket(
     storage = tmp_path / "storage"
     shutil.copytree(mnist_storage, storage)
     bucket = radosgw.new_bucket()
-    http, grpc, metrics = free_ports(3)
     env = {
-        **os.environ,
         **radosgw.env,
         "MNIST_PIPELINE_MODEL_REPOSITORY": radosgw.url(bucket, "models"),
-        "MNIST_PIPELINE_HTTP_PORT": str(http),
-        "MNIST_PIPELINE_GRPC_PORT": str(grpc),
-        "MNIST_PIPELINE_METRICS_PORT": str(metrics),
+        **port_variables(),
     }
     result = cli(
         "run", "--storage", storage, "--limit-train", "300", "--limit-test", "100",

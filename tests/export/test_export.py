@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TrainedRun
+from harness.pipeline import TrainedRun, cli_background, snapshot
 from mnist_pipeline import data, export, quantize, tritonconfig
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.model import build, checkpoint_payload
@@ -29,7 +29,6 @@ from mnist_pipeline.model import weights_sha256 as model_weights_sha256
 from mnist_pipeline.repository import GONE, LEFTOVER, Repository, open_repository
 from mnist_pipeline.settings import PUBLISH_MIN_ACCURACY
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME, ModelRepository
-from support.serving import snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -599,21 +598,7 @@ def test_default_is_the_newest_completed_run(tmp_path: Path) -> None:
 def test_concurrent_exports_never_share_a_version(trained: dict[str, Any], tmp_path: Path) -> None:
     storage = copy_storage(trained["storage"], tmp_path / "s")
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mnist_pipeline",
-                "export",
-                "--storage",
-                str(storage),
-                "--run-id",
-                run_id,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        cli_background("export", "--storage", storage, "--run-id", run_id)
         for run_id in (trained["low"], trained["high"])
     ]
     for proc in procs:

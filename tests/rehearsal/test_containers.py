@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from test_rehearsal import VALUES, Rehearsal, job_pods, wait_exit
 
-from support.chart import find, render
-from support.engine import Container, Engine, image
-from support.failure_policy import action, failed_pod
-from support.serving import free_ports
+from harness.chart import find, render
+from harness.engine import Container, Engine, image
+from harness.failure_policy import action, failed_pod
+from harness.ports import free_ports
 
 pytestmark = pytest.mark.slow
 

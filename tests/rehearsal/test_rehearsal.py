@@ -63,13 +63,13 @@ from typing import Any
 
 import pytest
 
+from harness.chart import PROJECT_TRITON, REPO, arg, containers, find, pod_spec, render
+from harness.engine import Container, Engine, cpus, memory
+from harness.objectstore import LocalRadosgw
+from harness.ports import free_ports
+from harness.processes import kill_tree
+from harness.replicas import Network, require_tools
 from mnist_pipeline.serve import wheel_server
-from support.chart import PROJECT_TRITON, REPO, arg, containers, find, pod_spec, render
-from support.engine import Container, Engine, cpus, memory
-from support.objectstore import LocalRadosgw
-from support.processes import kill_tree
-from support.replicas import Network, require_tools
-from support.serving import free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from test_rehearsal import VALUES, Rehearsal, job_pods, read, rehearse, wait_exit
 
+from harness.chart import find, render
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME
-from support.chart import find, render
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import cli
+from harness.pipeline import cli, snapshot
+from harness.ports import free_ports
+from harness.serving import pinned_models, triton_processes
 from mnist_pipeline import data, model, tritonconfig
 from mnist_pipeline.repository import DAMAGED, LEFTOVER, Repository, open_repository
 from mnist_pipeline.serve import LocalTriton
@@ -48,7 +50,6 @@ from mnist_pipeline.storage import (
     run_dir,
     temp_files,
 )
-from support.serving import free_ports, pinned_models, snapshot, triton_processes
 
 pytestmark = pytest.mark.slow
 

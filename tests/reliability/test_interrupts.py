@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TrainedRun, cli
+from harness.pipeline import TrainedRun, cli
 from mnist_pipeline.repository import Repository, open_repository
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME, ModelRepository
 

@@ -1,7 +1,7 @@
 """The model repository's guarantees, held the same on a folder and on a bucket.
 
 Every test runs twice: on a folder repository and on a bucket of a real radosgw (Ceph,
-tests/support/objectstore.py). Each gets a fresh copy of one repository where two real
+tests/harness/objectstore.py). Each gets a fresh copy of one repository where two real
 tiny training runs were exported through the CLI: `low` as version 1, `high` (better) as
 version 2. The tests then damage it as an operator's hand or a crash would (a file
 deleted, a record edited, a lock left behind) and run the real CLI on it: export, pin,
@@ -33,11 +33,11 @@ from typing import Any, Protocol
 
 import pytest
 
-from conftest import cli
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import cli, cli_background
 from mnist_pipeline.repository import open_repository
 from mnist_pipeline.settings import parse_model_repository
 from mnist_pipeline.storage import DEFAULT_MODEL_NAME as NAME
-from support.objectstore import LocalRadosgw
 
 pytestmark = pytest.mark.slow
 
@@ -253,11 +253,8 @@ class Repo:
 
 def start_training(storage: Path, run: str, limit: str, seed: str) -> subprocess.Popen[str]:
     quick = ["--epochs", "1", "--limit-test", "100", "--threads", "1", "--checkpoint-every", "0"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage),
-         "--run-id", run, "--limit-train", limit, "--seed", seed, *quick],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return cli_background("train", "--storage", storage, "--run-id", run,
+                          "--limit-train", limit, "--seed", seed, *quick)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

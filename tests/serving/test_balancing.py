@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, PipelineRun
-from support.replicas import Replicas, require_tools
-from support.serving import pinned_models
+from harness.pipeline import MODEL, PipelineRun
+from harness.replicas import Replicas, require_tools
+from harness.serving import pinned_models
 
 AGE_MS = 1000  # the chart's default is a minute: short here, so the test is
 

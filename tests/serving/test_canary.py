@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from conftest import MODEL, PipelineRun, TrainedRun, cli, failing_onnx_model
-from support.chart import PROJECT_TRITON, containers, pod_spec, render
-from support.ports import free_ports
-from support.prometheus import LocalPrometheus
-from support.replicas import METRICS, Replicas, require_tools
+from harness.chart import PROJECT_TRITON, containers, pod_spec, render
+from harness.pipeline import MODEL, PipelineRun, TrainedRun, cli, failing_onnx_model
+from harness.ports import free_ports
+from harness.prometheus import LocalPrometheus
+from harness.replicas import METRICS, Replicas, require_tools
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from subprocess import CompletedProcess
 import numpy as np
 import pytest
 
-from conftest import MODEL, PipelineRun
+from harness.pipeline import MODEL, PipelineRun, cli
+from harness.ports import free_ports
 from mnist_pipeline import client, data
 from mnist_pipeline.serve import LocalTriton
-from support.serving import cli, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,10 @@ import pytest
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODEL, pin_test_repository
-from mnist_pipeline import client
-from mnist_pipeline.serve import LocalTriton
-from support.chart import REPO, find, install_manifest, render
-from support.prometheus import (
+from harness.chart import REPO, find, install_manifest, render
+from harness.pipeline import MODEL
+from harness.ports import free_ports
+from harness.prometheus import (
     DASHBOARD,
     LocalPrometheus,
     dashboard_panels,
@@ -38,7 +37,9 @@ from support.prometheus import (
     locate,
     values,
 )
-from support.serving import free_ports
+from harness.serving import local_triton, pin_test_repository
+from mnist_pipeline import client
+from mnist_pipeline.serve import LocalTriton
 
 CRDS = {"apiVersions": ["monitoring.coreos.com/v1"]}
 RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
@@ -340,18 +341,15 @@ def monitored(
     container = find(objects, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
     chart_metrics_args = [a for a in container["args"] if a.startswith("--metrics-config=")]
     assert chart_metrics_args, "the chart's Triton exposes no latency summaries"
-    http, grpc, metrics, prom_port = free_ports(4)
-    triton = LocalTriton(
+    (prom_port,) = free_ports(1)
+    triton = local_triton(
         pin_test_repository(test_repository, tmp_path_factory.mktemp("monitored-served")),
-        workdir=tmp_path_factory.mktemp("monitored-triton"),
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
+        tmp_path_factory.mktemp("monitored-triton"),
         # Triton refreshes its metrics once a second by default (--metrics-interval-ms).
         extra_args=chart_metrics_args,
     )
     with triton:
-        config = scrape_config(objects, metrics)
+        config = scrape_config(objects, triton.metrics_port)
         with LocalPrometheus(
             tmp_path_factory.mktemp("prometheus"), prom_port, [config]
         ) as prometheus:

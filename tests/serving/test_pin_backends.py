@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, PipelineRun, cli
+from harness.pipeline import MODEL, PipelineRun, cli, snapshot
 from mnist_pipeline import tritonconfig
 from mnist_pipeline.serve import wheel_server
-from support.serving import snapshot
 
 # What pin sets for the server it writes for; every other field stays as exported.
 SERVER_FIELDS = ("platform", "backend", "instance_group", "parameters", "version_policy")

@@ -21,11 +21,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import MODEL, PipelineRun, TrainedRun, publish_by_hand
+from harness.pipeline import MODEL, PipelineRun, TrainedRun, cli, publish_by_hand
+from harness.ports import free_ports
+from harness.processes import alive as pid_alive
+from harness.serving import pinned_models, triton_processes
 from mnist_pipeline import data
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.serve import LocalTriton, served_models
-from support.serving import cli, free_ports, pid_alive, pinned_models, triton_processes
 
 pytestmark = pytest.mark.slow
 
@@ -259,23 +261,7 @@ def test_failed_start_reports_tritons_error(pipeline: PipelineRun, tmp_path: Pat
     publish_by_hand(repo / MODEL / "1", b"not an onnx model")
     shutil.copy(pipeline.storage / "models" / MODEL / "config.pbtxt", repo / MODEL)
     workdir = tmp_path / "work"
-    http, grpc, metrics = free_ports(3)
-    result = cli(
-        "serve",
-        "--model-repository",
-        str(repo),
-        "--workdir",
-        str(workdir),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-        "--ready-timeout",
-        "60",
-        timeout=120,
-    )
+    result = cli(*_serve_args(repo, workdir), timeout=120)
     assert result.returncode == 1, result.stderr
     assert f"failed to load '{MODEL}'" in result.stderr
     assert "triton.log" in result.stderr

@@ -346,7 +346,7 @@ def test_an_unreachable_api_is_named_at_every_progress_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A default-deny egress policy drops the API: every progress line says so."""
-    from support.ports import free_ports
+    from harness.ports import free_ports
 
     (closed,) = free_ports(1)
     api = KubeApi(f"http://127.0.0.1:{closed}", "ml")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, cli
-from support.mlflow import MlflowServer
-from support.objectstore import LocalRadosgw
-from support.ports import free_ports
+from harness.mlflow import MlflowServer
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import MODEL, cli
+from harness.ports import free_ports
 
 pytestmark = pytest.mark.slow
 

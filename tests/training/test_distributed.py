@@ -22,12 +22,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, cli
+import bench_distributed as bench
+from harness import REPO
+from harness.pipeline import cli
+from harness.ports import free_ports
+from harness.processes import descendants, kill_tree
 from mnist_pipeline import distributed, settings
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import parameters_digest
-from support.ports import free_ports
-from support.processes import descendants, kill_tree
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 # Two ranks differ from one process only in BatchNorm (batch statistics over 32 images
@@ -92,6 +94,32 @@ def rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+def train_killing_rank_1(
+    storage: Path, run_id: str, *args: str, timeout: float
+) -> tuple[int, str, list[int]]:
+    """`train ARGS` on 2 ranks, rank 1 SIGKILLed once the first checkpoint is saved: the
+    job's exit code, its stderr, and its processes at the kill."""
+    command = [
+        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
+        *("--run-id", run_id, "--nproc-per-node", "2", *args),
+    ]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir(storage, run_id) / "resume.pth").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        tree = descendants(job.pid)
+        (victim,) = [pid for pid in tree if rank_of(pid) == 1]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return job.returncode, stderr, tree
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -105,26 +133,9 @@ def test_killed_rank_fails_the_job_and_the_rerun_resumes(storage: Path) -> None:
     """SIGKILL rank 1 mid-epoch, without restarts: the job ends (no hang) naming the
     failure, nothing is left running, and the same command again resumes from the
     checkpoint and completes."""
-    command = [
-        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
-        *("--run-id", "fault", "--nproc-per-node", "2", "--checkpoint-every", "4", *SUBSET),
-        *("--max-restarts", "0"),
-    ]
-    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir(storage, "fault") / "resume.pth").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        tree = descendants(job.pid)
-        (victim,) = [pid for pid in tree if rank_of(pid) == 1]
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode == 1, stderr[-3000:]
+    args = ("--checkpoint-every", "4", *SUBSET, "--max-restarts", "0")
+    code, stderr, tree = train_killing_rank_1(storage, "fault", *args, timeout=300)
+    assert code == 1, stderr[-3000:]
     # torchrun's report names the rank that died first, and how.
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", stderr), stderr[-3000:]
     # The last line says it, and that the same command resumes: there is a checkpoint.
@@ -150,7 +161,7 @@ def test_killed_rank_fails_the_job_and_the_rerun_resumes(storage: Path) -> None:
     assert metrics["status"] in ("interrupted", "failed"), metrics
     assert (run_dir(storage, "fault") / "resume.pth").is_file()
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    rerun = cli("train", "--storage", storage, "--run-id", "fault", "--nproc-per-node", "2", *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "rank 0: resuming run fault at epoch" in rerun.stderr
     assert "rank 1: resuming run fault at epoch" in rerun.stderr
@@ -327,25 +338,10 @@ def test_the_cli_restarts_lost_ranks_as_the_chart_does() -> None:
 def test_a_killed_rank_is_restarted_by_default(storage: Path) -> None:
     """Without --max-restarts, as in the chart: torchrun starts both ranks again, they
     resume from the checkpoint, and the run completes without anyone running it again."""
-    command = [
-        *(sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage)),
-        *("--run-id", "again", "--nproc-per-node", "2", "--checkpoint-every", "2"),
-        *("--limit-train", "512", "--limit-test", "500", "--batch-size", "64", "--epochs", "2"),
-    ]
-    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir(storage, "again") / "resume.pth").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        (victim,) = [pid for pid in descendants(job.pid) if rank_of(pid) == 1]
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = job.communicate(timeout=600)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode == 0, stderr[-3000:]
+    args = ("--checkpoint-every", "2", "--limit-train", "512", "--limit-test", "500")
+    args += ("--batch-size", "64", "--epochs", "2")
+    code, stderr, _ = train_killing_rank_1(storage, "again", *args, timeout=600)
+    assert code == 0, stderr[-3000:]
     assert "rank 0: resuming run again at epoch" in stderr
     assert "rank 1: resuming run again at epoch" in stderr
     metrics = json.loads((run_dir(storage, "again") / "metrics.json").read_text())
@@ -393,9 +389,6 @@ def test_a_lost_peer_is_told_from_other_failures(error: BaseException, lost: boo
 def test_the_recorded_link_sweep_is_what_the_corrected_model_makes_of_it() -> None:
     """docs/DISTRIBUTED.md quotes docs/benchmarks/links.json: its fit, its predictions and
     its projections are the benchmark's own functions applied to its measured rows."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_distributed as bench
-
     results = json.loads((REPO / "docs" / "benchmarks" / "links.json").read_text())
     gradient_bytes = 4 * 11_175_370
     fit = bench.corrected_model(results["links"], gradient_bytes)

@@ -1,5 +1,5 @@
 """A lost worker, between machines: two ranks in their own network namespaces, each with
-its own address, joined by a shaped link (tests/support/netnodes.py), each started by the
+its own address, joined by a shaped link (tests/harness/netnodes.py), each started by the
 chart's command line (`mnist-pipeline train --nnodes 2 --node-rank I --master-addr
 <worker 0's name>`, which runs torchrun with a static rendezvous). A rank killed or a link
 cut longer than the collective timeout must end in a completed run equal to an
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli
+from harness.netnodes import Link, Nodes
+from harness.pipeline import cli
+from harness.processes import parent
 from mnist_pipeline.storage import run_dir
-from support.netnodes import Link, Nodes
-from support.processes import parent
 
 SUBSET = "--limit-train 1024 --limit-test 1000 --batch-size 64 --epochs 3".split()
 TRAINING = ["--threads", "1", "--checkpoint-every", "4", *SUBSET]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import cli
+from harness.pipeline import cli
 from mnist_pipeline import model, progress
 from mnist_pipeline.storage import run_dir
 from mnist_pipeline.train import TrainConfig, default_run_id, run_state

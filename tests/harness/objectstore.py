@@ -11,24 +11,21 @@ builds a fresh cluster (about 12 s) and stops it by the PIDs it started, also on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
 
-from support.ports import free_ports
+from harness.ports import free_ports
+from mnist_pipeline.processes import ManagedProcess
 
 DEBS = "radosgw ceph-mon ceph-osd ceph-common"
 ACCESS_KEY = "MNISTPIPELINETEST"
@@ -74,13 +71,17 @@ def missing_binaries() -> list[str]:
     return [b for b in ("ceph-mon", "ceph-osd", "radosgw", "monmaptool") if not shutil.which(b)]
 
 
-class LocalRadosgw:
-    """A single-node Ceph cluster serving S3 on 127.0.0.1:PORT."""
+class LocalRadosgw(ManagedProcess):
+    """A single-node Ceph cluster serving S3 on 127.0.0.1:PORT: radosgw, and the monitor
+    and OSD it stands on (started before it, stopped after it)."""
+
+    name = "radosgw"
 
     def __init__(self, root: Path) -> None:
+        super().__init__(log_path=root / "log" / "radosgw.out")
         self.root = root
         self.port = 0
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.cluster: list[ManagedProcess] = []
         self.buckets = 0
 
     @property
@@ -111,7 +112,7 @@ class LocalRadosgw:
             raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr}")
         return result.stdout
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self) -> None:
         missing = missing_binaries()
         if missing:
             raise FileNotFoundError(
@@ -138,46 +139,42 @@ class LocalRadosgw:
         addr = f"[v2:127.0.0.1:{mon2},v1:127.0.0.1:{mon1}]"
         self.ceph("monmaptool", "--create", "--addv", "a", addr, "--fsid", fsid, monmap)
         self.ceph("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap)
-        self._daemon("ceph-mon", "-i", "a")
+        self.start_daemon("ceph-mon", "-i", "a")
         osd_uuid = str(uuid.uuid4())
         osd_id = self.ceph("ceph", "osd", "new", osd_uuid).strip()
         self.ceph("ceph-osd", "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
-        self._daemon("ceph-osd", "-i", osd_id)
-        self._daemon("radosgw", "-n", "client.rgw.a")
-        self._wait_s3(timeout)
+        self.start_daemon("ceph-osd", "-i", osd_id)
+        self.command = self.daemon("radosgw", "-n", "client.rgw.a")
+        super().start()
+
+    def daemon(self, *cmd: str) -> list[str]:
+        """A daemon's command line: in the foreground of its own process (-f), its PID ours."""
+        return [*cmd, "-f", "-c", str(self.root / "ceph.conf")]
+
+    def start_daemon(self, *cmd: str) -> None:
+        process = ManagedProcess(self.daemon(*cmd), self.root / "log" / f"{cmd[0]}.out")
+        self.cluster.append(process)
+        process.start()
+
+    def ready(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint, timeout=2).close()
+            return True
+        except urllib.error.HTTPError:
+            return True  # it answers (anonymous listing refused or not): S3 is up
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        super().wait_ready(timeout)
         self.ceph(
             "radosgw-admin", "user", "create", "--uid=mnist", "--display-name=mnist",
             f"--access-key={ACCESS_KEY}", f"--secret-key={SECRET_KEY}",
         )  # fmt: skip
 
-    def _daemon(self, *cmd: str) -> None:
-        """Start a daemon in the foreground of its own process (-f): its PID is ours."""
-        log = open(self.root / "log" / f"{cmd[0]}.out", "wb")  # noqa: SIM115
-        process = subprocess.Popen(
-            [*cmd, "-f", "-c", str(self.root / "ceph.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.processes.append(process)
-
-    def _wait_s3(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (anonymous listing refused or not): S3 is up
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"radosgw not answering at {self.endpoint} after {timeout:.0f} s")
-
     @property
     def rgw_pid(self) -> int:
-        return self.processes[-1].pid
+        return self.pid
 
     def client(self, secret: str = SECRET_KEY) -> Any:
         import boto3
@@ -214,29 +211,10 @@ class LocalRadosgw:
 
     def stop(self) -> None:
         """Kill every daemon started here, by its PID (memstore: nothing to flush)."""
-        for process in reversed(self.processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)  # a test may have stopped it
-                os.kill(process.pid, signal.SIGKILL)
-        for process in self.processes:
-            process.wait()
-        self.processes = []
-
-    def __enter__(self) -> LocalRadosgw:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().stop()
+        for daemon in reversed(self.cluster):
+            daemon.stop()
+        self.cluster = []
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import publish_by_hand
+from harness.pipeline import publish_by_hand
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.repository import Repository, open_repository, resolve_version
 from mnist_pipeline.storage import (

@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
+from harness.objectstore import LocalRadosgw
+from harness.pipeline import cli_background
+from harness.ports import free_ports
 from mnist_pipeline.serve import LocalTriton, wheel_server
-from support.objectstore import LocalRadosgw
-from support.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +61,8 @@ def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 def train(storage: Path, run_id: str, limit: str, seed: str) -> subprocess.Popen[str]:
     quick = ["--limit-test", "500", "--checkpoint-every", "0", "--threads", "1"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_pipeline", "train", "--storage", str(storage),
-         "--run-id", run_id, "--limit-train", limit, "--seed", seed, *quick],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return cli_background("train", "--storage", storage, "--run-id", run_id,
+                          "--limit-train", limit, "--seed", seed, *quick)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,22 +150,7 @@ def story(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     # Two volumes export the better run at once; the first to hold the lock cleans what
     # the refused upload left (the ledger says its claim never finished).
     both = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mnist_pipeline",
-                "export",
-                "--storage",
-                str(volume),
-                "--run-id",
-                "high",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **env},
-        )
+        cli_background("export", "--storage", volume, "--run-id", "high", env=env)
         for volume in (volume_a, volume_b)
     ]
     logs = [p.communicate(timeout=300)[1] for p in both]

@@ -3,13 +3,12 @@ network namespace with its own address (a veth pair to a bridge in the root name
 on the same ports, and a name with one A record per replica from a real dnsmasq on a free
 loopback port (a headless Service in miniature). Needs root (ip netns); tests and the
 replica benchmark share it. Everything is named <prefix>..., with a per-instance tag, and
-removed by close(), also after a failure. Network, the namespaces and the DNS, is the
+removed by stop(), also after a failure. Network, the namespaces and the DNS, is the
 rehearsal's pod network too (test_rehearsal.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -17,14 +16,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
+from harness.ports import free_ports
+from harness.processes import require_root_and
+from mnist_pipeline.processes import ManagedProcess, Service
 from mnist_pipeline.serve import wheel_server
-from support.ports import free_ports
 
 NAME = "triton.replicas.test"  # the name dnsmasq answers, as the cluster DNS would
 HTTP, GRPC, METRICS = 8000, 8001, 8002  # each replica's own: its namespace has nothing else
@@ -32,25 +31,19 @@ HTTP, GRPC, METRICS = 8000, 8001, 8002  # each replica's own: its namespace has 
 
 def require_tools() -> None:
     """Fail, saying what to install, where the replicas cannot be made."""
-    if os.geteuid() != 0:
-        raise PermissionError("network namespaces need root: run the replica tests as root")
-    for tool, deb in (("ip", "iproute2"), ("dnsmasq", "dnsmasq"), ("taskset", "util-linux")):
-        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin")):
-            raise FileNotFoundError(
-                f"{tool} not found: install the Debian package {deb} (make test-deps does)"
-            )
+    require_root_and("the replica tests", ip="iproute2", dnsmasq="dnsmasq", taskset="util-linux")
 
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-class Network:
+class Network(Service):
     """A pod network and its DNS in miniature: a bridge in the root namespace with the
     subnet's .1, network namespaces on it (a veth pair each, the next free address), and a
     real dnsmasq answering the names given to add_name() from a hosts file, on
     `dns_address` (one of this machine's, or the bridge's: "gateway") and `dns_port` (0: a
-    free one). Everything is named <prefix><tag>..., and removed by close(), also after a
+    free one). Everything is named <prefix><tag>..., and removed by stop(), also after a
     failure. Use it as a context manager."""
 
     def __init__(
@@ -65,29 +58,13 @@ class Network:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.hosts = self.workdir / "hosts"
         self.namespaces: list[str] = []
-        self.dns: subprocess.Popen[bytes] | None = None
+        self.dns = ManagedProcess(log_path=self.workdir / "dnsmasq.out")
 
-    def __enter__(self) -> Network:
-        try:
-            ip("link", "add", self.bridge, "type", "bridge")
-            ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            ip("link", "set", self.bridge, "up")
-            self.hosts.write_text("")
-            self._start_dns()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _start_dns(self) -> None:
+    def start(self) -> None:
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        self.hosts.write_text("")
         if not self.dns_port:
             (self.dns_port,) = free_ports(1)
         command = [
@@ -99,9 +76,8 @@ class Network:
             f"--pid-file={self.workdir / 'dnsmasq.pid'}",
             f"--log-facility={self.workdir / 'dnsmasq.log'}",
         ]  # fmt: skip
-        self.dns = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        self.dns.command = command
+        self.dns.start()
 
     def address(self, i: int) -> str:
         return f"{self.subnet}.{11 + i}"
@@ -141,13 +117,10 @@ class Network:
         self.hosts.write_text(
             "".join(f"{line}\n" for line in [*lines, f"{address} {' '.join(names)}"])
         )
-        assert self.dns is not None
-        self.dns.send_signal(signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
+        os.kill(self.dns.pid, signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
 
-    def close(self) -> None:
-        if self.dns is not None:
-            self.dns.kill()
-            self.dns.wait()
+    def stop(self) -> None:
+        self.dns.stop()
         for ns in self.namespaces:  # its veth end goes with it, and so the pair
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
@@ -163,7 +136,31 @@ def free_subnet(first: str) -> str:
     return f"{first}.{random.choice(free)}"
 
 
-class Replicas:
+class Replica(ManagedProcess):
+    """One tritonserver in a network namespace of its own, at `address` (`ip netns exec`
+    and taskset exec it: its PID is ours)."""
+
+    name = "replica"
+
+    def __init__(
+        self, command: Sequence[str], log_path: Path, env: dict[str, str], address: str
+    ) -> None:
+        super().__init__(command, log_path, env)
+        self.address = address
+
+    def get(self, path: str, port: int = HTTP) -> bytes:
+        with urllib.request.urlopen(f"http://{self.address}:{port}{path}", timeout=2) as response:
+            return bytes(response.read())
+
+    def ready(self) -> bool:
+        try:
+            self.get("/v2/health/ready")
+        except OSError:
+            return False
+        return True
+
+
+class Replicas(Service):
     """with Replicas(served, extra_args=[...]) as r: r.add(); r.add(); r.target ...
 
     `served`: a repository pinned for the python backend (serve.pinned), as the wheel's
@@ -179,7 +176,7 @@ class Replicas:
         self.repository, self.extra_args = repository, list(extra_args)
         self.cpus = list(cpus)  # taskset CPU list of replica i (cycled); none: unpinned
         self.network = Network(prefix, free_subnet("10.77"))
-        self.servers: list[subprocess.Popen[bytes]] = []
+        self.servers: list[Replica] = []
 
     @property
     def target(self) -> str:
@@ -189,17 +186,8 @@ class Replicas:
     def address(self, i: int) -> str:
         return self.network.address(i)
 
-    def __enter__(self) -> Replicas:
-        self.network.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def start(self) -> None:
+        self.network.start()
 
     def add(self, ready_timeout: float = 120.0, repository: Path | None = None) -> int:
         """Start one more replica and, once it is ready, add it to the name; its index.
@@ -215,34 +203,12 @@ class Replicas:
             f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
             *self.extra_args,
         ]  # fmt: skip
-        with open(self.network.workdir / f"triton-{i}.log", "wb") as log:
-            # Its own session: close() kills it (ip and taskset exec it) by its group.
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **env},
-            )  # fmt: skip
-        self.servers.append(process)
-        self._wait_ready(i, ready_timeout)
+        replica = Replica(command, self.network.workdir / f"triton-{i}.log", env, address)
+        self.servers.append(replica)
+        replica.start()
+        replica.wait_ready(ready_timeout)
         self.network.add_name(address, NAME)
         return i
-
-    def _wait_ready(self, i: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._get(i, "/v2/health/ready", ok_only=True) is None:
-            if self.servers[i].poll() is not None or time.monotonic() > deadline:
-                log = (self.network.workdir / f"triton-{i}.log").read_text(errors="replace")
-                raise AssertionError(f"replica {i} not ready:\n{log[-3000:]}")
-            time.sleep(0.2)
-
-    def _get(self, i: int, path: str, port: int = HTTP, ok_only: bool = False) -> bytes | None:
-        url = f"http://{self.address(i)}:{port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bytes(response.read())
-        except OSError:
-            if ok_only:
-                return None
-            raise
 
     def inference_counts(self, model: str) -> list[int]:
         """Successful inference requests of `model` each replica has answered, from its
@@ -251,14 +217,12 @@ class Replicas:
             rf'^nv_inference_request_success{{model="{model}",[^}}]*}} (\S+)$', re.M
         )
         counts = []
-        for i in range(len(self.servers)):
-            text = (self._get(i, "/metrics", port=METRICS) or b"").decode()
+        for server in self.servers:
+            text = server.get("/metrics", port=METRICS).decode()
             counts.append(sum(int(float(v)) for v in pattern.findall(text)))
         return counts
 
-    def close(self) -> None:
+    def stop(self) -> None:
         for server in self.servers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        self.network.close()
+            server.stop()
+        self.network.stop()

@@ -10,22 +10,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
-DASHBOARD = (
-    Path(__file__).resolve().parents[2] / "deploy/helm/mnist-pipeline/dashboards/triton.json"
-)
+from harness import REPO
+from harness.ports import answers
+from mnist_pipeline.processes import ManagedProcess
+
+DASHBOARD = REPO / "deploy/helm/mnist-pipeline/dashboards/triton.json"
 
 
 def locate(binary: str) -> Path:
@@ -70,12 +69,16 @@ def expand(expr: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
 
 
-class LocalPrometheus:
+class LocalPrometheus(ManagedProcess):
     """A prometheus process on a loopback port, with its own config and data folder.
 
     with LocalPrometheus(workdir, port, [scrape_config]) as prom:
         prom.query("up")
     """
+
+    name = "prometheus"
+    grace = 30.0
+    ready_timeout = 60.0
 
     def __init__(
         self,
@@ -85,85 +88,33 @@ class LocalPrometheus:
         evaluation_interval: str = "1s",
     ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mnist-prometheus-"))
+        super().__init__(log_path=self.workdir / "prometheus.log", cwd=self.workdir)
         self.port = port
         self.config = {
             "global": {"evaluation_interval": evaluation_interval},
             "scrape_configs": scrape_configs,
         }
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "prometheus.log"
 
     def start(self) -> None:
         binary = locate("prometheus")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(binary),
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
+        self.command = [
+            str(binary),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        super().start()
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        assert self.process is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with code {self.process.returncode}:\n"
-                    + self.log_path.read_text()[-3000:]
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready after {timeout}s:\n{self.log_path}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> LocalPrometheus:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        return answers(f"{self.url}/-/ready")
 
     def _api(self, path: str, params: dict[str, str]) -> Any:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import helm_python
 import yaml
 
+from harness import REPO
 from mnist_pipeline import __version__
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "mnist-pipeline"
 KUBE_VERSION = "1.30.0"
 # The tests run the images `make images` builds and loads, as on kind: the chart refuses

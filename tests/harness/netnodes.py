@@ -11,7 +11,7 @@ Names resolve as a headless Service would have them: `ip netns exec` mounts
 and this machine's hostname to the node's own address (gloo binds to what the hostname
 resolves to, as in a pod). No dnsmasq needed.
 
-Everything is named mpd-<pid>-...: close() removes it, on failure too, and
+Everything is named mpd-<pid>-...: stop() removes it, on failure too, and
 remove_stale() removes what a crashed run of this harness left (only names of this
 prefix whose process is gone). Needs root. Tests and benchmarks/bench_distributed.py
 share it.
@@ -28,7 +28,9 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from harness.processes import alive, require_root_and
+from mnist_pipeline.processes import Service, stop_group
 
 PREFIX = "mpd"
 SERVICE = "workers.mpd.test"  # the headless Service's domain the names live in
@@ -37,13 +39,7 @@ NETNS_ETC = Path("/etc/netns")
 
 def require_tools() -> None:
     """Fail, saying what to install, where the nodes cannot be made."""
-    if os.geteuid() != 0:
-        raise PermissionError("network namespaces need root: run the netnodes tests as root")
-    for tool, deb in (("ip", "iproute2"), ("tc", "iproute2"), ("taskset", "util-linux")):
-        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin")):
-            raise FileNotFoundError(
-                f"{tool} not found: install the Debian package {deb} (make test-deps does)"
-            )
+    require_root_and("the netnodes tests", ip="iproute2", tc="iproute2", taskset="util-linux")
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,16 +75,6 @@ def netem_available() -> bool:
         delete_namespace(probe)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Remove namespaces (with their processes) and hosts files of this prefix left by a
     harness whose process is gone; return their names."""
@@ -111,7 +97,7 @@ def delete_namespace(name: str) -> None:
     shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
 
-class Nodes:
+class Nodes(Service):
     """with Nodes(2, Link(1000)) as nodes: nodes.popen(0, [...]); nodes.cut(1)"""
 
     def __init__(self, count: int, link: Link = Link(), cpus: Sequence[str] = ()) -> None:
@@ -138,25 +124,9 @@ class Nodes:
         """Node i's DNS name, as <job>-<index>.<headless service> in the chart."""
         return f"{self.hostname(i)}.{SERVICE}"
 
-    def __enter__(self) -> Nodes:
+    def start(self) -> None:
         require_tools()
         remove_stale()
-        try:
-            self._make()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _make(self) -> None:
         self.made.append(self.hub)
         run("ip", "netns", "add", self.hub)
         run("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
@@ -224,11 +194,9 @@ class Nodes:
         """Every process in node i's namespace."""
         return [int(p) for p in run("ip", "netns", "pids", self.namespace(i)).stdout.split()]
 
-    def close(self) -> None:
+    def stop(self) -> None:
         for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            stop_group(process)
         for name in reversed(self.made):  # veth pairs go with their namespaces
             delete_namespace(name)
         self.made.clear()

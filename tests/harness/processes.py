@@ -1,9 +1,11 @@
-"""Process trees, read from /proc: what a pod's SIGKILL reaches on a node."""
+"""Processes as the tests see them: trees read from /proc (what a pod's SIGKILL reaches on
+a node), whether one is alive, and what starting some needs."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -30,6 +32,29 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` exists (also one of another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def require_root_and(who: str, **debs: str) -> None:
+    """Fail, saying what to do, where network namespaces (root) or a tool is missing: each
+    tool given with the Debian package it comes in."""
+    if os.geteuid() != 0:
+        raise PermissionError(f"network namespaces need root: run {who} as root")
+    for tool, deb in debs.items():
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin")):
+            raise FileNotFoundError(
+                f"{tool} not found: install the Debian package {deb} (make test-deps does)"
+            )
 
 
 def kill_tree(pid: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MNIST_SOURCE, cli
+from harness.pipeline import MNIST_SOURCE, cli
 from mnist_pipeline import data
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.storage import raw_data_dir

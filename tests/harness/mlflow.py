@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from support.ports import free_ports
-
-REPO = Path(__file__).resolve().parents[2]
+from harness import REPO
+from harness.ports import answers, free_ports
+from mnist_pipeline.processes import ManagedProcess
 
 
 def mlflow_binary() -> Path:
@@ -30,46 +27,32 @@ def mlflow_binary() -> Path:
     return binary
 
 
-class MlflowServer:
+class MlflowServer(ManagedProcess):
+    """with MlflowServer(workdir) as server: ... server.uri ...
+
+    Its store dies with the test's folder: it is killed, with nothing to shut down
+    gracefully for (a SIGTERM took its workers 7 s)."""
+
+    name = "mlflow server"
+
     def __init__(self, workdir: Path) -> None:
+        super().__init__(log_path=workdir / "mlflow.log", cwd=workdir)
         self.workdir = workdir
         (self.port,) = free_ports(1)
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "mlflow.log"
 
-    def __enter__(self) -> MlflowServer:
+    def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [
+        self.command = [
             str(mlflow_binary()), "server", "--host", "127.0.0.1", "--port", str(self.port),
             "--workers", "1",
             "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
             "--artifacts-destination", str(self.workdir / "artifacts"),
         ]  # fmt: skip
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=self.workdir, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"mlflow server exited {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.__exit__()
-        pytest.fail(f"mlflow server not healthy within 120 s:\n{self.log_tail()}")
+        super().start()
 
-    def __exit__(self, *exc: object) -> None:
-        # Its store dies with the test's folder: nothing to shut down gracefully for (a
-        # SIGTERM took its workers 7 s).
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
+    def ready(self) -> bool:
+        return answers(f"{self.uri}/health")
 
     # Reads, as any MLflow user would make them -----------------------------------------
 

@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+from harness import REPO
 from mnist_pipeline import __version__
-from support.chart import REPO
+from mnist_pipeline.processes import ManagedProcess
 
 ENGINE_DIR = Path(os.environ.get("CONTAINER_ENGINE_DIR", "/var/lib/mnist-pipeline-ci"))
 # Debian's client: a newer static client, if any, comes first on PATH and misses the
@@ -58,11 +59,17 @@ def image(name: str) -> str:
     return f"mnist-pipeline/{name}:{__version__}"
 
 
-class Engine:
+class Engine(ManagedProcess):
+    """dockerd on a socket of its own: start() and wait_ready() raise EngineUnavailable
+    where it cannot run."""
+
+    name = "dockerd"
+    grace = 60.0
+
     def __init__(self, folder: Path = ENGINE_DIR) -> None:
+        super().__init__(log_path=folder / "dockerd.log")
         self.folder = folder
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{folder}/docker.sock"}
-        self.process: subprocess.Popen[bytes] | None = None
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -75,41 +82,27 @@ class Engine:
         if not (shutil.which("dockerd") and Path(DOCKER).exists() and shutil.which("mmdebstrap")):
             raise EngineUnavailable("docker.io or mmdebstrap is not installed (make test-deps)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = open(self.folder / "dockerd.log", "ab")  # noqa: SIM115 (dockerd holds it)
-        self.process = subprocess.Popen(
-            [
-                "dockerd",
-                "--bridge=none",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--storage-driver=overlay2",
-                f"--data-root={self.folder}/root",
-                f"--exec-root={self.folder}/exec",
-                f"--host=unix://{self.folder}/docker.sock",
-                f"--pidfile={self.folder}/dockerd.pid",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while self.docker("version", check=False).returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = (self.folder / "dockerd.log").read_text(errors="replace")[-3000:]
-                raise EngineUnavailable(f"dockerd did not start:\n{tail}")
-            time.sleep(0.5)
+        self.command = [
+            "dockerd",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--storage-driver=overlay2",
+            f"--data-root={self.folder}/root",
+            f"--exec-root={self.folder}/exec",
+            f"--host=unix://{self.folder}/docker.sock",
+            f"--pidfile={self.folder}/dockerd.pid",
+        ]
+        super().start()
+
+    def ready(self) -> bool:
+        return self.docker("version", check=False).returncode == 0
+
+    def failure(self, what: str) -> EngineUnavailable:
+        return EngineUnavailable(f"dockerd did not start ({what}):\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        super().stop()
         # dockerd can leave its network namespace mounted, which blocks the next start.
         netns = self.folder / "exec" / "netns" / "default"
         if os.path.ismount(netns):

@@ -1,1 +1,0 @@
-"""What the tests (and the benchmarks) share: never shipped in the package."""
