@@ -59,7 +59,7 @@ def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engin
         pytest.skip(f"container checks did NOT run ({error}); {HOW_TO_RUN}")
     try:
         seconds = engine.build_images(tmp_path_factory.mktemp("image-builds"))
-        # What the builds cost, for the record (README, "Container images").
+        # What the builds cost, for the record (docs/CHART-DESIGN.md, "The container check").
         (engine.folder / "last-build.json").write_text(json.dumps(seconds, indent=1))
         yield engine
     finally:

@@ -1,4 +1,4 @@
-"""The three images, built and run in a real container engine (support/engine.py).
+"""The three images, built and run in a real container engine (harness/engine.py).
 
 Each runs what the chart runs it for, with the chart's restrictions: user 10001, read-only
 root filesystem with /tmp the only writable path, every capability dropped, no privilege

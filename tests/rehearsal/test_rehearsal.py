@@ -14,7 +14,7 @@ cannot be pulled here), either
   kubelet's resolv.conf; a real dnsmasq resolves the Services' names to them
   (pod_network). Triton listens on its rendered ports, and the probes, the waits and the
   client reach it by address and name as on a cluster; or
-- in the built images (`container`, a real dockerd: support/engine.py), as the kubelet
+- in the built images (`container`, a real dockerd: harness/engine.py), as the kubelet
   would run them: the rendered image, command (else the image's entrypoint), args, env,
   user, group and fsGroup, read-only root filesystem, dropped capabilities, no privilege
   escalation, CPU and memory limits (no swap: past its limit a container is OOM-killed, as
