@@ -12,7 +12,6 @@ or a value undocumented, for tests and CI.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -22,7 +21,8 @@ from typing import Any
 
 import yaml
 
-CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "mnist-pipeline"
+from generated import CHART, chart_arguments, write_or_check
+
 SECTION = re.compile(r"^\s*## @section\s+(?P<title>.+?)\s*$")
 PARAM = re.compile(r"^\s*## @param\s+(?P<path>\S+)\s+(?P<description>.+?)\s*$")
 PROSE = re.compile(r"^\s*##(?: (?P<text>(?!@).*))?$")
@@ -162,10 +162,7 @@ def readme(chart: Path = CHART) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("chart", nargs="?", type=Path, default=CHART)
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
-    args = parser.parse_args(argv)
+    args = chart_arguments(__doc__, argv)
     try:
         missing = undocumented((args.chart / "values.yaml").read_text())
         text = readme(args.chart)
@@ -175,14 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"values.yaml: no @param for {', '.join(missing)}", file=sys.stderr)
         return 1
-    target = args.chart / "README.md"
-    if args.check:
-        if not target.is_file() or target.read_text() != text:
-            print(f"{target} is stale: run scripts/chart_readme.py", file=sys.stderr)
-            return 1
-        return 0
-    target.write_text(text)
-    return 0
+    return write_or_check(args.chart / "README.md", text, args.check, "chart_readme.py")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ tests/chart/test_chart_settings.py runs the check.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from typing import Any
 
 import click
 
+from generated import chart_arguments, write_or_check
 from mnist_pipeline import settings as s
 from mnist_pipeline.cli import click_type
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.settings import NameRule, Setting, settings_of
 from mnist_pipeline.train import TrainConfig
 
-CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "mnist-pipeline"
 TARGET = Path("templates") / "_settings.tpl"
 PREFIX = "mnist-pipeline.settings"
 SENTINEL = "@@VALUE@@"  # stands for the value in a probed message: never valid anywhere
@@ -411,19 +410,8 @@ def template() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("chart", nargs="?", type=Path, default=CHART)
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
-    args = parser.parse_args(argv)
-    target = args.chart / TARGET
-    written = template()
-    if args.check:
-        if not target.is_file() or target.read_text() != written:
-            print(f"{target} is stale: run scripts/chart_settings.py", file=sys.stderr)
-            return 1
-        return 0
-    target.write_text(written)
-    return 0
+    args = chart_arguments(__doc__, argv)
+    return write_or_check(args.chart / TARGET, template(), args.check, "chart_settings.py")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
+from generated import write_or_check
 from mnist_pipeline.cli import cli
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "CLI.md"
@@ -56,14 +57,8 @@ def reference() -> str:
 
 
 def main() -> int:
-    text = reference()
-    if sys.argv[1:] == ["--check"]:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale: run python scripts/cli_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    return 0
+    check = sys.argv[1:] == ["--check"]
+    return write_or_check(OUT, reference(), check, "cli_reference.py")
 
 
 if __name__ == "__main__":
