@@ -299,7 +299,7 @@ def bench_serving_section(
     triton_version = None
     for name, repo in repositories.items():
         print(f"serving: Triton, {name.replace('_', ' ')} …", file=sys.stderr, flush=True)
-        with local_triton(repo, bench_serving.METRICS_ARGS) as server:
+        with local_triton(repo, extra_args=bench_serving.METRICS_ARGS) as server:
             grpc_client = client.grpc_module().InferenceServerClient(server.grpc_url)
             try:
                 triton_version = grpc_client.get_server_metadata(as_json=True)["version"]
