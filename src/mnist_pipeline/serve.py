@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -346,6 +347,17 @@ class LocalTriton:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class ServerConfig(settings.Settings):
+    """Where a local Triton listens and how long it may take to start: LocalTriton's keywords."""
+
+    host: str = settings.HOST.field()
+    grpc_port: int = settings.GRPC_PORT.field()
+    http_port: int = settings.HTTP_PORT.field()
+    metrics_port: int = settings.METRICS_PORT.field()
+    ready_timeout: float = settings.READY_TIMEOUT.field()
 
 
 def pinned(
