@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import load_average
 from mnist_pipeline import model
 from mnist_pipeline.distributed import ONE_PROCESS
-from mnist_pipeline.train import Plan, TrainConfig, train
+from mnist_pipeline.train import Plan, RankConfig, TrainConfig, train
 
 # The recipe of the original implementation, kept to compare the default against.
 ORIGINAL = TrainConfig(
@@ -85,7 +85,8 @@ def run_recipe(
     load_before = load_average()
     t0, cpu0 = time.monotonic(), time.process_time()
     with plain_convolutions() if plain else contextlib.nullcontext():
-        metrics = train(storage, cfg, run_id=name, checkpoint_every=0, eval_every=eval_every)
+        rank = RankConfig(checkpoint_every=0, eval_every=eval_every)
+        metrics = train(storage, cfg, run_id=name, rank=rank)
     wall_s, cpu_s = time.monotonic() - t0, time.process_time() - cpu0
     images = images_trained(cfg)
     return {

@@ -60,7 +60,7 @@ from harness.ports import free_ports
 from harness.serving import local_triton
 from mnist_pipeline import client, data, tritonconfig
 from mnist_pipeline.errors import PipelineFailure
-from mnist_pipeline.export import export
+from mnist_pipeline.export import PublishConfig, export
 from mnist_pipeline.serve import LocalTriton, pinned
 from mnist_pipeline.storage import (
     CONFIG_FILE,
@@ -403,8 +403,7 @@ def int8_storage(storage: Path, checkpoint: Path) -> Path | str:
             folder,
             tritonconfig.TritonConfig(),
             checkpoint=checkpoint,
-            precision="int8",
-            min_accuracy=PUBLISH_ANY,
+            publish=PublishConfig(min_accuracy=PUBLISH_ANY, precision="int8"),
         )
     except PipelineFailure as e:
         print(f"export: int8 refused: {e}", file=sys.stderr, flush=True)
@@ -541,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         print("export …", file=sys.stderr, flush=True)
         checkpoint = storage / "checkpoints" / "default-seed0" / "model.pth"
         export(
-            storage, tritonconfig.TritonConfig(), checkpoint=checkpoint, min_accuracy=PUBLISH_ANY
+            storage,
+            tritonconfig.TritonConfig(),
+            checkpoint=checkpoint,
+            publish=PublishConfig(min_accuracy=PUBLISH_ANY),
         )
         onnx_path = storage / "models" / MODEL / "1" / MODEL_FILE
         images, labels = data.load(storage, "test")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import client
+from mnist_pipeline import client, settings
 from mnist_pipeline.errors import PipelineFailure, UsageError, one_line
 from mnist_pipeline.kube import KubeApi
 from mnist_pipeline.registry import sync_after_export
@@ -49,10 +49,10 @@ SUMMARY_SECONDS = 60
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    max_p99_ratio: float
-    max_error_rate: float
-    max_accuracy_drop: float
+class Thresholds(settings.Settings):
+    max_p99_ratio: float = settings.MAX_P99_RATIO.field()
+    max_error_rate: float = settings.MAX_ERROR_RATE.field()
+    max_accuracy_drop: float = settings.MAX_ACCURACY_DROP.field()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -30,6 +31,10 @@ from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.settings import Setting
 from mnist_pipeline.storage import ModelRepository
 from mnist_pipeline.tracking import Tracking
+
+if TYPE_CHECKING:  # the stages are imported where used: torch stays out of the client image
+    from mnist_pipeline.distributed import LaunchConfig
+    from mnist_pipeline.train import RankConfig, TrainConfig
 
 log = logging.getLogger("mnist_pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -228,19 +233,6 @@ def describe_os_error(e: OSError) -> str:
     return str(e)
 
 
-def config(cls: Any, values: dict[str, Any], **given: Any) -> Any:
-    """An instance of dataclass `cls` from the options of the settings it declares."""
-    fields = {attr: values[spec.name] for attr, spec in s.settings_of(cls) if attr not in given}
-    return cls(**fields, **given)
-
-
-def triton_config(values: dict[str, Any]) -> Any:
-    from mnist_pipeline.tritonconfig import INSTANCE_KINDS, TritonConfig
-
-    kind = INSTANCE_KINDS[values["instance_kind"]]
-    return config(TritonConfig, values, instance_kind=kind)
-
-
 @click.group(
     cls=EnvGroup,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
@@ -288,35 +280,40 @@ def data(storage: Path, source: Path | None) -> None:
     data_stage.place(storage, source)
 
 
-def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
-    """Train in this process, or as --nproc-per-node DDP ranks started through torchrun."""
+def launch_config(o: dict[str, Any]) -> LaunchConfig | None:
+    """How to start the ranks; None in a rank torchrun started, whose world its environment
+    says (its command line names no launch settings)."""
+    from mnist_pipeline import distributed
+
+    return None if distributed.launched_by_torchrun() else distributed.LaunchConfig.of(o)
+
+
+def train_locally(
+    storage: Path,
+    run_id: str | None,
+    cfg: TrainConfig,
+    rank: RankConfig,
+    launch: LaunchConfig | None,
+    tracking: Tracking,
+) -> dict[str, Any]:
+    """Train in this process, or as --nproc-per-node DDP ranks started through torchrun
+    (`launch` None: this process is one of them)."""
     from mnist_pipeline import distributed
     from mnist_pipeline import storage as disk
     from mnist_pipeline import train as train_stage
 
-    how = {spec.name: o[spec.name] for spec in s.RANK}
-    nproc_per_node = o["nproc_per_node"]
-    rendezvous = distributed.Rendezvous(
-        o["nnodes"], o["node_rank"], o["master_addr"], o["master_port"], o["rendezvous_timeout"]
-    )
-    if not distributed.launched_by_torchrun():
-        rendezvous.check()  # also alone: --node-rank 1 of 1 machine is a mistake
-    alone = nproc_per_node == 1 and rendezvous.nnodes == 1
-    if alone and cfg.gradient_compression != "none":
-        log.warning(
-            "--gradient-compression %s compresses what DDP ranks send each other: with one "
-            "process nothing is sent, so it changes nothing but the run id",
-            cfg.gradient_compression,
-        )
-    tracking = Tracking(o["tracking_uri"], o["experiment"])
-    if alone or distributed.launched_by_torchrun():
-        return train_stage.train(
-            storage, cfg, run_id=o["run_id"], device=o["device"], tracking=tracking, **how
-        )
-    cfg.validate()  # bad input exits 2 here, not as a failed rank
-    train_stage.check_cpu_counts(o["threads"], nproc_per_node)
-    train_stage.check_batch(cfg, nproc_per_node * rendezvous.nnodes)
-    run_id = o["run_id"] or train_stage.default_run_id(cfg)
+    if launch is None or launch.nproc_per_node == launch.nnodes == 1:
+        if launch is not None and cfg.gradient_compression != "none":
+            log.warning(
+                "--gradient-compression %s compresses what DDP ranks send each other: with "
+                "one process nothing is sent, so it changes nothing but the run id",
+                cfg.gradient_compression,
+            )
+        return train_stage.train(storage, cfg, run_id, rank, tracking)
+    # Bad input exits 2 here, not as failed ranks.
+    nproc = launch.nproc_per_node
+    train_stage.check_world(cfg, rank.threads, nproc, nproc * launch.nnodes)
+    run_id = run_id or train_stage.default_run_id(cfg)
     run_dir = disk.run_dir(storage, run_id)
     # A pod replaced after the others completed the run: no one is left to meet.
     completed = train_stage.completed_run(run_dir, cfg, run_id)
@@ -327,35 +324,20 @@ def train_locally(storage: Path, cfg: Any, o: dict[str, Any]) -> dict[str, Any]:
         metrics = disk.read_metrics(run_dir) or {}
         return metrics.get("status") == disk.RunStatus.COMPLETE
 
-    argv = ["train", f"--storage={storage}", f"--run-id={run_id}", f"--device={o['device']}"]
-    values = {**dataclasses.asdict(cfg), **how, **{spec.name: o[spec.name] for spec in s.TRACKING}}
-    argv += command_line((*s.TRAIN, *s.RANK, *s.TRACKING), values)
-    resume = run_dir / disk.RESUME_FILE
-    distributed.launch(nproc_per_node, argv, o["max_restarts"], rendezvous, finished, resume)
+    given = json.dumps({"train": dataclasses.asdict(cfg), "rank": dataclasses.asdict(rank),
+                        "tracking": dataclasses.asdict(tracking)})  # fmt: skip
+    argv = ["train", f"--storage={storage}", f"--run-id={run_id}"]
+    distributed.launch(launch, argv, given, finished, run_dir / disk.RESUME_FILE)
     metrics = disk.read_metrics(run_dir)
     if metrics is None:
         raise PipelineFailure(f"{run_dir}: the ranks ended without writing {disk.METRICS_FILE}")
     return metrics
 
 
-def command_line(specs: Iterable[Setting], values: dict[str, Any]) -> list[str]:
-    """The flags that give these settings these values: what each rank runs."""
-    argv = []
-    for spec in specs:
-        value = values[spec.name]
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(spec.flag if value else f"--no-{spec.flag[2:]}" if spec.default else "")
-        else:
-            argv.append(f"{spec.flag}={value}")
-    return [arg for arg in argv if arg]
-
-
 @cli.command()
 @options(s.STORAGE, s.TRAIN, s.TRAIN_HOW, s.TRACKING)
 @stage
-def train(storage: Path, **o: Any) -> None:
+def train(storage: Path, run_id: str | None, **o: Any) -> None:
     """Train ResNet-18 on MNIST read from STORAGE (never downloaded).
 
     Writes STORAGE/checkpoints/RUN_ID/{model.pth,train.log,metrics.json}. Killed and
@@ -368,9 +350,18 @@ def train(storage: Path, **o: Any) -> None:
       mnist-pipeline train --nnodes N --node-rank I --master-addr HOST ...
                                                            on machine I of N
     """
-    from mnist_pipeline.train import TrainConfig
+    from mnist_pipeline.distributed import RANK_SETTINGS_ENV
+    from mnist_pipeline.train import RankConfig, TrainConfig
 
-    train_locally(storage, config(TrainConfig, o), o)
+    launch = launch_config(o)
+    given = None if launch is not None else os.environ.get(RANK_SETTINGS_ENV)
+    if given:  # a rank launch() started: the settings its command made, not parsed again
+        made = json.loads(given)
+        cfg, rank = TrainConfig(**made["train"]), RankConfig(**made["rank"])
+        tracking = Tracking(**made["tracking"])
+    else:
+        cfg, rank, tracking = TrainConfig.of(o), RankConfig.of(o), Tracking.of(o)
+    train_locally(storage, run_id, cfg, rank, launch, tracking)
 
 
 @cli.command()
@@ -382,6 +373,7 @@ def export(
     model_repository: ModelRepository | None,
     checkpoint: Path | None,
     run_id: str | None,
+    canary: bool,
     **o: Any,
 ) -> None:
     """Convert a checkpoint to ONNX and publish it to Triton's repository if it is better.
@@ -403,46 +395,11 @@ def export(
     first; the int8 and fp32 exports of one checkpoint are different models. The same
     holds for an object-storage --model-repository.
     """
-    from mnist_pipeline import export as export_stage
+    from mnist_pipeline.export import PublishConfig, export
+    from mnist_pipeline.tritonconfig import TritonConfig
 
-    export_stage.export(
-        storage,
-        triton_config(o),
-        checkpoint=checkpoint,
-        run_id=run_id,
-        min_improvement=o["min_improvement"],
-        min_accuracy=o["publish_min_accuracy"],
-        precision=o["precision"],
-        repo=model_repository,
-        tracking=Tracking(o["tracking_uri"], o["experiment"]),
-        canary=o["canary"],
-    )
-
-
-def local_triton(served: Path, o: dict[str, Any], **more: Any) -> Any:
-    from mnist_pipeline.serve import LocalTriton
-
-    return LocalTriton(
-        served,
-        host=o["host"],
-        http_port=o["http_port"],
-        grpc_port=o["grpc_port"],
-        metrics_port=o["metrics_port"],
-        ready_timeout=o["ready_timeout"],
-        **more,
-    )
-
-
-def pin_config(o: dict[str, Any]) -> Any:
-    """The Triton settings pin writes: the repository's config but for these."""
-    from mnist_pipeline.tritonconfig import INSTANCE_KINDS, TritonConfig
-
-    return TritonConfig(
-        name=o["model_name"],
-        instance_count=o["instance_count"],
-        instance_kind=INSTANCE_KINDS[o["instance_kind"]],
-        server_cpus=o["server_cpus"],
-    )
+    export(storage, TritonConfig.of(o), checkpoint, run_id, PublishConfig.of(o),
+           model_repository, Tracking.of(o), canary)  # fmt: skip
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -452,6 +409,8 @@ def pin_config(o: dict[str, Any]) -> Any:
 def serve(
     storage: Path,
     model_repository: ModelRepository | None,
+    model_version: str,
+    run_id: str | None,
     workdir: Path | None,
     log_verbose: int,
     triton_args: tuple[str, ...],
@@ -468,14 +427,16 @@ def serve(
     Stops cleanly, with every Triton process, on SIGTERM or Ctrl-C. From an
     object-storage repository the version is downloaded and checked.
     """
-    from mnist_pipeline.serve import pinned, serve_forever
+    from mnist_pipeline.serve import LocalTriton, ServerConfig, pinned, serve_forever
     from mnist_pipeline.storage import repository_at
+    from mnist_pipeline.tritonconfig import TritonConfig
 
-    more = {"workdir": workdir, "log_verbose": log_verbose, "extra_args": triton_args}
+    server = dataclasses.asdict(ServerConfig.of(o))
     location = repository_at(model_repository, storage)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
-        served = pinned(location, Path(temp), pin_config(o), o["model_version"], o["run_id"])
-        serve_forever(local_triton(served, o, **more))
+        served = pinned(location, Path(temp), TritonConfig.of(o), model_version, run_id)
+        serve_forever(LocalTriton(served, workdir, log_verbose=log_verbose,
+                                  extra_args=triton_args, **server))  # fmt: skip
 
 
 @cli.command()
@@ -495,7 +456,7 @@ def infer(
     """
     from mnist_pipeline import client
 
-    client.infer(storage, config(client.InferConfig, o), run_id, model_repository)
+    client.infer(storage, client.InferConfig.of(o), run_id, model_repository)
 
 
 @cli.command()
@@ -505,7 +466,11 @@ def infer(
 )  # fmt: skip
 @stage
 def run(
-    storage: Path, source: Path | None, model_repository: ModelRepository | None, **o: Any
+    storage: Path,
+    source: Path | None,
+    model_repository: ModelRepository | None,
+    run_id: str | None,
+    **o: Any,
 ) -> None:
     """Run every stage locally: data, train, export, serve, infer, then stop the server.
 
@@ -520,36 +485,35 @@ def run(
     Give --run-id (or another --seed) to train a new model.
     """
     from mnist_pipeline import client
-    from mnist_pipeline import export as export_stage
+    from mnist_pipeline import serve as serving
     from mnist_pipeline import train as train_stage
     from mnist_pipeline.data import place
-    from mnist_pipeline.serve import check_port_free, pinned, wheel_server
+    from mnist_pipeline.export import PublishConfig, export
     from mnist_pipeline.storage import repository_at
+    from mnist_pipeline.tritonconfig import TritonConfig
 
     location = repository_at(model_repository, storage)
-    cfg = config(train_stage.TrainConfig, o)
-    triton = triton_config(o)
+    cfg, rank = train_stage.TrainConfig.of(o), train_stage.RankConfig.of(o)
+    launch = launch_config(o)
+    triton, publish, tracking = TritonConfig.of(o), PublishConfig.of(o), Tracking.of(o)
+    server, infer_cfg = serving.ServerConfig.of(o), client.InferConfig.of(o)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
-        wheel_server(Path(temp))  # a missing server: before minutes of training, not after
-    for port in (o["http_port"], o["grpc_port"], o["metrics_port"]):
-        check_port_free(o["host"], port)  # before minutes of training, not after
+        serving.wheel_server(Path(temp))  # a missing server: before minutes of training, not after
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        serving.check_port_free(server.host, port)  # before minutes of training, not after
     place(storage, source)
-    run_id = o["run_id"] = o["run_id"] or train_stage.default_run_id(cfg)
+    run_id = run_id or train_stage.default_run_id(cfg)
     log.info("run %s: %s", run_id, train_stage.run_state(storage, run_id))
-    metrics = train_locally(storage, cfg, o)
-    publish = {
-        "min_improvement": o["min_improvement"],
-        "min_accuracy": o["publish_min_accuracy"],
-        "precision": o["precision"],
-    }
-    tracking = Tracking(o["tracking_uri"], o["experiment"])
-    outcome = export_stage.export(
-        storage, triton, run_id=run_id, repo=location, tracking=tracking, **publish
-    )
+    metrics = train_locally(storage, run_id, cfg, rank, launch, tracking)
+    outcome = export(storage, triton, None, run_id, publish, location, tracking, trained=metrics)
+    # The version this export chose, as `--model-version run` would read it back.
+    version = str(outcome.version)
+    if infer_cfg.model_version == "run":
+        infer_cfg = dataclasses.replace(infer_cfg, model_version=version)
     with tempfile.TemporaryDirectory(prefix="mnist-served-") as temp:
-        served = pinned(location, Path(temp), pin_config(o), "run", run_id)
-        with local_triton(served, o) as server:
-            infer_cfg = config(client.InferConfig, o, url=server.grpc_url)
+        served = serving.pinned(location, Path(temp), triton, version)
+        with serving.LocalTriton(served, **dataclasses.asdict(server)) as local:
+            infer_cfg = dataclasses.replace(infer_cfg, url=local.grpc_url)
             report = client.infer(storage, infer_cfg, run_id, location)
     click.echo(summary(storage, location, run_id, metrics, outcome, report))
 
@@ -596,14 +560,12 @@ def wait() -> None:
 
 
 def waiting(what: str, o: dict[str, Any]) -> Any:
-    from mnist_pipeline import waits
+    from mnist_pipeline.waits import WaitConfig
 
     # A deleted or drained pod's wait exits 143 at once (stage), never 1: its Job's
     # podFailurePolicy fails the Job on 1 and retries 143. As a container's PID 1 without
     # a handler it would ignore SIGTERM until the kubelet's SIGKILL (137).
-    return waits.make_wait(
-        what, o["wait_timeout"], o["wait_interval"], o["job"], o["namespace"], o["visibility_grace"]
-    )
+    return WaitConfig.of(o).wait(what)
 
 
 @wait.command("training")
@@ -667,6 +629,8 @@ def prune(
     model_repository: ModelRepository | None,
     model_name: str,
     run_id: str | None,
+    keep_version: tuple[int, ...],
+    abandoned_after: float,
     **o: Any,
 ) -> None:
     """Delete old runs, model versions and inference results beyond the limits.
@@ -681,18 +645,9 @@ def prune(
     """
     from mnist_pipeline import retention
 
-    limits = retention.Limits(
-        runs=o["keep_runs"], versions=o["keep_versions"], inference=o["keep_inference"]
-    )
-    retention.prune(
-        storage,
-        model_name,
-        limits,
-        run_id=run_id,
-        keep_versions=o["keep_version"],
-        abandoned_after=o["abandoned_after"],
-        location=model_repository,
-    )
+    limits = retention.Limits.of(o)
+    retention.prune(storage, model_name, limits, run_id, keep_version, abandoned_after,
+                    model_repository)  # fmt: skip
 
 
 @cli.command()
@@ -725,10 +680,11 @@ def pin(
     """
     from mnist_pipeline.pinning import write_served_repository
     from mnist_pipeline.storage import repository_at
+    from mnist_pipeline.tritonconfig import TritonConfig
 
     location = repository_at(model_repository, storage)
     write_served_repository(
-        location, served_repository, pin_config(o), model_version, run_id, triton_backend
+        location, served_repository, TritonConfig.of(o), model_version, run_id, triton_backend
     )
 
 
@@ -798,11 +754,10 @@ def canary(
 
     if prometheus_url is None and o["override"] is None:
         raise UsageError("--prometheus-url is needed to measure (or decide by hand: --override)")
-    limits = release.Thresholds(o["max_p99_ratio"], o["max_error_rate"], o["max_accuracy_drop"])
     analysis = release.Analysis(
         storage, open_repository(repository_at(model_repository, storage), model_name), run_id,
         url, prometheus_url or "", o["canary_window"], o["canary_requests"],
-        o["probe_requests"], limits, Tracking(tracking_uri, experiment),
+        o["probe_requests"], release.Thresholds.of(o), Tracking(tracking_uri, experiment),
         KubeApi.in_cluster(o["namespace"]), o["stable_deployment"], o["canary_deployment"],
         o["override"],
     )  # fmt: skip

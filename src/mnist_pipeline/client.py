@@ -46,7 +46,7 @@ SAMPLES = 10
 
 
 @dataclass(frozen=True)
-class InferConfig:
+class InferConfig(settings.Settings):
     """The client's settings (settings.py declares each)."""
 
     url: str = settings.URL.field()
@@ -62,9 +62,6 @@ class InferConfig:
     max_seconds: float = settings.MAX_SECONDS.field()  # a slow server cannot hold the client
     output: Path | None = settings.OUTPUT.field()  # noqa: RUF009 (None: STORAGE/inference)
     min_accuracy: float = settings.MIN_ACCURACY.field()
-
-    def validate(self) -> None:
-        settings.check_fields(self)
 
 
 DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
@@ -450,7 +447,6 @@ def infer(
     after writing what was measured so far. --model-version run (challenger) asks for the
     version `run_id`'s export chose (the challenger), as the repository (`location`)
     records it."""
-    cfg.validate()
     if cfg.model_version in ("run", "challenger"):
         repo = open_repository(repository_at(location, storage), cfg.model_name)
         cfg = replace(cfg, model_version=resolve_version(repo, cfg.model_version, run_id))

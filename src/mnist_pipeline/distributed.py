@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from mnist_pipeline import settings
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.storage import available_cpus
 from mnist_pipeline.torchrun import TORCHRUN_FAILURE_ENV
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Set by launch() for its ranks: no one starts them again once torchrun's restarts are spent.
 LAST_LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHED_LOCALLY"
+# Set by launch() for its ranks: their settings as the launching command made them (JSON).
+RANK_SETTINGS_ENV = "MNIST_PIPELINE_RANK_SETTINGS"
 ATTEMPTS_KEY = "mnist-pipeline/attempts"  # in torchrun's store: see attempt_store
 
 
@@ -262,7 +265,25 @@ class Rendezvous:
         ]
 
 
-ALONE = Rendezvous()
+@dataclass(frozen=True)
+class LaunchConfig(settings.Settings):
+    """How the ranks of a training are started (settings.py declares each)."""
+
+    nproc_per_node: int = settings.NPROC_PER_NODE.field()
+    nnodes: int = settings.NNODES.field()
+    node_rank: int = settings.NODE_RANK.field()
+    master_addr: str = settings.MASTER_ADDR.field()
+    master_port: int = settings.MASTER_PORT.field()
+    rendezvous_timeout: float = settings.RENDEZVOUS_TIMEOUT.field()
+    max_restarts: int = settings.MAX_RESTARTS.field()
+
+    def check(self) -> None:
+        self.rendezvous.check()  # also alone: --node-rank 1 of 1 machine is a mistake
+
+    @property
+    def rendezvous(self) -> Rendezvous:
+        return Rendezvous(self.nnodes, self.node_rank, self.master_addr, self.master_port,
+                          self.rendezvous_timeout)  # fmt: skip
 
 
 def answers(host: str, port: int, timeout: float = 2) -> bool:
@@ -297,19 +318,18 @@ def names_this_machine(host: str) -> bool:
 
 
 def launch(
-    nproc_per_node: int,
+    how: LaunchConfig,
     argv: list[str],
-    max_restarts: int = 0,
-    rendezvous: Rendezvous = ALONE,
+    settings_json: str = "{}",
     finished: Callable[[], bool] = lambda: False,
     checkpoint: Path | None = None,
 ) -> None:
-    """Run `mnist-pipeline ARGV` as `nproc_per_node` ranks on this machine through torchrun,
-    alone or as one node of `rendezvous`; torchrun restarts all the ranks up to
-    `max_restarts` times after one fails. `finished` says whether the run is complete
-    (rank 0 has written the model): from then on nothing torchrun does can lose it. A
-    failure ends in one line naming its cause; it says the same command resumes only
-    where `checkpoint` (the run's resume.pth) exists.
+    """Run `mnist-pipeline ARGV` as `how.nproc_per_node` ranks here through torchrun, alone
+    or as one node of its rendezvous, each given `settings_json` (RANK_SETTINGS_ENV);
+    torchrun restarts all the ranks up to `how.max_restarts` times after one fails.
+    `finished` says whether the run is complete (rank 0 has written the model): from then
+    on nothing torchrun does can lose it. A failure ends in one line naming its cause; it
+    says the same command resumes only where `checkpoint` (the run's resume.pth) exists.
 
     A multi-node torchrun can hang between attempts: its agent waits on node 0's store
     over a connection a partition left open, which only the kernel's TCP retransmission
@@ -318,6 +338,7 @@ def launch(
     the run, torchrun waits for every other node's torchrun to say so too, and a node
     lost at that moment (its pod killed, a replacement started) never does: then it is
     ended after a short grace, and the run is done."""
+    rendezvous, nproc_per_node, max_restarts = how.rendezvous, how.nproc_per_node, how.max_restarts
     if rendezvous.nnodes > 1 and rendezvous.node_rank == 0:
         taken = rendezvous.taken()  # another node 0 would only be found out at the timeout
         if taken is not None:
@@ -329,7 +350,7 @@ def launch(
     ]
     # Each rank sets its own; OMP_NUM_THREADS also spares us torchrun's warning about it.
     threads = str(max(1, available_cpus() // nproc_per_node))
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, RANK_SETTINGS_ENV: settings_json}
     if rendezvous.nnodes == 1:
         env[LAST_LAUNCHER_ENV] = "1"  # else the job's scheduler (the chart's Job) retries
     with tempfile.TemporaryDirectory(prefix="mnist-pipeline-torchrun-") as folder:

@@ -86,7 +86,6 @@ PARITY_SAMPLES = 256
 PARITY_TOLERANCE = 1e-4
 EVAL_BATCH = 500
 EVAL_SOURCE = "onnxruntime, CPU, on the published model.onnx"
-PRECISIONS = ("fp32", "int8")
 # 0.1 percentage point: 10 of the 10 000 test images. More is a quantisation that broke
 # something (an activation range one outlier stretched), not int8 rounding.
 MAX_INT8_ACCURACY_LOSS = 0.001
@@ -167,6 +166,19 @@ def failed(error: BaseException) -> Outcome:
 
 
 @dataclass(frozen=True)
+class PublishConfig(settings.Settings):
+    """Whether and how export publishes (settings.py declares each)."""
+
+    min_improvement: float = settings.MIN_IMPROVEMENT.field()
+    min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.field()
+    precision: str = settings.PRECISION.field()
+
+    @property
+    def rules(self) -> gate.Rules:
+        return gate.Rules(self.min_improvement, self.min_accuracy)
+
+
+@dataclass(frozen=True)
 class Job:
     """One export: of which training run's checkpoint (`owner`, if any), to which
     repository, how, and what it takes to replace the published version."""
@@ -174,8 +186,7 @@ class Job:
     storage: Path
     cfg: TritonConfig
     owner: str | None
-    precision: str
-    rules: gate.Rules
+    publish: PublishConfig
     repo: Repository
     canary: bool = False  # publish as the challenger of a canary release
 
@@ -227,9 +238,10 @@ def newest_completed_run(storage: Path) -> str:
 
 
 def resolve_checkpoint(
-    storage: Path, checkpoint: Path | None, run_id: str | None
+    storage: Path, checkpoint: Path | None, run_id: str | None, metrics: dict[str, Any] | None
 ) -> tuple[Path, str | None]:
-    """Which model.pth to export, and the training run it belongs to (if any)."""
+    """Which model.pth to export, and the training run it belongs to (if any); `metrics`:
+    the run's, where training just returned them (else read)."""
     if checkpoint is not None and run_id is not None:
         raise UsageError("give --checkpoint or --run-id, not both")
     if checkpoint is not None:
@@ -241,16 +253,16 @@ def resolve_checkpoint(
     if run_id is None:
         run_id = newest_completed_run(storage)
         log.info("newest completed training run: %s", run_id)
-    check_complete(storage, run_id)
+    check_complete(storage, run_id, metrics)
     return run_dir(storage, run_id) / CHECKPOINT_FILE, run_id
 
 
-def check_complete(storage: Path, run_id: str) -> None:
+def check_complete(storage: Path, run_id: str, metrics: dict[str, Any] | None = None) -> None:
     """Raise UsageError, saying what to do, unless training run `run_id` is complete."""
     run = run_dir(storage, run_id)
     if not run.is_dir():
         raise UsageError(missing_run_message(storage, run_id))
-    metrics = read_metrics(run)
+    metrics = metrics or read_metrics(run)
     if metrics is None:
         raise UsageError(f"training run {run_id} has no {run / METRICS_FILE}: train it first")
     status = metrics.get("status")
@@ -608,28 +620,21 @@ def export(
     cfg: TritonConfig,
     checkpoint: Path | None = None,
     run_id: str | None = None,
-    min_improvement: float = 0.0,
-    precision: str = "fp32",
+    publish: PublishConfig = PublishConfig(),
     repo: ModelRepository | None = None,
-    min_accuracy: float = settings.PUBLISH_MIN_ACCURACY.default,
     tracking: Tracking = UNTRACKED,
     canary: bool = False,
+    trained: dict[str, Any] | None = None,
 ) -> Outcome:
     """The export stage. Returns what happened; raises UsageError / PipelineFailure.
 
     `repo` is where versions are published (default STORAGE/models); the checkpoints
     and the data stay on the volume. With `tracking.uri` the MLflow registry is brought in
-    line with the repository afterwards (registry.py)."""
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    path, owner = resolve_checkpoint(storage, checkpoint, run_id)
+    line with the repository afterwards (registry.py). `trained`: the metrics training
+    run `run_id` just returned, where it ran in this process."""
+    path, owner = resolve_checkpoint(storage, checkpoint, run_id, trained)
     repository = open_repository(repository_at(repo, storage), cfg.name)
-    rules = gate.Rules(min_improvement, min_accuracy)
-    job = Job(storage, cfg, owner, precision, rules, repository, canary)
+    job = Job(storage, cfg, owner, publish, repository, canary)
     try:
         outcome = export_job(job, path)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: "interrupted", never "failed"
@@ -650,7 +655,7 @@ def export_job(job: Job, path: Path) -> Outcome:
         job.record_failure(e)
         raise
     log.info("candidate %s: training reported test accuracy %.4f", path, candidate.accuracy)
-    offer = gate.Candidate(job.owner, candidate.weights_sha256, job.precision)
+    offer = gate.Candidate(job.owner, candidate.weights_sha256, job.publish.precision)
     try:
         with job.repo.lock.held("export"):
             scan, decision = judge(job, offer)
@@ -697,7 +702,7 @@ def judge(job: Job, offer: gate.Candidate) -> tuple[Scan, gate.Decision]:
         hint = republish_hint(scan.versions[number])
         log.error("damaged model version %s: %s; %s", job.repo.url(str(number)), why, hint)
     record = None if job.owner is None else job.repo.read_record(job.owner)
-    return scan, gate.decide(offer, scan, record, job.rules)
+    return scan, gate.decide(offer, scan, record, job.publish.rules)
 
 
 def apply(
@@ -745,11 +750,11 @@ def build_measured(job: Job, candidate: Candidate) -> Built:
     import onnx
 
     images, labels = data.load(job.storage, "test")
-    built = build(job.storage, candidate, job.precision, images, labels)
+    built = build(job.storage, candidate, job.publish.precision, images, labels)
     check_contract(onnx.load_from_string(built.content), job.cfg)
     log.info(
         "exported %s model: accuracy %.4f on all %d MNIST test images (%s)",
-        job.precision,
+        job.publish.precision,
         built.evaluation.accuracy,
         built.evaluation.images,
         built.evaluation.source,

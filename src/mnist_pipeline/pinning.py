@@ -39,7 +39,6 @@ from mnist_pipeline.storage import (
     is_version_name,
 )
 from mnist_pipeline.tritonconfig import (
-    INSTANCE_KINDS,
     PYTHON_MODEL_FILE,
     TritonConfig,
     pod_config,
@@ -69,8 +68,7 @@ def write_served_repository(
     same model through the project's model.py, placed in the version folder. Re-runnable
     on the same `out` (init containers re-run when a pod sandbox is re-created): every
     file is replaced, other versions removed."""
-    cfg.validate()
-    if backend == "python" and cfg.instance_kind != INSTANCE_KINDS["cpu"]:
+    if backend == "python" and cfg.instance_kind != "cpu":
         raise UsageError(
             "--instance-kind gpu needs --triton-backend onnxruntime (NVIDIA's tritonserver "
             "images): the python backend's model.py runs ONNX Runtime on the CPU"
@@ -99,7 +97,7 @@ def write_served_repository(
     log.info(
         "serving %s version %d alone with Triton's %s backend: %d %s instance(s), "
         "%d thread(s) each",
-        cfg.name, version, backend, cfg.instance_count, cfg.instance_kind, cfg.intra_op_threads,
+        cfg.name, version, backend, cfg.instance_count, cfg.triton_kind, cfg.intra_op_threads,
     )  # fmt: skip
     return version
 

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline import settings
 from mnist_pipeline.errors import PipelineFailure, UsageError
 from mnist_pipeline.repository import (
     DAMAGED,
@@ -56,12 +57,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Limits:
-    """How many of each to keep; 0 keeps all."""
+class Limits(settings.Settings):
+    """How many of each to keep; 0 keeps all (settings.py declares each)."""
 
-    runs: int = 5
-    versions: int = 3
-    inference: int = 20
+    runs: int = settings.KEEP_RUNS.field()
+    versions: int = settings.KEEP_VERSIONS.field()
+    inference: int = settings.KEEP_INFERENCE.field()
 
     def __str__(self) -> str:
         def keep(n: int, what: str) -> str:

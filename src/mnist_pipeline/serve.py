@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import interrupts, settings, storage
@@ -275,6 +276,17 @@ class LocalTriton(ManagedProcess):
         if self._own_workdir and self.workdir is not None and not self._failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+@dataclass(frozen=True)
+class ServerConfig(settings.Settings):
+    """Where a local Triton listens and how long it may take to start: LocalTriton's keywords."""
+
+    host: str = settings.HOST.field()
+    grpc_port: int = settings.GRPC_PORT.field()
+    http_port: int = settings.HTTP_PORT.field()
+    metrics_port: int = settings.METRICS_PORT.field()
+    ready_timeout: float = settings.READY_TIMEOUT.field()
 
 
 def pinned(

@@ -4,7 +4,7 @@ A configuration dataclass declares each field with `Setting.field()`, and
 options that belong to no configuration are `Setting`s below. Everything else derives from
 these declarations: the click options of every command that takes a setting, the
 environment variable (MNIST_PIPELINE_ and the flag's name, as pip has PIP_), the checks a
-dataclass runs on itself (`check_fields`), and docs/CLI.md.
+dataclass runs on itself once made (`Settings`), and docs/CLI.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.storage import (
@@ -116,10 +116,24 @@ def settings_of(cls: Any) -> list[tuple[str, Setting]]:
     ]
 
 
-def check_fields(cfg: Any) -> None:
-    """Check every setting field of dataclass instance `cfg` as the CLI would."""
-    for attr, spec in settings_of(type(cfg)):
-        spec.check(getattr(cfg, attr))
+class Settings:
+    """Base of a frozen dataclass of settings, checked once made (from the CLI's values or
+    in Python) as the CLI checks each, and by `check`: whoever holds one holds valid ones."""
+
+    def __post_init__(self) -> None:
+        for attr, spec in settings_of(type(self)):
+            spec.check(getattr(self, attr))
+        self.check()
+
+    def check(self) -> None:
+        """What no single setting can say (a subclass adds its rules)."""
+
+    @classmethod
+    def of(cls, values: dict[str, Any], **given: Any) -> Self:
+        """From a command's values of the settings it declares: `given` overrides them;
+        those the command does not take keep their defaults."""
+        fields = {attr: values[spec.name] for attr, spec in settings_of(cls) if spec.name in values}
+        return cls(**{**fields, **given})
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline import settings
 from mnist_pipeline.errors import one_line
 from mnist_pipeline.storage import RunStatus
 
@@ -48,11 +49,11 @@ class NotFound(TrackingError):
 
 
 @dataclass(frozen=True)
-class Tracking:
+class Tracking(settings.Settings):
     """Where runs are tracked: --tracking-uri (None: nowhere) and --experiment."""
 
-    uri: str | None = None
-    experiment: str = "mnist-pipeline"
+    uri: str | None = settings.TRACKING_URI.field()
+    experiment: str = settings.EXPERIMENT.field()
 
 
 UNTRACKED = Tracking()

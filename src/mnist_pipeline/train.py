@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(settings.Settings):
     """What the model is: the run id is derived from these (settings.py declares each)."""
 
     epochs: float = settings.EPOCHS.field()  # a fraction ends within one pass
@@ -80,6 +80,7 @@ class TrainConfig:
     gradient_compression: str = settings.GRADIENT_COMPRESSION.field()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # A limit covering a whole split is the whole split: the same model, so the same
         # run id as 0; said, not silently applied.
         for name, split in (("limit_train", "train"), ("limit_test", "test")):
@@ -95,9 +96,7 @@ class TrainConfig:
         if isinstance(self.epochs, float) and self.epochs.is_integer():
             object.__setattr__(self, "epochs", int(self.epochs))
 
-    def validate(self) -> None:
-        """The CLI's checks (settings.py), for a config built in Python."""
-        settings.check_fields(self)
+    def check(self) -> None:
         if not 0 <= self.warmup < 1 or not math.isfinite(self.warmup):
             raise UsageError(f"warmup {self.warmup}: must be >= 0 and < 1")
         if self.limit_train == 1:
@@ -105,6 +104,17 @@ class TrainConfig:
                 "--limit-train 1 is too small: BatchNorm needs at least 2 images per step; "
                 "use --limit-train 2 or more (0: all 60000)"
             )
+
+
+@dataclass(frozen=True)
+class RankConfig(settings.Settings):
+    """How each rank trains: not in the run id."""
+
+    device: str = settings.DEVICE.field()
+    threads: int = settings.THREADS.field()
+    checkpoint_every: int = settings.CHECKPOINT_EVERY.field()  # 0: at epoch ends only
+    eval_every: int = settings.EVAL_EVERY.field()
+    collective_timeout: float = settings.COLLECTIVE_TIMEOUT.field()  # for a lost rank
 
 
 def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
@@ -142,8 +152,6 @@ def resolve_device(name: str, world: World = ONE_PROCESS) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
     if name == "cuda":
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
@@ -168,9 +176,15 @@ def run_state(storage: Path, run_id: str) -> str:
     return "new: training it"
 
 
-def check_batch(cfg: TrainConfig, world_size: int) -> None:
-    """--batch-size is the global batch: each rank takes an equal share of at least 2
-    images, since BatchNorm cannot normalise over a single one."""
+def check_world(cfg: TrainConfig, threads: int, local_size: int, world_size: int) -> None:
+    """Refuse what `world_size` ranks, `local_size` of them here, cannot do (each rank checks,
+    and the command starting them first): more threads or processes than the CPUs this
+    process may use only contend (torch crashes on tens of thousands of threads); the global
+    --batch-size gives each rank an equal share of at least 2 images, for BatchNorm."""
+    cpus = available_cpus()
+    for flag, count in (("--threads", threads), ("--nproc-per-node", local_size)):
+        if count > cpus:
+            raise UsageError(f"{flag} {count}: this machine has {cpus} CPUs; use at most {cpus}")
     if cfg.batch_size % world_size:
         raise UsageError(
             f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
@@ -184,15 +198,6 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.sync_bn and world_size > 1 and not torch.cuda.is_available():
         raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm only runs on GPUs")
-
-
-def check_cpu_counts(threads: int, processes: int) -> None:
-    """Refuse more threads or processes than the machine has CPUs: past that they only
-    contend, and torch crashes outright on tens of thousands of threads."""
-    cpus = os.cpu_count() or 1
-    for flag, count in (("--threads", threads), ("--nproc-per-node", processes)):
-        if count > cpus:
-            raise UsageError(f"{flag} {count}: this machine has {cpus} CPUs; use at most {cpus}")
 
 
 def differing_settings(before: dict[str, Any], cfg: TrainConfig) -> str:
@@ -228,33 +233,27 @@ def train(
     storage: Path,
     cfg: TrainConfig,
     run_id: str | None = None,
-    device: str = "auto",
-    threads: int = 0,
-    checkpoint_every: int = 200,
-    eval_every: int = 0,
-    collective_timeout: float = 300,
+    rank: RankConfig = RankConfig(),
     tracking: Tracking = UNTRACKED,
 ) -> dict[str, Any]:
     """Train (or resume) run `run_id`; return its metrics. Idempotent once the run is complete.
 
-    Every `checkpoint_every` steps a resumable state is saved; every `eval_every` steps the
-    test accuracy is measured too (metrics["evals"], for accuracy-against-time curves).
-    Under torchrun every rank calls this with the same arguments; rank 0 writes. A
-    collective that waits `collective_timeout` seconds for a lost rank fails the attempt.
-    With `tracking.uri`, rank 0 mirrors metrics.json into an MLflow run (tracking.py)."""
-    cfg.validate()
+    Every `rank.checkpoint_every` steps a resumable state is saved; every `rank.eval_every`
+    steps the test accuracy is measured too (metrics["evals"], for accuracy-against-time
+    curves). Under torchrun every rank calls this with the same arguments; rank 0 writes.
+    A collective that waits `rank.collective_timeout` seconds for a lost rank fails the
+    attempt. With `tracking.uri`, rank 0 mirrors metrics.json into an MLflow run."""
     world = distributed.from_environment()
-    check_batch(cfg, world.size)
-    check_cpu_counts(threads, world.local_size)
-    dev = resolve_device(device, world)
+    check_world(cfg, rank.threads, world.local_size, world.size)
+    dev = resolve_device(rank.device, world)
     try:
-        distributed.start(world, dev, collective_timeout)
+        distributed.start(world, dev, rank.collective_timeout)
     except Exception as e:
         if not distributed.lost_peer(e):
             raise
         raise PipelineFailure(
-            f"rank {world.rank} could not join the other ranks within {collective_timeout:g} "
-            f"s ({first_line(e)})"
+            f"rank {world.rank} could not join the other ranks within "
+            f"{rank.collective_timeout:g} s ({first_line(e)})"
         ) from e
     try:
         run_id = run_id or default_run_id(cfg)
@@ -273,9 +272,9 @@ def train(
         ):
             if world.writer:
                 remove_stale_temp_files(out)
-            run = Run.start(storage, cfg, run_id, out, dev, world, threads, metrics, tracker)
+            run = Run.start(storage, cfg, run_id, out, dev, world, rank.threads, metrics, tracker)
             network = NetworkMeter()
-            fit(run, checkpoint_every, eval_every)
+            fit(run, rank.checkpoint_every, rank.eval_every)
             return finish(run, network.so_far())
     finally:
         distributed.stop(world)

@@ -15,7 +15,6 @@ from typing import Any
 
 from mnist_pipeline import settings
 from mnist_pipeline.errors import UsageError
-from mnist_pipeline.storage import validate_name
 
 PLATFORM = "onnxruntime_onnx"
 # Triton's python backend model that serves PLATFORM's model for a server without the
@@ -27,13 +26,13 @@ INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 @dataclass(frozen=True)
-class TritonConfig:
+class TritonConfig(settings.Settings):
     """What config.pbtxt says; the defaults are the original deployment's values."""
 
     name: str = settings.MODEL_NAME.field()
     max_batch_size: int = settings.MAX_BATCH_SIZE.field()
     instance_count: int = settings.INSTANCE_COUNT.field()
-    instance_kind: str = "KIND_CPU"  # Triton's name of --instance-kind's choice
+    instance_kind: str = settings.INSTANCE_KIND.field()  # cpu or gpu
     preferred_batch_sizes: tuple[int, ...] = settings.PREFERRED_BATCH_SIZES.field()
     pinned_memory: bool = settings.PINNED_MEMORY.field()
     input_name: str = "input"
@@ -48,22 +47,14 @@ class TritonConfig:
     def intra_op_threads(self) -> int:
         return max(1, self.server_cpus // self.instance_count)
 
-    def validate(self) -> None:
-        try:
-            validate_name(self.name, "model name")
-        except UsageError as e:
-            raise ValueError(str(e)) from None
-        if self.max_batch_size < 1:
-            raise ValueError("max batch size must be at least 1")
-        if self.instance_count < 1:
-            raise ValueError("instance count must be at least 1")
-        if self.server_cpus < 1:
-            raise ValueError("server CPUs must be at least 1")
-        if self.instance_kind not in INSTANCE_KINDS.values():
-            raise ValueError(f"instance kind {self.instance_kind!r}: one of {INSTANCE_KINDS}")
+    @property
+    def triton_kind(self) -> str:
+        return INSTANCE_KINDS[self.instance_kind]
+
+    def check(self) -> None:
         too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
-            raise ValueError(
+            raise UsageError(
                 f"preferred batch sizes {too_big} are outside "
                 f"1..max batch size {self.max_batch_size}"
             )
@@ -71,7 +62,6 @@ class TritonConfig:
 
 def render_config(cfg: TritonConfig) -> str:
     """config.pbtxt in protobuf text format (dims exclude the batch dimension)."""
-    cfg.validate()
 
     def dims(d: Sequence[int]) -> str:
         return ", ".join(str(x) for x in d)
@@ -96,7 +86,7 @@ output [
 instance_group [
   {{
     count: {cfg.instance_count}
-    kind: {cfg.instance_kind}
+    kind: {cfg.triton_kind}
   }}
 ]
 """
@@ -150,7 +140,7 @@ def pod_config(config_text: str, cfg: TritonConfig, version: int, backend: str) 
         config.platform = ""
         config.backend = "python"
     del config.instance_group[:]
-    config.instance_group.add(count=cfg.instance_count, kind=cfg.instance_kind)
+    config.instance_group.add(count=cfg.instance_count, kind=cfg.triton_kind)
     config.parameters["intra_op_thread_count"].string_value = str(cfg.intra_op_threads)
     config.parameters["inter_op_thread_count"].string_value = "1"
     config.version_policy.specific.versions[:] = [version]

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_pipeline import settings
 from mnist_pipeline.errors import PipelineFailure
 from mnist_pipeline.kube import KubeApi
 from mnist_pipeline.repository import open_repository, republish_hint, resolve_version
@@ -222,13 +223,17 @@ def serving_check(
     return check
 
 
-def make_wait(
-    what: str,
-    timeout: float,
-    interval: float,
-    job: str | None,
-    namespace: str | None,
-    visibility_grace: float,
-) -> Wait:
-    api = KubeApi.in_cluster(namespace) if job else None
-    return Wait(what, timeout, interval, api, job, visibility_grace=visibility_grace)
+@dataclass(frozen=True)
+class WaitConfig(settings.Settings):
+    """How a wait looks, and for how long (settings.py declares each)."""
+
+    timeout: float = settings.WAIT_TIMEOUT.field()
+    interval: float = settings.WAIT_INTERVAL.field()
+    visibility_grace: float = settings.VISIBILITY_GRACE.field()
+    job: str | None = settings.JOB.field()
+    namespace: str | None = settings.NAMESPACE.field()
+
+    def wait(self, what: str) -> Wait:
+        api = KubeApi.in_cluster(self.namespace) if self.job else None
+        return Wait(what, self.timeout, self.interval, api, self.job,
+                    visibility_grace=self.visibility_grace)  # fmt: skip

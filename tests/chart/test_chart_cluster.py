@@ -730,7 +730,7 @@ def test_serving_settings_reach_the_served_config_without_a_new_run(tmp_path: Pa
     """Triton's CPU limit, instanceCount and gpus: written by the pin from the pod's values,
     whatever config.pbtxt export left on the volume (here a KIND_GPU one, 4 instances)."""
     storage = tmp_path / "storage"
-    published = tritonconfig.TritonConfig(instance_count=4, instance_kind="KIND_GPU", server_cpus=8)
+    published = tritonconfig.TritonConfig(instance_count=4, instance_kind="gpu", server_cpus=8)
     publish_versions(storage, published, 1)
     gpu = {
         "run": {"id": "prod"},

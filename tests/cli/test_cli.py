@@ -4,7 +4,6 @@ every subcommand, and errors from a variable that name it. Real child processes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -14,7 +13,7 @@ from harness.pipeline import cli
 from mnist_pipeline.cli import cli as group
 from mnist_pipeline.errors import UsageError
 from mnist_pipeline.settings import parse_model_repository
-from mnist_pipeline.storage import validate_name
+from mnist_pipeline.storage import available_cpus, validate_name
 
 # Every way a name could escape checkpoints/ or break a path.
 BAD_NAMES = ["..", ".", "../escape", "a/b", "a b", "a\tb", "a\\b", "-x", ".hidden", "é", "x" * 65]
@@ -167,7 +166,7 @@ def test_training_settings_refuse_non_finite_numbers_from_python_too() -> None:
 
     for bad in ({"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": float("nan")}):
         with pytest.raises(UsageError, match="must be a finite number"):
-            TrainConfig(**bad).validate()  # type: ignore[arg-type]
+            TrainConfig(**bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("version", ["abc", "0", "-1", "1.5", "01", "9" * 20])
@@ -201,13 +200,13 @@ def test_epochs_are_bounded(tmp_path: Path) -> None:
     assert result.returncode == 2 and "MNIST_PIPELINE_EPOCHS='1001'" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
     with pytest.raises(UsageError, match="--epochs 1001: must be > 0 and <= 1000"):
-        TrainConfig(epochs=1001).validate()
+        TrainConfig(epochs=1001)
 
 
 def test_counts_are_bounded_by_what_the_machine_has(tmp_path: Path) -> None:
     """--threads 100000 segfaulted torch (exit 139, no output); --nproc-per-node 100000
     would have started that many ranks."""
-    cpus = os.cpu_count()
+    cpus = available_cpus()  # the CPUs this process may use, cgroup limit included
     for flag in ("--threads", "--nproc-per-node"):
         result = cli("train", "--storage", tmp_path / "s", flag, "100000")
         assert result.returncode == 2, result.stderr
@@ -276,11 +275,11 @@ def test_python_configs_are_checked_as_the_cli_checks_them() -> None:
     from mnist_pipeline.train import TrainConfig
 
     with pytest.raises(UsageError, match="--batch-size 1: must be >= 2"):
-        TrainConfig(batch_size=1).validate()
+        TrainConfig(batch_size=1)
     with pytest.raises(UsageError, match="--optimizer 'adamw': one of sgd, adam"):
-        TrainConfig(optimizer="adamw").validate()
+        TrainConfig(optimizer="adamw")
     with pytest.raises(UsageError, match="--min-accuracy 2: must be >= 0 and <= 1"):
-        InferConfig(min_accuracy=2).validate()
+        InferConfig(min_accuracy=2)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3"])

@@ -18,7 +18,7 @@ from mnist_pipeline.errors import UsageError
 from mnist_pipeline.interrupts import Interrupted
 from mnist_pipeline.progress import Progress
 from mnist_pipeline.storage import run_dir
-from mnist_pipeline.train import ResumeState, TrainConfig, train
+from mnist_pipeline.train import RankConfig, ResumeState, TrainConfig, train
 
 # 4 steps an epoch, 8 in all.
 TINY = TrainConfig(epochs=2, batch_size=50, limit_train=200, limit_test=100)
@@ -72,7 +72,7 @@ def test_training_refuses_an_older_resume_state_instead_of_crashing(storage: Pat
     del state["evals"]
     torch.save(state, out / "resume.pth")
     with pytest.raises(UsageError, match=r"resume\.pth: cannot resume run older .*no evals"):
-        train(storage, TINY, run_id="older", device="cpu", threads=1)
+        train(storage, TINY, run_id="older", rank=RankConfig(device="cpu", threads=1))
     assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
     assert "no evals" in (out / "train.log").read_text()
 
@@ -94,7 +94,7 @@ def test_same_seed_same_model_and_resuming_changes_nothing(
     mid-epoch (after its step-2 checkpoint, in step 3) and resumed ends with it too,
     with the same loss record."""
     caplog.set_level(logging.INFO, logger="mnist_pipeline")  # what the command line sets
-    how = {"device": "cpu", "threads": 1, "checkpoint_every": 2, "eval_every": 3}
+    how = {"rank": RankConfig(device="cpu", threads=1, checkpoint_every=2, eval_every=3)}
     first = train(storage, TINY, run_id="first", **how)
     second = train(storage, TINY, run_id="second", **how)
     assert first["parameters_sha256"] == second["parameters_sha256"]
