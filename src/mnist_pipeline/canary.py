@@ -42,7 +42,7 @@ from mnist_pipeline.tracking import Tracking
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
-PROMOTE, ROLL_BACK = "promote", "roll-back"  # --override
+PROMOTE, ROLL_BACK = settings.OVERRIDES
 BY_HAND = "decided by hand (--override)"
 # How far before the watch p99 is read from: the minute Triton's summary keeps.
 SUMMARY_SECONDS = 60
@@ -82,6 +82,11 @@ class Measured:
 class Decision:
     promote: bool
     reasons: tuple[str, ...]  # why not, when rolled back
+
+    @property
+    def release(self) -> str:
+        """What the ledger records for the challenger."""
+        return PROMOTED if self.promote else ROLLED_BACK
 
 
 def decide(champion: Measured, challenger: Measured, limits: Thresholds) -> Decision:
@@ -210,7 +215,6 @@ def record(repo: Repository, run_id: str, challenger: Version, decision: Decisio
            numbers: dict[str, Any]) -> None:  # fmt: skip
     """The decision in the ledger (the challenger's release) and the run's record, under the
     lock, if the challenger still awaits one (another analysis may have decided)."""
-    release = PROMOTED if decision.promote else ROLLED_BACK
     with repo.lock.held("canary"):
         scan = repo.scan()
         if scan.challenger is None or scan.challenger.number != challenger.number:
@@ -218,9 +222,10 @@ def record(repo: Repository, run_id: str, challenger: Version, decision: Decisio
                 f"version {challenger.number} was decided on meanwhile (its release is "
                 f"{scan.versions[challenger.number].release!r}): nothing recorded"
             )
-        repo.set_release(scan.challenger, release, why)
-        repo.note(run_id, "canary", {"decision": release, "reasons": list(decision.reasons),
-                                     "why": why, **numbers, "at": now()})  # fmt: skip
+        repo.set_release(scan.challenger, decision.release, why)
+        repo.note(run_id, "canary", {"decision": decision.release,
+                                     "reasons": list(decision.reasons), "why": why, **numbers,
+                                     "at": now()})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -255,9 +260,8 @@ def restart_replicas(a: Analysis, decision: Decision) -> None:
             f"the decision is recorded, but no Deployment was restarted (no service account "
             f"token): restart {', '.join(names)} (kubectl rollout restart deployment/NAME)"
         )
-    release = PROMOTED if decision.promote else ROLLED_BACK
     for name in names:
-        a.kube.restart(name, {"mnist-pipeline/canary": f"run {a.run_id}: {release}"})
+        a.kube.restart(name, {"mnist-pipeline/canary": f"run {a.run_id}: {decision.release}"})
 
 
 def measure(a: Analysis, champion: Version, challenger: Version) -> tuple[Decision, dict[str, Any]]:

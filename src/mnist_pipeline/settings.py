@@ -695,9 +695,10 @@ PROBE_REQUESTS = Setting(
     "probe_requests", 400, "Labelled requests (8 test images each) the analysis sends "
     "through --url; each version's accuracy is measured on those it answered.", min=1,
 )  # fmt: skip
+OVERRIDES = ("promote", "roll-back")
 OVERRIDE = Setting(
     "override", None, "Decide by hand, measuring nothing: promote the challenger, or roll "
-    "it back; recorded as decided by hand.", type=str, choices=("promote", "roll-back"),
+    "it back; recorded as decided by hand.", type=str, choices=OVERRIDES,
 )  # fmt: skip
 STABLE_DEPLOYMENT = Setting(
     "stable_deployment", None, "Kubernetes Deployment of the champion's replicas, restarted "
